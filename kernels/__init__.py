@@ -1,0 +1,1 @@
+"""kvjax.kernels: Pallas kernels, each beside its pure-jnp reference."""

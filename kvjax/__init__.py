@@ -1,0 +1,22 @@
+"""kvjax: a functional, jittable paged KV cache for JAX LLM inference.
+
+Cache state is an immutable pytree; every operation is a pure function that jits.
+"""
+
+from kvjax.config import CacheConfig
+from kvjax.quant import QuantSpec
+from kvjax.state import BAD_SEQ_ID
+from kvjax.state import CacheState
+from kvjax.state import CacheStatusError
+from kvjax.state import INDEX_OVERFLOW
+from kvjax.state import OUT_OF_PAGES
+from kvjax.state import PageMeta
+from kvjax.state import Pages
+from kvjax.state import SEQ_FULL
+from kvjax.state import Stats
+from kvjax.state import check_status
+from kvjax.state import clear_status
+from kvjax.state import init
+from kvjax.state import status_names
+
+__version__ = "0.1.0"

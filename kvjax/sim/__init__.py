@@ -1,0 +1,1 @@
+"""kvjax.sim: trace loading, a jitted cache simulator and the Belady oracle."""

@@ -1,0 +1,165 @@
+"""Cache state: immutable pytrees of arrays, built by ``init``.
+
+Every field carries its shape and dtype in a comment. Names used in shapes:
+L = num_layers, P = num_pages, S = page_size, H = num_kv_heads, D = head_dim,
+B = max_seqs, M = max_pages_per_seq.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from kvjax.config import CacheConfig
+
+# Status bit flags. Sticky in ``CacheState.status`` (OR of every step since the
+# last ``clear_status``); per step in ``StepPlan.seq_status``.
+OUT_OF_PAGES = 1       # a sequence needed pages and the pool had none evictable
+SEQ_FULL = 2           # a sequence would pass max_pages_per_seq
+BAD_SEQ_ID = 4         # seq id out of range, or the same id twice in one batch
+INDEX_OVERFLOW = 8     # prefix index probe budget exceeded (insert skipped)
+
+STATUS_NAMES = {
+    OUT_OF_PAGES: "OUT_OF_PAGES",
+    SEQ_FULL: "SEQ_FULL",
+    BAD_SEQ_ID: "BAD_SEQ_ID",
+    INDEX_OVERFLOW: "INDEX_OVERFLOW",
+}
+
+
+def status_names(status: int) -> list[str]:
+  """Names of the flags set in ``status``.
+
+  >>> status_names(OUT_OF_PAGES | SEQ_FULL)
+  ['OUT_OF_PAGES', 'SEQ_FULL']
+  """
+  return [name for bit, name in STATUS_NAMES.items() if int(status) & bit]
+
+
+@struct.dataclass
+class Pages:
+  """One of K or V for all layers of one tier."""
+
+  data: jax.Array                   # [L, P, S, H, D] config dtype (packed ints when quantized)
+  scale: Optional[jax.Array] = None  # per quant group; None when unquantized
+  zero: Optional[jax.Array] = None   # asymmetric specs only; None otherwise
+
+
+@struct.dataclass
+class PageMeta:
+  """Layer-independent metadata, one entry per page."""
+
+  ref_count: jax.Array     # int32 [P]  live sequences holding the page (0 = evictable)
+  last_access: jax.Array   # int32 [P]  logical clock of the last step that used it
+  access_count: jax.Array  # int32 [P]  steps that used it
+  block_hash: jax.Array    # uint32 [P, 2]  chained content hash, (0, 0) = none
+  parent: jax.Array        # int32 [P]  page of the previous block (-1 at a sequence start)
+  tokens: jax.Array        # int32 [P, S]  token ids written into the page (-1 = empty slot)
+  position: jax.Array      # int32 [P]  block index in its sequence
+  filled: jax.Array        # int32 [P]  tokens written (0 = empty page)
+
+
+@struct.dataclass
+class Stats:
+  """Counters only (monotone); rates are derived by the reader."""
+
+  steps: jax.Array             # int32 []  plan_step calls
+  tokens_planned: jax.Array    # int32 []  new tokens given slots
+  pages_allocated: jax.Array   # int32 []  pages taken from the pool
+  evictions: jax.Array         # int32 []  cached (filled, unreferenced) pages reused
+  cow_copies: jax.Array        # int32 []  shared partial pages copied on write
+  refused: jax.Array           # int32 []  (sequence, step) pairs refused
+  prefix_query_tokens: jax.Array  # int32 []  prompt tokens looked up in the prefix index
+  prefix_hit_tokens: jax.Array    # int32 []  of those, served from cached pages
+  prefix_query_pages: jax.Array   # int32 []  full prompt pages looked up
+  prefix_hit_pages: jax.Array     # int32 []  of those, found and verified
+
+
+@struct.dataclass
+class CacheState:
+  """The whole cache. Thread it through jitted steps; donate it."""
+
+  k: Pages
+  v: Pages
+  meta: PageMeta
+  page_table: jax.Array  # int32 [B, M]  page of each block of each sequence (-1 = none)
+  seq_lens: jax.Array    # int32 [B]  tokens cached per sequence
+  clock: jax.Array       # int32 []  logical time, +1 per plan_step
+  stats: Stats
+  status: jax.Array      # int32 []  sticky OR of status flags
+
+
+def _zeros_stats() -> Stats:
+  z = lambda: jnp.zeros((), jnp.int32)  # noqa: E731
+  return Stats(**{f.name: z() for f in Stats.__dataclass_fields__.values()})
+
+
+def init_meta(num_pages: int, page_size: int) -> PageMeta:
+  """Metadata of ``num_pages`` empty pages."""
+  return PageMeta(
+      ref_count=jnp.zeros((num_pages,), jnp.int32),
+      last_access=jnp.zeros((num_pages,), jnp.int32),
+      access_count=jnp.zeros((num_pages,), jnp.int32),
+      block_hash=jnp.zeros((num_pages, 2), jnp.uint32),
+      parent=jnp.full((num_pages,), -1, jnp.int32),
+      tokens=jnp.full((num_pages, page_size), -1, jnp.int32),
+      position=jnp.zeros((num_pages,), jnp.int32),
+      filled=jnp.zeros((num_pages,), jnp.int32),
+  )
+
+
+def init_pages(config: CacheConfig) -> Pages:
+  """Empty (zero) pages of one of K/V for all layers."""
+  shape = (config.num_layers, config.num_pages, config.page_size, config.num_kv_heads,
+           config.head_dim)
+  return Pages(data=jnp.zeros(shape, config.jnp_dtype))
+
+
+def init(config: CacheConfig) -> CacheState:
+  """An empty cache for ``config``.
+
+  Returns:
+    A ``CacheState`` whose page arrays are ``[L, P, S, H, D]`` zeros.
+
+  >>> cfg = CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, page_size=2,
+  ...                   num_pages=4, max_seqs=2, max_pages_per_seq=2)
+  >>> init(cfg).page_table.shape
+  (2, 2)
+  """
+  if not isinstance(config, CacheConfig):
+    raise ValueError(f"init: config must be a CacheConfig, got {type(config).__name__}")
+  return CacheState(
+      k=init_pages(config),
+      v=init_pages(config),
+      meta=init_meta(config.num_pages, config.page_size),
+      page_table=jnp.full((config.max_seqs, config.max_pages_per_seq), -1, jnp.int32),
+      seq_lens=jnp.zeros((config.max_seqs,), jnp.int32),
+      clock=jnp.zeros((), jnp.int32),
+      stats=_zeros_stats(),
+      status=jnp.zeros((), jnp.int32),
+  )
+
+
+def clear_status(state: CacheState) -> CacheState:
+  """The state with its sticky status flags cleared."""
+  return state.replace(status=jnp.zeros((), jnp.int32))
+
+
+class CacheStatusError(RuntimeError):
+  """Raised in checked mode (or by ``check_status``) when a step set a status flag."""
+
+
+def check_status(state: CacheState) -> CacheState:
+  """Host-side check: raise ``CacheStatusError`` if any status flag is set.
+
+  >>> cfg = CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, page_size=2,
+  ...                   num_pages=4, max_seqs=2, max_pages_per_seq=2)
+  >>> _ = check_status(init(cfg))
+  """
+  status = int(jax.device_get(state.status))
+  if status:
+    raise CacheStatusError(f"cache status flags set: {status_names(status)} (status={status})")
+  return state
