@@ -3,9 +3,15 @@
 Cache state is an immutable pytree; every operation is a pure function that jits.
 """
 
+from kvjax.attention import attend
 from kvjax.config import CacheConfig
+from kvjax.paging import StepPlan
+from kvjax.paging import fork
+from kvjax.paging import plan_step
+from kvjax.paging import release
+from kvjax.paging import write
 from kvjax.quant import QuantSpec
-from kvjax.state import BAD_SEQ_ID
+from kvjax.state import BAD_INPUT
 from kvjax.state import CacheState
 from kvjax.state import CacheStatusError
 from kvjax.state import INDEX_OVERFLOW
@@ -17,6 +23,7 @@ from kvjax.state import Stats
 from kvjax.state import check_status
 from kvjax.state import clear_status
 from kvjax.state import init
+from kvjax.state import raise_on_status
 from kvjax.state import status_names
 
 __version__ = "0.1.0"

@@ -19,13 +19,13 @@ from kvjax.config import CacheConfig
 # last ``clear_status``); per step in ``StepPlan.seq_status``.
 OUT_OF_PAGES = 1       # a sequence needed pages and the pool had none evictable
 SEQ_FULL = 2           # a sequence would pass max_pages_per_seq
-BAD_SEQ_ID = 4         # seq id out of range, or the same id twice in one batch
+BAD_INPUT = 4          # a row's seq id out of range or repeated, or num_new outside [0, T]
 INDEX_OVERFLOW = 8     # prefix index probe budget exceeded (insert skipped)
 
 STATUS_NAMES = {
     OUT_OF_PAGES: "OUT_OF_PAGES",
     SEQ_FULL: "SEQ_FULL",
-    BAD_SEQ_ID: "BAD_SEQ_ID",
+    BAD_INPUT: "BAD_INPUT",
     INDEX_OVERFLOW: "INDEX_OVERFLOW",
 }
 
@@ -162,4 +162,20 @@ def check_status(state: CacheState) -> CacheState:
   status = int(jax.device_get(state.status))
   if status:
     raise CacheStatusError(f"cache status flags set: {status_names(status)} (status={status})")
+  return state
+
+
+def _raise_if_set(status) -> None:
+  status = int(status)
+  if status:
+    raise CacheStatusError(f"cache status flags set: {status_names(status)} (status={status})")
+
+
+def raise_on_status(state: CacheState) -> CacheState:
+  """Checked mode, usable inside jit: the step raises if a status flag is set.
+
+  The error surfaces from the jitted call (a runtime error whose message holds
+  the flag names). Used by ``plan_step`` and ``fork`` when ``config.checked``.
+  """
+  jax.debug.callback(_raise_if_set, state.status, ordered=False)
   return state

@@ -1,0 +1,408 @@
+"""Paging: plan a step's pages and slots, write K/V, release and fork sequences.
+
+Block management (``plan_step``) runs once per step on small integer arrays;
+the data path (``write``, ``attend``) runs per layer on the page arrays. All
+functions are pure and jit; value-dependent failures (out of pages, sequence
+full, bad ids) refuse the affected row, leave everything else untouched and
+set status flags. Shapes: B = batch rows, T = new tokens per row, S =
+page_size, P = num_pages, M = max_pages_per_seq, H = kv heads, D = head_dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from kvjax import state as state_lib
+from kvjax.config import CacheConfig
+from kvjax.state import CacheState
+from kvjax.state import Pages
+
+
+@struct.dataclass
+class StepPlan:
+  """Where this step's tokens go and what attention reads; made by ``plan_step``."""
+
+  seq_ids: jax.Array     # int32 [B]  sequence of each row (-1 = padding)
+  positions: jax.Array   # int32 [B, T]  absolute position of each new token (clamped for padding)
+  valid: jax.Array       # bool [B, T]  token is real and its row was granted
+  slots: jax.Array       # int32 [B, T]  page * S + offset; P * S for "do not write"
+  page_table: jax.Array  # int32 [B, M]  the rows' page tables after this step (-1 = none)
+  kv_lens: jax.Array     # int32 [B]  tokens attention may read per row after this step
+  cow_src: jax.Array     # int32 [B]  shared partial page to copy before writing (P = none)
+  cow_dst: jax.Array     # int32 [B]  its private copy (P = none)
+  refused: jax.Array     # bool [B]  row had work and was refused; nothing of it was written
+  seq_status: jax.Array  # int32 [B]  status flags of each row this step
+
+
+def _check_int(name: str, x, ndim: int) -> None:
+  if x.ndim != ndim:
+    raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise ValueError(f"{name} must be an integer array, got dtype {x.dtype}")
+
+
+def _check_plan_inputs(seq_ids, tokens, num_new) -> tuple[int, int]:
+  _check_int("seq_ids", seq_ids, 1)
+  _check_int("tokens", tokens, 2)
+  _check_int("num_new", num_new, 1)
+  b = seq_ids.shape[0]
+  if tokens.shape[0] != b or num_new.shape[0] != b:
+    raise ValueError(
+        f"seq_ids, tokens and num_new must share the batch size; got seq_ids {tuple(seq_ids.shape)}, "
+        f"tokens {tuple(tokens.shape)}, num_new {tuple(num_new.shape)}")
+  if tokens.shape[1] == 0:
+    raise ValueError(f"tokens must have at least one column, got shape {tuple(tokens.shape)}")
+  return b, tokens.shape[1]
+
+
+def _check_state(state: CacheState, config: CacheConfig) -> None:
+  if not isinstance(config, CacheConfig):
+    raise ValueError(f"config must be a CacheConfig, got {type(config).__name__}")
+  want = (config.max_seqs, config.max_pages_per_seq)
+  if tuple(state.page_table.shape) != want:
+    raise ValueError(f"state.page_table has shape {tuple(state.page_table.shape)} but config "
+                     f"gives (max_seqs, max_pages_per_seq) = {want}")
+  if state.meta.ref_count.shape != (config.num_pages,):
+    raise ValueError(f"state has {state.meta.ref_count.shape[0]} pages but config.num_pages = "
+                     f"{config.num_pages}")
+
+
+def _bad_rows(seq_ids: jax.Array, num_new: jax.Array, t: int, max_seqs: int) -> jax.Array:
+  """Rows with an out-of-range id, an id repeated in the batch, or num_new outside [0, T]."""
+  in_range = (seq_ids >= 0) & (seq_ids < max_seqs)
+  out_of_range = (seq_ids < -1) | (seq_ids >= max_seqs)
+  same = (seq_ids[:, None] == seq_ids[None, :]) & in_range[:, None] & in_range[None, :]
+  dup = jnp.sum(same, axis=1) > 1
+  bad_len = in_range & ((num_new < 0) | (num_new > t))
+  return out_of_range | dup | bad_len
+
+
+def _lru_scores(meta: state_lib.PageMeta, clock: jax.Array) -> jax.Array:
+  """float32 [P]: empty free pages +inf, cached free pages by age, held pages -inf."""
+  cached = jnp.any(meta.block_hash != 0, axis=-1)
+  age = (clock - meta.last_access).astype(jnp.float32)
+  return jnp.where(meta.ref_count > 0, -jnp.inf, jnp.where(cached, age, jnp.inf))
+
+
+def _grant(need: jax.Array, eligible: jax.Array, available: jax.Array) -> jax.Array:
+  """Greedy admission in batch order: a row is granted if its pages still fit."""
+
+  def body(remaining, x):
+    n, ok = x
+    take = ok & (n <= remaining)
+    return remaining - jnp.where(take, n, 0), take
+
+  _, granted = jax.lax.scan(body, available, (need, eligible))
+  return granted
+
+
+def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new: jax.Array,
+              *, config: CacheConfig) -> tuple[StepPlan, CacheState]:
+  """Give a batch of new tokens their pages and slots (prefill chunks or decode).
+
+  Allocation takes free pages first, then evicts least-recently-used cached
+  pages that no live sequence holds. A row that cannot get its pages (pool
+  exhausted, or past ``max_pages_per_seq``) is refused: nothing of it is
+  written, its length is unchanged, and a flag is set in ``state.status`` and
+  ``plan.seq_status``. A row whose last page is partial and shared (after
+  ``fork``) gets a private copy, made by ``write``.
+
+  Args:
+    state: the cache.
+    seq_ids: int32 [B], sequence slot of each row; -1 marks a padding row.
+    tokens: int32 [B, T], new token ids (row b's first ``num_new[b]`` are real).
+    num_new: int32 [B] in [0, T].
+    config: the cache's static config.
+
+  Returns:
+    ``(plan, state)``: the step's ``StepPlan`` and the updated state.
+
+  >>> import kvjax
+  >>> cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, page_size=2,
+  ...                         num_pages=4, max_seqs=2, max_pages_per_seq=2)
+  >>> plan, st = plan_step(kvjax.init(cfg), jnp.array([0]), jnp.array([[5, 6, 7]]), jnp.array([3]),
+  ...                      config=cfg)
+  >>> st.seq_lens.tolist(), plan.slots.tolist()
+  ([3, 0], [[0, 1, 2]])
+  """
+  _check_state(state, config)
+  seq_ids = jnp.asarray(seq_ids)
+  tokens = jnp.asarray(tokens)
+  num_new = jnp.asarray(num_new)
+  b, t = _check_plan_inputs(seq_ids, tokens, num_new)
+  s_, m_, p_ = config.page_size, config.max_pages_per_seq, config.num_pages
+  meta = state.meta
+  clock = state.clock + 1
+
+  bad = _bad_rows(seq_ids, num_new, t, config.max_seqs)
+  live = (seq_ids >= 0) & ~bad
+  sid = jnp.where(live, seq_ids, 0)
+  n = jnp.where(live, num_new, 0)
+  old_len = jnp.where(live, state.seq_lens[sid], 0)
+  new_len = old_len + n
+  old_pages = (old_len + s_ - 1) // s_
+  new_pages = (new_len + s_ - 1) // s_
+  table = state.page_table[sid]                                       # [B, M]
+  last_page = jnp.take_along_axis(table, jnp.clip(old_pages - 1, 0, m_ - 1)[:, None], 1)[:, 0]
+  partial = (old_len % s_ != 0) & (n > 0)
+  cow = partial & (meta.ref_count[jnp.clip(last_page, 0, p_ - 1)] > 1)
+  need = new_pages - old_pages + cow.astype(jnp.int32)
+  seq_full = live & (new_pages > m_)
+
+  scores = _lru_scores(meta, clock)
+  per_row = -(-t // s_) + 1
+  k = min(b * per_row, p_)
+  _, cand = jax.lax.top_k(scores, k)                                  # [k] best victims first
+  available = jnp.minimum(jnp.sum(meta.ref_count == 0), k).astype(jnp.int32)
+  granted = _grant(need, live & ~seq_full, available) & (n > 0)
+  out_of_pages = live & ~seq_full & (n > 0) & ~granted
+
+  row_status = (jnp.where(bad, state_lib.BAD_INPUT, 0) | jnp.where(seq_full, state_lib.SEQ_FULL, 0)
+                | jnp.where(out_of_pages, state_lib.OUT_OF_PAGES, 0)).astype(jnp.int32)
+  refused = row_status != 0
+
+  # Pages for the granted rows: row b takes cand[offset[b] : offset[b] + need[b]].
+  need_g = jnp.where(granted, need, 0)
+  offset = jnp.cumsum(need_g) - need_g
+  j = jnp.arange(per_row)[None, :]                                    # [1, R]
+  take = j < need_g[:, None]                                          # [B, R]
+  new_page = jnp.where(take, cand[jnp.clip(offset[:, None] + j, 0, k - 1)], p_)
+  first_col = old_pages - cow.astype(jnp.int32)
+  col = jnp.where(take, first_col[:, None] + j, m_)
+  table = table.at[jnp.arange(b)[:, None], col].set(new_page, mode="drop")
+
+  cow_g = cow & granted
+  cow_src = jnp.where(cow_g, last_page, p_)
+  cow_dst = jnp.where(cow_g, new_page[:, 0], p_)
+
+  # Metadata of allocated pages: reset (an evicted page's old content is gone),
+  # then COW copies inherit the source's tokens.
+  flat_new = new_page.reshape(-1)
+  was_cached = (meta.filled > 0) & (meta.ref_count == 0)
+  evicted = jnp.sum(jnp.where(flat_new < p_, was_cached[jnp.clip(flat_new, 0, p_ - 1)], False))
+  block_idx = jnp.where(take, first_col[:, None] + j, 0).reshape(-1)
+  meta = meta.replace(
+      ref_count=meta.ref_count.at[flat_new].set(1, mode="drop").at[cow_src].add(-1, mode="drop"),
+      block_hash=meta.block_hash.at[flat_new].set(0, mode="drop"),
+      parent=meta.parent.at[flat_new].set(-1, mode="drop"),
+      tokens=meta.tokens.at[flat_new].set(-1, mode="drop"),
+      position=meta.position.at[flat_new].set(block_idx, mode="drop"),
+      filled=meta.filled.at[flat_new].set(0, mode="drop"),
+      access_count=meta.access_count.at[flat_new].set(1, mode="drop"),
+  )
+  src_safe = jnp.clip(cow_src, 0, p_ - 1)
+  meta = meta.replace(
+      tokens=meta.tokens.at[cow_dst].set(meta.tokens[src_safe], mode="drop"),
+      filled=meta.filled.at[cow_dst].set(meta.filled[src_safe], mode="drop"),
+      parent=meta.parent.at[cow_dst].set(meta.parent[src_safe], mode="drop"),
+  )
+
+  # Slots of the new tokens.
+  tt = jnp.arange(t)[None, :]
+  pos = old_len[:, None] + tt                                         # [B, T]
+  valid = granted[:, None] & (tt < n[:, None])
+  blk = jnp.clip(pos // s_, 0, m_ - 1)
+  page = jnp.take_along_axis(table, blk, 1)
+  slots = jnp.where(valid, page * s_ + pos % s_, p_ * s_)
+  positions = jnp.clip(pos, 0, config.max_seq_len - 1)
+
+  # Written tokens, fill levels, and access times of every page the rows hold.
+  meta = meta.replace(
+      tokens=meta.tokens.reshape(-1).at[slots].set(tokens.astype(jnp.int32), mode="drop")
+      .reshape(p_, s_),
+      filled=meta.filled.at[jnp.where(valid, page, p_)].max(pos % s_ + 1, mode="drop"),
+  )
+  held = jnp.where(granted[:, None] & (table >= 0), table, p_)
+  meta = meta.replace(last_access=meta.last_access.at[held].set(clock, mode="drop"))
+
+  rows = jnp.where(granted, sid, config.max_seqs)
+  page_table = state.page_table.at[rows].set(table, mode="drop")
+  seq_lens = state.seq_lens.at[rows].set(new_len, mode="drop")
+  plan_table = jnp.where(live[:, None], table, -1)
+  kv_lens = jnp.where(granted, new_len, old_len)
+
+  stats = state.stats
+  stats = stats.replace(
+      steps=stats.steps + 1,
+      tokens_planned=stats.tokens_planned + jnp.sum(jnp.where(granted, n, 0)),
+      pages_allocated=stats.pages_allocated + jnp.sum(need_g),
+      evictions=stats.evictions + evicted,
+      cow_copies=stats.cow_copies + jnp.sum(cow_g),
+      refused=stats.refused + jnp.sum(refused & (seq_ids != -1)),
+  )
+  status = state.status | jnp.bitwise_or.reduce(row_status)
+  new_state = state.replace(meta=meta, page_table=page_table, seq_lens=seq_lens, clock=clock,
+                            stats=stats, status=status)
+  if config.checked:
+    new_state = state_lib.raise_on_status(new_state)
+  plan = StepPlan(seq_ids=seq_ids.astype(jnp.int32), positions=positions, valid=valid,
+                  slots=slots, page_table=plan_table, kv_lens=kv_lens, cow_src=cow_src,
+                  cow_dst=cow_dst, refused=refused & (seq_ids != -1), seq_status=row_status)
+  return plan, new_state
+
+
+def _check_pages_layer(name: str, pages: Pages) -> None:
+  if not isinstance(pages, Pages):
+    raise ValueError(f"{name} must be a kvjax.Pages of one layer, got {type(pages).__name__}")
+  if pages.data.ndim != 4:
+    raise ValueError(f"{name}.data must be one layer's pages [P, S, H, D], got shape "
+                     f"{tuple(pages.data.shape)}")
+
+
+def write(pages: Pages, plan: StepPlan, x: jax.Array) -> Pages:
+  """Write one layer's new K (or V) into the slots of ``plan``.
+
+  Shared partial pages marked by the plan are copied first (copy on write).
+
+  Args:
+    pages: one layer's ``Pages`` (data ``[P, S, H, D]``).
+    plan: the step's plan.
+    x: ``[B, T, H, D]`` new keys or values.
+
+  Returns:
+    The layer's updated ``Pages``.
+
+  >>> import kvjax
+  >>> cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2,
+  ...                         num_pages=2, max_seqs=1, max_pages_per_seq=2)
+  >>> plan, st = plan_step(kvjax.init(cfg), jnp.array([0]), jnp.array([[1]]), jnp.array([1]), config=cfg)
+  >>> layer = jax.tree.map(lambda a: a[0], st.k)
+  >>> write(layer, plan, jnp.ones((1, 1, 1, 2))).data[0, 0].tolist()
+  [[1.0, 1.0]]
+  """
+  _check_pages_layer("pages", pages)
+  p_, s_, h_, d_ = pages.data.shape
+  b, t = plan.slots.shape
+  if x.shape != (b, t, h_, d_):
+    raise ValueError(f"x must have shape (B, T, H, D) = {(b, t, h_, d_)} from plan and pages, "
+                     f"got {tuple(x.shape)}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"x must be floating point, got dtype {x.dtype}")
+  data = pages.data
+  data = data.at[plan.cow_dst].set(data[jnp.clip(plan.cow_src, 0, p_ - 1)], mode="drop")
+  flat = data.reshape(p_ * s_, h_, d_)
+  flat = flat.at[plan.slots.reshape(-1)].set(x.reshape(b * t, h_, d_).astype(data.dtype),
+                                             mode="drop")
+  return pages.replace(data=flat.reshape(p_, s_, h_, d_))
+
+
+def _dedupe(ids: jax.Array, bound: int) -> jax.Array:
+  """bool [N]: ids in [0, bound) that are the first occurrence in the batch."""
+  ok = (ids >= 0) & (ids < bound)
+  earlier = (ids[:, None] == ids[None, :]) & jnp.tril(jnp.ones((ids.size, ids.size), bool), -1)
+  return ok & ~jnp.any(earlier, axis=1)
+
+
+def release(state: CacheState, seq_ids: jax.Array, *,
+            config: CacheConfig | None = None) -> CacheState:
+  """End sequences: their pages lose a reference; the slots become empty.
+
+  Pages left with no reference and no content hash become free; hashed pages
+  stay cached (reference 0) until evicted. Ids of -1 and repeats are ignored.
+
+  Args:
+    state: the cache.
+    seq_ids: int32 [N] sequence slots to release.
+    config: optional; when given, the state is checked against it.
+
+  Returns:
+    The updated state.
+
+  >>> import kvjax
+  >>> cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2,
+  ...                         num_pages=2, max_seqs=1, max_pages_per_seq=2)
+  >>> _, st = plan_step(kvjax.init(cfg), jnp.array([0]), jnp.array([[1]]), jnp.array([1]), config=cfg)
+  >>> int(release(st, jnp.array([0]), config=cfg).meta.ref_count.sum())
+  0
+  """
+  if config is not None:
+    _check_state(state, config)
+  seq_ids = jnp.asarray(seq_ids)
+  _check_int("seq_ids", seq_ids, 1)
+  max_seqs, p_ = state.page_table.shape[0], state.meta.ref_count.shape[0]
+  ok = _dedupe(seq_ids, max_seqs)
+  rows = jnp.where(ok, seq_ids, max_seqs)
+  table = state.page_table[jnp.clip(rows, 0, max_seqs - 1)]
+  held = jnp.where(ok[:, None] & (table >= 0), table, p_)
+  meta = state.meta
+  ref = meta.ref_count.at[held.reshape(-1)].add(-1, mode="drop")
+  hashed = jnp.any(meta.block_hash != 0, axis=-1)
+  freed = (ref == 0) & (meta.ref_count > 0) & ~hashed
+  meta = meta.replace(
+      ref_count=ref,
+      filled=jnp.where(freed, 0, meta.filled),
+      tokens=jnp.where(freed[:, None], -1, meta.tokens),
+      parent=jnp.where(freed, -1, meta.parent),
+  )
+  return state.replace(
+      meta=meta,
+      page_table=state.page_table.at[rows].set(-1, mode="drop"),
+      seq_lens=state.seq_lens.at[rows].set(0, mode="drop"),
+  )
+
+
+def fork(state: CacheState, src_ids: jax.Array, dst_ids: jax.Array, *,
+         config: CacheConfig | None = None) -> CacheState:
+  """Start sequences ``dst_ids`` as copies of ``src_ids`` that share their pages.
+
+  Nothing is copied now: every page gains a reference, and the first write
+  into a shared partial last page copies it (``plan_step`` plans the copy,
+  ``write`` makes it). A pair is skipped and ``BAD_INPUT`` is flagged when the
+  destination is not empty, ids are out of range, the source is empty, or an
+  id repeats.
+
+  Args:
+    state: the cache.
+    src_ids: int32 [N] sequences to copy.
+    dst_ids: int32 [N] empty sequence slots to fill.
+    config: optional; when given, the state is checked against it and
+      ``config.checked`` raises on a skipped pair.
+
+  Returns:
+    The updated state.
+
+  >>> import kvjax
+  >>> cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2,
+  ...                         num_pages=2, max_seqs=2, max_pages_per_seq=2)
+  >>> _, st = plan_step(kvjax.init(cfg), jnp.array([0]), jnp.array([[1]]), jnp.array([1]), config=cfg)
+  >>> fork(st, jnp.array([0]), jnp.array([1]), config=cfg).meta.ref_count.tolist()
+  [2, 0]
+  """
+  if config is not None:
+    _check_state(state, config)
+  src_ids, dst_ids = jnp.asarray(src_ids), jnp.asarray(dst_ids)
+  _check_int("src_ids", src_ids, 1)
+  _check_int("dst_ids", dst_ids, 1)
+  if src_ids.shape != dst_ids.shape:
+    raise ValueError(f"src_ids and dst_ids must have the same shape, got {tuple(src_ids.shape)} "
+                     f"and {tuple(dst_ids.shape)}")
+  ms, p_ = state.page_table.shape[0], state.meta.ref_count.shape[0]
+  in_range = (src_ids >= 0) & (src_ids < ms) & (dst_ids >= 0) & (dst_ids < ms)
+  # Destinations must be distinct and not be a source of this batch.
+  dst_repeats = ~_dedupe(dst_ids, ms) | jnp.any(dst_ids[:, None] == src_ids[None, :], axis=1)
+  src_safe, dst_safe = jnp.clip(src_ids, 0, ms - 1), jnp.clip(dst_ids, 0, ms - 1)
+  dst_empty = (state.seq_lens[dst_safe] == 0) & jnp.all(state.page_table[dst_safe] < 0, axis=1)
+  src_live = state.seq_lens[src_safe] > 0
+  ok = in_range & ~dst_repeats & dst_empty & src_live
+  padding = (src_ids == -1) & (dst_ids == -1)
+  bad = ~ok & ~padding
+  table = state.page_table[src_safe]
+  held = jnp.where(ok[:, None] & (table >= 0), table, p_)
+  meta = state.meta
+  meta = meta.replace(
+      ref_count=meta.ref_count.at[held.reshape(-1)].add(1, mode="drop"),
+      access_count=meta.access_count.at[held.reshape(-1)].add(1, mode="drop"),
+  )
+  rows = jnp.where(ok, dst_ids, ms)
+  status = state.status | jnp.where(jnp.any(bad), state_lib.BAD_INPUT, 0)
+  new_state = state.replace(
+      meta=meta,
+      page_table=state.page_table.at[rows].set(table, mode="drop"),
+      seq_lens=state.seq_lens.at[rows].set(state.seq_lens[src_safe], mode="drop"),
+      status=status.astype(jnp.int32),
+  )
+  if config is not None and config.checked:
+    new_state = state_lib.raise_on_status(new_state)
+  return new_state
