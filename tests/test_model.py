@@ -14,6 +14,10 @@ from kvjax.models.tokenizer import build_tokenizer
 from kvjax.models.tokenizer import chat_prompt
 
 CFG = llama.LlamaConfig.small()
+# One cache config and batch size 4 for every paged test: decode_step compiles once
+# per (config, B, T), so sharing them keeps this file fast.
+CACHE = CFG.cache_config(page_size=4, num_pages=32, max_seqs=6, max_pages_per_seq=8)
+BATCH = 4
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +228,172 @@ def test_chat_prompt_is_chatml():
       "<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
   with pytest.raises(ValueError, match="messages"):
     chat_prompt([{"content": "no role"}])
+
+
+# ----------------------------------------------------------------------------- paged decode
+
+
+def run_schedule(params, cfg, cache_config, seqs, schedule):
+  """Feed ``seqs`` through ``decode_step`` following ``schedule``; collect every logit.
+
+  ``schedule`` is a list of (T, [num_new per row]) steps; a row with 0 new tokens
+  is sent as padding (seq id -1). Returns the logits of each row's tokens in order.
+  """
+  import kvjax
+
+  cache = kvjax.init(cache_config)
+  done = [0] * len(seqs)
+  got = [[] for _ in seqs]
+  for t, num_new in schedule:
+    tokens = np.zeros((len(seqs), t), np.int32)
+    for r, n in enumerate(num_new):
+      tokens[r, :n] = seqs[r][done[r]:done[r] + n]
+    ids = np.array([r if n else -1 for r, n in enumerate(num_new)], np.int32)
+    logits, cache = llama.decode_step(params, cache, jnp.asarray(tokens), jnp.asarray(ids),
+                                      jnp.asarray(num_new, jnp.int32), config=cfg,
+                                      cache_config=cache_config)
+    assert int(cache.status) == 0, kvjax.status_names(int(cache.status))
+    for r, n in enumerate(num_new):
+      got[r].extend(np.asarray(logits[r, :n]))
+      done[r] += n
+  assert done == [len(s) for s in seqs]
+  return [np.stack(g) for g in got], cache
+
+
+def reference_logits(params, cfg, seqs):
+  """Full no-cache forward of each sequence (right-padded batch: causal, so padding is inert)."""
+  longest = max(len(s) for s in seqs)
+  batch = np.zeros((len(seqs), longest), np.int32)
+  for r, s in enumerate(seqs):
+    batch[r, :len(s)] = s
+  full = np.asarray(llama.forward(params, jnp.asarray(batch), cfg))
+  return [full[r, :len(s)] for r, s in enumerate(seqs)]
+
+
+# Prefill chunks of different sizes (T = 5, 3, 7), rows at different offsets, a
+# padding row and an idle row, then single-token decode; page size 4 so every
+# sequence crosses several page boundaries, some in the middle of a chunk.
+SCHEDULE = [
+    (5, [5, 2, 0, 5]),
+    (3, [3, 3, 1, 0]),
+    (7, [7, 0, 7, 7]),
+    (7, [1, 4, 6, 2]),
+] + [(1, [1, 1, 1, 1])] * 4 + [(1, [1, 0, 1, 1])]
+
+
+def test_paged_decode_matches_forward(params):
+  cache_config = CACHE
+  lengths = [sum(step[1][r] for step in SCHEDULE) for r in range(4)]
+  rng = np.random.default_rng(8)
+  seqs = [rng.integers(0, CFG.vocab_size, n).astype(np.int32) for n in lengths]
+  got, cache = run_schedule(params, CFG, cache_config, seqs, SCHEDULE)
+  want = reference_logits(params, CFG, seqs)
+  for r in range(4):
+    np.testing.assert_allclose(got[r], want[r], atol=1e-4, rtol=1e-4,
+                               err_msg=f"row {r} (length {lengths[r]})")
+  assert np.asarray(cache.seq_lens)[:4].tolist() == lengths
+
+
+def test_decode_step_compiles_once(params, caplog):
+  import logging
+
+  import kvjax
+
+  cache_config = CACHE
+  cache = kvjax.init(cache_config)
+  rng = np.random.default_rng(9)
+
+  def call(cache, ids, num_new):
+    tokens = jnp.asarray(rng.integers(0, CFG.vocab_size, (BATCH, 3)), jnp.int32)
+    return llama.decode_step(params, cache, tokens, jnp.asarray(ids, jnp.int32),
+                             jnp.asarray(num_new, jnp.int32), config=CFG,
+                             cache_config=cache_config)
+
+  _, cache = call(cache, [0, 1, 3, -1], [3, 2, 1, 0])  # first call may compile
+  with caplog.at_level(logging.WARNING), jax.log_compiles():
+    caplog.clear()
+    _, cache = call(cache, [1, 2, -1, 4], [1, 3, 0, 2])
+    _, cache = call(cache, [0, -1, 5, 3], [2, 0, 3, 3])
+  compiles = [r.getMessage() for r in caplog.records if "decode_step" in r.getMessage()
+              and "Compiling" in r.getMessage()]
+  assert compiles == []
+  assert np.asarray(cache.seq_lens).tolist() == [5, 3, 3, 4, 2, 3]
+
+
+def test_decode_step_donates_the_cache(params):
+  import kvjax
+
+  cache = kvjax.init(CACHE)
+  _, new = llama.decode_step(params, cache, jnp.zeros((BATCH, 1), jnp.int32),
+                             jnp.array([0, 1, 2, 3]), jnp.array([1, 1, 1, 1]), config=CFG,
+                             cache_config=CACHE)
+  assert cache.k.data.is_deleted() and not new.k.data.is_deleted()
+
+
+def test_decode_step_rejects_mismatched_cache_and_shapes(params):
+  import kvjax
+
+  bad = kvjax.CacheConfig(num_layers=CFG.num_layers, num_kv_heads=4, head_dim=CFG.head_dim,
+                          page_size=4, num_pages=8, max_seqs=2, max_pages_per_seq=4)
+  with pytest.raises(ValueError, match="num_kv_heads"):
+    llama.decode_step(params, kvjax.init(bad), jnp.zeros((1, 2), jnp.int32), jnp.array([0]),
+                      jnp.array([2]), config=CFG, cache_config=bad)
+  good = CFG.cache_config(page_size=4, num_pages=8, max_seqs=2, max_pages_per_seq=4)
+  with pytest.raises(ValueError, match="num_new"):
+    llama.decode_step(params, kvjax.init(good), jnp.zeros((2, 2), jnp.int32),
+                      jnp.array([0, 1]), jnp.array([2]), config=CFG, cache_config=good)
+
+
+# ----------------------------------------------------------------------------- host loops
+
+
+def _greedy_reference(params, prompt, steps, width=32):
+  """Greedy continuation by re-running the full forward on the growing sequence.
+
+  The sequence is right-padded to ``width`` (causal: padding is inert) so the
+  forward compiles once.
+  """
+  seq = list(prompt)
+  for _ in range(steps):
+    padded = np.zeros((1, width), np.int32)
+    padded[0, :len(seq)] = seq
+    logits = llama.forward(params, jnp.asarray(padded), CFG)
+    seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
+  return seq[len(prompt):]
+
+
+def test_generate_matches_greedy_forward_and_prefill_matches_last_logits(params):
+  import kvjax
+  from kvjax.models.generate import generate
+  from kvjax.models.generate import prefill
+
+  cache_config = CACHE
+  rng = np.random.default_rng(10)
+  prompts = [rng.integers(0, CFG.vocab_size, n).tolist() for n in (9, 3, 14, 1)]
+  last, cache = prefill(params, kvjax.init(cache_config), prompts, [2, 0, 1, 5], config=CFG,
+                        cache_config=cache_config, chunk_size=5)
+  want = reference_logits(params, CFG, prompts)
+  for r in range(BATCH):
+    np.testing.assert_allclose(last[r], want[r][-1], atol=1e-4, rtol=1e-4)
+  assert np.asarray(cache.seq_lens)[[2, 0, 1, 5]].tolist() == [9, 3, 14, 1]
+
+  steps = []
+  out, cache = generate(params, kvjax.init(cache_config), prompts, [0, 1, 2, 3], config=CFG,
+                        cache_config=cache_config, max_new_tokens=6, stop_ids=(),
+                        chunk_size=7, on_step=steps.append)
+  for r, p in enumerate(prompts):
+    assert out[r] == _greedy_reference(params, p, 6), f"row {r}"
+  assert sum(steps) == 6 * BATCH
+  # The cache holds each prompt and all generated tokens but the last.
+  assert np.asarray(cache.seq_lens)[:BATCH].tolist() == [9 + 5, 3 + 5, 14 + 5, 1 + 5]
+
+
+def test_generate_raises_when_the_cache_refuses(params):
+  import kvjax
+  from kvjax.models.generate import generate
+
+  # Row 2 would pass max_seq_len (32 tokens): its step is refused and generate says so.
+  prompts = [[1, 2], [3], list(range(1, 29)), [4, 5]]
+  with pytest.raises(kvjax.CacheStatusError, match=r"refused sequences \[2\]"):
+    generate(params, kvjax.init(CACHE), prompts, [0, 1, 2, 3], config=CFG, cache_config=CACHE,
+             max_new_tokens=8, stop_ids=(), chunk_size=7)
