@@ -142,6 +142,9 @@ def test_causal_attention_matches_per_head_loop():
         w = np.exp(s - s.max())
         np.testing.assert_allclose(got[b, i, h], (w / w.sum()) @ v[b, : i + 1, h // 2],
                                    atol=1e-5)
+  # Query blocks (here of 2 tokens, the last one partial) give the same result.
+  blocked = llama.causal_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), block=2)
+  np.testing.assert_allclose(blocked, got, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- forward
