@@ -1,0 +1,287 @@
+"""PrefixIndex: a jitted open-addressing hash table from 64-bit block hash to page id.
+
+Layout: ``capacity`` slots (a power of two), each a key (two uint32 lanes) and a
+value: a page id ``>= 0``, ``EMPTY`` (-1, never used) or ``TOMBSTONE`` (-2, deleted).
+Key ``(0, 0)`` is reserved for "no hash" and is never stored.
+
+Probing is linear from a home slot (``fmix32`` of the two lanes, masked), and
+bounded by a static budget ``max_probes``: a key lives within ``max_probes``
+slots of its home, with no ``EMPTY`` slot between its home and it. So:
+
+* lookup reads the budget window and takes the first live slot holding the key
+  before the first ``EMPTY`` one (tombstones are skipped, not stops);
+* insert first looks the key up (found: its value is overwritten in place),
+  otherwise claims the first free slot (``EMPTY`` or ``TOMBSTONE``) in the
+  window. Inserts that claim the same slot in one batch are resolved in rounds:
+  each round every pending item names its first free slot, the lowest batch
+  position wins each slot (a scatter-min of item ids), losers retry against the
+  updated table. An item whose window has no free slot left is reported in
+  ``overflow`` and the table is unchanged for it: never a silent drop;
+* delete turns the key's slot into a ``TOMBSTONE`` (or ``EMPTY`` when the next
+  slot is ``EMPTY``, which no probe chain can cross), keeping later keys of
+  the chain reachable; inserts reuse tombstones.
+
+Duplicate keys within one insert batch: the **last** valid occurrence wins
+(as if the batch were applied to a dict in order); every occurrence reports the
+winner's overflow. All functions are pure and jitted; the index is a pytree
+(``max_probes`` is static metadata).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax import lax
+
+from kvjax.hashing import fmix32
+
+EMPTY = -1       # slot never used: probe chains stop here
+TOMBSTONE = -2   # slot of a deleted key: probes pass, inserts reuse
+
+
+@struct.dataclass
+class PrefixIndex:
+  """Open-addressing table: block hash -> page id. Build with ``index_init``."""
+
+  keys: jax.Array    # uint32 [C, 2]  block hash per slot ((0, 0) when EMPTY/TOMBSTONE)
+  values: jax.Array  # int32 [C]  page id >= 0, EMPTY (-1) or TOMBSTONE (-2)
+  max_probes: int = struct.field(pytree_node=False, default=32)  # static probe budget
+
+  @property
+  def capacity(self) -> int:
+    return self.values.shape[0]
+
+
+def index_init(capacity: int, max_probes: Optional[int] = None) -> PrefixIndex:
+  """An empty index.
+
+  Args:
+    capacity: C, number of slots; a power of two.
+    max_probes: static probe budget, 1 <= max_probes <= capacity; default
+      ``min(32, capacity)``.
+
+  Returns:
+    A ``PrefixIndex`` with all slots ``EMPTY``.
+
+  >>> index = index_init(16, max_probes=4)
+  >>> index.capacity, index.max_probes
+  (16, 4)
+  """
+  if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity <= 0 \
+      or capacity & (capacity - 1):
+    raise ValueError(f"index_init: capacity must be a positive power of two, got {capacity!r}")
+  if max_probes is None:
+    max_probes = min(32, capacity)
+  if not isinstance(max_probes, int) or isinstance(max_probes, bool) \
+      or not 1 <= max_probes <= capacity:
+    raise ValueError(f"index_init: max_probes must be an int in [1, capacity={capacity}], "
+                     f"got {max_probes!r}")
+  return PrefixIndex(keys=jnp.zeros((capacity, 2), jnp.uint32),
+                     values=jnp.full((capacity,), EMPTY, jnp.int32),
+                     max_probes=max_probes)
+
+
+def home_slot(hashes: jax.Array, capacity: int) -> jax.Array:
+  """Home slot of each hash: ``fmix32(lane0 ^ fmix32(lane1)) & (capacity - 1)``.
+
+  Args:
+    hashes: uint32[..., 2].
+    capacity: power of two.
+
+  Returns:
+    int32[...] in ``[0, capacity)``.
+
+  >>> int(home_slot(jnp.array([1, 0], jnp.uint32), 1024)) < 1024
+  True
+  """
+  hashes = jnp.asarray(hashes, jnp.uint32)
+  mixed = fmix32(hashes[..., 0] ^ fmix32(hashes[..., 1]))
+  return (mixed & np.uint32(capacity - 1)).astype(jnp.int32)
+
+
+def _check_batch(fn: str, hashes, **columns) -> int:
+  if hashes.ndim != 2 or hashes.shape[1] != 2:
+    raise ValueError(f"{fn}: hashes must have shape [N, 2], got shape {tuple(hashes.shape)}")
+  n = hashes.shape[0]
+  for name, x in columns.items():
+    if x is not None and x.shape != (n,):
+      raise ValueError(f"{fn}: {name} must have shape [N]=({n},) like hashes, "
+                       f"got shape {tuple(x.shape)}")
+  return n
+
+
+def _prepare(fn: str, hashes, valid, **columns):
+  hashes = jnp.asarray(hashes, jnp.uint32)
+  valid = None if valid is None else jnp.asarray(valid, jnp.bool_)
+  n = _check_batch(fn, hashes, valid=valid, **columns)
+  if valid is None:
+    valid = jnp.ones((n,), jnp.bool_)
+  valid = valid & jnp.any(hashes != 0, axis=-1)  # (0, 0) is "no hash": never stored
+  return hashes, valid, n
+
+
+def _probe_slots(index: PrefixIndex, hashes: jax.Array) -> jax.Array:
+  """int32 [N, max_probes]: the probe window of each hash."""
+  home = home_slot(hashes, index.capacity)
+  return (home[:, None] + jnp.arange(index.max_probes, dtype=jnp.int32)) & (index.capacity - 1)
+
+
+def _find(index: PrefixIndex, hashes: jax.Array, valid: jax.Array) -> jax.Array:
+  """int32 [N]: the slot holding each valid hash, or -1."""
+  slots = _probe_slots(index, hashes)
+  vals = index.values[slots]                                             # [N, Pb]
+  match = jnp.all(index.keys[slots] == hashes[:, None, :], axis=-1) & (vals >= 0)
+  reachable = jnp.cumsum(vals == EMPTY, axis=1) == 0                     # before the first EMPTY
+  hit = match & reachable
+  first = jnp.argmax(hit, axis=1)
+  found = valid & jnp.any(hit, axis=1)
+  return jnp.where(found, jnp.take_along_axis(slots, first[:, None], axis=1)[:, 0], -1)
+
+
+@jax.jit
+def index_lookup(index: PrefixIndex, hashes: jax.Array,
+                 valid: Optional[jax.Array] = None) -> jax.Array:
+  """Page id stored under each hash.
+
+  Args:
+    index: the table.
+    hashes: uint32 [N, 2].
+    valid: bool [N] (default all True); invalid items and ``(0, 0)`` miss.
+
+  Returns:
+    int32 [N]: page id, or -1 on a miss.
+
+  >>> index = index_init(8)
+  >>> h = jnp.array([[1, 2], [3, 4]], jnp.uint32)
+  >>> index, _ = index_insert(index, h[:1], jnp.array([5], jnp.int32))
+  >>> index_lookup(index, h).tolist()
+  [5, -1]
+  """
+  hashes, valid, _ = _prepare("index_lookup", hashes, valid)
+  slot = _find(index, hashes, valid)
+  return jnp.where(slot >= 0, index.values[jnp.maximum(slot, 0)], -1)
+
+
+def _last_occurrence(hashes: jax.Array, valid: jax.Array):
+  """For each item, the batch position of the last valid item with the same key.
+
+  Returns int32 [N] (meaningful where ``valid``); an item wins iff it is its own.
+  """
+  n = hashes.shape[0]
+  idx = jnp.arange(n, dtype=jnp.int32)
+  invalid = (~valid).astype(jnp.int32)
+  s_inv, s_k0, s_k1, s_idx = lax.sort((invalid, hashes[:, 0], hashes[:, 1], idx), num_keys=4)
+  same_as_prev = (s_k0[1:] == s_k0[:-1]) & (s_k1[1:] == s_k1[:-1]) & (s_inv[1:] == s_inv[:-1])
+  group = jnp.cumsum(jnp.concatenate([jnp.zeros((1,), jnp.int32),
+                                      (~same_as_prev).astype(jnp.int32)]))
+  last_of_group = jnp.full((n,), -1, jnp.int32).at[group].max(s_idx)  # idx ascends in a group
+  return jnp.zeros((n,), jnp.int32).at[s_idx].set(last_of_group[group])
+
+
+@jax.jit
+def index_insert(index: PrefixIndex, hashes: jax.Array, values: jax.Array,
+                 valid: Optional[jax.Array] = None) -> tuple[PrefixIndex, jax.Array]:
+  """Insert (or overwrite) a batch of hash -> page entries.
+
+  Args:
+    index: the table.
+    hashes: uint32 [N, 2]  keys; ``(0, 0)`` items are ignored.
+    values: int32 [N]  page ids, ``>= 0`` (items with a negative value are ignored).
+    valid: bool [N] (default all True)  items to insert.
+
+  Returns:
+    ``(index, overflow)``: the new table and bool [N], True for each valid item
+    that could not be stored (no free slot within ``max_probes`` of its home);
+    the table is unchanged for those. Duplicate keys: the last valid one wins.
+
+  >>> index = index_init(4, max_probes=1)
+  >>> h = jnp.array([[1, 2], [1, 2], [3, 4]], jnp.uint32)
+  >>> index, overflow = index_insert(index, h, jnp.array([7, 8, 9], jnp.int32))
+  >>> index_lookup(index, h[:1]).tolist(), overflow.shape
+  ([8], (3,))
+  """
+  values = jnp.asarray(values, jnp.int32)
+  hashes, valid, n = _prepare("index_insert", hashes, valid, values=values)
+  capacity = index.capacity
+  valid = valid & (values >= 0)
+  idx = jnp.arange(n, dtype=jnp.int32)
+  winner_of = _last_occurrence(hashes, valid)
+  winner = valid & (winner_of == idx)
+
+  existing = _find(index, hashes, winner)
+  table_values = index.values.at[jnp.where(existing >= 0, existing, capacity)].set(
+      values, mode="drop")
+  slots = _probe_slots(index, hashes)
+
+  def place_round(carry):
+    keys, vals, pending, overflow = carry
+    free = vals[slots] < 0                                               # [N, Pb]
+    has_free = jnp.any(free, axis=1)
+    candidate = jnp.take_along_axis(slots, jnp.argmax(free, axis=1)[:, None], axis=1)[:, 0]
+    overflow = overflow | (pending & ~has_free)
+    pending = pending & has_free
+    target = jnp.where(pending, candidate, capacity)
+    claim = jnp.full((capacity,), n, jnp.int32).at[target].min(idx, mode="drop")
+    won = pending & (claim[jnp.minimum(target, capacity - 1)] == idx)
+    write = jnp.where(won, candidate, capacity)
+    keys = keys.at[write].set(hashes, mode="drop")
+    vals = vals.at[write].set(values, mode="drop")
+    return keys, vals, pending & ~won, overflow
+
+  init = (index.keys, table_values, winner & (existing < 0), jnp.zeros((n,), jnp.bool_))
+  keys, table_values, _, overflow = lax.while_loop(
+      lambda carry: jnp.any(carry[2]), place_round, init)
+  overflow = valid & overflow[winner_of]
+  return index.replace(keys=keys, values=table_values), overflow
+
+
+@jax.jit
+def index_delete(index: PrefixIndex, hashes: jax.Array, valid: Optional[jax.Array] = None,
+                 expected: Optional[jax.Array] = None) -> PrefixIndex:
+  """Remove a batch of keys (absent keys are ignored).
+
+  Args:
+    index: the table.
+    hashes: uint32 [N, 2].
+    valid: bool [N] (default all True)  items to delete.
+    expected: int32 [N] or None. If given, an entry is removed only when its
+      stored page id equals ``expected`` (so evicting page p never removes the
+      entry of another page q that holds the same block).
+
+  Returns:
+    The table without those keys.
+
+  >>> index = index_init(8)
+  >>> h = jnp.array([[1, 2]], jnp.uint32)
+  >>> index, _ = index_insert(index, h, jnp.array([5], jnp.int32))
+  >>> index_lookup(index_delete(index, h), h).tolist()
+  [-1]
+  """
+  if expected is not None:
+    expected = jnp.asarray(expected, jnp.int32)
+  hashes, valid, _ = _prepare("index_delete", hashes, valid, expected=expected)
+  capacity = index.capacity
+  slot = _find(index, hashes, valid)
+  if expected is not None:
+    slot = jnp.where(index.values[jnp.maximum(slot, 0)] == expected, slot, -1)
+  next_empty = index.values[(slot + 1) & (capacity - 1)] == EMPTY
+  target = jnp.where(slot >= 0, slot, capacity)
+  keys = index.keys.at[target].set(jnp.zeros((2,), jnp.uint32), mode="drop")
+  values = index.values.at[target].set(jnp.where(next_empty, EMPTY, TOMBSTONE), mode="drop")
+  return index.replace(keys=keys, values=values)
+
+
+@jax.jit
+def index_counts(index: PrefixIndex) -> dict:
+  """Occupancy: ``{"live", "tombstones", "empty"}`` int32 scalars.
+
+  >>> {k: int(v) for k, v in index_counts(index_init(8)).items()}
+  {'empty': 8, 'live': 0, 'tombstones': 0}
+  """
+  return {"live": jnp.sum(index.values >= 0, dtype=jnp.int32),
+          "tombstones": jnp.sum(index.values == TOMBSTONE, dtype=jnp.int32),
+          "empty": jnp.sum(index.values == EMPTY, dtype=jnp.int32)}
