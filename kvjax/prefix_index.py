@@ -29,7 +29,8 @@ winner's overflow. All functions are pure and jitted; the index is a pytree
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,9 @@ import numpy as np
 from flax import struct
 from jax import lax
 
+from kvjax.hashing import HashFn
+from kvjax.hashing import block_hash
+from kvjax.hashing import chain_hashes
 from kvjax.hashing import fmix32
 
 EMPTY = -1       # slot never used: probe chains stop here
@@ -285,3 +289,109 @@ def index_counts(index: PrefixIndex) -> dict:
   return {"live": jnp.sum(index.values >= 0, dtype=jnp.int32),
           "tombstones": jnp.sum(index.values == TOMBSTONE, dtype=jnp.int32),
           "empty": jnp.sum(index.values == EMPTY, dtype=jnp.int32)}
+
+
+class PrefixMatch(NamedTuple):
+  """Result of ``match_prefix``: B sequences, K = T // S blocks each."""
+
+  pages: jax.Array        # int32 [B, K]  verified cached page of each leading block (-1 after)
+  num_matched: jax.Array  # int32 [B]  leading full blocks served from the cache
+  hashes: jax.Array       # uint32 [B, K, 2]  chained hash of each full block ((0, 0) past
+  #                         num_full_pages): the keys to insert when those pages fill
+
+
+@functools.partial(jax.jit, static_argnames=("hash_fn",))
+def match_prefix(index: PrefixIndex, meta_tokens: jax.Array, meta_parent: jax.Array,
+                 seed: jax.Array, tokens: jax.Array, num_full_pages: jax.Array,
+                 hash_fn: HashFn = block_hash, *,
+                 meta_namespace: Optional[jax.Array] = None) -> PrefixMatch:
+  """Longest verified cached prefix of each sequence, in whole blocks.
+
+  Block k of sequence b (tokens ``[k*S, (k+1)*S)``) is matched to page p when
+  all blocks before it matched, ``k < num_full_pages[b]``, the index maps the
+  block's chained hash to p, and p is verified: ``meta_tokens[p]`` equals the
+  block's tokens, ``meta_parent[p]`` equals the page matched for block k-1
+  (-1 for block 0) and, when ``meta_namespace`` is given, the root page's
+  namespace equals the sequence's seed. So a hash collision (accidental,
+  crafted, or a test's always-colliding ``hash_fn``) can shorten a match but
+  never hand out a page whose K/V belong to other content. This is only sound
+  if page metadata always describes the page's K/V: a reused page gets new
+  tokens/parent, and a page is not reused while a cached child still names it.
+
+  Args:
+    index: block hash -> page.
+    meta_tokens: int32 [P, S]  token ids stored in each page (``PageMeta.tokens``).
+    meta_parent: int32 [P]  page of the previous block (``PageMeta.parent``).
+    seed: uint32 [2] or [B, 2]  namespace seed of each sequence (``namespace_seed``).
+    tokens: int32 [B, T]  the sequences' tokens; T need not be a multiple of S.
+    num_full_pages: int32 [B]  blocks to try (<= T // S), e.g. ``(len - 1) // S``
+      to leave at least one token to compute.
+    hash_fn: the ``HashFn`` used when the pages were inserted (static).
+    meta_namespace: uint32 [P, 2] or None  the seed of the chain each page
+      belongs to; checked on the root block, so tenants never share a page even
+      when hashes collide.
+
+  Returns:
+    ``PrefixMatch(pages, num_matched, hashes)``.
+
+  >>> from kvjax.hashing import namespace_seed
+  >>> seed = jnp.asarray(namespace_seed("m"))
+  >>> toks = jnp.arange(8, dtype=jnp.int32).reshape(1, 8)
+  >>> h = chain_hashes(seed, toks[0], page_size=4)
+  >>> index, _ = index_insert(index_init(8), h, jnp.array([3, 1], jnp.int32))
+  >>> meta_tokens = jnp.zeros((4, 4), jnp.int32).at[3].set(toks[0, :4]).at[1].set(toks[0, 4:])
+  >>> meta_parent = jnp.array([-1, 3, -1, -1], jnp.int32)
+  >>> m = match_prefix(index, meta_tokens, meta_parent, seed, toks, jnp.array([2]))
+  >>> m.pages.tolist(), m.num_matched.tolist()
+  ([[3, 1]], [2])
+  """
+  meta_tokens = jnp.asarray(meta_tokens, jnp.int32)
+  meta_parent = jnp.asarray(meta_parent, jnp.int32)
+  seed = jnp.asarray(seed, jnp.uint32)
+  tokens = jnp.asarray(tokens, jnp.int32)
+  num_full_pages = jnp.asarray(num_full_pages, jnp.int32)
+  if meta_tokens.ndim != 2:
+    raise ValueError(f"match_prefix: meta_tokens must have shape [P, S], "
+                     f"got shape {tuple(meta_tokens.shape)}")
+  num_pages, page_size = meta_tokens.shape
+  if meta_parent.shape != (num_pages,):
+    raise ValueError(f"match_prefix: meta_parent must have shape [P]=({num_pages},), "
+                     f"got shape {tuple(meta_parent.shape)}")
+  if tokens.ndim != 2:
+    raise ValueError(f"match_prefix: tokens must have shape [B, T], got shape {tuple(tokens.shape)}")
+  batch, length = tokens.shape
+  if num_full_pages.shape != (batch,):
+    raise ValueError(f"match_prefix: num_full_pages must have shape [B]=({batch},), "
+                     f"got shape {tuple(num_full_pages.shape)}")
+  if seed.shape not in ((2,), (batch, 2)):
+    raise ValueError(f"match_prefix: seed must have shape [2] or [B, 2]=({batch}, 2), "
+                     f"got shape {tuple(seed.shape)}")
+  if meta_namespace is not None:
+    meta_namespace = jnp.asarray(meta_namespace, jnp.uint32)
+    if meta_namespace.shape != (num_pages, 2):
+      raise ValueError(f"match_prefix: meta_namespace must have shape [P, 2]=({num_pages}, 2), "
+                       f"got shape {tuple(meta_namespace.shape)}")
+  k = length // page_size
+  seed = jnp.broadcast_to(seed, (batch, 2))
+  if k == 0:
+    return PrefixMatch(pages=jnp.zeros((batch, 0), jnp.int32),
+                       num_matched=jnp.zeros((batch,), jnp.int32),
+                       hashes=jnp.zeros((batch, 0, 2), jnp.uint32))
+  blocks = tokens[:, :k * page_size].reshape(batch, k, page_size)
+  want = jnp.arange(k, dtype=jnp.int32)[None, :] < num_full_pages[:, None]      # [B, K]
+  hashes = chain_hashes(seed, tokens[:, :k * page_size], page_size=page_size, hash_fn=hash_fn)
+  hashes = jnp.where(want[..., None], hashes, jnp.uint32(0))
+
+  found = index_lookup(index, hashes.reshape(-1, 2), want.reshape(-1)).reshape(batch, k)
+  page = jnp.clip(found, 0, num_pages - 1)
+  previous = jnp.concatenate([jnp.full((batch, 1), -1, jnp.int32), found[:, :-1]], axis=1)
+  ok = want & (found >= 0) & (found < num_pages)
+  ok &= jnp.all(meta_tokens[page] == blocks, axis=-1)
+  ok &= meta_parent[page] == previous
+  if meta_namespace is not None:
+    root = jnp.arange(k)[None, :] == 0
+    ok &= ~root | jnp.all(meta_namespace[page] == seed[:, None, :], axis=-1)
+  matched = jnp.cumprod(ok.astype(jnp.int32), axis=1)
+  num_matched = jnp.sum(matched, axis=1, dtype=jnp.int32)
+  pages = jnp.where(matched > 0, found, -1)
+  return PrefixMatch(pages=pages, num_matched=num_matched, hashes=hashes)
