@@ -264,6 +264,25 @@ def test_duplicates_last_valid_wins():
   assert not any(overflow)
 
 
+def test_large_batch_with_many_duplicates_matches_dict():
+  # 512 items over 150 keys: duplicates share scratch cells with other keys, so the
+  # last-occurrence resolution needs several rounds.
+  rng = np.random.default_rng(7)
+  pool = rng.integers(1, 2**32, size=(150, 2), dtype=np.uint64).astype(np.uint32)
+  which = rng.integers(0, 150, size=512)
+  values = rng.integers(0, 1000, size=512).astype(np.int32)
+  valid = rng.random(512) < 0.8
+  index, overflow = index_insert(index_init(512, max_probes=32), jnp.asarray(pool[which]),
+                                 jnp.asarray(values), jnp.asarray(valid))
+  model = {}
+  for w, v, ok in zip(which, values, valid):
+    if ok:
+      model[tuple(int(x) for x in pool[w])] = int(v)
+  assert not np.asarray(overflow).any()
+  assert table_as_dict(index) == model
+  check_table_invariants(index)
+
+
 def test_reserved_key_and_negative_values_ignored():
   index = index_init(8, max_probes=4)
   keys = [(0, 0), (1, 0), (0, 1)]
