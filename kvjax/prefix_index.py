@@ -8,22 +8,24 @@ Probing is linear from a home slot (``fmix32`` of the two lanes, masked), and
 bounded by a static budget ``max_probes``: a key lives within ``max_probes``
 slots of its home, with no ``EMPTY`` slot between its home and it. So:
 
-* lookup reads the budget window and takes the first live slot holding the key
-  before the first ``EMPTY`` one (tombstones are skipped, not stops);
+* lookup reads the window in chunks of 8 probes (a ``while_loop`` that ends when
+  every item has met its key, an ``EMPTY`` slot or the budget; usually one chunk)
+  and takes the first live slot holding the key before the first ``EMPTY`` one
+  (tombstones are passed, not stops);
 * insert first looks the key up (found: its value is overwritten in place),
   otherwise claims the first free slot (``EMPTY`` or ``TOMBSTONE``) in the
   window. Inserts that claim the same slot in one batch are resolved in rounds:
   each round every pending item names its first free slot, the lowest batch
-  position wins each slot (a scatter-min of item ids), losers retry against the
-  updated table. An item whose window has no free slot left is reported in
+  position wins each slot (a scatter-min of item ids), losers resume after the
+  slot they lost. An item whose window has no free slot left is reported in
   ``overflow`` and the table is unchanged for it: never a silent drop;
 * delete turns the key's slot into a ``TOMBSTONE`` (or ``EMPTY`` when the next
   slot is ``EMPTY``, which no probe chain can cross), keeping later keys of
   the chain reachable; inserts reuse tombstones.
 
 Duplicate keys within one insert batch: the **last** valid occurrence wins
-(as if the batch were applied to a dict in order); every occurrence reports the
-winner's overflow. All functions are pure and jitted; the index is a pytree
+(as if the batch were applied to a dict in order; found by rounds of a salted
+scatter-max, no sort); every occurrence reports the winner's overflow. All functions are pure and jitted; the index is a pytree
 (``max_probes`` is static metadata).
 """
 
