@@ -21,7 +21,9 @@ from kvjax.prefix_index import index_delete
 from kvjax.prefix_index import index_init
 from kvjax.prefix_index import index_insert
 from kvjax.prefix_index import index_lookup
+from kvjax.prefix_index import index_rebuild
 from kvjax.prefix_index import match_prefix
+from kvjax.prefix_index import page_hashes
 
 M32 = 0xFFFFFFFF
 
@@ -169,6 +171,10 @@ class IndexMachine(RuleBasedStateMachine):
     want = [self.model.get(key, -1) if ok else -1 for key, (_, _, ok) in zip(keys, batch)]
     assert got == want
 
+  @rule()
+  def rebuild(self):
+    self.index, _ = index_rebuild(self.index)  # rebuilt or refused, the entries stay
+
   @invariant()
   def agrees_with_dict(self):
     assert table_as_dict(self.index) == self.model
@@ -177,7 +183,7 @@ class IndexMachine(RuleBasedStateMachine):
 
 
 IndexMachine.TestCase.settings = settings(
-    max_examples=30, stateful_step_count=20, deadline=None,
+    max_examples=25, stateful_step_count=20, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestIndexAgainstDict = IndexMachine.TestCase
 
@@ -185,10 +191,10 @@ TestIndexAgainstDict = IndexMachine.TestCase
 # ---- explicit cases ----------------------------------------------------------------------------
 
 def test_empty_lookup_misses_and_counts():
-  index = index_init(8, max_probes=4)
+  index = index_init(CAP, max_probes=BUDGET)
   assert look(index, [(1, 2), (0, 0), (5, 6)]) == [-1, -1, -1]
   assert {k: int(v) for k, v in index_counts(index).items()} == \
-      {"live": 0, "tombstones": 0, "empty": 8}
+      {"live": 0, "tombstones": 0, "empty": CAP}
 
 
 def test_full_table_reports_overflow():
@@ -209,13 +215,13 @@ def test_full_table_reports_overflow():
 
 
 def test_probe_budget_overflow_on_a_chain():
-  cap, budget = 16, 3
-  chain = keys_with_home(5, cap, 4)
-  index, overflow = ins(index_init(cap, max_probes=budget), chain, [10, 11, 12, 13])
-  # lowest batch positions claim first: slots 5, 6, 7; the fourth has no slot within budget
-  assert overflow == [False, False, False, True]
-  assert np.asarray(index.values)[5:8].tolist() == [10, 11, 12]
-  assert look(index, chain) == [10, 11, 12, -1]
+  cap, budget = 16, 4
+  chain = keys_with_home(5, cap, 5)
+  index, overflow = ins(index_init(cap, max_probes=budget), chain, [10, 11, 12, 13, 14])
+  # lowest batch positions claim first: slots 5..8; the fifth has no slot within budget
+  assert overflow == [False, False, False, False, True]
+  assert np.asarray(index.values)[5:9].tolist() == [10, 11, 12, 13]
+  assert look(index, chain) == [10, 11, 12, 13, -1]
 
 
 def test_batch_collisions_resolved_by_batch_position_and_wrap():
@@ -283,8 +289,50 @@ def test_large_batch_with_many_duplicates_matches_dict():
   check_table_invariants(index)
 
 
+def test_rebuild_drops_tombstones_keeps_entries():
+  cap = 16
+  chain = keys_with_home(6, cap, 4)
+  index, _ = ins(index_init(cap, max_probes=4), chain, [1, 2, 3, 4])
+  index = dele(index, chain[:2])
+  assert int(index_counts(index)["tombstones"]) == 2
+  fresh, rebuilt = index_rebuild(index)
+  assert bool(rebuilt) and int(index_counts(fresh)["tombstones"]) == 0
+  assert table_as_dict(fresh) == table_as_dict(index) == dict(zip(chain[2:], [3, 4]))
+  assert np.asarray(fresh.values)[6:8].tolist() == [3, 4]  # back at the home slot
+  check_table_invariants(fresh)
+
+
+def test_rebuild_refuses_when_it_would_overflow():
+  # Inserted one at a time, four keys of home 0 fill slots 0-3 and B (home 1) goes to 4.
+  # Re-inserted as one batch in slot order, B takes slot 1 in the first round, so the
+  # fourth home-0 key would need slot 4, beyond its budget: the rebuild is refused.
+  cap = 16
+  chain = keys_with_home(0, cap, 4)
+  b, = keys_with_home(1, cap, 1)
+  index = index_init(cap, max_probes=4)
+  for value, key in enumerate(chain + [b]):
+    index, overflow = ins(index, [key], [value])
+    assert overflow == [False]
+  assert np.asarray(index.values)[:5].tolist() == [0, 1, 2, 3, 4]
+  fresh, rebuilt = index_rebuild(index)
+  assert not bool(rebuilt)
+  np.testing.assert_array_equal(np.asarray(fresh.values), np.asarray(index.values))
+  np.testing.assert_array_equal(np.asarray(fresh.keys), np.asarray(index.keys))
+
+
+def test_page_hashes_extend_chains():
+  seed = namespace_seed("m", None, "t")
+  toks = np.arange(3 * S, dtype=np.int32).reshape(3, S)
+  want = np.asarray(chain_hashes(jnp.asarray(seed), jnp.asarray(toks.reshape(-1)), page_size=S))
+  meta_hash = np.zeros((5, 2), np.uint32)
+  meta_hash[4], meta_hash[2] = want[0], want[1]  # block 0 in page 4, block 1 in page 2
+  got = page_hashes(jnp.asarray(meta_hash), jnp.array([-1, 4, 2]), jnp.asarray(seed),
+                    jnp.asarray(toks))
+  np.testing.assert_array_equal(np.asarray(got), want)
+
+
 def test_reserved_key_and_negative_values_ignored():
-  index = index_init(8, max_probes=4)
+  index = index_init(CAP, max_probes=BUDGET)
   keys = [(0, 0), (1, 0), (0, 1)]
   index, overflow = ins(index, keys, [5, -3, 6])
   assert table_as_dict(index) == {(0, 1): 6}
@@ -299,7 +347,7 @@ def test_delete_with_expected_value():
 
 
 def test_jit_no_recompile_and_pytree():
-  index = index_init(32, max_probes=8)
+  index = index_init(CAP, max_probes=BUDGET)
   _, h, v, ok = _pad([(i, 3) for i in range(1, 5)], [1, 2, 3, 4])
   index, _ = index_insert(index, h, v, ok)
   before = index_insert._cache_size()
@@ -307,7 +355,7 @@ def test_jit_no_recompile_and_pytree():
   assert index_insert._cache_size() == before
   leaves, treedef = jax.tree_util.tree_flatten(index)
   assert len(leaves) == 2
-  assert jax.tree_util.tree_unflatten(treedef, leaves).max_probes == 8
+  assert jax.tree_util.tree_unflatten(treedef, leaves).max_probes == BUDGET
 
 
 def test_bad_arguments_raise():
@@ -439,7 +487,7 @@ def test_match_prefix_tenants_and_wrong_parent_rejected():
   seed_a, seed_b = namespace_seed("m", None, "a"), namespace_seed("m", None, "b")
   toks = np.arange(2 * S, dtype=np.int32)
   # the constant hash maps every block to one key: point it at a root page holding block 0
-  index, _ = ins(index_init(16), [(9, 9)], [2])
+  index, _ = ins(index_init(CAP, max_probes=BUDGET), [(9, 9)], [2])
   meta_tokens = np.full((4, S), -1, np.int32)
   meta_tokens[2] = toks[:S]
   meta_parent = np.full((4,), -1, np.int32)
