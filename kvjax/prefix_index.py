@@ -25,7 +25,8 @@ slots of its home, with no ``EMPTY`` slot between its home and it. So:
 
 Duplicate keys within one insert batch: the **last** valid occurrence wins
 (as if the batch were applied to a dict in order; found by rounds of a salted
-scatter-max, no sort); every occurrence reports the winner's overflow. All functions are pure and jitted; the index is a pytree
+scatter-max, no sort); every occurrence reports the winner's overflow. All
+functions are pure and jitted; the index is a pytree
 (``max_probes`` is static metadata).
 """
 
@@ -44,7 +45,6 @@ from kvjax.hashing import HashFn
 from kvjax.hashing import block_hash
 from kvjax.hashing import chain_hashes
 from kvjax.hashing import fmix32
-from kvjax.hashing import remap_no_hash
 
 EMPTY = -1       # slot never used: probe chains stop here
 TOMBSTONE = -2   # slot of a deleted key: probes pass, inserts reuse
@@ -370,53 +370,6 @@ def index_rebuild(index: PrefixIndex) -> tuple[PrefixIndex, jax.Array]:
   return jax.tree.map(lambda new, old: jnp.where(rebuilt, new, old), fresh, index), rebuilt
 
 
-@functools.partial(jax.jit, static_argnames=("hash_fn",))
-def page_hashes(meta_block_hash: jax.Array, parent_pages: jax.Array, seed: jax.Array,
-                tokens: jax.Array, hash_fn: HashFn = block_hash) -> jax.Array:
-  """Chained hashes of blocks whose previous block is a cached page (e.g. pages that just filled).
-
-  The parent hash of each block is ``meta_block_hash[parent_pages]``, or ``seed``
-  where ``parent_pages`` is -1 (the block starts its sequence).
-
-  Args:
-    meta_block_hash: uint32 [P, 2]  stored hash of each page (``PageMeta.block_hash``).
-    parent_pages: int32 [N]  page of each block's previous block, -1 at a sequence start.
-    seed: uint32 [2] or [N, 2]  namespace seed of each block's sequence.
-    tokens: int32 [N, S]  the blocks' tokens.
-    hash_fn: the ``HashFn`` (static).
-
-  Returns:
-    uint32 [N, 2]  the blocks' hashes, never ``(0, 0)``.
-
-  >>> seed = jnp.array([4, 5], jnp.uint32)
-  >>> toks = jnp.arange(8, dtype=jnp.int32).reshape(2, 4)
-  >>> h0 = page_hashes(jnp.zeros((2, 2), jnp.uint32), jnp.array([-1]), seed, toks[:1])
-  >>> h1 = page_hashes(jnp.zeros((2, 2), jnp.uint32).at[1].set(h0[0]), jnp.array([1]), seed,
-  ...                  toks[1:])
-  >>> bool(jnp.all(jnp.concatenate([h0, h1]) == chain_hashes(seed, toks.reshape(-1), page_size=4)))
-  True
-  """
-  meta_block_hash = jnp.asarray(meta_block_hash, jnp.uint32)
-  parent_pages = jnp.asarray(parent_pages, jnp.int32)
-  seed = jnp.asarray(seed, jnp.uint32)
-  tokens = jnp.asarray(tokens, jnp.int32)
-  if meta_block_hash.ndim != 2 or meta_block_hash.shape[1] != 2:
-    raise ValueError(f"page_hashes: meta_block_hash must have shape [P, 2], "
-                     f"got shape {tuple(meta_block_hash.shape)}")
-  if tokens.ndim != 2:
-    raise ValueError(f"page_hashes: tokens must have shape [N, S], got shape {tuple(tokens.shape)}")
-  n = tokens.shape[0]
-  if parent_pages.shape != (n,):
-    raise ValueError(f"page_hashes: parent_pages must have shape [N]=({n},), "
-                     f"got shape {tuple(parent_pages.shape)}")
-  if seed.shape not in ((2,), (n, 2)):
-    raise ValueError(f"page_hashes: seed must have shape [2] or [N, 2]=({n}, 2), "
-                     f"got shape {tuple(seed.shape)}")
-  parent_hash = meta_block_hash[jnp.maximum(parent_pages, 0)]
-  parent_hash = jnp.where((parent_pages < 0)[:, None], jnp.broadcast_to(seed, (n, 2)), parent_hash)
-  return remap_no_hash(hash_fn(parent_hash, tokens))
-
-
 class PrefixMatch(NamedTuple):
   """Result of ``match_prefix``: B sequences, K = T // S blocks each."""
 
@@ -484,7 +437,8 @@ def match_prefix(index: PrefixIndex, meta_tokens: jax.Array, meta_parent: jax.Ar
     raise ValueError(f"match_prefix: meta_parent must have shape [P]=({num_pages},), "
                      f"got shape {tuple(meta_parent.shape)}")
   if tokens.ndim != 2:
-    raise ValueError(f"match_prefix: tokens must have shape [B, T], got shape {tuple(tokens.shape)}")
+    raise ValueError(f"match_prefix: tokens must have shape [B, T], "
+                     f"got shape {tuple(tokens.shape)}")
   batch, length = tokens.shape
   if num_full_pages.shape != (batch,):
     raise ValueError(f"match_prefix: num_full_pages must have shape [B]=({batch},), "

@@ -11,6 +11,7 @@ from kvjax import hashing
 from kvjax.hashing import block_hash
 from kvjax.hashing import chain_hashes
 from kvjax.hashing import namespace_seed
+from kvjax.hashing import page_hashes
 
 M32 = 0xFFFFFFFF
 
@@ -199,6 +200,17 @@ def test_avalanche():
   flips = np.stack(flips)  # [inputs, 64 output bits], each a mean over 512 samples
   # sd of one mean is 0.5/sqrt(512) = 0.022: allow ~6 sd
   assert np.all(np.abs(flips - 0.5) < 0.13), np.abs(flips - 0.5).max()
+
+
+def test_page_hashes_extend_chains():
+  seed = namespace_seed("m", None, "t")
+  toks = np.arange(3 * 4, dtype=np.int32).reshape(3, 4)
+  want = np.asarray(chain_hashes(jnp.asarray(seed), jnp.asarray(toks.reshape(-1)), page_size=4))
+  meta_hash = np.zeros((5, 2), np.uint32)
+  meta_hash[4], meta_hash[2] = want[0], want[1]  # block 0 in page 4, block 1 in page 2
+  got = page_hashes(jnp.asarray(meta_hash), jnp.array([-1, 4, 2]), jnp.asarray(seed),
+                    jnp.asarray(toks))
+  np.testing.assert_array_equal(np.asarray(got), want)
 
 
 def test_zero_hash_is_remapped():

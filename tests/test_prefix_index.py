@@ -23,7 +23,6 @@ from kvjax.prefix_index import index_insert
 from kvjax.prefix_index import index_lookup
 from kvjax.prefix_index import index_rebuild
 from kvjax.prefix_index import match_prefix
-from kvjax.prefix_index import page_hashes
 
 M32 = 0xFFFFFFFF
 
@@ -320,17 +319,6 @@ def test_rebuild_refuses_when_it_would_overflow():
   np.testing.assert_array_equal(np.asarray(fresh.keys), np.asarray(index.keys))
 
 
-def test_page_hashes_extend_chains():
-  seed = namespace_seed("m", None, "t")
-  toks = np.arange(3 * S, dtype=np.int32).reshape(3, S)
-  want = np.asarray(chain_hashes(jnp.asarray(seed), jnp.asarray(toks.reshape(-1)), page_size=S))
-  meta_hash = np.zeros((5, 2), np.uint32)
-  meta_hash[4], meta_hash[2] = want[0], want[1]  # block 0 in page 4, block 1 in page 2
-  got = page_hashes(jnp.asarray(meta_hash), jnp.array([-1, 4, 2]), jnp.asarray(seed),
-                    jnp.asarray(toks))
-  np.testing.assert_array_equal(np.asarray(got), want)
-
-
 def test_reserved_key_and_negative_values_ignored():
   index = index_init(CAP, max_probes=BUDGET)
   keys = [(0, 0), (1, 0), (0, 1)]
@@ -522,3 +510,49 @@ def test_match_prefix_short_and_bad_shapes():
   with pytest.raises(ValueError, match="meta_parent"):
     match_prefix(index, meta_tokens, meta_parent[:3], jnp.ones(2, jnp.uint32),
                  jnp.zeros((2, 8), jnp.int32), jnp.zeros((2,), jnp.int32))
+
+
+def test_toy_plan_step_inside_jit_with_donation():
+  """match_prefix + index_insert inside one donated, jitted step, as plan_step would use them."""
+  from flax import struct
+
+  @struct.dataclass
+  class ToyCache:
+    index: object
+    tokens: jax.Array  # int32 [P, S]
+    parent: jax.Array  # int32 [P]
+
+  batch, blocks = 2, 3
+
+  @jax.jit
+  def step(cache, seed, toks, num_full):
+    m = match_prefix(cache.index, cache.tokens, cache.parent, seed, toks, num_full)
+    # toy allocation: block k of sequence b lives in page b * blocks + k
+    pages = jnp.arange(batch * blocks, dtype=jnp.int32).reshape(batch, blocks)
+    pages = jnp.where(m.pages >= 0, m.pages, pages)
+    new = (jnp.arange(blocks)[None, :] >= m.num_matched[:, None]) & \
+        (jnp.arange(blocks)[None, :] < num_full[:, None])
+    parent = jnp.concatenate([jnp.full((batch, 1), -1, jnp.int32), pages[:, :-1]], axis=1)
+    target = jnp.where(new, pages, cache.tokens.shape[0]).reshape(-1)
+    index, overflow = index_insert(cache.index, m.hashes.reshape(-1, 2), pages.reshape(-1),
+                                   new.reshape(-1))
+    cache = cache.replace(
+        index=index,
+        tokens=cache.tokens.at[target].set(toks.reshape(-1, S), mode="drop"),
+        parent=cache.parent.at[target].set(parent.reshape(-1), mode="drop"))
+    return m.num_matched, jnp.any(overflow), cache
+
+  step = jax.jit(step, donate_argnames="cache")
+  cache = ToyCache(index=index_init(CAP, max_probes=BUDGET),
+                   tokens=jnp.full((batch * blocks, S), -1, jnp.int32),
+                   parent=jnp.full((batch * blocks,), -1, jnp.int32))
+  seed = jnp.asarray(namespace_seed("m"))
+  toks = jnp.arange(batch * blocks * S, dtype=jnp.int32).reshape(batch, blocks * S)
+  num_full = jnp.array([3, 2], jnp.int32)
+  matched, overflow, cache = step(cache, seed, toks, num_full)
+  assert matched.tolist() == [0, 0] and not bool(overflow)
+  matched, overflow, cache = step(cache, seed, toks, num_full)
+  assert matched.tolist() == [3, 2] and not bool(overflow)
+  matched, _, cache = step(cache, seed, toks.at[0, S + 1].add(1), num_full)
+  assert matched.tolist() == [1, 2]  # sequence 0 diverges in its second block
+  assert step._cache_size() == 1
