@@ -113,6 +113,32 @@ def bench_batch(n: int, reps: int, max_probes: int, seed: int = 0) -> dict:
   }
 
 
+def run(quick: bool = False, max_probes: int = 32) -> dict:
+  """All batch sizes; the JSON-ready result (``benchmarks/prefix.py`` can embed it)."""
+  sizes = [256, 4096] if quick else [256, 4096, 65536]
+  reps = 5 if quick else 20
+  rows = [bench_batch(n, reps, max_probes) for n in sizes]
+  return {
+      "benchmark": "prefix_index",
+      "quick": quick,
+      "machine": machine_info(),
+      "repetitions": reps,
+      "definition": DEFINITION,
+      "results": rows,
+      "index_over_dict": rows[-1]["index_over_dict"],  # at the largest batch
+  }
+
+
+def print_table(result: dict) -> None:
+  print(DEFINITION)
+  print(f"{'N':>7} {'capacity':>9} {'index ms':>9} {'insert ms':>10} {'lookup ms':>10} "
+        f"{'dict ms':>8} {'index/dict':>11}")
+  for r in result["results"]:
+    print(f"{r['batch']:>7} {r['capacity']:>9} {1e3 * r['index_s']:>9.3f} "
+          f"{1e3 * r['index_insert_s']:>10.3f} {1e3 * r['index_lookup_s']:>10.3f} "
+          f"{1e3 * r['dict_s']:>8.3f} {r['index_over_dict']:>11.2f}")
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
@@ -120,32 +146,13 @@ def main(argv=None) -> dict:
   parser.add_argument("--max-probes", type=int, default=32)
   args = parser.parse_args(argv)
 
-  sizes = [256, 4096] if args.quick else [256, 4096, 65536]
-  reps = 5 if args.quick else 20
-  info = machine_info()
-  print("machine:", json.dumps(info))
-  rows = [bench_batch(n, reps, args.max_probes) for n in sizes]
-  result = {
-      "benchmark": "prefix_index",
-      "quick": args.quick,
-      "machine": info,
-      "repetitions": reps,
-      "definition": DEFINITION,
-      "results": rows,
-      "index_over_dict": rows[-1]["index_over_dict"],  # at the largest batch
-  }
+  print("machine:", json.dumps(machine_info()))
+  result = run(args.quick, args.max_probes)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=2)
-
   print(f"wrote {args.out}")
-  print(DEFINITION)
-  print(f"{'N':>7} {'capacity':>9} {'index ms':>9} {'insert ms':>10} {'lookup ms':>10} "
-        f"{'dict ms':>8} {'index/dict':>11}")
-  for r in rows:
-    print(f"{r['batch']:>7} {r['capacity']:>9} {1e3 * r['index_s']:>9.3f} "
-          f"{1e3 * r['index_insert_s']:>10.3f} {1e3 * r['index_lookup_s']:>10.3f} "
-          f"{1e3 * r['dict_s']:>8.3f} {r['index_over_dict']:>11.2f}")
+  print_table(result)
   return result
 
 
