@@ -44,6 +44,7 @@ def machine_info() -> dict:
       "platform": platform.platform(),
       "processor": platform.processor() or platform.machine(),
       "cpu_count": os.cpu_count(),
+      "load_average_1m": os.getloadavg()[0],  # a shared machine makes timings noisy
       "jax": jax.__version__,
       "backend": jax.default_backend(),
       "devices": [str(d) for d in jax.devices()],

@@ -375,8 +375,9 @@ class PrefixMatch(NamedTuple):
 
   pages: jax.Array        # int32 [B, K]  verified cached page of each leading block (-1 after)
   num_matched: jax.Array  # int32 [B]  leading full blocks served from the cache
-  hashes: jax.Array       # uint32 [B, K, 2]  chained hash of each full block ((0, 0) past
-  #                         num_full_pages): the keys to insert when those pages fill
+  hashes: jax.Array       # uint32 [B, K, 2]  chained hash of every block of ``tokens`` (also
+  #                         past num_full_pages: the keys to insert when those pages fill;
+  #                         blocks past a sequence's real length hash padding, ignore them)
 
 
 @functools.partial(jax.jit, static_argnames=("hash_fn",))
@@ -460,7 +461,6 @@ def match_prefix(index: PrefixIndex, meta_tokens: jax.Array, meta_parent: jax.Ar
   blocks = tokens[:, :k * page_size].reshape(batch, k, page_size)
   want = jnp.arange(k, dtype=jnp.int32)[None, :] < num_full_pages[:, None]      # [B, K]
   hashes = chain_hashes(seed, tokens[:, :k * page_size], page_size=page_size, hash_fn=hash_fn)
-  hashes = jnp.where(want[..., None], hashes, jnp.uint32(0))
 
   found = index_lookup(index, hashes.reshape(-1, 2), want.reshape(-1)).reshape(batch, k)
   page = jnp.clip(found, 0, num_pages - 1)
