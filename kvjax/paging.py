@@ -86,16 +86,33 @@ def _lru_scores(meta: state_lib.PageMeta, clock: jax.Array) -> jax.Array:
   return jnp.where(meta.ref_count > 0, -jnp.inf, jnp.where(cached, age, jnp.inf))
 
 
-def _grant(need: jax.Array, eligible: jax.Array, available: jax.Array) -> jax.Array:
-  """Greedy admission in batch order: a row is granted if its pages still fit."""
+def _grant(base_need: jax.Array, partial: jax.Array, last_page: jax.Array,
+           eligible: jax.Array, available: jax.Array,
+           ref_count: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Greedy admission in batch order, with copy-on-write decided on the way.
 
-  def body(remaining, x):
-    n, ok = x
-    take = ok & (n <= remaining)
-    return remaining - jnp.where(take, n, 0), take
+  A row appending into a partial last page copies it when, at its turn, some
+  other sequence still holds the page; the last holder writes in place. A row
+  is granted when its pages (plus the copy) still fit.
 
-  _, granted = jax.lax.scan(body, available, (need, eligible))
-  return granted
+  Returns:
+    ``(granted, cow)``, bool [B] each.
+  """
+  p_ = ref_count.shape[0]
+
+  def body(carry, x):
+    remaining, holders = carry
+    n, part, last, ok = x
+    page = jnp.clip(last, 0, p_ - 1)
+    cow = part & (holders[page] > 1)
+    need = n + cow.astype(jnp.int32)
+    take = ok & (need <= remaining)
+    holders = holders.at[page].add(jnp.where(take & cow, -1, 0))
+    return (remaining - jnp.where(take, need, 0), holders), (take, cow & take)
+
+  _, (granted, cow) = jax.lax.scan(body, (available, ref_count),
+                                   (base_need, partial, last_page, eligible))
+  return granted, cow
 
 
 def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new: jax.Array,
@@ -147,8 +164,6 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
   table = state.page_table[sid]                                       # [B, M]
   last_page = jnp.take_along_axis(table, jnp.clip(old_pages - 1, 0, m_ - 1)[:, None], 1)[:, 0]
   partial = (old_len % s_ != 0) & (n > 0)
-  cow = partial & (meta.ref_count[jnp.clip(last_page, 0, p_ - 1)] > 1)
-  need = new_pages - old_pages + cow.astype(jnp.int32)
   seq_full = live & (new_pages > m_)
 
   scores = _lru_scores(meta, clock)
@@ -156,7 +171,9 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
   k = min(b * per_row, p_)
   _, cand = jax.lax.top_k(scores, k)                                  # [k] best victims first
   available = jnp.minimum(jnp.sum(meta.ref_count == 0), k).astype(jnp.int32)
-  granted = _grant(need, live & ~seq_full, available) & (n > 0)
+  granted, cow = _grant(new_pages - old_pages, partial, last_page, live & ~seq_full & (n > 0),
+                        available, meta.ref_count)
+  need = new_pages - old_pages + cow.astype(jnp.int32)
   out_of_pages = live & ~seq_full & (n > 0) & ~granted
 
   row_status = (jnp.where(bad, state_lib.BAD_INPUT, 0) | jnp.where(seq_full, state_lib.SEQ_FULL, 0)
@@ -173,9 +190,9 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
   col = jnp.where(take, first_col[:, None] + j, m_)
   table = table.at[jnp.arange(b)[:, None], col].set(new_page, mode="drop")
 
-  cow_g = cow & granted
-  cow_src = jnp.where(cow_g, last_page, p_)
-  cow_dst = jnp.where(cow_g, new_page[:, 0], p_)
+
+  cow_src = jnp.where(cow, last_page, p_)
+  cow_dst = jnp.where(cow, new_page[:, 0], p_)
 
   # Metadata of allocated pages: reset (an evicted page's old content is gone),
   # then COW copies inherit the source's tokens.
@@ -229,7 +246,7 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
       tokens_planned=stats.tokens_planned + jnp.sum(jnp.where(granted, n, 0)),
       pages_allocated=stats.pages_allocated + jnp.sum(need_g),
       evictions=stats.evictions + evicted,
-      cow_copies=stats.cow_copies + jnp.sum(cow_g),
+      cow_copies=stats.cow_copies + jnp.sum(cow),
       refused=stats.refused + jnp.sum(refused & (seq_ids != -1)),
   )
   status = state.status | jnp.bitwise_or.reduce(row_status)
