@@ -294,6 +294,7 @@ def _check_tokens(tokens, name="tokens") -> None:
 def hidden_states(params: LlamaParams, tokens: jax.Array, config: LlamaConfig) -> jax.Array:
   """Final hidden states (before the last norm) of a full causal pass: [B, T, E]."""
   _check_tokens(tokens)
+  check_params(params, config)
   b, t = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   dense = lambda q, k, v: (causal_attention(q, k, v), None)  # noqa: E731
@@ -401,6 +402,7 @@ def decode_step(params: LlamaParams, cache: kvjax.CacheState, tokens: jax.Array,
   (2, 3, 256)
   """
   _check_step_args(tokens, seq_ids, num_new, config, cache_config)
+  check_params(params, config)
   tokens = tokens.astype(jnp.int32)
   plan, cache = kvjax.plan_step(cache, seq_ids.astype(jnp.int32), tokens,
                                 num_new.astype(jnp.int32), config=cache_config)

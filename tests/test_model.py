@@ -400,3 +400,52 @@ def test_generate_raises_when_the_cache_refuses(params):
   with pytest.raises(kvjax.CacheStatusError, match=r"refused sequences \[2\]"):
     generate(params, kvjax.init(CACHE), prompts, [0, 1, 2, 3], config=CFG, cache_config=CACHE,
              max_new_tokens=8, stop_ids=(), chunk_size=7)
+
+
+def test_decode_step_with_pages_sharded_over_8_devices_matches_unsharded(params):
+  import kvjax
+  from kvjax.sharding import page_mesh
+  from kvjax.sharding import shard_cache
+
+  if len(jax.devices()) < 8:
+    pytest.skip(f"needs 8 devices (tests/conftest.py sets 8 host devices), got {len(jax.devices())}")
+  mesh = page_mesh(jax.devices()[:8])
+  schedule = [(7, [7, 5, 0, 3]), (7, [4, 7, 7, 7]), (1, [1, 1, 1, 1]), (1, [1, 1, 0, 1])]
+  lengths = [sum(s[1][r] for s in schedule) for r in range(BATCH)]
+  rng = np.random.default_rng(11)
+  seqs = [rng.integers(0, CFG.vocab_size, n).astype(np.int32) for n in lengths]
+  caches = {"plain": kvjax.init(CACHE), "sharded": shard_cache(kvjax.init(CACHE), CACHE, mesh)}
+  got = {name: [] for name in caches}
+  for name in caches:
+    cache, done = caches[name], [0] * BATCH
+    for t, num_new in schedule:
+      tokens = np.zeros((BATCH, t), np.int32)
+      for r, n in enumerate(num_new):
+        tokens[r, :n] = seqs[r][done[r]:done[r] + n]
+        done[r] += n
+      ids = np.array([r if n else -1 for r, n in enumerate(num_new)], np.int32)
+      logits, cache = llama.decode_step(params, cache, jnp.asarray(tokens), jnp.asarray(ids),
+                                        jnp.asarray(num_new, jnp.int32), config=CFG,
+                                        cache_config=CACHE)
+      got[name].append(np.asarray(logits))
+    caches[name] = cache
+  # The returned cache keeps its pages split over the 8 devices.
+  out_sharding = caches["sharded"].k.data.sharding
+  assert len(out_sharding.device_set) == 8
+  assert out_sharding.shard_shape(caches["sharded"].k.data.shape)[1] == CACHE.num_pages // 8
+  for step, (a, b) in enumerate(zip(got["plain"], got["sharded"])):
+    valid = np.arange(a.shape[1])[None, :] < np.array(schedule[step][1])[:, None]
+    np.testing.assert_allclose(b[valid], a[valid], atol=1e-5, err_msg=f"step {step}")
+  np.testing.assert_array_equal(caches["sharded"].k.data, caches["plain"].k.data)
+
+
+def test_forward_and_decode_step_reject_params_of_another_config(params):
+  import kvjax
+
+  other = llama.LlamaConfig(**{**CFG.__dict__, "ffn_dim": 96})
+  with pytest.raises(ValueError, match="w_gate"):
+    llama.forward(params, jnp.zeros((1, 2), jnp.int32), other)
+  cache_config = other.cache_config(page_size=4, num_pages=8, max_seqs=2, max_pages_per_seq=4)
+  with pytest.raises(ValueError, match="w_gate"):
+    llama.decode_step(params, kvjax.init(cache_config), jnp.zeros((1, 2), jnp.int32),
+                      jnp.array([0]), jnp.array([2]), config=other, cache_config=cache_config)
