@@ -10,6 +10,8 @@ from kvjax.paging import fork
 from kvjax.paging import plan_step
 from kvjax.paging import release
 from kvjax.paging import write
+from kvjax.prefix import attach_prefix
+from kvjax.prefix import tenant_seed
 from kvjax.quant import QuantSpec
 from kvjax.state import BAD_INPUT
 from kvjax.state import CacheState

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable, Optional
 
 import jax.numpy as jnp
 
+from kvjax.hashing import block_hash
 from kvjax.quant import QuantSpec
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -32,6 +34,14 @@ class CacheConfig:
     dtype: storage dtype of unquantized pages ("float32", "bfloat16", "float16").
     key_quant / value_quant: quantization of the stored K / V (default: none).
     checked: opt-in checked mode; a step that sets a status flag raises.
+    prefix_caching: full pages enter the prefix index (content-addressed by
+      their chained block hash) and ``attach_prefix`` reuses them.
+    namespace: model fingerprint that seeds every hash chain (with the adapter
+      id and tenant salt given to ``attach_prefix``).
+    index_capacity: slots of the prefix index (a power of two); default the
+      smallest power of two >= 2 * num_pages.
+    hash_fn: the block hash (static); ``None`` is ``kvjax.hashing.block_hash``.
+      Tests swap in one that always collides.
 
   >>> cfg = CacheConfig(num_layers=2, num_kv_heads=2, head_dim=8, page_size=4,
   ...                   num_pages=16, max_seqs=4, max_pages_per_seq=8)
@@ -50,6 +60,10 @@ class CacheConfig:
   key_quant: QuantSpec = QuantSpec()
   value_quant: QuantSpec = QuantSpec()
   checked: bool = False
+  prefix_caching: bool = True
+  namespace: str = "kvjax"
+  index_capacity: Optional[int] = None
+  hash_fn: Optional[Callable] = None
 
   def __post_init__(self):
     for name in ("num_layers", "num_kv_heads", "head_dim", "page_size", "num_pages",
@@ -62,10 +76,29 @@ class CacheConfig:
       if not isinstance(spec, QuantSpec):
         raise ValueError(f"CacheConfig.{name} must be a QuantSpec, got {spec!r}")
       spec.validate_for(head_dim=self.head_dim, page_size=self.page_size, what=name)
+    cap = self.index_capacity
+    if cap is not None and (not isinstance(cap, int) or cap <= 0 or cap & (cap - 1)
+                            or cap < self.num_pages):
+      raise ValueError(f"CacheConfig.index_capacity must be a power of two >= num_pages "
+                       f"({self.num_pages}), got {cap!r}")
+    if not isinstance(self.namespace, str):
+      raise ValueError(f"CacheConfig.namespace must be a str, got {self.namespace!r}")
+    if self.hash_fn is not None and not callable(self.hash_fn):
+      raise ValueError(f"CacheConfig.hash_fn must be callable or None, got {self.hash_fn!r}")
 
   @property
   def max_seq_len(self) -> int:
     return self.page_size * self.max_pages_per_seq
+
+  @property
+  def index_slots(self) -> int:
+    if self.index_capacity is not None:
+      return self.index_capacity
+    return 1 << max(1, (2 * self.num_pages - 1).bit_length())
+
+  @property
+  def block_hash_fn(self) -> Callable:
+    return self.hash_fn if self.hash_fn is not None else block_hash
 
   @property
   def jnp_dtype(self):

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from kvjax import prefix as prefix_lib
 from kvjax import state as state_lib
 from kvjax.config import CacheConfig
 from kvjax.state import CacheState
@@ -79,10 +80,15 @@ def _bad_rows(seq_ids: jax.Array, num_new: jax.Array, t: int, max_seqs: int) -> 
   return out_of_range | dup | bad_len
 
 
-def _lru_scores(meta: state_lib.PageMeta, clock: jax.Array) -> jax.Array:
-  """float32 [P]: empty free pages +inf, cached free pages by age, held pages -inf."""
+def _lru_scores(meta: state_lib.PageMeta, clock: jax.Array, max_blocks: int) -> jax.Array:
+  """float32 [P]: empty free pages +inf, cached free pages by age, held pages -inf.
+
+  Among pages of equal age, deeper blocks go first, so a chain loses its tail
+  before its head.
+  """
   cached = jnp.any(meta.block_hash != 0, axis=-1)
   age = (clock - meta.last_access).astype(jnp.float32)
+  age = age + meta.position.astype(jnp.float32) / (max_blocks + 1)
   return jnp.where(meta.ref_count > 0, -jnp.inf, jnp.where(cached, age, jnp.inf))
 
 
@@ -166,7 +172,7 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
   partial = (old_len % s_ != 0) & (n > 0)
   seq_full = live & (new_pages > m_)
 
-  scores = _lru_scores(meta, clock)
+  scores = _lru_scores(meta, clock, m_)
   per_row = -(-t // s_) + 1
   k = min(b * per_row, p_)
   _, cand = jax.lax.top_k(scores, k)                                  # [k] best victims first
@@ -194,16 +200,27 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
   cow_src = jnp.where(cow, last_page, p_)
   cow_dst = jnp.where(cow, new_page[:, 0], p_)
 
-  # Metadata of allocated pages: reset (an evicted page's old content is gone),
-  # then COW copies inherit the source's tokens.
+  # Metadata of allocated pages: reset (an evicted page's old content is gone,
+  # and so is the index entry of it and of its cached children), then COW
+  # copies inherit the source's tokens.
   flat_new = new_page.reshape(-1)
   was_cached = (meta.filled > 0) & (meta.ref_count == 0)
   evicted = jnp.sum(jnp.where(flat_new < p_, was_cached[jnp.clip(flat_new, 0, p_ - 1)], False))
+  index = state.index
+  if config.prefix_caching:
+    meta, index = prefix_lib.forget_pages(meta, index, flat_new)
   block_idx = jnp.where(take, first_col[:, None] + j, 0).reshape(-1)
+  prev_col = jnp.clip(first_col[:, None] + j - 1, 0, m_ - 1)
+  parent = jnp.where(first_col[:, None] + j > 0, jnp.take_along_axis(table, prev_col, 1), -1)
+  seeds = state.seq_seed[sid]
+  seeds = jnp.where(jnp.any(seeds != 0, axis=-1, keepdims=True), seeds,
+                    state_lib.default_seed(config))
   meta = meta.replace(
       ref_count=meta.ref_count.at[flat_new].set(1, mode="drop").at[cow_src].add(-1, mode="drop"),
       block_hash=meta.block_hash.at[flat_new].set(0, mode="drop"),
-      parent=meta.parent.at[flat_new].set(-1, mode="drop"),
+      parent=meta.parent.at[flat_new].set(parent.reshape(-1), mode="drop"),
+      namespace=meta.namespace.at[flat_new].set(
+          jnp.repeat(seeds, per_row, axis=0), mode="drop"),
       tokens=meta.tokens.at[flat_new].set(-1, mode="drop"),
       position=meta.position.at[flat_new].set(block_idx, mode="drop"),
       filled=meta.filled.at[flat_new].set(0, mode="drop"),
@@ -233,6 +250,10 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
   )
   held = jnp.where(granted[:, None] & (table >= 0), table, p_)
   meta = meta.replace(last_access=meta.last_access.at[held].set(clock, mode="drop"))
+  overflow = jnp.array(False)
+  if config.prefix_caching:
+    meta, index, overflow = prefix_lib.register_full_pages(
+        meta, index, table, old_len, new_len, granted, seeds, config=config, per_row=per_row)
 
   rows = jnp.where(granted, sid, config.max_seqs)
   page_table = state.page_table.at[rows].set(table, mode="drop")
@@ -249,9 +270,10 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
       cow_copies=stats.cow_copies + jnp.sum(cow),
       refused=stats.refused + jnp.sum(refused & (seq_ids != -1)),
   )
-  status = state.status | jnp.bitwise_or.reduce(row_status)
-  new_state = state.replace(meta=meta, page_table=page_table, seq_lens=seq_lens, clock=clock,
-                            stats=stats, status=status)
+  status = (state.status | jnp.bitwise_or.reduce(row_status)
+            | jnp.where(overflow, state_lib.INDEX_OVERFLOW, 0)).astype(jnp.int32)
+  new_state = state.replace(meta=meta, index=index, page_table=page_table, seq_lens=seq_lens,
+                            clock=clock, stats=stats, status=status)
   if config.checked:
     new_state = state_lib.raise_on_status(new_state)
   plan = StepPlan(seq_ids=seq_ids.astype(jnp.int32), positions=positions, valid=valid,
@@ -357,6 +379,7 @@ def release(state: CacheState, seq_ids: jax.Array, *,
       meta=meta,
       page_table=state.page_table.at[rows].set(-1, mode="drop"),
       seq_lens=state.seq_lens.at[rows].set(0, mode="drop"),
+      seq_seed=state.seq_seed.at[rows].set(0, mode="drop"),
   )
 
 
@@ -418,6 +441,7 @@ def fork(state: CacheState, src_ids: jax.Array, dst_ids: jax.Array, *,
       meta=meta,
       page_table=state.page_table.at[rows].set(table, mode="drop"),
       seq_lens=state.seq_lens.at[rows].set(state.seq_lens[src_safe], mode="drop"),
+      seq_seed=state.seq_seed.at[rows].set(state.seq_seed[src_safe], mode="drop"),
       status=status.astype(jnp.int32),
   )
   if config is not None and config.checked:

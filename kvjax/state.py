@@ -14,6 +14,9 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax.config import CacheConfig
+from kvjax.hashing import namespace_seed
+from kvjax.prefix_index import PrefixIndex
+from kvjax.prefix_index import index_init
 
 # Status bit flags. Sticky in ``CacheState.status`` (OR of every step since the
 # last ``clear_status``); per step in ``StepPlan.seq_status``.
@@ -60,6 +63,7 @@ class PageMeta:
   tokens: jax.Array        # int32 [P, S]  token ids written into the page (-1 = empty slot)
   position: jax.Array      # int32 [P]  block index in its sequence
   filled: jax.Array        # int32 [P]  tokens written (0 = empty page)
+  namespace: jax.Array     # uint32 [P, 2]  chain seed of the sequence that filled the page
 
 
 @struct.dataclass
@@ -85,8 +89,10 @@ class CacheState:
   k: Pages
   v: Pages
   meta: PageMeta
+  index: PrefixIndex     # block hash -> page, for full pages (capacity C = config.index_slots)
   page_table: jax.Array  # int32 [B, M]  page of each block of each sequence (-1 = none)
   seq_lens: jax.Array    # int32 [B]  tokens cached per sequence
+  seq_seed: jax.Array    # uint32 [B, 2]  hash-chain seed of each sequence ((0, 0) = config default)
   clock: jax.Array       # int32 []  logical time, +1 per plan_step
   stats: Stats
   status: jax.Array      # int32 []  sticky OR of status flags
@@ -108,6 +114,7 @@ def init_meta(num_pages: int, page_size: int) -> PageMeta:
       tokens=jnp.full((num_pages, page_size), -1, jnp.int32),
       position=jnp.zeros((num_pages,), jnp.int32),
       filled=jnp.zeros((num_pages,), jnp.int32),
+      namespace=jnp.zeros((num_pages, 2), jnp.uint32),
   )
 
 
@@ -116,6 +123,11 @@ def init_pages(config: CacheConfig) -> Pages:
   shape = (config.num_layers, config.num_pages, config.page_size, config.num_kv_heads,
            config.head_dim)
   return Pages(data=jnp.zeros(shape, config.jnp_dtype))
+
+
+def default_seed(config: CacheConfig) -> jax.Array:
+  """uint32 [2]: the hash-chain seed of ``config.namespace`` (no adapter, no tenant salt)."""
+  return jnp.asarray(namespace_seed(config.namespace), jnp.uint32)
 
 
 def init(config: CacheConfig) -> CacheState:
@@ -135,8 +147,10 @@ def init(config: CacheConfig) -> CacheState:
       k=init_pages(config),
       v=init_pages(config),
       meta=init_meta(config.num_pages, config.page_size),
+      index=index_init(config.index_slots),
       page_table=jnp.full((config.max_seqs, config.max_pages_per_seq), -1, jnp.int32),
       seq_lens=jnp.zeros((config.max_seqs,), jnp.int32),
+      seq_seed=jnp.zeros((config.max_seqs, 2), jnp.uint32),
       clock=jnp.zeros((), jnp.int32),
       stats=_zeros_stats(),
       status=jnp.zeros((), jnp.int32),

@@ -193,7 +193,9 @@ def test_eviction_takes_free_pages_first_then_least_recently_used_cached():
   _, st = plan_step(st, jnp.array([0]), jnp.ones((1, 6), jnp.int32), jnp.array([6]), config=cfg)
   np.testing.assert_array_equal(st.page_table[0, :3], [3, 1, 0])  # free page, then oldest
   assert int(st.stats.evictions) == 2
-  np.testing.assert_array_equal(st.meta.block_hash[:2], 0)  # evicted content is forgotten
+  # Evicted content is forgotten: the pages now hold (and are hashed by) the new blocks.
+  assert not np.any(np.all(np.asarray(st.meta.block_hash[:2]) == [[2, 2], [1, 1]], axis=-1))
+  np.testing.assert_array_equal(np.asarray(st.meta.tokens)[[3, 1, 0]].reshape(-1), np.ones(6))
 
 
 def test_plan_step_compiles_once():

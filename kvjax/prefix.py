@@ -1,0 +1,227 @@
+"""Prefix caching inside jit: full pages enter the index, new sequences attach cached prefixes.
+
+A page enters the prefix index when it fills; its key is the chained hash of
+its tokens onto its parent page's hash (the sequence's namespace seed for the
+first block). ``attach_prefix`` gives a new sequence the longest run of
+cached pages that match its prompt, each **verified** against the page's
+stored tokens, its parent page and (for the first block) its namespace, so a
+hash collision can shorten a match but never hand out another sequence's K/V.
+
+Invariant kept by ``plan_step``: a page's ``parent`` always names a page whose
+content is that block's true predecessor. When a page is reused for new
+content, pages naming it as parent are orphaned (``parent = -2``) and leave the
+index.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kvjax import state as state_lib
+from kvjax.config import CacheConfig
+from kvjax.hashing import namespace_seed
+from kvjax.hashing import remap_no_hash
+from kvjax.prefix_index import index_delete
+from kvjax.prefix_index import index_insert
+from kvjax.prefix_index import index_lookup
+from kvjax.prefix_index import PrefixIndex
+from kvjax.prefix_index import match_prefix
+from kvjax.state import CacheState
+from kvjax.state import PageMeta
+
+ORPHAN = -2  # parent of a page whose parent page was reused: never matched again
+
+
+def tenant_seed(config: CacheConfig, adapter_id=None, tenant_salt=None) -> jax.Array:
+  """uint32 [2]: the hash-chain seed for ``config.namespace``, an adapter and a tenant.
+
+  Sequences attached with different seeds never share a page.
+
+  >>> cfg = CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2,
+  ...                   num_pages=4, max_seqs=1, max_pages_per_seq=2)
+  >>> bool(jnp.any(tenant_seed(cfg, tenant_salt="a") != tenant_seed(cfg, tenant_salt="b")))
+  True
+  """
+  return jnp.asarray(namespace_seed(config.namespace, adapter_id, tenant_salt), jnp.uint32)
+
+
+def forget_pages(meta: PageMeta, index: PrefixIndex, pages: jax.Array) -> tuple[PageMeta,
+                                                                                PrefixIndex]:
+  """Pages about to get new content leave the index, and so do their cached children.
+
+  Args:
+    meta, index: page metadata and prefix index.
+    pages: int32 [N] pages being reused (P = none).
+
+  Returns:
+    ``(meta, index)`` with those pages unhashed and their children orphaned.
+  """
+  p_ = meta.ref_count.shape[0]
+  ok = pages < p_
+  safe = jnp.clip(pages, 0, p_ - 1)
+  index = index_delete(index, meta.block_hash[safe], ok, expected=safe)
+  reused = jnp.zeros((p_ + 1,), bool).at[pages].set(True, mode="drop")[:p_]
+  child = (meta.parent >= 0) & reused[jnp.clip(meta.parent, 0, p_ - 1)] & ~reused
+  hashed_child = child & jnp.any(meta.block_hash != 0, axis=-1)
+  index = index_delete(index, meta.block_hash, hashed_child, expected=jnp.arange(p_))
+  meta = meta.replace(
+      block_hash=jnp.where(child[:, None], jnp.uint32(0), meta.block_hash),
+      parent=jnp.where(child, ORPHAN, meta.parent),
+  )
+  return meta, index
+
+
+def register_full_pages(meta: PageMeta, index: PrefixIndex, table: jax.Array,
+                        old_len: jax.Array, new_len: jax.Array, granted: jax.Array,
+                        seeds: jax.Array, *, config: CacheConfig,
+                        per_row: int) -> tuple[PageMeta, PrefixIndex, jax.Array]:
+  """Hash the pages that filled this step and put them in the index.
+
+  A block's hash chains onto its parent page's hash; a page whose parent has no
+  hash (it lost an insert race, or the index overflowed) is not hashed. A hash
+  already in the index keeps its page: the new page stays private.
+
+  Args:
+    meta: metadata after this step's tokens were written.
+    index: the prefix index.
+    table: int32 [B, M] the rows' page tables after this step.
+    old_len, new_len: int32 [B] lengths before and after the step.
+    granted: bool [B] rows that were written.
+    seeds: uint32 [B, 2] the rows' chain seeds.
+    per_row: static bound on blocks a row can fill in one step.
+
+  Returns:
+    ``(meta, index, overflow)``; ``overflow`` is True when an insert did not fit.
+  """
+  s_, p_ = config.page_size, config.num_pages
+  m_ = table.shape[1]
+  hash_fn = config.block_hash_fn
+  first = old_len // s_
+  end = jnp.where(granted, new_len // s_, first)
+  prev = jnp.take_along_axis(table, jnp.clip(first - 1, 0, m_ - 1)[:, None], 1)[:, 0]
+  prev_hash = meta.block_hash[jnp.clip(prev, 0, p_ - 1)]
+  parent_hash = jnp.where((first == 0)[:, None], seeds, prev_hash)
+  parent_ok = (first == 0) | jnp.any(prev_hash != 0, axis=-1)
+
+  def body(carry, j):
+    ph, ok = carry
+    blk = first + j
+    filling = blk < end
+    page = jnp.take_along_axis(table, jnp.clip(blk, 0, m_ - 1)[:, None], 1)[:, 0]
+    h = remap_no_hash(hash_fn(ph, meta.tokens[jnp.clip(page, 0, p_ - 1)]))
+    item_ok = filling & ok & (page >= 0)
+    carry = (jnp.where(filling[:, None], h, ph), jnp.where(filling, item_ok, ok))
+    return carry, (h, jnp.where(item_ok, page, p_), item_ok)
+
+  _, (hashes, pages, ok) = jax.lax.scan(body, (parent_hash, parent_ok), jnp.arange(per_row))
+  hashes, pages, ok = hashes.reshape(-1, 2), pages.reshape(-1), ok.reshape(-1)
+
+  def insert(args):
+    meta, index = args
+    present = index_lookup(index, hashes, ok) >= 0
+    index, overflow = index_insert(index, hashes, pages, ok & ~present)
+    winner = ok & (index_lookup(index, hashes, ok) == pages)
+    meta = meta.replace(block_hash=meta.block_hash.at[jnp.where(winner, pages, p_)].set(
+        hashes, mode="drop"))
+    return meta, index, jnp.any(overflow)
+
+  return jax.lax.cond(jnp.any(ok), insert, lambda a: (*a, jnp.array(False)), (meta, index))
+
+
+def attach_prefix(state: CacheState, seq_ids: jax.Array, tokens: jax.Array,
+                  num_tokens: jax.Array, seeds: jax.Array | None = None, *,
+                  config: CacheConfig) -> tuple[jax.Array, CacheState]:
+  """Start empty sequences on the longest verified cached prefix of their prompts.
+
+  Only whole pages are reused, and at least one prompt token is left to
+  compute (its logits are needed). Matched pages gain a reference; the
+  sequence's length becomes the number of cached tokens, so the caller
+  prefills ``prompt[cached:]`` with ``plan_step``. A row whose sequence is not
+  empty, or whose id repeats, is skipped and flagged ``BAD_INPUT``.
+
+  Args:
+    state: the cache.
+    seq_ids: int32 [B] empty sequence slots (-1 = padding row).
+    tokens: int32 [B, T] prompts (padded).
+    num_tokens: int32 [B] prompt lengths (<= T).
+    seeds: uint32 [B, 2] or [2] chain seeds (``tenant_seed``); default the
+      config's namespace seed.
+    config: the cache's static config.
+
+  Returns:
+    ``(cached, state)``: int32 [B] prompt tokens served from the cache, and the
+    updated state.
+
+  >>> import kvjax
+  >>> cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2,
+  ...                         num_pages=8, max_seqs=2, max_pages_per_seq=4)
+  >>> prompt = jnp.array([[1, 2, 3, 4, 5]])
+  >>> _, st = kvjax.plan_step(kvjax.init(cfg), jnp.array([0]), prompt, jnp.array([5]), config=cfg)
+  >>> cached, st = attach_prefix(st, jnp.array([1]), prompt, jnp.array([5]), config=cfg)
+  >>> cached.tolist(), st.page_table[1].tolist()
+  ([4], [0, 1, -1, -1])
+  """
+  from kvjax.paging import _check_int  # noqa: PLC0415 (paging imports this module)
+  from kvjax.paging import _check_state  # noqa: PLC0415
+  _check_state(state, config)
+  seq_ids, tokens, num_tokens = (jnp.asarray(x) for x in (seq_ids, tokens, num_tokens))
+  _check_int("seq_ids", seq_ids, 1)
+  _check_int("tokens", tokens, 2)
+  _check_int("num_tokens", num_tokens, 1)
+  b, t = tokens.shape
+  if seq_ids.shape != (b,) or num_tokens.shape != (b,):
+    raise ValueError(f"seq_ids, tokens and num_tokens must share the batch size; got seq_ids "
+                     f"{tuple(seq_ids.shape)}, tokens {tuple(tokens.shape)}, num_tokens "
+                     f"{tuple(num_tokens.shape)}")
+  if seeds is None:
+    seeds = state_lib.default_seed(config)
+  seeds = jnp.broadcast_to(jnp.asarray(seeds, jnp.uint32), (b, 2))
+  s_, m_, p_, ms = config.page_size, config.max_pages_per_seq, config.num_pages, config.max_seqs
+  in_range = (seq_ids >= 0) & (seq_ids < ms)
+  sid = jnp.clip(seq_ids, 0, ms - 1)
+  dup = jnp.sum((seq_ids[:, None] == seq_ids[None, :]) & in_range[None, :], axis=1) > 1
+  empty = (state.seq_lens[sid] == 0) & jnp.all(state.page_table[sid] < 0, axis=1)
+  bad_len = (num_tokens < 0) | (num_tokens > t)
+  ok = in_range & ~dup & empty & ~bad_len
+  bad = (seq_ids != -1) & ~ok
+  k = min(t // s_, m_)
+  want = jnp.where(ok, jnp.clip((num_tokens - 1) // s_, 0, k), 0)
+  meta = state.meta
+  clock = state.clock + 1
+  if config.prefix_caching and k > 0:
+    match = match_prefix(state.index, meta.tokens, meta.parent, seeds, tokens[:, :k * s_], want,
+                         config.block_hash_fn, meta_namespace=meta.namespace)
+    matched = jnp.where(ok, match.num_matched, 0)
+    pages = jnp.where(jnp.arange(k)[None, :] < matched[:, None], match.pages, -1)
+  else:
+    matched = jnp.zeros((b,), jnp.int32)
+    pages = jnp.full((b, max(k, 1)), -1, jnp.int32)
+  held = jnp.where(pages >= 0, pages, p_).reshape(-1)
+  meta = meta.replace(
+      ref_count=meta.ref_count.at[held].add(1, mode="drop"),
+      access_count=meta.access_count.at[held].add(1, mode="drop"),
+      last_access=meta.last_access.at[held].set(clock, mode="drop"),
+  )
+  rows = jnp.where(ok, seq_ids, ms)
+  row_table = jnp.full((b, m_), -1, jnp.int32).at[:, :pages.shape[1]].set(pages[:, :m_])
+  stats = state.stats
+  asked = jnp.where(ok, num_tokens, 0)
+  stats = stats.replace(
+      prefix_query_tokens=stats.prefix_query_tokens + jnp.sum(asked),
+      prefix_hit_tokens=stats.prefix_hit_tokens + jnp.sum(matched * s_),
+      prefix_query_pages=stats.prefix_query_pages + jnp.sum(want),
+      prefix_hit_pages=stats.prefix_hit_pages + jnp.sum(matched),
+  )
+  new_state = state.replace(
+      meta=meta,
+      page_table=state.page_table.at[rows].set(row_table, mode="drop"),
+      seq_lens=state.seq_lens.at[rows].set(matched * s_, mode="drop"),
+      seq_seed=state.seq_seed.at[rows].set(seeds, mode="drop"),
+      clock=clock,
+      stats=stats,
+      status=state.status | jnp.where(jnp.any(bad), state_lib.BAD_INPUT, 0).astype(jnp.int32),
+  )
+  if config.checked:
+    new_state = state_lib.raise_on_status(new_state)
+  return matched * s_, new_state
