@@ -62,13 +62,39 @@ def _step(params, cache, tokens, ids, num_new, config, cache_config):
   return logits, cache
 
 
+_attach = jax.jit(kvjax.attach_prefix, static_argnames="config", donate_argnames="state")
+
+_ATTACH_BUCKET = 256  # prompts are padded to a multiple of this for attach (few compiles)
+
+
+def attach_cached_prefixes(cache: kvjax.CacheState, prompts: Sequence[Sequence[int]],
+                           ids: np.ndarray, cache_config: kvjax.CacheConfig,
+                           seeds=None) -> tuple[np.ndarray, kvjax.CacheState]:
+  """Attach cached prefixes to the empty sequences among ``ids``; int [B] tokens reused."""
+  lens = np.asarray(cache.seq_lens)[ids]
+  empty = lens == 0
+  if not cache_config.prefix_caching or not np.any(empty):
+    return np.zeros(len(prompts), np.int64), cache
+  width = -(-max(len(p) for p in prompts) // _ATTACH_BUCKET) * _ATTACH_BUCKET
+  tokens = np.zeros((len(prompts), width), np.int32)
+  for r, p in enumerate(prompts):
+    tokens[r, :len(p)] = p
+  rows = np.where(empty, ids, -1).astype(np.int32)
+  n = np.where(empty, [len(p) for p in prompts], 0).astype(np.int32)
+  cached, cache = _attach(cache, jnp.asarray(rows), jnp.asarray(tokens), jnp.asarray(n),
+                          None if seeds is None else jnp.asarray(seeds), config=cache_config)
+  return np.asarray(cached).astype(np.int64), cache
+
+
 def prefill(params: LlamaParams, cache: kvjax.CacheState, prompts: Sequence[Sequence[int]],
             seq_ids: Sequence[int], *, config: LlamaConfig, cache_config: kvjax.CacheConfig,
-            chunk_size: int = 64):
+            chunk_size: int = 64, seeds=None, stats: Optional[dict] = None):
   """Feed prompts of different lengths into the cache, ``chunk_size`` tokens per step.
 
   Each prompt is appended to whatever its sequence already holds (a new turn of
-  a conversation continues the same sequence).
+  a conversation continues the same sequence). An empty sequence first reuses
+  the longest verified cached prefix of its prompt (``kvjax.attach_prefix``)
+  when ``cache_config.prefix_caching`` is on; only the rest is computed.
 
   Args:
     params, config: the model.
@@ -76,6 +102,8 @@ def prefill(params: LlamaParams, cache: kvjax.CacheState, prompts: Sequence[Sequ
     prompts: B lists of token ids (any lengths >= 1).
     seq_ids: B distinct sequence slots.
     chunk_size: tokens per row per step (the T of the prefill shape).
+    seeds: optional uint32 [B, 2] hash-chain seeds (``kvjax.tenant_seed``).
+    stats: optional dict; ``"computed"`` and ``"reused"`` prompt tokens are added to it.
 
   Returns:
     (last_logits float32 numpy [B, V], the logits after each prompt's last token; cache).
@@ -93,7 +121,10 @@ def prefill(params: LlamaParams, cache: kvjax.CacheState, prompts: Sequence[Sequ
   ids = _check_batch(prompts, seq_ids, cache_config)
   b = len(prompts)
   lengths = np.array([len(p) for p in prompts])
-  done = np.zeros(b, np.int64)
+  done, cache = attach_cached_prefixes(cache, prompts, ids, cache_config, seeds)
+  if stats is not None:
+    stats["reused"] = stats.get("reused", 0) + int(done.sum())
+    stats["computed"] = stats.get("computed", 0) + int((lengths - done).sum())
   last = [None] * b
   while np.any(done < lengths):
     n = np.minimum(lengths - done, chunk_size).astype(np.int32)
@@ -114,7 +145,8 @@ def prefill(params: LlamaParams, cache: kvjax.CacheState, prompts: Sequence[Sequ
 def generate(params: LlamaParams, cache: kvjax.CacheState, prompts: Sequence[Sequence[int]],
              seq_ids: Sequence[int], *, config: LlamaConfig, cache_config: kvjax.CacheConfig,
              max_new_tokens: int, stop_ids: Sequence[int] = (IM_END_ID,), chunk_size: int = 64,
-             on_step: Optional[Callable[[int], None]] = None):
+             on_step: Optional[Callable[[int], None]] = None, seeds=None,
+             stats: Optional[dict] = None):
   """Greedy generation for a batch of prompts through the paged cache.
 
   Prefills the prompts (chunked), then decodes one token per live row per step
@@ -132,6 +164,7 @@ def generate(params: LlamaParams, cache: kvjax.CacheState, prompts: Sequence[Seq
     stop_ids: token ids that end a row (returned as its last token).
     chunk_size: prefill tokens per row per step.
     on_step: called with the number of tokens generated in each step (progress).
+    seeds, stats: passed to ``prefill``.
 
   Returns:
     (B lists of generated ids, cache).
@@ -144,7 +177,7 @@ def generate(params: LlamaParams, cache: kvjax.CacheState, prompts: Sequence[Seq
   ids = _check_batch(prompts, seq_ids, cache_config)
   stop = set(int(s) for s in stop_ids)
   logits, cache = prefill(params, cache, prompts, ids, config=config, cache_config=cache_config,
-                          chunk_size=chunk_size)
+                          chunk_size=chunk_size, seeds=seeds, stats=stats)
   nxt = np.argmax(logits, axis=-1).astype(np.int32)
   out = [[int(t)] for t in nxt]
   live = np.array([int(t) not in stop and max_new_tokens > 1 for t in nxt])
