@@ -214,24 +214,52 @@ def _ungrouped(xg: jax.Array, shape) -> jax.Array:
   return xg.reshape(shape)
 
 
-def quant_params(x: jax.Array, spec: QuantSpec, g: int):
-  """Per-group float32 ``scale`` and ``zero`` (None if symmetric) of grouped x.
+def group_scale(amax: jax.Array, lo: Optional[jax.Array], hi: Optional[jax.Array],
+                spec: QuantSpec) -> jax.Array:
+  """float32 scale of groups from their stats (``lo``/``hi`` for asymmetric specs).
 
-  The integer zero point is ``round(min / scale)`` (int8); the scale is widened
-  just enough that neither the zero nor any code clips: every element then
-  decodes within ``scale / 2``.
+  The asymmetric zero point is ``round(lo / scale)`` (int8); the scale is
+  widened just enough that neither the zero nor any code clips, so every
+  element decodes within ``scale / 2``.
   """
-  xg, ax = _grouped(x.astype(jnp.float32), spec, g)
   if spec.kind == "fp8":
-    amax = jnp.max(jnp.abs(xg), axis=ax)
-    return amax / FP8_MAX, None
-  qmax = (1 << spec.bits) - 1
+    return amax / FP8_MAX
   if spec.symmetric:
-    amax = jnp.max(jnp.abs(xg), axis=ax)
-    return amax / ((1 << (spec.bits - 1)) - 1), None
-  lo, hi = jnp.min(xg, axis=ax), jnp.max(xg, axis=ax)
-  scale = jnp.maximum((hi - lo) / (qmax - 0.5), jnp.abs(lo) / _ZERO_MAX)
-  return scale, lo
+    return amax / ((1 << (spec.bits - 1)) - 1)
+  qmax = (1 << spec.bits) - 1
+  return jnp.maximum((hi - lo) / (qmax - 0.5), jnp.abs(lo) / _ZERO_MAX)
+
+
+def _inverse(s: jax.Array) -> jax.Array:
+  return jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
+
+
+def zero_point(lo: jax.Array, s: jax.Array) -> jax.Array:
+  """float32 integer zero points ``round(lo / s)`` in int8 range (0 where s == 0)."""
+  return jnp.clip(jnp.where(s > 0, jnp.round(lo * _inverse(s)), 0.0), -_ZERO_MAX - 1, _ZERO_MAX)
+
+
+def encode_values(x: jax.Array, s: jax.Array, z: Optional[jax.Array], spec: QuantSpec):
+  """Codes of float32 ``x`` given broadcastable decoded scales and zero points.
+
+  Returns uint8 codes (unpacked) for integer specs, float8_e4m3fn for fp8.
+  """
+  xs = x * _inverse(s)
+  if spec.kind == "fp8":
+    return jnp.clip(xs, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+  if spec.symmetric:
+    half = 1 << (spec.bits - 1)
+    return (jnp.clip(jnp.round(xs), 1 - half, half - 1) + half).astype(jnp.uint8)
+  return jnp.clip(jnp.round(xs - z), 0, (1 << spec.bits) - 1).astype(jnp.uint8)
+
+
+def decode_values(u: jax.Array, s: jax.Array, z: Optional[jax.Array],
+                  spec: QuantSpec) -> jax.Array:
+  """float32 values ``s * (code + zero)`` from unpacked codes (or fp8 values)."""
+  u = u.astype(jnp.float32)
+  if spec.kind == "int":
+    u = u - float(1 << (spec.bits - 1)) if spec.symmetric else u + z.astype(jnp.float32)
+  return u * s
 
 
 def quantize_pages(x: jax.Array, spec: QuantSpec) -> Pages:
@@ -255,28 +283,19 @@ def quantize_pages(x: jax.Array, spec: QuantSpec) -> Pages:
     return _pages(data=x)
   g = spec.group(head_dim=x.shape[-1], page_size=x.shape[-3])
   _check_divides(spec, g, x.shape)
-  scale, lo = quant_params(x, spec, g)
-  enc = encode_scale(scale, spec.scale_dtype)
-  s = decode_scale(enc, spec.scale_dtype)
   xg, ax = _grouped(x.astype(jnp.float32), spec, g)
-  sb = jnp.expand_dims(s, ax)
-  inv = jnp.where(sb > 0, 1.0 / jnp.where(sb > 0, sb, 1.0), 0.0)
+  amax = jnp.max(jnp.abs(xg), axis=ax)
+  lo, hi = jnp.min(xg, axis=ax), jnp.max(xg, axis=ax)
+  enc = encode_scale(group_scale(amax, lo, hi, spec), spec.scale_dtype)
+  s = decode_scale(enc, spec.scale_dtype)
+  z = zero_point(lo, s) if spec.has_zero else None
+  codes = encode_values(xg, jnp.expand_dims(s, ax),
+                        None if z is None else jnp.expand_dims(z, ax), spec)
+  codes = _ungrouped(codes, x.shape)
   if spec.kind == "fp8":
-    data = jnp.clip(xg * inv, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
-    return _pages(data=_ungrouped(data, x.shape), scale=enc)
-  qmax = (1 << spec.bits) - 1
-  if spec.symmetric:
-    half = 1 << (spec.bits - 1)
-    codes = jnp.clip(jnp.round(xg * inv), 1 - half, half - 1) + half
-    zero = None
-  else:
-    z = jnp.where(s > 0, jnp.round(lo * jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)),
-                  0.0)
-    z = jnp.clip(z, -_ZERO_MAX - 1, _ZERO_MAX)
-    codes = jnp.clip(jnp.round(xg * inv - jnp.expand_dims(z, ax)), 0, qmax)
-    zero = z.astype(jnp.int8)
-  codes = _ungrouped(codes.astype(jnp.uint8), x.shape)
-  return _pages(data=pack_codes(codes, spec.bits), scale=enc, zero=zero)
+    return _pages(data=codes, scale=enc)
+  return _pages(data=pack_codes(codes, spec.bits), scale=enc,
+                zero=None if z is None else z.astype(jnp.int8))
 
 
 def _check_divides(spec: QuantSpec, g: int, shape) -> None:
@@ -307,12 +326,8 @@ def dequantize_pages(pages: Pages, spec: QuantSpec) -> jax.Array:
   g = spec.group(head_dim=shape[-1], page_size=shape[-3])
   vg, ax = _grouped(vals, spec, g)
   s = jnp.expand_dims(decode_scale(pages.scale, spec.scale_dtype), ax)
-  if spec.kind == "int":
-    if spec.symmetric:
-      vg = vg - float(1 << (spec.bits - 1))
-    else:
-      vg = vg + jnp.expand_dims(pages.zero.astype(jnp.float32), ax)
-  return _ungrouped(vg * s, shape)
+  z = None if pages.zero is None else jnp.expand_dims(pages.zero, ax)
+  return _ungrouped(decode_values(vg, s, z, spec), shape)
 
 
 def requantize(pages: Pages, from_spec: QuantSpec, to_spec: QuantSpec) -> Pages:
