@@ -12,8 +12,10 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from kvjax import quant
+from kvjax.kernels import quantize as kq
 from kvjax.quant import QuantSpec
 from kvjax.state import Pages
 
@@ -109,4 +111,148 @@ def paged_attention_reference(q: jax.Array, k_pages: Pages, v_pages: Pages,
   p = jnp.exp(scores - jnp.where(jnp.isfinite(m), m, 0.0))
   l = jnp.sum(p, axis=-1, keepdims=True)
   out = jnp.einsum("bhgt,bthd->bhgd", p, v) / jnp.where(l > 0, l, 1.0)
+  return out.reshape(b, hq, d)
+
+
+# ----------------------------------------------------------------------------- Pallas kernel
+
+
+def _attention_kernel(*refs, k_spec: QuantSpec, v_spec: QuantSpec, head_dim: int,
+                      page_size: int, residual: int, num_stage: int):
+  """One (sequence, kv head): online softmax over its pages, dequantizing in place.
+
+  Refs, in order:
+    q_ref: float ``[G, D]`` the G query heads of this kv head.
+    table_ref: int32 ``[B, M]`` page table (whole); lens_ref: int32 ``[B]``.
+    k data ``[P, S, W]``, k scale, k zero (present per spec, see
+    ``kernels.quantize.load_segment``), then the same for v.
+    k_stage_ref / v_stage_ref: float ``[NS, S, D]`` when ``num_stage > 0``.
+    o_ref: float32 ``[G, D]``.
+  """
+  it = iter(refs)
+  q_ref, table_ref, lens_ref = next(it), next(it), next(it)
+
+  def pool(spec):
+    data = next(it)
+    scale = next(it) if spec.is_quantized else None
+    zero = next(it) if spec.has_zero else None
+    return data, scale, zero
+
+  k_pool, v_pool = pool(k_spec), pool(v_spec)
+  k_stage_ref = next(it) if num_stage else None
+  v_stage_ref = next(it) if num_stage else None
+  o_ref = next(it)
+
+  b = pl.program_id(0)
+  kv_len = lens_ref[b]
+  n_pages = (kv_len + page_size - 1) // page_size
+  first_staged = jnp.minimum(quant.first_staged_page(kv_len, residual, page_size), n_pages)
+  if not num_stage:
+    first_staged = n_pages
+  k_segs = kq.segments(k_spec, head_dim, page_size)
+  v_segs = kq.segments(v_spec, head_dim, page_size)
+  sm_scale = 1.0 / float(head_dim) ** 0.5
+  q_parts = [q_ref[:, pl.ds(c0, w)].astype(jnp.float32) * sm_scale for c0, w, _, _ in k_segs]
+  full = QuantSpec()
+
+  def step(j, carry, load_k, load_v):
+    m, l, acc = carry
+    scores = sum(jnp.dot(qp, load_k(seg).T, preferred_element_type=jnp.float32)
+                 for qp, seg in zip(q_parts, k_segs))                  # [G, S]
+    pos = j * page_size + jax.lax.broadcasted_iota(jnp.int32, scores.shape, 1)
+    scores = jnp.where(pos < kv_len, scores, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(scores, axis=1, keepdims=True))   # [G, 1]
+    corr = jnp.exp(m - m_new)
+    p = jnp.exp(scores - m_new)
+    l = corr * l + jnp.sum(p, axis=1, keepdims=True)
+    acc = tuple(corr * a + jnp.dot(p, load_v(seg), preferred_element_type=jnp.float32)
+                for a, seg in zip(acc, v_segs))
+    return m_new, l, acc
+
+  def pooled(j, carry):
+    page = table_ref[b, j]
+    return step(j, carry,
+                lambda seg: kq.load_segment(*k_pool, (page,), seg, k_spec, head_dim),
+                lambda seg: kq.load_segment(*v_pool, (page,), seg, v_spec, head_dim))
+
+  def staged(j, carry):
+    slot = j % max(num_stage, 1)
+    return step(j, carry,
+                lambda seg: kq.load_segment(k_stage_ref, None, None, (slot,),
+                                            (seg[0], seg[1], 0, seg[0]), full, head_dim),
+                lambda seg: kq.load_segment(v_stage_ref, None, None, (slot,),
+                                            (seg[0], seg[1], 0, seg[0]), full, head_dim))
+
+  g = q_ref.shape[0]
+  carry = (jnp.full((g, 1), -jnp.inf, jnp.float32), jnp.zeros((g, 1), jnp.float32),
+           tuple(jnp.zeros((g, w), jnp.float32) for _, w, _, _ in v_segs))
+  carry = jax.lax.fori_loop(0, first_staged, pooled, carry)
+  if num_stage:
+    carry = jax.lax.fori_loop(first_staged, n_pages, staged, carry)
+  _, l, acc = carry
+  inv_l = jnp.where(l > 0, 1.0 / jnp.where(l > 0, l, 1.0), 0.0)
+  for a, (c0, w, _, _) in zip(acc, v_segs):
+    o_ref[:, pl.ds(c0, w)] = a * inv_l
+
+
+@functools.partial(jax.jit, static_argnames=("k_spec", "v_spec", "interpret"))
+def paged_attention(q: jax.Array, k_pages: Pages, v_pages: Pages, page_table: jax.Array,
+                    kv_lens: jax.Array, k_spec: QuantSpec, v_spec: QuantSpec, *,
+                    k_stage: Optional[jax.Array] = None, v_stage: Optional[jax.Array] = None,
+                    interpret: bool = False) -> jax.Array:
+  """Pallas paged decode attention, dequantization fused; as ``paged_attention_reference``.
+
+  Grid ``(B, H)``: each step runs an online softmax over one sequence's pages
+  for the G query heads of one kv head, reading packed codes and scales and
+  never writing dequantized K/V to memory. Staged pages (a residual window or
+  the partial page of a channel-axis spec) are read from ``k_stage``/``v_stage``.
+
+  Args:
+    as ``paged_attention_reference``; ``interpret`` runs the Pallas interpreter.
+
+  Returns:
+    float32 ``[B, Hq, D]``.
+
+  >>> spec = QuantSpec(bits=8)
+  >>> k = quant.quantize_pages(jnp.ones((1, 2, 1, 4)), spec)
+  >>> out = paged_attention(jnp.ones((1, 1, 4)), k, k, jnp.zeros((1, 1), jnp.int32),
+  ...                       jnp.array([2]), spec, spec, interpret=True)
+  >>> out.shape, round(float(out[0, 0, 0]), 3)
+  ((1, 1, 4), 1.0)
+  """
+  _check_args(q, k_pages, v_pages, page_table, kv_lens, k_spec, v_spec, k_stage, v_stage,
+              "paged_attention")
+  b, hq, d = q.shape
+  p, s, h, _ = k_pages.data.shape
+  for name, spec in (("k_spec", k_spec), ("v_spec", v_spec)):
+    kq.check_kernel_spec(spec, d, s, f"paged_attention: {name}")
+  g = hq // h
+  num_stage = 0 if k_stage is None else k_stage.shape[1]   # no ring: all pages from the pool
+  residual = quant.residual_tokens(k_spec, v_spec)
+
+  whole = lambda a: pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)  # noqa: E731
+  head = lambda a: pl.BlockSpec((a.shape[0], a.shape[1], None, a.shape[3]),  # noqa: E731
+                                lambda i, j: (0, 0, j, 0))
+  ins = [q.reshape(b, h, g, d), page_table.astype(jnp.int32), kv_lens.astype(jnp.int32)]
+  specs = [pl.BlockSpec((None, None, g, d), lambda i, j: (i, j, 0, 0)), whole(ins[1]),
+           whole(ins[2])]
+  for pages, spec in ((k_pages, k_spec), (v_pages, v_spec)):
+    arrays = [pages.data] + ([pages.scale] if spec.is_quantized else []) + (
+        [pages.zero] if spec.has_zero else [])
+    ins += arrays
+    specs += [head(a) for a in arrays]
+  if num_stage:
+    for st in (k_stage, v_stage):
+      ins.append(st.astype(jnp.float32))
+      specs.append(pl.BlockSpec((None, num_stage, s, None, d), lambda i, j: (i, 0, 0, j, 0)))
+  out = pl.pallas_call(
+      functools.partial(_attention_kernel, k_spec=k_spec, v_spec=v_spec, head_dim=d,
+                        page_size=s, residual=residual, num_stage=num_stage),
+      grid=(b, h),
+      in_specs=specs,
+      out_specs=pl.BlockSpec((None, None, g, d), lambda i, j: (i, j, 0, 0)),
+      out_shape=jax.ShapeDtypeStruct((b, h, g, d), jnp.float32),
+      interpret=interpret,
+      name=f"paged_attention_k{k_spec.bits}_v{v_spec.bits}",
+  )(*ins)
   return out.reshape(b, hq, d)
