@@ -216,10 +216,10 @@ def dequantize_pages(pages: Pages, spec: QuantSpec, *, interpret: bool = False) 
   """Pallas ``kvjax.quant.dequantize_pages``: float32 ``[..., S, H, D]``.
 
   >>> spec = QuantSpec(bits=4)
-  >>> x = dequantize_pages(quant.quantize_pages(jnp.ones((1, 4, 1, 8)), spec), spec,
+  >>> x = dequantize_pages(quant.quantize_pages(jnp.full((1, 4, 1, 8), 7.0), spec), spec,
   ...                      interpret=True)
   >>> x.shape, float(x[0, 0, 0, 0])
-  ((1, 4, 1, 8), 1.0)
+  ((1, 4, 1, 8), 7.0)
   """
   if not spec.is_quantized:
     return pages.data.astype(jnp.float32)
