@@ -56,8 +56,23 @@ def _check_args(q, k_pages, v_pages, page_table, kv_lens, k_spec, v_spec, k_stag
                        f"got {k_stage.shape[1]}")
 
 
-def _gather_dense(pages: Pages, spec: QuantSpec, page_table, kv_lens, stage, residual):
-  """float32 [B, M * S, H, D]: each sequence's pages, staged ones from the ring."""
+def gather_dequantized(pages: Pages, spec: QuantSpec, page_table: jax.Array,
+                       kv_lens: jax.Array, stage: Optional[jax.Array] = None,
+                       residual: int = 0) -> jax.Array:
+  """Each sequence's K (or V) as dense float32 ``[B, M * S, H, D]`` (for prefill).
+
+  Args:
+    pages: one layer's ``Pages`` ``[P, S, H, *]`` in ``spec``.
+    page_table: int32 ``[B, M]`` (-1 entries read page 0: mask by ``kv_lens``).
+    kv_lens: int32 ``[B]``; decides which pages come from ``stage``.
+    stage: optional float ``[B, NS, S, H, D]`` ring (see ``paged_attention_reference``).
+    residual: the cache's window (``quant.residual_tokens``).
+
+  >>> spec = QuantSpec(bits=8)
+  >>> p = quant.quantize_pages(jnp.full((2, 4, 1, 8), 7.0), spec)
+  >>> gather_dequantized(p, spec, jnp.array([[1, 0]]), jnp.array([5])).shape
+  (1, 8, 1, 8)
+  """
   pt = jnp.clip(page_table, 0, pages.data.shape[0] - 1)
   x = quant.dequantize_pages(jax.tree.map(lambda a: a[pt], pages), spec)  # [B, M, S, H, D]
   if stage is not None:
@@ -101,8 +116,8 @@ def paged_attention_reference(q: jax.Array, k_pages: Pages, v_pages: Pages,
   b, hq, d = q.shape
   h = k_pages.data.shape[2]
   residual = quant.residual_tokens(k_spec, v_spec)
-  k = _gather_dense(k_pages, k_spec, page_table, kv_lens, k_stage, residual)
-  v = _gather_dense(v_pages, v_spec, page_table, kv_lens, v_stage, residual)
+  k = gather_dequantized(k_pages, k_spec, page_table, kv_lens, k_stage, residual)
+  v = gather_dequantized(v_pages, v_spec, page_table, kv_lens, v_stage, residual)
   qg = q.astype(jnp.float32).reshape(b, h, hq // h, d)
   scores = jnp.einsum("bhgd,bthd->bhgt", qg, k) / jnp.sqrt(jnp.float32(d))
   valid = jnp.arange(k.shape[1])[None, :] < kv_lens[:, None]          # [B, T]

@@ -1,5 +1,7 @@
 """Quantization references: hand-worked cases first, then properties."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -328,3 +330,51 @@ def test_attention_reference_bad_shapes():
   with pytest.raises(ValueError, match="give both k_stage and v_stage"):
     paged_attention_reference(q, Pages(data=kf), Pages(data=vf), table, lens, QuantSpec(),
                               QuantSpec(), k_stage=jnp.zeros((2, 1, 16, 2, 64)))
+
+
+# ----------------------------------------------------------------------------- writes
+
+
+def test_write_tokens_matches_quantize_tokens():
+  spec = QuantSpec(bits=4, symmetric=False, group_size=4)
+  pool = quant.init_quant_pages(spec, num_pages=3, page_size=4, num_kv_heads=2, head_dim=8)
+  x = _data(8, (3, 2, 8), loud=False)
+  out = quant.write_tokens(pool, jnp.array([5, 11, -1]), x, spec)
+  want = quant.quantize_tokens(x, spec)
+  for field in ("data", "scale", "zero"):
+    got = getattr(out, field)
+    np.testing.assert_array_equal(got[1, 1], getattr(want, field)[0])
+    np.testing.assert_array_equal(got[2, 3], getattr(want, field)[1])
+    assert int(jnp.sum(got[0] != 0)) == 0
+
+
+@pytest.mark.parametrize("residual", [0, 4])
+def test_stage_and_fold_over_steps(residual):
+  # B=2, S=4, prefill chunks then decode steps; pages fold exactly when due and the
+  # pool then holds fold_page(float page), the ring the float tokens of staged pages
+  spec = QuantSpec(bits=4, axis="channel", symmetric=False, residual=residual)
+  s, h, d, m = 4, 1, 8, 6
+  ns = quant.staging_pages(spec, QuantSpec(), s)
+  full = _data(9, (2, s * m, h, d), loud=False)            # the sequences' float K
+  table = jnp.array([[3, 0, 7, 1, 5, 9], [2, 4, 6, 8, 10, 11]], jnp.int32)
+  pool = quant.init_quant_pages(spec, num_pages=12, page_size=s, num_kv_heads=h, head_dim=d)
+  stage = jnp.zeros((2, ns, s, h, d))
+  lens = np.zeros(2, np.int32)
+  step = jax.jit(functools.partial(quant.stage_and_fold, spec=spec, residual=residual))
+  for new in [(6, 3), (1, 0), (1, 1), (5, 1), (1, 1), (2, 6), (1, 1)]:
+    t = max(new)
+    x = jnp.stack([jnp.pad(full[bi, lens[bi]:lens[bi] + new[bi]],
+                           ((0, t - new[bi]), (0, 0), (0, 0))) for bi in range(2)])
+    pool, stage = step(pool, stage, table, jnp.asarray(lens), x, jnp.asarray(new))
+    lens = lens + np.asarray(new)
+  first = np.asarray(quant.first_staged_page(jnp.asarray(lens), residual, s))
+  for bi in range(2):
+    for j in range(-(-lens[bi] // s)):
+      page = full[bi, j * s:(j + 1) * s]
+      if j < first[bi]:
+        want = quant.fold_page(page, spec)
+        got = jax.tree.map(lambda a: a[table[bi, j]], pool)
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+      else:
+        n = min(s, lens[bi] - j * s)
+        np.testing.assert_array_equal(stage[bi, j % ns, :n], page[:n])
