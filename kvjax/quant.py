@@ -650,3 +650,31 @@ def stage_and_fold(pool: Pages, stage: jax.Array, page_table: jax.Array, kv_lens
   slot_b = jnp.where(keep, jnp.arange(b)[:, None], b)                # b: dropped
   stage = stage.at[slot_b, (tpos // s) % ns, tpos % s].set(x.astype(stage.dtype), mode="drop")
   return pool, stage
+
+
+# ----------------------------------------------------------------------------- presets
+
+#: Named (key_spec, value_spec) pairs. Compression is for SmolLM2's shapes
+#: (30 layers, 3 kv heads, head_dim 64) with 16-token pages, scales included.
+PRESETS = {
+    "bf16": (QuantSpec(), QuantSpec()),
+    # 1.94x: one bf16 scale per token and head
+    "int8": (QuantSpec(bits=8), QuantSpec(bits=8)),
+    "fp8": (QuantSpec(bits=8, kind="fp8"), QuantSpec(bits=8, kind="fp8")),
+    # KIVI's layout of DESIGN.md section 8, bf16 scales (zeros int8 here): 3.12x, short of 3.5x
+    "int4-kivi": (QuantSpec(bits=4, axis="channel", symmetric=False),
+                  QuantSpec(bits=4, symmetric=False, group_size=32)),
+    # 3.51x: K per channel asymmetric (log8 scale + int8 zero), V per token symmetric
+    "int4": (QuantSpec(bits=4, axis="channel", symmetric=False, scale_dtype="log8"),
+             QuantSpec(bits=4, scale_dtype="log8")),
+    # 3.66x: K per channel symmetric, V per token asymmetric
+    "int4-ksym": (QuantSpec(bits=4, axis="channel", scale_dtype="log8"),
+                  QuantSpec(bits=4, symmetric=False, scale_dtype="log8")),
+    # 6.10x (+ a 5-page bf16 ring per sequence): KIVI-2 with a 64-token window
+    "int2-r64": (QuantSpec(bits=2, axis="channel", symmetric=False, scale_dtype="log8",
+                           residual=64),
+                 QuantSpec(bits=2, symmetric=False, scale_dtype="log8", residual=64)),
+    "int2-r128": (QuantSpec(bits=2, axis="channel", symmetric=False, scale_dtype="log8",
+                            residual=128),
+                  QuantSpec(bits=2, symmetric=False, scale_dtype="log8", residual=128)),
+}
