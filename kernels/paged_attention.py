@@ -50,10 +50,10 @@ def _check_args(q, k_pages, v_pages, page_table, kv_lens, k_spec, v_spec, k_stag
       if st.ndim != 5 or st.shape[0] != b or st.shape[2:] != (s, h, d):
         raise ValueError(f"{what}: {name} must be [B={b}, NS, S={s}, H={h}, D={d}], "
                          f"got shape {st.shape}")
-    ns = quant.staging_pages(k_spec, v_spec, s)
-    if k_stage.shape[1] != ns:
-      raise ValueError(f"{what}: staging ring must hold {ns} pages for these specs, "
-                       f"got {k_stage.shape[1]}")
+    need = quant.residual_tokens(k_spec, v_spec) // s + 1
+    if k_stage.shape[1] < need or v_stage.shape[1] != k_stage.shape[1]:
+      raise ValueError(f"{what}: staging rings must hold the same number (>= {need}) of pages "
+                       f"for these specs, got {k_stage.shape[1]} and {v_stage.shape[1]}")
 
 
 def gather_dequantized(pages: Pages, spec: QuantSpec, page_table: jax.Array,
