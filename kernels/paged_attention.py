@@ -167,21 +167,30 @@ def _attention_kernel(*refs, k_spec: QuantSpec, v_spec: QuantSpec, head_dim: int
   k_segs = kq.segments(k_spec, head_dim, page_size)
   v_segs = kq.segments(v_spec, head_dim, page_size)
   sm_scale = 1.0 / float(head_dim) ** 0.5
+  small_group = q_ref.shape[0] < 16
   q_parts = [q_ref[:, pl.ds(c0, w)].astype(jnp.float32) * sm_scale for c0, w, _, _ in k_segs]
   full = QuantSpec()
 
+  def mm_t(a, b_):   # a [G, w] @ b_[S, w].T -> [G, S]
+    if small_group:  # broadcast-reduce: no minimum block size (tl.dot wants >= 16 rows)
+      return jnp.sum(a[:, None, :] * b_[None, :, :], axis=2)
+    return jnp.dot(a, b_.T, preferred_element_type=jnp.float32)
+
+  def mm(a, b_):     # a [G, S] @ b_[S, w] -> [G, w]
+    if small_group:
+      return jnp.sum(a[:, :, None] * b_[None, :, :], axis=1)
+    return jnp.dot(a, b_, preferred_element_type=jnp.float32)
+
   def step(j, carry, load_k, load_v):
     m, l, acc = carry
-    scores = sum(jnp.dot(qp, load_k(seg).T, preferred_element_type=jnp.float32)
-                 for qp, seg in zip(q_parts, k_segs))                  # [G, S]
+    scores = sum(mm_t(qp, load_k(seg)) for qp, seg in zip(q_parts, k_segs))   # [G, S]
     pos = j * page_size + jax.lax.broadcasted_iota(jnp.int32, scores.shape, 1)
     scores = jnp.where(pos < kv_len, scores, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(scores, axis=1, keepdims=True))   # [G, 1]
     corr = jnp.exp(m - m_new)
     p = jnp.exp(scores - m_new)
     l = corr * l + jnp.sum(p, axis=1, keepdims=True)
-    acc = tuple(corr * a + jnp.dot(p, load_v(seg), preferred_element_type=jnp.float32)
-                for a, seg in zip(acc, v_segs))
+    acc = tuple(corr * a + mm(p, load_v(seg)) for a, seg in zip(acc, v_segs))
     return m_new, l, acc
 
   def pooled(j, carry):
@@ -242,14 +251,16 @@ def paged_attention(q: jax.Array, k_pages: Pages, v_pages: Pages, page_table: ja
   for name, spec in (("k_spec", k_spec), ("v_spec", v_spec)):
     kq.check_kernel_spec(spec, d, s, f"paged_attention: {name}")
   g = hq // h
+  gp = max(pl.next_power_of_2(g), 2)   # power-of-two query rows per block (Triton); pad
   num_stage = 0 if k_stage is None else k_stage.shape[1]   # no ring: all pages from the pool
   residual = quant.residual_tokens(k_spec, v_spec)
 
   whole = lambda a: pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)  # noqa: E731
   head = lambda a: pl.BlockSpec((a.shape[0], a.shape[1], None, a.shape[3]),  # noqa: E731
                                 lambda i, j: (0, 0, j, 0))
-  ins = [q.reshape(b, h, g, d), page_table.astype(jnp.int32), kv_lens.astype(jnp.int32)]
-  specs = [pl.BlockSpec((None, None, g, d), lambda i, j: (i, j, 0, 0)), whole(ins[1]),
+  qg = jnp.pad(q.reshape(b, h, g, d), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
+  ins = [qg, page_table.astype(jnp.int32), kv_lens.astype(jnp.int32)]
+  specs = [pl.BlockSpec((None, None, gp, d), lambda i, j: (i, j, 0, 0)), whole(ins[1]),
            whole(ins[2])]
   for pages, spec in ((k_pages, k_spec), (v_pages, v_spec)):
     arrays = [pages.data] + ([pages.scale] if spec.is_quantized else []) + (
@@ -265,9 +276,9 @@ def paged_attention(q: jax.Array, k_pages: Pages, v_pages: Pages, page_table: ja
                         page_size=s, residual=residual, num_stage=num_stage),
       grid=(b, h),
       in_specs=specs,
-      out_specs=pl.BlockSpec((None, None, g, d), lambda i, j: (i, j, 0, 0)),
-      out_shape=jax.ShapeDtypeStruct((b, h, g, d), jnp.float32),
+      out_specs=pl.BlockSpec((None, None, gp, d), lambda i, j: (i, j, 0, 0)),
+      out_shape=jax.ShapeDtypeStruct((b, h, gp, d), jnp.float32),
       interpret=interpret,
       name=f"paged_attention_k{k_spec.bits}_v{v_spec.bits}",
   )(*ins)
-  return out.reshape(b, hq, d)
+  return out[:, :, :g].reshape(b, hq, d)

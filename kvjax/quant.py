@@ -154,6 +154,10 @@ def encode_scale(scale: jax.Array, scale_dtype: str) -> jax.Array:
     c = jnp.clip(c, 0, 255)
     c = jnp.where((decode_scale(c.astype(jnp.uint8), "log8") < scale) & (c < 255), c + 1, c)
     return c.astype(jnp.uint8)
+  if scale_dtype == "bfloat16":   # ceil to bf16: integer ops only (lowers everywhere)
+    bits = jax.lax.bitcast_convert_type(scale, jnp.uint32)
+    up = (bits + jnp.uint32(0xFFFF)) & jnp.uint32(0xFFFF0000)
+    return jax.lax.bitcast_convert_type(up, jnp.float32).astype(jnp.bfloat16)
   enc = scale.astype(jnp.dtype(scale_dtype))
   return jnp.where(enc.astype(jnp.float32) < scale, jnp.nextafter(enc, jnp.inf), enc)
 
