@@ -11,7 +11,12 @@ given, and every ratio is against a baseline measured in the same run:
 * ``compression``: bf16 bytes per cached token (K+V, all layers) over the
   preset's, scales included (``kvjax.quant.compression``).
 
-Usage: python benchmarks/quant.py [--quick] [--out FILE] [--pallas]
+``--device-check`` (GPU/TPU only): compiles the Pallas kernels for real,
+checks them against the jnp references on random data, and reports their
+bandwidth against a device-to-device copy of the same bytes (JSON
+``device_check``); a kernel that fails to lower is reported, not fatal.
+
+Usage: python benchmarks/quant.py [--quick] [--out FILE] [--pallas] [--device-check]
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ import numpy as np
 
 from kvjax import quant
 from kvjax.kernels import ops
+from kvjax.kernels import paged_attention as pa
+from kvjax.kernels import quantize as kq
 from kvjax.state import Pages
 
 SMOL = dict(num_layers=30, num_kv_heads=3, head_dim=64)   # SmolLM2-135M's KV shapes
@@ -120,12 +127,72 @@ def bench_compression() -> dict:
   return out
 
 
+def device_check(quick: bool, reps: int) -> dict:
+  """Pallas kernels compiled for the accelerator vs the references, and their GB/s."""
+  if jax.default_backend() == "cpu":
+    return {"skipped": "no accelerator (Pallas only interprets on CPU)"}
+  h, d = SMOL["num_kv_heads"], SMOL["head_dim"]
+  n = 256 if quick else 4096
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((n, PAGE, h, d)), jnp.bfloat16)
+  nbytes = x.size * 2
+  t_copy = timeit(jax.jit(lambda a: a.copy()), x, reps=reps)
+  out = {"pages": n, "copy_gbps": nbytes / t_copy / 1e9}
+  for name in THROUGHPUT_PRESETS:
+    for role, spec in zip(("k", "v"), quant.PRESETS[name]):
+      row = out[f"{name}/{role}"] = {"spec": str(spec)}
+      try:
+        want = jax.jit(lambda a, spec=spec: quant.quantize_pages(a, spec))(x)
+        kern_q = jax.jit(lambda a, spec=spec: kq.quantize_pages(a, spec))
+        got = kern_q(x)
+        row["code_mismatch_frac"] = float(np.mean(
+            np.asarray(got.data.astype(jnp.float32)) != np.asarray(want.data.astype(jnp.float32))))
+        row["scale_mismatch_frac"] = float(np.mean(
+            np.asarray(got.scale.astype(jnp.float32)) != np.asarray(want.scale.astype(jnp.float32))))
+        kern_d = jax.jit(lambda p, spec=spec: kq.dequantize_pages(p, spec))
+        ref_d = quant.dequantize_pages(want, spec)
+        row["dequant_max_abs_diff"] = float(jnp.max(jnp.abs(kern_d(want) - ref_d)))
+        t_q, t_d = timeit(kern_q, x, reps=reps), timeit(kern_d, want, reps=reps)
+        row.update(quantize_gbps=nbytes / t_q / 1e9, dequantize_gbps=nbytes / t_d / 1e9,
+                   quantize_over_copy=t_q / t_copy, dequantize_over_copy=t_d / t_copy)
+      except Exception as e:  # noqa: BLE001  a lowering failure is a result here
+        row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+  batch, seq_len = (4, 256) if quick else (8, 1024)
+  m = seq_len // PAGE
+  kf = jnp.asarray(rng.standard_normal((batch * m, PAGE, h, d)), jnp.float32)
+  vf = jnp.asarray(rng.standard_normal((batch * m, PAGE, h, d)), jnp.float32)
+  q = jnp.asarray(rng.standard_normal((batch, 3 * h, d)), jnp.float32)
+  table = jnp.asarray(rng.permutation(batch * m).reshape(batch, m), jnp.int32)
+  lens = jnp.full((batch,), seq_len - PAGE // 2, jnp.int32)
+  for name in ("bf16",) + ATTEND_PRESETS:
+    k_spec, v_spec = quant.PRESETS[name]
+    row = out[f"attend/{name}"] = {}
+    try:
+      kp = quant.quantize_pages(kf.astype(jnp.bfloat16), k_spec)
+      vp = quant.quantize_pages(vf.astype(jnp.bfloat16), v_spec)
+      kern = jax.jit(lambda q, kp, vp, k_spec=k_spec, v_spec=v_spec: pa.paged_attention(
+          q, kp, vp, table, lens, k_spec, v_spec))
+      ref = jax.jit(lambda q, kp, vp, k_spec=k_spec, v_spec=v_spec: pa.paged_attention_reference(
+          q, kp, vp, table, lens, k_spec, v_spec))
+      want = ref(q, kp, vp)
+      row["max_abs_diff"] = float(jnp.max(jnp.abs(kern(q, kp, vp) - want)))
+      t_k, t_r = timeit(kern, q, kp, vp, reps=reps), timeit(ref, q, kp, vp, reps=reps)
+      kv_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves((kp, vp)))
+      row.update(kernel_s=t_k, reference_s=t_r, kernel_over_reference=t_k / t_r,
+                 kv_gbps=kv_bytes / t_k / 1e9)
+    except Exception as e:  # noqa: BLE001
+      row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+  return out
+
+
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="small sizes, few repetitions")
   ap.add_argument("--out", default=None, help="write the JSON results here")
   ap.add_argument("--pallas", action="store_true",
                   help="time the Pallas kernels (interpreted on CPU: not a speed figure)")
+  ap.add_argument("--device-check", action="store_true",
+                  help="GPU/TPU: compile the kernels, check them, bandwidth vs copy")
   args = ap.parse_args(argv)
   reps = 3 if args.quick else 10
   info = machine()
@@ -136,6 +203,9 @@ def main(argv=None) -> dict:
   res["throughput"] = bench_throughput(64 if args.quick else 1024, reps, args.pallas)
   res["attend"] = (bench_attend(2, 256, reps, args.pallas) if args.quick
                    else bench_attend(8, 1024, reps, args.pallas))
+  if args.device_check:
+    res["device_check"] = device_check(args.quick, reps)
+    print("device_check:", json.dumps(res["device_check"], indent=1))
   if args.out:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
