@@ -127,12 +127,12 @@ def bench_compression() -> dict:
   return out
 
 
-def device_check(quick: bool, reps: int) -> dict:
+def device_check(quick: bool, reps: int, sizes=None) -> dict:
   """Pallas kernels compiled for the accelerator vs the references, and their GB/s."""
   if jax.default_backend() == "cpu":
     return {"skipped": "no accelerator (Pallas only interprets on CPU)"}
   h, d = SMOL["num_kv_heads"], SMOL["head_dim"]
-  n = 256 if quick else 4096
+  n, batch, seq_len = sizes or ((256, 4, 256) if quick else (4096, 8, 1024))
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.standard_normal((n, PAGE, h, d)), jnp.bfloat16)
   nbytes = x.size * 2
@@ -157,7 +157,6 @@ def device_check(quick: bool, reps: int) -> dict:
                    quantize_over_copy=t_q / t_copy, dequantize_over_copy=t_d / t_copy)
       except Exception as e:  # noqa: BLE001  a lowering failure is a result here
         row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
-  batch, seq_len = (4, 256) if quick else (8, 1024)
   m = seq_len // PAGE
   kf = jnp.asarray(rng.standard_normal((batch * m, PAGE, h, d)), jnp.float32)
   vf = jnp.asarray(rng.standard_normal((batch * m, PAGE, h, d)), jnp.float32)
