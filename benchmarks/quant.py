@@ -145,10 +145,10 @@ def device_check(quick: bool, reps: int, sizes=None) -> dict:
         want = jax.jit(lambda a, spec=spec: quant.quantize_pages(a, spec))(x)
         kern_q = jax.jit(lambda a, spec=spec: kq.quantize_pages(a, spec))
         got = kern_q(x)
-        row["code_mismatch_frac"] = float(np.mean(
-            np.asarray(got.data.astype(jnp.float32)) != np.asarray(want.data.astype(jnp.float32))))
-        row["scale_mismatch_frac"] = float(np.mean(
-            np.asarray(got.scale.astype(jnp.float32)) != np.asarray(want.scale.astype(jnp.float32))))
+        differ = lambda a, b: float(np.mean(np.asarray(a.astype(jnp.float32))  # noqa: E731
+                                            != np.asarray(b.astype(jnp.float32))))
+        row["code_mismatch_frac"] = differ(got.data, want.data)
+        row["scale_mismatch_frac"] = differ(got.scale, want.scale)
         kern_d = jax.jit(lambda p, spec=spec: kq.dequantize_pages(p, spec))
         ref_d = quant.dequantize_pages(want, spec)
         row["dequant_max_abs_diff"] = float(jnp.max(jnp.abs(kern_d(want) - ref_d)))

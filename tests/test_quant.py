@@ -170,8 +170,9 @@ def test_error_shrinks_with_bits():
 
 def test_channel_axis_beats_token_axis_on_outlier_channel():
   x = _data(3)
-  err = lambda s: float(jnp.mean(jnp.abs(quant.dequantize_pages(quant.quantize_pages(x, s), s)  # noqa
-                                         [..., :5] - x[..., :5])))
+  def err(s):
+    xr = quant.dequantize_pages(quant.quantize_pages(x, s), s)
+    return float(jnp.mean(jnp.abs(xr[..., :5] - x[..., :5])))
   assert err(QuantSpec(bits=4, axis="channel")) < err(QuantSpec(bits=4))
 
 
@@ -306,7 +307,8 @@ def test_attention_staged_pages_read_in_full_precision():
   # the ring holds page j at slot j % ns, in full precision
   # sequence 0 stages page 2 (slot 0; slot 1 is stale); sequence 1 stages pages 0, 1
   slots = ((2, 1), (0, 1))
-  ring = lambda x: jnp.stack([jnp.stack([x[table[b, j]] for j in slots[b]]) for b in range(2)])  # noqa
+  def ring(x):
+    return jnp.stack([jnp.stack([x[table[b, j]] for j in slots[b]]) for b in range(2)])
   kst, vst = ring(kf), ring(vf)
   got = paged_attention_reference(q, quant.quantize_pages(kf, k_spec),
                                   quant.quantize_pages(vf, v_spec), table, lens, k_spec, v_spec,

@@ -44,7 +44,8 @@ def test_decode_steps_compile_once_and_track_float(preset, tol):
   vf = jnp.asarray(rng.standard_normal((b, n_total, H, D)), jnp.float32)
   table = jnp.arange(b * M, dtype=jnp.int32).reshape(b, M)[:, ::-1]
   shapes = dict(num_pages=b * M, page_size=S, num_kv_heads=H, head_dim=D)
-  k_pool, v_pool = quant.init_quant_pages(k_spec, **shapes), quant.init_quant_pages(v_spec, **shapes)
+  k_pool = quant.init_quant_pages(k_spec, **shapes)
+  v_pool = quant.init_quant_pages(v_spec, **shapes)
   ns = max(quant.staging_pages(k_spec, v_spec, S), 1)
   k_stage = v_stage = jnp.zeros((b, ns, S, H, D))
   lens = jnp.zeros((b,), jnp.int32)
