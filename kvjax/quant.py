@@ -198,9 +198,8 @@ def unpack_codes(packed: jax.Array, bits: int) -> jax.Array:
   n = 8 // bits
   if n == 1:
     return packed
-  shifts = (jnp.arange(n, dtype=jnp.uint8) * bits)[:, None]
-  pieces = (packed[..., None, :] >> shifts) & jnp.uint8((1 << bits) - 1)
-  return pieces.reshape(*packed.shape[:-1], n * packed.shape[-1])
+  mask = jnp.uint8((1 << bits) - 1)
+  return jnp.concatenate([(packed >> (k * bits)) & mask for k in range(n)], axis=-1)
 
 
 # ----------------------------------------------------------------------------- groups
