@@ -425,6 +425,22 @@ def init_quant_pages(spec: QuantSpec, **shape_kwargs) -> Pages:
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
+def copy_pages(pool: Pages, src: jax.Array, dst: jax.Array) -> Pages:
+  """Copy whole pages (data, scale, zero) from ``src`` to ``dst`` ids (copy on write).
+
+  Args:
+    pool: ``Pages`` with arrays ``[P, ...]``.
+    src / dst: int32 ``[N]``; pairs with ``dst < 0`` are skipped.
+
+  >>> pool = quantize_pages(jnp.arange(16.0).reshape(2, 2, 1, 4), QuantSpec(bits=8))
+  >>> out = copy_pages(pool, jnp.array([1]), jnp.array([0]))
+  >>> bool((out.data[0] == pool.data[1]).all())
+  True
+  """
+  taken = jax.tree.map(lambda a: a[jnp.clip(src, 0, a.shape[0] - 1)], pool)
+  return store_pages(pool, dst, taken)
+
+
 def store_pages(pool: Pages, page_ids: jax.Array, new: Pages) -> Pages:
   """Scatter whole pages into a pool (one layer, or all with matching leading axes).
 
@@ -672,6 +688,9 @@ PRESETS = {
              QuantSpec(bits=4, scale_dtype="log8")),
     # 3.66x: K per channel symmetric, V per token asymmetric
     "int4-ksym": (QuantSpec(bits=4, axis="channel", scale_dtype="log8"),
+                  QuantSpec(bits=4, symmetric=False, scale_dtype="log8")),
+    # 3.46x at 16-token pages, 3.66x at 32: both asymmetric
+    "int4-asym": (QuantSpec(bits=4, axis="channel", symmetric=False, scale_dtype="log8"),
                   QuantSpec(bits=4, symmetric=False, scale_dtype="log8")),
     # 6.10x (+ a 5-page bf16 ring per sequence): KIVI-2 with a 64-token window
     "int2-r64": (QuantSpec(bits=2, axis="channel", symmetric=False, scale_dtype="log8",
