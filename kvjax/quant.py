@@ -1,25 +1,702 @@
-"""Quantization specs for stored K/V pages.
+"""Quantization of stored K/V pages: specs, layouts and the pure-jnp reference.
 
-Placeholder of the foundation: only the unquantized spec exists. The
-quantization issue extends this module (fp8/int8/int4/int2, groups, windows).
+Names used in shapes: S = page_size, H = num_kv_heads, D = head_dim,
+n = codes per byte (1 for 8 bits, 2 for 4 bits, 4 for 2 bits), W = D // n.
+
+Layouts (see docs/quantization.md):
+
+* ``data``: ``[..., S, H, W]`` uint8 codes (``int``) or ``[..., S, H, D]``
+  float8_e4m3fn (``fp8``). Packing is *planar within a byte*: byte ``j`` holds
+  elements ``j, j + W, ..., j + (n-1) W`` of the head, element ``j + k W`` in
+  bits ``[k*bits, (k+1)*bits)``. A kernel thus reads ``n`` contiguous slices of
+  ``W`` channels with a shift and a mask, never an interleave.
+* ``scale`` / ``zero``: ``axis="token"``: ``[..., S, H, D // g]`` (one group of
+  ``g`` channels of one token); ``axis="channel"``: ``[..., S // g, H, D]`` (one
+  group of ``g`` tokens of one channel; ``g = S`` by default: one scale per
+  channel per page, KIVI's key layout).
+* Decoding is one formula for every integer spec: ``x = scale * (code + zero)``.
+  Symmetric specs store no zero (it is the constant ``-2**(bits-1)``);
+  asymmetric specs store ``zero`` as int8 in units of the scale.
+* Scales are stored as bfloat16, float16 or ``"log8"``: a uint8 code ``c``
+  meaning ``2 ** ((c - 160) / 8)`` (steps of 9 %, range ``1e-6 .. 3.8e3``).
+  Every encoding rounds the scale *up*, so no code ever clips.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+
+BITS = (16, 8, 4, 2)
+KINDS = ("int", "fp8")
+AXES = ("token", "channel")
+SCALE_DTYPES = ("bfloat16", "float16", "log8")
+LOG8_BIAS = 160          # log8 code of scale 1.0
+LOG8_STEPS = 8           # codes per octave
+FP8_MAX = 448.0          # largest finite float8_e4m3fn
+_ZERO_MAX = 127          # asymmetric zero points are int8 in units of the scale
+
+
+def _pages(**fields):  # kvjax.state imports config, which imports this module
+  from kvjax.state import Pages as _Pages
+  return _Pages(**fields)
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
-  """How one of K or V is stored. ``bits=16`` means unquantized (the config dtype)."""
+  """How one of K or V is stored. ``bits=16`` means unquantized (the config dtype).
+
+  Args:
+    bits: 16 (none), 8, 4 (two codes per byte) or 2 (four per byte).
+    kind: "int" (uniform integer levels) or "fp8" (float8_e4m3fn, bits=8, symmetric).
+    symmetric: symmetric levels around 0 (no zero point) or asymmetric (int8 zero).
+    axis: "token": groups of ``group_size`` channels of one token (values);
+      "channel": groups of ``group_size`` tokens of one channel (keys, KIVI).
+    group_size: channels per group ("token"; default head_dim) or tokens per
+      group ("channel"; default page_size).
+    scale_dtype: "bfloat16", "float16" or "log8" (one byte, see module doc).
+    residual: full-precision window of the most recent tokens per sequence;
+      a multiple of page_size (KIVI's residual).
+
+  >>> QuantSpec(bits=4, axis="channel", symmetric=False, scale_dtype="log8").is_quantized
+  True
+  >>> QuantSpec().is_quantized
+  False
+  """
 
   bits: int = 16
+  kind: str = "int"
+  symmetric: bool = True
+  axis: str = "token"
+  group_size: Optional[int] = None
+  scale_dtype: str = "bfloat16"
+  residual: int = 0
+
+  def __post_init__(self):
+    if self.bits not in BITS:
+      raise ValueError(f"QuantSpec.bits must be one of {BITS}, got {self.bits!r}")
+    if self.kind not in KINDS:
+      raise ValueError(f"QuantSpec.kind must be one of {KINDS}, got {self.kind!r}")
+    if self.kind == "fp8" and (self.bits != 8 or not self.symmetric):
+      raise ValueError(f"QuantSpec(kind='fp8') needs bits=8 and symmetric=True, got "
+                       f"bits={self.bits}, symmetric={self.symmetric}")
+    if self.axis not in AXES:
+      raise ValueError(f"QuantSpec.axis must be one of {AXES}, got {self.axis!r}")
+    if self.group_size is not None and (not isinstance(self.group_size, int)
+                                        or self.group_size <= 0):
+      raise ValueError(f"QuantSpec.group_size must be a positive int or None, "
+                       f"got {self.group_size!r}")
+    if self.scale_dtype not in SCALE_DTYPES:
+      raise ValueError(f"QuantSpec.scale_dtype must be one of {SCALE_DTYPES}, "
+                       f"got {self.scale_dtype!r}")
+    if not isinstance(self.residual, int) or self.residual < 0:
+      raise ValueError(f"QuantSpec.residual must be an int >= 0, got {self.residual!r}")
+    if self.bits == 16 and self.residual:
+      raise ValueError(f"QuantSpec(bits=16) keeps everything in full precision; "
+                       f"residual must be 0, got {self.residual}")
 
   def validate_for(self, *, head_dim: int, page_size: int, what: str) -> None:
-    del head_dim, page_size
-    if self.bits != 16:
-      raise ValueError(f"{what}: QuantSpec(bits={self.bits}) is not supported yet; use bits=16")
+    """Raise ValueError if this spec cannot store ``[page_size, H, head_dim]`` pages."""
+    if not self.is_quantized:
+      return
+    if head_dim % self.codes_per_byte:
+      raise ValueError(f"{what}: head_dim={head_dim} is not a multiple of "
+                       f"{self.codes_per_byte} codes per byte (bits={self.bits})")
+    g = self.group(head_dim=head_dim, page_size=page_size)
+    along, extent = (("head_dim", head_dim) if self.axis == "token"
+                     else ("page_size", page_size))
+    if extent % g:
+      raise ValueError(f"{what}: group_size={g} does not divide {along}={extent} "
+                       f"(axis={self.axis!r})")
+    if self.residual % page_size:
+      raise ValueError(f"{what}: residual={self.residual} is not a multiple of "
+                       f"page_size={page_size}")
 
   @property
   def is_quantized(self) -> bool:
     return self.bits != 16
+
+  @property
+  def codes_per_byte(self) -> int:
+    return 1 if self.kind == "fp8" or self.bits >= 8 else 8 // self.bits
+
+  @property
+  def has_zero(self) -> bool:
+    return self.is_quantized and not self.symmetric
+
+  def group(self, *, head_dim: int, page_size: int) -> int:
+    """The group size in effect: channels ("token") or tokens ("channel")."""
+    if self.group_size is not None:
+      return self.group_size
+    return head_dim if self.axis == "token" else page_size
+
+  @property
+  def scale_bytes(self) -> int:
+    return 1 if self.scale_dtype == "log8" else 2
+
+
+# ----------------------------------------------------------------------------- scales
+
+
+def encode_scale(scale: jax.Array, scale_dtype: str) -> jax.Array:
+  """Encode float32 scales, rounding up: ``decode_scale(encode_scale(s)) >= s``.
+
+  >>> int(encode_scale(jnp.float32(1.0), "log8"))
+  160
+  """
+  scale = jnp.asarray(scale, jnp.float32)
+  if scale_dtype == "log8":
+    c = jnp.ceil(LOG8_STEPS * jnp.log2(jnp.maximum(scale, 1e-30))) + LOG8_BIAS
+    c = jnp.clip(c, 0, 255)
+    c = jnp.where((decode_scale(c.astype(jnp.uint8), "log8") < scale) & (c < 255), c + 1, c)
+    return c.astype(jnp.uint8)
+  if scale_dtype == "bfloat16":   # ceil to bf16: integer ops only (lowers everywhere)
+    bits = jax.lax.bitcast_convert_type(scale, jnp.uint32)
+    up = (bits + jnp.uint32(0xFFFF)) & jnp.uint32(0xFFFF0000)
+    return jax.lax.bitcast_convert_type(up, jnp.float32).astype(jnp.bfloat16)
+  enc = scale.astype(jnp.dtype(scale_dtype))
+  return jnp.where(enc.astype(jnp.float32) < scale, jnp.nextafter(enc, jnp.inf), enc)
+
+
+def decode_scale(encoded: jax.Array, scale_dtype: str) -> jax.Array:
+  """float32 scales from their stored encoding."""
+  if scale_dtype == "log8":
+    return jnp.exp2((encoded.astype(jnp.float32) - LOG8_BIAS) / LOG8_STEPS)
+  return encoded.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def pack_codes(codes: jax.Array, bits: int) -> jax.Array:
+  """Pack uint8 codes ``[..., D]`` (< 2**bits) into ``[..., D * bits // 8]`` bytes.
+
+  Planar within a byte: element ``j + k*W`` goes to byte ``j``, bits ``k*bits``.
+
+  >>> pack_codes(jnp.array([1, 2, 3, 4], jnp.uint8), 4).tolist()
+  [49, 66]
+  """
+  n = 8 // bits
+  if n == 1:
+    return codes.astype(jnp.uint8)
+  d = codes.shape[-1]
+  pieces = codes.astype(jnp.uint32).reshape(*codes.shape[:-1], n, d // n)
+  shifts = (jnp.arange(n, dtype=jnp.uint32) * bits)[:, None]
+  return jnp.sum(pieces << shifts, axis=-2).astype(jnp.uint8)
+
+
+def unpack_codes(packed: jax.Array, bits: int) -> jax.Array:
+  """Inverse of ``pack_codes``: uint8 ``[..., W]`` -> uint8 codes ``[..., W * 8 // bits]``.
+
+  >>> unpack_codes(jnp.array([49, 66], jnp.uint8), 4).tolist()
+  [1, 2, 3, 4]
+  """
+  n = 8 // bits
+  if n == 1:
+    return packed
+  mask = jnp.uint8((1 << bits) - 1)
+  return jnp.concatenate([(packed >> (k * bits)) & mask for k in range(n)], axis=-1)
+
+
+# ----------------------------------------------------------------------------- groups
+
+
+def _grouped(x: jax.Array, spec: QuantSpec, g: int):
+  """View ``[..., S, H, D]`` as groups; returns (view, reduce axis)."""
+  *lead, s, h, d = x.shape
+  if spec.axis == "token":
+    return x.reshape(*lead, s, h, d // g, g), -1
+  return x.reshape(*lead, s // g, g, h, d), -3
+
+
+def _ungrouped(xg: jax.Array, shape) -> jax.Array:
+  return xg.reshape(shape)
+
+
+def group_scale(amax: jax.Array, lo: Optional[jax.Array], hi: Optional[jax.Array],
+                spec: QuantSpec) -> jax.Array:
+  """float32 scale of groups from their stats (``lo``/``hi`` for asymmetric specs).
+
+  The asymmetric zero point is ``round(lo / scale)`` (int8); the scale is
+  widened just enough that neither the zero nor any code clips, so every
+  element decodes within ``scale / 2``.
+  """
+  if spec.kind == "fp8":
+    return amax / FP8_MAX
+  if spec.symmetric:
+    return amax / ((1 << (spec.bits - 1)) - 1)
+  qmax = (1 << spec.bits) - 1
+  return jnp.maximum((hi - lo) / (qmax - 0.5), jnp.abs(lo) / _ZERO_MAX)
+
+
+def _inverse(s: jax.Array) -> jax.Array:
+  return jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
+
+
+def zero_point(lo: jax.Array, s: jax.Array) -> jax.Array:
+  """float32 integer zero points ``round(lo / s)`` in int8 range (0 where s == 0)."""
+  return jnp.clip(jnp.where(s > 0, jnp.round(lo * _inverse(s)), 0.0), -_ZERO_MAX - 1, _ZERO_MAX)
+
+
+def encode_values(x: jax.Array, s: jax.Array, z: Optional[jax.Array], spec: QuantSpec):
+  """Codes of float32 ``x`` given broadcastable decoded scales and zero points.
+
+  Returns uint8 codes (unpacked) for integer specs, float8_e4m3fn for fp8.
+  """
+  xs = x * _inverse(s)
+  if spec.kind == "fp8":
+    return jnp.clip(xs, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+  if spec.symmetric:
+    half = 1 << (spec.bits - 1)
+    return (jnp.clip(jnp.round(xs), 1 - half, half - 1) + half).astype(jnp.uint8)
+  return jnp.clip(jnp.round(xs - z), 0, (1 << spec.bits) - 1).astype(jnp.uint8)
+
+
+def decode_values(u: jax.Array, s: jax.Array, z: Optional[jax.Array],
+                  spec: QuantSpec) -> jax.Array:
+  """float32 values ``s * (code + zero)`` from unpacked codes (or fp8 values)."""
+  u = u.astype(jnp.float32)
+  if spec.kind == "int":
+    u = u - float(1 << (spec.bits - 1)) if spec.symmetric else u + z.astype(jnp.float32)
+  return u * s
+
+
+def quantize_pages(x: jax.Array, spec: QuantSpec) -> Pages:
+  """Quantize full pages.
+
+  Args:
+    x: float ``[..., S, H, D]`` (any leading axes: layers, pages). For
+      ``axis="channel"`` S must be the whole page (groups run along it); for
+      ``axis="token"`` rows are independent and S may be any token count.
+    spec: a quantized ``QuantSpec`` (bits=16 returns ``Pages(x)`` unchanged).
+
+  Returns:
+    ``Pages(data, scale, zero)`` in the module's layout; ``zero`` is None for
+    symmetric specs.
+
+  >>> p = quantize_pages(jnp.ones((4, 1, 8)), QuantSpec(bits=4))
+  >>> p.data.shape, p.scale.shape, p.zero
+  ((4, 1, 4), (4, 1, 1), None)
+  """
+  if not spec.is_quantized:
+    return _pages(data=x)
+  g = spec.group(head_dim=x.shape[-1], page_size=x.shape[-3])
+  _check_divides(spec, g, x.shape)
+  xg, ax = _grouped(x.astype(jnp.float32), spec, g)
+  amax = jnp.max(jnp.abs(xg), axis=ax)
+  lo, hi = jnp.min(xg, axis=ax), jnp.max(xg, axis=ax)
+  enc = encode_scale(group_scale(amax, lo, hi, spec), spec.scale_dtype)
+  s = decode_scale(enc, spec.scale_dtype)
+  z = zero_point(lo, s) if spec.has_zero else None
+  codes = encode_values(xg, jnp.expand_dims(s, ax),
+                        None if z is None else jnp.expand_dims(z, ax), spec)
+  codes = _ungrouped(codes, x.shape)
+  if spec.kind == "fp8":
+    return _pages(data=codes, scale=enc)
+  return _pages(data=pack_codes(codes, spec.bits), scale=enc,
+                zero=None if z is None else z.astype(jnp.int8))
+
+
+def _check_divides(spec: QuantSpec, g: int, shape) -> None:
+  d, s = shape[-1], shape[-3]
+  if d % spec.codes_per_byte:
+    raise ValueError(f"head_dim={d} is not a multiple of {spec.codes_per_byte} codes per byte")
+  extent = d if spec.axis == "token" else s
+  if extent % g:
+    raise ValueError(f"group_size={g} does not divide the {spec.axis} group axis "
+                     f"(size {extent}) of shape {tuple(shape)}")
+
+
+def dequantize_pages(pages: Pages, spec: QuantSpec) -> jax.Array:
+  """float32 ``[..., S, H, D]`` from ``Pages`` made by ``quantize_pages``.
+
+  >>> x = jnp.arange(8.0).reshape(1, 1, 8)
+  >>> spec = QuantSpec(bits=8, symmetric=False)
+  >>> float(jnp.max(jnp.abs(dequantize_pages(quantize_pages(x, spec), spec) - x))) < 0.02
+  True
+  """
+  if not spec.is_quantized:
+    return pages.data.astype(jnp.float32)
+  if spec.kind == "fp8":
+    vals = pages.data.astype(jnp.float32)
+  else:
+    vals = unpack_codes(pages.data, spec.bits).astype(jnp.float32)
+  shape = vals.shape
+  g = spec.group(head_dim=shape[-1], page_size=shape[-3])
+  vg, ax = _grouped(vals, spec, g)
+  s = jnp.expand_dims(decode_scale(pages.scale, spec.scale_dtype), ax)
+  z = None if pages.zero is None else jnp.expand_dims(pages.zero, ax)
+  return _ungrouped(decode_values(vg, s, z, spec), shape)
+
+
+def requantize(pages: Pages, from_spec: QuantSpec, to_spec: QuantSpec) -> Pages:
+  """Pages re-encoded from one spec to another (e.g. demotion to a colder tier).
+
+  Args:
+    pages: ``Pages`` of full pages ``[..., S, H, *]`` in ``from_spec``'s layout.
+
+  >>> x = jnp.ones((4, 1, 8))
+  >>> p = requantize(quantize_pages(x, QuantSpec(bits=8)), QuantSpec(bits=8), QuantSpec(bits=2))
+  >>> p.data.shape
+  (4, 1, 2)
+  """
+  if from_spec == to_spec:
+    return pages
+  return quantize_pages(dequantize_pages(pages, from_spec), to_spec)
+
+
+def quantize_tokens(x: jax.Array, spec: QuantSpec) -> Pages:
+  """Per-token quantization of new tokens ``[T, H, D]`` for a direct write.
+
+  Only for ``axis="token"`` specs (each row has its own scales): the result's
+  row ``t`` is stored at the token's slot, ``data[page, slot] = out.data[t]``
+  and the same for ``scale``/``zero``. Channel-axis specs need the whole page:
+  stage the tokens in full precision and ``fold_page`` when the page fills.
+
+  >>> quantize_tokens(jnp.ones((3, 2, 8)), QuantSpec(bits=4)).scale.shape
+  (3, 2, 1)
+  """
+  if spec.is_quantized and spec.axis != "token":
+    raise ValueError(f"quantize_tokens: spec.axis must be 'token', got {spec.axis!r}; "
+                     f"channel-axis pages are quantized whole by fold_page")
+  return quantize_pages(x, spec)
+
+
+def fold_page(page: jax.Array, spec: QuantSpec) -> Pages:
+  """Quantize one full page (or a batch of them) held in full precision.
+
+  Args:
+    page: float ``[..., S, H, D]``: the staged page(s) once all S tokens are
+      written (and, with a residual window, once ``residual`` newer tokens exist).
+
+  Returns:
+    ``Pages`` to store at the page's id with ``store_pages``.
+
+  >>> fold_page(jnp.ones((2, 4, 1, 8)), QuantSpec(bits=4, axis="channel")).scale.shape
+  (2, 1, 1, 8)
+  """
+  return quantize_pages(page, spec)
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+def page_shapes(spec: QuantSpec, *, num_pages: int, page_size: int, num_kv_heads: int,
+                head_dim: int, dtype="bfloat16", num_layers: Optional[int] = None) -> Pages:
+  """``Pages`` of ``jax.ShapeDtypeStruct`` describing a pool stored in ``spec``.
+
+  Shapes are ``[L, P, ...]`` with ``num_layers`` given, ``[P, ...]`` without.
+
+  >>> page_shapes(QuantSpec(bits=4), num_pages=8, page_size=16, num_kv_heads=3,
+  ...             head_dim=64).data.shape
+  (8, 16, 3, 32)
+  """
+  lead = (num_pages,) if num_layers is None else (num_layers, num_pages)
+  sds = jax.ShapeDtypeStruct
+  if not spec.is_quantized:
+    return _pages(data=sds(lead + (page_size, num_kv_heads, head_dim), jnp.dtype(dtype)))
+  spec.validate_for(head_dim=head_dim, page_size=page_size, what="page_shapes")
+  g = spec.group(head_dim=head_dim, page_size=page_size)
+  if spec.kind == "fp8":
+    data = sds(lead + (page_size, num_kv_heads, head_dim), jnp.float8_e4m3fn)
+  else:
+    data = sds(lead + (page_size, num_kv_heads, head_dim // spec.codes_per_byte), jnp.uint8)
+  if spec.axis == "token":
+    sshape = lead + (page_size, num_kv_heads, head_dim // g)
+  else:
+    sshape = lead + (page_size // g, num_kv_heads, head_dim)
+  sdt = jnp.uint8 if spec.scale_dtype == "log8" else jnp.dtype(spec.scale_dtype)
+  zero = sds(sshape, jnp.int8) if spec.has_zero else None
+  return _pages(data=data, scale=sds(sshape, sdt), zero=zero)
+
+
+def init_quant_pages(spec: QuantSpec, **shape_kwargs) -> Pages:
+  """Zero pages stored in ``spec`` (arguments as ``page_shapes``).
+
+  >>> init_quant_pages(QuantSpec(bits=2, symmetric=False), num_pages=2, page_size=4,
+  ...                  num_kv_heads=1, head_dim=8).zero.shape
+  (2, 4, 1, 1)
+  """
+  shapes = page_shapes(spec, **shape_kwargs)
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def copy_pages(pool: Pages, src: jax.Array, dst: jax.Array) -> Pages:
+  """Copy whole pages (data, scale, zero) from ``src`` to ``dst`` ids (copy on write).
+
+  Args:
+    pool: ``Pages`` with arrays ``[P, ...]``.
+    src / dst: int32 ``[N]``; pairs with ``dst < 0`` are skipped.
+
+  >>> pool = quantize_pages(jnp.arange(16.0).reshape(2, 2, 1, 4), QuantSpec(bits=8))
+  >>> out = copy_pages(pool, jnp.array([1]), jnp.array([0]))
+  >>> bool((out.data[0] == pool.data[1]).all())
+  True
+  """
+  taken = jax.tree.map(lambda a: a[jnp.clip(src, 0, a.shape[0] - 1)], pool)
+  return store_pages(pool, dst, taken)
+
+
+def store_pages(pool: Pages, page_ids: jax.Array, new: Pages) -> Pages:
+  """Scatter whole pages into a pool (one layer, or all with matching leading axes).
+
+  Args:
+    pool: ``Pages`` with arrays ``[P, ...]``.
+    page_ids: int32 ``[N]`` page ids; out-of-range ids (e.g. -1) are dropped.
+    new: ``Pages`` with arrays ``[N, ...]`` in the pool's spec.
+
+  >>> pool = init_quant_pages(QuantSpec(bits=8), num_pages=3, page_size=2,
+  ...                         num_kv_heads=1, head_dim=4)
+  >>> new = quantize_pages(jnp.ones((2, 2, 1, 4)), QuantSpec(bits=8))
+  >>> out = store_pages(pool, jnp.array([1, -1]), new)
+  >>> int(out.data[0].max()), int(out.data[1].min()) > 0
+  (0, True)
+  """
+  ids = jnp.where(page_ids < 0, pool.data.shape[0], page_ids)
+  put = lambda a, b: None if a is None else a.at[ids].set(b.astype(a.dtype), mode="drop")  # noqa
+  return _pages(data=put(pool.data, new.data), scale=put(pool.scale, new.scale),
+               zero=put(pool.zero, new.zero))
+
+
+# ----------------------------------------------------------------------------- accounting
+
+
+def bytes_per_token(spec: QuantSpec, num_layers: int, num_kv_heads: int, head_dim: int,
+                    page_size: int, dtype="bfloat16") -> float:
+  """Bytes one cached token costs in K *or* V across all layers, scales included.
+
+  ``dtype`` is the unquantized storage (bits=16). The full-precision staging
+  (partial page, residual window) is a per-sequence cost, not counted here:
+  see ``staging_bytes_per_seq``.
+
+  >>> bytes_per_token(QuantSpec(), 30, 3, 64, 16)
+  11520.0
+  >>> bytes_per_token(QuantSpec(bits=8), 30, 3, 64, 16)
+  5940.0
+  """
+  if not spec.is_quantized:
+    return float(num_layers * num_kv_heads * head_dim * jnp.dtype(dtype).itemsize)
+  spec.validate_for(head_dim=head_dim, page_size=page_size, what="bytes_per_token")
+  g = spec.group(head_dim=head_dim, page_size=page_size)
+  meta = spec.scale_bytes + (1 if spec.has_zero else 0)
+  per_head = head_dim * spec.bits / 8
+  if spec.axis == "token":
+    per_head += (head_dim // g) * meta
+  else:
+    per_head += head_dim * meta / g
+  return float(num_layers * num_kv_heads * per_head)
+
+
+def compression(key_spec: QuantSpec, value_spec: QuantSpec, *, num_layers: int,
+                num_kv_heads: int, head_dim: int, page_size: int) -> float:
+  """bf16 bytes per token (K+V) over this pair's bytes per token.
+
+  >>> round(compression(QuantSpec(bits=8), QuantSpec(bits=8), num_layers=30,
+  ...                   num_kv_heads=3, head_dim=64, page_size=16), 3)
+  1.939
+  """
+  dims = dict(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
+              page_size=page_size)
+  bf16 = 2 * bytes_per_token(QuantSpec(), **dims)
+  return bf16 / (bytes_per_token(key_spec, **dims) + bytes_per_token(value_spec, **dims))
+
+
+# ----------------------------------------------------------------------------- staging
+
+
+def needs_staging(key_spec: QuantSpec, value_spec: QuantSpec) -> bool:
+  """Whether recent tokens must be kept in full precision before folding."""
+  return any(s.is_quantized and (s.axis == "channel" or s.residual)
+             for s in (key_spec, value_spec))
+
+
+def residual_tokens(key_spec: QuantSpec, value_spec: QuantSpec) -> int:
+  """The cache's full-precision window: the larger of the two specs' residuals."""
+  return max(key_spec.residual, value_spec.residual)
+
+
+def staging_pages(key_spec: QuantSpec, value_spec: QuantSpec, page_size: int) -> int:
+  """Pages of the per-sequence full-precision ring: ``residual // S + 1`` (0 if none).
+
+  >>> staging_pages(QuantSpec(bits=4, axis="channel", residual=32), QuantSpec(bits=4), 16)
+  3
+  """
+  if not needs_staging(key_spec, value_spec):
+    return 0
+  return residual_tokens(key_spec, value_spec) // page_size + 1
+
+
+def first_staged_page(kv_lens: jax.Array, residual: int, page_size: int) -> jax.Array:
+  """Index of the first page of each sequence still held in the staging ring.
+
+  Page ``j`` is quantized (folded) iff ``(j + 1) * S + residual <= kv_len``;
+  pages ``first_staged_page .. ceil(kv_len / S) - 1`` live in staging slot
+  ``j % staging_pages``.
+
+  >>> first_staged_page(jnp.array([0, 15, 16, 47]), 16, 16).tolist()
+  [0, 0, 0, 1]
+  """
+  return jnp.maximum(kv_lens - residual, 0) // page_size
+
+
+def pages_to_fold(old_lens: jax.Array, new_lens: jax.Array, residual: int,
+                  page_size: int) -> tuple[jax.Array, jax.Array]:
+  """Pages whose fold falls in a step that grows lengths from old to new.
+
+  Returns ``(first, count)``: int32 ``[B]`` each; pages ``first .. first+count-1``
+  of each sequence are to be quantized from staging into the pool this step.
+
+  >>> [a.tolist() for a in pages_to_fold(jnp.array([15]), jnp.array([17]), 0, 16)]
+  [[0], [1]]
+  """
+  first = first_staged_page(old_lens, residual, page_size)
+  return first, first_staged_page(new_lens, residual, page_size) - first
+
+
+def staging_bytes_per_seq(key_spec: QuantSpec, value_spec: QuantSpec, *, num_layers: int,
+                          num_kv_heads: int, head_dim: int, page_size: int,
+                          dtype="bfloat16") -> int:
+  """Bytes of one sequence's staging ring (K and V, all layers)."""
+  n = staging_pages(key_spec, value_spec, page_size)
+  return int(2 * n * page_size * num_layers * num_kv_heads * head_dim
+             * jnp.dtype(dtype).itemsize)
+
+
+def error_bound(spec: QuantSpec, scale: jax.Array) -> jax.Array:
+  """Largest |x - dequantize(quantize(x))| per group given decoded scales.
+
+  Integer specs: half a step. fp8 e4m3: half an ulp of the largest value
+  (3 mantissa bits: 2**-4 relative of 448 * scale).
+  """
+  if spec.kind == "fp8":
+    return scale * FP8_MAX * 2.0 ** -4
+  return scale * 0.5
+
+
+
+# ----------------------------------------------------------------------------- writes
+
+
+def write_tokens(pool: Pages, slots: jax.Array, x: jax.Array, spec: QuantSpec) -> Pages:
+  """Quantize new tokens and scatter them into their slots (token-axis specs).
+
+  Args:
+    pool: one layer's ``Pages``, arrays ``[P, S, H, *]``.
+    slots: int32 ``[N]`` flat slots ``page * S + offset``; out of range (-1) dropped.
+    x: float ``[N, H, D]`` the tokens' K or V.
+    spec: the pool's spec; ``axis="token"`` or unquantized.
+
+  >>> spec = QuantSpec(bits=4)
+  >>> pool = init_quant_pages(spec, num_pages=2, page_size=2, num_kv_heads=1, head_dim=8)
+  >>> out = write_tokens(pool, jnp.array([3, -1]), jnp.full((2, 1, 8), 7.0), spec)
+  >>> float(dequantize_pages(out, spec)[1, 1, 0, 0])
+  7.0
+  """
+  new = quantize_tokens(x, spec)
+  p, s = pool.data.shape[:2]
+  idx = jnp.where((slots < 0) | (slots >= p * s), p * s, slots)
+
+  def put(a, b):
+    if a is None:
+      return None
+    flat = a.reshape(p * s, *a.shape[2:])
+    return flat.at[idx].set(b.astype(a.dtype), mode="drop").reshape(a.shape)
+
+  return _pages(data=put(pool.data, new.data), scale=put(pool.scale, new.scale),
+                zero=put(pool.zero, new.zero))
+
+
+def stage_and_fold(pool: Pages, stage: jax.Array, page_table: jax.Array, kv_lens: jax.Array,
+                   x: jax.Array, num_new: jax.Array, spec: QuantSpec, *,
+                   residual: int) -> tuple[Pages, jax.Array]:
+  """Write new tokens through the full-precision ring; fold pages that become due.
+
+  Page ``j`` of a sequence is due when ``(j + 1) * S + residual <= kv_len``
+  (``first_staged_page``). This step's due pages are assembled from the ring
+  (tokens already cached) and ``x`` (new tokens), quantized whole
+  (``fold_page``) and stored at their page ids; new tokens of pages that stay
+  staged go to ring slot ``j % NS``. A prefill chunk longer than the ring is
+  fine: its full pages are folded straight from ``x``.
+
+  Args:
+    pool: one layer's ``Pages`` in ``spec``, arrays ``[P, S, H, *]``.
+    stage: float ``[B, NS, S, H, D]`` ring, NS = ``staging_pages(...)``.
+    page_table: int32 ``[B, M]`` after this step's allocation.
+    kv_lens: int32 ``[B]`` tokens cached *before* this step.
+    x: float ``[B, T, H, D]`` new tokens; row ``b`` uses its first ``num_new[b]``.
+    num_new: int32 ``[B]`` new tokens per sequence (0 for idle rows).
+    spec: the pool's spec.
+    residual: the cache's window, ``residual_tokens(key_spec, value_spec)``.
+
+  Returns:
+    ``(pool, stage)`` updated.
+
+  >>> spec = QuantSpec(bits=8, axis="channel")
+  >>> pool = init_quant_pages(spec, num_pages=2, page_size=2, num_kv_heads=1, head_dim=4)
+  >>> stage = jnp.zeros((1, 1, 2, 1, 4))
+  >>> pool, stage = stage_and_fold(pool, stage, jnp.array([[1, 0]]), jnp.array([0]),
+  ...                              jnp.full((1, 3, 1, 4), 127.0), jnp.array([3]), spec,
+  ...                              residual=0)
+  >>> float(dequantize_pages(pool, spec)[1, 0, 0, 0]), float(stage[0, 0, 0, 0, 0])
+  (127.0, 127.0)
+  """
+  b, ns, s, h, d = stage.shape
+  t = x.shape[1]
+  n0 = kv_lens.astype(jnp.int32)
+  n1 = n0 + num_new.astype(jnp.int32)
+  f0 = first_staged_page(n0, residual, s)
+  count = first_staged_page(n1, residual, s) - f0                    # [B]
+  folds = t // s + 1                                                 # static bound on count
+  j = f0[:, None] + jnp.arange(folds)[None, :]                       # [B, F]
+  pos = j[..., None] * s + jnp.arange(s)                             # [B, F, S]
+  rows = jnp.arange(b)[:, None, None]
+  from_ring = stage[rows, (j % ns)[..., None], pos % s]              # [B, F, S, H, D]
+  from_x = x[rows, jnp.clip(pos - n0[:, None, None], 0, t - 1)]
+  page_vals = jnp.where((pos < n0[:, None, None])[..., None, None], from_ring, from_x)
+  folded = fold_page(page_vals.reshape(b * folds, s, h, d), spec)
+  m = page_table.shape[1]
+  ids = page_table[jnp.arange(b)[:, None], jnp.clip(j, 0, m - 1)]
+  ids = jnp.where((jnp.arange(folds)[None, :] < count[:, None]) & (j < m), ids, -1)
+  pool = store_pages(pool, ids.reshape(-1), folded)
+  # new tokens of pages that stay staged go to the ring
+  tpos = n0[:, None] + jnp.arange(t)[None, :]                        # [B, T]
+  keep = (jnp.arange(t)[None, :] < num_new[:, None]) & (
+      tpos // s >= first_staged_page(n1, residual, s)[:, None])
+  slot_b = jnp.where(keep, jnp.arange(b)[:, None], b)                # b: dropped
+  stage = stage.at[slot_b, (tpos // s) % ns, tpos % s].set(x.astype(stage.dtype), mode="drop")
+  return pool, stage
+
+
+# ----------------------------------------------------------------------------- presets
+
+#: Named (key_spec, value_spec) pairs. Compression is for SmolLM2's shapes
+#: (30 layers, 3 kv heads, head_dim 64) with 16-token pages, scales included.
+PRESETS = {
+    "bf16": (QuantSpec(), QuantSpec()),
+    # 1.94x: one bf16 scale per token and head
+    "int8": (QuantSpec(bits=8), QuantSpec(bits=8)),
+    "fp8": (QuantSpec(bits=8, kind="fp8"), QuantSpec(bits=8, kind="fp8")),
+    # KIVI's layout of DESIGN.md section 8, bf16 scales (zeros int8 here): 3.12x, short of 3.5x
+    "int4-kivi": (QuantSpec(bits=4, axis="channel", symmetric=False),
+                  QuantSpec(bits=4, symmetric=False, group_size=32)),
+    # 3.51x: K per channel asymmetric (log8 scale + int8 zero), V per token symmetric
+    "int4": (QuantSpec(bits=4, axis="channel", symmetric=False, scale_dtype="log8"),
+             QuantSpec(bits=4, scale_dtype="log8")),
+    # 3.66x: K per channel symmetric, V per token asymmetric
+    "int4-ksym": (QuantSpec(bits=4, axis="channel", scale_dtype="log8"),
+                  QuantSpec(bits=4, symmetric=False, scale_dtype="log8")),
+    # 3.46x at 16-token pages, 3.66x at 32: both asymmetric
+    "int4-asym": (QuantSpec(bits=4, axis="channel", symmetric=False, scale_dtype="log8"),
+                  QuantSpec(bits=4, symmetric=False, scale_dtype="log8")),
+    # 6.10x (+ a 5-page bf16 ring per sequence): KIVI-2 with a 64-token window
+    "int2-r64": (QuantSpec(bits=2, axis="channel", symmetric=False, scale_dtype="log8",
+                           residual=64),
+                 QuantSpec(bits=2, symmetric=False, scale_dtype="log8", residual=64)),
+    "int2-r128": (QuantSpec(bits=2, axis="channel", symmetric=False, scale_dtype="log8",
+                            residual=128),
+                  QuantSpec(bits=2, symmetric=False, scale_dtype="log8", residual=128)),
+}

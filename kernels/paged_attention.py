@@ -1,0 +1,284 @@
+"""Paged decode attention over quantized pages: jnp reference and Pallas kernel.
+
+Names used in shapes: B = batch (sequences), Hq = query heads, H = KV heads,
+G = Hq // H (GQA group), D = head_dim, P = pages in the pool, S = page_size,
+M = page-table columns, NS = staging pages per sequence, W = D // codes per byte.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from kvjax import quant
+from kvjax.kernels import quantize as kq
+from kvjax.quant import QuantSpec
+from kvjax.state import Pages
+
+
+def _check_args(q, k_pages, v_pages, page_table, kv_lens, k_spec, v_spec, k_stage, v_stage,
+                what):
+  """Host-side shape checks shared by the reference and the kernel wrapper."""
+  if q.ndim != 3:
+    raise ValueError(f"{what}: q must be [B, Hq, D], got shape {q.shape}")
+  b, hq, d = q.shape
+  for name, pages, spec in (("k_pages", k_pages, k_spec), ("v_pages", v_pages, v_spec)):
+    if pages.data.ndim != 4:
+      raise ValueError(f"{what}: {name}.data must be [P, S, H, *], got shape "
+                       f"{pages.data.shape}")
+    spec.validate_for(head_dim=d, page_size=pages.data.shape[1], what=f"{what}: {name}")
+    width = d // spec.codes_per_byte if spec.kind == "int" and spec.is_quantized else d
+    if pages.data.shape[-1] != width:
+      raise ValueError(f"{what}: {name}.data last axis must be {width} for head_dim={d} "
+                       f"and {spec}, got {pages.data.shape[-1]}")
+  h = k_pages.data.shape[2]
+  if hq % h:
+    raise ValueError(f"{what}: query heads {hq} not a multiple of kv heads {h}")
+  if page_table.ndim != 2 or page_table.shape[0] != b:
+    raise ValueError(f"{what}: page_table must be [B={b}, M], got shape {page_table.shape}")
+  if kv_lens.shape != (b,):
+    raise ValueError(f"{what}: kv_lens must be [B={b}], got shape {kv_lens.shape}")
+  if (k_stage is None) != (v_stage is None):
+    raise ValueError(f"{what}: give both k_stage and v_stage or neither")
+  if k_stage is not None:
+    s = k_pages.data.shape[1]
+    for name, st in (("k_stage", k_stage), ("v_stage", v_stage)):
+      if st.ndim != 5 or st.shape[0] != b or st.shape[2:] != (s, h, d):
+        raise ValueError(f"{what}: {name} must be [B={b}, NS, S={s}, H={h}, D={d}], "
+                         f"got shape {st.shape}")
+    need = quant.residual_tokens(k_spec, v_spec) // s + 1
+    if k_stage.shape[1] < need or v_stage.shape[1] != k_stage.shape[1]:
+      raise ValueError(f"{what}: staging rings must hold the same number (>= {need}) of pages "
+                       f"for these specs, got {k_stage.shape[1]} and {v_stage.shape[1]}")
+
+
+def gather_dequantized(pages: Pages, spec: QuantSpec, page_table: jax.Array,
+                       kv_lens: jax.Array, stage: Optional[jax.Array] = None,
+                       residual: int = 0) -> jax.Array:
+  """Each sequence's K (or V) as dense float32 ``[B, M * S, H, D]`` (for prefill).
+
+  Args:
+    pages: one layer's ``Pages`` ``[P, S, H, *]`` in ``spec``.
+    page_table: int32 ``[B, M]`` (-1 entries read page 0: mask by ``kv_lens``).
+    kv_lens: int32 ``[B]``; decides which pages come from ``stage``.
+    stage: optional float ``[B, NS, S, H, D]`` ring (see ``paged_attention_reference``).
+    residual: the cache's window (``quant.residual_tokens``).
+
+  >>> spec = QuantSpec(bits=8)
+  >>> p = quant.quantize_pages(jnp.full((2, 4, 1, 8), 7.0), spec)
+  >>> gather_dequantized(p, spec, jnp.array([[1, 0]]), jnp.array([5])).shape
+  (1, 8, 1, 8)
+  """
+  pt = jnp.clip(page_table, 0, pages.data.shape[0] - 1)
+  x = quant.dequantize_pages(jax.tree.map(lambda a: a[pt], pages), spec)  # [B, M, S, H, D]
+  if stage is not None:
+    s, m, ns = x.shape[2], x.shape[1], stage.shape[1]
+    j = jnp.arange(m)
+    staged = j[None, :] >= quant.first_staged_page(kv_lens, residual, s)[:, None]
+    x = jnp.where(staged[:, :, None, None, None], stage[:, j % ns].astype(jnp.float32), x)
+  b, m, s, h, d = x.shape
+  return x.reshape(b, m * s, h, d)
+
+
+def paged_attention_reference(q: jax.Array, k_pages: Pages, v_pages: Pages,
+                              page_table: jax.Array, kv_lens: jax.Array, k_spec: QuantSpec,
+                              v_spec: QuantSpec, *, k_stage: Optional[jax.Array] = None,
+                              v_stage: Optional[jax.Array] = None) -> jax.Array:
+  """Decode attention (one query token per sequence) over paged, quantized K/V.
+
+  Args:
+    q: float ``[B, Hq, D]``; query head ``i`` reads kv head ``i // G``.
+    k_pages / v_pages: one layer's ``Pages`` with arrays ``[P, S, H, *]`` in
+      ``k_spec`` / ``v_spec`` layout.
+    page_table: int32 ``[B, M]``; entries past a sequence's pages are ignored.
+    kv_lens: int32 ``[B]`` tokens to attend to (0 gives a zero output).
+    k_spec / v_spec: the pools' ``QuantSpec``s.
+    k_stage / v_stage: optional float ``[B, NS, S, H, D]`` full-precision
+      staging rings: pages ``j >= first_staged_page(kv_len, residual, S)`` are
+      read from ``stage[b, j % NS]`` instead of the pool.
+
+  Returns:
+    float32 ``[B, Hq, D]``, softmax scale ``1 / sqrt(D)``.
+
+  >>> spec = QuantSpec()
+  >>> k = Pages(data=jnp.ones((1, 2, 1, 4))); v = Pages(data=jnp.ones((1, 2, 1, 4)))
+  >>> out = paged_attention_reference(jnp.ones((1, 2, 4)), k, v, jnp.zeros((1, 1), jnp.int32),
+  ...                                 jnp.array([2]), spec, spec)
+  >>> out.shape, float(out[0, 0, 0])
+  ((1, 2, 4), 1.0)
+  """
+  _check_args(q, k_pages, v_pages, page_table, kv_lens, k_spec, v_spec, k_stage, v_stage,
+              "paged_attention_reference")
+  b, hq, d = q.shape
+  h = k_pages.data.shape[2]
+  residual = quant.residual_tokens(k_spec, v_spec)
+  k = gather_dequantized(k_pages, k_spec, page_table, kv_lens, k_stage, residual)
+  v = gather_dequantized(v_pages, v_spec, page_table, kv_lens, v_stage, residual)
+  qg = q.astype(jnp.float32).reshape(b, h, hq // h, d)
+  scores = jnp.einsum("bhgd,bthd->bhgt", qg, k) / jnp.sqrt(jnp.float32(d))
+  valid = jnp.arange(k.shape[1])[None, :] < kv_lens[:, None]          # [B, T]
+  scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
+  m = jnp.max(scores, axis=-1, keepdims=True)
+  p = jnp.exp(scores - jnp.where(jnp.isfinite(m), m, 0.0))
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  out = jnp.einsum("bhgt,bthd->bhgd", p, v) / jnp.where(l > 0, l, 1.0)
+  return out.reshape(b, hq, d)
+
+
+# ----------------------------------------------------------------------------- Pallas kernel
+
+
+def _attention_kernel(*refs, k_spec: QuantSpec, v_spec: QuantSpec, head_dim: int,
+                      page_size: int, residual: int, num_stage: int):
+  """One (sequence, kv head): online softmax over its pages, dequantizing in place.
+
+  Refs, in order:
+    q_ref: float ``[G, D]`` the G query heads of this kv head.
+    table_ref: int32 ``[B, M]`` page table (whole); lens_ref: int32 ``[B]``.
+    k data ``[P, S, W]``, k scale, k zero (present per spec, see
+    ``kernels.quantize.load_segment``), then the same for v.
+    k_stage_ref / v_stage_ref: float ``[NS, S, D]`` when ``num_stage > 0``.
+    o_ref: float32 ``[G, D]``.
+  """
+  it = iter(refs)
+  q_ref, table_ref, lens_ref = next(it), next(it), next(it)
+
+  def pool(spec):
+    data = next(it)
+    scale = next(it) if spec.is_quantized else None
+    zero = next(it) if spec.has_zero else None
+    return data, scale, zero
+
+  k_pool, v_pool = pool(k_spec), pool(v_spec)
+  k_stage_ref = next(it) if num_stage else None
+  v_stage_ref = next(it) if num_stage else None
+  o_ref = next(it)
+
+  b = pl.program_id(0)
+  kv_len = lens_ref[b]
+  n_pages = (kv_len + page_size - 1) // page_size
+  first_staged = jnp.minimum(quant.first_staged_page(kv_len, residual, page_size), n_pages)
+  if not num_stage:
+    first_staged = n_pages
+  k_segs = kq.segments(k_spec, head_dim, page_size)
+  v_segs = kq.segments(v_spec, head_dim, page_size)
+  sm_scale = 1.0 / float(head_dim) ** 0.5
+  small_group = q_ref.shape[0] < 16
+  q_parts = [q_ref[:, pl.ds(c0, w)].astype(jnp.float32) * sm_scale for c0, w, _, _ in k_segs]
+  full = QuantSpec()
+
+  def mm_t(a, b_):   # a [G, w] @ b_[S, w].T -> [G, S]
+    if small_group:  # broadcast-reduce: no minimum block size (tl.dot wants >= 16 rows)
+      return jnp.sum(a[:, None, :] * b_[None, :, :], axis=2)
+    return jnp.dot(a, b_.T, preferred_element_type=jnp.float32)
+
+  def mm(a, b_):     # a [G, S] @ b_[S, w] -> [G, w]
+    if small_group:
+      return jnp.sum(a[:, :, None] * b_[None, :, :], axis=1)
+    return jnp.dot(a, b_, preferred_element_type=jnp.float32)
+
+  def step(j, carry, load_k, load_v):
+    m, l, acc = carry
+    scores = sum(mm_t(qp, load_k(seg)) for qp, seg in zip(q_parts, k_segs))   # [G, S]
+    pos = j * page_size + jax.lax.broadcasted_iota(jnp.int32, scores.shape, 1)
+    scores = jnp.where(pos < kv_len, scores, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(scores, axis=1, keepdims=True))   # [G, 1]
+    corr = jnp.exp(m - m_new)
+    p = jnp.exp(scores - m_new)
+    l = corr * l + jnp.sum(p, axis=1, keepdims=True)
+    acc = tuple(corr * a + mm(p, load_v(seg)) for a, seg in zip(acc, v_segs))
+    return m_new, l, acc
+
+  def pooled(j, carry):
+    page = table_ref[b, j]
+    return step(j, carry,
+                lambda seg: kq.load_segment(*k_pool, (page,), seg, k_spec, head_dim),
+                lambda seg: kq.load_segment(*v_pool, (page,), seg, v_spec, head_dim))
+
+  def staged(j, carry):
+    slot = j % max(num_stage, 1)
+    return step(j, carry,
+                lambda seg: kq.load_segment(k_stage_ref, None, None, (slot,),
+                                            (seg[0], seg[1], 0, seg[0]), full, head_dim),
+                lambda seg: kq.load_segment(v_stage_ref, None, None, (slot,),
+                                            (seg[0], seg[1], 0, seg[0]), full, head_dim))
+
+  g = q_ref.shape[0]
+  carry = (jnp.full((g, 1), -jnp.inf, jnp.float32), jnp.zeros((g, 1), jnp.float32),
+           tuple(jnp.zeros((g, w), jnp.float32) for _, w, _, _ in v_segs))
+  carry = jax.lax.fori_loop(0, first_staged, pooled, carry)
+  if num_stage:
+    carry = jax.lax.fori_loop(first_staged, n_pages, staged, carry)
+  _, l, acc = carry
+  inv_l = jnp.where(l > 0, 1.0 / jnp.where(l > 0, l, 1.0), 0.0)
+  for a, (c0, w, _, _) in zip(acc, v_segs):
+    o_ref[:, pl.ds(c0, w)] = a * inv_l
+
+
+@functools.partial(jax.jit, static_argnames=("k_spec", "v_spec", "interpret"))
+def paged_attention(q: jax.Array, k_pages: Pages, v_pages: Pages, page_table: jax.Array,
+                    kv_lens: jax.Array, k_spec: QuantSpec, v_spec: QuantSpec, *,
+                    k_stage: Optional[jax.Array] = None, v_stage: Optional[jax.Array] = None,
+                    interpret: bool = False) -> jax.Array:
+  """Pallas paged decode attention, dequantization fused; as ``paged_attention_reference``.
+
+  Grid ``(B, H)``: each step runs an online softmax over one sequence's pages
+  for the G query heads of one kv head, reading packed codes and scales and
+  never writing dequantized K/V to memory. Staged pages (a residual window or
+  the partial page of a channel-axis spec) are read from ``k_stage``/``v_stage``.
+
+  Args:
+    as ``paged_attention_reference``; ``interpret`` runs the Pallas interpreter.
+
+  Returns:
+    float32 ``[B, Hq, D]``.
+
+  >>> spec = QuantSpec(bits=8)
+  >>> k = quant.quantize_pages(jnp.ones((1, 2, 1, 4)), spec)
+  >>> out = paged_attention(jnp.ones((1, 1, 4)), k, k, jnp.zeros((1, 1), jnp.int32),
+  ...                       jnp.array([2]), spec, spec, interpret=True)
+  >>> out.shape, round(float(out[0, 0, 0]), 3)
+  ((1, 1, 4), 1.0)
+  """
+  _check_args(q, k_pages, v_pages, page_table, kv_lens, k_spec, v_spec, k_stage, v_stage,
+              "paged_attention")
+  b, hq, d = q.shape
+  p, s, h, _ = k_pages.data.shape
+  for name, spec in (("k_spec", k_spec), ("v_spec", v_spec)):
+    kq.check_kernel_spec(spec, d, s, f"paged_attention: {name}")
+  g = hq // h
+  gp = max(pl.next_power_of_2(g), 2)   # power-of-two query rows per block (Triton); pad
+  num_stage = 0 if k_stage is None else k_stage.shape[1]   # no ring: all pages from the pool
+  residual = quant.residual_tokens(k_spec, v_spec)
+
+  whole = lambda a: pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)  # noqa: E731
+  head = lambda a: pl.BlockSpec((a.shape[0], a.shape[1], None, a.shape[3]),  # noqa: E731
+                                lambda i, j: (0, 0, j, 0))
+  qg = jnp.pad(q.reshape(b, h, g, d), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
+  ins = [qg, page_table.astype(jnp.int32), kv_lens.astype(jnp.int32)]
+  specs = [pl.BlockSpec((None, None, gp, d), lambda i, j: (i, j, 0, 0)), whole(ins[1]),
+           whole(ins[2])]
+  for pages, spec in ((k_pages, k_spec), (v_pages, v_spec)):
+    arrays = [pages.data] + ([pages.scale] if spec.is_quantized else []) + (
+        [pages.zero] if spec.has_zero else [])
+    ins += arrays
+    specs += [head(a) for a in arrays]
+  if num_stage:
+    for st in (k_stage, v_stage):
+      ins.append(st.astype(jnp.float32))
+      specs.append(pl.BlockSpec((None, num_stage, s, None, d), lambda i, j: (i, 0, 0, j, 0)))
+  out = pl.pallas_call(
+      functools.partial(_attention_kernel, k_spec=k_spec, v_spec=v_spec, head_dim=d,
+                        page_size=s, residual=residual, num_stage=num_stage),
+      grid=(b, h),
+      in_specs=specs,
+      out_specs=pl.BlockSpec((None, None, gp, d), lambda i, j: (i, j, 0, 0)),
+      out_shape=jax.ShapeDtypeStruct((b, h, gp, d), jnp.float32),
+      interpret=interpret,
+      name=f"paged_attention_k{k_spec.bits}_v{v_spec.bits}",
+  )(*ins)
+  return out[:, :, :g].reshape(b, hq, d)

@@ -1,0 +1,248 @@
+"""Pallas quantize / dequantize of K/V pages, beside their jnp references.
+
+The references are ``kvjax.quant.quantize_pages`` / ``dequantize_pages``; the
+kernels share their elementwise formulas (``encode_values``, ``decode_values``,
+scale encodings) and do their own blocking, group statistics and bit packing.
+
+Names used in shapes: N = pages, S = page_size (or tokens), H = kv heads,
+D = head_dim, n = codes per byte, W = D // n, ng = D // g (token groups),
+nt = S // g (channel groups).
+
+Grid: one step per (page, kv head); the block is one head of one page.
+Channels are visited in *segments* ``(c0, w, k, o)``: channels
+``c0 .. c0 + w`` sit in bits ``k * bits`` of bytes ``o .. o + w`` and belong to
+one scale group, so a segment is a static ref slice, a shift and a mask.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from kvjax import quant
+from kvjax.quant import QuantSpec
+from kvjax.state import Pages
+
+
+def segments(spec: QuantSpec, head_dim: int, page_size: int) -> list[tuple[int, int, int, int]]:
+  """Static ``(c0, w, k, o)`` segments covering channels ``0 .. D`` in order.
+
+  >>> segments(QuantSpec(bits=4, group_size=16), 64, 16)[:3]
+  [(0, 16, 0, 0), (16, 16, 0, 16), (32, 16, 1, 0)]
+  """
+  if not spec.is_quantized or spec.kind == "fp8":
+    n = 1
+  else:
+    n = spec.codes_per_byte
+  width = head_dim // n
+  w = width
+  if spec.is_quantized and spec.axis == "token":
+    w = min(spec.group(head_dim=head_dim, page_size=page_size), width)
+  return [(k * width + o, w, k, o) for k in range(n) for o in range(0, width, w)]
+
+
+def check_kernel_spec(spec: QuantSpec, head_dim: int, page_size: int, what: str) -> None:
+  """Host check: token groups and packed pieces must nest (one divides the other).
+
+  ``page_size`` is the block's token count; token-axis groups ignore it.
+  """
+  spec.validate_for(head_dim=head_dim, page_size=page_size if spec.axis == "channel" else 1,
+                    what=what)
+  if spec.is_quantized and spec.axis == "token":
+    g, width = spec.group(head_dim=head_dim, page_size=page_size), head_dim // spec.codes_per_byte
+    if width % g and g % width:
+      raise ValueError(f"{what}: group_size={g} and packed width {width} (head_dim={head_dim}, "
+                       f"bits={spec.bits}) must divide one another for the kernels")
+
+
+def load_segment(data_ref, scale_ref, zero_ref, idx: tuple, seg, spec: QuantSpec,
+                 head_dim: int) -> jax.Array:
+  """float32 ``[S, w]`` values of one segment of one (page, head) block.
+
+  Args:
+    data_ref: ``[..., S, W]`` codes (or ``[..., S, D]`` floats when unquantized).
+    scale_ref / zero_ref: ``[..., S, ng]`` ("token") or ``[..., nt, D]``
+      ("channel"); None when absent.
+    idx: leading (possibly dynamic) indices selecting the block, e.g. ``(page,)``.
+  """
+  c0, w, k, o = seg
+  raw = data_ref[idx + (slice(None), pl.ds(o, w))]
+  if not spec.is_quantized:
+    return raw.astype(jnp.float32)
+  s_ = raw.shape[0]
+  if spec.kind == "int" and spec.codes_per_byte > 1:
+    raw = (raw >> (spec.bits * k)) & ((1 << spec.bits) - 1)
+  if spec.axis == "token":
+    grp = c0 // spec.group(head_dim=head_dim, page_size=s_)
+    sel = idx + (slice(None), pl.ds(grp, 1))                       # [S, 1]
+  else:
+    sel = idx + (slice(None), pl.ds(c0, w))                        # [nt, w]
+  s = quant.decode_scale(scale_ref[sel], spec.scale_dtype)
+  z = None if zero_ref is None else zero_ref[sel]
+  if spec.axis == "channel" and s.shape[0] > 1:                    # token groups: repeat rows
+    nt = s.shape[0]
+    s = jnp.broadcast_to(s[:, None, :], (nt, s_ // nt, w)).reshape(s_, w)
+    if z is not None:
+      z = jnp.broadcast_to(z[:, None, :], (nt, s_ // nt, w)).reshape(s_, w)
+  return quant.decode_values(raw, s, z, spec)
+
+
+# ----------------------------------------------------------------------------- quantize
+
+
+def _quantize_kernel(x_ref, *out_refs, spec: QuantSpec):
+  """One head of one page.
+
+  Refs:
+    x_ref: float ``[S, D]``.
+    out_refs: data ``[S, W]`` (uint8 or fp8 ``[S, D]``), scale ``[S, ng]`` or
+      ``[nt, D]``, then zero (same shape, int8) for asymmetric specs.
+  """
+  data_ref, scale_ref = out_refs[0], out_refs[1]
+  zero_ref = out_refs[2] if spec.has_zero else None
+  s_, d = x_ref.shape
+  g = spec.group(head_dim=d, page_size=s_)
+
+  def stats(x, axis):
+    return (jnp.max(jnp.abs(x), axis=axis, keepdims=True), jnp.min(x, axis=axis, keepdims=True),
+            jnp.max(x, axis=axis, keepdims=True))
+
+  def params(x, axis):
+    amax, lo, hi = stats(x, axis)
+    enc = quant.encode_scale(quant.group_scale(amax, lo, hi, spec), spec.scale_dtype)
+    s = quant.decode_scale(enc, spec.scale_dtype)
+    return enc, s, (quant.zero_point(lo, s) if spec.has_zero else None)
+
+  # Per-group scale/zero: token axis -> [S, 1] per group; channel axis -> [S, D] rows.
+  if spec.axis == "token":
+    group_sz = []
+    for grp in range(d // g):
+      enc, s, z = params(x_ref[:, pl.ds(grp * g, g)].astype(jnp.float32), 1)
+      scale_ref[:, pl.ds(grp, 1)] = enc
+      if zero_ref is not None:
+        zero_ref[:, pl.ds(grp, 1)] = z.astype(jnp.int8)
+      group_sz.append((s, z))
+    sz_of = lambda c0, w: group_sz[c0 // g]  # noqa: E731
+  else:
+    nt = s_ // g
+    x = x_ref[...].astype(jnp.float32).reshape(nt, g, d)
+    enc, s, z = params(x, 1)                                       # [nt, 1, D]
+    scale_ref[...] = enc[:, 0, :]
+    if zero_ref is not None:
+      zero_ref[...] = z[:, 0, :].astype(jnp.int8)
+    rows = lambda a: jnp.broadcast_to(a, (nt, g, d)).reshape(s_, d)  # noqa: E731
+    s_rows, z_rows = rows(s), (None if z is None else rows(z))
+    sz_of = lambda c0, w: (s_rows[:, c0:c0 + w],  # noqa: E731
+                           None if z_rows is None else z_rows[:, c0:c0 + w])
+
+  packed = {}
+  for c0, w, k, o in segments(spec, d, s_):
+    s, z = sz_of(c0, w)
+    codes = quant.encode_values(x_ref[:, pl.ds(c0, w)].astype(jnp.float32), s, z, spec)
+    if spec.kind == "fp8" or spec.codes_per_byte == 1:
+      data_ref[:, pl.ds(o, w)] = codes
+    else:
+      part = codes.astype(jnp.uint8) << (spec.bits * k)
+      packed[o] = part if o not in packed else packed[o] | part
+  for o, byte in packed.items():
+    data_ref[:, pl.ds(o, byte.shape[1])] = byte
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "interpret"))
+def quantize_pages(x: jax.Array, spec: QuantSpec, *, interpret: bool = False) -> Pages:
+  """Pallas ``kvjax.quant.quantize_pages``: same inputs, same outputs, bit for bit.
+
+  Args:
+    x: float ``[..., S, H, D]``; leading axes are flattened into the grid.
+    spec: a quantized spec (bits=16 returns ``Pages(x)``).
+    interpret: run the kernel in the Pallas interpreter (CPU tests).
+
+  >>> p = quantize_pages(jnp.ones((1, 4, 1, 8)), QuantSpec(bits=4), interpret=True)
+  >>> p.data.shape
+  (1, 4, 1, 4)
+  """
+  if not spec.is_quantized:
+    return Pages(data=x)
+  if x.ndim < 3:
+    raise ValueError(f"quantize_pages: x must be [..., S, H, D], got shape {x.shape}")
+  *lead, s_, h, d = x.shape
+  check_kernel_spec(spec, d, s_, "quantize_pages")
+  xf = x.reshape(-1, s_, h, d)
+  n = xf.shape[0]
+  shapes = quant.page_shapes(spec, num_pages=n, page_size=s_, num_kv_heads=h, head_dim=d)
+  outs = [shapes.data, shapes.scale] + ([shapes.zero] if spec.has_zero else [])
+
+  def head_block(shape):
+    return pl.BlockSpec((None, shape[1], None, shape[3]), lambda i, j: (i, 0, j, 0))
+
+  res = pl.pallas_call(
+      functools.partial(_quantize_kernel, spec=spec),
+      grid=(n, h),
+      in_specs=[head_block(xf.shape)],
+      out_specs=[head_block(o.shape) for o in outs],
+      out_shape=outs,
+      interpret=interpret,
+      name=f"quantize_{spec.bits}b_{spec.axis}",
+  )(xf)
+  unflat = lambda a: a.reshape(*lead, *a.shape[1:])  # noqa: E731
+  return Pages(data=unflat(res[0]), scale=unflat(res[1]),
+               zero=unflat(res[2]) if spec.has_zero else None)
+
+
+# ----------------------------------------------------------------------------- dequantize
+
+
+def _dequantize_kernel(data_ref, *refs, spec: QuantSpec, head_dim: int):
+  """One head of one page.
+
+  Refs:
+    data_ref: ``[S, W]`` codes; then scale, zero (if any) as in ``load_segment``.
+    out (last ref): float32 ``[S, D]``.
+  """
+  scale_ref = refs[0]
+  zero_ref = refs[1] if spec.has_zero else None
+  out_ref = refs[-1]
+  for seg in segments(spec, head_dim, data_ref.shape[0]):
+    c0, w = seg[0], seg[1]
+    out_ref[:, pl.ds(c0, w)] = load_segment(data_ref, scale_ref, zero_ref, (), seg, spec,
+                                            head_dim)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "interpret"))
+def dequantize_pages(pages: Pages, spec: QuantSpec, *, interpret: bool = False) -> jax.Array:
+  """Pallas ``kvjax.quant.dequantize_pages``: float32 ``[..., S, H, D]``.
+
+  >>> spec = QuantSpec(bits=4)
+  >>> x = dequantize_pages(quant.quantize_pages(jnp.full((1, 4, 1, 8), 7.0), spec), spec,
+  ...                      interpret=True)
+  >>> x.shape, float(x[0, 0, 0, 0])
+  ((1, 4, 1, 8), 7.0)
+  """
+  if not spec.is_quantized:
+    return pages.data.astype(jnp.float32)
+  if pages.data.ndim < 3:
+    raise ValueError(f"dequantize_pages: pages.data must be [..., S, H, W], got shape "
+                     f"{pages.data.shape}")
+  *lead, s_, h, width = pages.data.shape
+  d = width if spec.kind == "fp8" else width * spec.codes_per_byte
+  check_kernel_spec(spec, d, s_, "dequantize_pages")
+  ins = [pages.data, pages.scale] + ([pages.zero] if spec.has_zero else [])
+  ins = [a.reshape(-1, *a.shape[len(lead):]) for a in ins]
+  n = ins[0].shape[0]
+
+  def head_block(shape):
+    return pl.BlockSpec((None, shape[1], None, shape[3]), lambda i, j: (i, 0, j, 0))
+
+  out = pl.pallas_call(
+      functools.partial(_dequantize_kernel, spec=spec, head_dim=d),
+      grid=(n, h),
+      in_specs=[head_block(a.shape) for a in ins],
+      out_specs=head_block((n, s_, h, d)),
+      out_shape=jax.ShapeDtypeStruct((n, s_, h, d), jnp.float32),
+      interpret=interpret,
+      name=f"dequantize_{spec.bits}b_{spec.axis}",
+  )(*ins)
+  return out.reshape(*lead, s_, h, d)

@@ -1,0 +1,137 @@
+"""Pallas kernels against their jnp references (references are checked in test_quant.py).
+
+``_KernelChecks`` holds the checks; ``TestKernelsInterpret`` runs them in the
+Pallas interpreter on CPU (tiny grids: ~6 ms a grid step plus a compile each),
+``TestKernelsCompiled`` on a GPU/TPU when one is present.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvjax import quant
+from kvjax.kernels import ops
+from kvjax.kernels import paged_attention as pa
+from kvjax.kernels import quantize as kq
+from kvjax.quant import QuantSpec
+from kvjax.state import Pages
+
+QUANT_SPECS = [
+    QuantSpec(bits=8, kind="fp8"),
+    QuantSpec(bits=4, symmetric=False, group_size=8),                 # g < packed width 16
+    QuantSpec(bits=2, axis="channel", symmetric=False, group_size=4,  # 2 token groups / page
+              scale_dtype="log8"),
+]
+
+ATTN_SPECS = [
+    (QuantSpec(bits=4, axis="channel", scale_dtype="log8"),
+     QuantSpec(bits=8, group_size=16, scale_dtype="float16")),
+    (QuantSpec(bits=2, axis="channel", symmetric=False, residual=8),
+     QuantSpec(bits=2, symmetric=False, residual=8)),
+]
+
+
+def _x(seed, shape):
+  x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+  x[..., 3] += 6.0   # an offset outlier channel
+  return jnp.asarray(x)
+
+
+class _KernelChecks:
+  INTERPRET = False
+
+  @pytest.mark.parametrize("spec", QUANT_SPECS, ids=str)
+  def test_quantize_dequantize_match_reference(self, spec):
+    x = _x(0, (1, 8, 2, 32))             # grid (1 page, 2 heads)
+    got = kq.quantize_pages(x, spec, interpret=self.INTERPRET)
+    want = quant.quantize_pages(x, spec)
+    # same formulas, same float32 ops: bit-exact codes, scales and zeros
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(
+        np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32))), got, want)
+    np.testing.assert_array_equal(kq.dequantize_pages(want, spec, interpret=self.INTERPRET),
+                                  quant.dequantize_pages(want, spec))
+
+  @pytest.mark.parametrize("k_spec, v_spec", ATTN_SPECS, ids=lambda s: f"{s.bits}b{s.axis}")
+  def test_paged_attention_matches_reference(self, k_spec, v_spec):
+    b, hq, h, d, s, m, p = 3, 4, 2, 32, 8, 3, 5
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.standard_normal((b, hq, d)), jnp.float32)
+    kp = quant.quantize_pages(_x(2, (p, s, h, d)), k_spec)
+    vp = quant.quantize_pages(_x(3, (p, s, h, d)), v_spec)
+    table = jnp.array([[4, 0, 2], [1, 3, -1], [-1, -1, -1]], jnp.int32)
+    lens = jnp.array([21, 9, 0], jnp.int32)   # partial last pages; an unused -1; an empty one
+    kw = {}
+    if k_spec.residual:
+      ns = quant.staging_pages(k_spec, v_spec, s)
+      kw = dict(k_stage=_x(4, (b, ns, s, h, d)), v_stage=_x(5, (b, ns, s, h, d)))
+    got = pa.paged_attention(q, kp, vp, table, lens, k_spec, v_spec, interpret=self.INTERPRET,
+                             **kw)
+    want = pa.paged_attention_reference(q, kp, vp, table, lens, k_spec, v_spec, **kw)
+    # float32 online softmax vs one-shot softmax: summation order only
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[2], 0.0)
+
+
+class TestKernelsInterpret(_KernelChecks):
+  INTERPRET = True
+
+
+@pytest.mark.skipif(jax.default_backend() == "cpu", reason="Pallas compiles on GPU/TPU only")
+class TestKernelsCompiled(_KernelChecks):
+  INTERPRET = False
+
+
+# ----------------------------------------------------------------------------- host checks
+
+
+def test_kernel_rejects_groups_that_do_not_nest():
+  spec = QuantSpec(bits=4, group_size=16)    # packed width 48 // 2 = 24; 16 and 24 do not nest
+  with pytest.raises(ValueError, match="must divide one another"):
+    kq.quantize_pages(jnp.ones((1, 4, 1, 48)), spec, interpret=True)
+
+
+def test_attention_rejects_bad_shapes():
+  spec = QuantSpec(bits=4)
+  kp = quant.quantize_pages(jnp.ones((2, 4, 1, 8)), spec)
+  with pytest.raises(ValueError, match="page_table must be"):
+    pa.paged_attention(jnp.ones((2, 1, 8)), kp, kp, jnp.zeros((1, 2), jnp.int32),
+                       jnp.array([1, 1]), spec, spec, interpret=True)
+  with pytest.raises(ValueError, match="k_pages.data last axis must be 4"):
+    pa.paged_attention(jnp.ones((1, 1, 8)), Pages(data=jnp.ones((2, 4, 1, 8))), kp,
+                       jnp.zeros((1, 1), jnp.int32), jnp.array([1]), spec, spec, interpret=True)
+
+
+# ----------------------------------------------------------------------------- selector
+
+
+def test_use_pallas_selection(monkeypatch):
+  monkeypatch.delenv(ops.ENV_VAR, raising=False)
+  assert ops.use_pallas("gpu") and ops.use_pallas("tpu") and not ops.use_pallas("cpu")
+  monkeypatch.setenv(ops.ENV_VAR, "1")
+  assert ops.use_pallas("cpu")
+  monkeypatch.setenv(ops.ENV_VAR, "jnp")
+  assert not ops.use_pallas("gpu")
+  with ops.pallas_forced(True):
+    assert ops.use_pallas("cpu")
+  assert not ops.use_pallas("gpu")
+  monkeypatch.setenv(ops.ENV_VAR, "maybe")
+  with pytest.raises(ValueError, match="KVJAX_PALLAS must be one of"):
+    ops.use_pallas()
+
+
+def test_dispatch_paths_agree_and_compile_once(monkeypatch):
+  monkeypatch.delenv(ops.ENV_VAR, raising=False)
+  spec = QuantSpec(bits=4, symmetric=False)
+  x = _x(7, (1, 4, 1, 8))
+  a = ops.quantize_pages(x, spec, pallas=False)
+  b = ops.quantize_pages(x, spec, pallas=True)   # interpreter on CPU
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+  @jax.jit
+  def attend(q, k, v, lens):
+    return ops.paged_attention(q, k, v, jnp.zeros((1, 1), jnp.int32), lens, spec, spec)
+
+  attend(jnp.ones((1, 1, 8)), a, a, jnp.array([3]))
+  attend(jnp.zeros((1, 1, 8)), a, a, jnp.array([4]))
+  assert attend._cache_size() == 1
