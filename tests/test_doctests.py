@@ -7,9 +7,12 @@ import pkgutil
 import pytest
 
 import kvjax
+import kvjax.kernels
+import kvjax.models
 
-MODULES = sorted(m.name for m in pkgutil.walk_packages(kvjax.__path__, "kvjax.")
-                 if m.name not in ("kvjax.cli",))
+MODULES = sorted({m.name for pkg in (kvjax, kvjax.kernels, kvjax.models)
+                  for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")}
+                 - {"kvjax.cli", "kvjax.sim.cli"})
 
 
 @pytest.mark.parametrize("name", MODULES)
