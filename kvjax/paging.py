@@ -195,8 +195,6 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
   first_col = old_pages - cow.astype(jnp.int32)
   col = jnp.where(take, first_col[:, None] + j, m_)
   table = table.at[jnp.arange(b)[:, None], col].set(new_page, mode="drop")
-
-
   cow_src = jnp.where(cow, last_page, p_)
   cow_dst = jnp.where(cow, new_page[:, 0], p_)
 
@@ -204,7 +202,7 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
   # and so is the index entry of it and of its cached children), then COW
   # copies inherit the source's tokens.
   flat_new = new_page.reshape(-1)
-  was_cached = (meta.filled > 0) & (meta.ref_count == 0)
+  was_cached = jnp.any(meta.block_hash != 0, axis=-1) & (meta.ref_count == 0)
   evicted = jnp.sum(jnp.where(flat_new < p_, was_cached[jnp.clip(flat_new, 0, p_ - 1)], False))
   index = state.index
   if config.prefix_caching:

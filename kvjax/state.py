@@ -73,7 +73,7 @@ class Stats:
   steps: jax.Array             # int32 []  plan_step calls
   tokens_planned: jax.Array    # int32 []  new tokens given slots
   pages_allocated: jax.Array   # int32 []  pages taken from the pool
-  evictions: jax.Array         # int32 []  cached (filled, unreferenced) pages reused
+  evictions: jax.Array         # int32 []  cached (hashed, unreferenced) pages reused
   cow_copies: jax.Array        # int32 []  shared partial pages copied on write
   refused: jax.Array           # int32 []  (sequence, step) pairs refused
   prefix_query_tokens: jax.Array  # int32 []  prompt tokens looked up in the prefix index
