@@ -148,3 +148,79 @@ def same_key(a: jax.Array, b: jax.Array) -> jax.Array:
   """bool [...]: uint32 [..., 2] keys equal and not the empty key (0, 0)."""
   nonzero = (b[..., 0] != 0) | (b[..., 1] != 0)
   return (a[..., 0] == b[..., 0]) & (a[..., 1] == b[..., 1]) & nonzero
+
+
+class Deferred(NamedTuple):
+  """An array whose latest writes are held back as a few (index, value) pairs.
+
+  XLA on CPU copies a whole loop-carried array every step when a value read from it is
+  used after the array is written in the same step (measured 10-1000x slower). Policy
+  state that is written per reference is therefore kept as ``Deferred``: ``update``
+  first ``settle``s last step's writes (writes only), then reads and records new writes
+  with ``put``; ``get`` and ``view`` see the pending writes.
+  """
+
+  array: jax.Array  # [R, ...] stored rows
+  index: jax.Array  # int32 [K]  rows of the pending writes (R = none), applied in order
+  value: jax.Array  # [K, ...] their values
+
+
+def deferred(array: jax.Array, slots: int = 2) -> Deferred:
+  """``array`` with room for ``slots`` pending row writes per update.
+
+  >>> d = put(deferred(jnp.zeros(3, jnp.int32)), jnp.int32(1), 5, jnp.bool_(True))
+  >>> view(d).tolist(), int(get(d, jnp.int32(1)))
+  ([0, 5, 0], 5)
+  """
+  n = array.shape[0]
+  return Deferred(array, jnp.full((slots,), n, jnp.int32),
+                  jnp.zeros((slots,) + array.shape[1:], array.dtype))
+
+
+def settle(d: Deferred) -> Deferred:
+  """Apply the pending writes (in order) and clear them."""
+  n = d.array.shape[0]
+  k = d.index.shape[0]
+  if k == 1:
+    arr = d.array.at[d.index[0]].set(d.value[0], mode="drop")
+  else:  # one scatter; of writes to the same row only the last one counts
+    later = jnp.triu(d.index[:, None] == d.index[None, :], 1).any(axis=1)
+    arr = d.array.at[jnp.where(later, n, d.index)].set(d.value, mode="drop")
+  return Deferred(arr, jnp.full_like(d.index, n), d.value)
+
+
+def settle_all(tree):
+  """``settle`` every ``Deferred`` in a pytree."""
+  return jax.tree.map(lambda x: settle(x) if isinstance(x, Deferred) else x, tree,
+                      is_leaf=lambda x: isinstance(x, Deferred))
+
+
+def get(d: Deferred, i: jax.Array) -> jax.Array:
+  """Row ``i`` (int32 [], in range) as of the latest pending write."""
+  out = d.array[i]
+  for k in range(d.index.shape[0]):
+    out = jnp.where(d.index[k] == i, d.value[k], out)
+  return out
+
+
+def view(d: Deferred) -> jax.Array:
+  """The whole array with pending writes applied (elementwise; fuses into a score)."""
+  rows = jnp.arange(d.array.shape[0]).reshape((-1,) + (1,) * (d.array.ndim - 1))
+  out = d.array
+  for k in range(d.index.shape[0]):
+    out = jnp.where(rows == d.index[k], d.value[k], out)
+  return out
+
+
+def put(d: Deferred, i: jax.Array, value, cond: jax.Array) -> Deferred:
+  """Record ``d[i] = value`` where ``cond``, in the first free pending slot.
+
+  Raises nothing in jit: the caller sizes ``slots`` to the writes one update makes.
+  """
+  n = d.array.shape[0]
+  free = d.index >= n
+  k = jnp.argmax(free)
+  ok = cond & free[k] & (i >= 0) & (i < n)
+  index = d.index.at[k].set(jnp.where(ok, i, d.index[k]))
+  value = d.value.at[k].set(jnp.where(ok, jnp.asarray(value, d.value.dtype), d.value[k]))
+  return Deferred(d.array, index, value)

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.evict import AGE_CAP, CLASS_STEP, NEVER, Access, age, bucket, finalize
-from kvjax.evict import live_pages, page_size_of, same_key, top_victims
+from kvjax.evict import Deferred, deferred, get, live_pages, page_size_of, put, same_key
+from kvjax.evict import settle_all, top_victims, view
 from kvjax.state import PageMeta
 
 
@@ -38,12 +39,6 @@ class Policy(NamedTuple):
   defaults: dict          # {param: float default}
   bounds: dict            # {param: (low, high, low_open, high_open)}
   oracle: bool = False    # needs ``Access.next_use`` (simulator only)
-
-
-def _set(arr: jax.Array, idx: jax.Array, value, cond: jax.Array) -> jax.Array:
-  """``arr`` with ``arr[idx] = value`` where ``cond`` (a dropped write otherwise)."""
-  idx = jnp.where(cond, idx, arr.shape[0])
-  return arr.at[idx].set(jnp.asarray(value, arr.dtype), mode="drop")
 
 
 def _no_state(num_pages: int):
@@ -80,72 +75,76 @@ def lru_score(meta: PageMeta, clock: jax.Array, params=None) -> jax.Array:
 
 
 class FifoState(NamedTuple):
-  inserted: jax.Array  # int32 [P]  clock at which the page was filled
+  inserted: Deferred  # int32 [P]  clock at which the page was filled
 
 
 def _fifo_init(num_pages: int) -> FifoState:
-  return FifoState(inserted=jnp.zeros((num_pages,), jnp.int32))
+  return FifoState(inserted=deferred(jnp.zeros((num_pages,), jnp.int32), 1))
 
 
 def _fifo_score(meta, state: FifoState, clock, params):
   del params
-  return finalize(jnp.clip(clock - state.inserted, 0, AGE_CAP).astype(jnp.float32), meta)
+  return finalize(jnp.clip(clock - view(state.inserted), 0, AGE_CAP).astype(jnp.float32), meta)
 
 
 def _fifo_update(state: FifoState, meta, access: Access, params):
   del meta, params
-  return FifoState(_set(state.inserted, access.slot, access.clock, access.inserted))
+  return FifoState(put(state.inserted, access.slot, access.clock, access.inserted))
 
 
 # ---------------------------------------------------------------------------- LRU-2
 
 
 class Lru2State(NamedTuple):
-  last: jax.Array  # int32 [P]  clock of the page's last access
-  prev: jax.Array  # int32 [P]  clock of the access before it (-1 = only one so far)
+  last: Deferred  # int32 [P]  clock of the page's last access
+  prev: Deferred  # int32 [P]  clock of the access before it (-1 = only one so far)
 
 
 def _lru2_init(num_pages: int) -> Lru2State:
   z = jnp.zeros((num_pages,), jnp.int32)
-  return Lru2State(last=z, prev=z - 1)
+  return Lru2State(last=deferred(z, 1), prev=deferred(z - 1, 1))
 
 
 def _lru2_score(meta, state: Lru2State, clock, params):
   """LRU-K with K = 2: largest backward 2-distance first; pages seen once go before any
   page seen twice (infinite 2-distance), in LRU order among themselves."""
   del params
-  once = state.prev < 0
-  d2 = jnp.clip(clock - state.prev, 0, AGE_CAP).astype(jnp.float32)
-  d1 = jnp.clip(clock - state.last, 0, AGE_CAP).astype(jnp.float32)
-  return finalize(jnp.where(once, CLASS_STEP + d1, d2), meta)
+  prev = view(state.prev)
+  d2 = jnp.clip(clock - prev, 0, AGE_CAP).astype(jnp.float32)
+  d1 = jnp.clip(clock - view(state.last), 0, AGE_CAP).astype(jnp.float32)
+  return finalize(jnp.where(prev < 0, CLASS_STEP + d1, d2), meta)
 
 
 def _lru2_update(state: Lru2State, meta, access: Access, params):
   del meta, params
-  old_last = state.last[jnp.maximum(access.slot, 0)]
-  prev = _set(state.prev, access.slot, old_last, access.hit)
-  prev = _set(prev, access.slot, -1, access.inserted)
-  last = _set(state.last, access.slot, access.clock, access.hit | access.inserted)
-  return Lru2State(last=last, prev=prev)
+  s = jnp.maximum(access.slot, 0)
+  touched = access.hit | access.inserted
+  prev = put(state.prev, access.slot, jnp.where(access.hit, get(state.last, s), -1), touched)
+  return Lru2State(last=put(state.last, access.slot, access.clock, touched), prev=prev)
 
 
 # ---------------------------------------------------------------------------- LFU (aged)
 
 
 class LfuState(NamedTuple):
-  freq: jax.Array   # float32 [P]  aged access count, as of ``stamp``
-  stamp: jax.Array  # int32 [P]  clock at which ``freq`` was last brought up to date
+  freq: Deferred   # float32 [P]  aged access count, as of ``stamp``
+  stamp: Deferred  # int32 [P]  clock at which ``freq`` was last brought up to date
+
+
+def lfu_state(freq: jax.Array, stamp: jax.Array) -> LfuState:
+  """An ``LfuState`` from float32 [P] counts and int32 [P] stamps."""
+  return LfuState(deferred(jnp.asarray(freq, jnp.float32), 1),
+                  deferred(jnp.asarray(stamp, jnp.int32), 1))
 
 
 def _lfu_init(num_pages: int) -> LfuState:
-  return LfuState(freq=jnp.zeros((num_pages,), jnp.float32),
-                  stamp=jnp.zeros((num_pages,), jnp.int32))
+  return lfu_state(jnp.zeros((num_pages,)), jnp.zeros((num_pages,)))
 
 
 def _lfu_log_freq(state: LfuState, clock, half_life):
   """float32 [P] log2 of each page's aged frequency at ``clock``."""
-  elapsed = jnp.clip(clock - state.stamp, 0, AGE_CAP).astype(jnp.float32)
-  return jnp.log2(jnp.maximum(state.freq, 1e-30)) - elapsed / half_life
+  elapsed = jnp.clip(clock - view(state.stamp), 0, AGE_CAP).astype(jnp.float32)
+  return jnp.log2(jnp.maximum(view(state.freq), 1e-30)) - elapsed / half_life
 
 
 def _lfu_score(meta, state: LfuState, clock, params):
@@ -156,25 +155,30 @@ def _lfu_score(meta, state: LfuState, clock, params):
 def _lfu_update(state: LfuState, meta, access: Access, params):
   del meta
   s = jnp.maximum(access.slot, 0)
-  elapsed = (access.clock - state.stamp[s]).astype(jnp.float32)
-  bumped = state.freq[s] * jnp.exp2(-elapsed / params["half_life"]) + 1.0
-  freq = _set(state.freq, access.slot, jnp.where(access.hit, bumped, 1.0),
-              access.hit | access.inserted)
-  stamp = _set(state.stamp, access.slot, access.clock, access.hit | access.inserted)
-  return LfuState(freq=freq, stamp=stamp)
+  elapsed = (access.clock - get(state.stamp, s)).astype(jnp.float32)
+  bumped = get(state.freq, s) * jnp.exp2(-elapsed / params["half_life"]) + 1.0
+  touched = access.hit | access.inserted
+  return LfuState(freq=put(state.freq, access.slot, jnp.where(access.hit, bumped, 1.0), touched),
+                  stamp=put(state.stamp, access.slot, access.clock, touched))
 
 
 # ---------------------------------------------------------------------------- S3-FIFO
 
 
 class S3FifoState(NamedTuple):
-  in_main: jax.Array  # bool [P]  page is in the main queue (else in the small probation queue)
-  ghost: jax.Array    # uint32 [P, 2]  hashed table of keys recently evicted from probation
+  in_main: Deferred  # bool [P]  page is in the main queue (else in the small probation queue)
+  ghost: Deferred    # uint32 [P, 2]  hashed table of keys recently evicted from probation
+
+
+def s3fifo_state(in_main: jax.Array, ghost: Optional[jax.Array] = None) -> S3FifoState:
+  """An ``S3FifoState`` from bool [P] queue flags (and a uint32 [P, 2] ghost table)."""
+  in_main = jnp.asarray(in_main, bool)
+  ghost = jnp.zeros((in_main.shape[0], 2), jnp.uint32) if ghost is None else ghost
+  return S3FifoState(deferred(in_main, 1), deferred(jnp.asarray(ghost, jnp.uint32), 2))
 
 
 def _s3fifo_init(num_pages: int) -> S3FifoState:
-  return S3FifoState(in_main=jnp.zeros((num_pages,), bool),
-                     ghost=jnp.zeros((num_pages, 2), jnp.uint32))
+  return s3fifo_state(jnp.zeros((num_pages,), bool))
 
 
 def _s3fifo_score(meta, state: S3FifoState, clock, params):
@@ -183,13 +187,14 @@ def _s3fifo_score(meta, state: S3FifoState, clock, params):
   ghost table, and a ghost hit enters main directly. Main is kept in LRU order (CLOCK's
   limit). Partial pages (``filled < page_size``) are scored ``partial_bias`` classes
   nearer eviction within probation."""
+  in_main = view(state.in_main)
   cap = live_pages(meta).astype(jnp.float32)
-  small = ~state.in_main & (meta.filled > 0) & (meta.ref_count == 0)
+  small = ~in_main & (meta.filled > 0) & (meta.ref_count == 0)
   from_small = jnp.sum(small).astype(jnp.float32) >= params["small_frac"] * cap
   a = age(meta, clock)
-  partial = (meta.filled < page_size_of(meta)) & ~state.in_main
+  partial = (meta.filled < page_size_of(meta)) & ~in_main
   a = a + params["partial_bias"] * jnp.where(partial, float(AGE_CAP), 0.0)
-  eligible = (~state.in_main) == from_small
+  eligible = (~in_main) == from_small
   return finalize(jnp.where(eligible, a, a - CLASS_STEP), meta)
 
 
@@ -197,13 +202,13 @@ def _s3fifo_update(state: S3FifoState, meta, access: Access, params):
   del params
   g = live_pages(meta)
   s = jnp.maximum(access.slot, 0)
-  ev_small = access.evicted & ~state.in_main[s]
-  ghost = _set(state.ghost, bucket(access.evicted_key, g), access.evicted_key, ev_small)
+  ev_small = access.evicted & ~get(state.in_main, s)
+  ghost = put(state.ghost, bucket(access.evicted_key, g), access.evicted_key, ev_small)
   b = bucket(access.key, g)
-  ghost_hit = access.inserted & same_key(access.key, ghost[b])
-  ghost = _set(ghost, b, jnp.zeros((2,), jnp.uint32), ghost_hit)
-  in_main = _set(state.in_main, access.slot, ghost_hit, access.inserted)
-  in_main = _set(in_main, access.slot, True, access.hit)
+  ghost_hit = access.inserted & same_key(access.key, get(ghost, b))
+  ghost = put(ghost, b, jnp.zeros((2,), jnp.uint32), ghost_hit)
+  in_main = put(state.in_main, access.slot, access.hit | ghost_hit,
+                access.hit | access.inserted)
   return S3FifoState(in_main=in_main, ghost=ghost)
 
 
@@ -228,9 +233,13 @@ def weighted_score(meta: PageMeta, clock: jax.Array, params: dict) -> jax.Array:
   s = meta.filled.astype(jnp.float32) / page_size_of(meta)
   c = jnp.log2(1.0 + meta.position.astype(jnp.float32))
   p = meta.parent
-  children = jnp.zeros(p.shape, jnp.float32).at[jnp.where(p >= 0, p, p.shape[0])].add(
-      1.0, mode="drop")
-  x = jnp.log2(1.0 + children)
+
+  def children():  # a scatter-add over the pool: skipped when its weight is zero
+    return jnp.zeros(p.shape, jnp.float32).at[jnp.where(p >= 0, p, p.shape[0])].add(
+        1.0, mode="drop")
+
+  x = jnp.log2(1.0 + jax.lax.cond(params["w_context"] > 0, children,
+                                   lambda: jnp.zeros(p.shape, jnp.float32)))
   raw = (params["w_age"] * t - params["w_freq"] * f - params["w_size"] * s
          - params["w_cost"] * c - params["w_context"] * x)
   return finalize(raw, meta)
@@ -240,13 +249,18 @@ def weighted_score(meta: PageMeta, clock: jax.Array, params: dict) -> jax.Array:
 
 
 class GreedyDualState(NamedTuple):
-  credit: jax.Array     # float32 [P]  H value: inflation at last access + the page's cost
+  credit: Deferred      # float32 [P]  H value: inflation at last access + the page's cost
   inflation: jax.Array  # float32 []  L: the H value of the last evicted page
 
 
+def greedydual_state(credit: jax.Array, inflation=0.0) -> GreedyDualState:
+  """A ``GreedyDualState`` from float32 [P] credits."""
+  return GreedyDualState(deferred(jnp.asarray(credit, jnp.float32), 1),
+                         jnp.asarray(inflation, jnp.float32))
+
+
 def _gd_init(num_pages: int) -> GreedyDualState:
-  return GreedyDualState(credit=jnp.zeros((num_pages,), jnp.float32),
-                         inflation=jnp.zeros((), jnp.float32))
+  return greedydual_state(jnp.zeros((num_pages,)))
 
 
 def recompute_cost(filled, position, page_size: int, pos_weight) -> jax.Array:
@@ -259,18 +273,18 @@ def recompute_cost(filled, position, page_size: int, pos_weight) -> jax.Array:
 def _gd_score(meta, state: GreedyDualState, clock, params):
   """GreedyDual-Size-Frequency: lowest credit ``L + cost * count**freq_exp`` first."""
   del clock, params
-  return finalize(-state.credit, meta)
+  return finalize(-view(state.credit), meta)
 
 
 def _gd_update(state: GreedyDualState, meta, access: Access, params):
   s = jnp.maximum(access.slot, 0)
-  inflation = jnp.where(access.evicted, jnp.maximum(state.inflation, state.credit[s]),
+  inflation = jnp.where(access.evicted, jnp.maximum(state.inflation, get(state.credit, s)),
                         state.inflation)
   cost = recompute_cost(access.filled, access.position, page_size_of(meta), params["pos_weight"])
   count = meta.access_count[s].astype(jnp.float32)
-  credit = _set(state.credit, access.slot,
-                inflation + cost * jnp.maximum(count, 1.0) ** params["freq_exp"],
-                access.hit | access.inserted)
+  credit = put(state.credit, access.slot,
+               inflation + cost * jnp.maximum(count, 1.0) ** params["freq_exp"],
+               access.hit | access.inserted)
   return GreedyDualState(credit=credit, inflation=inflation)
 
 
@@ -278,18 +292,18 @@ def _gd_update(state: GreedyDualState, meta, access: Access, params):
 
 
 class LecarState(NamedTuple):
-  weights: jax.Array   # float32 [2]  expert weights (LRU, LFU), summing to 1
-  lfu: LfuState        # aged frequencies for the LFU expert
-  hist_key: jax.Array  # uint32 [P, 2]  hashed table of evicted keys
-  hist_time: jax.Array  # int32 [P]  clock of that eviction
-  hist_lfu: jax.Array  # bool [P]  the LFU expert chose it (else LRU)
+  weights: jax.Array    # float32 [2]  expert weights (LRU, LFU), summing to 1
+  lfu: LfuState         # aged frequencies for the LFU expert
+  hist_key: Deferred    # uint32 [P, 2]  hashed table of evicted keys
+  hist_time: Deferred   # int32 [P]  clock of that eviction
+  hist_lfu: Deferred    # bool [P]  the LFU expert chose it (else LRU)
 
 
 def _lecar_init(num_pages: int) -> LecarState:
   return LecarState(weights=jnp.full((2,), 0.5, jnp.float32), lfu=_lfu_init(num_pages),
-                    hist_key=jnp.zeros((num_pages, 2), jnp.uint32),
-                    hist_time=jnp.zeros((num_pages,), jnp.int32),
-                    hist_lfu=jnp.zeros((num_pages,), bool))
+                    hist_key=deferred(jnp.zeros((num_pages, 2), jnp.uint32), 2),
+                    hist_time=deferred(jnp.zeros((num_pages,), jnp.int32), 1),
+                    hist_lfu=deferred(jnp.zeros((num_pages,), bool), 1))
 
 
 def _lecar_score(meta, state: LecarState, clock, params):
@@ -303,20 +317,21 @@ def _lecar_score(meta, state: LecarState, clock, params):
 def _lecar_update(state: LecarState, meta, access: Access, params):
   g = live_pages(meta)
   chose_lfu = state.weights[1] > state.weights[0]
-  eb = bucket(access.evicted_key, g)
-  hist_key = _set(state.hist_key, eb, access.evicted_key, access.evicted)
-  hist_time = _set(state.hist_time, eb, access.clock, access.evicted)
-  hist_lfu = _set(state.hist_lfu, eb, chose_lfu, access.evicted)
   b = bucket(access.key, g)
-  regret_hit = ~access.hit & same_key(access.key, state.hist_key[b])
-  elapsed = (access.clock - state.hist_time[b]).astype(jnp.float32)
+  regret_hit = ~access.hit & same_key(access.key, get(state.hist_key, b))
+  elapsed = (access.clock - get(state.hist_time, b)).astype(jnp.float32)
   regret = jnp.exp2(-elapsed / params["regret_half_life"])
   penalty = jnp.exp(-params["learning_rate"] * regret)
-  blamed = jnp.where(state.hist_lfu[b], jnp.array([1.0, penalty]), jnp.array([penalty, 1.0]))
+  blamed = jnp.where(get(state.hist_lfu, b), jnp.array([1.0, penalty]),
+                     jnp.array([penalty, 1.0]))
   w = state.weights * jnp.where(regret_hit, blamed, 1.0)
   w = jnp.clip(w / jnp.sum(w), 0.01, 0.99)
   w = w / jnp.sum(w)
-  hist_key = _set(hist_key, b, jnp.zeros((2,), jnp.uint32), regret_hit)
+  hist_key = put(state.hist_key, b, jnp.zeros((2,), jnp.uint32), regret_hit)
+  eb = bucket(access.evicted_key, g)
+  hist_key = put(hist_key, eb, access.evicted_key, access.evicted)
+  hist_time = put(state.hist_time, eb, access.clock, access.evicted)
+  hist_lfu = put(state.hist_lfu, eb, chose_lfu, access.evicted)
   return LecarState(weights=w, lfu=_lfu_update(state.lfu, meta, access, params),
                     hist_key=hist_key, hist_time=hist_time, hist_lfu=hist_lfu)
 
@@ -325,29 +340,34 @@ def _lecar_update(state: LecarState, meta, access: Access, params):
 
 
 class MinState(NamedTuple):
-  next_use: jax.Array  # int32 [P]  clock of the cached block's next reference (NEVER = none)
+  next_use: Deferred  # int32 [P]  clock of the cached block's next reference (NEVER = none)
+
+
+def min_state(next_use: jax.Array) -> MinState:
+  """A ``MinState`` from int32 [P] next-use times."""
+  return MinState(deferred(jnp.asarray(next_use, jnp.int32), 1))
 
 
 def _min_init(num_pages: int) -> MinState:
-  return MinState(next_use=jnp.full((num_pages,), NEVER, jnp.int32))
+  return min_state(jnp.full((num_pages,), NEVER, jnp.int32))
 
 
 def _min_score(meta, state: MinState, clock, params):
   """Belady's MIN: the block referenced farthest in the future goes first (oracle)."""
   del clock, params
-  return finalize(state.next_use.astype(jnp.float32), meta)
+  return finalize(view(state.next_use).astype(jnp.float32), meta)
 
 
 def _min_update(state: MinState, meta, access: Access, params):
   del meta, params
-  return MinState(_set(state.next_use, access.slot, access.next_use,
-                       access.hit | access.inserted))
+  return MinState(put(state.next_use, access.slot, access.next_use,
+                      access.hit | access.inserted))
 
 
 def _min_admit(state: MinState, meta, access: Access, victim, params):
   """MIN with bypass: a block whose next use is no earlier than the victim's is not cached."""
   del params
-  return (meta.filled[victim] == 0) | (access.next_use < state.next_use[victim])
+  return (meta.filled[victim] == 0) | (access.next_use < get(state.next_use, victim))
 
 
 # ---------------------------------------------------------------------------- TinyLFU admission
@@ -358,36 +378,36 @@ _SKETCH_MAX = 15
 
 class TinyLfuState(NamedTuple):
   inner: Any            # the wrapped eviction policy's state
-  counts: jax.Array     # int32 [4, P]  count-min sketch (4-bit counters, capped at 15)
-  epoch: jax.Array      # int32 [4, P]  sketch epoch each counter was last aged to
+  counts: Deferred      # int32 [4 * P]  count-min sketch, row-major (counters capped at 15)
+  epoch: Deferred       # int32 [4 * P]  sketch epoch each counter was last aged to
   now: jax.Array        # int32 []  current sketch epoch (counters halve once per epoch)
   adds: jax.Array       # int32 []  increments since the epoch began
 
 
-def _sketch_cols(key, width):
-  return jnp.stack([bucket(key, width, seed=r + 1) for r in range(_SKETCH_ROWS)])
-
-
-def _sketch_width(meta):
-  # one counter per live page and row (at most the allocated width, which is num_pages)
-  return live_pages(meta)
+def _sketch_cells(key, meta):
+  """int32 [4]: flat cells of ``key`` (one per row; row width = live pages)."""
+  width = live_pages(meta)
+  p = meta.filled.shape[0]
+  return jnp.stack([r * p + bucket(key, width, seed=r + 1) for r in range(_SKETCH_ROWS)])
 
 
 def _sketch_estimate(state: TinyLfuState, meta, key):
   """int32 []: count-min estimate of ``key``'s recent frequency (lazily halved by epoch)."""
-  cols = _sketch_cols(key, _sketch_width(meta))
-  rows = jnp.arange(_SKETCH_ROWS)
-  shift = jnp.minimum(state.now - state.epoch[rows, cols], 31)
-  return jnp.min(state.counts[rows, cols] >> shift)
+  est = jnp.int32(_SKETCH_MAX)
+  for c in _sketch_cells(key, meta):
+    shift = jnp.minimum(state.now - get(state.epoch, c), 31)
+    est = jnp.minimum(est, get(state.counts, c) >> shift)
+  return est
 
 
 def with_tinylfu(inner: Policy, name: Optional[str] = None) -> Policy:
   """Wrap ``inner`` with a TinyLFU admission filter.
 
   A missing block takes the victim's page only if the frequency sketch, counting this
-  reference, has seen it more often than the victim (empty pages are always taken); otherwise it bypasses the cache.
-  Counters halve every ``sample_factor * num_pages`` references. A partial block
-  (``filled < page_size``) must beat the victim by ``partial_margin`` more.
+  reference, has seen it more often than the victim (empty pages are always taken);
+  otherwise it bypasses the cache. Counters halve every ``sample_factor * num_pages``
+  references. A partial block (``filled < page_size``) must beat the victim by
+  ``partial_margin`` more.
 
   >>> p = with_tinylfu(POLICIES["lru"])
   >>> p.name
@@ -395,22 +415,25 @@ def with_tinylfu(inner: Policy, name: Optional[str] = None) -> Policy:
   """
 
   def init(num_pages):
-    z = jnp.zeros((_SKETCH_ROWS, num_pages), jnp.int32)
-    return TinyLfuState(inner.init(num_pages), z, z, jnp.zeros((), jnp.int32),
+    z = jnp.zeros((_SKETCH_ROWS * num_pages,), jnp.int32)
+    return TinyLfuState(inner.init(num_pages), deferred(z, _SKETCH_ROWS),
+                        deferred(z, _SKETCH_ROWS), jnp.zeros((), jnp.int32),
                         jnp.zeros((), jnp.int32))
 
   def score(meta, state, clock, params):
     return inner.score(meta, state.inner, clock, params)
 
   def update(state, meta, access, params):
-    rows = jnp.arange(_SKETCH_ROWS)
-    cols = _sketch_cols(access.key, _sketch_width(meta))
-    shift = jnp.minimum(state.now - state.epoch[rows, cols], 31)
-    counts = state.counts.at[rows, cols].set(
-        jnp.minimum((state.counts[rows, cols] >> shift) + 1, _SKETCH_MAX))
-    epoch = state.epoch.at[rows, cols].set(state.now)
+    state = settle_all(state)
+    real = (access.key[0] != 0) | (access.key[1] != 0)  # (0, 0): no block referenced
+    counts, epoch = state.counts, state.epoch
+    for c in _sketch_cells(access.key, meta):
+      shift = jnp.minimum(state.now - get(state.epoch, c), 31)
+      counts = put(counts, c, jnp.minimum((get(state.counts, c) >> shift) + 1, _SKETCH_MAX),
+                   real)
+      epoch = put(epoch, c, state.now, real)
     period = (params["sample_factor"] * live_pages(meta)).astype(jnp.int32)
-    adds = state.adds + 1
+    adds = state.adds + real.astype(jnp.int32)
     roll = adds >= jnp.maximum(period, 1)
     return TinyLfuState(inner.update(state.inner, meta, access, params), counts, epoch,
                         state.now + roll.astype(jnp.int32), jnp.where(roll, 0, adds))
@@ -432,6 +455,65 @@ def with_tinylfu(inner: Policy, name: Optional[str] = None) -> Policy:
                 inner.oracle)
 
 
+# ---------------------------------------------------------------------------- frequency-credit LRU
+
+GHOST_FACTOR = 4  # retained-count table entries per page
+
+
+class FreqLruState(NamedTuple):
+  count: Deferred        # int32 [P]  references to the cached block, including ones before
+                         #            an earlier eviction (retained in the ghost table)
+  ghost_key: Deferred    # uint32 [4P, 2]  hashed table of evicted keys
+  ghost_count: Deferred  # int32 [4P]  their reference counts at eviction
+
+
+def freqlru_state(count: jax.Array) -> FreqLruState:
+  """A ``FreqLruState`` from int32 [P] reference counts (empty ghost table)."""
+  count = jnp.asarray(count, jnp.int32)
+  g = GHOST_FACTOR * count.shape[0]
+  return FreqLruState(deferred(count, 1), deferred(jnp.zeros((g, 2), jnp.uint32), 1),
+                      deferred(jnp.zeros((g,), jnp.int32), 1))
+
+
+def _freqlru_init(num_pages: int) -> FreqLruState:
+  return freqlru_state(jnp.zeros((num_pages,), jnp.int32))
+
+
+def _freqlru_score(meta, state: FreqLruState, clock, params):
+  """LRU with a frequency credit: a block referenced ``c`` times is treated as if used
+  ``credit * log2(c)`` steps later than it was. Counts survive eviction in a ghost table
+  (``4 * num_pages`` hashed entries), so a block coming back keeps its history. Partial
+  pages go first."""
+  c = jnp.maximum(view(state.count), 1).astype(jnp.float32)
+  raw = age(meta, clock) - params["credit"] * jnp.log2(c)
+  partial = meta.filled < page_size_of(meta)
+  return finalize(jnp.where(partial, raw + CLASS_STEP, raw), meta)
+
+
+def _freqlru_update(state: FreqLruState, meta, access: Access, params):
+  del params
+  g = GHOST_FACTOR * live_pages(meta)
+  s = jnp.maximum(access.slot, 0)
+  b = bucket(access.key, g)
+  known = same_key(access.key, get(state.ghost_key, b))
+  retained = jnp.where(known, get(state.ghost_count, b), 0)
+  old = get(state.count, s)
+  count = jnp.where(access.hit, old + 1, retained + 1)
+  eb = bucket(access.evicted_key, g)
+  return FreqLruState(
+      count=put(state.count, access.slot, count, access.hit | access.inserted),
+      ghost_key=put(state.ghost_key, eb, access.evicted_key, access.evicted),
+      ghost_count=put(state.ghost_count, eb, old, access.evicted))
+
+
+def _freqlru_admit(state: FreqLruState, meta, access: Access, victim, params):
+  """A partial block (the unfinished last page of a request) does not displace a cached
+  block unless ``admit_partial`` is 1."""
+  del state
+  partial = access.filled < page_size_of(meta)
+  return (meta.filled[victim] == 0) | ~partial | (params["admit_partial"] > 0.5)
+
+
 # ---------------------------------------------------------------------------- registry
 
 
@@ -445,8 +527,17 @@ _WEIGHT = (0.0, 100.0, False, False)
 POLICIES: dict[str, Policy] = {}
 
 
+def _settled(update):
+  """``update`` that first applies the writes the previous update deferred."""
+  return lambda state, meta, access, params: update(settle_all(state), meta, access, params)
+
+
 def register(policy: Policy) -> Policy:
-  """Add ``policy`` to ``POLICIES`` under its name (replacing any of the same name)."""
+  """Add ``policy`` to ``POLICIES`` under its name (replacing any of the same name).
+
+  Its ``update`` is wrapped to ``settle`` deferred writes first (see ``kvjax.evict.Deferred``).
+  """
+  policy = policy._replace(update=_settled(policy.update))
   POLICIES[policy.name] = policy
   return policy
 
@@ -473,6 +564,9 @@ register(Policy("lecar", _lecar_init, _lecar_score, _lecar_update, None,
                  "learning_rate": (0.0, 10.0, True, False)}))
 register(with_tinylfu(POLICIES["lru"], "tinylfu"))
 register(with_tinylfu(POLICIES["s3fifo"]))
+register(Policy("freqlru", _freqlru_init, _freqlru_score, _freqlru_update, _freqlru_admit,
+                {"credit": 16384.0, "admit_partial": 0.0},
+                {"credit": (0.0, 1e8, False, False), "admit_partial": (0.0, 1.0, False, False)}))
 register(Policy("min", _min_init, _min_score, _min_update, None, {}, {}, oracle=True))
 register(Policy("min-bypass", _min_init, _min_score, _min_update, _min_admit, {}, {},
                 oracle=True))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kvjax import policies as pol
-from kvjax.evict import NEVER, Access, argmax, top_victims
+from kvjax.evict import NEVER, Access, argmax, top_victims, view
 from kvjax.state import init_meta
 
 PAGE = 4  # tokens per page in these hand-made pools
@@ -97,19 +97,18 @@ def test_lru2_prefers_pages_seen_once_then_oldest_second_access():
 
 def test_lfu_counts_and_aging():
   p = pol.get_policy("lfu")
-  st = pol.LfuState(freq=jnp.array([4.0, 1.0, 2.0]), stamp=jnp.zeros(3, jnp.int32))
+  st = pol.lfu_state([4.0, 1.0, 2.0], [0, 0, 0])
   assert victim("lfu", meta(3), st, 0, half_life=100.0) == 1
-  st = pol.LfuState(freq=jnp.array([8.0, 2.0, 3.0]), stamp=jnp.array([0, 100, 100]))
+  st = pol.lfu_state([8.0, 2.0, 3.0], [0, 100, 100])
   # 8 accesses 10 half-lives ago are worth 8/1024 < 2
   assert victim("lfu", meta(3), st, 100, half_life=10.0) == 0
   assert victim("lfu", meta(3), st, 100, half_life=1e6) == 1
   st2 = p.update(st, meta(3), access(1, hit=True, clock=110), pol.make_params(p, half_life=10.0))
-  assert float(st2.freq[1]) == pytest.approx(2.0 * 0.5 + 1.0)
+  assert float(view(st2.freq)[1]) == pytest.approx(2.0 * 0.5 + 1.0)
 
 
 def test_s3fifo_probation_then_main():
-  st = pol.S3FifoState(in_main=jnp.array([True, False, False, True]),
-                       ghost=jnp.zeros((4, 2), jnp.uint32))
+  st = pol.s3fifo_state([True, False, False, True])
   m = meta(4, last_access=[1, 5, 6, 2])
   # probation holds 2 of 4 >= 25 %: its oldest (page 1) goes, not the LRU page 0
   assert victim("s3fifo", m, st, 10, small_frac=0.25) == 1
@@ -123,16 +122,16 @@ def test_s3fifo_ghost_readmits_to_main():
   st = p.init(4)
   st = p.update(st, meta(4), access(2, key=(7, 0), inserted=True, evicted=True,
                                     evicted_key=(5, 0)), prm)
-  assert not bool(st.in_main[2])
+  assert not bool(view(st.in_main)[2])
   # the block evicted from probation (key 5) comes back: straight into main
   st = p.update(st, meta(4), access(3, key=(5, 0), inserted=True), prm)
-  assert bool(st.in_main[3])
+  assert bool(view(st.in_main)[3])
   st = p.update(st, meta(4), access(2, key=(7, 0), hit=True), prm)
-  assert bool(st.in_main[2])  # a hit in probation promotes
+  assert bool(view(st.in_main)[2])  # a hit in probation promotes
 
 
 def test_s3fifo_partial_pages_go_first_in_probation():
-  st = pol.S3FifoState(in_main=jnp.array([False, False, True]), ghost=jnp.zeros((3, 2), jnp.uint32))
+  st = pol.s3fifo_state([False, False, True])
   m = meta(3, last_access=[1, 5, 0], filled=[PAGE, 1, PAGE])
   assert victim("s3fifo", m, st, 10, small_frac=0.3) == 0
   assert victim("s3fifo", m, st, 10, small_frac=0.3, partial_bias=1.0) == 1
@@ -155,11 +154,11 @@ def test_weighted_factors():
 def test_greedydual_lowest_credit_and_inflation():
   p = pol.get_policy("greedydual")
   prm = pol.make_params(p, pos_weight=0.0, freq_exp=0.0)
-  st = pol.GreedyDualState(credit=jnp.array([5.0, 2.0, 9.0]), inflation=jnp.float32(0.0))
+  st = pol.greedydual_state([5.0, 2.0, 9.0])
   assert victim("greedydual", meta(3), st, 0) == 1
   st = p.update(st, meta(3), access(1, inserted=True, evicted=True, evicted_key=(3, 0),
                                     filled=PAGE), prm)
-  assert float(st.inflation) == 2.0 and float(st.credit[1]) == 3.0  # L + cost (one full page)
+  assert float(st.inflation) == 2.0 and float(view(st.credit)[1]) == 3.0  # L + cost (one full page)
   cost = pol.recompute_cost(jnp.int32(PAGE), jnp.int32(10), PAGE, 0.5)
   assert float(cost) == 6.0
 
@@ -168,7 +167,7 @@ def test_lecar_follows_heavier_expert_and_learns():
   p = pol.get_policy("lecar")
   prm = pol.make_params(p, half_life=1e6)
   m = meta(2, last_access=[0, 5])
-  lfu = pol.LfuState(freq=jnp.array([9.0, 1.0]), stamp=jnp.array([0, 5]))
+  lfu = pol.lfu_state([9.0, 1.0], [0, 5])
   st = p.init(2)._replace(lfu=lfu)
   assert victim("lecar", m, st, 6) == 0                                  # tie: LRU expert
   st_lfu = st._replace(weights=jnp.array([0.2, 0.8]))
@@ -196,11 +195,32 @@ def test_tinylfu_admits_only_more_frequent_blocks():
   assert bool(p.admit(st, empty, access(-1, key=(77, 0)), v, prm))  # free page: always
 
 
+def test_freqlru_credit_and_retained_count():
+  p = pol.get_policy("freqlru")
+  prm = pol.make_params(p, credit=100.0)
+  m = meta(3, last_access=[0, 50, 90])
+  # page 0 is oldest but was referenced 4 times: 100 * log2(4) = 200 steps of credit
+  assert victim("freqlru", m, pol.freqlru_state([4, 1, 1]), 100, credit=100.0) == 1
+  assert victim("freqlru", m, pol.freqlru_state([4, 1, 1]), 100, credit=1.0) == 0
+  # a partial page goes first whatever its credit
+  assert victim("freqlru", meta(3, filled=[PAGE, PAGE, 1]), pol.freqlru_state([1, 1, 9]), 0) == 2
+  st = pol.freqlru_state([4, 1, 1])
+  st = p.update(st, m, access(0, key=(6, 0), inserted=True, evicted=True, evicted_key=(3, 0)),
+                prm)
+  assert int(view(st.count)[0]) == 1
+  # key 3 returns: its 4 references are remembered
+  st = p.update(st, m, access(1, key=(3, 0), inserted=True, evicted=True, evicted_key=(8, 0)),
+                prm)
+  assert int(view(st.count)[1]) == 5
+  assert not bool(p.admit(st, m, access(-1, filled=1), 0, prm))
+  assert bool(p.admit(st, m, access(-1, filled=PAGE), 0, prm))
+
+
 def test_min_and_bypass():
   p = pol.get_policy("min-bypass")
-  st = pol.MinState(next_use=jnp.array([10, NEVER, 30], jnp.int32))
+  st = pol.min_state([10, NEVER, 30])
   assert victim("min", meta(3), st, 0) == 1
-  st = pol.MinState(next_use=jnp.array([10, 40, 30], jnp.int32))
+  st = pol.min_state([10, 40, 30])
   assert victim("min", meta(3), st, 0) == 1
   assert bool(p.admit(st, meta(3), access(-1, next_use=20), 1, {}))
   assert not bool(p.admit(st, meta(3), access(-1, next_use=50), 1, {}))

@@ -57,14 +57,30 @@ def _simulate(refs: dict, capacity, params, *, policy_name: str, num_pages: int,
   """bool [N] hit flags of one run (capacity int32 [], params dict of float32 [])."""
   policy = get_policy(policy_name)
 
+  def apply(fields, pstate, page_block, pending):
+    """Writes of the previous reference (all writes of a step come before its reads)."""
+    access, count, b = pending
+    t = jnp.where(access.slot >= 0, access.slot, num_pages)
+    page_block = page_block.at[jnp.where(access.inserted, t, num_pages)].set(b, mode="drop")
+    f = dict(fields)
+    f["last_access"] = f["last_access"].at[t].set(access.clock, mode="drop")
+    f["access_count"] = f["access_count"].at[t].set(count, mode="drop")
+    f["block_hash"] = f["block_hash"].at[t].set(access.key, mode="drop")
+    f["filled"] = f["filled"].at[t].set(access.filled, mode="drop")
+    f["position"] = f["position"].at[t].set(access.position, mode="drop")
+    pstate = policy.update(pstate, _as_meta(f, page_size), access, params)
+    return f, pstate, page_block
+
   def step(carry, x):
-    fields, pstate, page_block = carry
+    # XLA on CPU copies a whole carried array every step when a value read from it is
+    # used after the array is written in the same step (measured: 10-1000x slower). So a
+    # step first applies the previous reference's writes, then only reads; its own
+    # writes travel to the next step as scalars (``pending``).
+    fields, pstate, page_block = apply(*carry)
     meta = _as_meta(fields, page_size)
     b, clock = x["block"], x["clock"]
     key = jnp.stack([(b + 1).astype(jnp.uint32), jnp.uint32(0)])
-    # Lookup by comparison: a carried block -> page map would be read and written in the
-    # same step, and XLA then copies the whole map every step (measured: 10x slower).
-    s = argmax(jnp.where(page_block == b, 1.0, 0.0))
+    s = argmax(jnp.where(page_block == b, 1.0, 0.0))  # lookup by comparison, see above
     hit = page_block[s] == b
     victim = argmax(policy.score(meta, pstate, clock, params))
     cand = Access(slot=victim, key=key, hit=hit, inserted=jnp.bool_(False),
@@ -74,28 +90,21 @@ def _simulate(refs: dict, capacity, params, *, policy_name: str, num_pages: int,
     if policy.admit is not None:
       admit = admit & policy.admit(pstate, meta, cand, victim, params)
     evicted = admit & (fields["filled"][victim] > 0)
-    count = jnp.where(hit, fields["access_count"][jnp.maximum(s, 0)] + 1, 1)
-    evicted_key = jnp.where(evicted, meta.block_hash[victim], jnp.zeros((2,), jnp.uint32))
-    # All reads of the carried arrays happen before any write: without the barrier XLA
-    # re-reads them inside the update fusions and copies whole arrays every step.
-    s, hit, victim, admit, evicted, count, evicted_key = jax.lax.optimization_barrier(
-        (s, hit, victim, admit, evicted, count, evicted_key))
-    page_block = page_block.at[jnp.where(admit, victim, num_pages)].set(b, mode="drop")
+    count = jnp.where(hit, fields["access_count"][s] + 1, 1)
     touched = hit | admit
-    t = jnp.where(touched, jnp.where(hit, s, victim), num_pages)
-    f = dict(fields)
-    f["last_access"] = f["last_access"].at[t].set(clock, mode="drop")
-    f["access_count"] = f["access_count"].at[t].set(count, mode="drop")
-    f["block_hash"] = f["block_hash"].at[t].set(key, mode="drop")
-    f["filled"] = f["filled"].at[t].set(x["filled"], mode="drop")
-    f["position"] = f["position"].at[t].set(x["position"], mode="drop")
-    access = cand._replace(slot=jnp.where(touched, t, -1), hit=hit, inserted=admit,
-                           evicted=evicted, evicted_key=evicted_key)
-    pstate = policy.update(pstate, _as_meta(f, page_size), access, params)
-    return (f, pstate, page_block), hit
+    access = cand._replace(
+        slot=jnp.where(touched, jnp.where(hit, s, victim), -1), inserted=admit,
+        evicted=evicted,
+        evicted_key=jnp.where(evicted, meta.block_hash[victim], jnp.zeros((2,), jnp.uint32)))
+    return (fields, pstate, page_block, (access, count, b)), hit
 
+  z = jnp.int32(0)
+  nothing = Access(slot=z - 1, key=jnp.zeros((2,), jnp.uint32), hit=jnp.bool_(False),
+                   inserted=jnp.bool_(False), evicted=jnp.bool_(False),
+                   evicted_key=jnp.zeros((2,), jnp.uint32), clock=z, next_use=z - 1, filled=z,
+                   position=z)
   carry = (_empty_meta(num_pages, capacity), policy.init(num_pages),
-           jnp.full((num_pages,), -1, jnp.int32))
+           jnp.full((num_pages,), -1, jnp.int32), (nothing, z, z))
   _, hits = jax.lax.scan(step, carry, refs)
   return hits
 
