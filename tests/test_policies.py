@@ -235,3 +235,18 @@ def test_scoring_jits_once():
     n = f._cache_size()
     f(meta(8, last_access=list(range(8))), p.init(8), jnp.int32(3), prm)
     assert f._cache_size() == n
+
+
+def test_autofreq_follows_best_miniature():
+  p = pol.get_policy("autofreq")
+  prm = pol.make_params(p)
+  st = p.init(16)
+  assert float(pol.auto_credit(st)) == pol.MINI_CREDITS[0]  # no evidence yet: LRU
+  st = st._replace(mini_hits=jnp.array([0.0, 0.0, 5.0, 1.0, 0.0]))
+  assert float(pol.auto_credit(st)) == pol.MINI_CREDITS[2]
+  m = meta(3, last_access=[0, 50, 90])
+  main = pol.freqlru_state([4, 1, 1])
+  lru_like = st._replace(main=main, mini_hits=jnp.array([9.0, 0, 0, 0, 0]))
+  freq_like = st._replace(main=main, mini_hits=jnp.array([0, 0, 0, 0, 9.0]))
+  assert victim("autofreq", m, lru_like, 100) == 0
+  assert victim("autofreq", m, freq_like, 100) == 1

@@ -218,3 +218,10 @@ def test_real_trace_lru_and_min_equal_python_and_published(real_trace):
   assert lru == np.mean(py_lru(refs, 6144))
   assert mn == np.mean(py_min(refs, 6144))
   assert round(lru, 3) == 0.141 and round(mn, 3) == 0.357  # SOURCES.md, block-level table
+
+
+def test_autofreq_vmap_exact_and_close_to_lru_or_better(small_trace):
+  both = simulator.simulate_hits(small_trace, [24, 160], "autofreq")
+  assert (simulator.simulate_hits(small_trace, 24, "autofreq") == both[0]).all()
+  lru = simulator.simulate_hits(small_trace, [24, 160], "lru").mean(axis=1)
+  assert (both.mean(axis=1) >= lru - 0.02).all()  # the "2 points below LRU" bound
