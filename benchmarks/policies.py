@@ -1,0 +1,253 @@
+"""Eviction policies on the Mooncake conversation trace: hit ratios, gap to MIN, speed.
+
+    python benchmarks/policies.py [--quick] [--out FILE] [--trace PATH]
+
+* Parameters of each tunable policy are fitted on the first 70 % of the trace (by
+  requests): one parameter set per policy for all capacities, the one with the best mean
+  share of the LRU-to-MIN gap closed among those never more than 2 points below LRU.
+* Hit ratios are reported on the last 30 %: the whole trace is replayed (the cache warms
+  on the first 70 %) and only references in the last 30 % are counted. Full-trace ratios
+  are kept too (``hit_ratio_full_trace``; LRU/MIN there match the published table).
+* ``gap_closed = (policy - LRU) / (MIN - LRU)`` per capacity.
+* ``sim_over_python``: plain-Python LRU (``OrderedDict``) time over the jitted
+  simulator's LRU time on the whole trace at 6,144 blocks (compiled; compile time apart).
+* ``default_policy`` and whether it meets the targets (>= 25 % of the gap at 6,144; never
+  more than 2 points below LRU), and the same policy on a generated trace it was not
+  tuned on.
+
+``--quick``: the first 2,000 requests (or a generated trace when the real one is absent),
+capacities divided by 8, small grids. Writes JSON (default benchmarks/results/policies.json)
+and prints the machine and a short table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import numpy as np
+
+from kvjax.policies import POLICIES, get_policy, make_params
+from kvjax.sim import simulator, traces
+
+CAPACITIES = (1024, 4096, 6144, 16384)
+DEFAULT_POLICY = "autofreq"
+REPORT = ("lru", "fifo", "lru2", "lfu", "s3fifo", "weighted", "greedydual", "lecar", "tinylfu",
+          "tinylfu-s3fifo", "freqlru", "autofreq", "min", "min-bypass")
+GRIDS = {
+    "lfu": {"half_life": [2048.0, 8192.0, 32768.0]},
+    "s3fifo": {"small_frac": [0.05, 0.1, 0.3]},
+    "weighted": {"age_scale": [2048.0, 8192.0, 32768.0]},
+    "greedydual": {"pos_weight": [0.0, 0.05, 0.5]},
+    "lecar": {"learning_rate": [0.1, 0.45, 2.0]},
+    "tinylfu": {"sample_factor": [2.0, 10.0, 50.0]},
+    "freqlru": {"credit": [8192.0, 16384.0, 24576.0, 32768.0, 49152.0]},
+}  # autofreq picks its credit online (miniature caches); it keeps its defaults
+GAP_TARGET = 0.25
+LRU_SLACK = 0.02
+
+
+def machine() -> dict:
+  return {"platform": platform.platform(), "python": platform.python_version(),
+          "cpu_count": os.cpu_count(), "jax": jax.__version__,
+          "device": str(jax.devices()[0])}
+
+
+def py_lru_hits(refs, capacity) -> int:
+  """Plain-Python LRU (the baseline for ``sim_over_python``)."""
+  cache, hits = collections.OrderedDict(), 0
+  for b in refs:
+    if b in cache:
+      cache.move_to_end(b)
+      hits += 1
+    else:
+      if len(cache) >= capacity:
+        cache.popitem(last=False)
+      cache[b] = None
+  return hits
+
+
+def split_point(trace: traces.Trace, frac: float = 0.7) -> tuple[int, int]:
+  """(request, reference) index where the last ``1 - frac`` of references begins."""
+  starts = np.flatnonzero(trace.position == 0)
+  r = int(np.searchsorted(starts, frac * trace.num_refs))
+  return r, int(starts[r]) if r < len(starts) else trace.num_refs
+
+
+def gap(h, lru, mn):
+  return float((h - lru) / (mn - lru)) if mn > lru else 0.0
+
+
+def grid_params(name: str, grid: dict) -> list[dict]:
+  (key, values), = grid.items()
+  return [{key: v} for v in values]
+
+
+def fit(trace, capacities, grids, log) -> tuple[dict, dict]:
+  """Best parameters per policy on ``trace`` (the first 70 %)."""
+  base = {p: {c: float(simulator.simulate_hits(trace, c, p).mean()) for c in capacities}
+          for p in ("lru", "min")}
+  chosen, report = {}, {}
+  for name, grid in grids.items():
+    cands = grid_params(name, grid)
+    ratios = np.zeros((len(cands), len(capacities)))
+    for j, c in enumerate(capacities):
+      t0 = time.perf_counter()
+      hits = simulator.simulate_hits(trace, [c] * len(cands), name,
+                                     [make_params(name, **k) for k in cands])
+      ratios[:, j] = hits.mean(axis=1)
+      log(f"  fit {name:<14s} cap {c:>6d}: {np.round(ratios[:, j], 4).tolist()} "
+          f"({time.perf_counter() - t0:.1f} s)")
+    gaps = np.array([[gap(ratios[i, j], base["lru"][c], base["min"][c])
+                      for j, c in enumerate(capacities)] for i in range(len(cands))])
+    safe = np.array([all(ratios[i, j] >= base["lru"][c] - LRU_SLACK
+                         for j, c in enumerate(capacities)) for i in range(len(cands))])
+    score = gaps.mean(axis=1) - 10.0 * (~safe)
+    best = int(np.argmax(score))
+    chosen[name] = cands[best]
+    report[name] = {"candidates": cands, "hit_ratio": ratios.round(5).tolist(),
+                    "mean_gap_closed": gaps.mean(axis=1).round(4).tolist(),
+                    "never_2pts_below_lru": safe.tolist(), "chosen": cands[best]}
+  return chosen, {"lru_min": base, "policies": report}
+
+
+def evaluate(trace, capacities, names, params, cut, log) -> tuple[dict, dict]:
+  """Hit ratios on references ``cut:`` (warm) and on the whole trace."""
+  last, full = {}, {}
+  for name in names:
+    last[name], full[name] = {}, {}
+    prm = make_params(name, **params.get(name, {}))
+    for c in capacities:
+      t0 = time.perf_counter()
+      h = simulator.simulate_hits(trace, c, name, prm)
+      last[name][c], full[name][c] = float(h[cut:].mean()), float(h.mean())
+      log(f"  {name:<14s} cap {c:>6d}: last30 {last[name][c]:.4f} full {full[name][c]:.4f} "
+          f"({time.perf_counter() - t0:.1f} s)")
+  return last, full
+
+
+def speed(trace, capacity, log) -> dict:
+  refs = trace.block.tolist()
+  py = []
+  for _ in range(3):
+    t0 = time.perf_counter()
+    py_hits = py_lru_hits(refs, capacity)
+    py.append(time.perf_counter() - t0)
+  t0 = time.perf_counter()
+  h = simulator.simulate_hits(trace, capacity, "lru")
+  first = time.perf_counter() - t0
+  sim = []
+  for _ in range(2):
+    t0 = time.perf_counter()
+    h = simulator.simulate_hits(trace, capacity, "lru")
+    sim.append(time.perf_counter() - t0)
+  assert int(h.sum()) == py_hits, "simulator and Python LRU disagree"
+  batch = 4
+  t0 = time.perf_counter()
+  simulator.simulate_hits(trace, [capacity] * batch, "lru")
+  t0 = time.perf_counter()
+  simulator.simulate_hits(trace, [capacity] * batch, "lru")
+  sim_batch = time.perf_counter() - t0
+  out = {"capacity": capacity, "references": trace.num_refs, "python_lru_s": min(py),
+         "sim_lru_s": min(sim), "sim_lru_first_call_s": first,
+         "sim_us_per_reference": min(sim) / trace.num_refs * 1e6,
+         "sim_over_python": min(py) / min(sim),
+         "batched_runs": batch, "sim_batched_s": sim_batch,
+         "sim_batched_over_python": batch * min(py) / sim_batch}
+  log(f"  speed: python {min(py):.3f} s, sim {min(sim):.3f} s (first call {first:.1f} s), "
+      f"batch of {batch} {sim_batch:.3f} s")
+  return out
+
+
+def holdout(params, quick, log) -> dict:
+  """The default policy on generated traffic it was not tuned on."""
+  t = traces.generate(1500 if quick else 6000, seed=1234, num_prompts=40, turns=(1, 5),
+                      user_tokens=(100, 6000), concurrent=256, name="generated-holdout")
+  caps = [64, 256, 1024] if quick else [256, 1024, 4096]
+  out = {"trace": t.name, "references": t.num_refs, "hit_ratio": {}}
+  for name in ("lru", "freqlru", DEFAULT_POLICY, "min"):
+    prm = make_params(name, **params.get(name, {}))
+    out["hit_ratio"][name] = {c: float(simulator.simulate_hits(t, c, name, prm).mean())
+                              for c in caps}
+  out["gap_closed"] = {p: {c: gap(out["hit_ratio"][p][c], out["hit_ratio"]["lru"][c],
+                                  out["hit_ratio"]["min"][c]) for c in caps}
+                       for p in ("freqlru", DEFAULT_POLICY)}
+  log(f"  holdout {t.name}: {out['hit_ratio']}")
+  return out
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--quick", action="store_true", help="small slice, small grids (~minutes)")
+  ap.add_argument("--out", default=os.path.join("benchmarks", "results", "policies.json"))
+  ap.add_argument("--trace", default=traces.default_trace_path())
+  args = ap.parse_args(argv)
+  log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+  t_start = time.perf_counter()
+
+  if os.path.exists(args.trace):
+    trace = traces.load_mooncake(args.trace, max_requests=2000 if args.quick else None)
+  else:
+    log(f"{args.trace} not found: using a generated trace")
+    trace = traces.generate(2000 if args.quick else 12000, seed=0)
+  caps = [c // 8 for c in CAPACITIES] if args.quick else list(CAPACITIES)
+  grids = {k: ({kk: vv[::2] for kk, vv in g.items()} if args.quick else g)
+           for k, g in GRIDS.items()}
+  r_cut, cut = split_point(trace)
+  log(f"{trace.name}: {trace.num_requests} requests, {trace.num_refs} references; "
+      f"fit on requests [0, {r_cut}) = references [0, {cut}); report on [{cut}, {trace.num_refs})")
+
+  log("fitting on the first 70 %")
+  params, fit_report = fit(trace.slice_requests(0, r_cut), caps, grids, log)
+  log("replaying the whole trace, counting the last 30 %")
+  last, full = evaluate(trace, caps, REPORT, params, cut, log)
+  gaps = {p: {c: gap(last[p][c], last["lru"][c], last["min"][c]) for c in caps} for p in last}
+  speed_cap = caps[2]
+  timing = speed(trace, speed_cap, log)
+  d = DEFAULT_POLICY
+  checks = {"gap_closed_at_%d" % speed_cap: gaps[d][speed_cap],
+            "meets_gap_target": gaps[d][speed_cap] >= GAP_TARGET,
+            "worst_points_vs_lru": min(last[d][c] - last["lru"][c] for c in caps),
+            "never_2pts_below_lru": all(last[d][c] >= last["lru"][c] - LRU_SLACK for c in caps)}
+  hold = holdout(params, args.quick, log)
+
+  result = {
+      "machine": machine(), "quick": args.quick,
+      "trace": {"name": trace.name, "requests": trace.num_requests, "references": trace.num_refs,
+                "blocks": trace.num_blocks, "split_request": r_cut, "split_reference": cut},
+      "capacities": caps, "accounting": "block",
+      "params": {p: params.get(p, {}) for p in REPORT},
+      "hit_ratio": {p: {str(c): r for c, r in row.items()} for p, row in last.items()},
+      "gap_closed": {p: {str(c): g for c, g in row.items()} for p, row in gaps.items()},
+      "hit_ratio_full_trace": {p: {str(c): r for c, r in row.items()} for p, row in full.items()},
+      "sim_over_python": timing["sim_over_python"], "timing": timing,
+      "default_policy": d, "default_params": params.get(d, {}), "default_checks": checks,
+      "holdout": hold, "fit": fit_report, "wall_s": time.perf_counter() - t_start,
+  }
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=1, default=float)
+
+  m = result["machine"]
+  print(f"machine: {m['platform']}, {m['cpu_count']} CPUs, jax {m['jax']}, {m['device']}")
+  print(f"trace: {trace.name}, {trace.num_refs} refs; hit ratio on the last 30 % "
+        f"(warm), params fitted on the first 70 %; gap = share of LRU->MIN gap closed")
+  print(f"{'policy':<15s}" + "".join(f"{c:>16d}" for c in caps))
+  for p in REPORT:
+    print(f"{p:<15s}" + "".join(f"{last[p][c]:>9.4f} ({gaps[p][c]:+.2f})" for c in caps))
+  print(f"sim_over_python {timing['sim_over_python']:.3f} (LRU, {speed_cap} blocks: python "
+        f"{timing['python_lru_s']:.3f} s, sim {timing['sim_lru_s']:.3f} s)")
+  print(f"default_policy {d} {params.get(d, {})}: gap at {speed_cap} "
+        f"{checks['gap_closed_at_%d' % speed_cap]:.3f} (target {GAP_TARGET}), worst vs LRU "
+        f"{checks['worst_points_vs_lru']:+.4f}; wrote {args.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,243 @@
+"""Request traces as flat block-reference arrays: a Mooncake JSONL loader and a generator.
+
+A trace is a list of requests; each request references the prefix blocks of its input in
+order. ``Trace`` flattens them into per-reference arrays (host numpy) that the simulator
+scans. Names in shapes: R = requests, N = block references.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+from kvjax.evict import NEVER
+
+DEFAULT_TRACE_DIR = os.environ.get("KVJAX_TRACE_DIR") or os.path.join(
+    os.path.dirname(__file__), "..", "..", "..", "shared", "data", "traces")
+MOONCAKE_BLOCK = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class Trace:
+  """Block references of a request trace (numpy, host side)."""
+
+  name: str
+  block_size: int           # tokens per block
+  timestamp: np.ndarray     # int64 [R]  arrival time (ms)
+  input_length: np.ndarray  # int64 [R]  input tokens
+  output_length: np.ndarray  # int64 [R]  output tokens
+  block: np.ndarray         # int32 [N]  dense block id (0..num_blocks-1, by first appearance)
+  request: np.ndarray       # int32 [N]  request of each reference
+  position: np.ndarray      # int32 [N]  block index within its request
+  filled: np.ndarray        # int32 [N]  tokens in the block (< block_size for a partial last block)
+  next_use: np.ndarray      # int32 [N]  index of the next reference to the same block (NEVER = none)
+
+  @property
+  def num_refs(self) -> int:
+    return int(self.block.shape[0])
+
+  @property
+  def num_requests(self) -> int:
+    return int(self.timestamp.shape[0])
+
+  @property
+  def num_blocks(self) -> int:
+    return int(self.block.max()) + 1 if self.num_refs else 0
+
+  def slice_requests(self, start: int, stop: int, name: Optional[str] = None) -> "Trace":
+    """The trace of requests ``[start, stop)`` (ids, positions and next uses recomputed)."""
+    bounds = np.searchsorted(self.request, np.arange(start, stop + 1))
+    hashes = [self.block[bounds[i]:bounds[i + 1]].tolist() for i in range(stop - start)]
+    return from_requests(hashes, self.input_length[start:stop], self.output_length[start:stop],
+                         self.timestamp[start:stop], block_size=self.block_size,
+                         name=name or f"{self.name}[{start}:{stop}]")
+
+
+def next_uses(block: np.ndarray) -> np.ndarray:
+  """int32 [N]: for each reference, the index of the next reference to the same block.
+
+  >>> next_uses(np.array([3, 1, 3, 3])).tolist()[:3]
+  [2, 1073741824, 3]
+  """
+  out = np.full(block.shape[0], NEVER, np.int64)
+  last = {}
+  for i in range(block.shape[0] - 1, -1, -1):
+    b = int(block[i])
+    out[i] = last.get(b, NEVER)
+    last[b] = i
+  return out.astype(np.int32)
+
+
+def from_requests(hash_ids: Sequence[Sequence[int]], input_length, output_length=None,
+                  timestamp=None, *, block_size: int = MOONCAKE_BLOCK,
+                  name: str = "trace") -> Trace:
+  """Build a ``Trace`` from per-request prefix-block hash ids.
+
+  Args:
+    hash_ids: R lists of block hash ids (any hashable ints), one per request.
+    input_length: R input token counts (the last block holds the remainder).
+    output_length, timestamp: R values each (zeros when None).
+    block_size: tokens per block.
+    name: a label for tables.
+
+  >>> t = from_requests([[7, 8], [7, 9]], [600, 1024])
+  >>> t.block.tolist(), t.filled.tolist()
+  ([0, 1, 0, 2], [512, 88, 512, 512])
+  """
+  r = len(hash_ids)
+  input_length = np.asarray(input_length, np.int64).reshape(r)
+  output_length = np.zeros(r, np.int64) if output_length is None else np.asarray(
+      output_length, np.int64).reshape(r)
+  timestamp = np.zeros(r, np.int64) if timestamp is None else np.asarray(timestamp,
+                                                                        np.int64).reshape(r)
+  ids: dict = {}
+  block, request, position, filled = [], [], [], []
+  for i, hs in enumerate(hash_ids):
+    n = len(hs)
+    for j, h in enumerate(hs):
+      block.append(ids.setdefault(h, len(ids)))
+      request.append(i)
+      position.append(j)
+      rest = int(input_length[i]) - j * block_size
+      filled.append(max(1, min(block_size, rest)) if j == n - 1 else block_size)
+  block = np.asarray(block, np.int32)
+  return Trace(name=name, block_size=block_size, timestamp=timestamp, input_length=input_length,
+               output_length=output_length, block=block,
+               request=np.asarray(request, np.int32), position=np.asarray(position, np.int32),
+               filled=np.asarray(filled, np.int32), next_use=next_uses(block))
+
+
+_FIELDS = ("timestamp", "input_length", "output_length", "hash_ids")
+
+
+def load_mooncake(path: str, *, block_size: int = MOONCAKE_BLOCK,
+                  max_requests: Optional[int] = None) -> Trace:
+  """Load a Mooncake-format JSONL trace (``timestamp``, ``input_length``, ``output_length``,
+  ``hash_ids`` of prefix blocks).
+
+  Raises:
+    ValueError: naming the file and line number of a malformed line.
+
+  >>> import tempfile, os
+  >>> p = os.path.join(tempfile.mkdtemp(), "t.jsonl")
+  >>> _ = open(p, "w").write('{"timestamp": 0, "input_length": 10, "output_length": 1, "hash_ids": [4]}\\n')
+  >>> load_mooncake(p).num_refs
+  1
+  """
+  hashes, inp, out, ts = [], [], [], []
+  with open(path, "r", encoding="utf-8") as f:
+    for lineno, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      if max_requests is not None and len(hashes) >= max_requests:
+        break
+      where = f"{path}:{lineno}"
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
+      if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+      missing = [k for k in _FIELDS if k not in rec]
+      if missing:
+        raise ValueError(f"{where}: missing field(s) {missing}")
+      for k in _FIELDS[:3]:
+        v = rec[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or v != int(v):
+          raise ValueError(f"{where}: {k} must be a non-negative integer, got {v!r}")
+      hs = rec["hash_ids"]
+      if not isinstance(hs, list) or not all(
+          isinstance(h, int) and not isinstance(h, bool) for h in hs):
+        raise ValueError(f"{where}: hash_ids must be a list of integers, got {hs!r}")
+      if len(hs) != math.ceil(int(rec["input_length"]) / block_size):
+        raise ValueError(f"{where}: len(hash_ids)={len(hs)} does not match "
+                         f"ceil(input_length={rec['input_length']}/{block_size})")
+      hashes.append(hs)
+      inp.append(int(rec["input_length"]))
+      out.append(int(rec["output_length"]))
+      ts.append(int(rec["timestamp"]))
+  return from_requests(hashes, inp, out, ts, block_size=block_size,
+                       name=os.path.splitext(os.path.basename(path))[0])
+
+
+def generate(num_requests: int = 2000, *, seed: int = 0, block_size: int = MOONCAKE_BLOCK,
+             num_prompts: int = 20, prompt_blocks: tuple = (1, 8), turns: tuple = (1, 8),
+             user_tokens: tuple = (50, 3000), output_tokens: tuple = (20, 800),
+             zipf: float = 1.2, concurrent: int = 64, name: Optional[str] = None) -> Trace:
+  """A seeded synthetic multi-turn chat trace with shared system prompts.
+
+  Each conversation starts from one of ``num_prompts`` system prompts (Zipf popularity);
+  each turn's input is the previous input plus the previous answer plus a new user
+  message, so full blocks of earlier turns are reused as prefixes while the partial last
+  block is not. ``concurrent`` conversations are interleaved at random.
+
+  Args:
+    num_requests: requests to produce.
+    seed: numpy RNG seed (the same seed gives the same trace).
+    block_size: tokens per block.
+    num_prompts, prompt_blocks: shared prompts and their length range in full blocks.
+    turns, user_tokens, output_tokens: uniform ranges per conversation / message.
+    zipf: Zipf exponent of prompt popularity.
+    concurrent: conversations open at once.
+
+  >>> generate(50, seed=1).num_requests
+  50
+  """
+  if num_requests <= 0:
+    raise ValueError(f"num_requests must be positive, got {num_requests}")
+  rng = np.random.default_rng(seed)
+  weights = 1.0 / np.arange(1, num_prompts + 1) ** zipf
+  weights /= weights.sum()
+  prompt_len = rng.integers(prompt_blocks[0], prompt_blocks[1] + 1, num_prompts) * block_size
+  next_seg = [num_prompts]
+
+  def new_conv():
+    p = int(rng.choice(num_prompts, p=weights))
+    return {"segs": [(p, int(prompt_len[p]))], "turns_left": int(rng.integers(*turns) + 1)}
+
+  convs = [new_conv() for _ in range(concurrent)]
+  hashes, inp, out, ts = [], [], [], []
+  ids: dict = {}
+  t = 0
+  for _ in range(num_requests):
+    k = int(rng.integers(concurrent))
+    c = convs[k]
+    c["segs"].append((next_seg[0], int(rng.integers(*user_tokens))))
+    next_seg[0] += 1
+    total = sum(n for _, n in c["segs"])
+    hs, parent, seg_i, offset = [], -1, 0, 0
+    for j in range(math.ceil(total / block_size)):
+      take, pieces = min(block_size, total - j * block_size), []
+      while take:
+        sid, n = c["segs"][seg_i]
+        step = min(take, n - offset)
+        pieces.append((sid, offset, step))
+        take -= step
+        offset += step
+        if offset == n:
+          seg_i, offset = seg_i + 1, 0
+      parent = ids.setdefault((parent, tuple(pieces)), len(ids))
+      hs.append(parent)
+    o = int(rng.integers(*output_tokens))
+    hashes.append(hs)
+    inp.append(total)
+    out.append(o)
+    t += int(rng.exponential(300.0))
+    ts.append(t)
+    c["segs"].append((next_seg[0], o))
+    next_seg[0] += 1
+    c["turns_left"] -= 1
+    if c["turns_left"] <= 0:
+      convs[k] = new_conv()
+  return from_requests(hashes, inp, out, ts, block_size=block_size,
+                       name=name or f"generated-{num_requests}-s{seed}")
+
+
+def default_trace_path(name: str = "conversation_trace.jsonl") -> str:
+  """Path of a shared real trace (may not exist on every machine)."""
+  return os.path.normpath(os.path.join(DEFAULT_TRACE_DIR, name))
