@@ -49,7 +49,8 @@ def _as_meta(fields: dict, page_size: int) -> PageMeta:
   # Token ids are not simulated: a broadcast placeholder gives policies the page size
   # (``meta.tokens.shape[-1]``) without materializing [P, page_size] in the scan carry.
   p = fields["filled"].shape[0]
-  return PageMeta(tokens=jnp.broadcast_to(jnp.int32(-1), (p, page_size)), **fields)
+  return PageMeta(tokens=jnp.broadcast_to(jnp.int32(-1), (p, page_size)),
+                  namespace=jnp.broadcast_to(jnp.uint32(0), (p, 2)), **fields)
 
 
 def _simulate(refs: dict, capacity, params, *, policy_name: str, num_pages: int,
