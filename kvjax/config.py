@@ -42,6 +42,12 @@ class CacheConfig:
       smallest power of two >= 2 * num_pages.
     hash_fn: the block hash (static); ``None`` is ``kvjax.hashing.block_hash``.
       Tests swap in one that always collides.
+    eviction: the policy that ranks cached pages for eviction, by name from
+      ``kvjax.policies`` (the scoring functions the simulator runs). The cache
+      takes the stateless ones (``lru``, ``weighted``); policies with history
+      arrays run in ``kvjax.sim`` only, for now.
+    eviction_params: ``((name, value), ...)`` overrides of the policy's
+      parameters, validated by ``kvjax.policies.make_params``.
 
   >>> cfg = CacheConfig(num_layers=2, num_kv_heads=2, head_dim=8, page_size=4,
   ...                   num_pages=16, max_seqs=4, max_pages_per_seq=8)
@@ -64,6 +70,8 @@ class CacheConfig:
   namespace: str = "kvjax"
   index_capacity: Optional[int] = None
   hash_fn: Optional[Callable] = None
+  eviction: str = "lru"
+  eviction_params: tuple = ()
 
   def __post_init__(self):
     for name in ("num_layers", "num_kv_heads", "head_dim", "page_size", "num_pages",
@@ -83,8 +91,21 @@ class CacheConfig:
                        f"({self.num_pages}), got {cap!r}")
     if not isinstance(self.namespace, str):
       raise ValueError(f"CacheConfig.namespace must be a str, got {self.namespace!r}")
+    self._check_eviction()
     if self.hash_fn is not None and not callable(self.hash_fn):
       raise ValueError(f"CacheConfig.hash_fn must be callable or None, got {self.hash_fn!r}")
+
+  def _check_eviction(self) -> None:
+    from kvjax import policies  # noqa: PLC0415 (policies -> state -> config)
+    policy = policies.get_policy(self.eviction)
+    if policy.oracle or policy.init(1) != ():
+      raise ValueError(f"CacheConfig.eviction={self.eviction!r} keeps history arrays or needs "
+                       f"the future; the cache takes stateless policies ('lru', 'weighted')")
+    if not isinstance(self.eviction_params, tuple) or not all(
+        isinstance(kv, tuple) and len(kv) == 2 for kv in self.eviction_params):
+      raise ValueError(f"CacheConfig.eviction_params must be a tuple of (name, value) pairs, "
+                       f"got {self.eviction_params!r}")
+    policies.make_params(policy, **dict(self.eviction_params))
 
   @property
   def max_seq_len(self) -> int:

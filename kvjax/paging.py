@@ -80,16 +80,21 @@ def _bad_rows(seq_ids: jax.Array, num_new: jax.Array, t: int, max_seqs: int) -> 
   return out_of_range | dup | bad_len
 
 
-def _lru_scores(meta: state_lib.PageMeta, clock: jax.Array, max_blocks: int) -> jax.Array:
-  """float32 [P]: empty free pages +inf, cached free pages by age, held pages -inf.
+def _eviction_scores(meta: state_lib.PageMeta, clock: jax.Array,
+                     config: CacheConfig) -> jax.Array:
+  """float32 [P]: free pages +inf, cached pages by ``config.eviction``, held pages -inf.
 
-  Among pages of equal age, deeper blocks go first, so a chain loses its tail
-  before its head.
+  The scoring function is the one ``kvjax.sim`` replays traces with. Under
+  ``lru`` (integral ages), deeper blocks of equal age go first, so a chain
+  loses its tail before its head.
   """
-  cached = jnp.any(meta.block_hash != 0, axis=-1)
-  age = (clock - meta.last_access).astype(jnp.float32)
-  age = age + meta.position.astype(jnp.float32) / (max_blocks + 1)
-  return jnp.where(meta.ref_count > 0, -jnp.inf, jnp.where(cached, age, jnp.inf))
+  from kvjax import policies  # noqa: PLC0415 (policies -> state)
+  policy = policies.get_policy(config.eviction)
+  params = policies.make_params(policy, **dict(config.eviction_params))
+  scores = policy.score(meta, (), clock, params)
+  if config.eviction == "lru":
+    scores = scores + meta.position.astype(jnp.float32) / (config.max_pages_per_seq + 1)
+  return scores
 
 
 def _grant(base_need: jax.Array, partial: jax.Array, last_page: jax.Array,
@@ -172,7 +177,7 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
   partial = (old_len % s_ != 0) & (n > 0)
   seq_full = live & (new_pages > m_)
 
-  scores = _lru_scores(meta, clock, m_)
+  scores = _eviction_scores(meta, clock, config)
   per_row = -(-t // s_) + 1
   k = min(b * per_row, p_)
   _, cand = jax.lax.top_k(scores, k)                                  # [k] best victims first

@@ -65,9 +65,11 @@ def forget_pages(meta: PageMeta, index: PrefixIndex, pages: jax.Array) -> tuple[
   child = (meta.parent >= 0) & reused[jnp.clip(meta.parent, 0, p_ - 1)] & ~reused
   hashed_child = child & jnp.any(meta.block_hash != 0, axis=-1)
   index = index_delete(index, meta.block_hash, hashed_child, expected=jnp.arange(p_))
+  unheld = child & (meta.ref_count == 0)  # an orphan nobody holds is free
   meta = meta.replace(
       block_hash=jnp.where(child[:, None], jnp.uint32(0), meta.block_hash),
       parent=jnp.where(child, ORPHAN, meta.parent),
+      filled=jnp.where(unheld, 0, meta.filled),
   )
   return meta, index
 

@@ -244,3 +244,33 @@ def test_bad_shapes_and_dtypes_raise_value_error():
     kvjax.attend(jnp.ones((1, 1, 2, 8)), layer(st.k), layer(st.v), plan)
   with pytest.raises(ValueError, match=r"one layer's pages \[P, S, H, D\]"):
     kvjax.write(st.k, plan, jnp.ones((1, 1, 2, 4)))
+
+
+def test_eviction_follows_the_configured_policy_scores():
+  """The cache ranks cached pages with the simulator's scoring function (here: frequency)."""
+  from kvjax import policies
+  cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2, num_pages=4,
+                          max_seqs=2, max_pages_per_seq=4, eviction="weighted",
+                          eviction_params=(("w_age", 0.0), ("w_freq", 1.0), ("w_size", 0.0),
+                                           ("w_cost", 0.0), ("w_context", 0.0)))
+  st = kvjax.init(cfg)
+  meta = st.meta.replace(
+      block_hash=st.meta.block_hash.at[:3].set(jnp.array([[1, 1], [2, 2], [3, 3]], jnp.uint32)),
+      access_count=jnp.array([5, 1, 3, 0], jnp.int32), filled=jnp.array([2, 2, 2, 0], jnp.int32),
+      last_access=jnp.array([9, 9, 9, 0], jnp.int32))
+  st = st.replace(meta=meta, clock=jnp.array(10, jnp.int32))
+  want = policies.weighted_score(meta, st.clock + 1, policies.make_params(
+      "weighted", **dict(cfg.eviction_params)))
+  order = [int(p) for p in np.argsort(-np.asarray(want), kind="stable")]
+  assert order[:3] == [3, 1, 2]  # the free page, then the least used cached ones
+  _, st = plan_step(st, jnp.array([0]), jnp.ones((1, 6), jnp.int32), jnp.array([6]), config=cfg)
+  np.testing.assert_array_equal(st.page_table[0, :3], order[:3])
+  assert int(st.stats.evictions) == 2
+
+
+def test_stateful_or_unknown_eviction_policy_is_rejected():
+  with pytest.raises(ValueError, match="eviction='lfu' keeps history arrays"):
+    kvjax.CacheConfig(**{**CFG.__dict__, "eviction": "lfu"})
+  with pytest.raises(ValueError, match="parameter w_age must be in"):
+    kvjax.CacheConfig(**{**CFG.__dict__, "eviction": "weighted",
+                         "eviction_params": (("w_age", -1.0),)})
