@@ -1,12 +1,23 @@
-"""Paged attention over one layer's pages (pure jnp)."""
+"""Paged attention over one layer's pages, dequantizing quantized pages.
+
+Unquantized pages take the jnp path below. Quantized pages take
+``kvjax.kernels.ops.paged_attention`` for decode (T = 1: Pallas on GPU/TPU,
+the jnp reference on CPU) and dense dequantized K/V for prefill chunks.
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from kvjax import quant
 from kvjax.paging import StepPlan
 from kvjax.paging import _check_pages_layer
+from kvjax.paging import head_dim_of
+from kvjax.paging import lens_before
+from kvjax.paging import pool_only
+from kvjax.paging import stage_rows
+from kvjax.paging import write
 from kvjax.state import Pages
 
 
@@ -19,9 +30,15 @@ def attend(q: jax.Array, k_pages: Pages, v_pages: Pages, plan: StepPlan) -> jax.
   head ``i // (Hq // H)``. Computed in float32; softmax scale ``1/sqrt(D)``.
   Rows with nothing to read (padding, refused empty sequences) give zeros.
 
+  Quantized pages (their static ``spec``) are dequantized: pages folded by
+  ``kv_lens`` are read from the pool, the rest from the staging ring. For a
+  prefill chunk (T > 1) with staging, every query of the chunk sees the pages
+  folded by the end of the step quantized; ``write_attend`` gives the causal
+  view (each query sees what decode would show it).
+
   Args:
     q: ``[B, T, Hq, D]`` queries (after RoPE), Hq a multiple of H.
-    k_pages / v_pages: one layer's ``Pages`` (data ``[P, S, H, D]``), already
+    k_pages / v_pages: one layer's ``Pages`` (data ``[P, S, H, *]``), already
       holding this step's K/V (``write`` first).
     plan: the step's plan.
 
@@ -38,12 +55,36 @@ def attend(q: jax.Array, k_pages: Pages, v_pages: Pages, plan: StepPlan) -> jax.
   >>> attend(jnp.ones((1, 1, 1, 2)), k, v, plan).tolist()
   [[[[3.0, 3.0]]]]
   """
+  _check_pair(q, k_pages, v_pages, plan)
+  if k_pages.spec.is_quantized or v_pages.spec.is_quantized or k_pages.stage is not None:
+    return _attend_quantized(q, k_pages, v_pages, plan)
+  _, s_, h_, d_ = k_pages.data.shape
+  b = plan.positions.shape[0]
+  m_ = plan.page_table.shape[1]
+  table = jnp.maximum(plan.page_table, 0)
+  k = k_pages.data[table].reshape(b, m_ * s_, h_, d_)                # [B, K, H, D]
+  v = v_pages.data[table].reshape(b, m_ * s_, h_, d_)
+  return grouped_attention(q, k, v, _visible(plan, m_ * s_))
+
+
+def _visible(plan: StepPlan, kn: int) -> jax.Array:
+  """bool [B, T, K]: key position < kv_len and <= the query's position."""
+  key_pos = jnp.arange(kn)
+  return ((key_pos[None, None, :] < plan.kv_lens[:, None, None])
+          & (key_pos[None, None, :] <= plan.positions[:, :, None]))
+
+
+def _check_pair(q, k_pages: Pages, v_pages: Pages, plan: StepPlan) -> None:
   _check_pages_layer("k_pages", k_pages)
   _check_pages_layer("v_pages", v_pages)
-  if k_pages.data.shape != v_pages.data.shape:
+  kd, vd = head_dim_of(k_pages), head_dim_of(v_pages)
+  if k_pages.data.shape[:3] != v_pages.data.shape[:3] or kd != vd:
     raise ValueError(f"k_pages and v_pages differ in shape: {tuple(k_pages.data.shape)} vs "
                      f"{tuple(v_pages.data.shape)}")
-  _, s_, h_, d_ = k_pages.data.shape
+  if (k_pages.stage is None) != (v_pages.stage is None):
+    raise ValueError("k_pages and v_pages must both have a staging ring or neither")
+  _, s_, h_, _ = k_pages.data.shape
+  d_ = kd
   b, t = plan.positions.shape
   if q.ndim != 4 or q.shape[0] != b or q.shape[1] != t or q.shape[3] != d_:
     raise ValueError(f"q must have shape (B, T, Hq, D) with (B, T) = {(b, t)} from the plan and "
@@ -51,14 +92,110 @@ def attend(q: jax.Array, k_pages: Pages, v_pages: Pages, plan: StepPlan) -> jax.
   hq = q.shape[2]
   if hq % h_:
     raise ValueError(f"q heads ({hq}) must be a multiple of the kv heads ({h_})")
-  m_ = plan.page_table.shape[1]
-  table = jnp.maximum(plan.page_table, 0)
-  k = k_pages.data[table].reshape(b, m_ * s_, h_, d_)                # [B, K, H, D]
-  v = v_pages.data[table].reshape(b, m_ * s_, h_, d_)
-  key_pos = jnp.arange(m_ * s_)
-  visible = ((key_pos[None, None, :] < plan.kv_lens[:, None, None])
-             & (key_pos[None, None, :] <= plan.positions[:, :, None]))  # [B, T, K]
-  return grouped_attention(q, k, v, visible)
+
+
+def _dense(pages: Pages, plan: StepPlan, *, staged: bool = True) -> jax.Array:
+  """float32 [B, M*S, H, D]: each row's K (or V) dequantized; ring pages from the ring."""
+  from kvjax.kernels.paged_attention import gather_dequantized  # noqa: PLC0415 (cycle)
+  stage = stage_rows(pages, plan) if staged else None
+  return gather_dequantized(pool_only(pages), pages.spec, plan.page_table, plan.kv_lens,
+                            stage, pages.residual)
+
+
+def _attend_quantized(q, k_pages: Pages, v_pages: Pages, plan: StepPlan) -> jax.Array:
+  b, t = plan.positions.shape
+  if t == 1:   # decode: the fused kernel where it runs (GPU/TPU), its jnp reference on CPU
+    from kvjax.kernels import ops  # noqa: PLC0415 (kvjax.kernels imports kvjax.state)
+    out = ops.paged_attention(q[:, 0], pool_only(k_pages), pool_only(v_pages),
+                              plan.page_table, plan.kv_lens, k_pages.spec, v_pages.spec,
+                              k_stage=stage_rows(k_pages, plan), v_stage=stage_rows(v_pages, plan))
+    return out[:, None].astype(q.dtype)
+  k, v = _dense(k_pages, plan), _dense(v_pages, plan)
+  return grouped_attention(q, k, v, _visible(plan, k.shape[1]))
+
+
+def write_attend(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: Pages, v_pages: Pages,
+                 plan: StepPlan) -> tuple[jax.Array, Pages, Pages]:
+  """``write`` this step's K and V, then attend: the model's per-layer data path.
+
+  Same as ``write`` then ``attend``, except for a prefill chunk (T > 1) through
+  a staging ring, where it keeps attention causal: the query at position p
+  sees page j quantized iff ``(j + 1) * S + R <= p + 1`` (R the window), i.e.
+  exactly what a decode step at p sees, whatever the chunking. Pages that fold
+  during the chunk are read in full precision (the ring before the step and
+  the new tokens, rounded to the ring dtype) by the queries before their fold.
+
+  Args:
+    q: ``[B, T, Hq, D]``; k, v: ``[B, T, H, D]`` this step's keys (after RoPE)
+      and values.
+    k_pages / v_pages: one layer's ``Pages`` before the step.
+    plan: the step's plan.
+
+  Returns:
+    ``(out [B, T, Hq, D] in q's dtype, k_pages, v_pages)``.
+
+  >>> import kvjax
+  >>> cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2,
+  ...                         num_pages=2, max_seqs=1, max_pages_per_seq=2)
+  >>> plan, st = kvjax.plan_step(kvjax.init(cfg), jnp.array([0]), jnp.array([[1]]),
+  ...                            jnp.array([1]), config=cfg)
+  >>> layer = lambda p: jax.tree.map(lambda a: a[0], p)
+  >>> x = jnp.ones((1, 1, 1, 2))
+  >>> write_attend(x, x, 3 * x, layer(st.k), layer(st.v), plan)[0].tolist()
+  [[[[3.0, 3.0]]]]
+  """
+  k_new, v_new = write(k_pages, plan, k), write(v_pages, plan, v)
+  if k_pages.stage is None or plan.positions.shape[1] == 1:
+    return attend(q, k_new, v_new, plan), k_new, v_new
+  _check_pair(q, k_new, v_new, plan)
+  s_ = k_pages.data.shape[1]
+  n0, _ = lens_before(plan)
+  before = plan.replace(kv_lens=n0)
+  dst = jnp.clip(plan.positions - n0[:, None], 0, None)               # [B, T]
+  dst = jnp.where(plan.valid, n0[:, None] + dst, -1)
+  rows = jnp.arange(plan.positions.shape[0])[:, None]
+
+  def views(before_pages, after_pages, x):
+    # full precision: the ring and pool before the step, then this step's tokens
+    full = _dense(before_pages, before)
+    x = x.astype(before_pages.stage.dtype).astype(jnp.float32)
+    full = full.at[rows, jnp.where(dst < 0, full.shape[1], dst)].set(x, mode="drop")
+    return _dense(after_pages, plan, staged=False), full               # quantized, full
+
+  kq, kf = views(k_pages, k_new, k)
+  vq, vf = views(v_pages, v_new, v)
+  kn = kq.shape[1]
+  folded = quant.first_staged_page(plan.positions + 1, k_pages.residual, s_)   # [B, T]
+  quantized = (jnp.arange(kn)[None, None, :] // s_) < folded[:, :, None]       # [B, T, K]
+  out = _two_view_attention(q, (kq, vq), (kf, vf), quantized, _visible(plan, kn))
+  return out, k_new, v_new
+
+
+def _two_view_attention(q, quant_kv, full_kv, quantized, visible) -> jax.Array:
+  """Grouped attention where each (query, key) reads the quantized or the full view."""
+  b, t, hq, d_ = q.shape
+  kq, vq = quant_kv
+  kf, vf = full_kv
+  kn, h_ = kq.shape[1], kq.shape[2]
+  g = hq // h_
+  qh = q.astype(jnp.float32).reshape(b, t, h_, g, d_).transpose(0, 2, 3, 1, 4)
+  qh = qh.reshape(b * h_, g * t, d_)
+  heads = lambda a: a.transpose(0, 2, 1, 3).reshape(b * h_, kn, d_)  # noqa: E731
+  expand = lambda m: jnp.broadcast_to(m[:, None, None], (b, h_, g, t, kn)).reshape(  # noqa: E731
+      b * h_, g * t, kn)
+  sel = expand(quantized)
+  lq = jnp.einsum("xqd,xkd->xqk", qh, heads(kq))
+  lf = jnp.einsum("xqd,xkd->xqk", qh, heads(kf))
+  logits = jnp.where(sel, lq, lf) * (d_ ** -0.5)
+  logits = jnp.where(expand(visible), logits, -jnp.inf)
+  peak = jnp.max(logits, axis=-1, keepdims=True)
+  weights = jnp.exp(logits - jnp.where(jnp.isfinite(peak), peak, 0.0))
+  denom = jnp.sum(weights, axis=-1, keepdims=True)
+  weights = weights / jnp.where(denom > 0, denom, 1.0)
+  out = (jnp.einsum("xqk,xkd->xqd", jnp.where(sel, weights, 0.0), heads(vq))
+         + jnp.einsum("xqk,xkd->xqd", jnp.where(sel, 0.0, weights), heads(vf)))
+  out = out.reshape(b, h_, g, t, d_).transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d_)
+  return out.astype(q.dtype)
 
 
 def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:

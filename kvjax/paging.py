@@ -10,11 +10,14 @@ page_size, P = num_pages, M = max_pages_per_seq, H = kv heads, D = head_dim.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 from kvjax import prefix as prefix_lib
+from kvjax import quant
 from kvjax import state as state_lib
 from kvjax.config import CacheConfig
 from kvjax.state import CacheState
@@ -35,6 +38,8 @@ class StepPlan:
   cow_dst: jax.Array     # int32 [B]  its private copy (P = none)
   refused: jax.Array     # bool [B]  row had work and was refused; nothing of it was written
   seq_status: jax.Array  # int32 [B]  status flags of each row this step
+  fold_floor: Optional[jax.Array] = None  # int32 [B]  leading pages already folded (attached
+  #                                         prefix), never folded again; None without staging
 
 
 def _check_int(name: str, x, ndim: int) -> None:
@@ -254,9 +259,13 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
   held = jnp.where(granted[:, None] & (table >= 0), table, p_)
   meta = meta.replace(last_access=meta.last_access.at[held].set(clock, mode="drop"))
   overflow = jnp.array(False)
+  fold_floor = None
+  if state.fold_floor is not None:
+    fold_floor = jnp.where(live, state.fold_floor[sid], 0)
   if config.prefix_caching:
     meta, index, overflow = prefix_lib.register_full_pages(
-        meta, index, table, old_len, new_len, granted, seeds, config=config, per_row=per_row)
+        meta, index, table, old_len, new_len, granted, seeds, config=config, per_row=per_row,
+        fold_floor=fold_floor)
 
   rows = jnp.where(granted, sid, config.max_seqs)
   page_table = state.page_table.at[rows].set(table, mode="drop")
@@ -281,7 +290,8 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
     new_state = state_lib.raise_on_status(new_state)
   plan = StepPlan(seq_ids=seq_ids.astype(jnp.int32), positions=positions, valid=valid,
                   slots=slots, page_table=plan_table, kv_lens=kv_lens, cow_src=cow_src,
-                  cow_dst=cow_dst, refused=refused & (seq_ids != -1), seq_status=row_status)
+                  cow_dst=cow_dst, refused=refused & (seq_ids != -1), seq_status=row_status,
+                  fold_floor=fold_floor)
   return plan, new_state
 
 
@@ -291,6 +301,35 @@ def _check_pages_layer(name: str, pages: Pages) -> None:
   if pages.data.ndim != 4:
     raise ValueError(f"{name}.data must be one layer's pages [P, S, H, D], got shape "
                      f"{tuple(pages.data.shape)}")
+  if pages.stage is not None and pages.stage.ndim != 5:
+    raise ValueError(f"{name}.stage must be one layer's ring [B, NS, S, H, D], got shape "
+                     f"{tuple(pages.stage.shape)}")
+
+
+def head_dim_of(pages: Pages) -> int:
+  """D of one layer's pages (the data's last axis is D / codes per byte when packed)."""
+  spec = pages.spec
+  if spec.is_quantized and spec.kind == "int":
+    return pages.data.shape[-1] * spec.codes_per_byte
+  return pages.data.shape[-1]
+
+
+def pool_only(pages: Pages) -> Pages:
+  """The pages without their staging ring (what the quant/kernel functions take)."""
+  return pages if pages.stage is None else pages.replace(stage=None)
+
+
+def stage_rows(pages: Pages, plan: StepPlan) -> Optional[jax.Array]:
+  """The staging ring rows of the plan's batch rows: ``[B, NS, S, H, D]`` (None without)."""
+  if pages.stage is None:
+    return None
+  return pages.stage[jnp.clip(plan.seq_ids, 0, pages.stage.shape[0] - 1)]
+
+
+def lens_before(plan: StepPlan) -> tuple[jax.Array, jax.Array]:
+  """``(kv_lens before this step, new tokens written)``, int32 [B] each."""
+  num_new = jnp.sum(plan.valid, axis=1).astype(jnp.int32)
+  return plan.kv_lens - num_new, num_new
 
 
 def write(pages: Pages, plan: StepPlan, x: jax.Array) -> Pages:
@@ -315,19 +354,43 @@ def write(pages: Pages, plan: StepPlan, x: jax.Array) -> Pages:
   [[1.0, 1.0]]
   """
   _check_pages_layer("pages", pages)
-  p_, s_, h_, d_ = pages.data.shape
+  p_, s_, h_, _ = pages.data.shape
+  d_ = head_dim_of(pages)
   b, t = plan.slots.shape
   if x.shape != (b, t, h_, d_):
     raise ValueError(f"x must have shape (B, T, H, D) = {(b, t, h_, d_)} from plan and pages, "
                      f"got {tuple(x.shape)}")
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"x must be floating point, got dtype {x.dtype}")
+  if pages.stage is not None:
+    return _write_staged(pages, plan, x)
+  if pages.spec.is_quantized:   # token-axis spec, no window: quantize each token into its slot
+    pool = quant.copy_pages(pages, plan.cow_src, jnp.where(plan.cow_dst < p_, plan.cow_dst, -1))
+    return quant.write_tokens(pool, plan.slots.reshape(-1), x.reshape(b * t, h_, d_), pages.spec)
   data = pages.data
   data = data.at[plan.cow_dst].set(data[jnp.clip(plan.cow_src, 0, p_ - 1)], mode="drop")
   flat = data.reshape(p_ * s_, h_, d_)
   flat = flat.at[plan.slots.reshape(-1)].set(x.reshape(b * t, h_, d_).astype(data.dtype),
                                              mode="drop")
   return pages.replace(data=flat.reshape(p_, s_, h_, d_))
+
+
+def _write_staged(pages: Pages, plan: StepPlan, x: jax.Array) -> Pages:
+  """``write`` through the staging ring: fold the pages that become due, stage the rest.
+
+  The partial page of a sequence is always staged, so copy on write needs no
+  pool copy: the ring row is the sequence's own (``fork`` copied it). New
+  tokens are rounded to the ring's dtype first, so a page's folded codes do
+  not depend on how the tokens were chunked.
+  """
+  n0, num_new = lens_before(plan)
+  rows = stage_rows(pages, plan)
+  x = x.astype(pages.stage.dtype)
+  pool, rows = quant.stage_and_fold(pool_only(pages), rows, plan.page_table, n0, x, num_new,
+                                    pages.spec, residual=pages.residual, floor=plan.fold_floor)
+  b_ = pages.stage.shape[0]
+  dst = jnp.where(num_new > 0, plan.seq_ids, b_)     # rows with no new token keep their ring
+  return pool.replace(stage=pages.stage.at[dst].set(rows, mode="drop"))
 
 
 def _dedupe(ids: jax.Array, bound: int) -> jax.Array:
@@ -378,11 +441,15 @@ def release(state: CacheState, seq_ids: jax.Array, *,
       tokens=jnp.where(freed[:, None], -1, meta.tokens),
       parent=jnp.where(freed, -1, meta.parent),
   )
+  fold_floor = state.fold_floor
+  if fold_floor is not None:
+    fold_floor = fold_floor.at[rows].set(0, mode="drop")
   return state.replace(
       meta=meta,
       page_table=state.page_table.at[rows].set(-1, mode="drop"),
       seq_lens=state.seq_lens.at[rows].set(0, mode="drop"),
       seq_seed=state.seq_seed.at[rows].set(0, mode="drop"),
+      fold_floor=fold_floor,
   )
 
 
@@ -392,7 +459,9 @@ def fork(state: CacheState, src_ids: jax.Array, dst_ids: jax.Array, *,
 
   Nothing is copied now: every page gains a reference, and the first write
   into a shared partial last page copies it (``plan_step`` plans the copy,
-  ``write`` makes it). A pair is skipped and ``BAD_INPUT`` is flagged when the
+  ``write`` makes it). With staging (quantized pages folded from a ring), the
+  source's ring row, which holds its unfolded pages, is copied to the
+  destination's now. A pair is skipped and ``BAD_INPUT`` is flagged when the
   destination is not empty, ids are out of range, the source is empty, or an
   id repeats.
 
@@ -440,6 +509,12 @@ def fork(state: CacheState, src_ids: jax.Array, dst_ids: jax.Array, *,
   )
   rows = jnp.where(ok, dst_ids, ms)
   status = state.status | jnp.where(jnp.any(bad), state_lib.BAD_INPUT, 0)
+  if state.fold_floor is not None:   # staging: the destination gets a copy of the source's ring
+    copy_ring = lambda p: p.replace(  # noqa: E731
+        stage=p.stage.at[:, rows].set(p.stage[:, src_safe], mode="drop"))
+    state = state.replace(k=copy_ring(state.k), v=copy_ring(state.v),
+                          fold_floor=state.fold_floor.at[rows].set(
+                              state.fold_floor[src_safe], mode="drop"))
   new_state = state.replace(
       meta=meta,
       page_table=state.page_table.at[rows].set(table, mode="drop"),

@@ -1,6 +1,8 @@
 """Prefix caching inside jit: full pages enter the index, new sequences attach cached prefixes.
 
-A page enters the prefix index when it fills; its key is the chained hash of
+A page enters the prefix index when it fills (with quantized pages and a
+residual window: when it is folded into its pool page, ``residual`` tokens
+later, so the index only ever hands out folded pages); its key is the chained hash of
 its tokens onto its parent page's hash (the sequence's namespace seed for the
 first block). ``attach_prefix`` gives a new sequence the longest run of
 cached pages that match its prompt, each **verified** against the page's
@@ -18,6 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kvjax import quant
 from kvjax import state as state_lib
 from kvjax.config import CacheConfig
 from kvjax.hashing import namespace_seed
@@ -76,9 +79,10 @@ def forget_pages(meta: PageMeta, index: PrefixIndex, pages: jax.Array) -> tuple[
 
 def register_full_pages(meta: PageMeta, index: PrefixIndex, table: jax.Array,
                         old_len: jax.Array, new_len: jax.Array, granted: jax.Array,
-                        seeds: jax.Array, *, config: CacheConfig,
-                        per_row: int) -> tuple[PageMeta, PrefixIndex, jax.Array]:
-  """Hash the pages that filled this step and put them in the index.
+                        seeds: jax.Array, *, config: CacheConfig, per_row: int,
+                        fold_floor: jax.Array | None = None
+                        ) -> tuple[PageMeta, PrefixIndex, jax.Array]:
+  """Hash the pages that filled (or, with a residual window, folded) this step; index them.
 
   A block's hash chains onto its parent page's hash; a page whose parent has no
   hash (it lost an insert race, or the index overflowed) is not hashed. A hash
@@ -92,6 +96,10 @@ def register_full_pages(meta: PageMeta, index: PrefixIndex, table: jax.Array,
     granted: bool [B] rows that were written.
     seeds: uint32 [B, 2] the rows' chain seeds.
     per_row: static bound on blocks a row can fill in one step.
+    fold_floor: int32 [B] pages of each row already folded (attached), or None.
+      With a residual window R (``quant.residual_tokens`` of the config's
+      specs), page ``j`` is registered in the step it folds, when
+      ``(j + 1) * S + R <= len`` first holds; below the floor it is indexed already.
 
   Returns:
     ``(meta, index, overflow)``; ``overflow`` is True when an insert did not fit.
@@ -99,8 +107,16 @@ def register_full_pages(meta: PageMeta, index: PrefixIndex, table: jax.Array,
   s_, p_ = config.page_size, config.num_pages
   m_ = table.shape[1]
   hash_fn = config.block_hash_fn
-  first = old_len // s_
-  end = jnp.where(granted, new_len // s_, first)
+  residual = quant.residual_tokens(config.key_quant, config.value_quant)
+  if residual:   # a page is indexed once folded: its pool page holds its final codes
+    first = quant.first_staged_page(old_len, residual, s_)
+    end = quant.first_staged_page(new_len, residual, s_)
+    if fold_floor is not None:
+      first, end = jnp.maximum(first, fold_floor), jnp.maximum(end, fold_floor)
+    end = jnp.where(granted, end, first)
+  else:
+    first = old_len // s_
+    end = jnp.where(granted, new_len // s_, first)
   prev = jnp.take_along_axis(table, jnp.clip(first - 1, 0, m_ - 1)[:, None], 1)[:, 0]
   prev_hash = meta.block_hash[jnp.clip(prev, 0, p_ - 1)]
   parent_hash = jnp.where((first == 0)[:, None], seeds, prev_hash)
@@ -118,6 +134,9 @@ def register_full_pages(meta: PageMeta, index: PrefixIndex, table: jax.Array,
 
   _, (hashes, pages, ok) = jax.lax.scan(body, (parent_hash, parent_ok), jnp.arange(per_row))
   hashes, pages, ok = hashes.reshape(-1, 2), pages.reshape(-1), ok.reshape(-1)
+  if residual:   # forked sequences share full unfolded pages: both fold (and register) them
+    earlier = (pages[:, None] == pages[None, :]) & jnp.tril(jnp.ones((pages.size,) * 2, bool), -1)
+    ok = ok & ~jnp.any(earlier & ok[None, :], axis=1)
 
   def insert(args):
     meta, index = args
@@ -207,6 +226,9 @@ def attach_prefix(state: CacheState, seq_ids: jax.Array, tokens: jax.Array,
   )
   rows = jnp.where(ok, seq_ids, ms)
   row_table = jnp.full((b, m_), -1, jnp.int32).at[:, :pages.shape[1]].set(pages[:, :m_])
+  extra = {}
+  if state.fold_floor is not None:
+    extra = _attach_staged(state, rows, row_table, matched, config)
   stats = state.stats
   asked = jnp.where(ok, num_tokens, 0)
   stats = stats.replace(
@@ -223,7 +245,46 @@ def attach_prefix(state: CacheState, seq_ids: jax.Array, tokens: jax.Array,
       clock=clock,
       stats=stats,
       status=state.status | jnp.where(jnp.any(bad), state_lib.BAD_INPUT, 0).astype(jnp.int32),
+      **extra,
   )
   if config.checked:
     new_state = state_lib.raise_on_status(new_state)
   return matched * s_, new_state
+
+
+def _attach_staged(state: CacheState, rows: jax.Array, row_table: jax.Array,
+                   matched: jax.Array, config: CacheConfig) -> dict:
+  """Staging fields of sequences that start on ``matched`` attached (folded) pages.
+
+  The attached pages are folded, so their floor is ``matched``. With a residual
+  window the staging rule puts the last ``R / S`` of them in the ring; the ring
+  gets their dequantized codes, so attention reads the same values whichever
+  copy it reads. (The sequence that computed them had them in full precision
+  there: reused pages are seen quantized ``R`` tokens early.)
+
+  Returns:
+    ``dict(k=..., v=..., fold_floor=...)`` for ``state.replace``.
+  """
+  ms, s_ = config.max_seqs, config.page_size
+  floor = state.fold_floor.at[rows].set(matched, mode="drop")
+  residual = state.k.residual
+  if not residual:
+    return dict(fold_floor=floor)
+  b = rows.shape[0]
+  ns = state.k.stage.shape[2]
+  nw = min(residual // s_, row_table.shape[1])
+  first = quant.first_staged_page(matched * s_, residual, s_)              # [B]
+  col = first[:, None] + jnp.arange(nw)[None, :]                            # [B, nw]
+  live = (col < matched[:, None]) & (rows < ms)[:, None]
+  page = jnp.take_along_axis(row_table, jnp.clip(col, 0, row_table.shape[1] - 1), 1)
+  page = jnp.clip(page, 0, config.num_pages - 1).reshape(-1)
+  row_idx = jnp.where(live, rows[:, None], ms).reshape(-1)
+  slot = (col % ns).reshape(-1)
+
+  def fill(p):
+    pool = jax.tree.map(lambda a: a[:, page], p.replace(stage=None))      # [L, B*nw, S, H, *]
+    vals = quant.dequantize_pages(pool, p.spec).astype(p.stage.dtype)      # [L, B*nw, S, H, D]
+    return p.replace(stage=p.stage.at[:, row_idx, slot].set(vals, mode="drop"))
+
+  del b
+  return dict(k=fill(state.k), v=fill(state.v), fold_floor=floor)

@@ -458,8 +458,9 @@ def store_pages(pool: Pages, page_ids: jax.Array, new: Pages) -> Pages:
   """
   ids = jnp.where(page_ids < 0, pool.data.shape[0], page_ids)
   put = lambda a, b: None if a is None else a.at[ids].set(b.astype(a.dtype), mode="drop")  # noqa
-  return _pages(data=put(pool.data, new.data), scale=put(pool.scale, new.scale),
-               zero=put(pool.zero, new.zero))
+  # replace: a cache's Pages keep their static spec and staging ring
+  return pool.replace(data=put(pool.data, new.data), scale=put(pool.scale, new.scale),
+                      zero=put(pool.zero, new.zero))
 
 
 # ----------------------------------------------------------------------------- accounting
@@ -606,13 +607,13 @@ def write_tokens(pool: Pages, slots: jax.Array, x: jax.Array, spec: QuantSpec) -
     flat = a.reshape(p * s, *a.shape[2:])
     return flat.at[idx].set(b.astype(a.dtype), mode="drop").reshape(a.shape)
 
-  return _pages(data=put(pool.data, new.data), scale=put(pool.scale, new.scale),
-                zero=put(pool.zero, new.zero))
+  return pool.replace(data=put(pool.data, new.data), scale=put(pool.scale, new.scale),
+                      zero=put(pool.zero, new.zero))
 
 
 def stage_and_fold(pool: Pages, stage: jax.Array, page_table: jax.Array, kv_lens: jax.Array,
                    x: jax.Array, num_new: jax.Array, spec: QuantSpec, *,
-                   residual: int) -> tuple[Pages, jax.Array]:
+                   residual: int, floor: Optional[jax.Array] = None) -> tuple[Pages, jax.Array]:
   """Write new tokens through the full-precision ring; fold pages that become due.
 
   Page ``j`` of a sequence is due when ``(j + 1) * S + residual <= kv_len``
@@ -631,6 +632,9 @@ def stage_and_fold(pool: Pages, stage: jax.Array, page_table: jax.Array, kv_lens
     num_new: int32 ``[B]`` new tokens per sequence (0 for idle rows).
     spec: the pool's spec.
     residual: the cache's window, ``residual_tokens(key_spec, value_spec)``.
+    floor: optional int32 ``[B]``: each sequence's leading pages that are
+      already folded whatever the rule says (a prefix attached from the cache);
+      they are never folded again (they may be shared).
 
   Returns:
     ``(pool, stage)`` updated.
@@ -649,7 +653,10 @@ def stage_and_fold(pool: Pages, stage: jax.Array, page_table: jax.Array, kv_lens
   n0 = kv_lens.astype(jnp.int32)
   n1 = n0 + num_new.astype(jnp.int32)
   f0 = first_staged_page(n0, residual, s)
-  count = first_staged_page(n1, residual, s) - f0                    # [B]
+  f1 = first_staged_page(n1, residual, s)
+  if floor is not None:
+    f0, f1 = jnp.maximum(f0, floor), jnp.maximum(f1, floor)
+  count = f1 - f0                                                    # [B]
   folds = t // s + 1                                                 # static bound on count
   j = f0[:, None] + jnp.arange(folds)[None, :]                       # [B, F]
   pos = j[..., None] * s + jnp.arange(s)                             # [B, F, S]
@@ -664,8 +671,7 @@ def stage_and_fold(pool: Pages, stage: jax.Array, page_table: jax.Array, kv_lens
   pool = store_pages(pool, ids.reshape(-1), folded)
   # new tokens of pages that stay staged go to the ring
   tpos = n0[:, None] + jnp.arange(t)[None, :]                        # [B, T]
-  keep = (jnp.arange(t)[None, :] < num_new[:, None]) & (
-      tpos // s >= first_staged_page(n1, residual, s)[:, None])
+  keep = (jnp.arange(t)[None, :] < num_new[:, None]) & (tpos // s >= f1[:, None])
   slot_b = jnp.where(keep, jnp.arange(b)[:, None], b)                # b: dropped
   stage = stage.at[slot_b, (tpos // s) % ns, tpos % s].set(x.astype(stage.dtype), mode="drop")
   return pool, stage

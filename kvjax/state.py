@@ -17,6 +17,8 @@ from kvjax.config import CacheConfig
 from kvjax.hashing import namespace_seed
 from kvjax.prefix_index import PrefixIndex
 from kvjax.prefix_index import index_init
+from kvjax import quant
+from kvjax.quant import QuantSpec
 
 # Status bit flags. Sticky in ``CacheState.status`` (OR of every step since the
 # last ``clear_status``); per step in ``StepPlan.seq_status``.
@@ -44,11 +46,28 @@ def status_names(status: int) -> list[str]:
 
 @struct.dataclass
 class Pages:
-  """One of K or V for all layers of one tier."""
+  """One of K or V for all layers of one tier, with how it is stored.
 
-  data: jax.Array                   # [L, P, S, H, D] config dtype (packed ints when quantized)
-  scale: Optional[jax.Array] = None  # per quant group; None when unquantized
-  zero: Optional[jax.Array] = None   # asymmetric specs only; None otherwise
+  ``spec`` and ``residual`` are static (part of the tree structure, not
+  arrays): ``write`` and ``attend`` read the layout from the pages they are
+  given. A cache whose specs need staging (a channel-axis spec or a residual
+  window, ``quant.needs_staging``) also holds each sequence's newest pages in
+  full precision in ``stage``, a ring of ``NS = quant.staging_pages(...)``
+  pages per sequence slot; page ``j`` of a sequence lives in ring slot
+  ``j % NS`` until it is folded (quantized) into its pool page. Shapes below
+  are for all layers; the layer scan sees them without the leading L.
+  """
+
+  data: jax.Array                    # [L, P, S, H, D] config dtype; uint8 [L, P, S, H, D/n]
+  #                                    packed codes (n per byte) or float8_e4m3fn when quantized
+  scale: Optional[jax.Array] = None  # [L, P, S, H, D/g] ("token") or [L, P, S/g, H, D]
+  #                                    ("channel"), bf16/f16 or uint8 log8; None when unquantized
+  zero: Optional[jax.Array] = None   # int8, scale's shape; asymmetric specs only, else None
+  stage: Optional[jax.Array] = None  # [L, B, NS, S, H, D] config dtype: full-precision ring of
+  #                                    each sequence slot's unfolded pages; None without staging
+  spec: QuantSpec = struct.field(pytree_node=False, default=QuantSpec())  # static: the layout
+  residual: int = struct.field(pytree_node=False, default=0)  # static: the cache's window
+  #                                    (tokens, max of the K and V specs'), same on K and V
 
 
 @struct.dataclass
@@ -96,6 +115,8 @@ class CacheState:
   clock: jax.Array       # int32 []  logical time, +1 per plan_step
   stats: Stats
   status: jax.Array      # int32 []  sticky OR of status flags
+  fold_floor: Optional[jax.Array] = None  # int32 [B]  leading pages of each sequence that are
+  #   folded whatever the staging rule says (attached from the prefix cache); None without staging
 
 
 def _zeros_stats() -> Stats:
@@ -118,11 +139,39 @@ def init_meta(num_pages: int, page_size: int) -> PageMeta:
   )
 
 
-def init_pages(config: CacheConfig) -> Pages:
-  """Empty (zero) pages of one of K/V for all layers."""
+def init_pages(config: CacheConfig, spec: Optional[QuantSpec] = None) -> Pages:
+  """Empty (zero) pages of one of K/V for all layers, stored in ``spec``.
+
+  Args:
+    config: the cache config (shapes, dtype, and both specs: the staging ring
+      exists when ``quant.needs_staging(config.key_quant, config.value_quant)``).
+    spec: ``config.key_quant`` or ``config.value_quant``; default unquantized.
+
+  Returns:
+    ``Pages`` with arrays ``[L, P, S, H, *]`` (see ``Pages``) and, with staging,
+    a zero ring ``[L, B, NS, S, H, D]``.
+
+  >>> cfg = CacheConfig(num_layers=2, num_kv_heads=1, head_dim=8, page_size=4, num_pages=3,
+  ...                   max_seqs=2, max_pages_per_seq=2, key_quant=QuantSpec(bits=4))
+  >>> init_pages(cfg, cfg.key_quant).data.shape
+  (2, 3, 4, 1, 4)
+  """
+  spec = QuantSpec() if spec is None else spec
   shape = (config.num_layers, config.num_pages, config.page_size, config.num_kv_heads,
            config.head_dim)
-  return Pages(data=jnp.zeros(shape, config.jnp_dtype))
+  ks, vs = config.key_quant, config.value_quant
+  if not spec.is_quantized and not quant.needs_staging(ks, vs):
+    return Pages(data=jnp.zeros(shape, config.jnp_dtype), spec=spec)
+  pages = quant.init_quant_pages(spec, num_pages=config.num_pages, page_size=config.page_size,
+                                 num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
+                                 dtype=config.dtype, num_layers=config.num_layers)
+  ns = quant.staging_pages(ks, vs, config.page_size)
+  stage = None
+  if ns:
+    stage = jnp.zeros((config.num_layers, config.max_seqs, ns, config.page_size,
+                       config.num_kv_heads, config.head_dim), config.jnp_dtype)
+  return Pages(data=pages.data, scale=pages.scale, zero=pages.zero, stage=stage, spec=spec,
+               residual=quant.residual_tokens(ks, vs))
 
 
 def default_seed(config: CacheConfig) -> jax.Array:
@@ -143,9 +192,10 @@ def init(config: CacheConfig) -> CacheState:
   """
   if not isinstance(config, CacheConfig):
     raise ValueError(f"init: config must be a CacheConfig, got {type(config).__name__}")
+  staged = quant.needs_staging(config.key_quant, config.value_quant)
   return CacheState(
-      k=init_pages(config),
-      v=init_pages(config),
+      k=init_pages(config, config.key_quant),
+      v=init_pages(config, config.value_quant),
       meta=init_meta(config.num_pages, config.page_size),
       index=index_init(config.index_slots),
       page_table=jnp.full((config.max_seqs, config.max_pages_per_seq), -1, jnp.int32),
@@ -154,6 +204,7 @@ def init(config: CacheConfig) -> CacheState:
       clock=jnp.zeros((), jnp.int32),
       stats=_zeros_stats(),
       status=jnp.zeros((), jnp.int32),
+      fold_floor=jnp.zeros((config.max_seqs,), jnp.int32) if staged else None,
   )
 
 

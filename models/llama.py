@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import struct
 
 import kvjax
+from kvjax.attention import write_attend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,7 +380,10 @@ def decode_step(params: LlamaParams, cache: kvjax.CacheState, tokens: jax.Array,
   Plans pages once for the batch, then scans the layers with each layer's K/V
   pages as scanned inputs and outputs: RoPE'd K and V of the new tokens are
   written into their slots and the queries attend over the sequence's pages.
-  The cache is donated.
+  The cache is donated. Quantized pages (``cache_config.key_quant`` /
+  ``value_quant``) are quantized on write and dequantized in attention
+  (``kvjax.attention.write_attend``); the compiled step depends on the specs
+  only through the static config.
 
   Args:
     params: ``LlamaParams`` for ``config``.
@@ -411,9 +415,8 @@ def decode_step(params: LlamaParams, cache: kvjax.CacheState, tokens: jax.Array,
     lp, k_pages, v_pages = xs
 
     def paged(q, k, v):
-      k_new = kvjax.write(k_pages, plan, k)
-      v_new = kvjax.write(v_pages, plan, v)
-      return kvjax.attend(q, k_new, v_new, plan), (k_new, v_new)
+      out, k_new, v_new = write_attend(q, k, v, k_pages, v_pages, plan)
+      return out, (k_new, v_new)
 
     x, (k_pages, v_pages) = _layer(lp, x, plan.positions, paged, config)
     return x, (k_pages, v_pages)
