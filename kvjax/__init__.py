@@ -10,6 +10,11 @@ from kvjax.paging import fork
 from kvjax.paging import plan_step
 from kvjax.paging import release
 from kvjax.paging import write
+from kvjax.policies import POLICIES
+from kvjax.policies import Policy
+from kvjax.policies import get_policy
+from kvjax.policies import make_params
+from kvjax.policies import score_and_evict
 from kvjax.prefix import attach_prefix
 from kvjax.prefix import tenant_seed
 from kvjax.quant import QuantSpec
