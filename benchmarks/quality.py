@@ -49,10 +49,11 @@ from kvjax.models.perplexity import pydoc_topics_text
 from kvjax.models.tokenizer import encode_chat
 
 SPECS = ("bf16", "int8", "fp8", "int4", "int4-kivi", "int2-r64", "int2-r128")
-TARGETS = {"int8": 0.001, "fp8": 0.001, "int4": 0.01, "int4-kivi": 0.01, "int2-r64": 0.05,
-           "int2-r128": 0.05}
-COMPRESSION_TARGETS = {"int8": 1.9, "fp8": 1.9, "int4": 3.5, "int4-kivi": 3.5,
-                       "int2-r64": 6.0, "int2-r128": 6.0}
+# issue 3's targets: perplexity increase at most 0.1 % (int8), 1 % (int4), 5 % (2-bit with a
+# window); compression at least 1.9x, 3.5x, 6x. fp8 has none (DESIGN.md measured +1.0 %).
+TARGETS = {"int8": 0.001, "int4": 0.01, "int4-kivi": 0.01, "int2-r64": 0.05, "int2-r128": 0.05}
+COMPRESSION_TARGETS = {"int8": 1.9, "int4": 3.5, "int4-kivi": 3.5, "int2-r64": 6.0,
+                       "int2-r128": 6.0}
 PAGE = 16
 WINDOW = 1024
 PROMPTS = (
@@ -207,6 +208,7 @@ def attention_error(config, qkv, name: str, chunk: int) -> list[float]:
 
 
 def main(argv=None) -> dict:
+  global PAGE   # noqa: PLW0603 (a script: the page size of this run)
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true",
                   help="2 windows, 2 prompts x 32 tokens (an estimate, not the table)")
@@ -214,7 +216,20 @@ def main(argv=None) -> dict:
   ap.add_argument("--specs", default=",".join(SPECS), help="comma-separated preset names")
   ap.add_argument("--windows", type=int, default=None, help="perplexity windows (default 16)")
   ap.add_argument("--chunk", type=int, default=256, help="prefill tokens per step")
+  ap.add_argument("--page", type=int, default=PAGE, help="page size (tokens)")
+  ap.add_argument("--table", metavar="FILE", default=None,
+                  help="recompute derived fields of a results file (rewritten) and print its table")
   args = ap.parse_args(argv)
+  PAGE = args.page
+  if args.table:
+    with open(args.table) as f:
+      res = json.load(f)
+    finish(res)
+    with open(args.table, "w") as f:
+      json.dump(res, f, indent=1)
+    PAGE = res["page_size"]
+    print_table(res)
+    return res
   specs = [s for s in args.specs.split(",") if s]
   if "bf16" not in specs:
     specs = ["bf16"] + specs
@@ -269,8 +284,23 @@ def main(argv=None) -> dict:
     res["specs"][name] = row
     print(f"{name}: ppl {ppl:.4f}, agreement {row['agreement']:.3f}, attn err "
           f"{row['attn_rel_err_mean']:.4f}, {row['seconds']:.0f} s", flush=True)
+  res["total_seconds"] = time.perf_counter() - t0
+  finish(res)
+  if args.out:
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+      json.dump(res, f, indent=1)
+  print_table(res)
+  return res
+
+
+def finish(res: dict) -> None:
+  """Derived fields: relative increase against bf16, targets met, top-level summaries."""
   base = res["specs"]["bf16"]["ppl"]
   for name, row in res["specs"].items():
+    for key in ("ppl_target", "meets_ppl_target", "compression_target",
+                "meets_compression_target"):
+      row.pop(key, None)
     row["rel_ppl_increase"] = row["ppl"] / base - 1.0
     if name in TARGETS:
       row["ppl_target"] = TARGETS[name]
@@ -280,14 +310,12 @@ def main(argv=None) -> dict:
   res["ppl"] = {n: r["ppl"] for n, r in res["specs"].items()}
   res["rel_ppl_increase"] = {n: r["rel_ppl_increase"] for n, r in res["specs"].items()}
   res["compression"] = {n: r["compression"] for n, r in res["specs"].items()}
-  res["total_seconds"] = time.perf_counter() - t0
-  if args.out:
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(res, f, indent=1)
 
-  print(f"\nSmolLM2-135M, {num_windows} x {WINDOW} tokens of pydoc_data.topics, "
-        f"{prompts_n} prompts x {new_tokens} greedy tokens, pages of {PAGE}, bf16 cache")
+
+def print_table(res: dict) -> None:
+  print(f"\nSmolLM2-135M, {res['num_windows']} x {WINDOW} tokens of pydoc_data.topics, "
+        f"{res['prompts']} prompts x {res['new_tokens']} greedy tokens, pages of {PAGE}, "
+        f"bf16 cache")
   print(f"{'spec':<10} {'ppl':>8} {'rel_ppl':>8} {'target':>7} {'agree':>6} {'prefix':>6} "
         f"{'attn_err':>8} {'(max)':>7} {'compr':>6} {'target':>6}")
   for name, r in res["specs"].items():
@@ -296,7 +324,6 @@ def main(argv=None) -> dict:
     print(f"{name:<10} {r['ppl']:>8.4f} {r['rel_ppl_increase'] * 100:>7.2f}% {tgt:>7} "
           f"{r['agreement']:>6.3f} {r['prefix_match']:>6.3f} {r['attn_rel_err_mean']:>8.4f} "
           f"{r['attn_rel_err_max']:>7.4f} {r['compression']:>5.2f}x {ctg:>6}")
-  return res
 
 
 if __name__ == "__main__":
