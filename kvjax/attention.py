@@ -151,15 +151,14 @@ def write_attend(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: Pages, v_pag
   s_ = k_pages.data.shape[1]
   n0, _ = lens_before(plan)
   before = plan.replace(kv_lens=n0)
-  dst = jnp.clip(plan.positions - n0[:, None], 0, None)               # [B, T]
-  dst = jnp.where(plan.valid, n0[:, None] + dst, -1)
   rows = jnp.arange(plan.positions.shape[0])[:, None]
 
   def views(before_pages, after_pages, x):
     # full precision: the ring and pool before the step, then this step's tokens
     full = _dense(before_pages, before)
     x = x.astype(before_pages.stage.dtype).astype(jnp.float32)
-    full = full.at[rows, jnp.where(dst < 0, full.shape[1], dst)].set(x, mode="drop")
+    dst = jnp.where(plan.valid, plan.positions, full.shape[1])        # [B, T], K = dropped
+    full = full.at[rows, dst].set(x, mode="drop")
     return _dense(after_pages, plan, staged=False), full               # quantized, full
 
   kq, kf = views(k_pages, k_new, k)

@@ -270,7 +270,6 @@ def _attach_staged(state: CacheState, rows: jax.Array, row_table: jax.Array,
   residual = state.k.residual
   if not residual:
     return dict(fold_floor=floor)
-  b = rows.shape[0]
   ns = state.k.stage.shape[2]
   nw = min(residual // s_, row_table.shape[1])
   first = quant.first_staged_page(matched * s_, residual, s_)              # [B]
@@ -286,5 +285,4 @@ def _attach_staged(state: CacheState, rows: jax.Array, row_table: jax.Array,
     vals = quant.dequantize_pages(pool, p.spec).astype(p.stage.dtype)      # [L, B*nw, S, H, D]
     return p.replace(stage=p.stage.at[:, row_idx, slot].set(vals, mode="drop"))
 
-  del b
   return dict(k=fill(state.k), v=fill(state.v), fold_floor=floor)

@@ -1,0 +1,330 @@
+"""What quantized KV pages cost SmolLM2-135M: perplexity, greedy agreement, attention error.
+
+Everything runs THROUGH THE PAGED CACHE (``kvjax.models.decode_step``), once
+per KV spec, against the bf16 cache measured in the same run:
+
+* ``ppl`` / ``rel_ppl_increase``: perplexity on ``pydoc_data.topics`` (the
+  foundation figure's tokens: windows of 1024, no BOS, no state across
+  windows), each window prefilled in chunks into an empty cache;
+  ``rel_ppl_increase = ppl / ppl_bf16 - 1``.
+* ``agreement``: greedy decoding of 256 tokens from 8 chat prompts; the
+  fraction of positions whose token equals the bf16 cache's, and
+  ``prefix_match`` (mean share of tokens before the first difference).
+* ``attn_rel_err``: per layer, ||out - exact|| / ||exact|| of the attention
+  output over one window, where q/k/v come from a float32 forward and
+  ``exact`` is float32 attention: each layer alone through a one-layer cache
+  of the spec (prefill chunks, the same causal view as ``write_attend``).
+* ``compression``: bf16 bytes per cached token (K+V, all layers) over the
+  spec's, scales and zero points included (``kvjax.quant.compression``).
+
+The pseudo-spec ``float32`` (an unquantized float32 cache) calibrates the
+bf16 baseline: how far does a cache with *less* error than bf16 drift from it?
+
+Usage: python benchmarks/quality.py [--quick] [--out FILE] [--specs a,b,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import kvjax
+from kvjax import quant
+from kvjax.attention import write_attend
+from kvjax.models.gguf_loader import load_smollm2
+from kvjax.models.llama import _layer
+from kvjax.models.llama import causal_attention
+from kvjax.models.llama import decode_step
+from kvjax.models.perplexity import pydoc_topics_text
+from kvjax.models.tokenizer import encode_chat
+
+SPECS = ("bf16", "int8", "fp8", "int4", "int4-kivi", "int2-r64", "int2-r128")
+# issue 3's targets: perplexity increase at most 0.1 % (int8), 1 % (int4), 5 % (2-bit with a
+# window); compression at least 1.9x, 3.5x, 6x. fp8 has none (DESIGN.md measured +1.0 %).
+TARGETS = {"int8": 0.001, "int4": 0.01, "int4-kivi": 0.01, "int2-r64": 0.05, "int2-r128": 0.05}
+COMPRESSION_TARGETS = {"int8": 1.9, "int4": 3.5, "int4-kivi": 3.5, "int2-r64": 6.0,
+                       "int2-r128": 6.0}
+PAGE = 16
+WINDOW = 1024
+PROMPTS = (
+    "Explain what a hash table is and when to use one.",
+    "Write a short poem about the sea at night.",
+    "What are the main causes of the French Revolution?",
+    "Give me three tips for writing clean Python code.",
+    "How does photosynthesis work? Explain simply.",
+    "Summarize the plot of Romeo and Juliet in a few sentences.",
+    "What is the difference between a list and a tuple in Python?",
+    "Describe how to bake bread at home, step by step.",
+)
+
+
+def machine() -> dict:
+  return dict(python=platform.python_version(), platform=platform.platform(),
+              processor=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
+              jax=jax.__version__, backend=jax.default_backend(),
+              devices=[str(d) for d in jax.devices()][:2])
+
+
+def specs_of(name: str):
+  """(key_spec, value_spec, cache dtype) of a preset; "float32" is an unquantized f32 cache."""
+  if name == "float32":
+    return quant.QuantSpec(), quant.QuantSpec(), "float32"
+  return (*quant.PRESETS[name], "bfloat16")
+
+
+def cache_config(config, name: str, *, max_seqs: int, max_len: int) -> kvjax.CacheConfig:
+  ks, vs, dtype = specs_of(name)
+  m = -(-max_len // PAGE)
+  return config.cache_config(page_size=PAGE, num_pages=max_seqs * m, max_seqs=max_seqs,
+                             max_pages_per_seq=m, dtype=dtype, key_quant=ks,
+                             value_quant=vs, prefix_caching=False)
+
+
+@jax.jit
+def _nll(logits, targets, mask):
+  """float32 [B, T]: -log p(target) where mask, else 0."""
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  tgt = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return jnp.where(mask, logz - tgt, 0.0)
+
+
+def window_nll(params, config, cc, windows: np.ndarray, chunk: int) -> np.ndarray:
+  """float64 [W, WINDOW - 1] next-token NLLs, each window prefilled into an empty cache."""
+  b = cc.max_seqs
+  out = []
+  for g in range(0, len(windows), b):
+    group = windows[g:g + b]
+    n = len(group)
+    ids = np.full(b, -1, np.int32)
+    ids[:n] = np.arange(n)
+    toks = np.zeros((b, WINDOW), np.int32)
+    toks[:n] = group
+    cache = kvjax.init(cc)
+    nll = np.zeros((b, WINDOW - 1))
+    for s in range(0, WINDOW, chunk):
+      num = np.where(ids >= 0, chunk, 0).astype(np.int32)
+      logits, cache = decode_step(params, cache, jnp.asarray(toks[:, s:s + chunk]),
+                                  jnp.asarray(ids), jnp.asarray(num), config=config,
+                                  cache_config=cc)
+      tgt = np.zeros((b, chunk), np.int32)
+      avail = min(chunk, WINDOW - 1 - s)
+      tgt[:, :avail] = toks[:, s + 1:s + 1 + avail]
+      mask = np.zeros((b, chunk), bool)
+      mask[:n, :avail] = True
+      part = np.asarray(_nll(logits, jnp.asarray(tgt), jnp.asarray(mask)))
+      nll[:, s:s + avail] = part[:, :avail]
+    if int(cache.status):
+      raise RuntimeError(f"cache status {kvjax.status_names(int(cache.status))}")
+    out.append(nll[:n])
+  return np.concatenate(out)
+
+
+def greedy(params, config, cc, prompts, new_tokens: int, chunk: int) -> np.ndarray:
+  """int [B, new_tokens] greedy continuations (no stop token) through the cache."""
+  b = len(prompts)
+  ids = np.arange(b, dtype=np.int32)
+  lens = np.array([len(p) for p in prompts])
+  cache = kvjax.init(cc)
+  done = np.zeros(b, np.int64)
+  last = np.zeros(b, np.int32)
+  while np.any(done < lens):
+    n = np.minimum(lens - done, chunk).astype(np.int32)
+    toks = np.zeros((b, chunk), np.int32)
+    for r in range(b):
+      toks[r, :n[r]] = prompts[r][done[r]:done[r] + n[r]]
+    logits, cache = decode_step(params, cache, jnp.asarray(toks),
+                                jnp.asarray(np.where(n > 0, ids, -1).astype(np.int32)),
+                                jnp.asarray(n), config=config, cache_config=cc)
+    am = np.asarray(jnp.argmax(logits, axis=-1))
+    for r in np.flatnonzero((n > 0) & (done + n == lens)):
+      last[r] = am[r, n[r] - 1]
+    done += n
+  out = [last.copy()]
+  for _ in range(new_tokens - 1):
+    logits, cache = decode_step(params, cache, jnp.asarray(last[:, None]), jnp.asarray(ids),
+                                jnp.ones(b, jnp.int32), config=config, cache_config=cc)
+    last = np.asarray(jnp.argmax(logits[:, 0], axis=-1)).astype(np.int32)
+    out.append(last.copy())
+  if int(cache.status):
+    raise RuntimeError(f"cache status {kvjax.status_names(int(cache.status))}")
+  return np.stack(out, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def layer_qkv(params, tokens, config):
+  """Per-layer q [L, T, N, D], k/v [L, T, K, D] of a float32 forward (RoPE'd q, k)."""
+  pos = jnp.arange(tokens.shape[1])[None]
+
+  def body(x, lp):
+    def attention(q, k, v):
+      return causal_attention(q, k, v), (q[0], k[0], v[0])
+    return _layer(lp, x, pos, attention, config)
+
+  _, qkv = jax.lax.scan(body, params.embed[tokens], params.layers)
+  return qkv
+
+
+def attention_error(config, qkv, name: str, chunk: int) -> list[float]:
+  """Per layer: relative error of attention through a one-layer cache of spec ``name``."""
+  q, k, v = qkv
+  nl, t = q.shape[0], q.shape[1]
+  exact = causal_attention(q, k, v)                                  # layers as batch rows
+  ks, vs, dtype = specs_of(name)
+  m = -(-t // PAGE)
+  cc = kvjax.CacheConfig(num_layers=1, num_kv_heads=config.num_kv_heads,
+                         head_dim=config.head_dim, page_size=PAGE, num_pages=nl * m,
+                         max_seqs=nl, max_pages_per_seq=m, dtype=dtype, key_quant=ks,
+                         value_quant=vs, prefix_caching=False)
+
+  @jax.jit
+  def step(cache, qc, kc, vc):
+    ids = jnp.arange(nl, dtype=jnp.int32)
+    plan, cache = kvjax.plan_step(cache, ids, jnp.zeros((nl, chunk), jnp.int32),
+                                  jnp.full((nl,), chunk, jnp.int32), config=cc)
+    layer = lambda p: jax.tree.map(lambda a: a[0], p)  # noqa: E731
+    out, kp, vp = write_attend(qc, kc, vc, layer(cache.k), layer(cache.v), plan)
+    grow = lambda p: jax.tree.map(lambda a: a[None], p)  # noqa: E731
+    return out, cache.replace(k=grow(kp), v=grow(vp))
+
+  cache = kvjax.init(cc)
+  outs = []
+  for s in range(0, t, chunk):
+    o, cache = step(cache, q[:, s:s + chunk], k[:, s:s + chunk], v[:, s:s + chunk])
+    outs.append(o)
+  got = jnp.concatenate(outs, axis=1)
+  err = jnp.linalg.norm((got - exact).reshape(nl, -1), axis=1) / jnp.linalg.norm(
+      exact.reshape(nl, -1), axis=1)
+  return [float(e) for e in err]
+
+
+def main(argv=None) -> dict:
+  global PAGE   # noqa: PLW0603 (a script: the page size of this run)
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--quick", action="store_true",
+                  help="2 windows, 2 prompts x 32 tokens (an estimate, not the table)")
+  ap.add_argument("--out", default="benchmarks/results/quality.json")
+  ap.add_argument("--specs", default=",".join(SPECS), help="comma-separated preset names")
+  ap.add_argument("--windows", type=int, default=None, help="perplexity windows (default 16)")
+  ap.add_argument("--chunk", type=int, default=256, help="prefill tokens per step")
+  ap.add_argument("--page", type=int, default=PAGE, help="page size (tokens)")
+  ap.add_argument("--table", metavar="FILE", default=None,
+                  help="recompute derived fields of a results file (rewritten) and print its table")
+  args = ap.parse_args(argv)
+  PAGE = args.page
+  if args.table:
+    with open(args.table) as f:
+      res = json.load(f)
+    finish(res)
+    with open(args.table, "w") as f:
+      json.dump(res, f, indent=1)
+    PAGE = res["page_size"]
+    print_table(res)
+    return res
+  specs = [s for s in args.specs.split(",") if s]
+  if "bf16" not in specs:
+    specs = ["bf16"] + specs
+  for s in specs:
+    if s not in quant.PRESETS and s != "float32":
+      raise ValueError(f"--specs: unknown preset {s!r}; known: {sorted(quant.PRESETS)}")
+  num_windows = args.windows or (2 if args.quick else 16)
+  prompts_n, new_tokens = (2, 32) if args.quick else (8, 256)
+  info = machine()
+  print("machine:", json.dumps(info), flush=True)
+
+  t0 = time.perf_counter()
+  config, params, tok = load_smollm2()
+  ids = tok.encode(pydoc_topics_text(), add_special_tokens=False).ids
+  windows = np.asarray(ids[:WINDOW * num_windows], np.int32).reshape(num_windows, WINDOW)
+  prompts = [encode_chat(tok, [{"role": "user", "content": p}]) for p in PROMPTS[:prompts_n]]
+  gen_len = max(len(p) for p in prompts) + new_tokens
+  qkv = layer_qkv(params, jnp.asarray(windows[:1]), config)
+  print(f"loaded in {time.perf_counter() - t0:.1f} s", flush=True)
+
+  res = {"machine": info, "quick": args.quick, "page_size": PAGE, "window": WINDOW,
+         "num_windows": num_windows, "prompts": prompts_n, "new_tokens": new_tokens,
+         "chunk": args.chunk, "cache_dtype": "bfloat16", "params_dtype": "float32",
+         "specs": {}}
+  dims = dict(num_layers=config.num_layers, num_kv_heads=config.num_kv_heads,
+              head_dim=config.head_dim, page_size=PAGE)
+  base_tokens = None
+  for name in specs:
+    ks, vs, dtype = specs_of(name)
+    t1 = time.perf_counter()
+    cc = cache_config(config, name, max_seqs=min(8, num_windows), max_len=WINDOW)
+    nll = window_nll(params, config, cc, windows, args.chunk)
+    ppl = float(math.exp(nll.mean()))
+    gcc = cache_config(config, name, max_seqs=prompts_n, max_len=gen_len)
+    toks = greedy(params, config, gcc, prompts, new_tokens, args.chunk)
+    if base_tokens is None:
+      base_tokens = toks
+    same = toks == base_tokens
+    first_diff = np.where(same.all(axis=1), new_tokens, np.argmin(same, axis=1))
+    errs = attention_error(config, qkv, name, args.chunk)
+    row = {
+        "key_spec": str(ks), "value_spec": str(vs), "cache_dtype": dtype, "ppl": ppl,
+        "agreement": float(same.mean()), "prefix_match": float(first_diff.mean() / new_tokens),
+        "attn_rel_err": errs, "attn_rel_err_mean": float(np.mean(errs)),
+        "attn_rel_err_max": float(np.max(errs)),
+        "compression": quant.compression(ks, vs, **dims) * (0.5 if dtype == "float32" else 1),
+        "bytes_per_token": (quant.bytes_per_token(ks, **dims, dtype=dtype)
+                            + quant.bytes_per_token(vs, **dims, dtype=dtype)),
+        "staging_bytes_per_seq": quant.staging_bytes_per_seq(ks, vs, **dims),
+        "seconds": time.perf_counter() - t1,
+    }
+    res["specs"][name] = row
+    print(f"{name}: ppl {ppl:.4f}, agreement {row['agreement']:.3f}, attn err "
+          f"{row['attn_rel_err_mean']:.4f}, {row['seconds']:.0f} s", flush=True)
+  res["total_seconds"] = time.perf_counter() - t0
+  finish(res)
+  if args.out:
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+      json.dump(res, f, indent=1)
+  print_table(res)
+  return res
+
+
+def finish(res: dict) -> None:
+  """Derived fields: relative increase against bf16, targets met, top-level summaries."""
+  base = res["specs"]["bf16"]["ppl"]
+  for name, row in res["specs"].items():
+    for key in ("ppl_target", "meets_ppl_target", "compression_target",
+                "meets_compression_target"):
+      row.pop(key, None)
+    row["rel_ppl_increase"] = row["ppl"] / base - 1.0
+    if name in TARGETS:
+      row["ppl_target"] = TARGETS[name]
+      row["meets_ppl_target"] = row["rel_ppl_increase"] <= TARGETS[name]
+      row["compression_target"] = COMPRESSION_TARGETS[name]
+      row["meets_compression_target"] = row["compression"] >= COMPRESSION_TARGETS[name]
+  res["ppl"] = {n: r["ppl"] for n, r in res["specs"].items()}
+  res["rel_ppl_increase"] = {n: r["rel_ppl_increase"] for n, r in res["specs"].items()}
+  res["compression"] = {n: r["compression"] for n, r in res["specs"].items()}
+
+
+def print_table(res: dict) -> None:
+  print(f"\nSmolLM2-135M, {res['num_windows']} x {WINDOW} tokens of pydoc_data.topics, "
+        f"{res['prompts']} prompts x {res['new_tokens']} greedy tokens, pages of {PAGE}, "
+        f"bf16 cache")
+  print(f"{'spec':<10} {'ppl':>8} {'rel_ppl':>8} {'target':>7} {'agree':>6} {'prefix':>6} "
+        f"{'attn_err':>8} {'(max)':>7} {'compr':>6} {'target':>6}")
+  for name, r in res["specs"].items():
+    tgt = f"{r['ppl_target'] * 100:.1f}%" if "ppl_target" in r else ""
+    ctg = f"{r['compression_target']:.1f}x" if "compression_target" in r else ""
+    print(f"{name:<10} {r['ppl']:>8.4f} {r['rel_ppl_increase'] * 100:>7.2f}% {tgt:>7} "
+          f"{r['agreement']:>6.3f} {r['prefix_match']:>6.3f} {r['attn_rel_err_mean']:>8.4f} "
+          f"{r['attn_rel_err_max']:>7.4f} {r['compression']:>5.2f}x {ctg:>6}")
+
+
+if __name__ == "__main__":
+  sys.exit(main() and 0)
