@@ -30,8 +30,9 @@ def page_mesh(devices=None, axis: str = "pages") -> Mesh:
 def cache_shardings(config: CacheConfig, mesh: Mesh, axis: str = "pages") -> CacheState:
   """A ``CacheState``-shaped pytree of ``NamedSharding``: pages split on ``axis``.
 
-  K/V payload arrays (``[L, P, ...]``) are split along the page axis P over the
-  mesh axis ``axis``; metadata, page table and counters are small and
+  K/V payload arrays (``[L, P, ...]``: data, scales, zero points) are split
+  along the page axis P over the mesh axis ``axis``; metadata, page table,
+  counters and the per-sequence staging ring of quantized caches are
   replicated.
 
   Args:
@@ -60,7 +61,9 @@ def cache_shardings(config: CacheConfig, mesh: Mesh, axis: str = "pages") -> Cac
   def pick(path, leaf):
     del leaf
     names = [getattr(p, "name", None) for p in path]
-    return split if names[0] in ("k", "v") else replicated
+    # Page arrays (data, scale, zero: [L, P, ...]) split; the full-precision
+    # staging ring ([L, max_seqs, ...], quantized caches only) is per sequence.
+    return split if names[0] in ("k", "v") and names[-1] != "stage" else replicated
 
   return jax.tree_util.tree_map_with_path(pick, shapes)
 

@@ -29,3 +29,13 @@ def test_cache_shardings_rejects_uneven_pages_and_unknown_axis():
     sharding.cache_shardings(odd, mesh)
   with pytest.raises(ValueError, match="axis 'model' is not a mesh axis"):
     sharding.cache_shardings(CC, mesh, axis="model")
+
+
+def test_quantized_cache_shards_pages_and_replicates_the_staging_ring():
+  preset = kvjax.quant.PRESETS["int2-r64"]
+  cc = CFG.cache_config(page_size=16, num_pages=32, max_seqs=3, max_pages_per_seq=8,
+                        key_quant=preset[0], value_quant=preset[1])
+  cache = sharding.shard_cache(kvjax.init(cc), cc, sharding.page_mesh())
+  assert cache.k.stage is not None and cache.k.stage.sharding.is_fully_replicated
+  assert cache.k.scale.sharding.spec == jax.sharding.PartitionSpec(None, "pages")
+  assert cache.v.data.sharding.spec == jax.sharding.PartitionSpec(None, "pages")
