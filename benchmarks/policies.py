@@ -33,7 +33,7 @@ import time
 import jax
 import numpy as np
 
-from kvjax.policies import POLICIES, get_policy, make_params
+from kvjax.policies import make_params
 from kvjax.sim import simulator, traces
 
 CAPACITIES = (1024, 4096, 6144, 16384)

@@ -26,7 +26,6 @@ import statistics
 import sys
 import time
 
-import jax
 import numpy as np
 
 import kvjax

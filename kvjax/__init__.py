@@ -34,3 +34,35 @@ from kvjax.state import raise_on_status
 from kvjax.state import status_names
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "attend",
+    "CacheConfig",
+    "StepPlan",
+    "fork",
+    "plan_step",
+    "release",
+    "write",
+    "POLICIES",
+    "Policy",
+    "get_policy",
+    "make_params",
+    "score_and_evict",
+    "attach_prefix",
+    "tenant_seed",
+    "QuantSpec",
+    "BAD_INPUT",
+    "CacheState",
+    "CacheStatusError",
+    "INDEX_OVERFLOW",
+    "OUT_OF_PAGES",
+    "PageMeta",
+    "Pages",
+    "SEQ_FULL",
+    "Stats",
+    "check_status",
+    "clear_status",
+    "init",
+    "raise_on_status",
+    "status_names",
+]

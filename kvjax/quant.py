@@ -25,10 +25,13 @@ Layouts (see docs/quantization.md):
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import jax
 import jax.numpy as jnp
+
+if TYPE_CHECKING:  # annotations only: kvjax.state imports this module
+  from kvjax.state import Pages
 
 
 BITS = (16, 8, 4, 2)

@@ -28,3 +28,27 @@ from kvjax.models.perplexity import window_nll
 from kvjax.models.tokenizer import IM_END_ID
 from kvjax.models.tokenizer import chat_prompt
 from kvjax.models.tokenizer import encode_chat
+
+__all__ = [
+    "generate",
+    "prefill",
+    "WeightsNotInstalledError",
+    "load_gguf",
+    "load_smollm2",
+    "smollm2_available",
+    "smollm2_path",
+    "LayerParams",
+    "LlamaConfig",
+    "LlamaParams",
+    "check_params",
+    "decode_step",
+    "forward",
+    "init_params",
+    "token_nll",
+    "perplexity",
+    "pydoc_topics_text",
+    "window_nll",
+    "IM_END_ID",
+    "chat_prompt",
+    "encode_chat",
+]

@@ -10,7 +10,6 @@ asked; a refused row (cache out of pages, sequence full) raises
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, Optional, Sequence
 
 import jax

@@ -54,7 +54,7 @@ class _KernelChecks:
 
   @pytest.mark.parametrize("k_spec, v_spec", ATTN_SPECS, ids=lambda s: f"{s.bits}b{s.axis}")
   def test_paged_attention_matches_reference(self, k_spec, v_spec):
-    b, hq, h, d, s, m, p = 3, 4, 2, 32, 8, 3, 5
+    b, hq, h, d, s, p = 3, 4, 2, 32, 8, 5
     rng = np.random.default_rng(1)
     q = jnp.asarray(rng.standard_normal((b, hq, d)), jnp.float32)
     kp = quant.quantize_pages(_x(2, (p, s, h, d)), k_spec)

@@ -239,7 +239,6 @@ def test_scoring_jits_once():
 
 def test_autofreq_follows_best_miniature():
   p = pol.get_policy("autofreq")
-  prm = pol.make_params(p)
   st = p.init(16)
   assert float(pol.auto_credit(st)) == pol.MINI_CREDITS[0]  # no evidence yet: LRU
   st = st._replace(mini_hits=jnp.array([0.0, 0.0, 5.0, 1.0, 0.0]))

@@ -11,6 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine
 from hypothesis.stateful import invariant
 from hypothesis.stateful import rule
 
+from hash_reference import fmix_py
 from kvjax.hashing import block_hash
 from kvjax.hashing import chain_hashes
 from kvjax.hashing import namespace_seed
@@ -24,20 +25,11 @@ from kvjax.prefix_index import index_lookup
 from kvjax.prefix_index import index_rebuild
 from kvjax.prefix_index import match_prefix
 
-M32 = 0xFFFFFFFF
-
-
-def _fmix_py(h):
-  h ^= h >> 16
-  h = (h * 0x85EBCA6B) & M32
-  h ^= h >> 13
-  h = (h * 0xC2B2AE35) & M32
-  return h ^ (h >> 16)
 
 
 def home_py(key, capacity):
   """Independent spelling of the documented home slot."""
-  return _fmix_py(key[0] ^ _fmix_py(key[1])) & (capacity - 1)
+  return fmix_py(key[0] ^ fmix_py(key[1])) & (capacity - 1)
 
 
 def keys_with_home(home, capacity, count, start=1):

@@ -9,3 +9,15 @@ from kvjax.sim.traces import default_trace_path
 from kvjax.sim.traces import from_requests
 from kvjax.sim.traces import generate
 from kvjax.sim.traces import load_mooncake
+
+__all__ = [
+    "hit_ratio",
+    "prefix_hits",
+    "simulate",
+    "simulate_hits",
+    "Trace",
+    "default_trace_path",
+    "from_requests",
+    "generate",
+    "load_mooncake",
+]

@@ -13,14 +13,13 @@ Names in shapes: N = references, P = pages (the largest capacity), V = runs.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kvjax.evict import Access, argmax
-from kvjax.policies import Policy, get_policy, make_params
+from kvjax.policies import get_policy, make_params
 from kvjax.sim.traces import Trace
 from kvjax.state import PageMeta
 
