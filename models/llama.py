@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import struct
 
 import kvjax
+from kvjax.attention import grouped_attention
 from kvjax.attention import write_attend
 
 
@@ -242,22 +243,10 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int = 256)
 
 def _attention_block(q: jax.Array, k: jax.Array, v: jax.Array, q_start: int) -> jax.Array:
   """Queries [B, Tq, N, D] at positions q_start.. against keys/values [B, Tk, K, D] at 0..Tk-1."""
-  b, tq, n, d = q.shape
-  tk, kh = k.shape[1], k.shape[2]
-  g = n // kh
-  # One batched matmul per (row, kv head) over all G*Tq queries of its group: on
-  # CPU this layout runs ~2-3x faster than a 5-d einsum.
-  qh = q.astype(jnp.float32).reshape(b, tq, kh, g, d).transpose(0, 2, 3, 1, 4)
-  qh = qh.reshape(b * kh, g * tq, d)
-  kt = k.astype(jnp.float32).transpose(0, 2, 1, 3).reshape(b * kh, tk, d)
-  vt = v.astype(jnp.float32).transpose(0, 2, 1, 3).reshape(b * kh, tk, d)
-  scores = jnp.einsum("xqd,xsd->xqs", qh, kt) / math.sqrt(d)
-  q_pos = q_start + jnp.tile(jnp.arange(tq), g)
-  mask = q_pos[:, None] >= jnp.arange(tk)[None, :]
-  probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
-  out = jnp.einsum("xqs,xsd->xqd", probs, vt)
-  out = out.reshape(b, kh, g, tq, d).transpose(0, 3, 1, 2, 4).reshape(b, tq, n, d)
-  return out.astype(q.dtype)
+  b, tq = q.shape[:2]
+  tk = k.shape[1]
+  visible = (q_start + jnp.arange(tq))[:, None] >= jnp.arange(tk)[None, :]     # [Tq, Tk]
+  return grouped_attention(q, k, v, jnp.broadcast_to(visible, (b, tq, tk)))
 
 
 def _layer(lp: LayerParams, x: jax.Array, positions: jax.Array, attention, config: LlamaConfig):
