@@ -10,7 +10,9 @@
   are kept too (``hit_ratio_full_trace``; LRU/MIN there match the published table).
 * ``gap_closed = (policy - LRU) / (MIN - LRU)`` per capacity.
 * ``sim_over_python``: plain-Python LRU (``OrderedDict``) time over the jitted
-  simulator's LRU time on the whole trace at 6,144 blocks (compiled; compile time apart).
+  simulator's LRU time on the whole trace at 6,144 blocks (compiled; compile time apart;
+  the simulator's default path for LRU, the exact O(1) one). ``timing`` adds the sweep of
+  all four capacities and the scoring path (``scoring_over_python``).
 * ``default_policy`` and whether it meets the targets (>= 25 % of the gap at 6,144; never
   more than 2 points below LRU), and the same policy on a generated trace it was not
   tuned on.
@@ -132,36 +134,46 @@ def evaluate(trace, capacities, names, params, cut, log) -> tuple[dict, dict]:
   return last, full
 
 
-def speed(trace, capacity, log) -> dict:
+def _best_time(fn, repeat: int) -> tuple[float, object]:
+  times, out = [], None
+  for _ in range(repeat):
+    t0 = time.perf_counter()
+    out = fn()
+    times.append(time.perf_counter() - t0)
+  return min(times), out
+
+
+def speed(trace, capacity, capacities, log) -> dict:
+  """Simulator LRU against the plain-Python LRU, in the same process, on the whole trace.
+
+  ``sim_over_python``: one capacity, the simulator's default path for LRU (the exact
+  O(1) path); ``sweep_over_python``: every benchmark capacity, one Python run each against
+  one simulator call; ``scoring_over_python``: the scoring path (``lru_score`` at every
+  miss), the path every other policy takes. Compile time is reported apart.
+  """
   refs = trace.block.tolist()
-  py = []
-  for _ in range(3):
-    t0 = time.perf_counter()
-    py_hits = py_lru_hits(refs, capacity)
-    py.append(time.perf_counter() - t0)
+  py, py_hits = _best_time(lambda: py_lru_hits(refs, capacity), 3)
   t0 = time.perf_counter()
-  h = simulator.simulate_hits(trace, capacity, "lru")
+  simulator.simulate_hits(trace, capacity, "lru")
   first = time.perf_counter() - t0
-  sim = []
-  for _ in range(2):
-    t0 = time.perf_counter()
-    h = simulator.simulate_hits(trace, capacity, "lru")
-    sim.append(time.perf_counter() - t0)
+  sim, h = _best_time(lambda: simulator.simulate_hits(trace, capacity, "lru"), 5)
   assert int(h.sum()) == py_hits, "simulator and Python LRU disagree"
-  batch = 4
-  t0 = time.perf_counter()
-  simulator.simulate_hits(trace, [capacity] * batch, "lru")
-  t0 = time.perf_counter()
-  simulator.simulate_hits(trace, [capacity] * batch, "lru")
-  sim_batch = time.perf_counter() - t0
-  out = {"capacity": capacity, "references": trace.num_refs, "python_lru_s": min(py),
-         "sim_lru_s": min(sim), "sim_lru_first_call_s": first,
-         "sim_us_per_reference": min(sim) / trace.num_refs * 1e6,
-         "sim_over_python": min(py) / min(sim),
-         "batched_runs": batch, "sim_batched_s": sim_batch,
-         "sim_batched_over_python": batch * min(py) / sim_batch}
-  log(f"  speed: python {min(py):.3f} s, sim {min(sim):.3f} s (first call {first:.1f} s), "
-      f"batch of {batch} {sim_batch:.3f} s")
+  py_sweep = sum(_best_time(lambda: py_lru_hits(refs, c), 1)[0] for c in capacities)
+  sim_sweep, hs = _best_time(lambda: simulator.simulate_hits(trace, capacities, "lru"), 3)
+  assert [int(x) for x in hs.sum(axis=1)] == [py_lru_hits(refs, c) for c in capacities]
+  simulator.simulate_hits(trace, capacity, "lru", path="scoring")
+  scoring, hsc = _best_time(
+      lambda: simulator.simulate_hits(trace, capacity, "lru", path="scoring"), 1)
+  assert int(hsc.sum()) == py_hits, "scoring path and Python LRU disagree"
+  out = {"capacity": capacity, "references": trace.num_refs, "python_lru_s": py,
+         "sim_lru_s": sim, "sim_lru_first_call_s": first,
+         "sim_ns_per_reference": sim / trace.num_refs * 1e9,
+         "sim_over_python": py / sim,
+         "sweep_capacities": list(capacities), "python_sweep_s": py_sweep,
+         "sim_sweep_s": sim_sweep, "sweep_over_python": py_sweep / sim_sweep,
+         "scoring_lru_s": scoring, "scoring_over_python": py / scoring}
+  log(f"  speed: python {py:.3f} s, sim {sim:.4f} s (first call {first:.1f} s), sweep "
+      f"{py_sweep:.3f} / {sim_sweep:.4f} s, scoring path {scoring:.2f} s")
   return out
 
 
@@ -209,7 +221,7 @@ def main(argv=None) -> int:
   last, full = evaluate(trace, caps, REPORT, params, cut, log)
   gaps = {p: {c: gap(last[p][c], last["lru"][c], last["min"][c]) for c in caps} for p in last}
   speed_cap = caps[2]
-  timing = speed(trace, speed_cap, log)
+  timing = speed(trace, speed_cap, caps, log)
   d = DEFAULT_POLICY
   checks = {"gap_closed_at_%d" % speed_cap: gaps[d][speed_cap],
             "meets_gap_target": gaps[d][speed_cap] >= GAP_TARGET,
@@ -241,8 +253,9 @@ def main(argv=None) -> int:
   print(f"{'policy':<15s}" + "".join(f"{c:>16d}" for c in caps))
   for p in REPORT:
     print(f"{p:<15s}" + "".join(f"{last[p][c]:>9.4f} ({gaps[p][c]:+.2f})" for c in caps))
-  print(f"sim_over_python {timing['sim_over_python']:.3f} (LRU, {speed_cap} blocks: python "
-        f"{timing['python_lru_s']:.3f} s, sim {timing['sim_lru_s']:.3f} s)")
+  print(f"sim_over_python {timing['sim_over_python']:.2f} (LRU, {speed_cap} blocks: python "
+        f"{timing['python_lru_s']:.3f} s, sim {timing['sim_lru_s']:.4f} s); sweep "
+        f"{timing['sweep_over_python']:.2f}; scoring path {timing['scoring_over_python']:.3f}")
   print(f"default_policy {d} {params.get(d, {})}: gap at {speed_cap} "
         f"{checks['gap_closed_at_%d' % speed_cap]:.3f} (target {GAP_TARGET}), worst vs LRU "
         f"{checks['worst_points_vs_lru']:+.4f}; wrote {args.out}")

@@ -107,9 +107,29 @@ def small_trace():
 def test_simulator_equals_python_on_generated_traces(small_trace, policy):
   refs = small_trace.block.tolist()
   caps = [1, 7, 64, 400]
-  hits = simulator.simulate_hits(small_trace, caps, policy)
+  hits = simulator.simulate_hits(small_trace, caps, policy, path="scoring")
   for c, h in zip(caps, hits):
     assert h.tolist() == REFERENCES[policy](refs, c), (policy, c)
+
+
+@pytest.mark.parametrize("policy", ["lru", "fifo"])
+@pytest.mark.parametrize("seed", [3, 8])
+def test_exact_path_equals_python_and_scoring_path(policy, seed):
+  t = traces.generate(250, seed=seed, num_prompts=6)
+  refs = t.block.tolist()
+  caps = [1, 2, 5, 33, 128, 1000]
+  exact = simulator.simulate_hits(t, caps, policy, path="exact")
+  for c, h in zip(caps, exact):
+    assert h.tolist() == REFERENCES[policy](refs, c), (policy, c)
+  assert (simulator.simulate_hits(t, caps[2:4], policy, path="scoring") == exact[2:4]).all()
+  assert (simulator.simulate_hits(t, caps, policy) == exact).all()  # "auto" takes it
+
+
+def test_exact_path_refuses_other_policies_and_bad_path(small_trace):
+  with pytest.raises(ValueError, match="exact"):
+    simulator.simulate_hits(small_trace, 8, "lfu", path="exact")
+  with pytest.raises(ValueError, match="path"):
+    simulator.simulate_hits(small_trace, 8, "lru", path="fast")
 
 
 def test_min_bounds_lru_and_bypass_bounds_min(small_trace):
@@ -213,9 +233,11 @@ def real_trace():
 
 def test_real_trace_lru_and_min_equal_python_and_published(real_trace):
   refs = real_trace.block.tolist()
-  lru_hits = simulator.simulate_hits(real_trace, 6144, "lru")
+  lru_hits = simulator.simulate_hits(real_trace, 6144, "lru", path="scoring")
   py_hits = py_lru(refs, 6144)
   assert lru_hits.tolist() == py_hits
+  assert (simulator.simulate_hits(real_trace, [1024, 6144], "lru", path="exact")[1]
+          == lru_hits).all()
   mn = simulator.simulate(real_trace, [6144], "min")[6144]
   assert mn == np.mean(py_min(refs, 6144))
   lru = float(lru_hits.mean())

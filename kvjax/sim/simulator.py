@@ -7,6 +7,9 @@ bypass are the registered oracle policies ``"min"`` and ``"min-bypass"``; they r
 next-use times the trace carries. Capacities and parameter sets are swept with ``vmap``
 (pages beyond a run's capacity are pinned, so they are never candidates).
 
+LRU and FIFO also have an O(1)-per-reference exact path (``kvjax.sim.exact``), taken by
+default (``path="scoring"`` forces the scoring functions; both give the same hit flags).
+
 Names in shapes: N = references, P = pages (the largest capacity), V = runs.
 """
 
@@ -19,11 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.evict import Access, argmax
-from kvjax.policies import get_policy, make_params
+from kvjax.policies import POLICIES, get_policy, make_params
+from kvjax.sim.exact import EXACT_POLICIES, exact_hits
 from kvjax.sim.traces import Trace
 from kvjax.state import PageMeta
 
 ACCOUNTING = ("block", "prefix")
+PATHS = ("auto", "scoring", "exact")
 
 
 def _check_capacities(capacities) -> list[int]:
@@ -124,7 +129,8 @@ def _refs(trace: Trace) -> dict:
               position=jnp.asarray(trace.position))
 
 
-def simulate_hits(trace: Trace, capacities, policy="lru", params=None) -> np.ndarray:
+def simulate_hits(trace: Trace, capacities, policy="lru", params=None, *,
+                  path: str = "auto") -> np.ndarray:
   """Per-reference hit flags of ``policy`` on ``trace`` at each capacity (vmapped).
 
   Args:
@@ -133,6 +139,10 @@ def simulate_hits(trace: Trace, capacities, policy="lru", params=None) -> np.nda
     policy: a registered name or ``Policy``.
     params: one params dict (``make_params``), or a sequence of V of them (one per
       capacity), or None for the defaults.
+    path: ``"scoring"`` runs the policy's ``score`` at every miss (every policy);
+      ``"exact"`` runs the O(1)-per-reference simulator of ``kvjax.sim.exact`` (LRU and
+      FIFO only; the same hit flags, tested); ``"auto"`` takes ``"exact"`` where it
+      exists.
 
   Returns:
     bool numpy [V, N] (``[N]`` when ``capacities`` is an int).
@@ -145,6 +155,13 @@ def simulate_hits(trace: Trace, capacities, policy="lru", params=None) -> np.nda
   single = isinstance(capacities, (int, np.integer))
   caps = _check_capacities(capacities)
   policy = get_policy(policy) if isinstance(policy, str) else policy
+  if path not in PATHS:
+    raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+  if path == "exact" and policy.name not in EXACT_POLICIES:
+    raise ValueError(f"path='exact' exists for {EXACT_POLICIES}, not policy {policy.name!r}")
+  if path != "scoring" and policy.name in EXACT_POLICIES and policy is POLICIES[policy.name]:
+    hits = exact_hits(trace.block, caps, policy.name, trace.num_blocks)
+    return hits[0] if single else hits
   if isinstance(params, (list, tuple)):
     if len(params) != len(caps):
       raise ValueError(f"params must be one dict or {len(caps)} (one per capacity), "
