@@ -13,9 +13,12 @@ Pure functions of occupancy, so they run inside jit next to ``score_and_evict``:
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+
+from kvjax.state import Pages
 
 LOW, MEDIUM, HIGH, CRITICAL = 0, 1, 2, 3
 LEVEL_NAMES = ("low", "medium", "high", "critical")
@@ -107,3 +110,143 @@ def wants_requantize(lv, config: PressureConfig = DEVICE) -> jax.Array:
 def level_name(lv) -> str:
   """Host side: ``"low"`` ... ``"critical"``."""
   return LEVEL_NAMES[int(lv)]
+
+
+# ----------------------------------------------------------------------------- in the cache
+
+
+def max_evict(total: int, config: PressureConfig = DEVICE) -> int:
+  """Host side: the most pages ``evict_ahead`` can ask for in a pool of ``total`` pages.
+
+  The static bound of ``relieve``'s victim list (its ``limit`` default).
+
+  >>> max_evict(100)
+  24
+  """
+  total = int(total)
+  if total <= 0:
+    raise ValueError(f"total must be a positive number of pages, got {total}")
+  with jax.ensure_compile_time_eval():  # concrete even when called while tracing
+    return int(jnp.max(evict_ahead(jnp.arange(total + 1), total, config)))
+
+
+class Relief(NamedTuple):
+  """What ``relieve`` did (E = its static ``limit``)."""
+
+  level: jax.Array       # int32 []  pressure level before relief (0 low .. 3 critical)
+  after: jax.Array       # int32 []  pressure level after relief
+  evicted: jax.Array     # int32 []  pages evicted as victims (their cached children, which
+  #                        can no longer be matched, are freed too and counted in ``freed``)
+  freed: jax.Array       # int32 []  pages that became free
+  pages: jax.Array       # int32 [E]  the victims' page ids, -1 padded
+  block_hash: jax.Array  # uint32 [E, 2]  their block hashes (what a lower tier would key on)
+  tokens: jax.Array      # int32 [E, S]  their token ids
+  k: Optional[Pages]     # the victims' K of every layer, [L, E, S, H, *] in ``demote_to``'s
+  #                        key spec, when demoting; else None
+  v: Optional[Pages]     # likewise V
+
+
+def occupancy(state) -> jax.Array:
+  """int32 []: pages holding data (held by a sequence, or cached for prefix reuse).
+
+  >>> import kvjax
+  >>> cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, page_size=2,
+  ...                         num_pages=4, max_seqs=1, max_pages_per_seq=4)
+  >>> int(occupancy(kvjax.init(cfg)))
+  0
+  """
+  meta = state.meta
+  cached = jnp.any(meta.block_hash != 0, axis=-1)
+  return jnp.sum((meta.ref_count > 0) | cached).astype(jnp.int32)
+
+
+def relieve(state, *, config, pressure: PressureConfig = DEVICE, demote_to=None,
+            limit: Optional[int] = None):
+  """Evict cached pages ahead of need, in batches, when the pool is under pressure.
+
+  At ``low`` nothing happens. Otherwise ``evict_ahead`` pages are chosen by the cache's
+  eviction policy (``config.eviction``, the same scores ``plan_step`` evicts by) among
+  pages no live sequence holds, leave the prefix index (with their cached children, as
+  on any eviction) and become free, so the next ``plan_step``s allocate without evicting.
+  At a level of at least ``pressure.requantize_from`` with ``demote_to`` given, the
+  victims' K/V are also returned requantized to the stronger spec, for a lower tier to
+  keep (``Relief.k``/``.v``, with their block hashes and tokens); below that level the
+  payload is all zeros and ``Relief.pages`` says which pages were evicted. Jittable;
+  ``config``, ``pressure``, ``demote_to`` and ``limit`` are static.
+
+  Args:
+    state: the cache (``kvjax.CacheState``).
+    config: its ``CacheConfig``.
+    pressure: the pool's thresholds, targets and batch.
+    demote_to: None, or ``(key_spec, value_spec)`` (``kvjax.QuantSpec``s) to requantize
+      victims to.
+    limit: static most victims per call (default ``max_evict(config.num_pages, pressure)``,
+      enough for any level).
+
+  Returns:
+    ``(relief, state)``: a ``Relief`` and the cache with the victims freed (stats
+    ``evictions`` counts them).
+
+  >>> import kvjax
+  >>> cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, page_size=2,
+  ...                         num_pages=8, max_seqs=1, max_pages_per_seq=8)
+  >>> st = kvjax.init(cfg)
+  >>> _, st = kvjax.plan_step(st, jnp.array([0]), jnp.arange(14)[None], jnp.array([14]),
+  ...                         config=cfg)
+  >>> st = kvjax.release(st, jnp.array([0]), config=cfg)     # 7 full pages stay cached
+  >>> r, st = relieve(st, config=cfg, pressure=PressureConfig(batch=1))
+  >>> int(r.level), int(r.freed), int(occupancy(st))        # high (7/8): down to 75 %
+  (2, 1, 6)
+  """
+  from kvjax import paging, prefix, quant  # noqa: PLC0415 (they import config/state)
+
+  p_ = config.num_pages
+  limit = max_evict(p_, pressure) if limit is None else int(limit)
+  if limit <= 0 or limit > p_:
+    raise ValueError(f"limit must be in [1, num_pages={p_}], got {limit}")
+  if demote_to is not None:
+    if len(demote_to) != 2:
+      raise ValueError(f"demote_to must be (key_spec, value_spec), got {demote_to!r}")
+    for what, spec in zip(("key", "value"), demote_to):
+      spec.validate_for(head_dim=config.head_dim, page_size=config.page_size,
+                        what=f"demote_to {what} spec")
+  meta = state.meta
+  occupied = occupancy(state)
+  lv = level(occupied, p_, pressure)
+  want = evict_ahead(occupied, p_, pressure)
+  cached = jnp.any(meta.block_hash != 0, axis=-1) & (meta.ref_count == 0)
+  scores = paging._eviction_scores(meta, state.clock, config)
+  scores = jnp.where(cached, scores, -jnp.inf)
+  _, cand = jax.lax.top_k(scores, limit)                          # [E] best victims first
+  take = (jnp.arange(limit) < want) & cached[cand]
+  victims = jnp.where(take, cand, p_)
+  block_hash = jnp.where(take[:, None], meta.block_hash[cand], jnp.uint32(0))
+  tokens = jnp.where(take[:, None], meta.tokens[cand], -1)
+  meta, index = prefix.forget_pages(meta, state.index, victims)
+  meta = meta.replace(
+      block_hash=meta.block_hash.at[victims].set(0, mode="drop"),
+      tokens=meta.tokens.at[victims].set(-1, mode="drop"),
+      filled=meta.filled.at[victims].set(0, mode="drop"),
+      parent=meta.parent.at[victims].set(-1, mode="drop"))
+  n = jnp.sum(take).astype(jnp.int32)
+  new_state = state.replace(meta=meta, index=index,
+                            stats=state.stats.replace(evictions=state.stats.evictions + n))
+  left = occupancy(new_state)
+  k = v = None
+  if demote_to is not None:
+    keep = take & wants_requantize(lv, pressure)
+    safe = jnp.clip(cand, 0, p_ - 1)
+
+    def payload(pages, to_spec):
+      pool = paging.pool_only(pages)
+      sel = jax.tree.map(lambda a: a[:, safe], pool)               # [L, E, ...]
+      out = quant.requantize(sel, pool.spec, to_spec)
+      mask = lambda a: None if a is None else jnp.where(  # noqa: E731
+          keep.reshape((1, -1) + (1,) * (a.ndim - 2)), a, jnp.zeros((), a.dtype))
+      return out.replace(data=mask(out.data), scale=mask(out.scale), zero=mask(out.zero))
+
+    k, v = payload(state.k, demote_to[0]), payload(state.v, demote_to[1])
+  relief = Relief(level=lv, after=level(left, p_, pressure), evicted=n, freed=occupied - left,
+                  pages=jnp.where(take, cand, -1), block_hash=block_hash, tokens=tokens, k=k,
+                  v=v)
+  return relief, new_state

@@ -1,11 +1,14 @@
 """Pressure levels and evict-ahead counts against a plain-Python reading of the rules."""
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
+import kvjax
 from kvjax import pressure
 
 
@@ -59,3 +62,111 @@ def test_requantize_from_high_by_default():
 def test_bad_config_raises(kw, match):
   with pytest.raises(ValueError, match=match):
     pressure.PressureConfig(**kw)
+
+
+# ---------------------------------------------------------------- relieve (in the cache)
+
+
+from kvjax import paging  # noqa: E402
+from kvjax import quant as quant_lib  # noqa: E402
+
+
+def _filled_cache(num_pages=20, page_size=2, prompts=((0, 9), (1, 7), (2, 5)), key_quant=None):
+  """Sequences of the given (slot, pages) prefilled with distinct tokens, random K/V, then
+  released except the last, so some pages are cached and some held."""
+  kw = {} if key_quant is None else {"key_quant": key_quant}
+  cfg = kvjax.CacheConfig(num_layers=2, num_kv_heads=1, head_dim=8, page_size=page_size,
+                          num_pages=num_pages, max_seqs=4, max_pages_per_seq=10, **kw)
+  st = kvjax.init(cfg)
+  for i, (sid, n) in enumerate(prompts):
+    toks = jnp.arange(n * page_size)[None] + 1000 * (i + 1)
+    _, st = kvjax.plan_step(st, jnp.array([sid]), toks, jnp.array([n * page_size]), config=cfg)
+  rng = np.random.default_rng(0)
+  for name in ("k", "v"):
+    pages = getattr(st, name)
+    data = jnp.asarray(rng.normal(size=pages.data.shape), pages.data.dtype) \
+        if not pages.spec.is_quantized else pages.data
+    st = st.replace(**{name: pages.replace(data=data)})
+  st = kvjax.release(st, jnp.array([s for s, _ in prompts[:-1]]), config=cfg)
+  return cfg, st
+
+
+def py_relieve(meta, scores, total, cfg):
+  """Plain-Python reading of the rule: occupancy, how many, and which pages go."""
+  cached = [bool(h.any()) and r == 0 for h, r in zip(meta.block_hash, meta.ref_count)]
+  occ = sum(bool(h.any()) or r > 0 for h, r in zip(meta.block_hash, meta.ref_count))
+  n = py_evict(occ, total, cfg)
+  order = sorted((p for p in range(total) if cached[p]), key=lambda p: (-scores[p], p))
+  return occ, order[:n]
+
+
+@pytest.mark.parametrize("cfg_p", [pressure.PressureConfig(batch=1), pressure.DEVICE,
+                                   pressure.PressureConfig((0.3, 0.5, 0.9), (0.2, 0.4, 0.8), 2)])
+def test_relieve_evicts_the_policy_victims_down_to_target(cfg_p):
+  cfg, st = _filled_cache()
+  meta = jax.tree.map(np.asarray, st.meta)
+  scores = np.asarray(paging._eviction_scores(st.meta, st.clock, cfg))
+  occ, victims = py_relieve(meta, scores, cfg.num_pages, cfg_p)
+  relief, new = jax.jit(functools.partial(pressure.relieve, config=cfg, pressure=cfg_p))(st)
+  got = [int(p) for p in relief.pages if p >= 0]
+  assert sorted(got) == sorted(victims) and int(relief.evicted) == len(victims)
+  assert int(relief.level) == py_level(occ, cfg.num_pages, cfg_p.thresholds)
+  held = np.asarray(st.meta.ref_count) > 0
+  assert (np.asarray(new.meta.ref_count) == np.asarray(st.meta.ref_count)).all()
+  assert not held[got].any(), "a page held by a live sequence was evicted"
+  assert int(pressure.occupancy(new)) == occ - int(relief.freed)
+  assert int(new.stats.evictions) == int(st.stats.evictions) + len(victims)
+  for p in got:  # freed: unhashed, empty
+    assert not np.asarray(new.meta.block_hash[p]).any() and int(new.meta.filled[p]) == 0
+  # the next allocations find free pages and evict nothing
+  if victims:
+    _, after = kvjax.plan_step(new, jnp.array([3]), jnp.arange(2)[None] + 7, jnp.array([2]),
+                               config=cfg)
+    assert int(after.stats.evictions) == int(new.stats.evictions)
+
+
+def test_relieve_at_low_pressure_changes_nothing():
+  cfg, st = _filled_cache(num_pages=40)
+  relief, new = pressure.relieve(st, config=cfg)
+  assert int(relief.level) == 0 and int(relief.evicted) == 0 and (relief.pages == -1).all()
+  for a, b in zip(jax.tree.leaves(st), jax.tree.leaves(new)):
+    assert (np.asarray(a) == np.asarray(b)).all()
+
+
+def test_evicted_prefix_is_no_longer_matched():
+  cfg, st = _filled_cache()
+  prompt = jnp.arange(9 * 2)[None] + 1000  # the first released prompt
+  cached_before, _ = kvjax.attach_prefix(st, jnp.array([3]), prompt, jnp.array([18]), config=cfg)
+  relief, new = pressure.relieve(st, config=cfg, pressure=pressure.PressureConfig(batch=1))
+  cached_after, _ = kvjax.attach_prefix(new, jnp.array([3]), prompt, jnp.array([18]), config=cfg)
+  assert int(relief.evicted) > 0
+  assert int(cached_after[0]) < int(cached_before[0]) or int(cached_before[0]) == 0
+
+
+def test_demotion_returns_victims_requantized():
+  cfg, st = _filled_cache()
+  to = (kvjax.QuantSpec(bits=4, axis="channel", symmetric=False),
+        kvjax.QuantSpec(bits=4))
+  strict = pressure.PressureConfig(batch=1, requantize_from=pressure.MEDIUM)
+  relief, _ = pressure.relieve(st, config=cfg, pressure=strict, demote_to=to)
+  got = np.asarray(relief.pages)
+  assert (got >= 0).any()
+  for spec, pages, out in ((to[0], st.k, relief.k), (to[1], st.v, relief.v)):
+    ref = np.asarray(pages.data, np.float32)[:, got[got >= 0]]       # [L, n, S, H, D]
+    deq = np.asarray(quant_lib.dequantize_pages(out, spec), np.float32)[:, got >= 0]
+    err = np.linalg.norm(deq - ref) / np.linalg.norm(ref)
+    assert err < 0.15, err                                        # 4-bit codes of N(0, 1)
+    assert np.abs(np.asarray(out.data)[:, got < 0]).max(initial=0) == 0
+  never = pressure.PressureConfig(batch=1, requantize_from=4)
+  relief, _ = pressure.relieve(st, config=cfg, pressure=never, demote_to=to)
+  assert int(relief.evicted) > 0 and not np.asarray(relief.k.data).any()
+
+
+def test_relieve_bad_arguments_raise():
+  cfg, st = _filled_cache()
+  with pytest.raises(ValueError, match="limit"):
+    pressure.relieve(st, config=cfg, limit=0)
+  with pytest.raises(ValueError, match="demote_to"):
+    pressure.relieve(st, config=cfg, demote_to=(kvjax.QuantSpec(bits=4),))
+  with pytest.raises(ValueError, match="total"):
+    pressure.max_evict(0)
