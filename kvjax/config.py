@@ -43,9 +43,9 @@ class CacheConfig:
     hash_fn: the block hash (static); ``None`` is ``kvjax.hashing.block_hash``.
       Tests swap in one that always collides.
     eviction: the policy that ranks cached pages for eviction, by name from
-      ``kvjax.policies`` (the scoring functions the simulator runs). The cache
-      takes the stateless ones (``lru``, ``weighted``); policies with history
-      arrays run in ``kvjax.sim`` only, for now.
+      ``kvjax.policies`` (the scoring functions the simulator runs): any online
+      policy; history arrays live in ``CacheState.policy`` and are fed by the
+      cache's events (``kvjax.cache_policy``). The oracles (``min``) are refused.
     eviction_params: ``((name, value), ...)`` overrides of the policy's
       parameters, validated by ``kvjax.policies.make_params``.
 
@@ -98,9 +98,10 @@ class CacheConfig:
   def _check_eviction(self) -> None:
     from kvjax import policies  # noqa: PLC0415 (policies -> state -> config)
     policy = policies.get_policy(self.eviction)
-    if policy.oracle or policy.init(1) != ():
-      raise ValueError(f"CacheConfig.eviction={self.eviction!r} keeps history arrays or needs "
-                       f"the future; the cache takes stateless policies ('lru', 'weighted')")
+    if policy.oracle:
+      raise ValueError(f"CacheConfig.eviction={self.eviction!r} is an offline oracle (it reads "
+                       f"next-use times from a trace); the cache takes the online policies: "
+                       f"{sorted(n for n, p in policies.POLICIES.items() if not p.oracle)}")
     if not isinstance(self.eviction_params, tuple) or not all(
         isinstance(kv, tuple) and len(kv) == 2 for kv in self.eviction_params):
       raise ValueError(f"CacheConfig.eviction_params must be a tuple of (name, value) pairs, "

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from kvjax import cache_policy
 from kvjax import prefix as prefix_lib
 from kvjax import quant
 from kvjax import state as state_lib
@@ -85,21 +86,9 @@ def _bad_rows(seq_ids: jax.Array, num_new: jax.Array, t: int, max_seqs: int) -> 
   return out_of_range | dup | bad_len
 
 
-def _eviction_scores(meta: state_lib.PageMeta, clock: jax.Array,
-                     config: CacheConfig) -> jax.Array:
-  """float32 [P]: free pages +inf, cached pages by ``config.eviction``, held pages -inf.
-
-  The scoring function is the one ``kvjax.sim`` replays traces with. Under
-  ``lru`` (integral ages), deeper blocks of equal age go first, so a chain
-  loses its tail before its head.
-  """
-  from kvjax import policies  # noqa: PLC0415 (policies -> state)
-  policy = policies.get_policy(config.eviction)
-  params = policies.make_params(policy, **dict(config.eviction_params))
-  scores = policy.score(meta, (), clock, params)
-  if config.eviction == "lru":
-    scores = scores + meta.position.astype(jnp.float32) / (config.max_pages_per_seq + 1)
-  return scores
+def _eviction_scores(state: CacheState, clock: jax.Array, config: CacheConfig) -> jax.Array:
+  """float32 [P] eviction scores of the pool (``kvjax.cache_policy.scores``)."""
+  return cache_policy.scores(state.meta, state.policy, clock, config)
 
 
 def _grant(base_need: jax.Array, partial: jax.Array, last_page: jax.Array,
@@ -182,7 +171,7 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
   partial = (old_len % s_ != 0) & (n > 0)
   seq_full = live & (new_pages > m_)
 
-  scores = _eviction_scores(meta, clock, config)
+  scores = _eviction_scores(state, clock, config)
   per_row = -(-t // s_) + 1
   k = min(b * per_row, p_)
   _, cand = jax.lax.top_k(scores, k)                                  # [k] best victims first
@@ -213,7 +202,13 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
   # copies inherit the source's tokens.
   flat_new = new_page.reshape(-1)
   was_cached = jnp.any(meta.block_hash != 0, axis=-1) & (meta.ref_count == 0)
-  evicted = jnp.sum(jnp.where(flat_new < p_, was_cached[jnp.clip(flat_new, 0, p_ - 1)], False))
+  new_safe = jnp.clip(flat_new, 0, p_ - 1)
+  evicted_mask = (flat_new < p_) & was_cached[new_safe]
+  evicted = jnp.sum(evicted_mask)
+  policy_state = cache_policy.report(
+      state.policy, meta, cache_policy.events(
+          jnp.where(evicted_mask, flat_new, -1), None, clock, kind="evict",
+          position=meta.position[new_safe], evicted_keys=meta.block_hash[new_safe]), config)
   index = state.index
   if config.prefix_caching:
     meta, index = prefix_lib.forget_pages(meta, index, flat_new)
@@ -263,9 +258,17 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
   if state.fold_floor is not None:
     fold_floor = jnp.where(live, state.fold_floor[sid], 0)
   if config.prefix_caching:
-    meta, index, overflow = prefix_lib.register_full_pages(
+    def admit(hashes, pages, ok):  # against the pages' content before this step took them
+      pos = meta.position[jnp.clip(pages, 0, p_ - 1)]
+      return ok & cache_policy.admit(state.policy, state.meta, clock, hashes, pages, pos,
+                                     config)
+
+    meta, index, overflow, registered, declined, hashes = prefix_lib.register_full_pages(
         meta, index, table, old_len, new_len, granted, seeds, config=config, per_row=per_row,
-        fold_floor=fold_floor)
+        fold_floor=fold_floor, admit=admit)
+    policy_state = cache_policy.report(
+        policy_state, meta, cache_policy.filled_events(registered, declined, hashes, meta, clock),
+        config)
 
   rows = jnp.where(granted, sid, config.max_seqs)
   page_table = state.page_table.at[rows].set(table, mode="drop")
@@ -285,7 +288,7 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
   status = (state.status | jnp.bitwise_or.reduce(row_status)
             | jnp.where(overflow, state_lib.INDEX_OVERFLOW, 0)).astype(jnp.int32)
   new_state = state.replace(meta=meta, index=index, page_table=page_table, seq_lens=seq_lens,
-                            clock=clock, stats=stats, status=status)
+                            clock=clock, stats=stats, status=status, policy=policy_state)
   if config.checked:
     new_state = state_lib.raise_on_status(new_state)
   plan = StepPlan(seq_ids=seq_ids.astype(jnp.int32), positions=positions, valid=valid,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kvjax import cache_policy
 from kvjax import quant
 from kvjax import state as state_lib
 from kvjax.config import CacheConfig
@@ -80,8 +81,9 @@ def forget_pages(meta: PageMeta, index: PrefixIndex, pages: jax.Array) -> tuple[
 def register_full_pages(meta: PageMeta, index: PrefixIndex, table: jax.Array,
                         old_len: jax.Array, new_len: jax.Array, granted: jax.Array,
                         seeds: jax.Array, *, config: CacheConfig, per_row: int,
-                        fold_floor: jax.Array | None = None
-                        ) -> tuple[PageMeta, PrefixIndex, jax.Array]:
+                        fold_floor: jax.Array | None = None, admit=None
+                        ) -> tuple[PageMeta, PrefixIndex, jax.Array, jax.Array, jax.Array,
+                                   jax.Array]:
   """Hash the pages that filled (or, with a residual window, folded) this step; index them.
 
   A block's hash chains onto its parent page's hash; a page whose parent has no
@@ -100,9 +102,14 @@ def register_full_pages(meta: PageMeta, index: PrefixIndex, table: jax.Array,
       With a residual window R (``quant.residual_tokens`` of the config's
       specs), page ``j`` is registered in the step it folds, when
       ``(j + 1) * S + R <= len`` first holds; below the floor it is indexed already.
+    admit: optional ``admit(hashes uint32 [K, 2], pages int32 [K], ok bool [K]) -> bool
+      [K]``, the eviction policy's admission filter (K = B * per_row): a page it
+      declines is not indexed (it stays private and is freed when its sequence ends).
 
   Returns:
-    ``(meta, index, overflow)``; ``overflow`` is True when an insert did not fit.
+    ``(meta, index, overflow, registered, declined, hashes)``: ``overflow`` is True when
+    an insert did not fit; ``registered`` int32 [K] the pages indexed this step and
+    ``declined`` those ``admit`` turned away (P = none); ``hashes`` uint32 [K, 2] theirs.
   """
   s_, p_ = config.page_size, config.num_pages
   m_ = table.shape[1]
@@ -137,17 +144,24 @@ def register_full_pages(meta: PageMeta, index: PrefixIndex, table: jax.Array,
   if residual:   # forked sequences share full unfolded pages: both fold (and register) them
     earlier = (pages[:, None] == pages[None, :]) & jnp.tril(jnp.ones((pages.size,) * 2, bool), -1)
     ok = ok & ~jnp.any(earlier & ok[None, :], axis=1)
+  declined = jnp.full(pages.shape, p_, pages.dtype)
+  if admit is not None:
+    allowed = admit(hashes, pages, ok)
+    declined = jnp.where(ok & ~allowed, pages, p_)
+    ok = ok & allowed
 
   def insert(args):
     meta, index = args
     present = index_lookup(index, hashes, ok) >= 0
     index, overflow = index_insert(index, hashes, pages, ok & ~present)
     winner = ok & (index_lookup(index, hashes, ok) == pages)
-    meta = meta.replace(block_hash=meta.block_hash.at[jnp.where(winner, pages, p_)].set(
-        hashes, mode="drop"))
-    return meta, index, jnp.any(overflow)
+    registered = jnp.where(winner, pages, p_)
+    meta = meta.replace(block_hash=meta.block_hash.at[registered].set(hashes, mode="drop"))
+    return meta, index, jnp.any(overflow), registered
 
-  return jax.lax.cond(jnp.any(ok), insert, lambda a: (*a, jnp.array(False)), (meta, index))
+  none = lambda a: (*a, jnp.array(False), jnp.full(pages.shape, p_, pages.dtype))  # noqa: E731
+  out = jax.lax.cond(jnp.any(ok), insert, none, (meta, index))
+  return (*out, declined, hashes)
 
 
 def attach_prefix(state: CacheState, seq_ids: jax.Array, tokens: jax.Array,
@@ -219,6 +233,11 @@ def attach_prefix(state: CacheState, seq_ids: jax.Array, tokens: jax.Array,
     matched = jnp.zeros((b,), jnp.int32)
     pages = jnp.full((b, max(k, 1)), -1, jnp.int32)
   held = jnp.where(pages >= 0, pages, p_).reshape(-1)
+  held_safe = jnp.clip(held, 0, p_ - 1)
+  policy_state = cache_policy.report(
+      state.policy, meta, cache_policy.events(
+          jnp.where(held < p_, held, -1), meta.block_hash[held_safe], clock, kind="hit",
+          position=meta.position[held_safe], filled=meta.filled[held_safe]), config)
   meta = meta.replace(
       ref_count=meta.ref_count.at[held].add(1, mode="drop"),
       access_count=meta.access_count.at[held].add(1, mode="drop"),
@@ -245,6 +264,7 @@ def attach_prefix(state: CacheState, seq_ids: jax.Array, tokens: jax.Array,
       clock=clock,
       stats=stats,
       status=state.status | jnp.where(jnp.any(bad), state_lib.BAD_INPUT, 0).astype(jnp.int32),
+      policy=policy_state,
       **extra,
   )
   if config.checked:

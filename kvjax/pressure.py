@@ -198,7 +198,7 @@ def relieve(state, *, config, pressure: PressureConfig = DEVICE, demote_to=None,
   >>> int(r.level), int(r.freed), int(occupancy(st))        # high (7/8): down to 75 %
   (2, 1, 6)
   """
-  from kvjax import paging, prefix, quant  # noqa: PLC0415 (they import config/state)
+  from kvjax import cache_policy, paging, prefix, quant  # noqa: PLC0415 (they import state)
 
   p_ = config.num_pages
   limit = max_evict(p_, pressure) if limit is None else int(limit)
@@ -215,13 +215,17 @@ def relieve(state, *, config, pressure: PressureConfig = DEVICE, demote_to=None,
   lv = level(occupied, p_, pressure)
   want = evict_ahead(occupied, p_, pressure)
   cached = jnp.any(meta.block_hash != 0, axis=-1) & (meta.ref_count == 0)
-  scores = paging._eviction_scores(meta, state.clock, config)
+  scores = paging._eviction_scores(state, state.clock, config)
   scores = jnp.where(cached, scores, -jnp.inf)
   _, cand = jax.lax.top_k(scores, limit)                          # [E] best victims first
   take = (jnp.arange(limit) < want) & cached[cand]
   victims = jnp.where(take, cand, p_)
   block_hash = jnp.where(take[:, None], meta.block_hash[cand], jnp.uint32(0))
   tokens = jnp.where(take[:, None], meta.tokens[cand], -1)
+  policy_state = cache_policy.report(
+      state.policy, meta, cache_policy.events(
+          jnp.where(take, cand, -1), None, state.clock, kind="evict",
+          position=meta.position[cand], evicted_keys=block_hash), config)
   meta, index = prefix.forget_pages(meta, state.index, victims)
   meta = meta.replace(
       block_hash=meta.block_hash.at[victims].set(0, mode="drop"),
@@ -229,7 +233,7 @@ def relieve(state, *, config, pressure: PressureConfig = DEVICE, demote_to=None,
       filled=meta.filled.at[victims].set(0, mode="drop"),
       parent=meta.parent.at[victims].set(-1, mode="drop"))
   n = jnp.sum(take).astype(jnp.int32)
-  new_state = state.replace(meta=meta, index=index,
+  new_state = state.replace(meta=meta, index=index, policy=policy_state,
                             stats=state.stats.replace(evictions=state.stats.evictions + n))
   left = occupancy(new_state)
   k = v = None

@@ -7,7 +7,7 @@ B = max_seqs, M = max_pages_per_seq.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -117,6 +117,8 @@ class CacheState:
   status: jax.Array      # int32 []  sticky OR of status flags
   fold_floor: Optional[jax.Array] = None  # int32 [B]  leading pages of each sequence that are
   #   folded whatever the staging rule says (attached from the prefix cache); None without staging
+  policy: Any = ()  # the eviction policy's history arrays, [P]-leading (``Policy.init(P)``,
+  #   e.g. LFU's float32 [P] counts); () for the stateless ``lru``/``weighted``
 
 
 def _zeros_stats() -> Stats:
@@ -192,6 +194,7 @@ def init(config: CacheConfig) -> CacheState:
   """
   if not isinstance(config, CacheConfig):
     raise ValueError(f"init: config must be a CacheConfig, got {type(config).__name__}")
+  from kvjax import cache_policy  # noqa: PLC0415 (cache_policy -> policies -> state)
   staged = quant.needs_staging(config.key_quant, config.value_quant)
   return CacheState(
       k=init_pages(config, config.key_quant),
@@ -205,6 +208,7 @@ def init(config: CacheConfig) -> CacheState:
       stats=_zeros_stats(),
       status=jnp.zeros((), jnp.int32),
       fold_floor=jnp.zeros((config.max_seqs,), jnp.int32) if staged else None,
+      policy=cache_policy.init_state(config),
   )
 
 

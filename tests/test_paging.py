@@ -268,9 +268,12 @@ def test_eviction_follows_the_configured_policy_scores():
   assert int(st.stats.evictions) == 2
 
 
-def test_stateful_or_unknown_eviction_policy_is_rejected():
-  with pytest.raises(ValueError, match="eviction='lfu' keeps history arrays"):
-    kvjax.CacheConfig(**{**CFG.__dict__, "eviction": "lfu"})
+def test_oracle_or_unknown_eviction_policy_or_bad_params_are_rejected():
+  with pytest.raises(ValueError, match="eviction='min' is an offline oracle"):
+    kvjax.CacheConfig(**{**CFG.__dict__, "eviction": "min"})
+  with pytest.raises(ValueError, match="policy must be one of"):
+    kvjax.CacheConfig(**{**CFG.__dict__, "eviction": "clock-pro"})
+  assert kvjax.CacheConfig(**{**CFG.__dict__, "eviction": "lfu"}).eviction == "lfu"
   with pytest.raises(ValueError, match="parameter w_age must be in"):
     kvjax.CacheConfig(**{**CFG.__dict__, "eviction": "weighted",
                          "eviction_params": (("w_age", -1.0),)})

@@ -105,7 +105,7 @@ def py_relieve(meta, scores, total, cfg):
 def test_relieve_evicts_the_policy_victims_down_to_target(cfg_p):
   cfg, st = _filled_cache()
   meta = jax.tree.map(np.asarray, st.meta)
-  scores = np.asarray(paging._eviction_scores(st.meta, st.clock, cfg))
+  scores = np.asarray(paging._eviction_scores(st, st.clock, cfg))
   occ, victims = py_relieve(meta, scores, cfg.num_pages, cfg_p)
   relief, new = jax.jit(functools.partial(pressure.relieve, config=cfg, pressure=cfg_p))(st)
   got = [int(p) for p in relief.pages if p >= 0]
