@@ -71,6 +71,7 @@ from kvjax import paging  # noqa: E402
 from kvjax import quant as quant_lib  # noqa: E402
 
 
+@functools.lru_cache(maxsize=None)
 def _filled_cache(num_pages=20, page_size=2, prompts=((0, 9), (1, 7), (2, 5)), key_quant=None):
   """Sequences of the given (slot, pages) prefilled with distinct tokens, random K/V, then
   released except the last, so some pages are cached and some held."""
@@ -78,17 +79,27 @@ def _filled_cache(num_pages=20, page_size=2, prompts=((0, 9), (1, 7), (2, 5)), k
   cfg = kvjax.CacheConfig(num_layers=2, num_kv_heads=1, head_dim=8, page_size=page_size,
                           num_pages=num_pages, max_seqs=4, max_pages_per_seq=10, **kw)
   st = kvjax.init(cfg)
+  plan = jax.jit(functools.partial(kvjax.plan_step, config=cfg))
+  t = max(n for _, n in prompts) * page_size  # one shape: one compilation
   for i, (sid, n) in enumerate(prompts):
-    toks = jnp.arange(n * page_size)[None] + 1000 * (i + 1)
-    _, st = kvjax.plan_step(st, jnp.array([sid]), toks, jnp.array([n * page_size]), config=cfg)
+    toks = jnp.arange(t)[None] + 1000 * (i + 1)
+    _, st = plan(st, jnp.array([sid]), toks, jnp.array([n * page_size]))
   rng = np.random.default_rng(0)
   for name in ("k", "v"):
     pages = getattr(st, name)
     data = jnp.asarray(rng.normal(size=pages.data.shape), pages.data.dtype) \
         if not pages.spec.is_quantized else pages.data
     st = st.replace(**{name: pages.replace(data=data)})
-  st = kvjax.release(st, jnp.array([s for s, _ in prompts[:-1]]), config=cfg)
+  st = jax.jit(functools.partial(kvjax.release, config=cfg))(
+      st, jnp.array([s for s, _ in prompts[:-1]]))
   return cfg, st
+
+
+@functools.lru_cache(maxsize=None)
+def relieve(cfg, cfg_p=pressure.DEVICE, demote_to=None):
+  """``pressure.relieve`` jitted once per (config, pressure config, demotion specs)."""
+  return jax.jit(functools.partial(pressure.relieve, config=cfg, pressure=cfg_p,
+                                   demote_to=demote_to))
 
 
 def py_relieve(meta, scores, total, cfg):
@@ -107,7 +118,7 @@ def test_relieve_evicts_the_policy_victims_down_to_target(cfg_p):
   meta = jax.tree.map(np.asarray, st.meta)
   scores = np.asarray(paging._eviction_scores(st, st.clock, cfg))
   occ, victims = py_relieve(meta, scores, cfg.num_pages, cfg_p)
-  relief, new = jax.jit(functools.partial(pressure.relieve, config=cfg, pressure=cfg_p))(st)
+  relief, new = relieve(cfg, cfg_p)(st)
   got = [int(p) for p in relief.pages if p >= 0]
   assert sorted(got) == sorted(victims) and int(relief.evicted) == len(victims)
   assert int(relief.level) == py_level(occ, cfg.num_pages, cfg_p.thresholds)
@@ -120,14 +131,14 @@ def test_relieve_evicts_the_policy_victims_down_to_target(cfg_p):
     assert not np.asarray(new.meta.block_hash[p]).any() and int(new.meta.filled[p]) == 0
   # the next allocations find free pages and evict nothing
   if victims:
-    _, after = kvjax.plan_step(new, jnp.array([3]), jnp.arange(2)[None] + 7, jnp.array([2]),
-                               config=cfg)
+    _, after = jax.jit(functools.partial(kvjax.plan_step, config=cfg))(
+        new, jnp.array([3]), jnp.arange(2)[None] + 7, jnp.array([2]))
     assert int(after.stats.evictions) == int(new.stats.evictions)
 
 
 def test_relieve_at_low_pressure_changes_nothing():
   cfg, st = _filled_cache(num_pages=40)
-  relief, new = pressure.relieve(st, config=cfg)
+  relief, new = relieve(cfg)(st)
   assert int(relief.level) == 0 and int(relief.evicted) == 0 and (relief.pages == -1).all()
   for a, b in zip(jax.tree.leaves(st), jax.tree.leaves(new)):
     assert (np.asarray(a) == np.asarray(b)).all()
@@ -136,9 +147,10 @@ def test_relieve_at_low_pressure_changes_nothing():
 def test_evicted_prefix_is_no_longer_matched():
   cfg, st = _filled_cache()
   prompt = jnp.arange(9 * 2)[None] + 1000  # the first released prompt
-  cached_before, _ = kvjax.attach_prefix(st, jnp.array([3]), prompt, jnp.array([18]), config=cfg)
-  relief, new = pressure.relieve(st, config=cfg, pressure=pressure.PressureConfig(batch=1))
-  cached_after, _ = kvjax.attach_prefix(new, jnp.array([3]), prompt, jnp.array([18]), config=cfg)
+  attach = jax.jit(functools.partial(kvjax.attach_prefix, config=cfg))
+  cached_before, _ = attach(st, jnp.array([3]), prompt, jnp.array([18]))
+  relief, new = relieve(cfg, pressure.PressureConfig(batch=1))(st)
+  cached_after, _ = attach(new, jnp.array([3]), prompt, jnp.array([18]))
   assert int(relief.evicted) > 0
   assert int(cached_after[0]) < int(cached_before[0]) or int(cached_before[0]) == 0
 
@@ -148,7 +160,7 @@ def test_demotion_returns_victims_requantized():
   to = (kvjax.QuantSpec(bits=4, axis="channel", symmetric=False),
         kvjax.QuantSpec(bits=4))
   strict = pressure.PressureConfig(batch=1, requantize_from=pressure.MEDIUM)
-  relief, _ = pressure.relieve(st, config=cfg, pressure=strict, demote_to=to)
+  relief, _ = relieve(cfg, strict, to)(st)
   got = np.asarray(relief.pages)
   assert (got >= 0).any()
   for spec, pages, out in ((to[0], st.k, relief.k), (to[1], st.v, relief.v)):
@@ -158,7 +170,7 @@ def test_demotion_returns_victims_requantized():
     assert err < 0.15, err                                        # 4-bit codes of N(0, 1)
     assert np.abs(np.asarray(out.data)[:, got < 0]).max(initial=0) == 0
   never = pressure.PressureConfig(batch=1, requantize_from=4)
-  relief, _ = pressure.relieve(st, config=cfg, pressure=never, demote_to=to)
+  relief, _ = relieve(cfg, never, to)(st)
   assert int(relief.evicted) > 0 and not np.asarray(relief.k.data).any()
 
 
