@@ -14,6 +14,8 @@ Modes, at budgets of ``--fractions`` of the window (in pages of ``--page``):
 * ``streaming``: StreamingLLM: ``--sink`` sink pages + the most recent pages.
 * ``h2o``: H2O: sink pages + ``(budget - sink) // 2`` recent pages + the rest as
   heavy hitters by attention mass accumulated over all layers, heads and queries.
+* ``h2o_mean``: H2O scored by each page's share of the attention its sequence
+  spread while the page was there (``mass / seen``), not the raw sum.
 * ``window`` (optional): the recent window only (no sink), showing what sinks buy.
 
 Figures: ``ppl`` over every next-token prediction of the windows;
@@ -75,7 +77,7 @@ def split(mode: str, budget: int, sink: int) -> tuple[int, int]:
     return sink, budget - sink - 1
   if mode == "window":
     return 0, budget - 1
-  if mode == "h2o":
+  if mode in ("h2o", "h2o_mean"):
     return sink, max((budget - sink) // 2, 1)
   raise ValueError(f"unknown mode {mode!r}")
 
@@ -83,7 +85,7 @@ def split(mode: str, budget: int, sink: int) -> tuple[int, int]:
 def effective_split(mode: str, budget: int, sink: int) -> tuple[int, int, int]:
   """(sink, recent, heavy) pages a mode keeps at a budget."""
   s, r = split(mode, budget, sink)
-  if mode == "h2o":
+  if mode in ("h2o", "h2o_mean"):
     return s, r, budget - s - r
   return s, budget - s, 0
 
@@ -120,7 +122,7 @@ def run_mode(params, config, windows: np.ndarray, *, mode: str, budget: int, pag
     nll[:, s:s + avail] = part[:, :avail]
     if mode != "full":
       cache = _drop(cache, budget=budget, sink_pages=sink_pages, recent_pages=recent_pages,
-                    mode="h2o" if mode == "h2o" else "streaming", config=cc)
+                    mode="streaming" if mode == "window" else mode, config=cc)
   if int(cache.status):
     raise RuntimeError(f"cache status {kvjax.status_names(int(cache.status))}")
   return nll

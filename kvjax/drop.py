@@ -12,6 +12,9 @@ sequence that holds more than ``budget`` pages:
 - ``mode="h2o"`` (H2O): keep sinks and the recent window, and of the pages in
   between keep the ``budget - sink_pages - recent_pages`` with the most
   accumulated mass (heavy hitters); ties go to the older page being dropped.
+- ``mode="h2o_mean"``: H2O with the accumulated mass divided by the mass the
+  sequence's queries spread while the page was there (its share of attention),
+  which removes the cumulative score's bias toward old pages.
 
 Representation. Dropping releases whole pages and compacts the sequence's
 page table, so ``CacheState.seq_lens`` keeps meaning "tokens in the page
@@ -56,7 +59,7 @@ from kvjax.config import CacheConfig
 from kvjax.state import CacheState
 from kvjax.state import DropState
 
-MODES = ("h2o", "streaming")
+MODES = ("h2o", "h2o_mean", "streaming")
 
 
 def _require(state: CacheState, fn: str) -> DropState:
@@ -92,6 +95,7 @@ def enable(state: CacheState) -> CacheState:
   b, m_ = state.page_table.shape
   return state.replace(drop=DropState(
       mass=jnp.zeros((b, m_), jnp.float32),
+      seen=jnp.zeros((b, m_), jnp.float32),
       owner=jnp.full((b, m_), -1, jnp.int32),
       dropped=jnp.zeros((b,), jnp.int32),
       pages_dropped=jnp.zeros((), jnp.int32),
@@ -122,6 +126,7 @@ def begin_step(state: CacheState, seq_ids: jax.Array) -> tuple[CacheState, jax.A
   empty = state.seq_lens == 0                                              # [B]
   d = d.replace(dropped=jnp.where(empty, 0, d.dropped),
                 mass=jnp.where(empty[:, None], 0.0, d.mass),
+                seen=jnp.where(empty[:, None], 0.0, d.seen),
                 owner=jnp.where(empty[:, None], -1, d.owner))
   ok = (seq_ids >= 0) & (seq_ids < ms)
   offset = jnp.where(ok, d.dropped[jnp.clip(seq_ids, 0, ms - 1)], 0)
@@ -141,15 +146,16 @@ def accumulate(state: CacheState, plan: paging.StepPlan, mass: jax.Array) -> Cac
       summed over layers).
 
   Returns:
-    The state with ``drop.mass`` / ``drop.owner`` updated for the granted rows.
+    The state with ``drop.mass`` / ``seen`` / ``owner`` updated for the granted rows.
 
   >>> import kvjax
   >>> cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2,
   ...                         num_pages=4, max_seqs=1, max_pages_per_seq=2)
   >>> plan, st = kvjax.plan_step(enable(kvjax.init(cfg)), jnp.array([0]), jnp.array([[1]]),
   ...                            jnp.array([1]), config=cfg)
-  >>> accumulate(st, plan, jnp.array([[2.0, 0.0]])).drop.mass.tolist()
-  [[2.0, 0.0]]
+  >>> d = accumulate(st, plan, jnp.array([[2.0, 0.0]])).drop
+  >>> d.mass.tolist(), d.seen.tolist()
+  ([[2.0, 0.0]], [[2.0, 0.0]])
   """
   d = _require(state, "accumulate")
   ms = state.page_table.shape[0]
@@ -157,10 +163,14 @@ def accumulate(state: CacheState, plan: paging.StepPlan, mass: jax.Array) -> Cac
   rows = jnp.where(granted, plan.seq_ids, ms)
   sid = jnp.clip(plan.seq_ids, 0, ms - 1)
   table = state.page_table[sid]                                            # [B', M]
-  old = jnp.where(d.owner[sid] == table, d.mass[sid], 0.0)
-  new = jnp.where(table >= 0, old + mass.astype(jnp.float32), 0.0)
+  same = d.owner[sid] == table
+  mass = mass.astype(jnp.float32)
+  new = jnp.where(table >= 0, jnp.where(same, d.mass[sid], 0.0) + mass, 0.0)
+  seen = jnp.where(table >= 0, jnp.where(same, d.seen[sid], 0.0)
+                   + jnp.sum(mass, axis=1, keepdims=True), 0.0)
   return state.replace(drop=d.replace(
       mass=d.mass.at[rows].set(new, mode="drop"),
+      seen=d.seen.at[rows].set(seen, mode="drop"),
       owner=d.owner.at[rows].set(table, mode="drop")))
 
 
@@ -184,7 +194,9 @@ def select_drops(mass: jax.Array, num_pages: jax.Array, *, budget: int, sink_pag
   """Which page-table columns each sequence drops to get down to ``budget`` pages.
 
   Args:
-    mass: float32 [B, M] accumulated mass per column (ignored by "streaming").
+    mass: float32 [B, M] score per column, higher = keep: the accumulated mass
+      for "h2o", the share for "h2o_mean" (``drop_pages`` computes it); ignored
+      by "streaming".
     num_pages: int32 [B] pages each sequence holds (columns ``0 .. num_pages-1``).
     budget, sink_pages, recent_pages, mode: see ``drop_pages``.
 
@@ -202,8 +214,8 @@ def select_drops(mass: jax.Array, num_pages: jax.Array, *, budget: int, sink_pag
   col = jnp.arange(m_, dtype=jnp.int32)[None, :]
   num_pages = num_pages.astype(jnp.int32)[:, None]
   cand = (col >= sink_pages) & (col < num_pages - recent_pages)
-  score = (mass.astype(jnp.float32) if mode == "h2o"
-           else jnp.broadcast_to(col, (b, m_)).astype(jnp.float32))
+  score = (jnp.broadcast_to(col, (b, m_)).astype(jnp.float32) if mode == "streaming"
+           else mass.astype(jnp.float32))
   key = jnp.where(cand, score, jnp.inf)
   order = jnp.argsort(key, axis=1, stable=True)                    # lowest first, older on ties
   rank = jnp.zeros((b, m_), jnp.int32).at[jnp.arange(b)[:, None], order].set(
@@ -226,7 +238,8 @@ def drop_pages(state: CacheState, *, budget: int, sink_pages: int, recent_pages:
     budget: static int, pages a sequence may keep; >= sink_pages + recent_pages + 1.
     sink_pages: static int >= 0, leading pages never dropped (attention sinks).
     recent_pages: static int >= 1, trailing pages never dropped (the recent window).
-    mode: static, "h2o" (heavy hitters by accumulated mass) or "streaming" (sinks + window).
+    mode: static, "h2o" (heavy hitters by accumulated mass), "h2o_mean" (by
+      share of attention, ``mass / seen``) or "streaming" (sinks + window).
     config: optional; when given, the state is checked against it.
 
   Returns:
@@ -253,7 +266,9 @@ def drop_pages(state: CacheState, *, budget: int, sink_pages: int, recent_pages:
   table = state.page_table
   num_pages = (state.seq_lens + s_ - 1) // s_
   mass = jnp.where(d.owner == table, d.mass, 0.0)
-  drop = select_drops(mass, num_pages, budget=budget, sink_pages=sink_pages,
+  seen = jnp.where(d.owner == table, d.seen, 0.0)
+  score = mass / jnp.maximum(seen, 1e-30) if mode == "h2o_mean" else mass
+  drop = select_drops(score, num_pages, budget=budget, sink_pages=sink_pages,
                       recent_pages=recent_pages, mode=mode) & (table >= 0)
   n_drop = jnp.sum(drop, axis=1).astype(jnp.int32)                           # [B]
 
@@ -263,6 +278,7 @@ def drop_pages(state: CacheState, *, budget: int, sink_pages: int, recent_pages:
   dst = jnp.where(keep, jnp.cumsum(keep, axis=1) - 1, m_)
   new_table = jnp.full((b, m_), -1, jnp.int32).at[rows, dst].set(table, mode="drop")
   new_mass = jnp.zeros((b, m_), jnp.float32).at[rows, dst].set(mass, mode="drop")
+  new_seen = jnp.zeros((b, m_), jnp.float32).at[rows, dst].set(seen, mode="drop")
   new_owner = jnp.full((b, m_), -1, jnp.int32).at[rows, dst].set(table, mode="drop")
   new_len = state.seq_lens - n_drop * s_
 
@@ -294,7 +310,7 @@ def drop_pages(state: CacheState, *, budget: int, sink_pages: int, recent_pages:
   meta, index = jax.lax.cond(jnp.any(cut), unhash, lambda a: a, (meta, index))
   return state.replace(
       meta=meta, index=index, page_table=new_table, seq_lens=new_len,
-      drop=d.replace(mass=new_mass, owner=new_owner, dropped=d.dropped + n_drop * s_,
+      drop=d.replace(mass=new_mass, seen=new_seen, owner=new_owner, dropped=d.dropped + n_drop * s_,
                      pages_dropped=d.pages_dropped + jnp.sum(n_drop)))
 
 
@@ -317,6 +333,7 @@ def release(state: CacheState, seq_ids: jax.Array, *,
   rows = jnp.where((seq_ids >= 0) & (seq_ids < ms), seq_ids, ms)
   return state.replace(drop=d.replace(
       mass=d.mass.at[rows].set(0.0, mode="drop"),
+      seen=d.seen.at[rows].set(0.0, mode="drop"),
       owner=d.owner.at[rows].set(-1, mode="drop"),
       dropped=d.dropped.at[rows].set(0, mode="drop")))
 
@@ -346,5 +363,6 @@ def fork(state: CacheState, src_ids: jax.Array, dst_ids: jax.Array, *,
   rows = jnp.where(ok, dst_ids, ms)
   return new.replace(drop=d.replace(
       mass=d.mass.at[rows].set(d.mass[src], mode="drop"),
+      seen=d.seen.at[rows].set(d.seen[src], mode="drop"),
       owner=d.owner.at[rows].set(d.owner[src], mode="drop"),
       dropped=d.dropped.at[rows].set(d.dropped[src], mode="drop")))

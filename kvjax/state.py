@@ -114,6 +114,8 @@ class DropState:
   mass: jax.Array      # float32 [B, M]  attention probability mass each page-table column
   #                      received since its page was placed there (summed over layers,
   #                      query heads and queries)
+  seen: jax.Array      # float32 [B, M]  mass all of the sequence's queries spread (over every
+  #                      column) while this column held its page: ``mass / seen`` is its share
   owner: jax.Array     # int32 [B, M]  page whose mass ``mass`` holds (-1 = none); a column
   #                      whose page changed restarts from 0
   dropped: jax.Array   # int32 [B]  tokens dropped from each sequence (logical - cached)

@@ -117,6 +117,24 @@ def test_drop_pages_compacts_table_and_moves_positions():
   assert plan.positions.tolist() == [[9]] and int(plan.slots[0, 0]) == table[6] * 2 + 1
 
 
+def test_h2o_mean_scores_by_share_of_attention():
+  cfg = _cfg()
+  st = drop.enable(kvjax.init(cfg))
+  _, st = kvjax.plan_step(st, jnp.array([0]), jnp.arange(11)[None], jnp.array([11]), config=cfg)
+  mass = np.array([[9., 6., 2., 3., 1., 1., 0., 0.]] * 4, np.float32)   # old pages: big sums
+  seen = np.array([[90., 60., 10., 30., 2., 2., 0., 0.]] * 4, np.float32)  # ... small shares
+  st = st.replace(drop=st.drop.replace(mass=jnp.asarray(mass), seen=jnp.asarray(seen),
+                                       owner=st.page_table))
+  table = np.asarray(st.page_table[0])
+  kw = dict(budget=4, sink_pages=1, recent_pages=1, config=cfg)
+  h2o = drop.drop_pages(st, mode="h2o", **kw)
+  mean = drop.drop_pages(st, mode="h2o_mean", **kw)
+  # columns 1..4 compete for 2 heavy slots: sums keep 1 and 3, shares (.1 .2 .1 .5) keep 2 and 4
+  assert np.asarray(h2o.page_table[0, :4]).tolist() == table[[0, 1, 3, 5]].tolist()
+  assert np.asarray(mean.page_table[0, :4]).tolist() == table[[0, 2, 4, 5]].tolist()
+  np.testing.assert_array_equal(np.asarray(mean.drop.seen[0, :4]), seen[0, [0, 2, 4, 5]])
+
+
 # ----------------------------------------------------------------------------- property
 
 
@@ -182,7 +200,7 @@ def test_drop_pages_keeps_refcounts_tables_and_prefix_index_consistent():
   for case in range(6):
     st = drop.enable(kvjax.init(cfg))
     hist = [dict(logical=0, pos=[], first_drop=None) for _ in range(cfg.max_seqs)]
-    mode = ("h2o", "streaming")[case % 2]
+    mode = ("h2o", "streaming", "h2o_mean")[case % 3]
     budget, sink, recent = 5 + case % 3, case % 2, 1 + case % 3
     for step in range(14):
       op = rng.integers(0, 10)
