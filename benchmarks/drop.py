@@ -12,7 +12,8 @@ Modes, at budgets of ``--fractions`` of the window (in pages of ``--page``):
 
 * ``full``: the whole window cached (the default path, no drop mode): the baseline.
 * ``streaming``: StreamingLLM: ``--sink`` sink pages + the most recent pages.
-* ``h2o``: H2O: sink pages + ``(budget - sink) // 2`` recent pages + the rest as
+* ``h2o``: H2O: sink pages + ``(budget - sink) * --h2o-recent`` recent pages (H2O's
+  half by default) + the rest as
   heavy hitters by attention mass accumulated over all layers, heads and queries.
 * ``h2o_mean``: H2O scored by each page's share of the attention its sequence
   spread while the page was there (``mass / seen``), not the raw sum.
@@ -24,6 +25,7 @@ its budget (where the modes differ); ``rel_ppl_increase`` / ``rel_ppl_after``
 against ``full`` measured in the same run.
 
 Usage: python benchmarks/drop.py [--quick] [--out FILE] [--windows N] [--window W]
+       [--fractions 0.25,0.5] [--modes streaming,h2o,h2o_mean,window] [--h2o-recent 0.5]
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ _drop = jax.jit(drop.drop_pages, static_argnames=("budget", "sink_pages", "recen
                                                   "config"), donate_argnames="state")
 
 
+H2O_RECENT = 0.5   # share of the non-sink budget h2o gives the recent window (H2O's half)
+
+
 def split(mode: str, budget: int, sink: int) -> tuple[int, int]:
   """(sink_pages, recent_pages) given to ``drop_pages`` for a mode at a budget.
 
@@ -78,7 +83,7 @@ def split(mode: str, budget: int, sink: int) -> tuple[int, int]:
   if mode == "window":
     return 0, budget - 1
   if mode in ("h2o", "h2o_mean"):
-    return sink, max((budget - sink) // 2, 1)
+    return sink, min(max(int((budget - sink) * H2O_RECENT), 1), budget - sink - 1)
   raise ValueError(f"unknown mode {mode!r}")
 
 
@@ -129,6 +134,7 @@ def run_mode(params, config, windows: np.ndarray, *, mode: str, budget: int, pag
 
 
 def main(argv=None) -> dict:
+  global H2O_RECENT   # noqa: PLW0603 (a script: the split of this run)
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="2 windows of 512 tokens (an estimate)")
   ap.add_argument("--out", default="benchmarks/results/drop.json")
@@ -138,8 +144,12 @@ def main(argv=None) -> dict:
   ap.add_argument("--chunk", type=int, default=16, help="tokens per step between drops")
   ap.add_argument("--sink", type=int, default=1, help="sink pages of streaming and h2o")
   ap.add_argument("--fractions", default="0.25,0.5", help="budgets as fractions of the window")
-  ap.add_argument("--modes", default="streaming,h2o", help="drop modes besides full")
+  ap.add_argument("--modes", default="streaming,h2o,h2o_mean,window",
+                  help="drop modes besides full")
+  ap.add_argument("--h2o-recent", type=float, default=H2O_RECENT,
+                  help="share of the non-sink budget the h2o modes give the recent window")
   args = ap.parse_args(argv)
+  H2O_RECENT = args.h2o_recent
   num_windows = args.windows or (2 if args.quick else 8)
   window = args.window or (512 if args.quick else 1024)
   fractions = [float(f) for f in args.fractions.split(",") if f]
@@ -157,7 +167,7 @@ def main(argv=None) -> dict:
   res = {"machine": info, "quick": args.quick, "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, "
          "float32 params)", "cache_dtype": "bfloat16", "page_size": args.page,
          "window": window, "num_windows": num_windows, "chunk": args.chunk,
-         "sink_pages": args.sink, "runs": {}}
+         "sink_pages": args.sink, "h2o_recent": H2O_RECENT, "runs": {}}
 
   def record(name, nll, budget, mode, seconds):
     kept = (None,) * 3 if budget is None else effective_split(mode, budget, args.sink)
