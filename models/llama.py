@@ -422,8 +422,7 @@ def decode_step(params: LlamaParams, cache: kvjax.CacheState, tokens: jax.Array,
 
 def _decode_step_drop(params, cache, tokens, seq_ids, num_new, config, cache_config):
   """``decode_step`` for a drop-mode cache: logical RoPE positions, per-page mass kept."""
-  from kvjax import drop as drop_lib  # noqa: PLC0415 (only in drop mode)
-  cache, offset = drop_lib.begin_step(cache, seq_ids.astype(jnp.int32))
+  cache, offset = kvjax.drop.begin_step(cache, seq_ids.astype(jnp.int32))
   plan, cache = kvjax.plan_step(cache, seq_ids.astype(jnp.int32), tokens,
                                 num_new.astype(jnp.int32), config=cache_config)
   rope_positions = plan.positions + offset[:, None]                 # logical positions [B, T]
@@ -442,5 +441,5 @@ def _decode_step_drop(params, cache, tokens, seq_ids, num_new, config, cache_con
   x = params.embed[tokens]
   mass0 = jnp.zeros(plan.page_table.shape, jnp.float32)
   (x, mass), (k_all, v_all) = jax.lax.scan(body, (x, mass0), (params.layers, cache.k, cache.v))
-  cache = drop_lib.accumulate(cache.replace(k=k_all, v=v_all), plan, mass)
+  cache = kvjax.drop.accumulate(cache.replace(k=k_all, v=v_all), plan, mass)
   return _logits(params, x, config), cache
