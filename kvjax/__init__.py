@@ -32,6 +32,7 @@ from kvjax.state import clear_status
 from kvjax.state import init
 from kvjax.state import raise_on_status
 from kvjax.state import status_names
+from kvjax import drop  # noqa: E402 (opt-in page dropping, kvjax.drop.*)
 
 __version__ = "0.1.0"
 
@@ -65,4 +66,5 @@ __all__ = [
     "init",
     "raise_on_status",
     "status_names",
+    "drop",
 ]

@@ -21,7 +21,8 @@ from kvjax.paging import write
 from kvjax.state import Pages
 
 
-def attend(q: jax.Array, k_pages: Pages, v_pages: Pages, plan: StepPlan) -> jax.Array:
+def attend(q: jax.Array, k_pages: Pages, v_pages: Pages, plan: StepPlan, *,
+           with_mass: bool = False):
   """Attention of this step's queries over the pages of their sequences.
 
   Causal: the query at absolute position p sees keys at positions <= p, among
@@ -41,9 +42,14 @@ def attend(q: jax.Array, k_pages: Pages, v_pages: Pages, plan: StepPlan) -> jax.
     k_pages / v_pages: one layer's ``Pages`` (data ``[P, S, H, *]``), already
       holding this step's K/V (``write`` first).
     plan: the step's plan.
+    with_mass: static; also return each page's attention probability mass
+      (for ``kvjax.drop``). Off, the computation is unchanged.
 
   Returns:
-    ``[B, T, Hq, D]`` in q's dtype.
+    ``[B, T, Hq, D]`` in q's dtype; with ``with_mass``, ``(out, mass)`` where
+    ``mass`` is float32 ``[B, M]``: the softmax weight each page-table column
+    received, summed over query heads and the row's valid queries (a decode
+    row sums to Hq). Quantized pages are read dequantized and dense then.
 
   >>> import kvjax
   >>> cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2,
@@ -54,8 +60,12 @@ def attend(q: jax.Array, k_pages: Pages, v_pages: Pages, plan: StepPlan) -> jax.
   >>> v = kvjax.write(jax.tree.map(lambda a: a[0], st.v), plan, 3 * jnp.ones((1, 1, 1, 2)))
   >>> attend(jnp.ones((1, 1, 1, 2)), k, v, plan).tolist()
   [[[[3.0, 3.0]]]]
+  >>> attend(jnp.ones((1, 1, 1, 2)), k, v, plan, with_mass=True)[1].tolist()
+  [[1.0, 0.0]]
   """
   _check_pair(q, k_pages, v_pages, plan)
+  if with_mass:
+    return _attend_with_mass(q, k_pages, v_pages, plan)
   if k_pages.spec.is_quantized or v_pages.spec.is_quantized or k_pages.stage is not None:
     return _attend_quantized(q, k_pages, v_pages, plan)
   _, s_, h_, d_ = k_pages.data.shape
@@ -65,6 +75,23 @@ def attend(q: jax.Array, k_pages: Pages, v_pages: Pages, plan: StepPlan) -> jax.
   k = k_pages.data[table].reshape(b, m_ * s_, h_, d_)                # [B, K, H, D]
   v = v_pages.data[table].reshape(b, m_ * s_, h_, d_)
   return grouped_attention(q, k, v, _visible(plan, m_ * s_))
+
+
+def _attend_with_mass(q, k_pages: Pages, v_pages: Pages, plan: StepPlan):
+  """``attend`` plus float32 [B, M] per-page attention mass (dense keys, any spec)."""
+  if k_pages.stage is not None:
+    raise ValueError("attend(with_mass=True) does not support pages with a staging ring")
+  s_ = k_pages.data.shape[1]
+  b, m_ = plan.page_table.shape
+  if k_pages.spec.is_quantized or v_pages.spec.is_quantized:
+    k, v = _dense(k_pages, plan), _dense(v_pages, plan)
+  else:
+    table = jnp.maximum(plan.page_table, 0)
+    k = k_pages.data[table].reshape(b, m_ * s_, *k_pages.data.shape[2:])
+    v = v_pages.data[table].reshape(b, m_ * s_, *v_pages.data.shape[2:])
+  out, mass = grouped_attention(q, k, v, _visible(plan, m_ * s_), with_mass=True)
+  mass = jnp.sum(jnp.where(plan.valid[:, :, None], mass, 0.0), axis=1)       # [B, K]
+  return out, jnp.sum(mass.reshape(b, m_, s_), axis=-1)
 
 
 def _visible(plan: StepPlan, kn: int) -> jax.Array:
@@ -115,7 +142,7 @@ def _attend_quantized(q, k_pages: Pages, v_pages: Pages, plan: StepPlan) -> jax.
 
 
 def write_attend(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: Pages, v_pages: Pages,
-                 plan: StepPlan) -> tuple[jax.Array, Pages, Pages]:
+                 plan: StepPlan, *, with_mass: bool = False) -> tuple:
   """``write`` this step's K and V, then attend: the model's per-layer data path.
 
   Same as ``write`` then ``attend``, except for a prefill chunk (T > 1) through
@@ -130,9 +157,11 @@ def write_attend(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: Pages, v_pag
       and values.
     k_pages / v_pages: one layer's ``Pages`` before the step.
     plan: the step's plan.
+    with_mass: static; also return ``attend``'s per-page mass (no staging ring).
 
   Returns:
-    ``(out [B, T, Hq, D] in q's dtype, k_pages, v_pages)``.
+    ``(out [B, T, Hq, D] in q's dtype, k_pages, v_pages)``; with ``with_mass``,
+    ``(out, k_pages, v_pages, mass float32 [B, M])``.
 
   >>> import kvjax
   >>> cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2,
@@ -145,6 +174,9 @@ def write_attend(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: Pages, v_pag
   [[[[3.0, 3.0]]]]
   """
   k_new, v_new = write(k_pages, plan, k), write(v_pages, plan, v)
+  if with_mass:
+    out, mass = attend(q, k_new, v_new, plan, with_mass=True)
+    return out, k_new, v_new, mass
   if k_pages.stage is None or plan.positions.shape[1] == 1:
     return attend(q, k_new, v_new, plan), k_new, v_new
   _check_pair(q, k_new, v_new, plan)
@@ -197,7 +229,8 @@ def _two_view_attention(q, quant_kv, full_kv, quantized, visible) -> jax.Array:
   return out.astype(q.dtype)
 
 
-def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, *,
+                      with_mass: bool = False):
   """Masked grouped-query attention over contiguous keys (float32 inside).
 
   One batched matmul per (row, kv head) over all ``G * T`` queries of its
@@ -206,9 +239,11 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Arr
   Args:
     q: ``[B, T, Hq, D]``; k, v: ``[B, K, H, D]`` with Hq a multiple of H.
     visible: bool ``[B, T, K]``, which keys each query may read.
+    with_mass: static; also return the softmax weights summed over query heads.
 
   Returns:
-    ``[B, T, Hq, D]`` in q's dtype; a query that sees no key gives zeros.
+    ``[B, T, Hq, D]`` in q's dtype; a query that sees no key gives zeros. With
+    ``with_mass``, ``(out, mass)``, mass float32 ``[B, T, K]``.
 
   >>> x = jnp.ones((1, 2, 2, 4))
   >>> grouped_attention(x, x[:, :, :1], x[:, :, :1], jnp.tril(jnp.ones((1, 2, 2), bool))).shape
@@ -230,4 +265,6 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Arr
   weights = weights / jnp.where(denom > 0, denom, 1.0)
   out = jnp.einsum("xqk,xkd->xqd", weights, vt)
   out = out.reshape(b, h_, g, t, d_).transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d_)
+  if with_mass:
+    return out.astype(q.dtype), jnp.sum(weights.reshape(b, h_ * g, t, kn), axis=1)
   return out.astype(q.dtype)

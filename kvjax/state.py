@@ -102,6 +102,27 @@ class Stats:
 
 
 @struct.dataclass
+class DropState:
+  """Per-sequence state of attention-aware page dropping (``kvjax.drop``), opt-in.
+
+  Present (``CacheState.drop``) only when ``kvjax.drop.enable`` attached it. In
+  this mode ``CacheState.seq_lens`` counts the tokens *in the page table*
+  (what ``plan_step``, ``write`` and ``attend`` index), and a token's logical
+  (RoPE) position is ``seq_lens + dropped`` at the time it is written.
+  """
+
+  mass: jax.Array      # float32 [B, M]  attention probability mass each page-table column
+  #                      received since its page was placed there (summed over layers,
+  #                      query heads and queries)
+  seen: jax.Array      # float32 [B, M]  mass all of the sequence's queries spread (over every
+  #                      column) while this column held its page: ``mass / seen`` is its share
+  owner: jax.Array     # int32 [B, M]  page whose mass ``mass`` holds (-1 = none); a column
+  #                      whose page changed restarts from 0
+  dropped: jax.Array   # int32 [B]  tokens dropped from each sequence (logical - cached)
+  pages_dropped: jax.Array  # int32 []  counter: pages dropped by ``drop_pages`` (monotone)
+
+
+@struct.dataclass
 class CacheState:
   """The whole cache. Thread it through jitted steps; donate it."""
 
@@ -119,6 +140,7 @@ class CacheState:
   #   folded whatever the staging rule says (attached from the prefix cache); None without staging
   policy: Any = ()  # the eviction policy's history arrays, [P]-leading (``Policy.init(P)``,
   #   e.g. LFU's float32 [P] counts); () for the stateless ``lru``/``weighted``
+  drop: Optional[DropState] = None  # page dropping state (``kvjax.drop.enable``); None = off
 
 
 def _zeros_stats() -> Stats:

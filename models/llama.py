@@ -369,7 +369,10 @@ def decode_step(params: LlamaParams, cache: kvjax.CacheState, tokens: jax.Array,
   Plans pages once for the batch, then scans the layers with each layer's K/V
   pages as scanned inputs and outputs: RoPE'd K and V of the new tokens are
   written into their slots and the queries attend over the sequence's pages.
-  The cache is donated. Quantized pages (``cache_config.key_quant`` /
+  The cache is donated. A cache in drop mode (``kvjax.drop.enable``) also
+  rotates by each sequence's logical positions (``seq_lens + dropped``) and
+  accumulates every page's attention mass (``kvjax.drop.accumulate``); call
+  ``kvjax.drop.drop_pages`` between steps. Quantized pages (``cache_config.key_quant`` /
   ``value_quant``) are quantized on write and dequantized in attention
   (``kvjax.attention.write_attend``); the compiled step depends on the specs
   only through the static config.
@@ -397,6 +400,8 @@ def decode_step(params: LlamaParams, cache: kvjax.CacheState, tokens: jax.Array,
   _check_step_args(tokens, seq_ids, num_new, config, cache_config)
   check_params(params, config)
   tokens = tokens.astype(jnp.int32)
+  if cache.drop is not None:   # page-dropping mode (kvjax.drop): its own path, opt-in
+    return _decode_step_drop(params, cache, tokens, seq_ids, num_new, config, cache_config)
   plan, cache = kvjax.plan_step(cache, seq_ids.astype(jnp.int32), tokens,
                                 num_new.astype(jnp.int32), config=cache_config)
 
@@ -413,3 +418,28 @@ def decode_step(params: LlamaParams, cache: kvjax.CacheState, tokens: jax.Array,
   x = params.embed[tokens]
   x, (k_all, v_all) = jax.lax.scan(body, x, (params.layers, cache.k, cache.v))
   return _logits(params, x, config), cache.replace(k=k_all, v=v_all)
+
+
+def _decode_step_drop(params, cache, tokens, seq_ids, num_new, config, cache_config):
+  """``decode_step`` for a drop-mode cache: logical RoPE positions, per-page mass kept."""
+  cache, offset = kvjax.drop.begin_step(cache, seq_ids.astype(jnp.int32))
+  plan, cache = kvjax.plan_step(cache, seq_ids.astype(jnp.int32), tokens,
+                                num_new.astype(jnp.int32), config=cache_config)
+  rope_positions = plan.positions + offset[:, None]                 # logical positions [B, T]
+
+  def body(carry, xs):
+    x, mass = carry
+    lp, k_pages, v_pages = xs
+
+    def paged(q, k, v):
+      out, k_new, v_new, m = write_attend(q, k, v, k_pages, v_pages, plan, with_mass=True)
+      return out, (k_new, v_new, m)
+
+    x, (k_pages, v_pages, m) = _layer(lp, x, rope_positions, paged, config)
+    return (x, mass + m), (k_pages, v_pages)
+
+  x = params.embed[tokens]
+  mass0 = jnp.zeros(plan.page_table.shape, jnp.float32)
+  (x, mass), (k_all, v_all) = jax.lax.scan(body, (x, mass0), (params.layers, cache.k, cache.v))
+  cache = kvjax.drop.accumulate(cache.replace(k=k_all, v=v_all), plan, mass)
+  return _logits(params, x, config), cache
