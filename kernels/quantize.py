@@ -99,7 +99,8 @@ def _quantize_kernel(x_ref, *out_refs, spec: QuantSpec):
   Refs:
     x_ref: float ``[S, D]``.
     out_refs: data ``[S, W]`` (uint8 or fp8 ``[S, D]``), scale ``[S, ng]`` or
-      ``[nt, D]``, then zero (same shape, int8) for asymmetric specs.
+      ``[nt, D]``, then zero (same shape, int8 or bfloat16 per ``spec.zero_dtype``)
+      for asymmetric specs.
   """
   data_ref, scale_ref = out_refs[0], out_refs[1]
   zero_ref = out_refs[2] if spec.has_zero else None
@@ -111,10 +112,7 @@ def _quantize_kernel(x_ref, *out_refs, spec: QuantSpec):
             jnp.max(x, axis=axis, keepdims=True))
 
   def params(x, axis):
-    amax, lo, hi = stats(x, axis)
-    enc = quant.encode_scale(quant.group_scale(amax, lo, hi, spec), spec.scale_dtype)
-    s = quant.decode_scale(enc, spec.scale_dtype)
-    return enc, s, (quant.zero_point(lo, s) if spec.has_zero else None)
+    return quant.group_params(*stats(x, axis), spec)
 
   # Per-group scale/zero: token axis -> [S, 1] per group; channel axis -> [S, D] rows.
   if spec.axis == "token":
@@ -123,7 +121,7 @@ def _quantize_kernel(x_ref, *out_refs, spec: QuantSpec):
       enc, s, z = params(x_ref[:, pl.ds(grp * g, g)].astype(jnp.float32), 1)
       scale_ref[:, pl.ds(grp, 1)] = enc
       if zero_ref is not None:
-        zero_ref[:, pl.ds(grp, 1)] = z.astype(jnp.int8)
+        zero_ref[:, pl.ds(grp, 1)] = z.astype(zero_ref.dtype)
       group_sz.append((s, z))
     sz_of = lambda c0, w: group_sz[c0 // g]  # noqa: E731
   else:
@@ -132,7 +130,7 @@ def _quantize_kernel(x_ref, *out_refs, spec: QuantSpec):
     enc, s, z = params(x, 1)                                       # [nt, 1, D]
     scale_ref[...] = enc[:, 0, :]
     if zero_ref is not None:
-      zero_ref[...] = z[:, 0, :].astype(jnp.int8)
+      zero_ref[...] = z[:, 0, :].astype(zero_ref.dtype)
     rows = lambda a: jnp.broadcast_to(a, (nt, g, d)).reshape(s_, d)  # noqa: E731
     s_rows, z_rows = rows(s), (None if z is None else rows(z))
     sz_of = lambda c0, w: (s_rows[:, c0:c0 + w],  # noqa: E731

@@ -53,6 +53,35 @@ def test_int4_asymmetric_known_scale():
   np.testing.assert_array_equal(quant.dequantize_pages(p, spec).ravel(), want)
 
 
+def test_int2_min_zero_known_scale():
+  # zero_dtype="bfloat16" (KIVI): the minimum -1 is stored as is, the scale spans
+  # max - min = 3 in 3 steps (int8 zeros would take 2.5: 1.2 a step)
+  x = jnp.array([-1, 2, 0.4, 0.6, 1.4, -0.6, 0, 1.0]).reshape(1, 1, 8)
+  spec = QuantSpec(bits=2, symmetric=False, zero_dtype="bfloat16")
+  p = quant.quantize_pages(x, spec)
+  assert p.zero.dtype == jnp.bfloat16 and float(p.zero.ravel()[0]) == -1.0
+  assert float(p.scale.ravel()[0]) == 1.0
+  codes = [0, 3, 1, 2, 2, 0, 1, 2]     # round(x + 1): 1.4 -> 1, 1.6 -> 2, 2.4 -> 2, 0.4 -> 0
+  assert p.data.ravel().tolist() == [sum(codes[j + 2 * k] << 2 * k for k in range(4))
+                                     for j in range(2)]
+  np.testing.assert_array_equal(quant.dequantize_pages(p, spec).ravel(),
+                                [-1, 2, 0, 1, 1, -1, 0, 1])
+  # the int8-zero encoding of the same group: scale 3 / 2.5 = 1.2 (bf16 rounds it up)
+  p8 = quant.quantize_pages(x, QuantSpec(bits=2, symmetric=False))
+  assert float(p8.scale.ravel()[0]) > 1.2
+
+
+def test_min_zero_rounds_down_to_bf16():
+  # -1.001 is not a bf16: the stored minimum is the next bf16 below (-1 - 2**-7),
+  # never above (a value below the stored minimum would clip)
+  x = jnp.array([-1.001, 0.5]).reshape(2, 1, 1)
+  spec = QuantSpec(bits=4, axis="channel", symmetric=False, zero_dtype="bfloat16")
+  p = quant.quantize_pages(jnp.tile(x, (1, 1, 2)), spec)
+  assert p.zero.astype(jnp.float32).ravel().tolist() == [-1 - 2 ** -7] * 2
+  assert float(quant.min_floor(jnp.float32(1.001))) == 1.0
+  assert float(quant.min_floor(jnp.float32(-2.0))) == -2.0
+
+
 def test_channel_axis_one_scale_per_channel_per_page():
   # [S=2, H=1, D=2]; channel 0 over tokens: amax 127/16 -> 1/16; channel 1 all zero
   x = jnp.array([[127 / 16, 0.0], [-1.0, 0.0]]).reshape(2, 1, 2)
@@ -97,7 +126,9 @@ def test_fp8_known_scale():
 @pytest.mark.parametrize("kwargs", [
     dict(bits=3), dict(bits=4, kind="fp8"), dict(bits=8, kind="fp8", symmetric=False),
     dict(kind="nf4"), dict(axis="head"), dict(group_size=0), dict(scale_dtype="float32"),
-    dict(bits=4, residual=-16), dict(residual=16),
+    dict(bits=4, residual=-16), dict(residual=16), dict(bits=4, zero_dtype="float32"),
+    dict(bits=4, zero_dtype="bfloat16"),                      # symmetric: no zero to store
+    dict(bits=16, symmetric=False, zero_dtype="bfloat16"),
 ])
 def test_invalid_spec_raises(kwargs):
   with pytest.raises(ValueError, match="QuantSpec"):
@@ -134,6 +165,10 @@ SPECS = [
     QuantSpec(bits=4, axis="channel", symmetric=False, scale_dtype="log8"),
     QuantSpec(bits=2, symmetric=False),
     QuantSpec(bits=2, axis="channel", symmetric=False, group_size=8, scale_dtype="log8"),
+    QuantSpec(bits=2, symmetric=False, scale_dtype="log8", zero_dtype="bfloat16"),
+    QuantSpec(bits=2, axis="channel", symmetric=False, zero_dtype="bfloat16"),
+    QuantSpec(bits=4, symmetric=False, group_size=16, scale_dtype="float16",
+              zero_dtype="bfloat16"),
 ]
 
 
@@ -159,6 +194,46 @@ def test_round_trip_within_bound(spec):
   # float32 arithmetic on x / s and s * code: a few ulps of the value on top
   slack = 1e-5 * jnp.max(jnp.abs(x))
   assert bool(jnp.all(jnp.max(err, axis=ax) <= bound + slack))
+
+
+def _numpy_min_zero(x, bits):
+  """Pure-numpy KIVI-style asymmetric quantize-dequantize of groups along the last axis:
+  bf16 minimum rounded down, bf16 scale (max - min) / (2**bits - 1) rounded up."""
+  bf16 = jnp.bfloat16
+  lo, hi = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
+  z = lo.astype(bf16)
+  z = np.where(z.astype(np.float32) > lo, np.nextafter(z, np.full_like(z, -np.inf)), z)
+  z = z.astype(np.float32)
+  s = (hi - z) / ((1 << bits) - 1)
+  sb = s.astype(bf16)
+  sb = np.where(sb.astype(np.float32) < s, np.nextafter(sb, np.full_like(sb, np.inf)), sb)
+  s = sb.astype(np.float32)
+  codes = np.clip(np.round((x - z) / s), 0, (1 << bits) - 1)
+  return codes * s + z, s, z
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_min_zero_matches_numpy_model(bits):
+  x = np.asarray(_data(4, shape=(4, 16, 2, 64)))
+  spec = QuantSpec(bits=bits, symmetric=False, group_size=16, zero_dtype="bfloat16")
+  p = quant.quantize_pages(jnp.asarray(x), spec)
+  want, s, z = _numpy_min_zero(x.reshape(4, 16, 2, 4, 16), bits)
+  np.testing.assert_array_equal(p.zero.astype(np.float32), z[..., 0])
+  np.testing.assert_array_equal(p.scale.astype(np.float32), s[..., 0])
+  got = np.asarray(quant.dequantize_pages(p, spec))
+  # x * (1/s) against x / s may round a code the other way at an exact half
+  # step; every other element decodes identically
+  assert np.mean(got == want.reshape(x.shape)) > 0.999
+  np.testing.assert_allclose(got, want.reshape(x.shape), atol=float(s.max()) * 1.01)
+
+
+def test_min_zero_beats_int8_zero_at_2_bits():
+  # the same groups: a full step count (3 instead of 2.5) gives a smaller error
+  x = _data(5, loud=False)
+  err = lambda s: float(jnp.sqrt(jnp.mean(  # noqa: E731
+      (quant.dequantize_pages(quant.quantize_pages(x, s), s) - x) ** 2)))
+  kw = dict(bits=2, axis="channel", symmetric=False, scale_dtype="bfloat16")
+  assert err(QuantSpec(**kw, zero_dtype="bfloat16")) < 0.9 * err(QuantSpec(**kw))
 
 
 def test_error_shrinks_with_bits():
@@ -216,6 +291,10 @@ def test_bytes_per_token_hand_worked():
   # int2 token axis, group 32, bf16 scale + zero: 16 + 2 * 3
   spec = QuantSpec(bits=2, symmetric=False, group_size=32)
   assert quant.bytes_per_token(spec, **SMOL) == 30 * 3 * (16 + 6)
+  # int2 channel at 32-token pages, log8 scale + bf16 minimum: 16 + 64 * 3 / 32
+  spec = QuantSpec(bits=2, axis="channel", symmetric=False, scale_dtype="log8",
+                   zero_dtype="bfloat16")
+  assert quant.bytes_per_token(spec, **{**SMOL, "page_size": 32}) == 30 * 3 * (16 + 6)
 
 
 @pytest.mark.parametrize("k, v, target", [
