@@ -618,6 +618,161 @@ def _auto_admit(state: AutoFreqLruState, meta, access: Access, victim, params):
   return _freqlru_admit(state.main, meta, access, victim, params)
 
 
+# ---------------------------------------------------------------------------- class-learned freqlru
+
+REUSE_CLASSES = 16  # first-seen full blocks: 4 parent counts x 2 depths x last full block or not
+CLASS_PRIOR = 8.0  # pseudo-references per class before data (reuse rate 1/4; count 2: 2/5)
+
+
+class ClassFreqState(NamedTuple):
+  count: Deferred        # int32 [P]  references to the cached block (ghost-retained, as freqlru)
+  last: Deferred         # int32 [P]  clock of its last reference
+  gap: Deferred          # int32 [P]  re-reference interval at that reference (0 = first seen)
+  klass: Deferred        # int32 [P]  reuse class of that reference (-1 = none, C = count 2)
+  ghost_key: Deferred    # uint32 [16P, 2]  hashed table of evicted (or bypassed) keys
+  ghost_count: Deferred  # int32 [16P]  their counts
+  ghost_last: Deferred   # int32 [16P]  their last reference clocks
+  ghost_class: Deferred  # int32 [16P]  their reuse classes
+  refs: jax.Array        # float32 [C + 1]  references per reuse class
+  reused: jax.Array      # float32 [C + 1]  of those, referenced again later (seen on a hit or ghost)
+  prev_slot: jax.Array   # int32 []  page of the previous reference (-1 = not cached)
+  prev_pos: jax.Array    # int32 []  its position
+  prev_count: jax.Array  # int32 []  its count
+
+
+def classfreq_state(count, klass=None, gap=None, last=None, reuse_rate=None) -> ClassFreqState:
+  """A ``ClassFreqState`` from int32 [P] counts (and classes, intervals, last clocks; a
+  float [C + 1] per-class reuse rate, applied with weight 1000), empty ghost table."""
+  count = jnp.asarray(count, jnp.int32)
+  p = count.shape[0]
+  full = lambda x, v: jnp.full((p,), v, jnp.int32) if x is None else jnp.asarray(x, jnp.int32)  # noqa: E731
+  g = GHOST_FACTOR * p
+  refs = jnp.full((REUSE_CLASSES + 1,), CLASS_PRIOR, jnp.float32)
+  reused = refs * jnp.asarray([0.25] * REUSE_CLASSES + [0.4], jnp.float32)
+  if reuse_rate is not None:
+    refs = jnp.full_like(refs, 1000.0)
+    reused = refs * jnp.asarray(reuse_rate, jnp.float32)
+  return ClassFreqState(
+      deferred(count, 1), deferred(full(last, 0), 1), deferred(full(gap, 0), 1),
+      deferred(full(klass, -1), 2), deferred(jnp.zeros((g, 2), jnp.uint32), 1),
+      deferred(jnp.zeros((g,), jnp.int32), 1), deferred(jnp.zeros((g,), jnp.int32), 1),
+      deferred(jnp.full((g,), -1, jnp.int32), 1), refs, reused, jnp.int32(-1), jnp.int32(0),
+      jnp.int32(0))
+
+
+def _classfreq_init(num_pages: int) -> ClassFreqState:
+  return classfreq_state(jnp.zeros((num_pages,), jnp.int32))
+
+
+def first_seen_class(position, parent_count, last_full) -> jax.Array:
+  """int32 reuse class of a first-seen full block: ``4 * parent + 2 * deep + last_full``.
+
+  ``parent``: 0 at position 0 (or when the parent's count is unknown, ``parent_count``
+  0), else ``min(parent_count, 3)`` (the count of the block before it in its sequence:
+  new content after a block seen once, twice, more); ``deep``: position >= 3;
+  ``last_full``: the sequence's last full block (a partial block follows it).
+
+  >>> first_seen_class(jnp.array([0, 1, 5, 9]), jnp.array([0, 1, 2, 7]), jnp.array([0, 0, 1, 0])).tolist()
+  [0, 4, 11, 14]
+  """
+  position = jnp.asarray(position, jnp.int32)
+  parent = jnp.where(position > 0, jnp.clip(jnp.asarray(parent_count, jnp.int32), 0, 3), 0)
+  return 4 * parent + 2 * (position >= 3).astype(jnp.int32) + jnp.asarray(last_full, jnp.int32)
+
+
+def class_bonus(state: ClassFreqState) -> jax.Array:
+  """float32 [C]: extra count credited to a first-seen block of each class, in [0, 1]:
+  ``(p_k - p_1) / (p_2 - p_1)`` with ``p_k`` the class's learned reuse rate, ``p_1`` that of
+  all first-seen full blocks and ``p_2`` that of blocks seen twice (0 = an ordinary new
+  block, 1 = as good as a block seen twice)."""
+  c = REUSE_CLASSES
+  rate = state.reused / state.refs
+  p1 = jnp.sum(state.reused[:c]) / jnp.sum(state.refs[:c])
+  return jnp.clip((rate[:c] - p1) / jnp.maximum(rate[c] - p1, 1e-3), 0.0, 1.0)
+
+
+def _classfreq_score(meta, state: ClassFreqState, clock, params):
+  """``freqlru`` with two learned refinements (``age - credit * log2(count')``, partial
+  pages first):
+
+  * a first-seen full block counts ``1 + bonus`` instead of 1, ``bonus`` learned online per
+    reuse class (``first_seen_class``: depth octaves, last full block of its sequence) from
+    how often blocks of the class came back (on a hit or through the ghost table);
+  * a block seen before is treated as used ``interval_weight * log2(gap / (interval_scale
+    * pages))`` steps earlier, ``gap`` being its last re-reference interval (blocks that
+    come back slowly are less likely to come back soon).
+  """
+  c = view(state.count)
+  k = view(state.klass)
+  bonus = class_bonus(state)[jnp.clip(k, 0, REUSE_CLASSES - 1)]
+  first = (c <= 1) & (k >= 0) & (k < REUSE_CLASSES)
+  eff = jnp.maximum(c, 1).astype(jnp.float32) + jnp.where(first, bonus, 0.0)
+  raw = age(meta, clock) - params["credit"] * jnp.log2(eff)
+  gap = view(state.gap)
+  neutral = jnp.log2(params["interval_scale"] * live_pages(meta).astype(jnp.float32))
+  slow = jnp.log2(jnp.maximum(gap, 1).astype(jnp.float32)) - neutral
+  raw = raw + jnp.where((c >= 2) & (gap > 0), params["interval_weight"] * slow, 0.0)
+  partial = meta.filled < page_size_of(meta)
+  return finalize(jnp.where(partial, raw + CLASS_STEP, raw), meta)
+
+
+def _classfreq_update(state: ClassFreqState, meta, access: Access, params):
+  del params
+  c = REUSE_CLASSES
+  g = GHOST_FACTOR * live_pages(meta)
+  s = jnp.maximum(access.slot, 0)
+  real = (access.key[0] != 0) | (access.key[1] != 0)
+  b = bucket(access.key, g)
+  known = ~access.hit & same_key(access.key, get(state.ghost_key, b))
+  seen = access.hit | known
+  prev_count = jnp.where(access.hit, get(state.count, s), jnp.where(known, get(state.ghost_count, b), 0))
+  prev_time = jnp.where(access.hit, get(state.last, s), get(state.ghost_last, b))
+  prev_class = jnp.where(access.hit, get(state.klass, s), get(state.ghost_class, b))
+  count = prev_count + 1
+  gap = jnp.where(seen, jnp.maximum(access.clock - prev_time, 1), 0)
+  partial = access.filled < page_size_of(meta)
+  follows = (access.position > 0) & (access.position == state.prev_pos + 1)
+  parent = jnp.where(follows, state.prev_count, 0)
+  klass = jnp.where(partial, -1, jnp.where(count == 1, first_seen_class(access.position, parent, 0),
+                                          jnp.where(count == 2, c, -1)))
+  # learning: the previous reference's class was reused; this one's class gets a reference
+  reused = state.reused.at[jnp.clip(prev_class, 0, c)].add(
+      jnp.where(real & seen & (prev_class >= 0), 1.0, 0.0))
+  refs = state.refs.at[jnp.clip(klass, 0, c)].add(jnp.where(real & (klass >= 0), 1.0, 0.0))
+  # a partial block right after a first-seen full block of the same sequence: that block
+  # was its sequence's last full block (moved to the ``last_full`` variant of its class)
+  ps = jnp.maximum(state.prev_slot, 0)
+  pk = get(state.klass, ps)
+  mark = (partial & follows & (state.prev_slot >= 0) & (pk >= 0) & (pk < c) & (pk % 2 == 0))
+  moved = jnp.where(mark, 1.0, 0.0)
+  refs = refs.at[jnp.clip(pk, 0, c)].add(-moved).at[jnp.clip(pk + 1, 0, c)].add(moved)
+  klass_arr = put(state.klass, state.prev_slot, pk + 1, mark)
+  touched = access.hit | access.inserted
+  # ghost: the displaced page's history, or a bypassed block's
+  bypass = real & ~touched & ~partial
+  gi = jnp.where(access.evicted, bucket(access.evicted_key, g), b)
+  gw = access.evicted | bypass
+  gkey = jnp.where(access.evicted, access.evicted_key, access.key)
+  gcount = jnp.where(access.evicted, get(state.count, s), count)
+  glast = jnp.where(access.evicted, get(state.last, s), access.clock)
+  gclass = jnp.where(access.evicted, get(state.klass, s), klass)
+  return ClassFreqState(
+      count=put(state.count, access.slot, count, touched),
+      last=put(state.last, access.slot, access.clock, touched),
+      gap=put(state.gap, access.slot, gap, touched),
+      klass=put(klass_arr, access.slot, klass, touched),
+      ghost_key=put(state.ghost_key, gi, gkey, gw),
+      ghost_count=put(state.ghost_count, gi, gcount, gw),
+      ghost_last=put(state.ghost_last, gi, glast, gw),
+      ghost_class=put(state.ghost_class, gi, gclass, gw),
+      refs=refs, reused=reused, prev_slot=jnp.where(touched, access.slot, -1),
+      prev_pos=access.position, prev_count=count)
+
+
+def _classfreq_admit(state: ClassFreqState, meta, access: Access, victim, params):
+  return _freqlru_admit(state, meta, access, victim, params)
+
+
 # ---------------------------------------------------------------------------- registry
 
 
@@ -674,6 +829,13 @@ register(Policy("freqlru", _freqlru_init, _freqlru_score, _freqlru_update, _freq
 register(Policy("autofreq", _auto_init, _auto_score, _auto_update, _auto_admit,
                 {"window": 8.0, "admit_partial": 0.0},
                 {"window": (0.0, 1e6, True, False), "admit_partial": (0.0, 1.0, False, False)}))
+register(Policy("classfreq", _classfreq_init, _classfreq_score, _classfreq_update,
+                _classfreq_admit,
+                {"credit": 16384.0, "interval_weight": 4096.0, "interval_scale": 2.0,
+                 "admit_partial": 0.0},
+                {"credit": (0.0, 1e8, False, False), "interval_weight": (0.0, 1e8, False, False),
+                 "interval_scale": (0.0, 1e6, True, False),
+                 "admit_partial": (0.0, 1.0, False, False)}))
 register(Policy("min", _min_init, _min_score, _min_update, None, {}, {}, oracle=True))
 register(Policy("min-bypass", _min_init, _min_score, _min_update, _min_admit, {}, {},
                 oracle=True))
