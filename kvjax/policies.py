@@ -561,10 +561,11 @@ def _auto_score(meta, state: AutoFreqLruState, clock, params):
   return _freqlru_score(meta, state.main, clock, {**params, "credit": auto_credit(state)})
 
 
-def _auto_update(state: AutoFreqLruState, meta, access: Access, params):
+def _auto_update(state: AutoFreqLruState, meta, access: Access, params,
+                 main_update=None):
   k, m = len(MINI_CREDITS), state.mini_last.array.shape[0] // len(MINI_CREDITS)
   g = GHOST_FACTOR * m
-  main = _freqlru_update(state.main, meta, access, params)
+  main = (main_update or _freqlru_update)(state.main, meta, access, params)
   live = live_pages(meta)
   m_eff = jnp.clip(live // MINI_RATE, 1, m)
   sampled = ((access.key[0] != 0) | (access.key[1] != 0)) & (
@@ -773,6 +774,28 @@ def _classfreq_admit(state: ClassFreqState, meta, access: Access, victim, params
   return _freqlru_admit(state, meta, access, victim, params)
 
 
+# ---------------------------------------------------------------------------- auto-tuned classfreq
+
+
+def _autoclass_init(num_pages: int) -> AutoFreqLruState:
+  return _auto_init(num_pages)._replace(main=_classfreq_init(num_pages))
+
+
+def _autoclass_score(meta, state: AutoFreqLruState, clock, params):
+  """``classfreq`` whose credit is picked online as in ``autofreq`` (miniature ``freqlru``
+  caches of a sampled eighth of the keys; credit 0 = LRU); the re-reference interval
+  weight is ``interval_frac`` times that credit, so a pool that follows LRU is LRU (with
+  partial pages first)."""
+  credit = auto_credit(state)
+  return _classfreq_score(meta, state.main, clock,
+                          {**params, "credit": credit,
+                           "interval_weight": params["interval_frac"] * credit})
+
+
+def _autoclass_update(state: AutoFreqLruState, meta, access: Access, params):
+  return _auto_update(state, meta, access, params, main_update=_classfreq_update)
+
+
 # ---------------------------------------------------------------------------- registry
 
 
@@ -834,6 +857,13 @@ register(Policy("classfreq", _classfreq_init, _classfreq_score, _classfreq_updat
                 {"credit": 16384.0, "interval_weight": 4096.0, "interval_scale": 2.0,
                  "admit_partial": 0.0},
                 {"credit": (0.0, 1e8, False, False), "interval_weight": (0.0, 1e8, False, False),
+                 "interval_scale": (0.0, 1e6, True, False),
+                 "admit_partial": (0.0, 1.0, False, False)}))
+register(Policy("autoclass", _autoclass_init, _autoclass_score, _autoclass_update,
+                _auto_admit,
+                {"window": 8.0, "interval_frac": 0.25, "interval_scale": 2.0,
+                 "admit_partial": 0.0},
+                {"window": (0.0, 1e6, True, False), "interval_frac": (0.0, 100.0, False, False),
                  "interval_scale": (0.0, 1e6, True, False),
                  "admit_partial": (0.0, 1.0, False, False)}))
 register(Policy("min", _min_init, _min_score, _min_update, None, {}, {}, oracle=True))
