@@ -534,8 +534,8 @@ def _mini_size(num_pages: int) -> int:
   return max(8, num_pages // MINI_RATE)
 
 
-def _auto_init(num_pages: int) -> AutoFreqLruState:
-  k, m = len(MINI_CREDITS), _mini_size(num_pages)
+def _auto_init(num_pages: int, k: int = len(MINI_CREDITS)) -> AutoFreqLruState:
+  m = _mini_size(num_pages)
   return AutoFreqLruState(
       main=_freqlru_init(num_pages),
       mini_key=deferred(jnp.zeros((k * m, 2), jnp.uint32), k),
@@ -546,9 +546,10 @@ def _auto_init(num_pages: int) -> AutoFreqLruState:
       mini_hits=jnp.zeros((k,), jnp.float32))
 
 
-def auto_credit(state: AutoFreqLruState) -> jax.Array:
-  """float32 []: the credit of the miniature cache with the most (decayed) hits."""
-  return jnp.asarray(MINI_CREDITS, jnp.float32)[jnp.argmax(state.mini_hits)]
+def auto_credit(state: AutoFreqLruState, credits=MINI_CREDITS) -> jax.Array:
+  """float32 []: the credit (of ``credits``, float [K]) of the miniature cache with the
+  most (decayed) hits."""
+  return jnp.asarray(credits, jnp.float32)[jnp.argmax(state.mini_hits)]
 
 
 def _auto_score(meta, state: AutoFreqLruState, clock, params):
@@ -562,8 +563,9 @@ def _auto_score(meta, state: AutoFreqLruState, clock, params):
 
 
 def _auto_update(state: AutoFreqLruState, meta, access: Access, params,
-                 main_update=None):
-  k, m = len(MINI_CREDITS), state.mini_last.array.shape[0] // len(MINI_CREDITS)
+                 main_update=None, credits=MINI_CREDITS):
+  k = state.mini_hits.shape[0]
+  m = state.mini_last.array.shape[0] // k
   g = GHOST_FACTOR * m
   main = (main_update or _freqlru_update)(state.main, meta, access, params)
   live = live_pages(meta)
@@ -580,7 +582,7 @@ def _auto_update(state: AutoFreqLruState, meta, access: Access, params,
     match = same_key(keys, access.key[None, None, :]) & usable
     hit = match.any(axis=1)                                               # [K]
     pos = jnp.argmax(match, axis=1)
-    credit = jnp.asarray(MINI_CREDITS, jnp.float32)[:, None]
+    credit = jnp.asarray(credits, jnp.float32)[:, None]
     score = (jnp.clip(access.clock - last, 0, AGE_CAP).astype(jnp.float32)
              - credit * jnp.log2(jnp.maximum(count, 1).astype(jnp.float32)))
     score = jnp.where(count == 0, jnp.inf, score)
@@ -777,23 +779,35 @@ def _classfreq_admit(state: ClassFreqState, meta, access: Access, victim, params
 # ---------------------------------------------------------------------------- auto-tuned classfreq
 
 
+AUTOCLASS_SCALES = (0.0, 0.25, 1.0, 4.0)  # miniature credits, in units of ``credit``
+
+
+def autoclass_credits(params) -> jax.Array:
+  """float32 [4]: the miniature caches' credits, ``credit * AUTOCLASS_SCALES``."""
+  return params["credit"] * jnp.asarray(AUTOCLASS_SCALES, jnp.float32)
+
+
 def _autoclass_init(num_pages: int) -> AutoFreqLruState:
-  return _auto_init(num_pages)._replace(main=_classfreq_init(num_pages))
+  return _auto_init(num_pages, len(AUTOCLASS_SCALES))._replace(main=_classfreq_init(num_pages))
 
 
 def _autoclass_score(meta, state: AutoFreqLruState, clock, params):
-  """``classfreq`` whose credit is picked online as in ``autofreq`` (miniature ``freqlru``
-  caches of a sampled eighth of the keys; credit 0 = LRU); the re-reference interval
-  weight is ``interval_frac`` times that credit, so a pool that follows LRU is LRU (with
-  partial pages first)."""
-  credit = auto_credit(state)
+  """``classfreq`` whose credit is picked online as in ``autofreq``: a sampled eighth of
+  the keys is replayed through miniature ``freqlru`` caches of an eighth of the pool with
+  credits 0 (LRU), 1/4, 1 and 4 times the fitted ``credit``, and the pool uses the credit
+  of the miniature with the most recent hits. The re-reference interval weight is
+  ``interval_frac`` times that credit, so a pool that follows LRU is LRU (partial pages
+  first). The fitted credit is the prior; the miniatures keep it from collapsing on
+  traffic where frequency does not pay."""
+  credit = auto_credit(state, autoclass_credits(params))
   return _classfreq_score(meta, state.main, clock,
                           {**params, "credit": credit,
                            "interval_weight": params["interval_frac"] * credit})
 
 
 def _autoclass_update(state: AutoFreqLruState, meta, access: Access, params):
-  return _auto_update(state, meta, access, params, main_update=_classfreq_update)
+  return _auto_update(state, meta, access, params, main_update=_classfreq_update,
+                      credits=autoclass_credits(params))
 
 
 # ---------------------------------------------------------------------------- registry
@@ -861,9 +875,10 @@ register(Policy("classfreq", _classfreq_init, _classfreq_score, _classfreq_updat
                  "admit_partial": (0.0, 1.0, False, False)}))
 register(Policy("autoclass", _autoclass_init, _autoclass_score, _autoclass_update,
                 _auto_admit,
-                {"window": 8.0, "interval_frac": 0.25, "interval_scale": 2.0,
+                {"credit": 16384.0, "window": 8.0, "interval_frac": 0.25, "interval_scale": 2.0,
                  "admit_partial": 0.0},
-                {"window": (0.0, 1e6, True, False), "interval_frac": (0.0, 100.0, False, False),
+                {"credit": (0.0, 1e8, False, False), "window": (0.0, 1e6, True, False),
+                 "interval_frac": (0.0, 100.0, False, False),
                  "interval_scale": (0.0, 1e6, True, False),
                  "admit_partial": (0.0, 1.0, False, False)}))
 register(Policy("min", _min_init, _min_score, _min_update, None, {}, {}, oracle=True))
