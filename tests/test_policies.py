@@ -261,6 +261,20 @@ def test_classfreq_first_seen_bonus_interval_and_ghost():
   assert int(view(st.klass)[0]) == k + 1
 
 
+def test_autoclass_follows_best_miniature():
+  p = pol.get_policy("autoclass")
+  prm = pol.make_params(p, credit=100.0)
+  assert pol.autoclass_credits(prm).tolist() == [0.0, 25.0, 100.0, 400.0]
+  st = p.init(16)
+  assert float(pol.auto_credit(st, pol.autoclass_credits(prm))) == 0.0  # no evidence: LRU
+  m = meta(3, last_access=[0, 50, 90])
+  main = pol.classfreq_state([4, 1, 1])
+  lru_like = st._replace(main=main, mini_hits=jnp.array([9.0, 0, 0, 0]))
+  freq_like = st._replace(main=main, mini_hits=jnp.array([0, 0, 9.0, 0]))
+  assert victim("autoclass", m, lru_like, 100, credit=100.0) == 0
+  assert victim("autoclass", m, freq_like, 100, credit=100.0) == 1
+
+
 def test_classfreq_bad_params_raise():
   for name, v in (("credit", -1.0), ("interval_weight", -2.0), ("interval_scale", 0.0)):
     with pytest.raises(ValueError, match=f"{name}.*{v}"):
