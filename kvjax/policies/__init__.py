@@ -12,6 +12,11 @@ closure, arrays in the state):
 
 The same functions run in the real cache and in ``kvjax.sim``. ``params`` is a dict of
 float32 scalars (so ``vmap`` can sweep them); ``make_params`` validates it.
+
+Modules: ``base`` (``Policy``, the registry, ``make_params``, ``score_and_evict``),
+``classic`` (LRU, FIFO, LRU-2, LFU, S3-FIFO, weighted, GreedyDual, LeCaR), ``frequency``
+(TinyLFU, ``freqlru``, ``autofreq``, ``classfreq``, ``autoclass``), ``oracle`` (MIN).
+Every public name is re-exported here; the policies are registered here, in this order.
 """
 
 from __future__ import annotations

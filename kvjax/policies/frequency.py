@@ -292,8 +292,14 @@ class ClassFreqState(NamedTuple):
 
 
 def classfreq_state(count, klass=None, gap=None, last=None, reuse_rate=None) -> ClassFreqState:
-  """A ``ClassFreqState`` from int32 [P] counts (and classes, intervals, last clocks; a
-  float [C + 1] per-class reuse rate, applied with weight 1000), empty ghost table."""
+  """A ``ClassFreqState`` from int32 [P] counts (and int32 [P] classes, intervals, last
+  clocks; a float [C + 1] per-class reuse rate, weighted as 1000 references), with an
+  empty ghost table.
+
+  >>> st = classfreq_state([1, 2], klass=[4, REUSE_CLASSES])
+  >>> view(st.count).tolist(), view(st.klass).tolist(), st.refs.shape
+  ([1, 2], [4, 16], (17,))
+  """
   count = jnp.asarray(count, jnp.int32)
   p = count.shape[0]
   full = lambda x, v: jnp.full((p,), v, jnp.int32) if x is None else jnp.asarray(x, jnp.int32)  # noqa: E731
@@ -335,7 +341,13 @@ def class_bonus(state: ClassFreqState) -> jax.Array:
   """float32 [C]: extra count credited to a first-seen block of each class, in [0, 1]:
   ``(p_k - p_1) / (p_2 - p_1)`` with ``p_k`` the class's learned reuse rate, ``p_1`` that of
   all first-seen full blocks and ``p_2`` that of blocks seen twice (0 = an ordinary new
-  block, 1 = as good as a block seen twice)."""
+  block, 1 = as good as a block seen twice).
+
+  >>> rate = [0.25] * REUSE_CLASSES + [0.5]
+  >>> rate[3] = 0.5
+  >>> [round(float(b), 2) for b in class_bonus(classfreq_state([1], reuse_rate=rate))[2:4]]
+  [0.0, 1.0]
+  """
   c = REUSE_CLASSES
   rate = state.reused / state.refs
   p1 = jnp.sum(state.reused[:c]) / jnp.sum(state.refs[:c])
@@ -431,7 +443,11 @@ AUTOCLASS_SCALES = (0.0, 0.25, 1.0, 4.0)  # miniature credits, in units of ``cre
 
 
 def autoclass_credits(params) -> jax.Array:
-  """float32 [4]: the miniature caches' credits, ``credit * AUTOCLASS_SCALES``."""
+  """float32 [4]: the miniature caches' credits, ``credit * AUTOCLASS_SCALES``.
+
+  >>> autoclass_credits({"credit": jnp.float32(1000.0)}).tolist()
+  [0.0, 250.0, 1000.0, 4000.0]
+  """
   return params["credit"] * jnp.asarray(AUTOCLASS_SCALES, jnp.float32)
 
 
