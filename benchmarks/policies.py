@@ -1,10 +1,11 @@
 """Eviction policies on the Mooncake conversation trace: hit ratios, gap to MIN, speed.
 
-    python benchmarks/policies.py [--quick] [--out FILE] [--trace PATH]
+    python benchmarks/policies.py [--quick] [--out FILE] [--trace PATH] [--policies A,B]
 
 * Parameters of each tunable policy are fitted on the first 70 % of the trace (by
-  requests): one parameter set per policy for all capacities, the one with the best mean
-  share of the LRU-to-MIN gap closed among those never more than 2 points below LRU.
+  requests): one parameter set per policy for all capacities (a grid may name several
+  parameters: every combination is tried), the one with the best mean share of the
+  LRU-to-MIN gap closed among those never more than 2 points below LRU.
 * Hit ratios are reported on the last 30 %: the whole trace is replayed (the cache warms
   on the first 70 %) and only references in the last 30 % are counted. Full-trace ratios
   are kept too (``hit_ratio_full_trace``; LRU/MIN there match the published table).
@@ -17,6 +18,7 @@
   more than 2 points below LRU), and the same policy on a generated trace it was not
   tuned on.
 
+``--policies``: report only these (plus ``lru``, ``min`` and the default).
 ``--quick``: the first 2,000 requests (or a generated trace when the real one is absent),
 capacities divided by 8, small grids. Writes JSON (default benchmarks/results/policies.json)
 and prints the machine and a short table last.
@@ -39,9 +41,10 @@ from kvjax.policies import make_params
 from kvjax.sim import simulator, traces
 
 CAPACITIES = (1024, 4096, 6144, 16384)
-DEFAULT_POLICY = "autofreq"
+DEFAULT_POLICY = "autoclass"
 REPORT = ("lru", "fifo", "lru2", "lfu", "s3fifo", "weighted", "greedydual", "lecar", "tinylfu",
-          "tinylfu-s3fifo", "freqlru", "autofreq", "min", "min-bypass")
+          "tinylfu-s3fifo", "freqlru", "autofreq", "classfreq", "autoclass", "min",
+          "min-bypass")
 GRIDS = {
     "lfu": {"half_life": [2048.0, 8192.0, 32768.0]},
     "s3fifo": {"small_frac": [0.05, 0.1, 0.3]},
@@ -50,7 +53,9 @@ GRIDS = {
     "lecar": {"learning_rate": [0.1, 0.45, 2.0]},
     "tinylfu": {"sample_factor": [2.0, 10.0, 50.0]},
     "freqlru": {"credit": [8192.0, 16384.0, 24576.0, 32768.0, 49152.0]},
-}  # autofreq picks its credit online (miniature caches); it keeps its defaults
+    "autoclass": {"credit": [8192.0, 16384.0, 32768.0]},
+}  # autofreq picks its credit online (miniature caches) and keeps its defaults; classfreq
+# (the fixed-credit core of autoclass) keeps its defaults, to save time
 GAP_TARGET = 0.25
 LRU_SLACK = 0.02
 
@@ -87,8 +92,16 @@ def gap(h, lru, mn):
 
 
 def grid_params(name: str, grid: dict) -> list[dict]:
-  (key, values), = grid.items()
-  return [{key: v} for v in values]
+  """Every combination of the grid's values (``{param: [values]}``), in order.
+
+  >>> grid_params("x", {"a": [1, 2], "b": [0]})
+  [{'a': 1, 'b': 0}, {'a': 2, 'b': 0}]
+  """
+  del name
+  out = [{}]
+  for key, values in grid.items():
+    out = [{**d, key: v} for d in out for v in values]
+  return out
 
 
 def fit(trace, capacities, grids, log) -> tuple[dict, dict]:
@@ -183,13 +196,13 @@ def holdout(params, quick, log) -> dict:
                       user_tokens=(100, 6000), concurrent=256, name="generated-holdout")
   caps = [64, 256, 1024] if quick else [256, 1024, 4096]
   out = {"trace": t.name, "references": t.num_refs, "hit_ratio": {}}
-  for name in ("lru", "freqlru", DEFAULT_POLICY, "min"):
+  for name in ("lru", "freqlru", "autofreq", "classfreq", DEFAULT_POLICY, "min"):
     prm = make_params(name, **params.get(name, {}))
     out["hit_ratio"][name] = {c: float(simulator.simulate_hits(t, c, name, prm).mean())
                               for c in caps}
   out["gap_closed"] = {p: {c: gap(out["hit_ratio"][p][c], out["hit_ratio"]["lru"][c],
                                   out["hit_ratio"]["min"][c]) for c in caps}
-                       for p in ("freqlru", DEFAULT_POLICY)}
+                       for p in ("freqlru", "autofreq", "classfreq", DEFAULT_POLICY)}
   log(f"  holdout {t.name}: {out['hit_ratio']}")
   return out
 
@@ -199,7 +212,17 @@ def main(argv=None) -> int:
   ap.add_argument("--quick", action="store_true", help="small slice, small grids (~minutes)")
   ap.add_argument("--out", default=os.path.join("benchmarks", "results", "policies.json"))
   ap.add_argument("--trace", default=traces.default_trace_path())
+  ap.add_argument("--policies", default=None,
+                  help="comma-separated subset of the reported policies (lru, min and the "
+                       "default are always included)")
   args = ap.parse_args(argv)
+  report = REPORT
+  if args.policies:
+    wanted = set(args.policies.split(",")) | {"lru", "min", DEFAULT_POLICY}
+    unknown = sorted(wanted - set(REPORT))
+    if unknown:
+      raise ValueError(f"--policies must name policies of {list(REPORT)}, got {unknown}")
+    report = tuple(p for p in REPORT if p in wanted)
   log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
   t_start = time.perf_counter()
 
@@ -210,7 +233,7 @@ def main(argv=None) -> int:
     trace = traces.generate(2000 if args.quick else 12000, seed=0)
   caps = [c // 8 for c in CAPACITIES] if args.quick else list(CAPACITIES)
   grids = {k: ({kk: vv[::2] for kk, vv in g.items()} if args.quick else g)
-           for k, g in GRIDS.items()}
+           for k, g in GRIDS.items() if k in report}
   r_cut, cut = split_point(trace)
   log(f"{trace.name}: {trace.num_requests} requests, {trace.num_refs} references; "
       f"fit on requests [0, {r_cut}) = references [0, {cut}); report on [{cut}, {trace.num_refs})")
@@ -218,7 +241,7 @@ def main(argv=None) -> int:
   log("fitting on the first 70 %")
   params, fit_report = fit(trace.slice_requests(0, r_cut), caps, grids, log)
   log("replaying the whole trace, counting the last 30 %")
-  last, full = evaluate(trace, caps, REPORT, params, cut, log)
+  last, full = evaluate(trace, caps, report, params, cut, log)
   gaps = {p: {c: gap(last[p][c], last["lru"][c], last["min"][c]) for c in caps} for p in last}
   speed_cap = caps[2]
   timing = speed(trace, speed_cap, caps, log)
@@ -234,7 +257,7 @@ def main(argv=None) -> int:
       "trace": {"name": trace.name, "requests": trace.num_requests, "references": trace.num_refs,
                 "blocks": trace.num_blocks, "split_request": r_cut, "split_reference": cut},
       "capacities": caps, "accounting": "block",
-      "params": {p: params.get(p, {}) for p in REPORT},
+      "policies": list(report), "params": {p: params.get(p, {}) for p in report},
       "hit_ratio": {p: {str(c): r for c, r in row.items()} for p, row in last.items()},
       "gap_closed": {p: {str(c): g for c, g in row.items()} for p, row in gaps.items()},
       "hit_ratio_full_trace": {p: {str(c): r for c, r in row.items()} for p, row in full.items()},
@@ -251,7 +274,7 @@ def main(argv=None) -> int:
   print(f"trace: {trace.name}, {trace.num_refs} refs; hit ratio on the last 30 % "
         f"(warm), params fitted on the first 70 %; gap = share of LRU->MIN gap closed")
   print(f"{'policy':<15s}" + "".join(f"{c:>16d}" for c in caps))
-  for p in REPORT:
+  for p in report:
     print(f"{p:<15s}" + "".join(f"{last[p][c]:>9.4f} ({gaps[p][c]:+.2f})" for c in caps))
   print(f"sim_over_python {timing['sim_over_python']:.2f} (LRU, {speed_cap} blocks: python "
         f"{timing['python_lru_s']:.3f} s, sim {timing['sim_lru_s']:.4f} s); sweep "

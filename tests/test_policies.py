@@ -216,6 +216,71 @@ def test_freqlru_credit_and_retained_count():
   assert bool(p.admit(st, m, access(-1, filled=PAGE), 0, prm))
 
 
+def test_classfreq_first_seen_bonus_interval_and_ghost():
+  p = pol.get_policy("classfreq")
+  prm = dict(credit=100.0, interval_weight=0.0)
+  m = meta(3, last_access=[0, 60, 90])
+  # no learned difference between classes yet: plain freqlru (page 1 seen twice is kept)
+  st = pol.classfreq_state([1, 2, 1], klass=[4, 16, 2])
+  assert victim("classfreq", m, st, 100, **prm) == 0
+  # class 4 is learned to come back as often as blocks seen twice: page 0 (first seen, but
+  # of that class) is credited like a block seen twice and outlives page 2 (class 2)
+  rate = [0.25] * 16 + [0.5]
+  rate[4] = 0.5
+  st = pol.classfreq_state([1, 1, 1], klass=[4, 2, 2], reuse_rate=rate)
+  assert float(pol.class_bonus(st)[4]) > 0.99 and float(pol.class_bonus(st)[2]) == 0.0
+  assert victim("classfreq", meta(3, last_access=[0, 10, 90]), st, 100, **prm) == 1
+  # interval: two blocks seen twice, same age; the one that came back slowly goes first
+  st = pol.classfreq_state([2, 2, 2], gap=[10, 5000, 10], klass=[16, 16, 16])
+  m3 = meta(3, last_access=[50, 50, 60])
+  assert victim("classfreq", m3, st, 100, credit=100.0, interval_weight=10.0) == 1
+  assert victim("classfreq", m3, st, 100, credit=100.0, interval_weight=0.0) == 0
+  # a partial page goes first; a partial block does not displace a full one
+  assert victim("classfreq", meta(3, filled=[PAGE, PAGE, 1]), pol.classfreq_state([1, 1, 9]),
+                0) == 2
+  assert not bool(p.admit(st, m, access(-1, filled=1), 0, pol.make_params(p)))
+  # ghost: an evicted block's count, class and last reference come back with it, and its
+  # class is credited with a reuse
+  prm = pol.make_params(p)
+  st = pol.classfreq_state([3, 1, 1], klass=[-1, 6, -1], last=[40, 41, 42])
+  r0 = st.reused
+  st = p.update(st, m, access(1, key=(6, 0), inserted=True, evicted=True, evicted_key=(3, 0),
+                              clock=50, position=1), prm)
+  assert int(view(st.count)[1]) == 1
+  st = p.update(st, m, access(2, key=(3, 0), inserted=True, evicted=True, evicted_key=(8, 0),
+                              clock=80, position=5), prm)
+  assert int(view(st.count)[2]) == 2 and int(view(st.gap)[2]) == 80 - 41
+  assert int(view(st.klass)[2]) == 16  # seen twice
+  assert float(st.reused[6] - r0[6]) == 1.0
+  # the partial block after a first-seen full block marks it as its sequence's last full one
+  st = pol.classfreq_state([1, 1, 1], klass=[-1, -1, -1])
+  st = p.update(st, m, access(0, key=(5, 0), inserted=True, clock=1, position=3), prm)
+  k = int(view(st.klass)[0])
+  assert k == int(pol.first_seen_class(3, 0, 0))
+  st = p.update(st, m, access(-1, key=(7, 0), clock=2, position=4, filled=1), prm)
+  assert int(view(st.klass)[0]) == k + 1
+
+
+def test_autoclass_follows_best_miniature():
+  p = pol.get_policy("autoclass")
+  prm = pol.make_params(p, credit=100.0)
+  assert pol.autoclass_credits(prm).tolist() == [0.0, 25.0, 100.0, 400.0]
+  st = p.init(16)
+  assert float(pol.auto_credit(st, pol.autoclass_credits(prm))) == 0.0  # no evidence: LRU
+  m = meta(3, last_access=[0, 50, 90])
+  main = pol.classfreq_state([4, 1, 1])
+  lru_like = st._replace(main=main, mini_hits=jnp.array([9.0, 0, 0, 0]))
+  freq_like = st._replace(main=main, mini_hits=jnp.array([0, 0, 9.0, 0]))
+  assert victim("autoclass", m, lru_like, 100, credit=100.0) == 0
+  assert victim("autoclass", m, freq_like, 100, credit=100.0) == 1
+
+
+def test_classfreq_bad_params_raise():
+  for name, v in (("credit", -1.0), ("interval_weight", -2.0), ("interval_scale", 0.0)):
+    with pytest.raises(ValueError, match=f"{name}.*{v}"):
+      pol.make_params("classfreq", **{name: v})
+
+
 def test_min_and_bypass():
   p = pol.get_policy("min-bypass")
   st = pol.min_state([10, NEVER, 30])

@@ -253,3 +253,12 @@ def test_autofreq_vmap_exact_and_close_to_lru_or_better(small_trace):
   assert (simulator.simulate_hits(t, 24, "autofreq") == both[0]).all()
   lru = simulator.simulate_hits(t, [24, 160], "lru").mean(axis=1)
   assert (both.mean(axis=1) >= lru - 0.02).all()  # the "2 points below LRU" bound
+
+
+@pytest.mark.parametrize("name", ["classfreq", "autoclass"])
+def test_classfreq_vmap_exact_and_close_to_lru_or_better(small_trace, name):
+  t = small_trace.slice_requests(0, 150)
+  both = simulator.simulate_hits(t, [24, 160], name)
+  assert (simulator.simulate_hits(t, 24, name) == both[0]).all()  # padded run == unpadded
+  lru = simulator.simulate_hits(t, [24, 160], "lru").mean(axis=1)
+  assert (both.mean(axis=1) >= lru - 0.02).all()

@@ -1,0 +1,47 @@
+"""Belady's MIN and MIN with bypass (oracles: they read ``Access.next_use``)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kvjax.evict import NEVER, Access, finalize
+from kvjax.evict import Deferred, deferred, get, put
+from kvjax.evict import view
+
+
+
+# ---------------------------------------------------------------------------- oracle (MIN)
+
+
+class MinState(NamedTuple):
+  next_use: Deferred  # int32 [P]  clock of the cached block's next reference (NEVER = none)
+
+
+def min_state(next_use: jax.Array) -> MinState:
+  """A ``MinState`` from int32 [P] next-use times."""
+  return MinState(deferred(jnp.asarray(next_use, jnp.int32), 1))
+
+
+def _min_init(num_pages: int) -> MinState:
+  return min_state(jnp.full((num_pages,), NEVER, jnp.int32))
+
+
+def _min_score(meta, state: MinState, clock, params):
+  """Belady's MIN: the block referenced farthest in the future goes first (oracle)."""
+  del clock, params
+  return finalize(view(state.next_use).astype(jnp.float32), meta)
+
+
+def _min_update(state: MinState, meta, access: Access, params):
+  del meta, params
+  return MinState(put(state.next_use, access.slot, access.next_use,
+                      access.hit | access.inserted))
+
+
+def _min_admit(state: MinState, meta, access: Access, victim, params):
+  """MIN with bypass: a block whose next use is no earlier than the victim's is not cached."""
+  del params
+  return (meta.filled[victim] == 0) | (access.next_use < get(state.next_use, victim))
