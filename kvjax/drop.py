@@ -283,16 +283,8 @@ def drop_pages(state: CacheState, *, budget: int, sink_pages: int, recent_pages:
   new_len = state.seq_lens - n_drop * s_
 
   # Release the dropped pages' references (as kvjax.release does).
-  meta = state.meta
-  ref = meta.ref_count.at[jnp.where(drop, table, p_).reshape(-1)].add(-1, mode="drop")
+  meta = paging.unref_pages(state.meta, jnp.where(drop, table, p_))
   hashed = jnp.any(meta.block_hash != 0, axis=-1)
-  freed = (ref == 0) & (meta.ref_count > 0) & ~hashed
-  meta = meta.replace(
-      ref_count=ref,
-      filled=jnp.where(freed, 0, meta.filled),
-      tokens=jnp.where(freed[:, None], -1, meta.tokens),
-      parent=jnp.where(freed, -1, meta.parent),
-  )
 
   # Break the hash chain of sequences that dropped: their last full page leaves the index.
   last_full = new_len // s_ - 1                                              # [B]

@@ -403,6 +403,33 @@ def _dedupe(ids: jax.Array, bound: int) -> jax.Array:
   return ok & ~jnp.any(earlier, axis=1)
 
 
+def unref_pages(meta: state_lib.PageMeta, pages: jax.Array) -> state_lib.PageMeta:
+  """Metadata after each entry of ``pages`` gives up one reference.
+
+  A page left with no reference and no content hash becomes free (its fill, tokens and
+  parent are reset); a hashed page stays cached at reference 0 until evicted.
+
+  Args:
+    meta: page metadata.
+    pages: int32 [...] page ids, one reference each (out of range, e.g. P, = none).
+
+  >>> from kvjax.state import init_meta
+  >>> m = init_meta(2, 2).replace(ref_count=jnp.array([1, 2]), filled=jnp.array([2, 2]))
+  >>> out = unref_pages(m, jnp.array([0, 1, 2]))
+  >>> out.ref_count.tolist(), out.filled.tolist()
+  ([0, 1], [0, 2])
+  """
+  ref = meta.ref_count.at[pages.reshape(-1)].add(-1, mode="drop")
+  hashed = jnp.any(meta.block_hash != 0, axis=-1)
+  freed = (ref == 0) & (meta.ref_count > 0) & ~hashed
+  return meta.replace(
+      ref_count=ref,
+      filled=jnp.where(freed, 0, meta.filled),
+      tokens=jnp.where(freed[:, None], -1, meta.tokens),
+      parent=jnp.where(freed, -1, meta.parent),
+  )
+
+
 def release(state: CacheState, seq_ids: jax.Array, *,
             config: CacheConfig | None = None) -> CacheState:
   """End sequences: their pages lose a reference; the slots become empty.
@@ -434,16 +461,7 @@ def release(state: CacheState, seq_ids: jax.Array, *,
   rows = jnp.where(ok, seq_ids, max_seqs)
   table = state.page_table[jnp.clip(rows, 0, max_seqs - 1)]
   held = jnp.where(ok[:, None] & (table >= 0), table, p_)
-  meta = state.meta
-  ref = meta.ref_count.at[held.reshape(-1)].add(-1, mode="drop")
-  hashed = jnp.any(meta.block_hash != 0, axis=-1)
-  freed = (ref == 0) & (meta.ref_count > 0) & ~hashed
-  meta = meta.replace(
-      ref_count=ref,
-      filled=jnp.where(freed, 0, meta.filled),
-      tokens=jnp.where(freed[:, None], -1, meta.tokens),
-      parent=jnp.where(freed, -1, meta.parent),
-  )
+  meta = unref_pages(state.meta, held)
   fold_floor = state.fold_floor
   if fold_floor is not None:
     fold_floor = fold_floor.at[rows].set(0, mode="drop")
