@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import os
-import platform
 import statistics
 import time
 
@@ -30,12 +27,7 @@ import numpy as np
 import kvjax
 from kvjax.attention import grouped_attention
 from kvjax.models import llama
-
-
-def machine() -> dict:
-  return {"platform": platform.platform(), "processor": platform.processor(),
-          "cpu_count": os.cpu_count(), "jax": jax.__version__,
-          "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()][:2]}
+import common  # benchmarks/common.py: machine description, results writer
 
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("k_cache", "v_cache"))
@@ -177,7 +169,7 @@ def main(argv=None):
     print(f"context {ctx}: paged {r['paged_step_s']*1e3:.2f} ms, dense "
           f"{r['dense_step_s']*1e3:.2f} ms, plan {r['plan_step_s']*1e3:.3f} ms", flush=True)
   out = {
-      "benchmark": "decode", "quick": args.quick, "machine": machine(),
+      "benchmark": "decode", "quick": args.quick, "machine": common.machine(),
       "model": {"layers": config.num_layers, "heads": config.num_heads,
                 "kv_heads": config.num_kv_heads, "head_dim": config.head_dim},
       "batch": args.batch, "page_size": args.page_size,
@@ -186,9 +178,7 @@ def main(argv=None):
       "targets": {"paged_over_dense": 1.25, "plan_share": 0.05},
       "details": results,
   }
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(out, f, indent=2)
+  common.write_json(args.out, out, indent=2)
   print(f"\nmachine: {out['machine']['platform']}, {out['machine']['cpu_count']} cpus, "
         f"jax {jax.__version__} ({jax.default_backend()})")
   print(f"{'context':>8} {'paged ms':>9} {'dense ms':>9} {'paged/dense':>12} {'plan share':>11}")

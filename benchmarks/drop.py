@@ -33,8 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import time
 
@@ -47,13 +45,7 @@ from kvjax import drop
 from kvjax.models.gguf_loader import load_smollm2
 from kvjax.models.llama import decode_step
 from kvjax.models.perplexity import pydoc_topics_text
-
-
-def machine() -> dict:
-  return dict(python=platform.python_version(), platform=platform.platform(),
-              processor=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
-              jax=jax.__version__, backend=jax.default_backend(),
-              devices=[str(d) for d in jax.devices()][:2])
+import common  # benchmarks/common.py: machine description, results writer
 
 
 @jax.jit
@@ -156,7 +148,7 @@ def main(argv=None) -> dict:
   modes = [m for m in args.modes.split(",") if m]
   for m in modes:
     split(m, 4, 1)   # unknown modes fail before the model loads
-  info = machine()
+  info = common.machine()
   print("machine:", json.dumps(info), flush=True)
 
   t0 = time.perf_counter()
@@ -201,9 +193,7 @@ def main(argv=None) -> dict:
       row["rel_ppl_after"] = row["ppl_after"] / row["full_ppl_after"] - 1.0
   res["total_seconds"] = time.perf_counter() - t0
   if args.out:
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(res, f, indent=1)
+    common.write_json(args.out, res, indent=1)
   print_table(res)
   return res
 

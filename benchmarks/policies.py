@@ -28,17 +28,15 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
-import platform
 import sys
 import time
 
-import jax
 import numpy as np
 
 from kvjax.policies import make_params
 from kvjax.sim import simulator, traces
+import common  # benchmarks/common.py: machine description, results writer
 
 CAPACITIES = (1024, 4096, 6144, 16384)
 DEFAULT_POLICY = "autoclass"
@@ -58,12 +56,6 @@ GRIDS = {
 # (the fixed-credit core of autoclass) keeps its defaults, to save time
 GAP_TARGET = 0.25
 LRU_SLACK = 0.02
-
-
-def machine() -> dict:
-  return {"platform": platform.platform(), "python": platform.python_version(),
-          "cpu_count": os.cpu_count(), "jax": jax.__version__,
-          "device": str(jax.devices()[0])}
 
 
 def py_lru_hits(refs, capacity) -> int:
@@ -253,7 +245,7 @@ def main(argv=None) -> int:
   hold = holdout(params, args.quick, log)
 
   result = {
-      "machine": machine(), "quick": args.quick,
+      "machine": common.machine(), "quick": args.quick,
       "trace": {"name": trace.name, "requests": trace.num_requests, "references": trace.num_refs,
                 "blocks": trace.num_blocks, "split_request": r_cut, "split_reference": cut},
       "capacities": caps, "accounting": "block",
@@ -265,9 +257,7 @@ def main(argv=None) -> int:
       "default_policy": d, "default_params": params.get(d, {}), "default_checks": checks,
       "holdout": hold, "fit": fit_report, "wall_s": time.perf_counter() - t_start,
   }
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1, default=float)
+  common.write_json(args.out, result, indent=1)
 
   m = result["machine"]
   print(f"machine: {m['platform']}, {m['cpu_count']} CPUs, jax {m['jax']}, {m['device']}")

@@ -20,7 +20,6 @@ identical (a correctness check). Reported:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -35,7 +34,7 @@ from kvjax.models import smollm2_available
 from kvjax.models.generate import generate
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import decode as decode_bench  # noqa: E402  (machine info)
+import common  # noqa: E402
 import prefix_index  # noqa: E402
 
 SYSTEM = (
@@ -118,7 +117,7 @@ def main(argv=None):
   ttft_ratio = statistics.mean(shared["ttft_s"]) / statistics.mean(plain["ttft_s"])
   index = prefix_index.run(quick=args.quick)
   out = {
-      "benchmark": "prefix", "quick": args.quick, "machine": decode_bench.machine(),
+      "benchmark": "prefix", "quick": args.quick, "machine": common.machine(),
       "workload": {"conversations": conversations, "turns": turns,
                    "max_new_tokens": new_tokens, "page_size": 16},
       "prefill_tokens_saved": saved, "ttft_ratio": ttft_ratio,
@@ -127,9 +126,7 @@ def main(argv=None):
       "without_sharing": {k: v for k, v in plain.items() if k != "replies"},
       "replies_identical": True, "index": index,
   }
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(out, f, indent=2)
+  common.write_json(args.out, out, indent=2)
   prefix_index.print_table(index)
   m = out["machine"]
   print(f"\nmachine: {m['platform']}, {m['cpu_count']} cpus, jax {m['jax']} ({m['backend']})")

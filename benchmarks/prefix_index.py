@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import sys
 import time
 
 import jax
@@ -31,24 +29,12 @@ import numpy as np
 from kvjax.prefix_index import index_init
 from kvjax.prefix_index import index_insert
 from kvjax.prefix_index import index_lookup
+import common  # benchmarks/common.py: machine description, results writer
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                            "prefix_index.json")
 DEFINITION = ("index_over_dict = (jitted index insert+lookup time) / (Python dict insert+lookup "
               "time) for the same N items; < 1 means the index is faster")
-
-
-def machine_info() -> dict:
-  return {
-      "python": sys.version.split()[0],
-      "platform": platform.platform(),
-      "processor": platform.processor() or platform.machine(),
-      "cpu_count": os.cpu_count(),
-      "load_average_1m": os.getloadavg()[0],  # a shared machine makes timings noisy
-      "jax": jax.__version__,
-      "backend": jax.default_backend(),
-      "devices": [str(d) for d in jax.devices()],
-  }
 
 
 def _median_time(fn, reps: int) -> float:
@@ -122,7 +108,7 @@ def run(quick: bool = False, max_probes: int = 32) -> dict:
   return {
       "benchmark": "prefix_index",
       "quick": quick,
-      "machine": machine_info(),
+      "machine": common.machine(),
       "repetitions": reps,
       "definition": DEFINITION,
       "results": rows,
@@ -147,11 +133,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--max-probes", type=int, default=32)
   args = parser.parse_args(argv)
 
-  print("machine:", json.dumps(machine_info()))
+  print("machine:", json.dumps(common.machine()))
   result = run(args.quick, args.max_probes)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
+  common.write_json(args.out, result, indent=2)
   print(f"wrote {args.out}")
   print_table(result)
   return result

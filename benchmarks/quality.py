@@ -40,8 +40,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
-import platform
 import sys
 import time
 
@@ -60,6 +58,7 @@ from kvjax.models.llama import decode_step
 from kvjax.models.llama import rope
 from kvjax.models.perplexity import pydoc_topics_text
 from kvjax.models.tokenizer import encode_chat
+import common  # benchmarks/common.py: machine description, results writer
 
 SPECS = ("bf16", "int8", "fp8", "int4", "int4-kivi", "int2-r64", "int2-r128")
 # issue 3's targets: perplexity increase at most 0.1 % (int8), 1 % (int4), 5 % (2-bit with a
@@ -81,13 +80,6 @@ PROMPTS = (
     "What is the difference between a list and a tuple in Python?",
     "Describe how to bake bread at home, step by step.",
 )
-
-
-def machine() -> dict:
-  return dict(python=platform.python_version(), platform=platform.platform(),
-              processor=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
-              jax=jax.__version__, backend=jax.default_backend(),
-              devices=[str(d) for d in jax.devices()][:2])
 
 
 def specs_of(name: str):
@@ -391,7 +383,7 @@ def main(argv=None) -> dict:
       raise ValueError(f"--specs: unknown preset {s!r}; known: {sorted(quant.PRESETS)}")
   num_windows = args.windows or (2 if args.quick else 16)
   prompts_n, new_tokens = (2, 32) if args.quick else (8, 256)
-  info = machine()
+  info = common.machine()
   print("machine:", json.dumps(info), flush=True)
 
   t0 = time.perf_counter()
@@ -449,9 +441,7 @@ def main(argv=None) -> dict:
   res["total_seconds"] = time.perf_counter() - t0
   finish(res)
   if args.out:
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(res, f, indent=1)
+    common.write_json(args.out, res, indent=1)
   print_table(res)
   return res
 

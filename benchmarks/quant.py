@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 
@@ -37,18 +35,12 @@ from kvjax.kernels import ops
 from kvjax.kernels import paged_attention as pa
 from kvjax.kernels import quantize as kq
 from kvjax.state import Pages
+import common  # benchmarks/common.py: machine description, results writer
 
 SMOL = dict(num_layers=30, num_kv_heads=3, head_dim=64)   # SmolLM2-135M's KV shapes
 PAGE = 16
 THROUGHPUT_PRESETS = ("int8", "fp8", "int4", "int2-r64")
 ATTEND_PRESETS = ("int8", "int4")
-
-
-def machine() -> dict:
-  return dict(python=platform.python_version(), platform=platform.platform(),
-              processor=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
-              jax=jax.__version__, backend=jax.default_backend(),
-              devices=[str(d) for d in jax.devices()][:2])
 
 
 def timeit(fn, *args, reps: int) -> float:
@@ -196,7 +188,7 @@ def main(argv=None) -> dict:
                   help="GPU/TPU: compile the kernels, check them, bandwidth vs copy")
   args = ap.parse_args(argv)
   reps = 3 if args.quick else 20
-  info = machine()
+  info = common.machine()
   print("machine:", json.dumps(info))
   res = {"machine": info, "quick": args.quick, "path": "pallas" if args.pallas else "jnp",
          "page_size": PAGE, "model_shapes": SMOL}
@@ -208,9 +200,7 @@ def main(argv=None) -> dict:
     res["device_check"] = device_check(args.quick, reps)
     print("device_check:", json.dumps(res["device_check"], indent=1))
   if args.out:
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(res, f, indent=1)
+    common.write_json(args.out, res, indent=1)
 
   print(f"\n{'preset':<10} {'compression':>11}  {'quant/copy K':>12} {'V':>6}  "
         f"{'dequant/copy K':>14} {'V':>6}  {'attend_ratio':>12}")
