@@ -44,7 +44,7 @@ import kvjax
 from kvjax import drop
 from kvjax.models.gguf_loader import load_smollm2
 from kvjax.models.llama import decode_step
-from kvjax.models.perplexity import pydoc_topics_text
+from kvjax.models.perplexity import pydoc_windows
 import common  # benchmarks/common.py: machine description, results writer
 
 
@@ -153,8 +153,7 @@ def main(argv=None) -> dict:
 
   t0 = time.perf_counter()
   config, params, tok = load_smollm2()
-  ids = tok.encode(pydoc_topics_text(), add_special_tokens=False).ids
-  windows = np.asarray(ids[:window * num_windows], np.int32).reshape(num_windows, window)
+  windows = pydoc_windows(tok, window, num_windows)
   print(f"loaded in {time.perf_counter() - t0:.1f} s", flush=True)
   res = {"machine": info, "quick": args.quick, "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, "
          "float32 params)", "cache_dtype": "bfloat16", "page_size": args.page,

@@ -56,7 +56,7 @@ from kvjax.models.llama import causal_attention
 from kvjax.models.llama import _logits
 from kvjax.models.llama import decode_step
 from kvjax.models.llama import rope
-from kvjax.models.perplexity import pydoc_topics_text
+from kvjax.models.perplexity import pydoc_windows
 from kvjax.models.tokenizer import encode_chat
 import common  # benchmarks/common.py: machine description, results writer
 
@@ -388,8 +388,7 @@ def main(argv=None) -> dict:
 
   t0 = time.perf_counter()
   config, params, tok = load_smollm2()
-  ids = tok.encode(pydoc_topics_text(), add_special_tokens=False).ids
-  windows = np.asarray(ids[:WINDOW * num_windows], np.int32).reshape(num_windows, WINDOW)
+  windows = pydoc_windows(tok, WINDOW, num_windows)
   prompts = [encode_chat(tok, [{"role": "user", "content": p}]) for p in PROMPTS[:prompts_n]]
   gen_len = max(len(p) for p in prompts) + new_tokens
   qkv = layer_qkv(params, jnp.asarray(windows[:1]), config)

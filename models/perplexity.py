@@ -28,6 +28,22 @@ def pydoc_topics_text() -> str:
   return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
 
 
+def pydoc_windows(tokenizer, window: int, num_windows: int) -> np.ndarray:
+  """int32 [num_windows, window]: the standard text's tokens (no special tokens), the
+  first ``window * num_windows`` cut into consecutive windows — the tokens of the
+  foundation's perplexity figure and of the quality and page-dropping benchmarks.
+
+  Args:
+    tokenizer: the model's tokenizer (``encode(text, add_special_tokens=False).ids``).
+    window, num_windows: window length and count (the text has ~40k SmolLM2 tokens).
+  """
+  ids = tokenizer.encode(pydoc_topics_text(), add_special_tokens=False).ids
+  need = window * num_windows
+  if len(ids) < need:
+    raise ValueError(f"num_windows x window = {need} tokens, but the text has {len(ids)}")
+  return np.asarray(ids[:need], np.int32).reshape(num_windows, window)
+
+
 def window_nll(params: LlamaParams, config: LlamaConfig, token_ids: Sequence[int], *,
                window: int, num_windows: int) -> np.ndarray:
   """Next-token NLLs of ``num_windows`` independent windows of ``window`` tokens.
