@@ -36,6 +36,12 @@ def pydoc_windows(tokenizer, window: int, num_windows: int) -> np.ndarray:
   Args:
     tokenizer: the model's tokenizer (``encode(text, add_special_tokens=False).ids``).
     window, num_windows: window length and count (the text has ~40k SmolLM2 tokens).
+
+  >>> class Chars:  # a stand-in tokenizer: one token per character
+  ...   def encode(self, text, add_special_tokens=False):
+  ...     return type("Enc", (), {"ids": [ord(c) for c in text]})()
+  >>> pydoc_windows(Chars(), 8, 3).shape
+  (3, 8)
   """
   ids = tokenizer.encode(pydoc_topics_text(), add_special_tokens=False).ids
   need = window * num_windows
