@@ -126,7 +126,8 @@ def device_check(quick: bool, reps: int, sizes=None) -> dict:
   if jax.default_backend() == "cpu":
     return {"skipped": "no accelerator (Pallas only interprets on CPU)"}
   h, d = SMOL["num_kv_heads"], SMOL["head_dim"]
-  n, batch, seq_len = sizes or ((256, 4, 256) if quick else (4096, 8, 1024))
+  # full size: 400 MB of bf16 pages (several times a GPU's L2), 8192 K+V pages to attend
+  n, batch, seq_len = sizes or ((256, 4, 256) if quick else (65536, 32, 4096))
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.standard_normal((n, PAGE, h, d)), jnp.bfloat16)
   nbytes = x.size * 2
@@ -147,8 +148,12 @@ def device_check(quick: bool, reps: int, sizes=None) -> dict:
         ref_d = quant.dequantize_pages(want, spec)
         row["dequant_max_abs_diff"] = float(jnp.max(jnp.abs(kern_d(want) - ref_d)))
         t_q, t_d = timeit(kern_q, x, reps=reps), timeit(kern_d, want, reps=reps)
+        ref_q = jax.jit(lambda a, spec=spec: quant.quantize_pages(a, spec))
+        ref_dq = jax.jit(lambda p, spec=spec: quant.dequantize_pages(p, spec))
+        t_rq, t_rd = timeit(ref_q, x, reps=reps), timeit(ref_dq, want, reps=reps)
         row.update(quantize_gbps=nbytes / t_q / 1e9, dequantize_gbps=nbytes / t_d / 1e9,
-                   quantize_over_copy=t_q / t_copy, dequantize_over_copy=t_d / t_copy)
+                   quantize_over_copy=t_q / t_copy, dequantize_over_copy=t_d / t_copy,
+                   quantize_over_reference=t_q / t_rq, dequantize_over_reference=t_d / t_rd)
       except Exception as e:  # noqa: BLE001  a lowering failure is a result here
         row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
   m = seq_len // PAGE

@@ -279,6 +279,7 @@ def paged_attention(q: jax.Array, k_pages: Pages, v_pages: Pages, page_table: ja
       out_specs=pl.BlockSpec((None, None, gp, d), lambda i, j: (i, j, 0, 0)),
       out_shape=jax.ShapeDtypeStruct((b, h, gp, d), jnp.float32),
       interpret=interpret,
+      compiler_params=kq.compiler_params(interpret),
       name=f"paged_attention_k{k_spec.bits}_v{v_spec.bits}",
   )(*ins)
   return out[:, :, :g].reshape(b, hq, d)

@@ -17,6 +17,8 @@ one scale group, so a segment is a static ref slice, a shift and a mask.
 from __future__ import annotations
 
 import functools
+import os
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +27,27 @@ from jax.experimental import pallas as pl
 from kvjax import quant
 from kvjax.quant import QuantSpec
 from kvjax.state import Pages
+
+
+def compiler_params(interpret: bool = False, platform: Optional[str] = None):
+  """Backend options for our ``pallas_call`` s: Triton on GPU, defaults elsewhere.
+
+  JAX's GPU default for ``pallas_call`` is Mosaic GPU, which wants warp-group
+  shaped blocks and a different kernel style; these kernels are written for the
+  Triton lowering (power-of-two tiles, pointer loads). Chosen on the host at
+  trace time, like ``ops.use_pallas``; ``platform`` overrides the backend (the
+  GPU lowering test cross-lowers from CPU). ``$KVJAX_PALLAS_GPU=mosaic``
+  leaves the choice to JAX.
+
+  >>> compiler_params(interpret=True) is None
+  True
+  """
+  if interpret or (platform or jax.default_backend()) not in ("gpu", "cuda", "rocm"):
+    return None
+  if os.environ.get("KVJAX_PALLAS_GPU", "triton").strip().lower() == "mosaic":
+    return None
+  from jax.experimental.pallas import triton as pltriton   # GPU-only import
+  return pltriton.CompilerParams(num_warps=4, num_stages=2)
 
 
 def segments(spec: QuantSpec, head_dim: int, page_size: int) -> list[tuple[int, int, int, int]]:
@@ -125,16 +148,18 @@ def _quantize_kernel(x_ref, *out_refs, spec: QuantSpec):
       group_sz.append((s, z))
     sz_of = lambda c0, w: group_sz[c0 // g]  # noqa: E731
   else:
+    # Per-channel groups are independent, so each packed segment computes its
+    # own channels' params (Triton lowers no in-register slice of a tile).
     nt = s_ // g
-    x = x_ref[...].astype(jnp.float32).reshape(nt, g, d)
-    enc, s, z = params(x, 1)                                       # [nt, 1, D]
-    scale_ref[...] = enc[:, 0, :]
-    if zero_ref is not None:
-      zero_ref[...] = z[:, 0, :].astype(zero_ref.dtype)
-    rows = lambda a: jnp.broadcast_to(a, (nt, g, d)).reshape(s_, d)  # noqa: E731
-    s_rows, z_rows = rows(s), (None if z is None else rows(z))
-    sz_of = lambda c0, w: (s_rows[:, c0:c0 + w],  # noqa: E731
-                           None if z_rows is None else z_rows[:, c0:c0 + w])
+
+    def sz_of(c0, w):
+      x = x_ref[:, pl.ds(c0, w)].astype(jnp.float32).reshape(nt, g, w)
+      enc, s, z = params(x, 1)                                     # [nt, 1, w]
+      scale_ref[:, pl.ds(c0, w)] = enc.reshape(nt, w)
+      if zero_ref is not None:
+        zero_ref[:, pl.ds(c0, w)] = z.reshape(nt, w).astype(zero_ref.dtype)
+      rows = lambda a: jnp.broadcast_to(a, (nt, g, w)).reshape(s_, w)  # noqa: E731
+      return rows(s), (None if z is None else rows(z))
 
   packed = {}
   for c0, w, k, o in segments(spec, d, s_):
@@ -183,6 +208,7 @@ def quantize_pages(x: jax.Array, spec: QuantSpec, *, interpret: bool = False) ->
       out_specs=[head_block(o.shape) for o in outs],
       out_shape=outs,
       interpret=interpret,
+      compiler_params=compiler_params(interpret),
       name=f"quantize_{spec.bits}b_{spec.axis}",
   )(xf)
   unflat = lambda a: a.reshape(*lead, *a.shape[1:])  # noqa: E731
@@ -241,6 +267,7 @@ def dequantize_pages(pages: Pages, spec: QuantSpec, *, interpret: bool = False) 
       out_specs=head_block((n, s_, h, d)),
       out_shape=jax.ShapeDtypeStruct((n, s_, h, d), jnp.float32),
       interpret=interpret,
+      compiler_params=compiler_params(interpret),
       name=f"dequantize_{spec.bits}b_{spec.axis}",
   )(*ins)
   return out.reshape(*lead, s_, h, d)

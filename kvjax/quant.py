@@ -307,13 +307,29 @@ def zero_storage_dtype(spec: QuantSpec):
   return jnp.dtype(jnp.bfloat16) if spec.zero_is_min else jnp.dtype(jnp.int8)
 
 
+def round_half_even(x: jax.Array) -> jax.Array:
+  """``jnp.round`` (half to even) from ``floor`` alone, exactly, for float32 ``x``.
+
+  Pallas's Triton lowering has no ``round``; the kernels share these encoders,
+  so the reference uses the same formula (``x - floor(x)`` and the halvings
+  are exact in float32, so the result equals ``jnp.round(x)``; -0.5 gives +0).
+
+  >>> round_half_even(jnp.array([0.5, 1.5, 2.5, -0.5, -1.5, 2.4, -2.6])).tolist()
+  [0.0, 2.0, 2.0, 0.0, -2.0, 2.0, -3.0]
+  """
+  f = jnp.floor(x)
+  d = x - f
+  odd = (f - 2.0 * jnp.floor(f * 0.5)) != 0
+  return jnp.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+
+
 def _inverse(s: jax.Array) -> jax.Array:
   return jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
 
 
 def zero_point(lo: jax.Array, s: jax.Array) -> jax.Array:
   """float32 integer zero points ``round(lo / s)`` in int8 range (0 where s == 0)."""
-  return jnp.clip(jnp.where(s > 0, jnp.round(lo * _inverse(s)), 0.0), -_ZERO_MAX - 1, _ZERO_MAX)
+  return jnp.clip(jnp.where(s > 0, round_half_even(lo * _inverse(s)), 0.0), -_ZERO_MAX - 1, _ZERO_MAX)
 
 
 def encode_values(x: jax.Array, s: jax.Array, z: Optional[jax.Array], spec: QuantSpec):
@@ -323,14 +339,14 @@ def encode_values(x: jax.Array, s: jax.Array, z: Optional[jax.Array], spec: Quan
   For ``zero_dtype="bfloat16"`` specs ``z`` is the minimum: ``(x - z) / s``.
   """
   if spec.zero_is_min:
-    return jnp.clip(jnp.round((x - z) * _inverse(s)), 0, (1 << spec.bits) - 1).astype(jnp.uint8)
+    return jnp.clip(round_half_even((x - z) * _inverse(s)), 0, (1 << spec.bits) - 1).astype(jnp.uint8)
   xs = x * _inverse(s)
   if spec.kind == "fp8":
     return jnp.clip(xs, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
   if spec.symmetric:
     half = 1 << (spec.bits - 1)
-    return (jnp.clip(jnp.round(xs), 1 - half, half - 1) + half).astype(jnp.uint8)
-  return jnp.clip(jnp.round(xs - z), 0, (1 << spec.bits) - 1).astype(jnp.uint8)
+    return (jnp.clip(round_half_even(xs), 1 - half, half - 1) + half).astype(jnp.uint8)
+  return jnp.clip(round_half_even(xs - z), 0, (1 << spec.bits) - 1).astype(jnp.uint8)
 
 
 def decode_values(u: jax.Array, s: jax.Array, z: Optional[jax.Array],

@@ -94,6 +94,54 @@ class TestKernelsCompiled(_KernelChecks):
   INTERPRET = False
 
 
+# ----------------------------------------------------------------------------- GPU lowering
+
+
+def _lower_for_cuda(fn, *args):
+  """StableHLO text of ``fn`` lowered for CUDA from this (CPU) machine."""
+  from jax import export
+  triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+  return export.export(jax.jit(fn), platforms=("cuda",), disabled_checks=[triton])(
+      *args).mlir_module()
+
+
+@pytest.fixture
+def lowering_for_gpu(monkeypatch):
+  """Kernels pick their GPU compiler params as on a GPU machine."""
+  pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
+  real = kq.compiler_params
+  monkeypatch.setattr(kq, "compiler_params", lambda interpret=False: real(interpret, "gpu"))
+
+
+GPU_PRESETS = ("int8", "fp8", "int4", "int2-r64", "int2-kmin-r128")
+
+
+@pytest.mark.parametrize("name", GPU_PRESETS)
+def test_kernels_lower_to_triton(name, lowering_for_gpu):
+  """Every kernel lowers through Pallas's Triton path (which lacks some primitives:
+  ``round``, in-register ``slice``) with odd pool sizes and SmolLM2's head shape.
+  Compiling and running needs the GPU (``benchmarks/quant.py --device-check``)."""
+  k_spec, v_spec = quant.PRESETS[name]
+  x = jax.ShapeDtypeStruct((37, 16, 3, 64), jnp.bfloat16)
+  for spec in (k_spec, v_spec):
+    pages = jax.eval_shape(lambda a, spec=spec: quant.quantize_pages(a, spec), x)
+    for fn, arg in ((lambda a, spec=spec: kq.quantize_pages(a, spec), x),
+                    (lambda p, spec=spec: kq.dequantize_pages(p, spec), pages)):
+      assert "__gpu$xla.gpu.triton" in _lower_for_cuda(fn, arg)
+  b, m = 3, 5
+  kp, vp = (jax.eval_shape(lambda a, s=s: quant.quantize_pages(a, s), x) for s in (k_spec, v_spec))
+  args = [jax.ShapeDtypeStruct((b, 9, 64), jnp.float32), kp, vp,
+          jax.ShapeDtypeStruct((b, m), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32)]
+  kw = {}
+  if quant.needs_staging(k_spec, v_spec):
+    ns = quant.staging_pages(k_spec, v_spec, 16)
+    args += [jax.ShapeDtypeStruct((b, ns, 16, 3, 64), jnp.float32)] * 2
+  text = _lower_for_cuda(
+      lambda q, k, v, t, n, *st: pa.paged_attention(
+          q, k, v, t, n, k_spec, v_spec, **dict(zip(("k_stage", "v_stage"), st))), *args)
+  assert "__gpu$xla.gpu.triton" in text and "paged_attention" in text
+
+
 # ----------------------------------------------------------------------------- host checks
 
 
