@@ -15,10 +15,10 @@ cp -r kvjax kernels models tests benchmarks pyproject.toml "$work"/
 cp -r kernels "$work/kvjax/kernels"
 cp -r models "$work/kvjax/models"
 cd "$work" || exit 1
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
+export PYTHONPATH="$work" PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
 nvidia-smi -L
 python3 -c "import jax, jaxlib; print('jax', jax.__version__, jax.devices())"
-timeout 150 python3 -m pytest -q -n 0 -p no:cacheprovider tests/test_kernels.py \
+[ -n "${SKIP_TESTS:-}" ] || timeout 150 python3 -m pytest -q -n 0 -p no:cacheprovider tests/test_kernels.py \
   2>&1 | tee "$OUT/gpu_tests.log"
 timeout 240 python3 benchmarks/quant.py --pallas --device-check --out "$OUT/quant_gpu.json" \
   2>&1 | tee "$OUT/gpu_bench.log"

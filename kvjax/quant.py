@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 if TYPE_CHECKING:  # annotations only: kvjax.state imports this module
   from kvjax.state import Pages
@@ -43,6 +44,9 @@ SCALE_DTYPES = ("bfloat16", "float16", "log8")
 ZERO_DTYPES = ("int8", "bfloat16")   # int8: zero in units of the scale; bfloat16: the minimum
 LOG8_BIAS = 160          # log8 code of scale 1.0
 LOG8_STEPS = 8           # codes per octave
+# 2 ** (i / LOG8_STEPS) rounded to float32: log8 scales decode as 2**e times one
+# of these (code 160 + 8e + i), bit for bit the same on every backend
+_LOG8_STEP_VALUES = tuple(float(np.float32(2.0 ** (i / LOG8_STEPS))) for i in range(LOG8_STEPS))
 FP8_MAX = 448.0          # largest finite float8_e4m3fn
 _ZERO_MAX = 127          # asymmetric zero points are int8 in units of the scale
 
@@ -182,10 +186,13 @@ def encode_scale(scale: jax.Array, scale_dtype: str) -> jax.Array:
   """
   scale = jnp.asarray(scale, jnp.float32)
   if scale_dtype == "log8":
-    c = jnp.ceil(LOG8_STEPS * jnp.log2(jnp.maximum(scale, 1e-30))) + LOG8_BIAS
-    c = jnp.clip(c, 0, 255)
-    c = jnp.where((decode_scale(c.astype(jnp.uint8), "log8") < scale) & (c < 255), c + 1, c)
-    return c.astype(jnp.uint8)
+    # smallest code whose decoded scale covers ``scale``, from the float's
+    # exponent and a count of step multipliers below its mantissa: exact, and
+    # the same bits on every backend (no log2/exp2, which GPUs approximate)
+    e, m = _split_float(jnp.maximum(scale, 1e-30))
+    above = sum((m > jnp.float32(t)).astype(jnp.int32) for t in _LOG8_STEP_VALUES)
+    c = LOG8_STEPS * e + above + LOG8_BIAS
+    return jnp.clip(c, 0, 255).astype(jnp.uint8)
   if scale_dtype == "bfloat16":   # ceil to bf16: integer ops only (lowers everywhere)
     bits = jax.lax.bitcast_convert_type(scale, jnp.uint32)
     up = (bits + jnp.uint32(0xFFFF)) & jnp.uint32(0xFFFF0000)
@@ -197,8 +204,23 @@ def encode_scale(scale: jax.Array, scale_dtype: str) -> jax.Array:
 def decode_scale(encoded: jax.Array, scale_dtype: str) -> jax.Array:
   """float32 scales from their stored encoding."""
   if scale_dtype == "log8":
-    return jnp.exp2((encoded.astype(jnp.float32) - LOG8_BIAS) / LOG8_STEPS)
+    k = encoded.astype(jnp.int32) - LOG8_BIAS
+    e = jnp.floor_divide(k, LOG8_STEPS)
+    step = k - LOG8_STEPS * e
+    mult = jnp.float32(_LOG8_STEP_VALUES[0])
+    for i in range(1, LOG8_STEPS):
+      mult = jnp.where(step == i, jnp.float32(_LOG8_STEP_VALUES[i]), mult)
+    two_e = jax.lax.bitcast_convert_type((e + 127) << 23, jnp.float32)   # exact 2**e
+    return two_e * mult
   return encoded.astype(jnp.float32)
+
+
+def _split_float(x: jax.Array):
+  """Exponent ``e`` (int32) and mantissa ``m`` in [1, 2) of positive normal float32 ``x``."""
+  bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+  e = (bits >> 23) - 127
+  m = jax.lax.bitcast_convert_type((bits & 0x007FFFFF) | 0x3F800000, jnp.float32)
+  return e, m
 
 
 # ----------------------------------------------------------------------------- packing

@@ -97,8 +97,18 @@ def test_log8_scale_codes():
   s = jnp.array([1.0, 2.0, 1.05, 0.0, 1e9])
   c = quant.encode_scale(s, "log8")
   assert c.tolist() == [160, 168, 161, 0, 255]     # 2**(1/8) = 1.09 >= 1.05
-  # exp2 on CPU is within an ulp of the power of two
-  np.testing.assert_allclose(float(quant.decode_scale(c, "log8")[3]), 2.0 ** -20, rtol=1e-6)
+  # decoded without exp2: whole octaves are exact powers of two
+  assert quant.decode_scale(jnp.array([0, 152, 160, 168], jnp.uint8), "log8").tolist() == [
+      2.0 ** -20, 0.5, 1.0, 2.0]
+
+
+def test_log8_codes_are_the_smallest_that_cover():
+  """Against a float64 model: code(s) = min{c : 2**((c - 160) / 8) >= s}."""
+  s = np.exp(np.random.default_rng(3).uniform(-13, 8, 5000)).astype(np.float32)
+  c = np.asarray(quant.encode_scale(jnp.asarray(s), "log8")).astype(int)
+  dec = lambda c: np.float32(2.0 ** ((c - 160) / 8))    # noqa: E731  float64, then rounded
+  assert all(dec(ci) >= si and dec(ci - 1) < si for ci, si in zip(c, s))
+  np.testing.assert_array_equal(quant.decode_scale(jnp.asarray(c, jnp.uint8), "log8"), dec(c))
 
 
 @pytest.mark.parametrize("scale_dtype", ["bfloat16", "float16", "log8"])
