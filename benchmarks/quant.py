@@ -178,6 +178,11 @@ def device_check(quick: bool, reps: int, sizes=None) -> dict:
       kv_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves((kp, vp)))
       row.update(kernel_s=t_k, reference_s=t_r, kernel_over_reference=t_k / t_r,
                  kv_gbps=kv_bytes / t_k / 1e9)
+      if name == "bf16":   # the split size: one program per 8 pages ... per whole sequence
+        for pps in (8, 128, m):
+          f = jax.jit(lambda q, kp, vp, pps=pps: pa.paged_attention(
+              q, kp, vp, table, lens, k_spec, v_spec, pages_per_split=pps))
+          row[f"pages_per_split_{pps}_over_reference"] = timeit(f, q, kp, vp, reps=reps) / t_r
     except Exception as e:  # noqa: BLE001
       row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
   return out

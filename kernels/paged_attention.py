@@ -133,8 +133,12 @@ def paged_attention_reference(q: jax.Array, k_pages: Pages, v_pages: Pages,
 
 
 def _attention_kernel(*refs, k_spec: QuantSpec, v_spec: QuantSpec, head_dim: int,
-                      page_size: int, residual: int, num_stage: int):
-  """One (sequence, kv head): online softmax over its pages, dequantizing in place.
+                      page_size: int, residual: int, num_stage: int, pages_per_split: int):
+  """One (sequence, kv head, split): online softmax over that split's pages.
+
+  Split ``c`` covers pages ``[c * pages_per_split, (c + 1) * pages_per_split)``
+  of the sequence and leaves its unnormalized output with the running max and
+  sum; ``paged_attention`` merges the splits (flash-decoding).
 
   Refs, in order:
     q_ref: float ``[G, D]`` the G query heads of this kv head.
@@ -142,7 +146,8 @@ def _attention_kernel(*refs, k_spec: QuantSpec, v_spec: QuantSpec, head_dim: int
     k data ``[P, S, W]``, k scale, k zero (present per spec, see
     ``kernels.quantize.load_segment``), then the same for v.
     k_stage_ref / v_stage_ref: float ``[NS, S, D]`` when ``num_stage > 0``.
-    o_ref: float32 ``[G, D]``.
+    o_ref: float32 ``[G, D]`` unnormalized output; m_ref, l_ref: float32
+      ``[G, 1]`` the split's score max and softmax denominator (-inf, 0 if empty).
   """
   it = iter(refs)
   q_ref, table_ref, lens_ref = next(it), next(it), next(it)
@@ -156,7 +161,7 @@ def _attention_kernel(*refs, k_spec: QuantSpec, v_spec: QuantSpec, head_dim: int
   k_pool, v_pool = pool(k_spec), pool(v_spec)
   k_stage_ref = next(it) if num_stage else None
   v_stage_ref = next(it) if num_stage else None
-  o_ref = next(it)
+  o_ref, m_ref, l_ref = next(it), next(it), next(it)
 
   b = pl.program_id(0)
   kv_len = lens_ref[b]
@@ -164,6 +169,8 @@ def _attention_kernel(*refs, k_spec: QuantSpec, v_spec: QuantSpec, head_dim: int
   first_staged = jnp.minimum(quant.first_staged_page(kv_len, residual, page_size), n_pages)
   if not num_stage:
     first_staged = n_pages
+  lo = pl.program_id(2) * pages_per_split
+  hi = jnp.minimum(lo + pages_per_split, n_pages)
   k_segs = kq.segments(k_spec, head_dim, page_size)
   v_segs = kq.segments(v_spec, head_dim, page_size)
   sm_scale = 1.0 / float(head_dim) ** 0.5
@@ -210,29 +217,40 @@ def _attention_kernel(*refs, k_spec: QuantSpec, v_spec: QuantSpec, head_dim: int
   g = q_ref.shape[0]
   carry = (jnp.full((g, 1), -jnp.inf, jnp.float32), jnp.zeros((g, 1), jnp.float32),
            tuple(jnp.zeros((g, w), jnp.float32) for _, w, _, _ in v_segs))
-  carry = jax.lax.fori_loop(0, first_staged, pooled, carry)
+  carry = jax.lax.fori_loop(lo, jnp.minimum(hi, first_staged), pooled, carry)
   if num_stage:
-    carry = jax.lax.fori_loop(first_staged, n_pages, staged, carry)
-  _, l, acc = carry
-  inv_l = jnp.where(l > 0, 1.0 / jnp.where(l > 0, l, 1.0), 0.0)
+    carry = jax.lax.fori_loop(jnp.maximum(lo, first_staged), hi, staged, carry)
+  m, l, acc = carry
   for a, (c0, w, _, _) in zip(acc, v_segs):
-    o_ref[:, pl.ds(c0, w)] = a * inv_l
+    o_ref[:, pl.ds(c0, w)] = a
+  m_ref[...] = m
+  l_ref[...] = l
 
 
-@functools.partial(jax.jit, static_argnames=("k_spec", "v_spec", "interpret"))
+PAGES_PER_SPLIT = 32   # pages one program walks (512 tokens at S=16, vLLM v2's partition)
+
+
+@functools.partial(jax.jit, static_argnames=("k_spec", "v_spec", "interpret",
+                                             "pages_per_split"))
 def paged_attention(q: jax.Array, k_pages: Pages, v_pages: Pages, page_table: jax.Array,
                     kv_lens: jax.Array, k_spec: QuantSpec, v_spec: QuantSpec, *,
                     k_stage: Optional[jax.Array] = None, v_stage: Optional[jax.Array] = None,
-                    interpret: bool = False) -> jax.Array:
+                    interpret: bool = False,
+                    pages_per_split: Optional[int] = None) -> jax.Array:
   """Pallas paged decode attention, dequantization fused; as ``paged_attention_reference``.
 
-  Grid ``(B, H)``: each step runs an online softmax over one sequence's pages
-  for the G query heads of one kv head, reading packed codes and scales and
-  never writing dequantized K/V to memory. Staged pages (a residual window or
-  the partial page of a channel-axis spec) are read from ``k_stage``/``v_stage``.
+  Grid ``(B, H, C)``: each program runs an online softmax over up to
+  ``pages_per_split`` pages of one sequence for the G query heads of one kv
+  head, reading packed codes and scales and never writing dequantized K/V to
+  memory; the C = ceil(M / pages_per_split) partial results are merged after
+  (flash-decoding: a long sequence spreads over many programs instead of one
+  program walking all its pages, which left the GPU idle at small batch).
+  Staged pages (a residual window or the partial page of a channel-axis spec)
+  are read from ``k_stage``/``v_stage``.
 
   Args:
-    as ``paged_attention_reference``; ``interpret`` runs the Pallas interpreter.
+    as ``paged_attention_reference``; ``interpret`` runs the Pallas interpreter;
+    ``pages_per_split`` (static) defaults to ``PAGES_PER_SPLIT``.
 
   Returns:
     float32 ``[B, Hq, D]``.
@@ -255,12 +273,19 @@ def paged_attention(q: jax.Array, k_pages: Pages, v_pages: Pages, page_table: ja
   num_stage = 0 if k_stage is None else k_stage.shape[1]   # no ring: all pages from the pool
   residual = quant.residual_tokens(k_spec, v_spec)
 
-  whole = lambda a: pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)  # noqa: E731
+  m_cols = page_table.shape[1]
+  pps = PAGES_PER_SPLIT if pages_per_split is None else pages_per_split
+  if not isinstance(pps, int) or pps < 1:
+    raise ValueError(f"paged_attention: pages_per_split must be a positive int, got {pps!r}")
+  pps = min(pps, max(m_cols, 1))
+  c = -(-max(m_cols, 1) // pps)
+
+  whole = lambda a: pl.BlockSpec(a.shape, lambda i, j, k: (0,) * a.ndim)  # noqa: E731
   head = lambda a: pl.BlockSpec((a.shape[0], a.shape[1], None, a.shape[3]),  # noqa: E731
-                                lambda i, j: (0, 0, j, 0))
+                                lambda i, j, k: (0, 0, j, 0))
   qg = jnp.pad(q.reshape(b, h, g, d), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
   ins = [qg, page_table.astype(jnp.int32), kv_lens.astype(jnp.int32)]
-  specs = [pl.BlockSpec((None, None, gp, d), lambda i, j: (i, j, 0, 0)), whole(ins[1]),
+  specs = [pl.BlockSpec((None, None, gp, d), lambda i, j, k: (i, j, 0, 0)), whole(ins[1]),
            whole(ins[2])]
   for pages, spec in ((k_pages, k_spec), (v_pages, v_spec)):
     arrays = [pages.data] + ([pages.scale] if spec.is_quantized else []) + (
@@ -270,16 +295,41 @@ def paged_attention(q: jax.Array, k_pages: Pages, v_pages: Pages, page_table: ja
   if num_stage:
     for st in (k_stage, v_stage):
       ins.append(st.astype(jnp.float32))
-      specs.append(pl.BlockSpec((None, num_stage, s, None, d), lambda i, j: (i, 0, 0, j, 0)))
-  out = pl.pallas_call(
+      specs.append(pl.BlockSpec((None, num_stage, s, None, d),
+                                lambda i, j, k: (i, 0, 0, j, 0)))
+  split_block = lambda w: pl.BlockSpec((None, None, None, gp, w),  # noqa: E731
+                                       lambda i, j, k: (i, j, k, 0, 0))
+  acc, m, l = pl.pallas_call(
       functools.partial(_attention_kernel, k_spec=k_spec, v_spec=v_spec, head_dim=d,
-                        page_size=s, residual=residual, num_stage=num_stage),
-      grid=(b, h),
+                        page_size=s, residual=residual, num_stage=num_stage,
+                        pages_per_split=pps),
+      grid=(b, h, c),
       in_specs=specs,
-      out_specs=pl.BlockSpec((None, None, gp, d), lambda i, j: (i, j, 0, 0)),
-      out_shape=jax.ShapeDtypeStruct((b, h, gp, d), jnp.float32),
+      out_specs=[split_block(d), split_block(1), split_block(1)],
+      out_shape=[jax.ShapeDtypeStruct((b, h, c, gp, w), jnp.float32) for w in (d, 1, 1)],
       interpret=interpret,
       compiler_params=kq.compiler_params(interpret),
       name=f"paged_attention_k{k_spec.bits}_v{v_spec.bits}",
   )(*ins)
-  return out[:, :, :g].reshape(b, hq, d)
+  return merge_splits(acc, m, l)[:, :, :g].reshape(b, hq, d)
+
+
+def merge_splits(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
+  """Normalized attention output from per-split partial softmax results.
+
+  Args:
+    acc: float32 ``[..., C, G, D]`` unnormalized outputs ``sum_t exp(s_t - m_c) v_t``.
+    m / l: float32 ``[..., C, G, 1]`` each split's max score (-inf when it saw
+      no token) and ``sum_t exp(s_t - m_c)``.
+
+  Returns:
+    float32 ``[..., G, D]`` (zero where no split saw a token).
+
+  >>> acc = jnp.array([[[2.0]], [[0.0]]]); m = jnp.array([[[0.0]], [[-jnp.inf]]])
+  >>> merge_splits(acc, m, jnp.array([[[1.0]], [[0.0]]])).tolist()
+  [[2.0]]
+  """
+  top = jnp.max(m, axis=-3, keepdims=True)
+  w = jnp.exp(m - jnp.where(jnp.isfinite(top), top, 0.0))          # 0 for empty splits
+  num, den = jnp.sum(w * acc, axis=-3), jnp.sum(w * l, axis=-3)
+  return num / jnp.where(den > 0, den, 1.0)

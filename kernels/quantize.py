@@ -153,12 +153,17 @@ def _quantize_kernel(x_ref, *out_refs, spec: QuantSpec):
     nt = s_ // g
 
     def sz_of(c0, w):
-      x = x_ref[:, pl.ds(c0, w)].astype(jnp.float32).reshape(nt, g, w)
-      enc, s, z = params(x, 1)                                     # [nt, 1, w]
-      scale_ref[:, pl.ds(c0, w)] = enc.reshape(nt, w)
+      x = x_ref[:, pl.ds(c0, w)].astype(jnp.float32)
+      if nt == 1:    # one group per page (the presets): no 3-d reshape
+        enc, s, z = params(x, 0)                                   # [1, w]
+        rows = lambda a: a  # noqa: E731  (broadcasts against [S, w])
+      else:
+        enc, s, z = params(x.reshape(nt, g, w), 1)                 # [nt, 1, w]
+        enc, s, z = (None if a is None else a.reshape(nt, w) for a in (enc, s, z))
+        rows = lambda a: jnp.broadcast_to(a[:, None, :], (nt, g, w)).reshape(s_, w)  # noqa: E731
+      scale_ref[:, pl.ds(c0, w)] = enc
       if zero_ref is not None:
-        zero_ref[:, pl.ds(c0, w)] = z.reshape(nt, w).astype(zero_ref.dtype)
-      rows = lambda a: jnp.broadcast_to(a, (nt, g, w)).reshape(s_, w)  # noqa: E731
+        zero_ref[:, pl.ds(c0, w)] = z.astype(zero_ref.dtype)
       return rows(s), (None if z is None else rows(z))
 
   packed = {}

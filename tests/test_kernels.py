@@ -22,6 +22,7 @@ QUANT_SPECS = [
     QuantSpec(bits=4, symmetric=False, group_size=8),                 # g < packed width 16
     QuantSpec(bits=2, axis="channel", symmetric=False, group_size=4,  # 2 token groups / page
               scale_dtype="log8"),
+    QuantSpec(bits=4, axis="channel", symmetric=False, scale_dtype="log8"),  # 1 group / page
     QuantSpec(bits=2, symmetric=False, group_size=16, scale_dtype="log8",  # bf16 minimum
               zero_dtype="bfloat16"),
 ]
@@ -63,9 +64,14 @@ class _KernelChecks:
     else:
       np.testing.assert_array_equal(got_x, quant.dequantize_pages(want, spec))
 
-  @pytest.mark.parametrize("k_spec, v_spec", ATTN_SPECS,
-                           ids=lambda s: f"{s.bits}b{s.axis}-{s.zero_dtype}")
-  def test_paged_attention_matches_reference(self, k_spec, v_spec):
+  @pytest.mark.parametrize("k_spec, v_spec, pages_per_split",
+                           [(k, v, None) for k, v in ATTN_SPECS]
+                           + [(*ATTN_SPECS[1], 1), (*ATTN_SPECS[2], 2)],
+                           ids=lambda s: f"{s.bits}b{s.axis}-{s.zero_dtype}"
+                           if isinstance(s, QuantSpec) else f"split{s}")
+  def test_paged_attention_matches_reference(self, k_spec, v_spec, pages_per_split):
+    """Whole sequences in one program, and split over programs (1 or 2 pages
+    each, so splits end mid-window and the merge sees empty splits)."""
     b, hq, h, d, s, p = 3, 4, 2, 32, 8, 5
     rng = np.random.default_rng(1)
     q = jnp.asarray(rng.standard_normal((b, hq, d)), jnp.float32)
@@ -78,7 +84,7 @@ class _KernelChecks:
       ns = quant.staging_pages(k_spec, v_spec, s)
       kw = dict(k_stage=_x(4, (b, ns, s, h, d)), v_stage=_x(5, (b, ns, s, h, d)))
     got = pa.paged_attention(q, kp, vp, table, lens, k_spec, v_spec, interpret=self.INTERPRET,
-                             **kw)
+                             pages_per_split=pages_per_split, **kw)
     want = pa.paged_attention_reference(q, kp, vp, table, lens, k_spec, v_spec, **kw)
     # float32 online softmax vs one-shot softmax: summation order only
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
