@@ -28,7 +28,8 @@ reference of tests/test_quant_cache.py). A spec name may then carry
 modifiers: ``+k4@18.7.14`` stores K of those layers in 4 bits (a per-layer
 spec), ``+prerope`` quantizes keys before RoPE and rotates the dequantized
 key (KVQuant), ``+k16`` / ``+v16`` leave K / V unquantized (which of the two
-costs what). Perplexity and compression only.
+costs what), ``+sink32`` keeps the first 32 tokens' K/V unquantized (an
+attention-sink page, StreamingLLM/KVQuant). Perplexity and compression only.
 
 Usage: python benchmarks/quality.py [--quick] [--out FILE] [--specs a,b,...]
 """
@@ -226,15 +227,19 @@ def _qdq_pages(x, spec, page: int):
   return quant.dequantize_pages(quant.quantize_pages(pages, spec), spec).reshape(x.shape)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "ks", "vs", "page", "prerope"))
-def _emulated_layer(lp, x, config, ks, vs, page: int, prerope: bool):
-  """One decoder layer whose attention sees K/V as a cache of (ks, vs) would store them."""
+@functools.partial(jax.jit, static_argnames=("config", "ks", "vs", "page", "prerope", "sink"))
+def _emulated_layer(lp, x, config, ks, vs, page: int, prerope: bool, sink: int = 0):
+  """One decoder layer whose attention sees K/V as a cache of (ks, vs) would store them.
+
+  ``sink``: keys at positions below it are never quantized (an attention-sink page).
+  """
   b, t = x.shape[:2]
   pos = jnp.arange(t)
   if quant.needs_staging(ks, vs):   # [query, key]: the key's page is folded for the query
     folded = ((pos[None, :] // page + 1) * page + quant.residual_tokens(ks, vs)) <= pos[:, None] + 1
   else:
     folded = jnp.ones((t, t), bool)
+  folded &= pos[None, :] >= sink
   causal = pos[None, :] <= pos[:, None]
 
   def attention(q, k, v):
@@ -261,7 +266,7 @@ def _emulated_layer(lp, x, config, ks, vs, page: int, prerope: bool):
 
 
 def emulated_nll(params, config, windows: np.ndarray, layer_specs, page: int,
-                 prerope: bool = False, batch: int = 2) -> np.ndarray:
+                 prerope: bool = False, batch: int = 2, sink: int = 0) -> np.ndarray:
   """float64 [W, WINDOW - 1] next-token NLLs of the cache-free emulation (see module doc).
 
   ``layer_specs``: one (key_spec, value_spec) per layer.
@@ -272,17 +277,23 @@ def emulated_nll(params, config, windows: np.ndarray, layer_specs, page: int,
     x = params.embed[toks]
     for i, (ks, vs) in enumerate(layer_specs):
       lp = jax.tree.map(lambda a, i=i: a[i], params.layers)
-      x = _emulated_layer(lp, x, config, ks, vs, page, prerope)
+      x = _emulated_layer(lp, x, config, ks, vs, page, prerope, sink)
     logits = _logits(params, x, config)[:, :-1]
     out.append(np.asarray(_nll(logits, toks[:, 1:], jnp.ones(toks[:, 1:].shape, bool)),
                           np.float64))
   return np.concatenate(out)
 
 
-def layer_specs_of(name: str, num_layers: int, k4_layers=(), plain=()):
+def layer_specs_of(name: str, num_layers: int, k4_layers=(), plain=(), edits=()):
   """Per-layer (key_spec, value_spec) of a preset, K in 4 bits in ``k4_layers``;
-  ``plain`` ("k", "v"): those unquantized (the window, if any, stays with the other)."""
+  ``plain`` ("k", "v"): those unquantized (the window, if any, stays with the other);
+  ``edits``: ``(role, field, value)`` replacements in the K ("k") or V ("v") spec."""
   ks, vs, _ = specs_of(name)
+  for role, field, value in edits:
+    if role == "k":
+      ks = dataclasses.replace(ks, **{field: value})
+    else:
+      vs = dataclasses.replace(vs, **{field: value})
   ks = quant.QuantSpec() if "k" in plain else ks
   vs = quant.QuantSpec() if "v" in plain else vs
   k4 = dataclasses.replace(ks, bits=4) if ks.is_quantized else ks
@@ -298,24 +309,30 @@ def mixed_compression(layer_specs, *, num_kv_heads: int, head_dim: int, page_siz
 
 
 def parse_emulated(tag: str):
-  """``preset[+k4@i.j.k][+prerope][+k16][+v16]`` -> (preset, k4 layers, prerope, unquantized).
+  """``preset[+k4@i.j.k][+prerope][+k16][+v16][+sinkN][+ks:field=value][+vs:...]`` ->
+  (preset, k4 layers, prerope, unquantized, sink tokens, spec edits).
 
-  >>> parse_emulated("int2-r128+k4@18.7+prerope")
-  ('int2-r128', (18, 7), True, ())
+  >>> parse_emulated("int2-r128+k4@18.7+prerope+sink32+ks:scale_dtype=bfloat16")[1:]
+  ((18, 7), True, (), 32, (('k', 'scale_dtype', 'bfloat16'),))
   """
   preset, *mods = tag.split("+")
-  k4, prerope, plain = (), False, ()
+  k4, prerope, plain, sink, edits = (), False, (), 0, ()
   for m in mods:
     if m == "prerope":
       prerope = True
+    elif m[:3] in ("ks:", "vs:") and "=" in m:
+      field, value = m[3:].split("=", 1)
+      edits += ((m[0], field, int(value) if value.isdigit() else value),)
+    elif m.startswith("sink") and m[4:].isdigit():
+      sink = int(m[4:])
     elif m in ("k16", "v16"):
       plain += (m[0],)
     elif m.startswith("k4@"):
       k4 = tuple(int(i) for i in m[3:].split(".") if i)
     else:
       raise ValueError(f"--specs: unknown modifier {m!r} in {tag!r} "
-                       f"(k4@i.j.k, prerope, k16 or v16)")
-  return preset, k4, prerope, plain
+                       f"(k4@i.j.k, prerope, k16, v16, sinkN, ks:f=v or vs:f=v)")
+  return preset, k4, prerope, plain, sink, edits
 
 
 def run_emulated(specs, config, params, windows) -> dict:
@@ -323,13 +340,13 @@ def run_emulated(specs, config, params, windows) -> dict:
   rows = {}
   for tag in specs:
     t1 = time.perf_counter()
-    name, k4, prerope, plain = parse_emulated(tag)
-    ls = layer_specs_of(name, config.num_layers, k4, plain)
-    nll = emulated_nll(params, config, windows, ls, PAGE, prerope)
+    name, k4, prerope, plain, sink, edits = parse_emulated(tag)
+    ls = layer_specs_of(name, config.num_layers, k4, plain, edits)
+    nll = emulated_nll(params, config, windows, ls, PAGE, prerope, sink=sink)
     ppl = float(math.exp(nll.mean()))
     rows[tag] = {
         "emulated": True, "key_spec": str(ls[0][0]), "value_spec": str(ls[0][1]),
-        "k4_layers": list(k4), "prerope": prerope,
+        "k4_layers": list(k4), "prerope": prerope, "sink_tokens": sink,
         "cache_dtype": "bfloat16", "ppl": ppl, "agreement": None, "prefix_match": None,
         "attn_rel_err": None, "attn_rel_err_mean": None, "attn_rel_err_max": None,
         "compression": mixed_compression(ls, num_kv_heads=config.num_kv_heads,
