@@ -99,8 +99,8 @@ def dequantize_pages(pages: Pages, spec: QuantSpec, *, pallas: Optional[bool] = 
 
 
 def paged_attention(q, k_pages: Pages, v_pages: Pages, page_table, kv_lens, k_spec: QuantSpec,
-                    v_spec: QuantSpec, *, k_stage=None, v_stage=None,
-                    pallas: Optional[bool] = None):
+                    v_spec: QuantSpec, *, k_stage=None, v_stage=None, k_sink=None,
+                    v_sink=None, pallas: Optional[bool] = None):
   """Paged decode attention over quantized pages on the selected path.
 
   Arguments as ``kvjax.kernels.paged_attention.paged_attention_reference``;
@@ -108,9 +108,10 @@ def paged_attention(q, k_pages: Pages, v_pages: Pages, page_table, kv_lens, k_sp
   """
   if _choose(pallas):
     return pa.paged_attention(q, k_pages, v_pages, page_table, kv_lens, k_spec, v_spec,
-                              k_stage=k_stage, v_stage=v_stage, interpret=_interpret())
+                              k_stage=k_stage, v_stage=v_stage, k_sink=k_sink, v_sink=v_sink,
+                              interpret=_interpret())
   return _jnp_attention(q, k_pages, v_pages, page_table, kv_lens, k_spec, v_spec,
-                        k_stage=k_stage, v_stage=v_stage)
+                        k_stage=k_stage, v_stage=v_stage, k_sink=k_sink, v_sink=v_sink)
 
 
 _jnp_quantize = jax.jit(quant.quantize_pages, static_argnames="spec")

@@ -21,7 +21,7 @@ from kvjax.state import Pages
 
 
 def _check_args(q, k_pages, v_pages, page_table, kv_lens, k_spec, v_spec, k_stage, v_stage,
-                what):
+                what, k_sink=None, v_sink=None):
   """Host-side shape checks shared by the reference and the kernel wrapper."""
   if q.ndim != 3:
     raise ValueError(f"{what}: q must be [B, Hq, D], got shape {q.shape}")
@@ -54,11 +54,19 @@ def _check_args(q, k_pages, v_pages, page_table, kv_lens, k_spec, v_spec, k_stag
     if k_stage.shape[1] < need or v_stage.shape[1] != k_stage.shape[1]:
       raise ValueError(f"{what}: staging rings must hold the same number (>= {need}) of pages "
                        f"for these specs, got {k_stage.shape[1]} and {v_stage.shape[1]}")
+  if (k_sink is None) != (v_sink is None):
+    raise ValueError(f"{what}: give both k_sink and v_sink or neither")
+  if k_sink is not None:
+    s = k_pages.data.shape[1]
+    for name, sk in (("k_sink", k_sink), ("v_sink", v_sink)):
+      if sk.ndim != 4 or sk.shape[0] != b or sk.shape[2:] != (h, d) or not 0 < sk.shape[1] <= s:
+        raise ValueError(f"{what}: {name} must be [B={b}, N, H={h}, D={d}] with "
+                         f"0 < N <= S={s}, got shape {sk.shape}")
 
 
 def gather_dequantized(pages: Pages, spec: QuantSpec, page_table: jax.Array,
                        kv_lens: jax.Array, stage: Optional[jax.Array] = None,
-                       residual: int = 0) -> jax.Array:
+                       residual: int = 0, *, sink: Optional[jax.Array] = None) -> jax.Array:
   """Each sequence's K (or V) as dense float32 ``[B, M * S, H, D]`` (for prefill).
 
   Args:
@@ -67,6 +75,8 @@ def gather_dequantized(pages: Pages, spec: QuantSpec, page_table: jax.Array,
     kv_lens: int32 ``[B]``; decides which pages come from ``stage``.
     stage: optional float ``[B, NS, S, H, D]`` ring (see ``paged_attention_reference``).
     residual: the cache's window (``quant.residual_tokens``).
+    sink: optional float ``[B, N, H, D]``: each sequence's first N tokens,
+      read from here instead of the pool (``QuantSpec.sink``).
 
   >>> spec = QuantSpec(bits=8)
   >>> p = quant.quantize_pages(jnp.full((2, 4, 1, 8), 7.0), spec)
@@ -81,13 +91,18 @@ def gather_dequantized(pages: Pages, spec: QuantSpec, page_table: jax.Array,
     staged = j[None, :] >= quant.first_staged_page(kv_lens, residual, s)[:, None]
     x = jnp.where(staged[:, :, None, None, None], stage[:, j % ns].astype(jnp.float32), x)
   b, m, s, h, d = x.shape
-  return x.reshape(b, m * s, h, d)
+  x = x.reshape(b, m * s, h, d)
+  if sink is not None:
+    x = x.at[:, :sink.shape[1]].set(sink.astype(jnp.float32))
+  return x
 
 
 def paged_attention_reference(q: jax.Array, k_pages: Pages, v_pages: Pages,
                               page_table: jax.Array, kv_lens: jax.Array, k_spec: QuantSpec,
                               v_spec: QuantSpec, *, k_stage: Optional[jax.Array] = None,
-                              v_stage: Optional[jax.Array] = None) -> jax.Array:
+                              v_stage: Optional[jax.Array] = None,
+                              k_sink: Optional[jax.Array] = None,
+                              v_sink: Optional[jax.Array] = None) -> jax.Array:
   """Decode attention (one query token per sequence) over paged, quantized K/V.
 
   Args:
@@ -100,6 +115,8 @@ def paged_attention_reference(q: jax.Array, k_pages: Pages, v_pages: Pages,
     k_stage / v_stage: optional float ``[B, NS, S, H, D]`` full-precision
       staging rings: pages ``j >= first_staged_page(kv_len, residual, S)`` are
       read from ``stage[b, j % NS]`` instead of the pool.
+    k_sink / v_sink: optional float ``[B, N, H, D]``: each sequence's first N
+      tokens in full precision, read instead of the pool (``QuantSpec.sink``).
 
   Returns:
     float32 ``[B, Hq, D]``, softmax scale ``1 / sqrt(D)``.
@@ -112,12 +129,12 @@ def paged_attention_reference(q: jax.Array, k_pages: Pages, v_pages: Pages,
   ((1, 2, 4), 1.0)
   """
   _check_args(q, k_pages, v_pages, page_table, kv_lens, k_spec, v_spec, k_stage, v_stage,
-              "paged_attention_reference")
+              "paged_attention_reference", k_sink, v_sink)
   b, hq, d = q.shape
   h = k_pages.data.shape[2]
   residual = quant.residual_tokens(k_spec, v_spec)
-  k = gather_dequantized(k_pages, k_spec, page_table, kv_lens, k_stage, residual)
-  v = gather_dequantized(v_pages, v_spec, page_table, kv_lens, v_stage, residual)
+  k = gather_dequantized(k_pages, k_spec, page_table, kv_lens, k_stage, residual, sink=k_sink)
+  v = gather_dequantized(v_pages, v_spec, page_table, kv_lens, v_stage, residual, sink=v_sink)
   qg = q.astype(jnp.float32).reshape(b, h, hq // h, d)
   scores = jnp.einsum("bhgd,bthd->bhgt", qg, k) / jnp.sqrt(jnp.float32(d))
   valid = jnp.arange(k.shape[1])[None, :] < kv_lens[:, None]          # [B, T]
@@ -133,7 +150,8 @@ def paged_attention_reference(q: jax.Array, k_pages: Pages, v_pages: Pages,
 
 
 def _attention_kernel(*refs, k_spec: QuantSpec, v_spec: QuantSpec, head_dim: int,
-                      page_size: int, residual: int, num_stage: int, pages_per_split: int):
+                      page_size: int, residual: int, num_stage: int, pages_per_split: int,
+                      num_sink: int):
   """One (sequence, kv head, split): online softmax over that split's pages.
 
   Split ``c`` covers pages ``[c * pages_per_split, (c + 1) * pages_per_split)``
@@ -146,6 +164,8 @@ def _attention_kernel(*refs, k_spec: QuantSpec, v_spec: QuantSpec, head_dim: int
     k data ``[P, S, W]``, k scale, k zero (present per spec, see
     ``kernels.quantize.load_segment``), then the same for v.
     k_stage_ref / v_stage_ref: float ``[NS, S, D]`` when ``num_stage > 0``.
+    k_sink_ref / v_sink_ref: float32 ``[S, D]`` when ``num_sink > 0``: rows
+      below ``num_sink`` replace page 0's (the rest is padding).
     o_ref: float32 ``[G, D]`` unnormalized output; m_ref, l_ref: float32
       ``[G, 1]`` the split's score max and softmax denominator (-inf, 0 if empty).
   """
@@ -161,6 +181,8 @@ def _attention_kernel(*refs, k_spec: QuantSpec, v_spec: QuantSpec, head_dim: int
   k_pool, v_pool = pool(k_spec), pool(v_spec)
   k_stage_ref = next(it) if num_stage else None
   v_stage_ref = next(it) if num_stage else None
+  k_sink_ref = next(it) if num_sink else None
+  v_sink_ref = next(it) if num_sink else None
   o_ref, m_ref, l_ref = next(it), next(it), next(it)
 
   b = pl.program_id(0)
@@ -200,11 +222,19 @@ def _attention_kernel(*refs, k_spec: QuantSpec, v_spec: QuantSpec, head_dim: int
     acc = tuple(corr * a + mm(p, load_v(seg)) for a, seg in zip(acc, v_segs))
     return m_new, l, acc
 
+  def with_sink(sink_ref, j, seg, x):   # page 0's first rows from the sink (full precision)
+    if sink_ref is None:
+      return x
+    rows = jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
+    return jnp.where((rows < num_sink) & (j == 0), sink_ref[:, pl.ds(seg[0], seg[1])], x)
+
   def pooled(j, carry):
     page = table_ref[b, j]
     return step(j, carry,
-                lambda seg: kq.load_segment(*k_pool, (page,), seg, k_spec, head_dim),
-                lambda seg: kq.load_segment(*v_pool, (page,), seg, v_spec, head_dim))
+                lambda seg: with_sink(k_sink_ref, j, seg, kq.load_segment(
+                    *k_pool, (page,), seg, k_spec, head_dim)),
+                lambda seg: with_sink(v_sink_ref, j, seg, kq.load_segment(
+                    *v_pool, (page,), seg, v_spec, head_dim)))
 
   def staged(j, carry):
     slot = j % max(num_stage, 1)
@@ -235,6 +265,7 @@ PAGES_PER_SPLIT = 32   # pages one program walks (512 tokens at S=16, vLLM v2's 
 def paged_attention(q: jax.Array, k_pages: Pages, v_pages: Pages, page_table: jax.Array,
                     kv_lens: jax.Array, k_spec: QuantSpec, v_spec: QuantSpec, *,
                     k_stage: Optional[jax.Array] = None, v_stage: Optional[jax.Array] = None,
+                    k_sink: Optional[jax.Array] = None, v_sink: Optional[jax.Array] = None,
                     interpret: bool = False,
                     pages_per_split: Optional[int] = None) -> jax.Array:
   """Pallas paged decode attention, dequantization fused; as ``paged_attention_reference``.
@@ -246,7 +277,8 @@ def paged_attention(q: jax.Array, k_pages: Pages, v_pages: Pages, page_table: ja
   (flash-decoding: a long sequence spreads over many programs instead of one
   program walking all its pages, which left the GPU idle at small batch).
   Staged pages (a residual window or the partial page of a channel-axis spec)
-  are read from ``k_stage``/``v_stage``.
+  are read from ``k_stage``/``v_stage``, a sequence's first N tokens from
+  ``k_sink``/``v_sink`` when given.
 
   Args:
     as ``paged_attention_reference``; ``interpret`` runs the Pallas interpreter;
@@ -263,7 +295,7 @@ def paged_attention(q: jax.Array, k_pages: Pages, v_pages: Pages, page_table: ja
   ((1, 1, 4), 1.0)
   """
   _check_args(q, k_pages, v_pages, page_table, kv_lens, k_spec, v_spec, k_stage, v_stage,
-              "paged_attention")
+              "paged_attention", k_sink, v_sink)
   b, hq, d = q.shape
   p, s, h, _ = k_pages.data.shape
   for name, spec in (("k_spec", k_spec), ("v_spec", v_spec)):
@@ -297,12 +329,17 @@ def paged_attention(q: jax.Array, k_pages: Pages, v_pages: Pages, page_table: ja
       ins.append(st.astype(jnp.float32))
       specs.append(pl.BlockSpec((None, num_stage, s, None, d),
                                 lambda i, j, k: (i, 0, 0, j, 0)))
+  num_sink = 0 if k_sink is None else k_sink.shape[1]
+  if num_sink:   # padded to a whole page: the kernel swaps rows of equal-shaped tiles
+    for sk in (k_sink, v_sink):
+      ins.append(jnp.pad(sk.astype(jnp.float32), ((0, 0), (0, s - num_sink), (0, 0), (0, 0))))
+      specs.append(pl.BlockSpec((None, s, None, d), lambda i, j, k: (i, 0, j, 0)))
   split_block = lambda w: pl.BlockSpec((None, None, None, gp, w),  # noqa: E731
                                        lambda i, j, k: (i, j, k, 0, 0))
   acc, m, l = pl.pallas_call(
       functools.partial(_attention_kernel, k_spec=k_spec, v_spec=v_spec, head_dim=d,
                         page_size=s, residual=residual, num_stage=num_stage,
-                        pages_per_split=pps),
+                        pages_per_split=pps, num_sink=num_sink),
       grid=(b, h, c),
       in_specs=specs,
       out_specs=[split_block(d), split_block(1), split_block(1)],

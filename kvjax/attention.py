@@ -16,6 +16,7 @@ from kvjax.paging import _check_pages_layer
 from kvjax.paging import head_dim_of
 from kvjax.paging import lens_before
 from kvjax.paging import pool_only
+from kvjax.paging import sink_rows
 from kvjax.paging import stage_rows
 from kvjax.paging import write
 from kvjax.state import Pages
@@ -66,7 +67,8 @@ def attend(q: jax.Array, k_pages: Pages, v_pages: Pages, plan: StepPlan, *,
   _check_pair(q, k_pages, v_pages, plan)
   if with_mass:
     return _attend_with_mass(q, k_pages, v_pages, plan)
-  if k_pages.spec.is_quantized or v_pages.spec.is_quantized or k_pages.stage is not None:
+  if (k_pages.spec.is_quantized or v_pages.spec.is_quantized or k_pages.stage is not None
+      or k_pages.sink is not None):
     return _attend_quantized(q, k_pages, v_pages, plan)
   _, s_, h_, d_ = k_pages.data.shape
   b = plan.positions.shape[0]
@@ -110,6 +112,8 @@ def _check_pair(q, k_pages: Pages, v_pages: Pages, plan: StepPlan) -> None:
                      f"{tuple(v_pages.data.shape)}")
   if (k_pages.stage is None) != (v_pages.stage is None):
     raise ValueError("k_pages and v_pages must both have a staging ring or neither")
+  if (k_pages.sink is None) != (v_pages.sink is None):
+    raise ValueError("k_pages and v_pages must both have sink rows or neither")
   _, s_, h_, _ = k_pages.data.shape
   d_ = kd
   b, t = plan.positions.shape
@@ -126,7 +130,7 @@ def _dense(pages: Pages, plan: StepPlan, *, staged: bool = True) -> jax.Array:
   from kvjax.kernels.paged_attention import gather_dequantized  # noqa: PLC0415 (cycle)
   stage = stage_rows(pages, plan) if staged else None
   return gather_dequantized(pool_only(pages), pages.spec, plan.page_table, plan.kv_lens,
-                            stage, pages.residual)
+                            stage, pages.residual, sink=sink_rows(pages, plan))
 
 
 def _attend_quantized(q, k_pages: Pages, v_pages: Pages, plan: StepPlan) -> jax.Array:
@@ -135,7 +139,8 @@ def _attend_quantized(q, k_pages: Pages, v_pages: Pages, plan: StepPlan) -> jax.
     from kvjax.kernels import ops  # noqa: PLC0415 (kvjax.kernels imports kvjax.state)
     out = ops.paged_attention(q[:, 0], pool_only(k_pages), pool_only(v_pages),
                               plan.page_table, plan.kv_lens, k_pages.spec, v_pages.spec,
-                              k_stage=stage_rows(k_pages, plan), v_stage=stage_rows(v_pages, plan))
+                              k_stage=stage_rows(k_pages, plan), v_stage=stage_rows(v_pages, plan),
+                              k_sink=sink_rows(k_pages, plan), v_sink=sink_rows(v_pages, plan))
     return out[:, None].astype(q.dtype)
   k, v = _dense(k_pages, plan), _dense(v_pages, plan)
   return grouped_attention(q, k, v, _visible(plan, k.shape[1]))

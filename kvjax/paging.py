@@ -307,6 +307,9 @@ def _check_pages_layer(name: str, pages: Pages) -> None:
   if pages.stage is not None and pages.stage.ndim != 5:
     raise ValueError(f"{name}.stage must be one layer's ring [B, NS, S, H, D], got shape "
                      f"{tuple(pages.stage.shape)}")
+  if pages.sink is not None and pages.sink.ndim != 4:
+    raise ValueError(f"{name}.sink must be one layer's sink rows [B, N, H, D], got shape "
+                     f"{tuple(pages.sink.shape)}")
 
 
 def head_dim_of(pages: Pages) -> int:
@@ -318,8 +321,29 @@ def head_dim_of(pages: Pages) -> int:
 
 
 def pool_only(pages: Pages) -> Pages:
-  """The pages without their staging ring (what the quant/kernel functions take)."""
-  return pages if pages.stage is None else pages.replace(stage=None)
+  """The pages without their staging ring and sink rows (what the quant/kernel functions take)."""
+  if pages.stage is None and pages.sink is None:
+    return pages
+  return pages.replace(stage=None, sink=None)
+
+
+def sink_rows(pages: Pages, plan: StepPlan) -> Optional[jax.Array]:
+  """The sink rows of the plan's batch rows: ``[B, N, H, D]`` (None without a sink)."""
+  if pages.sink is None:
+    return None
+  return pages.sink[jnp.clip(plan.seq_ids, 0, pages.sink.shape[0] - 1)]
+
+
+def _write_sink(new: Pages, old: Pages, plan: StepPlan, x: jax.Array) -> Pages:
+  """``new`` with the step's tokens at positions ``< N`` also stored in ``old``'s sink rows."""
+  if old.sink is None:
+    return new
+  b_, n = old.sink.shape[:2]
+  take = plan.valid & (plan.positions < n) & (plan.seq_ids[:, None] >= 0)     # [B, T]
+  row = jnp.where(take, plan.seq_ids[:, None], b_)                            # b_ = dropped
+  sink = old.sink.at[row, jnp.clip(plan.positions, 0, n - 1)].set(
+      x.astype(old.sink.dtype), mode="drop")
+  return new.replace(sink=sink)
 
 
 def stage_rows(pages: Pages, plan: StepPlan) -> Optional[jax.Array]:
@@ -366,16 +390,17 @@ def write(pages: Pages, plan: StepPlan, x: jax.Array) -> Pages:
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"x must be floating point, got dtype {x.dtype}")
   if pages.stage is not None:
-    return _write_staged(pages, plan, x)
+    return _write_sink(_write_staged(pages, plan, x), pages, plan, x)
   if pages.spec.is_quantized:   # token-axis spec, no window: quantize each token into its slot
     pool = quant.copy_pages(pages, plan.cow_src, jnp.where(plan.cow_dst < p_, plan.cow_dst, -1))
-    return quant.write_tokens(pool, plan.slots.reshape(-1), x.reshape(b * t, h_, d_), pages.spec)
+    pool = quant.write_tokens(pool, plan.slots.reshape(-1), x.reshape(b * t, h_, d_), pages.spec)
+    return _write_sink(pool, pages, plan, x)
   data = pages.data
   data = data.at[plan.cow_dst].set(data[jnp.clip(plan.cow_src, 0, p_ - 1)], mode="drop")
   flat = data.reshape(p_ * s_, h_, d_)
   flat = flat.at[plan.slots.reshape(-1)].set(x.reshape(b * t, h_, d_).astype(data.dtype),
                                              mode="drop")
-  return pages.replace(data=flat.reshape(p_, s_, h_, d_))
+  return _write_sink(pages.replace(data=flat.reshape(p_, s_, h_, d_)), pages, plan, x)
 
 
 def _write_staged(pages: Pages, plan: StepPlan, x: jax.Array) -> Pages:
@@ -536,6 +561,10 @@ def fork(state: CacheState, src_ids: jax.Array, dst_ids: jax.Array, *,
     state = state.replace(k=copy_ring(state.k), v=copy_ring(state.v),
                           fold_floor=state.fold_floor.at[rows].set(
                               state.fold_floor[src_safe], mode="drop"))
+  if state.k.sink is not None:   # and of its sink rows
+    copy_sink = lambda p: p.replace(  # noqa: E731
+        sink=p.sink.at[:, rows].set(p.sink[:, src_safe], mode="drop"))
+    state = state.replace(k=copy_sink(state.k), v=copy_sink(state.v))
   new_state = state.replace(
       meta=meta,
       page_table=state.page_table.at[rows].set(table, mode="drop"),

@@ -33,6 +33,7 @@ from kvjax.prefix_index import PrefixIndex
 from kvjax.prefix_index import match_prefix
 from kvjax.state import CacheState
 from kvjax.state import PageMeta
+from kvjax.state import Pages
 
 ORPHAN = -2  # parent of a page whose parent page was reused: never matched again
 
@@ -248,6 +249,9 @@ def attach_prefix(state: CacheState, seq_ids: jax.Array, tokens: jax.Array,
   extra = {}
   if state.fold_floor is not None:
     extra = _attach_staged(state, rows, row_table, matched, config)
+  if state.k.sink is not None:
+    extra.update(_attach_sink(state, extra.get("k", state.k), extra.get("v", state.v), rows,
+                              row_table, matched))
   stats = state.stats
   asked = jnp.where(ok, num_tokens, 0)
   stats = stats.replace(
@@ -270,6 +274,36 @@ def attach_prefix(state: CacheState, seq_ids: jax.Array, tokens: jax.Array,
   if config.checked:
     new_state = state_lib.raise_on_status(new_state)
   return matched * s_, new_state
+
+
+def _attach_sink(state: CacheState, k: Pages, v: Pages, rows: jax.Array, row_table: jax.Array,
+                 matched: jax.Array) -> dict:
+  """Sink rows of sequences that start on an attached first page.
+
+  The pool holds the sink tokens only quantized, so they are copied from a
+  live sequence that holds the same first page (its rows are those tokens in
+  full precision); with no such sequence, from the pool, dequantized (then
+  this sequence sees its sink quantized, as a cache without a sink would).
+
+  Returns:
+    ``dict(k=..., v=...)`` for ``state.replace``.
+  """
+  ms, p_ = state.page_table.shape[0], state.meta.ref_count.shape[0]
+  n = k.sink.shape[2]
+  first = row_table[:, 0]                                                   # [B]
+  same = ((state.page_table[None, :, 0] == first[:, None]) & (first[:, None] >= 0)
+          & (state.seq_lens[None, :] >= n) & (jnp.arange(ms)[None, :] != rows[:, None]))
+  has_owner, owner = jnp.any(same, axis=1), jnp.argmax(same, axis=1)        # [B]
+  dst = jnp.where((matched > 0) & (rows < ms), rows, ms)
+  page = jnp.clip(first, 0, p_ - 1)
+
+  def fill(p: Pages) -> Pages:
+    pool = jax.tree.map(lambda a: a[:, page], p.replace(stage=None, sink=None))  # [L, B, S, H, *]
+    deq = quant.dequantize_pages(pool, p.spec)[:, :, :n].astype(p.sink.dtype)  # [L, B, N, H, D]
+    vals = jnp.where(has_owner[None, :, None, None, None], p.sink[:, owner], deq)
+    return p.replace(sink=p.sink.at[:, dst].set(vals, mode="drop"))
+
+  return dict(k=fill(k), v=fill(v))
 
 
 def _attach_staged(state: CacheState, rows: jax.Array, row_table: jax.Array,
@@ -301,7 +335,7 @@ def _attach_staged(state: CacheState, rows: jax.Array, row_table: jax.Array,
   slot = (col % ns).reshape(-1)
 
   def fill(p):
-    pool = jax.tree.map(lambda a: a[:, page], p.replace(stage=None))      # [L, B*nw, S, H, *]
+    pool = jax.tree.map(lambda a: a[:, page], p.replace(stage=None, sink=None))  # [L, B*nw, S, H, *]
     vals = quant.dequantize_pages(pool, p.spec).astype(p.stage.dtype)      # [L, B*nw, S, H, D]
     return p.replace(stage=p.stage.at[:, row_idx, slot].set(vals, mode="drop"))
 

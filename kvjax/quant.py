@@ -76,6 +76,10 @@ class QuantSpec:
       full ``2**bits - 1`` steps (two bytes; KIVI's layout).
     residual: full-precision window of the most recent tokens per sequence;
       a multiple of page_size (KIVI's residual).
+    sink: the first ``sink`` tokens of every sequence are also kept in full
+      precision (at most page_size): the attention sink (StreamingLLM), which
+      takes much of every query's attention, so its quantization error reaches
+      every token (KVQuant keeps it in fp16). A per-sequence cost, like the window.
 
   >>> QuantSpec(bits=4, axis="channel", symmetric=False, scale_dtype="log8").is_quantized
   True
@@ -91,6 +95,7 @@ class QuantSpec:
   scale_dtype: str = "bfloat16"
   residual: int = 0
   zero_dtype: str = "int8"
+  sink: int = 0
 
   def __post_init__(self):
     if self.bits not in BITS:
@@ -122,6 +127,11 @@ class QuantSpec:
     if self.bits == 16 and self.residual:
       raise ValueError(f"QuantSpec(bits=16) keeps everything in full precision; "
                        f"residual must be 0, got {self.residual}")
+    if not isinstance(self.sink, int) or self.sink < 0:
+      raise ValueError(f"QuantSpec.sink must be an int >= 0, got {self.sink!r}")
+    if self.bits == 16 and self.sink:
+      raise ValueError(f"QuantSpec(bits=16) keeps everything in full precision; "
+                       f"sink must be 0, got {self.sink}")
 
   def validate_for(self, *, head_dim: int, page_size: int, what: str) -> None:
     """Raise ValueError if this spec cannot store ``[page_size, H, head_dim]`` pages."""
@@ -139,6 +149,9 @@ class QuantSpec:
     if self.residual % page_size:
       raise ValueError(f"{what}: residual={self.residual} is not a multiple of "
                        f"page_size={page_size}")
+    if self.sink > page_size:
+      raise ValueError(f"{what}: sink={self.sink} tokens must fit in the first page "
+                       f"(page_size={page_size})")
 
   @property
   def is_quantized(self) -> bool:
@@ -638,6 +651,15 @@ def residual_tokens(key_spec: QuantSpec, value_spec: QuantSpec) -> int:
   return max(key_spec.residual, value_spec.residual)
 
 
+def sink_tokens(key_spec: QuantSpec, value_spec: QuantSpec) -> int:
+  """Leading tokens of each sequence kept in full precision: the larger of the specs' sinks.
+
+  >>> sink_tokens(QuantSpec(bits=2, sink=1), QuantSpec(bits=2))
+  1
+  """
+  return max(key_spec.sink, value_spec.sink)
+
+
 def staging_pages(key_spec: QuantSpec, value_spec: QuantSpec, page_size: int) -> int:
   """Pages of the per-sequence full-precision ring: ``residual // S + 1`` (0 if none).
 
@@ -679,10 +701,11 @@ def pages_to_fold(old_lens: jax.Array, new_lens: jax.Array, residual: int,
 def staging_bytes_per_seq(key_spec: QuantSpec, value_spec: QuantSpec, *, num_layers: int,
                           num_kv_heads: int, head_dim: int, page_size: int,
                           dtype="bfloat16") -> int:
-  """Bytes of one sequence's staging ring (K and V, all layers)."""
-  n = staging_pages(key_spec, value_spec, page_size)
-  return int(2 * n * page_size * num_layers * num_kv_heads * head_dim
-             * jnp.dtype(dtype).itemsize)
+  """Bytes of one sequence's full-precision rows: its staging ring and its sink
+  tokens (K and V, all layers)."""
+  n = staging_pages(key_spec, value_spec, page_size) * page_size + sink_tokens(key_spec,
+                                                                                value_spec)
+  return int(2 * n * num_layers * num_kv_heads * head_dim * jnp.dtype(dtype).itemsize)
 
 
 def error_bound(spec: QuantSpec, scale: jax.Array) -> jax.Array:

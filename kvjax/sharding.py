@@ -62,8 +62,8 @@ def cache_shardings(config: CacheConfig, mesh: Mesh, axis: str = "pages") -> Cac
     del leaf
     names = [getattr(p, "name", None) for p in path]
     # Page arrays (data, scale, zero: [L, P, ...]) split; the full-precision
-    # staging ring ([L, max_seqs, ...], quantized caches only) is per sequence.
-    return split if names[0] in ("k", "v") and names[-1] != "stage" else replicated
+    # staging ring and sink rows ([L, max_seqs, ...]) are per sequence.
+    return split if names[0] in ("k", "v") and names[-1] not in ("stage", "sink") else replicated
 
   return jax.tree_util.tree_map_with_path(pick, shapes)
 

@@ -54,8 +54,11 @@ class Pages:
   window, ``quant.needs_staging``) also holds each sequence's newest pages in
   full precision in ``stage``, a ring of ``NS = quant.staging_pages(...)``
   pages per sequence slot; page ``j`` of a sequence lives in ring slot
-  ``j % NS`` until it is folded (quantized) into its pool page. Shapes below
-  are for all layers; the layer scan sees them without the leading L.
+  ``j % NS`` until it is folded (quantized) into its pool page. A spec with a
+  ``sink`` also keeps each sequence's first N tokens in ``sink`` (attention
+  reads them from there; the pool page holds them quantized too, for
+  sharing). Shapes below are for all layers; the layer scan sees them
+  without the leading L.
   """
 
   data: jax.Array                    # [L, P, S, H, D] config dtype; uint8 [L, P, S, H, D/n]
@@ -65,6 +68,8 @@ class Pages:
   zero: Optional[jax.Array] = None   # int8, scale's shape; asymmetric specs only, else None
   stage: Optional[jax.Array] = None  # [L, B, NS, S, H, D] config dtype: full-precision ring of
   #                                    each sequence slot's unfolded pages; None without staging
+  sink: Optional[jax.Array] = None   # [L, B, N, H, D] config dtype: each sequence slot's first
+  #                                    N tokens in full precision (``quant.sink_tokens``); None if N=0
   spec: QuantSpec = struct.field(pytree_node=False, default=QuantSpec())  # static: the layout
   residual: int = struct.field(pytree_node=False, default=0)  # static: the cache's window
   #                                    (tokens, max of the K and V specs'), same on K and V
@@ -184,18 +189,21 @@ def init_pages(config: CacheConfig, spec: Optional[QuantSpec] = None) -> Pages:
   shape = (config.num_layers, config.num_pages, config.page_size, config.num_kv_heads,
            config.head_dim)
   ks, vs = config.key_quant, config.value_quant
-  if not spec.is_quantized and not quant.needs_staging(ks, vs):
+  if not spec.is_quantized and not quant.needs_staging(ks, vs) and not quant.sink_tokens(ks, vs):
     return Pages(data=jnp.zeros(shape, config.jnp_dtype), spec=spec)
   pages = quant.init_quant_pages(spec, num_pages=config.num_pages, page_size=config.page_size,
                                  num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
                                  dtype=config.dtype, num_layers=config.num_layers)
   ns = quant.staging_pages(ks, vs, config.page_size)
-  stage = None
+  stage = sink = None
   if ns:
     stage = jnp.zeros((config.num_layers, config.max_seqs, ns, config.page_size,
                        config.num_kv_heads, config.head_dim), config.jnp_dtype)
-  return Pages(data=pages.data, scale=pages.scale, zero=pages.zero, stage=stage, spec=spec,
-               residual=quant.residual_tokens(ks, vs))
+  if quant.sink_tokens(ks, vs):
+    sink = jnp.zeros((config.num_layers, config.max_seqs, quant.sink_tokens(ks, vs),
+                      config.num_kv_heads, config.head_dim), config.jnp_dtype)
+  return Pages(data=pages.data, scale=pages.scale, zero=pages.zero, stage=stage, sink=sink,
+               spec=spec, residual=quant.residual_tokens(ks, vs))
 
 
 def default_seed(config: CacheConfig) -> jax.Array:

@@ -64,14 +64,16 @@ class _KernelChecks:
     else:
       np.testing.assert_array_equal(got_x, quant.dequantize_pages(want, spec))
 
-  @pytest.mark.parametrize("k_spec, v_spec, pages_per_split",
-                           [(k, v, None) for k, v in ATTN_SPECS]
-                           + [(*ATTN_SPECS[1], 1), (*ATTN_SPECS[2], 2)],
+  @pytest.mark.parametrize("k_spec, v_spec, pages_per_split, sink",
+                           [(k, v, None, 0) for k, v in ATTN_SPECS]
+                           + [(*ATTN_SPECS[1], 1, 0), (*ATTN_SPECS[2], 2, 0),
+                              (*ATTN_SPECS[0], 1, 3)],
                            ids=lambda s: f"{s.bits}b{s.axis}-{s.zero_dtype}"
-                           if isinstance(s, QuantSpec) else f"split{s}")
-  def test_paged_attention_matches_reference(self, k_spec, v_spec, pages_per_split):
+                           if isinstance(s, QuantSpec) else f"{s}")
+  def test_paged_attention_matches_reference(self, k_spec, v_spec, pages_per_split, sink):
     """Whole sequences in one program, and split over programs (1 or 2 pages
-    each, so splits end mid-window and the merge sees empty splits)."""
+    each, so splits end mid-window and the merge sees empty splits); with
+    ``sink`` the first tokens come from full-precision rows."""
     b, hq, h, d, s, p = 3, 4, 2, 32, 8, 5
     rng = np.random.default_rng(1)
     q = jnp.asarray(rng.standard_normal((b, hq, d)), jnp.float32)
@@ -83,6 +85,8 @@ class _KernelChecks:
     if k_spec.residual:
       ns = quant.staging_pages(k_spec, v_spec, s)
       kw = dict(k_stage=_x(4, (b, ns, s, h, d)), v_stage=_x(5, (b, ns, s, h, d)))
+    if sink:
+      kw.update(k_sink=_x(6, (b, sink, h, d)), v_sink=_x(7, (b, sink, h, d)))
     got = pa.paged_attention(q, kp, vp, table, lens, k_spec, v_spec, interpret=self.INTERPRET,
                              pages_per_split=pages_per_split, **kw)
     want = pa.paged_attention_reference(q, kp, vp, table, lens, k_spec, v_spec, **kw)
@@ -98,6 +102,27 @@ class TestKernelsInterpret(_KernelChecks):
 @pytest.mark.skipif(jax.default_backend() == "cpu", reason="Pallas compiles on GPU/TPU only")
 class TestKernelsCompiled(_KernelChecks):
   INTERPRET = False
+
+
+def test_reference_reads_sink_rows_for_the_first_tokens():
+  """The reference with a sink equals the reference on pages whose first rows
+  hold the sink values unquantized (a bf16 pool with them written in)."""
+  spec = QuantSpec()
+  b, h, d, s, p = 2, 1, 8, 4, 3
+  k, v = _x(8, (p, s, h, d)), _x(9, (p, s, h, d))
+  ks, vs = _x(10, (b, 2, h, d)), _x(11, (b, 2, h, d))
+  table = jnp.array([[2, 0], [1, -1]], jnp.int32)
+  lens = jnp.array([7, 3], jnp.int32)
+  q = _x(12, (b, 2, d))
+  got = pa.paged_attention_reference(q, Pages(data=k), Pages(data=v), table, lens, spec, spec,
+                                     k_sink=ks, v_sink=vs)
+  want = []
+  for i in range(b):   # each sequence alone, its first page's first two rows replaced
+    first = int(table[i, 0])
+    ki, vi = k.at[first, :2].set(ks[i]), v.at[first, :2].set(vs[i])
+    want.append(pa.paged_attention_reference(q[i:i + 1], Pages(data=ki), Pages(data=vi),
+                                             table[i:i + 1], lens[i:i + 1], spec, spec))
+  np.testing.assert_allclose(got, jnp.concatenate(want), rtol=1e-6, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- GPU lowering
@@ -138,13 +163,17 @@ def test_kernels_lower_to_triton(name, lowering_for_gpu):
   kp, vp = (jax.eval_shape(lambda a, s=s: quant.quantize_pages(a, s), x) for s in (k_spec, v_spec))
   args = [jax.ShapeDtypeStruct((b, 9, 64), jnp.float32), kp, vp,
           jax.ShapeDtypeStruct((b, m), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32)]
-  kw = {}
+  names = []
   if quant.needs_staging(k_spec, v_spec):
     ns = quant.staging_pages(k_spec, v_spec, 16)
     args += [jax.ShapeDtypeStruct((b, ns, 16, 3, 64), jnp.float32)] * 2
+    names += ["k_stage", "v_stage"]
+  if name.startswith("int2"):   # with a sink too
+    args += [jax.ShapeDtypeStruct((b, 1, 3, 64), jnp.bfloat16)] * 2
+    names += ["k_sink", "v_sink"]
   text = _lower_for_cuda(
-      lambda q, k, v, t, n, *st: pa.paged_attention(
-          q, k, v, t, n, k_spec, v_spec, **dict(zip(("k_stage", "v_stage"), st))), *args)
+      lambda q, k, v, t, n, *more: pa.paged_attention(
+          q, k, v, t, n, k_spec, v_spec, **dict(zip(names, more))), *args)
   assert "__gpu$xla.gpu.triton" in text and "paged_attention" in text
 
 

@@ -29,6 +29,7 @@ from kvjax.quant import QuantSpec
 
 CFG = LlamaConfig.small()
 S, R, T = 4, 8, 8           # page size, residual window of the int2 spec, prefill chunk
+N = 2                       # sink tokens of the "-sink" specs (the first N stay full precision)
 
 
 def _with_window(specs, window):
@@ -36,8 +37,14 @@ def _with_window(specs, window):
                for s in specs)
 
 
+def _with_sink(specs, sink):
+  return tuple(QuantSpec(**{**s.__dict__, "sink": sink}) for s in specs)
+
+
 SPECS = {name: _with_window(quant.PRESETS[name], R)
          for name in ("int8", "fp8", "int4", "int2-r64", "int2-kivi-r128")}
+SPECS["int2-sink"] = _with_sink(SPECS["int2-r64"], N)   # through the ring
+SPECS["int8-sink"] = _with_sink(SPECS["int8"], N)       # tokens written straight to the pool
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +82,7 @@ def reference_logits(params, tokens, specs):
     sel = ((pos[None, :] // S + 1) * S + window) <= (pos[:, None] + 1)
   else:
     sel = jnp.ones((n, n), bool)
+  sel &= pos[None, :] >= quant.sink_tokens(ks, vs)       # sink keys are never quantized
 
   def attention(q, k, v):
     kq, vq = _emulate(k, ks), _emulate(v, vs)
@@ -122,7 +130,8 @@ def run(params, cache, cc, sid, tokens, chunk=T):
 # mantissa bits; int4 and int2 per-channel keys on Gaussian data (no outlier
 # channels to exploit), int2 helped by its window. Measured: 0.011, 0.06, 0.18,
 # 0.6 on 40 tokens; the bounds leave ~1.5x.
-FLOAT_TOL = {"int8": 0.02, "fp8": 0.1, "int4": 0.3, "int2-r64": 1.0, "int2-kivi-r128": 1.0}
+FLOAT_TOL = {"int8": 0.02, "fp8": 0.1, "int4": 0.3, "int2-r64": 1.0, "int2-kivi-r128": 1.0,
+             "int2-sink": 1.0, "int8-sink": 0.02}
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -192,7 +201,7 @@ def test_prefix_reuse_with_quantized_pages(params, name):  # directly, as unquan
     assert np.abs(got - fresh[cached:]).max() > 0
 
 
-@pytest.mark.parametrize("name", ["int4", "int2-r64"])
+@pytest.mark.parametrize("name", ["int4", "int2-r64", "int2-sink"])
 def test_fork_copies_the_staging_ring(params, name):
   cc = cache_config(name)
   rng = np.random.default_rng(3)
@@ -210,3 +219,30 @@ def test_fork_copies_the_staging_ring(params, name):
   for sid, tail in ((0, a), (1, b)):
     want = reference_logits(params, prompt + tail, SPECS[name])[len(prompt):]
     np.testing.assert_allclose(np.concatenate(got[sid]), want, atol=2e-4, rtol=2e-4)
+
+
+def test_attach_takes_the_sink_from_a_live_owner_else_the_pool(params):
+  """A sequence attaching a cached first page gets its sink rows from a live
+  sequence on that page (full precision), else dequantized from the pool."""
+  name = "int2-sink"
+  cc = cache_config(name, prefix_caching=True)
+  ks, vs = SPECS[name]
+  rng = np.random.default_rng(4)
+  first = rng.integers(1, CFG.vocab_size, 21).tolist()     # pages 0..2 folded (R = 8)
+  cache = kvjax.init(cc)
+  _, cache = run(params, cache, cc, 0, first)
+  prompt = jnp.asarray([first[:16] + [0] * 16], jnp.int32)
+  owner_rows = cache.k.sink[:, 0], cache.v.sink[:, 0]
+  _, live = kvjax.attach_prefix(cache, jnp.array([1]), prompt, jnp.array([16]), config=cc)
+  assert int(live.seq_lens[1]) == 12                       # pages 0, 1, 2 attached
+  for got, want in zip((live.k.sink[:, 1], live.v.sink[:, 1]), owner_rows):
+    np.testing.assert_array_equal(got, want)
+  # no live owner: the pool's codes of page 0's first N tokens, dequantized
+  gone = kvjax.release(cache, jnp.array([0]))
+  _, cold = kvjax.attach_prefix(gone, jnp.array([1]), prompt, jnp.array([16]), config=cc)
+  page0 = int(cold.page_table[1, 0])
+  for pages, spec in ((cold.k, ks), (cold.v, vs)):
+    pool = jax.tree.map(lambda a: a[:, page0], pages.replace(stage=None, sink=None))
+    want = quant.dequantize_pages(pool, spec)[:, :N].astype(pages.sink.dtype)
+    np.testing.assert_array_equal(pages.sink[:, 1], want)
+  assert not np.array_equal(cold.k.sink[:, 1], owner_rows[0])   # quantized: not the same
