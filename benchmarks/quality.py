@@ -84,7 +84,11 @@ PROMPTS = (
 
 
 def specs_of(name: str):
-  """(key_spec, value_spec, cache dtype) of a preset; "float32" is an unquantized f32 cache."""
+  """(key_spec, value_spec, cache dtype) of a preset; "float32" is an unquantized f32 cache.
+
+  A cache row ``preset+prerope`` stores keys before RoPE (``CacheConfig.key_rope``).
+  """
+  name = name.removesuffix("+prerope")
   if name == "float32":
     return quant.QuantSpec(), quant.QuantSpec(), "float32"
   return (*quant.PRESETS[name], "bfloat16")
@@ -95,7 +99,8 @@ def cache_config(config, name: str, *, max_seqs: int, max_len: int) -> kvjax.Cac
   m = -(-max_len // PAGE)
   return config.cache_config(page_size=PAGE, num_pages=max_seqs * m, max_seqs=max_seqs,
                              max_pages_per_seq=m, dtype=dtype, key_quant=ks,
-                             value_quant=vs, prefix_caching=False)
+                             value_quant=vs, prefix_caching=False,
+                             prerope_keys=name.endswith("+prerope"))
 
 
 @jax.jit
@@ -189,10 +194,14 @@ def attention_error(config, qkv, name: str, chunk: int) -> list[float]:
   exact = causal_attention(q, k, v)                                  # layers as batch rows
   ks, vs, dtype = specs_of(name)
   m = -(-t // PAGE)
+  prerope = name.endswith("+prerope")
   cc = kvjax.CacheConfig(num_layers=1, num_kv_heads=config.num_kv_heads,
                          head_dim=config.head_dim, page_size=PAGE, num_pages=nl * m,
                          max_seqs=nl, max_pages_per_seq=m, dtype=dtype, key_quant=ks,
-                         value_quant=vs, prefix_caching=False)
+                         value_quant=vs, prefix_caching=False,
+                         key_rope=config.rope_base if prerope else 0.0)
+  if prerope:   # the cache takes keys before RoPE: undo the forward's rotation
+    k = rope(k, -jnp.broadcast_to(jnp.arange(t), (nl, t)), config.rope_base)
 
   @jax.jit
   def step(cache, qc, kc, vc):
@@ -396,7 +405,7 @@ def main(argv=None) -> dict:
       s = parse_emulated(s)[0]
       if s == "float32":
         raise ValueError("--emulate: the emulation rounds K/V to bf16; 'float32' is a cache row")
-    if s not in quant.PRESETS and s != "float32":
+    if s.removesuffix("+prerope") not in quant.PRESETS and s != "float32":
       raise ValueError(f"--specs: unknown preset {s!r}; known: {sorted(quant.PRESETS)}")
   num_windows = args.windows or (2 if args.quick else 16)
   prompts_n, new_tokens = (2, 32) if args.quick else (8, 256)

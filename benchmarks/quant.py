@@ -162,16 +162,21 @@ def device_check(quick: bool, reps: int, sizes=None) -> dict:
   q = jnp.asarray(rng.standard_normal((batch, 3 * h, d)), jnp.float32)
   table = jnp.asarray(rng.permutation(batch * m).reshape(batch, m), jnp.int32)
   lens = jnp.full((batch,), seq_len - PAGE // 2, jnp.int32)
-  for name in ("bf16",) + ATTEND_PRESETS:
-    k_spec, v_spec = quant.PRESETS[name]
+  sink = jnp.asarray(rng.standard_normal((batch, 1, h, d)), jnp.bfloat16)
+  # the int2 rows read every page from the pool (no ring); "+sr": with a sink token and
+  # keys stored before RoPE (rotated in the kernel), the 2-bit recipe's extra work
+  for name in ("bf16",) + ATTEND_PRESETS + ("int2-kbf-r128-s1", "int2-kbf-r128-s1+sr"):
+    k_spec, v_spec = quant.PRESETS[name.removesuffix("+sr")]
+    extra = dict(k_sink=sink, v_sink=sink, k_rope=10000.0) if name.endswith("+sr") else {}
     row = out[f"attend/{name}"] = {}
     try:
       kp = quant.quantize_pages(kf.astype(jnp.bfloat16), k_spec)
       vp = quant.quantize_pages(vf.astype(jnp.bfloat16), v_spec)
-      kern = jax.jit(lambda q, kp, vp, k_spec=k_spec, v_spec=v_spec: pa.paged_attention(
-          q, kp, vp, table, lens, k_spec, v_spec))
-      ref = jax.jit(lambda q, kp, vp, k_spec=k_spec, v_spec=v_spec: pa.paged_attention_reference(
-          q, kp, vp, table, lens, k_spec, v_spec))
+      kern = jax.jit(lambda q, kp, vp, k_spec=k_spec, v_spec=v_spec, extra=extra:
+                     pa.paged_attention(q, kp, vp, table, lens, k_spec, v_spec, **extra))
+      ref = jax.jit(lambda q, kp, vp, k_spec=k_spec, v_spec=v_spec, extra=extra:
+                    pa.paged_attention_reference(q, kp, vp, table, lens, k_spec, v_spec,
+                                                 **extra))
       want = ref(q, kp, vp)
       row["max_abs_diff"] = float(jnp.max(jnp.abs(kern(q, kp, vp) - want)))
       t_k, t_r = timeit(kern, q, kp, vp, reps=reps), timeit(ref, q, kp, vp, reps=reps)

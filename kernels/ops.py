@@ -100,7 +100,7 @@ def dequantize_pages(pages: Pages, spec: QuantSpec, *, pallas: Optional[bool] = 
 
 def paged_attention(q, k_pages: Pages, v_pages: Pages, page_table, kv_lens, k_spec: QuantSpec,
                     v_spec: QuantSpec, *, k_stage=None, v_stage=None, k_sink=None,
-                    v_sink=None, pallas: Optional[bool] = None):
+                    v_sink=None, k_rope: float = 0.0, pallas: Optional[bool] = None):
   """Paged decode attention over quantized pages on the selected path.
 
   Arguments as ``kvjax.kernels.paged_attention.paged_attention_reference``;
@@ -109,11 +109,13 @@ def paged_attention(q, k_pages: Pages, v_pages: Pages, page_table, kv_lens, k_sp
   if _choose(pallas):
     return pa.paged_attention(q, k_pages, v_pages, page_table, kv_lens, k_spec, v_spec,
                               k_stage=k_stage, v_stage=v_stage, k_sink=k_sink, v_sink=v_sink,
-                              interpret=_interpret())
+                              k_rope=k_rope, interpret=_interpret())
   return _jnp_attention(q, k_pages, v_pages, page_table, kv_lens, k_spec, v_spec,
-                        k_stage=k_stage, v_stage=v_stage, k_sink=k_sink, v_sink=v_sink)
+                        k_stage=k_stage, v_stage=v_stage, k_sink=k_sink, v_sink=v_sink,
+                        k_rope=k_rope)
 
 
 _jnp_quantize = jax.jit(quant.quantize_pages, static_argnames="spec")
 _jnp_dequantize = jax.jit(quant.dequantize_pages, static_argnames="spec")
-_jnp_attention = jax.jit(pa.paged_attention_reference, static_argnames=("k_spec", "v_spec"))
+_jnp_attention = jax.jit(pa.paged_attention_reference,
+                         static_argnames=("k_spec", "v_spec", "k_rope"))

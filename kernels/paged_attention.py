@@ -17,6 +17,8 @@ from jax.experimental import pallas as pl
 from kvjax import quant
 from kvjax.kernels import quantize as kq
 from kvjax.quant import QuantSpec
+from kvjax.rope import inv_freq
+from kvjax.rope import rope
 from kvjax.state import Pages
 
 
@@ -102,7 +104,8 @@ def paged_attention_reference(q: jax.Array, k_pages: Pages, v_pages: Pages,
                               v_spec: QuantSpec, *, k_stage: Optional[jax.Array] = None,
                               v_stage: Optional[jax.Array] = None,
                               k_sink: Optional[jax.Array] = None,
-                              v_sink: Optional[jax.Array] = None) -> jax.Array:
+                              v_sink: Optional[jax.Array] = None,
+                              k_rope: float = 0.0) -> jax.Array:
   """Decode attention (one query token per sequence) over paged, quantized K/V.
 
   Args:
@@ -117,6 +120,8 @@ def paged_attention_reference(q: jax.Array, k_pages: Pages, v_pages: Pages,
       read from ``stage[b, j % NS]`` instead of the pool.
     k_sink / v_sink: optional float ``[B, N, H, D]``: each sequence's first N
       tokens in full precision, read instead of the pool (``QuantSpec.sink``).
+    k_rope: 0, or the RoPE base of keys stored before RoPE: the dequantized
+      keys are rotated by their positions (``kvjax.rope.rope``) before the scores.
 
   Returns:
     float32 ``[B, Hq, D]``, softmax scale ``1 / sqrt(D)``.
@@ -134,6 +139,8 @@ def paged_attention_reference(q: jax.Array, k_pages: Pages, v_pages: Pages,
   h = k_pages.data.shape[2]
   residual = quant.residual_tokens(k_spec, v_spec)
   k = gather_dequantized(k_pages, k_spec, page_table, kv_lens, k_stage, residual, sink=k_sink)
+  if k_rope:
+    k = rope(k, jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), k.shape[:2]), k_rope)
   v = gather_dequantized(v_pages, v_spec, page_table, kv_lens, v_stage, residual, sink=v_sink)
   qg = q.astype(jnp.float32).reshape(b, h, hq // h, d)
   scores = jnp.einsum("bhgd,bthd->bhgt", qg, k) / jnp.sqrt(jnp.float32(d))
@@ -151,7 +158,7 @@ def paged_attention_reference(q: jax.Array, k_pages: Pages, v_pages: Pages,
 
 def _attention_kernel(*refs, k_spec: QuantSpec, v_spec: QuantSpec, head_dim: int,
                       page_size: int, residual: int, num_stage: int, pages_per_split: int,
-                      num_sink: int):
+                      num_sink: int, k_rope: float):
   """One (sequence, kv head, split): online softmax over that split's pages.
 
   Split ``c`` covers pages ``[c * pages_per_split, (c + 1) * pages_per_split)``
@@ -166,6 +173,8 @@ def _attention_kernel(*refs, k_spec: QuantSpec, v_spec: QuantSpec, head_dim: int
     k_stage_ref / v_stage_ref: float ``[NS, S, D]`` when ``num_stage > 0``.
     k_sink_ref / v_sink_ref: float32 ``[S, D]`` when ``num_sink > 0``: rows
       below ``num_sink`` replace page 0's (the rest is padding).
+    inv_ref: float32 ``[1, D/2]`` RoPE frequencies when ``k_rope > 0`` (keys
+      stored before RoPE: each loaded key tile is rotated by its positions).
     o_ref: float32 ``[G, D]`` unnormalized output; m_ref, l_ref: float32
       ``[G, 1]`` the split's score max and softmax denominator (-inf, 0 if empty).
   """
@@ -183,6 +192,7 @@ def _attention_kernel(*refs, k_spec: QuantSpec, v_spec: QuantSpec, head_dim: int
   v_stage_ref = next(it) if num_stage else None
   k_sink_ref = next(it) if num_sink else None
   v_sink_ref = next(it) if num_sink else None
+  inv_ref = next(it) if k_rope else None
   o_ref, m_ref, l_ref = next(it), next(it), next(it)
 
   b = pl.program_id(0)
@@ -193,7 +203,10 @@ def _attention_kernel(*refs, k_spec: QuantSpec, v_spec: QuantSpec, head_dim: int
     first_staged = n_pages
   lo = pl.program_id(2) * pages_per_split
   hi = jnp.minimum(lo + pages_per_split, n_pages)
+  half = head_dim // 2
   k_segs = kq.segments(k_spec, head_dim, page_size)
+  if k_rope:   # every key segment inside one half of the head: each has its RoPE partner
+    k_segs = [piece for seg in k_segs for piece in _split_at(seg, half)]
   v_segs = kq.segments(v_spec, head_dim, page_size)
   sm_scale = 1.0 / float(head_dim) ** 0.5
   small_group = q_ref.shape[0] < 16
@@ -210,9 +223,25 @@ def _attention_kernel(*refs, k_spec: QuantSpec, v_spec: QuantSpec, head_dim: int
       return jnp.sum(a[:, :, None] * b_[None, :, :], axis=1)
     return jnp.dot(a, b_, preferred_element_type=jnp.float32)
 
+  def keys(j, load_k):   # the page's key segments, rotated when stored before RoPE
+    ks = {seg[0]: load_k(seg) for seg in k_segs}
+    if not k_rope:
+      return [ks[c0] for c0, _, _, _ in k_segs]
+    pos = (j * page_size + jax.lax.broadcasted_iota(jnp.int32, (page_size, 1), 0)).astype(
+        jnp.float32)
+    out = []
+    for c0, w, _, _ in k_segs:   # as kvjax.rope.rope: [x1 cos - x2 sin, x2 cos + x1 sin]
+      angle = pos * inv_ref[:, pl.ds(c0 % half, w)]                        # [S, w]
+      cos, sin = jnp.cos(angle), jnp.sin(angle)
+      if c0 < half:
+        out.append(ks[c0] * cos - ks[c0 + half] * sin)
+      else:
+        out.append(ks[c0] * cos + ks[c0 - half] * sin)
+    return out
+
   def step(j, carry, load_k, load_v):
     m, l, acc = carry
-    scores = sum(mm_t(qp, load_k(seg)) for qp, seg in zip(q_parts, k_segs))   # [G, S]
+    scores = sum(mm_t(qp, kt) for qp, kt in zip(q_parts, keys(j, load_k)))   # [G, S]
     pos = j * page_size + jax.lax.broadcasted_iota(jnp.int32, scores.shape, 1)
     scores = jnp.where(pos < kv_len, scores, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(scores, axis=1, keepdims=True))   # [G, 1]
@@ -238,11 +267,13 @@ def _attention_kernel(*refs, k_spec: QuantSpec, v_spec: QuantSpec, head_dim: int
 
   def staged(j, carry):
     slot = j % max(num_stage, 1)
-    return step(j, carry,
-                lambda seg: kq.load_segment(k_stage_ref, None, None, (slot,),
-                                            (seg[0], seg[1], 0, seg[0]), full, head_dim),
-                lambda seg: kq.load_segment(v_stage_ref, None, None, (slot,),
-                                            (seg[0], seg[1], 0, seg[0]), full, head_dim))
+    return step(j, carry,   # (the sink wins here too: the reference reads it first)
+                lambda seg: with_sink(k_sink_ref, j, seg, kq.load_segment(
+                    k_stage_ref, None, None, (slot,), (seg[0], seg[1], 0, seg[0]), full,
+                    head_dim)),
+                lambda seg: with_sink(v_sink_ref, j, seg, kq.load_segment(
+                    v_stage_ref, None, None, (slot,), (seg[0], seg[1], 0, seg[0]), full,
+                    head_dim)))
 
   g = q_ref.shape[0]
   carry = (jnp.full((g, 1), -jnp.inf, jnp.float32), jnp.zeros((g, 1), jnp.float32),
@@ -260,13 +291,22 @@ def _attention_kernel(*refs, k_spec: QuantSpec, v_spec: QuantSpec, head_dim: int
 PAGES_PER_SPLIT = 32   # pages one program walks (512 tokens at S=16, vLLM v2's partition)
 
 
+def _split_at(seg, half: int) -> list:
+  """A ``(c0, w, k, o)`` segment cut where it crosses channel ``half`` (unpacked data only:
+  packed segments never cross it)."""
+  c0, w, k, o = seg
+  if not c0 < half < c0 + w:
+    return [seg]
+  return [(c0, half - c0, k, o), (half, c0 + w - half, k, o + half - c0)]
+
+
 @functools.partial(jax.jit, static_argnames=("k_spec", "v_spec", "interpret",
-                                             "pages_per_split"))
+                                             "pages_per_split", "k_rope"))
 def paged_attention(q: jax.Array, k_pages: Pages, v_pages: Pages, page_table: jax.Array,
                     kv_lens: jax.Array, k_spec: QuantSpec, v_spec: QuantSpec, *,
                     k_stage: Optional[jax.Array] = None, v_stage: Optional[jax.Array] = None,
                     k_sink: Optional[jax.Array] = None, v_sink: Optional[jax.Array] = None,
-                    interpret: bool = False,
+                    k_rope: float = 0.0, interpret: bool = False,
                     pages_per_split: Optional[int] = None) -> jax.Array:
   """Pallas paged decode attention, dequantization fused; as ``paged_attention_reference``.
 
@@ -278,7 +318,8 @@ def paged_attention(q: jax.Array, k_pages: Pages, v_pages: Pages, page_table: ja
   program walking all its pages, which left the GPU idle at small batch).
   Staged pages (a residual window or the partial page of a channel-axis spec)
   are read from ``k_stage``/``v_stage``, a sequence's first N tokens from
-  ``k_sink``/``v_sink`` when given.
+  ``k_sink``/``v_sink`` when given; keys stored before RoPE (``k_rope`` > 0,
+  the base) are rotated tile by tile after dequantization.
 
   Args:
     as ``paged_attention_reference``; ``interpret`` runs the Pallas interpreter;
@@ -334,12 +375,15 @@ def paged_attention(q: jax.Array, k_pages: Pages, v_pages: Pages, page_table: ja
     for sk in (k_sink, v_sink):
       ins.append(jnp.pad(sk.astype(jnp.float32), ((0, 0), (0, s - num_sink), (0, 0), (0, 0))))
       specs.append(pl.BlockSpec((None, s, None, d), lambda i, j, k: (i, 0, j, 0)))
+  if k_rope:
+    ins.append(inv_freq(d, k_rope)[None, :])
+    specs.append(pl.BlockSpec((1, d // 2), lambda i, j, k: (0, 0)))
   split_block = lambda w: pl.BlockSpec((None, None, None, gp, w),  # noqa: E731
                                        lambda i, j, k: (i, j, k, 0, 0))
   acc, m, l = pl.pallas_call(
       functools.partial(_attention_kernel, k_spec=k_spec, v_spec=v_spec, head_dim=d,
                         page_size=s, residual=residual, num_stage=num_stage,
-                        pages_per_split=pps, num_sink=num_sink),
+                        pages_per_split=pps, num_sink=num_sink, k_rope=float(k_rope)),
       grid=(b, h, c),
       in_specs=specs,
       out_specs=[split_block(d), split_block(1), split_block(1)],

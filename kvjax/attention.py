@@ -17,6 +17,7 @@ from kvjax.paging import head_dim_of
 from kvjax.paging import lens_before
 from kvjax.paging import pool_only
 from kvjax.paging import sink_rows
+from kvjax.rope import rope
 from kvjax.paging import stage_rows
 from kvjax.paging import write
 from kvjax.state import Pages
@@ -68,7 +69,7 @@ def attend(q: jax.Array, k_pages: Pages, v_pages: Pages, plan: StepPlan, *,
   if with_mass:
     return _attend_with_mass(q, k_pages, v_pages, plan)
   if (k_pages.spec.is_quantized or v_pages.spec.is_quantized or k_pages.stage is not None
-      or k_pages.sink is not None):
+      or k_pages.sink is not None or k_pages.rope_base):
     return _attend_quantized(q, k_pages, v_pages, plan)
   _, s_, h_, d_ = k_pages.data.shape
   b = plan.positions.shape[0]
@@ -83,6 +84,8 @@ def _attend_with_mass(q, k_pages: Pages, v_pages: Pages, plan: StepPlan):
   """``attend`` plus float32 [B, M] per-page attention mass (dense keys, any spec)."""
   if k_pages.stage is not None:
     raise ValueError("attend(with_mass=True) does not support pages with a staging ring")
+  if k_pages.rope_base:
+    raise ValueError("attend(with_mass=True) does not support keys stored before RoPE")
   s_ = k_pages.data.shape[1]
   b, m_ = plan.page_table.shape
   if k_pages.spec.is_quantized or v_pages.spec.is_quantized:
@@ -126,11 +129,16 @@ def _check_pair(q, k_pages: Pages, v_pages: Pages, plan: StepPlan) -> None:
 
 
 def _dense(pages: Pages, plan: StepPlan, *, staged: bool = True) -> jax.Array:
-  """float32 [B, M*S, H, D]: each row's K (or V) dequantized; ring pages from the ring."""
+  """float32 [B, M*S, H, D]: each row's K (or V) dequantized; ring pages from the ring;
+  keys stored before RoPE rotated by their positions."""
   from kvjax.kernels.paged_attention import gather_dequantized  # noqa: PLC0415 (cycle)
   stage = stage_rows(pages, plan) if staged else None
-  return gather_dequantized(pool_only(pages), pages.spec, plan.page_table, plan.kv_lens,
-                            stage, pages.residual, sink=sink_rows(pages, plan))
+  x = gather_dequantized(pool_only(pages), pages.spec, plan.page_table, plan.kv_lens,
+                         stage, pages.residual, sink=sink_rows(pages, plan))
+  if pages.rope_base:
+    pos = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+    x = rope(x, pos, pages.rope_base)
+  return x
 
 
 def _attend_quantized(q, k_pages: Pages, v_pages: Pages, plan: StepPlan) -> jax.Array:
@@ -140,7 +148,8 @@ def _attend_quantized(q, k_pages: Pages, v_pages: Pages, plan: StepPlan) -> jax.
     out = ops.paged_attention(q[:, 0], pool_only(k_pages), pool_only(v_pages),
                               plan.page_table, plan.kv_lens, k_pages.spec, v_pages.spec,
                               k_stage=stage_rows(k_pages, plan), v_stage=stage_rows(v_pages, plan),
-                              k_sink=sink_rows(k_pages, plan), v_sink=sink_rows(v_pages, plan))
+                              k_sink=sink_rows(k_pages, plan), v_sink=sink_rows(v_pages, plan),
+                              k_rope=k_pages.rope_base)
     return out[:, None].astype(q.dtype)
   k, v = _dense(k_pages, plan), _dense(v_pages, plan)
   return grouped_attention(q, k, v, _visible(plan, k.shape[1]))
@@ -194,6 +203,8 @@ def write_attend(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: Pages, v_pag
     # full precision: the ring and pool before the step, then this step's tokens
     full = _dense(before_pages, before)
     x = x.astype(before_pages.stage.dtype).astype(jnp.float32)
+    if before_pages.rope_base:   # keys stored before RoPE: the full view rotates them too
+      x = rope(x, plan.positions, before_pages.rope_base)
     dst = jnp.where(plan.valid, plan.positions, full.shape[1])        # [B, T], K = dropped
     full = full.at[rows, dst].set(x, mode="drop")
     return _dense(after_pages, plan, staged=False), full               # quantized, full

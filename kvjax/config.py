@@ -48,6 +48,13 @@ class CacheConfig:
       cache's events (``kvjax.cache_policy``). The oracles (``min``) are refused.
     eviction_params: ``((name, value), ...)`` overrides of the policy's
       parameters, validated by ``kvjax.policies.make_params``.
+    key_rope: 0 (default): keys are written as given (after RoPE). A RoPE base
+      (theta) > 0: keys are written *before* RoPE and attention rotates the
+      dequantized keys by their positions (rotate-half convention,
+      ``kvjax.rope``): KVQuant's pre-RoPE key quantization, which keeps a key
+      channel's values near the channel's own offset across a page (RoPE spins
+      each channel pair by the position). The model must then write unrotated
+      keys (``kvjax.models.decode_step`` does). Not with page dropping.
 
   >>> cfg = CacheConfig(num_layers=2, num_kv_heads=2, head_dim=8, page_size=4,
   ...                   num_pages=16, max_seqs=4, max_pages_per_seq=8)
@@ -72,6 +79,7 @@ class CacheConfig:
   hash_fn: Optional[Callable] = None
   eviction: str = "lru"
   eviction_params: tuple = ()
+  key_rope: float = 0.0
 
   def __post_init__(self):
     for name in ("num_layers", "num_kv_heads", "head_dim", "page_size", "num_pages",
@@ -92,6 +100,11 @@ class CacheConfig:
     if not isinstance(self.namespace, str):
       raise ValueError(f"CacheConfig.namespace must be a str, got {self.namespace!r}")
     self._check_eviction()
+    if not isinstance(self.key_rope, (int, float)) or self.key_rope < 0:
+      raise ValueError(f"CacheConfig.key_rope must be a RoPE base > 0 or 0 (off), "
+                       f"got {self.key_rope!r}")
+    if self.key_rope and self.head_dim % 2:
+      raise ValueError(f"CacheConfig.key_rope needs an even head_dim, got {self.head_dim}")
     if self.hash_fn is not None and not callable(self.hash_fn):
       raise ValueError(f"CacheConfig.hash_fn must be callable or None, got {self.hash_fn!r}")
 

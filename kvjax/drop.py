@@ -90,6 +90,9 @@ def enable(state: CacheState) -> CacheState:
   if state.fold_floor is not None or state.k.stage is not None:
     raise ValueError("enable: page dropping does not support quantized caches with a staging "
                      "ring (residual window or channel-axis specs)")
+  if state.k.rope_base:
+    raise ValueError("enable: page dropping re-positions tokens; it does not support keys "
+                     "stored before RoPE (CacheConfig.key_rope)")
   if state.k.sink is not None:
     raise ValueError("enable: page dropping does not support a QuantSpec sink (a dropped "
                      "first page would move other tokens into the sink's positions)")

@@ -73,6 +73,8 @@ class Pages:
   spec: QuantSpec = struct.field(pytree_node=False, default=QuantSpec())  # static: the layout
   residual: int = struct.field(pytree_node=False, default=0)  # static: the cache's window
   #                                    (tokens, max of the K and V specs'), same on K and V
+  rope_base: float = struct.field(pytree_node=False, default=0.0)  # static: > 0 on keys stored
+  #                                    before RoPE (``CacheConfig.key_rope``); attend rotates them
 
 
 @struct.dataclass
@@ -168,13 +170,15 @@ def init_meta(num_pages: int, page_size: int) -> PageMeta:
   )
 
 
-def init_pages(config: CacheConfig, spec: Optional[QuantSpec] = None) -> Pages:
+def init_pages(config: CacheConfig, spec: Optional[QuantSpec] = None, *,
+               rope_base: float = 0.0) -> Pages:
   """Empty (zero) pages of one of K/V for all layers, stored in ``spec``.
 
   Args:
     config: the cache config (shapes, dtype, and both specs: the staging ring
       exists when ``quant.needs_staging(config.key_quant, config.value_quant)``).
     spec: ``config.key_quant`` or ``config.value_quant``; default unquantized.
+    rope_base: ``config.key_rope`` for the keys (stored before RoPE), else 0.
 
   Returns:
     ``Pages`` with arrays ``[L, P, S, H, *]`` (see ``Pages``) and, with staging,
@@ -190,7 +194,7 @@ def init_pages(config: CacheConfig, spec: Optional[QuantSpec] = None) -> Pages:
            config.head_dim)
   ks, vs = config.key_quant, config.value_quant
   if not spec.is_quantized and not quant.needs_staging(ks, vs) and not quant.sink_tokens(ks, vs):
-    return Pages(data=jnp.zeros(shape, config.jnp_dtype), spec=spec)
+    return Pages(data=jnp.zeros(shape, config.jnp_dtype), spec=spec, rope_base=rope_base)
   pages = quant.init_quant_pages(spec, num_pages=config.num_pages, page_size=config.page_size,
                                  num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
                                  dtype=config.dtype, num_layers=config.num_layers)
@@ -203,7 +207,7 @@ def init_pages(config: CacheConfig, spec: Optional[QuantSpec] = None) -> Pages:
     sink = jnp.zeros((config.num_layers, config.max_seqs, quant.sink_tokens(ks, vs),
                       config.num_kv_heads, config.head_dim), config.jnp_dtype)
   return Pages(data=pages.data, scale=pages.scale, zero=pages.zero, stage=stage, sink=sink,
-               spec=spec, residual=quant.residual_tokens(ks, vs))
+               spec=spec, residual=quant.residual_tokens(ks, vs), rope_base=rope_base)
 
 
 def default_seed(config: CacheConfig) -> jax.Array:
@@ -227,7 +231,7 @@ def init(config: CacheConfig) -> CacheState:
   from kvjax import cache_policy  # noqa: PLC0415 (cache_policy -> policies -> state)
   staged = quant.needs_staging(config.key_quant, config.value_quant)
   return CacheState(
-      k=init_pages(config, config.key_quant),
+      k=init_pages(config, config.key_quant, rope_base=float(config.key_rope)),
       v=init_pages(config, config.value_quant),
       meta=init_meta(config.num_pages, config.page_size),
       index=index_init(config.index_slots),

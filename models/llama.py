@@ -28,6 +28,7 @@ from flax import struct
 import kvjax
 from kvjax.attention import grouped_attention
 from kvjax.attention import write_attend
+from kvjax.rope import rope
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,13 +85,18 @@ class LlamaConfig:
                head_dim=16, ffn_dim=128, rope_base=10000.0, rms_eps=1e-5)
 
   def cache_config(self, *, page_size: int, num_pages: int, max_seqs: int,
-                   max_pages_per_seq: int, **kwargs) -> kvjax.CacheConfig:
+                   max_pages_per_seq: int, prerope_keys: bool = False,
+                   **kwargs) -> kvjax.CacheConfig:
     """A ``kvjax.CacheConfig`` whose layer/head shapes match this model.
+
+    ``prerope_keys=True`` stores keys before RoPE (``key_rope=self.rope_base``).
 
     >>> LlamaConfig.small().cache_config(page_size=4, num_pages=8, max_seqs=2,
     ...                                  max_pages_per_seq=4).num_kv_heads
     2
     """
+    if prerope_keys:
+      kwargs["key_rope"] = self.rope_base
     return kvjax.CacheConfig(num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
                              head_dim=self.head_dim, page_size=page_size, num_pages=num_pages,
                              max_seqs=max_seqs, max_pages_per_seq=max_pages_per_seq, **kwargs)
@@ -192,32 +198,6 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
-  """Rotary embedding, rotate-half convention.
-
-  Args:
-    x: [B, T, heads, D].
-    positions: int32 [B, T], absolute position of each token.
-    base: frequency base (theta).
-
-  Returns:
-    [B, T, heads, D]: ``x[..., i]`` and ``x[..., i + D/2]`` rotated by
-    ``positions * base**(-2i/D)``.
-
-  >>> rope(jnp.ones((1, 1, 1, 4)), jnp.zeros((1, 1), jnp.int32), 10000.0).tolist()
-  [[[[1.0, 1.0, 1.0, 1.0]]]]
-  """
-  d = x.shape[-1]
-  inv_freq = 1.0 / (base ** (jnp.arange(0, d // 2, dtype=jnp.float32) * 2.0 / d))
-  angle = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-  cos = jnp.cos(angle)[:, :, None, :]
-  sin = jnp.sin(angle)[:, :, None, :]
-  x32 = x.astype(jnp.float32)
-  x1, x2 = x32[..., : d // 2], x32[..., d // 2:]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
-
-
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int = 256) -> jax.Array:
   """Dense causal grouped-query attention (the no-cache reference).
 
@@ -249,8 +229,10 @@ def _attention_block(q: jax.Array, k: jax.Array, v: jax.Array, q_start: int) -> 
   return grouped_attention(q, k, v, jnp.broadcast_to(visible, (b, tq, tk)))
 
 
-def _layer(lp: LayerParams, x: jax.Array, positions: jax.Array, attention, config: LlamaConfig):
-  """One decoder layer. ``attention(q, k, v) -> (out, aux)`` is dense or paged."""
+def _layer(lp: LayerParams, x: jax.Array, positions: jax.Array, attention, config: LlamaConfig,
+           *, rope_keys: bool = True):
+  """One decoder layer. ``attention(q, k, v) -> (out, aux)`` is dense or paged; with
+  ``rope_keys=False`` it gets the keys before RoPE (a cache with ``key_rope``)."""
   b, t, _ = x.shape
   c = config
   h = rms_norm(x, lp.attn_norm, c.rms_eps)
@@ -258,7 +240,8 @@ def _layer(lp: LayerParams, x: jax.Array, positions: jax.Array, attention, confi
   k = (h @ lp.wk).reshape(b, t, c.num_kv_heads, c.head_dim)
   v = (h @ lp.wv).reshape(b, t, c.num_kv_heads, c.head_dim)
   q = rope(q, positions, c.rope_base)
-  k = rope(k, positions, c.rope_base)
+  if rope_keys:
+    k = rope(k, positions, c.rope_base)
   attn, aux = attention(q, k, v)
   x = x + attn.reshape(b, t, c.num_heads * c.head_dim) @ lp.wo
   h = rms_norm(x, lp.mlp_norm, c.rms_eps)
@@ -357,6 +340,9 @@ def _check_step_args(tokens, seq_ids, num_new, config: LlamaConfig,
                           ("head_dim", cache_config.head_dim, config.head_dim)):
     if got != want:
       raise ValueError(f"cache_config.{name}={got} does not match the model's {name}={want}")
+  if cache_config.key_rope and cache_config.key_rope != config.rope_base:
+    raise ValueError(f"cache_config.key_rope={cache_config.key_rope} (keys stored before RoPE) "
+                     f"must be the model's rope_base={config.rope_base}")
 
 
 @functools.partial(jax.jit, static_argnames=("config", "cache_config"),
@@ -412,7 +398,8 @@ def decode_step(params: LlamaParams, cache: kvjax.CacheState, tokens: jax.Array,
       out, k_new, v_new = write_attend(q, k, v, k_pages, v_pages, plan)
       return out, (k_new, v_new)
 
-    x, (k_pages, v_pages) = _layer(lp, x, plan.positions, paged, config)
+    x, (k_pages, v_pages) = _layer(lp, x, plan.positions, paged, config,
+                                   rope_keys=not cache_config.key_rope)
     return x, (k_pages, v_pages)
 
   x = params.embed[tokens]

@@ -64,16 +64,21 @@ class _KernelChecks:
     else:
       np.testing.assert_array_equal(got_x, quant.dequantize_pages(want, spec))
 
-  @pytest.mark.parametrize("k_spec, v_spec, pages_per_split, sink",
-                           [(k, v, None, 0) for k, v in ATTN_SPECS]
-                           + [(*ATTN_SPECS[1], 1, 0), (*ATTN_SPECS[2], 2, 0),
-                              (*ATTN_SPECS[0], 1, 3)],
+  @pytest.mark.parametrize("k_spec, v_spec, pages_per_split, sink, k_rope",
+                           [(k, v, None, 0, 0.0) for k, v in ATTN_SPECS]
+                           + [(*ATTN_SPECS[1], 1, 0, 0.0), (*ATTN_SPECS[2], 2, 0, 0.0),
+                              (*ATTN_SPECS[0], 1, 3, 0.0), (*ATTN_SPECS[0], None, 0, 100.0),
+                              (*ATTN_SPECS[2], 1, 1, 100.0),
+                              (QuantSpec(bits=8), QuantSpec(bits=8), None, 0, 100.0)],
                            ids=lambda s: f"{s.bits}b{s.axis}-{s.zero_dtype}"
                            if isinstance(s, QuantSpec) else f"{s}")
-  def test_paged_attention_matches_reference(self, k_spec, v_spec, pages_per_split, sink):
+  def test_paged_attention_matches_reference(self, k_spec, v_spec, pages_per_split, sink,
+                                             k_rope):
     """Whole sequences in one program, and split over programs (1 or 2 pages
     each, so splits end mid-window and the merge sees empty splits); with
-    ``sink`` the first tokens come from full-precision rows."""
+    ``sink`` the first tokens come from full-precision rows; with ``k_rope``
+    keys are rotated after dequantization (packed halves, and an unpacked
+    spec whose segments are cut at D/2)."""
     b, hq, h, d, s, p = 3, 4, 2, 32, 8, 5
     rng = np.random.default_rng(1)
     q = jnp.asarray(rng.standard_normal((b, hq, d)), jnp.float32)
@@ -88,8 +93,9 @@ class _KernelChecks:
     if sink:
       kw.update(k_sink=_x(6, (b, sink, h, d)), v_sink=_x(7, (b, sink, h, d)))
     got = pa.paged_attention(q, kp, vp, table, lens, k_spec, v_spec, interpret=self.INTERPRET,
-                             pages_per_split=pages_per_split, **kw)
-    want = pa.paged_attention_reference(q, kp, vp, table, lens, k_spec, v_spec, **kw)
+                             pages_per_split=pages_per_split, k_rope=k_rope, **kw)
+    want = pa.paged_attention_reference(q, kp, vp, table, lens, k_spec, v_spec, k_rope=k_rope,
+                                        **kw)
     # float32 online softmax vs one-shot softmax: summation order only
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(got[2], 0.0)
@@ -123,6 +129,26 @@ def test_reference_reads_sink_rows_for_the_first_tokens():
     want.append(pa.paged_attention_reference(q[i:i + 1], Pages(data=ki), Pages(data=vi),
                                              table[i:i + 1], lens[i:i + 1], spec, spec))
   np.testing.assert_allclose(got, jnp.concatenate(want), rtol=1e-6, atol=1e-6)
+
+
+def test_reference_rotates_keys_stored_before_rope():
+  """With ``k_rope`` the reference equals the plain reference on keys rotated
+  by hand (each page's rows at their sequence positions, kvjax.rope.rope)."""
+  from kvjax.rope import rope
+  spec = QuantSpec()
+  h, d, s, p = 1, 8, 4, 3
+  k, v = _x(13, (p, s, h, d)), _x(14, (p, s, h, d))
+  table = jnp.array([[2, 0]], jnp.int32)
+  lens = jnp.array([7], jnp.int32)
+  q = _x(15, (1, 2, d))
+  got = pa.paged_attention_reference(q, Pages(data=k), Pages(data=v), table, lens, spec, spec,
+                                     k_rope=100.0)
+  kr = k
+  for j, page in enumerate(table[0].tolist()):   # page j holds positions j*S .. j*S + S - 1
+    pos = jnp.arange(j * s, (j + 1) * s)[None]
+    kr = kr.at[page].set(rope(k[page][None], pos, 100.0)[0])
+  want = pa.paged_attention_reference(q, Pages(data=kr), Pages(data=v), table, lens, spec, spec)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- GPU lowering
@@ -171,9 +197,10 @@ def test_kernels_lower_to_triton(name, lowering_for_gpu):
   if name.startswith("int2"):   # with a sink too
     args += [jax.ShapeDtypeStruct((b, 1, 3, 64), jnp.bfloat16)] * 2
     names += ["k_sink", "v_sink"]
-  text = _lower_for_cuda(
+  text = _lower_for_cuda(   # int2 presets: keys stored before RoPE as well
       lambda q, k, v, t, n, *more: pa.paged_attention(
-          q, k, v, t, n, k_spec, v_spec, **dict(zip(names, more))), *args)
+          q, k, v, t, n, k_spec, v_spec, k_rope=10000.0 if name.startswith("int2") else 0.0,
+          **dict(zip(names, more))), *args)
   assert "__gpu$xla.gpu.triton" in text and "paged_attention" in text
 
 

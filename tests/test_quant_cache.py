@@ -25,6 +25,7 @@ from kvjax.models import forward
 from kvjax.models import init_params
 from kvjax.models.llama import _layer
 from kvjax.models.llama import _logits
+from kvjax.rope import rope
 from kvjax.quant import QuantSpec
 
 CFG = LlamaConfig.small()
@@ -45,6 +46,8 @@ SPECS = {name: _with_window(quant.PRESETS[name], R)
          for name in ("int8", "fp8", "int4", "int2-r64", "int2-kivi-r128")}
 SPECS["int2-sink"] = _with_sink(SPECS["int2-r64"], N)   # through the ring
 SPECS["int8-sink"] = _with_sink(SPECS["int8"], N)       # tokens written straight to the pool
+SPECS["int2-prerope"] = SPECS["int2-sink"]              # and keys stored before RoPE
+PREROPE = ("int2-prerope",)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +59,8 @@ def params():
 def cache_config(name, prefix_caching=False):   # prefix caching off: compiles ~2x faster
   ks, vs = SPECS[name]
   return CFG.cache_config(page_size=S, num_pages=40, max_seqs=2, max_pages_per_seq=10,
-                          key_quant=ks, value_quant=vs, prefix_caching=prefix_caching)
+                          key_quant=ks, value_quant=vs, prefix_caching=prefix_caching,
+                          prerope_keys=name in PREROPE)
 
 
 def _emulate(x, spec):
@@ -70,8 +74,9 @@ def _emulate(x, spec):
   return out.reshape(1, n + pad, *x.shape[2:])[:, :n]
 
 
-def reference_logits(params, tokens, specs):
-  """float32 [N, V]: causal forward whose attention reads K/V as the cache stores them."""
+def reference_logits(params, tokens, specs, prerope=False):
+  """float32 [N, V]: causal forward whose attention reads K/V as the cache stores them
+  (``prerope``: keys quantized before RoPE, the dequantized keys then rotated)."""
   ks, vs = specs
   tokens = jnp.asarray([tokens], jnp.int32)
   n = tokens.shape[1]
@@ -86,6 +91,8 @@ def reference_logits(params, tokens, specs):
 
   def attention(q, k, v):
     kq, vq = _emulate(k, ks), _emulate(v, vs)
+    if prerope:
+      kq, k = (rope(a, pos[None], CFG.rope_base) for a in (kq, k))
     kk = jnp.where(sel[:, :, None, None], kq[0][None], k[0][None])     # [Nq, Nk, H, D]
     vv = jnp.where(sel[:, :, None, None], vq[0][None], v[0][None])
     g = CFG.num_heads // CFG.num_kv_heads
@@ -98,7 +105,7 @@ def reference_logits(params, tokens, specs):
   x = params.embed[tokens]
   for i in range(CFG.num_layers):
     lp = jax.tree.map(lambda a: a[i], params.layers)
-    x, _ = _layer(lp, x, pos[None], attention, CFG)
+    x, _ = _layer(lp, x, pos[None], attention, CFG, rope_keys=not prerope)
   return np.asarray(_logits(params, x, CFG))[0]
 
 
@@ -131,7 +138,7 @@ def run(params, cache, cc, sid, tokens, chunk=T):
 # channels to exploit), int2 helped by its window. Measured: 0.011, 0.06, 0.18,
 # 0.6 on 40 tokens; the bounds leave ~1.5x.
 FLOAT_TOL = {"int8": 0.02, "fp8": 0.1, "int4": 0.3, "int2-r64": 1.0, "int2-kivi-r128": 1.0,
-             "int2-sink": 1.0, "int8-sink": 0.02}
+             "int2-sink": 1.0, "int8-sink": 0.02, "int2-prerope": 1.0}
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -158,10 +165,11 @@ def test_decode_step_compiles_once_and_matches_quantized_reference(params, name)
   assert int(cache.status) == 0
   got0 = np.concatenate(got0)
   # float32 everywhere; only summation order differs from the reference
-  np.testing.assert_allclose(got0, reference_logits(params, tokens, SPECS[name]),
+  pre = name in PREROPE
+  np.testing.assert_allclose(got0, reference_logits(params, tokens, SPECS[name], pre),
                              atol=2e-4, rtol=2e-4)
   np.testing.assert_allclose(np.concatenate(got1),
-                             reference_logits(params, other + [7] * 3, SPECS[name]),
+                             reference_logits(params, other + [7] * 3, SPECS[name], pre),
                              atol=2e-4, rtol=2e-4)
   want = np.asarray(forward(params, jnp.asarray([tokens]), CFG))[0]
   err = np.abs(got0 - want).max() / np.abs(want).max()
