@@ -122,7 +122,7 @@ def _quantize_kernel(x_ref, *out_refs, spec: QuantSpec):
   Refs:
     x_ref: float ``[S, D]``.
     out_refs: data ``[S, W]`` (uint8 or fp8 ``[S, D]``), scale ``[S, ng]`` or
-      ``[nt, D]``, then zero (same shape, int8 or bfloat16 per ``spec.zero_dtype``)
+      ``[nt, D]``, then zero (same shape, int8, bfloat16 or float16 per ``spec.zero_dtype``)
       for asymmetric specs.
   """
   data_ref, scale_ref = out_refs[0], out_refs[1]

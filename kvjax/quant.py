@@ -17,8 +17,9 @@ Layouts (see docs/quantization.md):
 * Decoding is one formula for every integer spec: ``x = scale * (code + zero)``.
   Symmetric specs store no zero (it is the constant ``-2**(bits-1)``);
   asymmetric specs store ``zero`` as int8 in units of the scale
-  (``zero_dtype="int8"``), or the group's minimum itself as bfloat16
-  (``zero_dtype="bfloat16"``, KIVI): then ``x = scale * code + zero``.
+  (``zero_dtype="int8"``), or the group's minimum itself, rounded down to
+  bfloat16 (``zero_dtype="bfloat16"``, KIVI) or float16 (``"float16"``: 3
+  more mantissa bits, range +-65504): then ``x = scale * code + zero``.
 * Scales are stored as bfloat16, float16 or ``"log8"``: a uint8 code ``c``
   meaning ``2 ** ((c - 160) / 8)`` (steps of 9 %, range ``1e-6 .. 3.8e3``).
   Every encoding rounds the scale *up*, so no code ever clips.
@@ -41,7 +42,9 @@ BITS = (16, 8, 4, 2)
 KINDS = ("int", "fp8")
 AXES = ("token", "channel")
 SCALE_DTYPES = ("bfloat16", "float16", "log8")
-ZERO_DTYPES = ("int8", "bfloat16")   # int8: zero in units of the scale; bfloat16: the minimum
+# int8: zero in units of the scale; bfloat16 / float16: the group minimum, rounded down
+ZERO_DTYPES = ("int8", "bfloat16", "float16")
+F16_MAX = 65504.0        # largest finite float16
 LOG8_BIAS = 160          # log8 code of scale 1.0
 LOG8_STEPS = 8           # codes per octave
 # 2 ** (i / LOG8_STEPS) rounded to float32: log8 scales decode as 2**e times one
@@ -73,7 +76,11 @@ class QuantSpec:
       scale, ``round(min / scale)``, with the scale widened to
       ``(max - min) / (2**bits - 1.5)`` (one byte); "bfloat16": the group's
       minimum rounded down to bfloat16, ``x = scale * code + min`` with the
-      full ``2**bits - 1`` steps (two bytes; KIVI's layout).
+      full ``2**bits - 1`` steps (two bytes; KIVI's layout); "float16": the
+      same with the minimum rounded down to float16 (two bytes, 3 more
+      mantissa bits: a group far from 0 keeps more of its range). float16
+      is for activations well inside its range: a minimum below -65504 is
+      stored as -65504 (the values below it clip to it; never inf or nan).
     residual: full-precision window of the most recent tokens per sequence;
       a multiple of page_size (KIVI's residual).
     sink: the first ``sink`` tokens of every sequence are also kept in full
@@ -177,7 +184,7 @@ class QuantSpec:
 
   @property
   def zero_is_min(self) -> bool:
-    """Whether the stored zero is the group's minimum (bfloat16), not int8 scale units."""
+    """Whether the stored zero is the group's minimum (bf16 or f16), not int8 scale units."""
     return self.has_zero and self.zero_dtype != "int8"
 
   @property
@@ -193,6 +200,9 @@ class QuantSpec:
 
 def encode_scale(scale: jax.Array, scale_dtype: str) -> jax.Array:
   """Encode float32 scales, rounding up: ``decode_scale(encode_scale(s)) >= s``.
+
+  float16 saturates at 65504 (a scale above it, for values of order 1e5
+  and more, is stored as 65504 and its codes clip, rather than as inf).
 
   >>> int(encode_scale(jnp.float32(1.0), "log8"))
   160
@@ -210,8 +220,10 @@ def encode_scale(scale: jax.Array, scale_dtype: str) -> jax.Array:
     bits = jax.lax.bitcast_convert_type(scale, jnp.uint32)
     up = (bits + jnp.uint32(0xFFFF)) & jnp.uint32(0xFFFF0000)
     return jax.lax.bitcast_convert_type(up, jnp.float32).astype(jnp.bfloat16)
-  enc = scale.astype(jnp.dtype(scale_dtype))
-  return jnp.where(enc.astype(jnp.float32) < scale, jnp.nextafter(enc, jnp.inf), enc)
+  if scale_dtype == "float16":    # ceil to f16 (integer ops; 65504 at most), an exact convert
+    return f16_round(scale, up=True).astype(jnp.float16)
+  raise ValueError(f"encode_scale: scale_dtype must be one of {SCALE_DTYPES}, "
+                   f"got {scale_dtype!r}")
 
 
 def decode_scale(encoded: jax.Array, scale_dtype: str) -> jax.Array:
@@ -290,8 +302,9 @@ def group_scale(amax: jax.Array, lo: Optional[jax.Array], hi: Optional[jax.Array
 
   ``zero_dtype="int8"``: the zero point is ``round(lo / scale)`` (int8); the
   scale is widened just enough that neither the zero nor any code clips, so
-  every element decodes within ``scale / 2``. ``zero_dtype="bfloat16"``: pass
-  the stored minimum (``min_floor(lo)``) as ``lo``; the scale spans
+  every element decodes within ``scale / 2``. ``zero_dtype="bfloat16"`` /
+  ``"float16"``: pass the stored minimum (``min_floor(lo, zero_dtype)``) as
+  ``lo``; the scale spans
   ``hi - lo`` in ``2**bits - 1`` steps.
   """
   if spec.kind == "fp8":
@@ -304,16 +317,57 @@ def group_scale(amax: jax.Array, lo: Optional[jax.Array], hi: Optional[jax.Array
   return jnp.maximum((hi - lo) / (qmax - 0.5), jnp.abs(lo) / _ZERO_MAX)
 
 
-def min_floor(lo: jax.Array) -> jax.Array:
-  """float32 ``lo`` rounded down to a bfloat16 value (``<= lo``; integer ops only).
+def min_floor(lo: jax.Array, dtype: str = "bfloat16") -> jax.Array:
+  """float32 ``lo`` rounded down to a ``dtype`` value (``<= lo``; integer ops only).
+
+  ``dtype`` is "bfloat16" or "float16" (``f16_round``: saturates at
+  +-65504, so a ``lo`` below -65504 gives -65504, the one case above ``lo``).
 
   >>> float(min_floor(jnp.float32(-1.001))), float(min_floor(jnp.float32(1.001)))
   (-1.0078125, 1.0)
+  >>> float(min_floor(jnp.float32(-1.001), "float16"))
+  -1.001953125
   """
+  if dtype == "float16":
+    return f16_round(lo, up=False)
+  if dtype != "bfloat16":
+    raise ValueError(f"min_floor: dtype must be 'bfloat16' or 'float16', got {dtype!r}")
   bits = jax.lax.bitcast_convert_type(jnp.asarray(lo, jnp.float32), jnp.uint32)
   neg = (bits >> 31) == 1
   down = jnp.where(neg, bits + jnp.uint32(0xFFFF), bits) & jnp.uint32(0xFFFF0000)
   return jax.lax.bitcast_convert_type(down, jnp.float32)
+
+
+def f16_round(x: jax.Array, *, up: bool) -> jax.Array:
+  """float32 ``x`` rounded to a float16 value toward +inf (``up``) or -inf, as float32.
+
+  Integer ops on the float32 bits only (no ``nextafter``, no conversion
+  rounding), so it lowers everywhere (Pallas's Triton path included) and
+  ``.astype(float16)`` of the result is exact. float16's last place is 13
+  float32 mantissa bits for normal values (``|x| >= 2**-14``) and the fixed
+  ``2**-24`` below (subnormals): the low ``clip(126 - E, 13, 23)`` bits of a
+  float32 with biased exponent ``E`` are cleared, after adding them all once
+  when rounding away from zero; ``|x| < 2**-24`` gives 0 or ``+-2**-24``.
+  Results saturate at ``+-65504`` (float16's largest finite), so
+  ``x < -65504`` rounded down (or ``x > 65504`` rounded up) gives the
+  largest finite value, never inf; nan stays nan.
+
+  >>> f16_round(jnp.array([1.0005, -1.0005, 1e-8, -1e-8, 7e4, -7e4]), up=False).tolist()
+  [1.0, -1.0009765625, 0.0, -5.960464477539063e-08, 65504.0, -65504.0]
+  >>> f16_round(jnp.array([1.0005, 0.0, 1e-8]), up=True).tolist()
+  [1.0009765625, 0.0, 5.960464477539063e-08]
+  """
+  bits = jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), jnp.uint32)
+  sign = bits & jnp.uint32(0x80000000)
+  mag = bits & jnp.uint32(0x7FFFFFFF)
+  exp = (mag >> 23).astype(jnp.int32)
+  drop = jnp.clip(126 - exp, 13, 23).astype(jnp.uint32)
+  mask = (jnp.uint32(1) << drop) - jnp.uint32(1)
+  away = (sign == 0) if up else (sign != 0)       # the magnitude grows
+  r = jnp.where(away, bits + mask, bits) & ~mask
+  tiny = jnp.where(away & (mag != 0), sign | jnp.uint32(0x33800000), sign)   # 0x33800000: 2**-24
+  r = jnp.where(exp < 103, tiny, r)                                          # |x| < 2**-24
+  return jnp.clip(jax.lax.bitcast_convert_type(r, jnp.float32), -F16_MAX, F16_MAX)
 
 
 def group_params(amax: jax.Array, lo: Optional[jax.Array], hi: Optional[jax.Array],
@@ -321,7 +375,8 @@ def group_params(amax: jax.Array, lo: Optional[jax.Array], hi: Optional[jax.Arra
   """Encoded scale, decoded float32 scale and float32 zero of groups from their stats.
 
   The zero is None for symmetric specs; for ``zero_dtype="int8"`` an integer
-  in units of the scale, for ``"bfloat16"`` the minimum rounded down to bf16.
+  in units of the scale, for ``"bfloat16"`` / ``"float16"`` the minimum
+  rounded down to that dtype (``min_floor``).
   Either way it is stored exactly by ``zero.astype(stored zero dtype)``.
 
   >>> enc, s, z = group_params(None, jnp.float32(-1.0), jnp.float32(2.0),
@@ -329,7 +384,7 @@ def group_params(amax: jax.Array, lo: Optional[jax.Array], hi: Optional[jax.Arra
   >>> float(s), float(z)
   (1.0, -1.0)
   """
-  z = min_floor(lo) if spec.zero_is_min else None
+  z = min_floor(lo, spec.zero_dtype) if spec.zero_is_min else None
   enc = encode_scale(group_scale(amax, lo if z is None else z, hi, spec), spec.scale_dtype)
   s = decode_scale(enc, spec.scale_dtype)
   if spec.has_zero and z is None:
@@ -338,8 +393,12 @@ def group_params(amax: jax.Array, lo: Optional[jax.Array], hi: Optional[jax.Arra
 
 
 def zero_storage_dtype(spec: QuantSpec):
-  """The dtype of a spec's stored zero points (int8 or bfloat16)."""
-  return jnp.dtype(jnp.bfloat16) if spec.zero_is_min else jnp.dtype(jnp.int8)
+  """The dtype of a spec's stored zero points (int8, bfloat16 or float16).
+
+  >>> zero_storage_dtype(QuantSpec(bits=2, symmetric=False, zero_dtype="float16"))
+  dtype('float16')
+  """
+  return jnp.dtype(spec.zero_dtype)
 
 
 def round_half_even(x: jax.Array) -> jax.Array:
@@ -371,7 +430,7 @@ def encode_values(x: jax.Array, s: jax.Array, z: Optional[jax.Array], spec: Quan
   """Codes of float32 ``x`` given broadcastable decoded scales and zero points.
 
   Returns uint8 codes (unpacked) for integer specs, float8_e4m3fn for fp8.
-  For ``zero_dtype="bfloat16"`` specs ``z`` is the minimum: ``(x - z) / s``.
+  For ``zero_dtype="bfloat16"`` / ``"float16"`` specs ``z`` is the minimum: ``(x - z) / s``.
   """
   if spec.zero_is_min:
     return jnp.clip(round_half_even((x - z) * _inverse(s)), 0, (1 << spec.bits) - 1).astype(jnp.uint8)
@@ -388,7 +447,7 @@ def decode_values(u: jax.Array, s: jax.Array, z: Optional[jax.Array],
                   spec: QuantSpec) -> jax.Array:
   """float32 values ``s * (code + zero)`` from unpacked codes (or fp8 values).
 
-  ``zero_dtype="bfloat16"`` specs: ``s * code + zero`` (the zero is the minimum).
+  ``zero_dtype="bfloat16"`` / ``"float16"`` specs: ``s * code + zero`` (the zero is the minimum).
   """
   u = u.astype(jnp.float32)
   if spec.zero_is_min:
@@ -879,4 +938,10 @@ PRESETS = {
                                    sink=4),
                          QuantSpec(bits=2, symmetric=False, scale_dtype="log8", residual=128,
                                    sink=4)),
+    # K scale and minimum in float16 (3 more mantissa bits than bf16, same bytes)
+    "int2-kf16-r128-s4": (QuantSpec(bits=2, axis="channel", symmetric=False,
+                                    scale_dtype="float16", zero_dtype="float16", residual=128,
+                                    sink=4),
+                          QuantSpec(bits=2, symmetric=False, scale_dtype="log8", residual=128,
+                                    sink=4)),
 }

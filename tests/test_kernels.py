@@ -25,6 +25,8 @@ QUANT_SPECS = [
     QuantSpec(bits=4, axis="channel", symmetric=False, scale_dtype="log8"),  # 1 group / page
     QuantSpec(bits=2, symmetric=False, group_size=16, scale_dtype="log8",  # bf16 minimum
               zero_dtype="bfloat16"),
+    QuantSpec(bits=2, axis="channel", symmetric=False, scale_dtype="float16",  # f16 minimum
+              zero_dtype="float16"),                                         # and f16 scale
 ]
 
 ATTN_SPECS = [
@@ -35,6 +37,10 @@ ATTN_SPECS = [
     (QuantSpec(bits=2, axis="channel", symmetric=False, scale_dtype="log8",
                zero_dtype="bfloat16", residual=8),
      QuantSpec(bits=2, symmetric=False, scale_dtype="log8", zero_dtype="bfloat16", residual=8)),
+    (QuantSpec(bits=2, axis="channel", symmetric=False, scale_dtype="float16",
+               zero_dtype="float16", residual=8),
+     QuantSpec(bits=2, symmetric=False, group_size=16, scale_dtype="log8", zero_dtype="float16",
+               residual=8)),
 ]
 
 
@@ -67,6 +73,7 @@ class _KernelChecks:
   @pytest.mark.parametrize("k_spec, v_spec, pages_per_split, sink, k_rope",
                            [(k, v, None, 0, 0.0) for k, v in ATTN_SPECS]
                            + [(*ATTN_SPECS[1], 1, 0, 0.0), (*ATTN_SPECS[2], 2, 0, 0.0),
+                              (*ATTN_SPECS[3], 2, 0, 0.0),
                               (*ATTN_SPECS[0], 1, 3, 0.0), (*ATTN_SPECS[0], None, 0, 100.0),
                               (*ATTN_SPECS[2], 1, 1, 100.0),
                               (QuantSpec(bits=8), QuantSpec(bits=8), None, 0, 100.0)],
@@ -171,14 +178,23 @@ def lowering_for_gpu(monkeypatch):
 
 
 GPU_PRESETS = ("int8", "fp8", "int4", "int2-r64", "int2-kmin-r128")
+# not presets: the float16 minimum and float16 scales (Triton has no float16 nextafter)
+GPU_SPECS = {
+    "int2-kmin-f16-r128": (
+        QuantSpec(bits=2, axis="channel", symmetric=False, scale_dtype="float16",
+                  zero_dtype="float16", residual=128),
+        QuantSpec(bits=2, symmetric=False, scale_dtype="float16", zero_dtype="float16",
+                  residual=128)),
+}
 
 
-@pytest.mark.parametrize("name", GPU_PRESETS)
+@pytest.mark.parametrize("name", GPU_PRESETS + tuple(GPU_SPECS))
 def test_kernels_lower_to_triton(name, lowering_for_gpu):
   """Every kernel lowers through Pallas's Triton path (which lacks some primitives:
-  ``round``, in-register ``slice``) with odd pool sizes and SmolLM2's head shape.
-  Compiling and running needs the GPU (``benchmarks/quant.py --device-check``)."""
-  k_spec, v_spec = quant.PRESETS[name]
+  ``round``, in-register ``slice``, float16 ``nextafter``) with odd pool sizes and
+  SmolLM2's head shape. Compiling and running needs the GPU
+  (``benchmarks/quant.py --device-check``)."""
+  k_spec, v_spec = GPU_SPECS[name] if name in GPU_SPECS else quant.PRESETS[name]
   x = jax.ShapeDtypeStruct((37, 16, 3, 64), jnp.bfloat16)
   for spec in (k_spec, v_spec):
     pages = jax.eval_shape(lambda a, spec=spec: quant.quantize_pages(a, spec), x)

@@ -82,6 +82,98 @@ def test_min_zero_rounds_down_to_bf16():
   assert float(quant.min_floor(jnp.float32(-2.0))) == -2.0
 
 
+def _f16_grid():
+  """Every finite float16 value, ascending, as float64 (from the bit patterns)."""
+  v = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float64)
+  return np.unique(v[np.isfinite(v)])   # +0 and -0 merge into one 0
+
+
+def _f32_probe_values(seed):
+  """float32 values of every kind around float16's grid: random magnitudes from float32
+  subnormals to beyond 65504, exact float16 values (normal and subnormal) and their
+  float32 neighbours, float16 half-way points, zeros and the range's edges."""
+  rng = np.random.default_rng(seed)
+  mags = 10.0 ** rng.uniform(-44, 6, 4000)
+  rand = (mags * rng.choice([-1.0, 1.0], mags.shape)).astype(np.float32)
+  grid = _f16_grid()
+  exact = rng.choice(grid, 2000).astype(np.float32)
+  below = np.nextafter(exact, np.float32(-np.inf))
+  above = np.nextafter(exact, np.float32(np.inf))
+  half = ((grid[:-1] + grid[1:]) / 2)[rng.integers(0, len(grid) - 1, 1000)].astype(np.float32)
+  edges = np.array([0.0, -0.0, 1e-45, -1e-45, 1e-40, -1e-40, 2.0 ** -24, -(2.0 ** -24),
+                    2.0 ** -25, -(2.0 ** -25), 2.0 ** -14, -(2.0 ** -14), 6.1e-5, -6.1e-5,
+                    65504.0, -65504.0, 65519.0, 65520.0, -65519.0, 1e5, -1e5, 3e38, -3e38],
+                   np.float32)
+  return np.concatenate([rand, exact, below, above, half, edges])
+
+
+@pytest.mark.parametrize("up", [False, True])
+def test_f16_round_matches_float64_model(up):
+  """Down: the largest float16 <= x (the next float16 above it is > x); up: the
+  smallest >= x. Model: the sorted table of all finite float16 values, in float64.
+  Beyond the finite range the result saturates at -+65504 (documented)."""
+  x = _f32_probe_values(11)
+  got = np.asarray(quant.f16_round(jnp.asarray(x), up=up)).astype(np.float64)
+  grid, xd = _f16_grid(), x.astype(np.float64)
+  if up:
+    i = np.clip(np.searchsorted(grid, xd, side="left"), 0, len(grid) - 1)
+  else:
+    i = np.clip(np.searchsorted(grid, xd, side="right") - 1, 0, len(grid) - 1)
+  np.testing.assert_array_equal(got, grid[i])
+  np.testing.assert_array_equal(got.astype(np.float16).astype(np.float64), got)  # a float16
+  inside = np.abs(xd) <= 65504
+  if up:
+    assert np.all(got[inside] >= xd[inside])
+    prev = grid[np.maximum(i - 1, 0)]
+    assert np.all(((prev < xd) | (i == 0))[inside])
+  else:
+    assert np.all(got[inside] <= xd[inside])
+    nxt = grid[np.minimum(i + 1, len(grid) - 1)]
+    assert np.all(((nxt > xd) | (i == len(grid) - 1))[inside])
+  assert np.all(np.isfinite(got)) and np.all(np.abs(got[~inside]) == 65504)
+  np.testing.assert_array_equal(quant.min_floor(jnp.asarray(x), "float16"),
+                                quant.f16_round(jnp.asarray(x), up=False))
+
+
+def test_min_zero_rounds_down_to_f16():
+  # -1.001 is not a float16: the stored minimum is the next float16 below
+  # (-1 - 2**-9, 4x closer than bf16's -1 - 2**-7)
+  x = jnp.array([-1.001, 0.5]).reshape(2, 1, 1)
+  spec = QuantSpec(bits=4, axis="channel", symmetric=False, zero_dtype="float16")
+  p = quant.quantize_pages(jnp.tile(x, (1, 1, 2)), spec)
+  assert p.zero.dtype == jnp.float16
+  assert p.zero.astype(jnp.float32).ravel().tolist() == [-1 - 2 ** -9] * 2
+
+
+def test_f16_min_and_scale_saturate_finite():
+  # a group minimum below -65504 has no float16 at or below it: stored as -65504,
+  # values below clip to it; float16 scales saturate at 65504 (never inf / nan)
+  x = jnp.tile(jnp.array([-1e5, -7e4, 0.0, 3e4]).reshape(4, 1, 1), (1, 1, 4))
+  for scale_dtype in ("bfloat16", "float16"):
+    spec = QuantSpec(bits=2, axis="channel", symmetric=False, scale_dtype=scale_dtype,
+                     zero_dtype="float16")
+    p = quant.quantize_pages(x, spec)
+    assert float(p.zero.ravel()[0]) == -65504.0
+    xr = np.asarray(quant.dequantize_pages(p, spec))[:, 0, 0]
+    assert np.all(np.isfinite(xr)) and xr[0] == -65504.0
+    np.testing.assert_allclose(xr[2:], [0.0, 3e4], atol=float(p.scale.astype(jnp.float32).max()))
+  enc = quant.encode_scale(jnp.array([6e4, 65504.0, 65505.0, 1e6]), "float16")
+  assert enc.dtype == jnp.float16
+  assert enc.astype(jnp.float32).tolist() == [60000.0, 65504.0, 65504.0, 65504.0]
+
+
+def test_f16_min_beats_bf16_min_at_an_offset():
+  # 2-bit keys whose channels sit far from 0: bf16's ulp at 200 is 1 (the stored
+  # minimum up to 1 below the true one widens the step), float16's is 1/8 (groups span ~1 here)
+  x = 200.0 + 0.25 * jnp.asarray(np.random.default_rng(6).standard_normal((4, 32, 2, 64)),
+                                jnp.float32)
+  err = lambda s: float(jnp.sqrt(jnp.mean(  # noqa: E731
+      (quant.dequantize_pages(quant.quantize_pages(x, s), s) - x) ** 2)))
+  kw = dict(bits=2, axis="channel", symmetric=False, scale_dtype="float16")
+  assert err(QuantSpec(**kw, zero_dtype="float16")) < 0.8 * err(QuantSpec(**kw,
+                                                                            zero_dtype="bfloat16"))
+
+
 def test_channel_axis_one_scale_per_channel_per_page():
   # [S=2, H=1, D=2]; channel 0 over tokens: amax 127/16 -> 1/16; channel 1 all zero
   x = jnp.array([[127 / 16, 0.0], [-1.0, 0.0]]).reshape(2, 1, 2)
@@ -138,6 +230,7 @@ def test_fp8_known_scale():
     dict(kind="nf4"), dict(axis="head"), dict(group_size=0), dict(scale_dtype="float32"),
     dict(bits=4, residual=-16), dict(residual=16), dict(bits=4, zero_dtype="float32"),
     dict(bits=4, zero_dtype="bfloat16"),                      # symmetric: no zero to store
+    dict(bits=4, zero_dtype="float16"), dict(bits=8, kind="fp8", zero_dtype="float16"),
     dict(bits=16, symmetric=False, zero_dtype="bfloat16"),
 ])
 def test_invalid_spec_raises(kwargs):
@@ -179,6 +272,11 @@ SPECS = [
     QuantSpec(bits=2, axis="channel", symmetric=False, zero_dtype="bfloat16"),
     QuantSpec(bits=4, symmetric=False, group_size=16, scale_dtype="float16",
               zero_dtype="bfloat16"),
+    QuantSpec(bits=2, axis="channel", symmetric=False, scale_dtype="float16",
+              zero_dtype="float16"),
+    QuantSpec(bits=2, axis="channel", symmetric=False, scale_dtype="log8", zero_dtype="float16"),
+    QuantSpec(bits=4, symmetric=False, group_size=16, scale_dtype="bfloat16",
+              zero_dtype="float16"),
 ]
 
 
@@ -206,12 +304,12 @@ def test_round_trip_within_bound(spec):
   assert bool(jnp.all(jnp.max(err, axis=ax) <= bound + slack))
 
 
-def _numpy_min_zero(x, bits):
+def _numpy_min_zero(x, bits, zero_dtype=jnp.bfloat16):
   """Pure-numpy KIVI-style asymmetric quantize-dequantize of groups along the last axis:
-  bf16 minimum rounded down, bf16 scale (max - min) / (2**bits - 1) rounded up."""
+  minimum rounded down to ``zero_dtype``, bf16 scale (max - min) / (2**bits - 1) rounded up."""
   bf16 = jnp.bfloat16
   lo, hi = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
-  z = lo.astype(bf16)
+  z = lo.astype(zero_dtype)
   z = np.where(z.astype(np.float32) > lo, np.nextafter(z, np.full_like(z, -np.inf)), z)
   z = z.astype(np.float32)
   s = (hi - z) / ((1 << bits) - 1)
@@ -222,12 +320,14 @@ def _numpy_min_zero(x, bits):
   return codes * s + z, s, z
 
 
-@pytest.mark.parametrize("bits", [2, 4])
-def test_min_zero_matches_numpy_model(bits):
+@pytest.mark.parametrize("bits, zero_dtype", [(2, "bfloat16"), (4, "bfloat16"),
+                                             (2, "float16"), (4, "float16")])
+def test_min_zero_matches_numpy_model(bits, zero_dtype):
   x = np.asarray(_data(4, shape=(4, 16, 2, 64)))
-  spec = QuantSpec(bits=bits, symmetric=False, group_size=16, zero_dtype="bfloat16")
+  spec = QuantSpec(bits=bits, symmetric=False, group_size=16, zero_dtype=zero_dtype)
   p = quant.quantize_pages(jnp.asarray(x), spec)
-  want, s, z = _numpy_min_zero(x.reshape(4, 16, 2, 4, 16), bits)
+  assert p.zero.dtype == jnp.dtype(zero_dtype)
+  want, s, z = _numpy_min_zero(x.reshape(4, 16, 2, 4, 16), bits, jnp.dtype(zero_dtype))
   np.testing.assert_array_equal(p.zero.astype(np.float32), z[..., 0])
   np.testing.assert_array_equal(p.scale.astype(np.float32), s[..., 0])
   got = np.asarray(quant.dequantize_pages(p, spec))
@@ -305,6 +405,10 @@ def test_bytes_per_token_hand_worked():
   spec = QuantSpec(bits=2, axis="channel", symmetric=False, scale_dtype="log8",
                    zero_dtype="bfloat16")
   assert quant.bytes_per_token(spec, **{**SMOL, "page_size": 32}) == 30 * 3 * (16 + 6)
+  # float16 minimum and scale: two bytes each, 16 + 64 * 4 / 32
+  spec = QuantSpec(bits=2, axis="channel", symmetric=False, scale_dtype="float16",
+                   zero_dtype="float16")
+  assert quant.bytes_per_token(spec, **{**SMOL, "page_size": 32}) == 30 * 3 * (16 + 8)
 
 
 @pytest.mark.parametrize("k, v, target", [
