@@ -83,6 +83,14 @@ class QuantSpec:
       stored as -65504 (the values below it clip to it; never inf or nan).
     residual: full-precision window of the most recent tokens per sequence;
       a multiple of page_size (KIVI's residual).
+    levels: non-uniform levels (a minimum-as-zero spec only): ``2**bits``
+      increasing fractions of the group's range in [0, 1]; a code ``c``
+      decodes to ``min + levels[c] * (max - min)`` and a value encodes to its
+      nearest level. Uniform levels are ``c / (2**bits - 1)``; levels pulled
+      in from the ends (e.g. ``(0.13, 0.39, 0.61, 0.87)`` at 2 bits, close to
+      Lloyd-Max for a bell-shaped group) trade a larger error on the group's
+      extremes for a smaller one on the many values near its middle (KVQuant's
+      non-uniform datatypes). Default None: uniform.
     sink: the first ``sink`` tokens of every sequence are also kept in full
       precision (at most page_size): the attention sink (StreamingLLM), which
       takes much of every query's attention, so its quantization error reaches
@@ -103,6 +111,7 @@ class QuantSpec:
   residual: int = 0
   zero_dtype: str = "int8"
   sink: int = 0
+  levels: Optional[tuple] = None
 
   def __post_init__(self):
     if self.bits not in BITS:
@@ -134,11 +143,33 @@ class QuantSpec:
     if self.bits == 16 and self.residual:
       raise ValueError(f"QuantSpec(bits=16) keeps everything in full precision; "
                        f"residual must be 0, got {self.residual}")
+    if self.levels is not None:
+      self._check_levels()
     if not isinstance(self.sink, int) or self.sink < 0:
       raise ValueError(f"QuantSpec.sink must be an int >= 0, got {self.sink!r}")
     if self.bits == 16 and self.sink:
       raise ValueError(f"QuantSpec(bits=16) keeps everything in full precision; "
                        f"sink must be 0, got {self.sink}")
+
+  def _check_levels(self) -> None:
+    lv = self.levels
+    if not self.zero_is_min:
+      raise ValueError(f"QuantSpec.levels needs a minimum-as-zero spec (symmetric=False, "
+                       f"zero_dtype='bfloat16' or 'float16'), got symmetric={self.symmetric}, "
+                       f"zero_dtype={self.zero_dtype!r}")
+    if (not isinstance(lv, tuple) or len(lv) != 1 << self.bits
+        or not all(isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in lv)
+        or any(b <= a for a, b in zip(lv, lv[1:]))):
+      raise ValueError(f"QuantSpec.levels must be a tuple of {1 << self.bits} increasing "
+                       f"numbers in [0, 1] (bits={self.bits}), got {lv!r}")
+
+  @property
+  def level_codes(self) -> Optional[tuple]:
+    """The levels in units of the scale (``levels * (2**bits - 1)``, float32), or None."""
+    if self.levels is None:
+      return None
+    qmax = (1 << self.bits) - 1
+    return tuple(float(np.float32(qmax * v)) for v in self.levels)
 
   def validate_for(self, *, head_dim: int, page_size: int, what: str) -> None:
     """Raise ValueError if this spec cannot store ``[page_size, H, head_dim]`` pages."""
@@ -432,6 +463,11 @@ def encode_values(x: jax.Array, s: jax.Array, z: Optional[jax.Array], spec: Quan
   Returns uint8 codes (unpacked) for integer specs, float8_e4m3fn for fp8.
   For ``zero_dtype="bfloat16"`` / ``"float16"`` specs ``z`` is the minimum: ``(x - z) / s``.
   """
+  if spec.zero_is_min and spec.levels is not None:   # nearest level: count midpoints below
+    t = (x - z) * _inverse(s)
+    lc = spec.level_codes
+    return sum((t > float(np.float32((a + b) / 2))).astype(jnp.uint8)
+               for a, b in zip(lc, lc[1:])).astype(jnp.uint8)
   if spec.zero_is_min:
     return jnp.clip(round_half_even((x - z) * _inverse(s)), 0, (1 << spec.bits) - 1).astype(jnp.uint8)
   xs = x * _inverse(s)
@@ -449,6 +485,12 @@ def decode_values(u: jax.Array, s: jax.Array, z: Optional[jax.Array],
 
   ``zero_dtype="bfloat16"`` / ``"float16"`` specs: ``s * code + zero`` (the zero is the minimum).
   """
+  if spec.zero_is_min and spec.levels is not None:   # a where-chain: lowers in every kernel
+    lc = spec.level_codes
+    lv = jnp.full(u.shape, lc[0], jnp.float32)
+    for c in range(1, len(lc)):
+      lv = jnp.where(u == c, jnp.float32(lc[c]), lv)
+    return lv * s + z.astype(jnp.float32)
   u = u.astype(jnp.float32)
   if spec.zero_is_min:
     return u * s + z.astype(jnp.float32)
@@ -771,10 +813,17 @@ def error_bound(spec: QuantSpec, scale: jax.Array) -> jax.Array:
   """Largest |x - dequantize(quantize(x))| per group given decoded scales.
 
   Integer specs: half a step. fp8 e4m3: half an ulp of the largest value
-  (3 mantissa bits: 2**-4 relative of 448 * scale).
+  (3 mantissa bits: 2**-4 relative of 448 * scale). Non-uniform levels: the
+  larger of the distance from either end of the range to its outer level and
+  half the widest gap between levels.
   """
   if spec.kind == "fp8":
     return scale * FP8_MAX * 2.0 ** -4
+  if spec.levels is not None:
+    lc = spec.level_codes
+    qmax = (1 << spec.bits) - 1
+    worst = max(lc[0], qmax - lc[-1], *((b - a) / 2 for a, b in zip(lc, lc[1:])))
+    return scale * worst
   return scale * 0.5
 
 
@@ -881,6 +930,8 @@ def stage_and_fold(pool: Pages, stage: jax.Array, page_table: jax.Array, kv_lens
 
 #: Named (key_spec, value_spec) pairs. Compression is for SmolLM2's shapes
 #: (30 layers, 3 kv heads, head_dim 64) with 16-token pages, scales included.
+NUQ2_LEVELS = (0.13, 0.39, 0.61, 0.87)   # 2-bit key levels, fractions of a group's range
+
 PRESETS = {
     "bf16": (QuantSpec(), QuantSpec()),
     # 1.94x: one bf16 scale per token and head
@@ -938,6 +989,18 @@ PRESETS = {
                                    sink=4),
                          QuantSpec(bits=2, symmetric=False, scale_dtype="log8", residual=128,
                                    sink=4)),
+    # non-uniform key levels (Lloyd-Max-like for a bell-shaped 32-token channel group),
+    # one sink token: 6.40x with log8 K scales, 6.10x with bf16 ones
+    "int2-nuq-r128-s1": (QuantSpec(bits=2, axis="channel", symmetric=False, scale_dtype="log8",
+                                   zero_dtype="bfloat16", residual=128, sink=1,
+                                   levels=NUQ2_LEVELS),
+                         QuantSpec(bits=2, symmetric=False, scale_dtype="log8", residual=128,
+                                   sink=1)),
+    "int2-nuqbf-r128-s1": (QuantSpec(bits=2, axis="channel", symmetric=False,
+                                     scale_dtype="bfloat16", zero_dtype="bfloat16", residual=128,
+                                     sink=1, levels=NUQ2_LEVELS),
+                           QuantSpec(bits=2, symmetric=False, scale_dtype="log8", residual=128,
+                                     sink=1)),
     # K scale and minimum in float16 (3 more mantissa bits than bf16, same bytes)
     "int2-kf16-r128-s4": (QuantSpec(bits=2, axis="channel", symmetric=False,
                                     scale_dtype="float16", zero_dtype="float16", residual=128,

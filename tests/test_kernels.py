@@ -23,6 +23,8 @@ QUANT_SPECS = [
     QuantSpec(bits=2, axis="channel", symmetric=False, group_size=4,  # 2 token groups / page
               scale_dtype="log8"),
     QuantSpec(bits=4, axis="channel", symmetric=False, scale_dtype="log8"),  # 1 group / page
+    QuantSpec(bits=2, axis="channel", symmetric=False, scale_dtype="log8",  # non-uniform levels
+              zero_dtype="bfloat16", levels=quant.NUQ2_LEVELS),
     QuantSpec(bits=2, symmetric=False, group_size=16, scale_dtype="log8",  # bf16 minimum
               zero_dtype="bfloat16"),
     QuantSpec(bits=2, axis="channel", symmetric=False, scale_dtype="float16",  # f16 minimum
@@ -76,6 +78,9 @@ class _KernelChecks:
                               (*ATTN_SPECS[3], 2, 0, 0.0),
                               (*ATTN_SPECS[0], 1, 3, 0.0), (*ATTN_SPECS[0], None, 0, 100.0),
                               (*ATTN_SPECS[2], 1, 1, 100.0),
+                              (QuantSpec(**{**ATTN_SPECS[2][0].__dict__,   # the 2-bit recipe
+                                            "levels": quant.NUQ2_LEVELS}),
+                               ATTN_SPECS[2][1], 2, 1, 100.0),
                               (QuantSpec(bits=8), QuantSpec(bits=8), None, 0, 100.0)],
                            ids=lambda s: f"{s.bits}b{s.axis}-{s.zero_dtype}"
                            if isinstance(s, QuantSpec) else f"{s}")
@@ -177,7 +182,7 @@ def lowering_for_gpu(monkeypatch):
   monkeypatch.setattr(kq, "compiler_params", lambda interpret=False: real(interpret, "gpu"))
 
 
-GPU_PRESETS = ("int8", "fp8", "int4", "int2-r64", "int2-kmin-r128")
+GPU_PRESETS = ("int8", "fp8", "int4", "int2-r64", "int2-kmin-r128", "int2-nuq-r128-s1")
 # not presets: the float16 minimum and float16 scales (Triton has no float16 nextafter)
 GPU_SPECS = {
     "int2-kmin-f16-r128": (

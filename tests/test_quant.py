@@ -232,6 +232,10 @@ def test_fp8_known_scale():
     dict(bits=4, zero_dtype="bfloat16"),                      # symmetric: no zero to store
     dict(bits=4, zero_dtype="float16"), dict(bits=8, kind="fp8", zero_dtype="float16"),
     dict(bits=16, symmetric=False, zero_dtype="bfloat16"),
+    dict(bits=2, symmetric=False, levels=(0.1, 0.4, 0.6, 0.9)),        # int8 zero: no levels
+    dict(bits=2, symmetric=False, zero_dtype="bfloat16", levels=(0.1, 0.4, 0.6)),
+    dict(bits=2, symmetric=False, zero_dtype="bfloat16", levels=(0.1, 0.6, 0.4, 0.9)),
+    dict(bits=2, symmetric=False, zero_dtype="bfloat16", levels=(-0.1, 0.4, 0.6, 0.9)),
 ])
 def test_invalid_spec_raises(kwargs):
   with pytest.raises(ValueError, match="QuantSpec"):
@@ -277,7 +281,31 @@ SPECS = [
     QuantSpec(bits=2, axis="channel", symmetric=False, scale_dtype="log8", zero_dtype="float16"),
     QuantSpec(bits=4, symmetric=False, group_size=16, scale_dtype="bfloat16",
               zero_dtype="float16"),
+    QuantSpec(bits=2, axis="channel", symmetric=False, zero_dtype="bfloat16",
+              levels=(0.13, 0.39, 0.61, 0.87)),
+    QuantSpec(bits=2, symmetric=False, scale_dtype="log8", zero_dtype="float16",
+              levels=(0.0, 0.3, 0.7, 1.0)),
 ]
+
+
+def test_nonuniform_levels_against_a_numpy_model():
+  """Each value decodes to min + range * (its nearest level); a hand case first."""
+  lv = (0.13, 0.39, 0.61, 0.87)
+  spec = QuantSpec(bits=2, axis="channel", symmetric=False, zero_dtype="bfloat16", levels=lv)
+  x = jnp.tile(jnp.array([0.0, 1.0, 2.0, 3.0]).reshape(4, 1, 1), (1, 1, 4))  # min 0, range 3
+  p = quant.quantize_pages(x, spec)
+  assert quant.unpack_codes(p.data, 2)[:, 0, 0].tolist() == [0, 1, 2, 3]
+  np.testing.assert_allclose(quant.dequantize_pages(p, spec)[:, 0, 0],
+                             [0.39, 1.17, 1.83, 2.61], rtol=1e-6)
+  # random groups: the stored min and scale, then the nearest level by brute force
+  x = _data(4, shape=(2, 16, 2, 8))
+  p = quant.quantize_pages(x, spec)
+  s = np.asarray(quant.decode_scale(p.scale, spec.scale_dtype), np.float64)   # [2, 1, 2, 8]
+  z = np.asarray(p.zero.astype(jnp.float32), np.float64)
+  cand = z[..., None] + s[..., None] * 3 * np.asarray(lv)                      # [.., 4]
+  xs = np.asarray(x, np.float64)[..., None]
+  want = np.take_along_axis(cand, np.argmin(np.abs(xs - cand), axis=-1)[..., None], -1)[..., 0]
+  np.testing.assert_allclose(quant.dequantize_pages(p, spec), want, rtol=1e-5, atol=1e-6)
 
 
 def _data(seed, shape=(3, 16, 2, 64), loud=True):

@@ -46,7 +46,9 @@ SPECS = {name: _with_window(quant.PRESETS[name], R)
          for name in ("int8", "fp8", "int4", "int2-r64", "int2-kivi-r128")}
 SPECS["int2-sink"] = _with_sink(SPECS["int2-r64"], N)   # through the ring
 SPECS["int8-sink"] = _with_sink(SPECS["int8"], N)       # tokens written straight to the pool
-SPECS["int2-prerope"] = SPECS["int2-sink"]              # and keys stored before RoPE
+SPECS["int2-prerope"] = (                                # and keys stored before RoPE,
+    QuantSpec(**{**SPECS["int2-sink"][0].__dict__, "zero_dtype": "bfloat16",  # with the
+                 "levels": quant.NUQ2_LEVELS}), SPECS["int2-sink"][1])        # 2-bit levels
 PREROPE = ("int2-prerope",)
 
 
