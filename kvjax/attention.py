@@ -17,9 +17,9 @@ from kvjax.paging import head_dim_of
 from kvjax.paging import lens_before
 from kvjax.paging import pool_only
 from kvjax.paging import sink_rows
-from kvjax.rope import rope
 from kvjax.paging import stage_rows
 from kvjax.paging import write
+from kvjax.rope import rope
 from kvjax.state import Pages
 
 

@@ -87,10 +87,11 @@ class QuantSpec:
       increasing fractions of the group's range in [0, 1]; a code ``c``
       decodes to ``min + levels[c] * (max - min)`` and a value encodes to its
       nearest level. Uniform levels are ``c / (2**bits - 1)``; levels pulled
-      in from the ends (e.g. ``(0.13, 0.39, 0.61, 0.87)`` at 2 bits, close to
-      Lloyd-Max for a bell-shaped group) trade a larger error on the group's
-      extremes for a smaller one on the many values near its middle (KVQuant's
-      non-uniform datatypes). Default None: uniform.
+      in from the ends (e.g. ``NUQ2_LEVELS = (0.13, 0.39, 0.61, 0.87)`` at 2
+      bits, close to Lloyd-Max for a bell-shaped group) are denser where most
+      values sit and even lower the worst-case error (0.39 of a step instead
+      of 0.5: uniform levels spend two on the extremes); KVQuant's
+      non-uniform datatypes. Default None: uniform.
     sink: the first ``sink`` tokens of every sequence are also kept in full
       precision (at most page_size): the attention sink (StreamingLLM), which
       takes much of every query's attention, so its quantization error reaches
