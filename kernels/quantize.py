@@ -135,7 +135,7 @@ def _quantize_kernel(x_ref, *out_refs, spec: QuantSpec):
             jnp.max(x, axis=axis, keepdims=True))
 
   def params(x, axis):
-    return quant.group_params(*stats(x, axis), spec)
+    return quant.group_params(*stats(x, axis), spec, rnd=quant.round_half_even)
 
   # Per-group scale/zero: token axis -> [S, 1] per group; channel axis -> [S, D] rows.
   if spec.axis == "token":
@@ -169,7 +169,8 @@ def _quantize_kernel(x_ref, *out_refs, spec: QuantSpec):
   packed = {}
   for c0, w, k, o in segments(spec, d, s_):
     s, z = sz_of(c0, w)
-    codes = quant.encode_values(x_ref[:, pl.ds(c0, w)].astype(jnp.float32), s, z, spec)
+    codes = quant.encode_values(x_ref[:, pl.ds(c0, w)].astype(jnp.float32), s, z, spec,
+                                rnd=quant.round_half_even)
     if spec.kind == "fp8" or spec.codes_per_byte == 1:
       data_ref[:, pl.ds(o, w)] = codes
     else:

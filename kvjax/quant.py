@@ -403,13 +403,15 @@ def f16_round(x: jax.Array, *, up: bool) -> jax.Array:
 
 
 def group_params(amax: jax.Array, lo: Optional[jax.Array], hi: Optional[jax.Array],
-                 spec: QuantSpec):
+                 spec: QuantSpec, rnd=jnp.round):
   """Encoded scale, decoded float32 scale and float32 zero of groups from their stats.
 
   The zero is None for symmetric specs; for ``zero_dtype="int8"`` an integer
   in units of the scale, for ``"bfloat16"`` / ``"float16"`` the minimum
   rounded down to that dtype (``min_floor``).
   Either way it is stored exactly by ``zero.astype(stored zero dtype)``.
+  ``rnd``: the rounding (``jnp.round``; the kernels pass ``round_half_even``,
+  the same values from ``floor``, which Pallas's Triton path lowers).
 
   >>> enc, s, z = group_params(None, jnp.float32(-1.0), jnp.float32(2.0),
   ...                          QuantSpec(bits=2, symmetric=False, zero_dtype="bfloat16"))
@@ -420,7 +422,7 @@ def group_params(amax: jax.Array, lo: Optional[jax.Array], hi: Optional[jax.Arra
   enc = encode_scale(group_scale(amax, lo if z is None else z, hi, spec), spec.scale_dtype)
   s = decode_scale(enc, spec.scale_dtype)
   if spec.has_zero and z is None:
-    z = zero_point(lo, s)
+    z = zero_point(lo, s, rnd)
   return enc, s, z
 
 
@@ -436,9 +438,11 @@ def zero_storage_dtype(spec: QuantSpec):
 def round_half_even(x: jax.Array) -> jax.Array:
   """``jnp.round`` (half to even) from ``floor`` alone, exactly, for float32 ``x``.
 
-  Pallas's Triton lowering has no ``round``; the kernels share these encoders,
-  so the reference uses the same formula (``x - floor(x)`` and the halvings
-  are exact in float32, so the result equals ``jnp.round(x)``; -0.5 gives +0).
+  Pallas's Triton lowering has no ``round``: the kernels pass this to the
+  shared encoders (``rnd=``), the jnp path keeps ``jnp.round`` (one op, not
+  six, on every element). ``x - floor(x)`` and the halvings are exact in
+  float32, so the values equal ``jnp.round(x)`` (-0.5 gives +0, not -0) and
+  kernel and reference codes agree bit for bit.
 
   >>> round_half_even(jnp.array([0.5, 1.5, 2.5, -0.5, -1.5, 2.4, -2.6])).tolist()
   [0.0, 2.0, 2.0, 0.0, -2.0, 2.0, -3.0]
@@ -453,12 +457,13 @@ def _inverse(s: jax.Array) -> jax.Array:
   return jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
 
 
-def zero_point(lo: jax.Array, s: jax.Array) -> jax.Array:
+def zero_point(lo: jax.Array, s: jax.Array, rnd=jnp.round) -> jax.Array:
   """float32 integer zero points ``round(lo / s)`` in int8 range (0 where s == 0)."""
-  return jnp.clip(jnp.where(s > 0, round_half_even(lo * _inverse(s)), 0.0), -_ZERO_MAX - 1, _ZERO_MAX)
+  return jnp.clip(jnp.where(s > 0, rnd(lo * _inverse(s)), 0.0), -_ZERO_MAX - 1, _ZERO_MAX)
 
 
-def encode_values(x: jax.Array, s: jax.Array, z: Optional[jax.Array], spec: QuantSpec):
+def encode_values(x: jax.Array, s: jax.Array, z: Optional[jax.Array], spec: QuantSpec,
+                  rnd=jnp.round):
   """Codes of float32 ``x`` given broadcastable decoded scales and zero points.
 
   Returns uint8 codes (unpacked) for integer specs, float8_e4m3fn for fp8.
@@ -470,14 +475,14 @@ def encode_values(x: jax.Array, s: jax.Array, z: Optional[jax.Array], spec: Quan
     return sum((t > float(np.float32((a + b) / 2))).astype(jnp.uint8)
                for a, b in zip(lc, lc[1:])).astype(jnp.uint8)
   if spec.zero_is_min:
-    return jnp.clip(round_half_even((x - z) * _inverse(s)), 0, (1 << spec.bits) - 1).astype(jnp.uint8)
+    return jnp.clip(rnd((x - z) * _inverse(s)), 0, (1 << spec.bits) - 1).astype(jnp.uint8)
   xs = x * _inverse(s)
   if spec.kind == "fp8":
     return jnp.clip(xs, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
   if spec.symmetric:
     half = 1 << (spec.bits - 1)
-    return (jnp.clip(round_half_even(xs), 1 - half, half - 1) + half).astype(jnp.uint8)
-  return jnp.clip(round_half_even(xs - z), 0, (1 << spec.bits) - 1).astype(jnp.uint8)
+    return (jnp.clip(rnd(xs), 1 - half, half - 1) + half).astype(jnp.uint8)
+  return jnp.clip(rnd(xs - z), 0, (1 << spec.bits) - 1).astype(jnp.uint8)
 
 
 def decode_values(u: jax.Array, s: jax.Array, z: Optional[jax.Array],
