@@ -103,7 +103,7 @@ def load_segment(data_ref, scale_ref, zero_ref, idx: tuple, seg, spec: QuantSpec
     sel = idx + (slice(None), pl.ds(grp, 1))                       # [S, 1]
   else:
     sel = idx + (slice(None), pl.ds(c0, w))                        # [nt, w]
-  s = quant.decode_scale(scale_ref[sel], spec.scale_dtype)
+  s = quant.decode_scale(scale_ref[sel], spec.scale_dtype, kernel=True)
   z = None if zero_ref is None else zero_ref[sel]
   if spec.axis == "channel" and s.shape[0] > 1:                    # token groups: repeat rows
     nt = s.shape[0]
@@ -135,7 +135,7 @@ def _quantize_kernel(x_ref, *out_refs, spec: QuantSpec):
             jnp.max(x, axis=axis, keepdims=True))
 
   def params(x, axis):
-    return quant.group_params(*stats(x, axis), spec, rnd=quant.round_half_even)
+    return quant.group_params(*stats(x, axis), spec, kernel=True)
 
   # Per-group scale/zero: token axis -> [S, 1] per group; channel axis -> [S, D] rows.
   if spec.axis == "token":
@@ -170,7 +170,7 @@ def _quantize_kernel(x_ref, *out_refs, spec: QuantSpec):
   for c0, w, k, o in segments(spec, d, s_):
     s, z = sz_of(c0, w)
     codes = quant.encode_values(x_ref[:, pl.ds(c0, w)].astype(jnp.float32), s, z, spec,
-                                rnd=quant.round_half_even)
+                                kernel=True)
     if spec.kind == "fp8" or spec.codes_per_byte == 1:
       data_ref[:, pl.ds(o, w)] = codes
     else:

@@ -50,6 +50,9 @@ LOG8_STEPS = 8           # codes per octave
 # 2 ** (i / LOG8_STEPS) rounded to float32: log8 scales decode as 2**e times one
 # of these (code 160 + 8e + i), bit for bit the same on every backend
 _LOG8_STEP_VALUES = tuple(float(np.float32(2.0 ** (i / LOG8_STEPS))) for i in range(LOG8_STEPS))
+_LOG8_TABLE = np.array([np.float32(2.0 ** ((c - LOG8_BIAS) // LOG8_STEPS))
+                        * np.float32(_LOG8_STEP_VALUES[(c - LOG8_BIAS) % LOG8_STEPS])
+                        for c in range(256)], np.float32)   # every log8 code, decoded
 FP8_MAX = 448.0          # largest finite float8_e4m3fn
 _ZERO_MAX = 127          # asymmetric zero points are int8 in units of the scale
 
@@ -258,8 +261,19 @@ def encode_scale(scale: jax.Array, scale_dtype: str) -> jax.Array:
                    f"got {scale_dtype!r}")
 
 
-def decode_scale(encoded: jax.Array, scale_dtype: str) -> jax.Array:
-  """float32 scales from their stored encoding."""
+def decode_scale(encoded: jax.Array, scale_dtype: str, *, kernel: bool = False) -> jax.Array:
+  """float32 scales from their stored encoding.
+
+  log8: a lookup in a 256-entry table on the jnp path; inside a Pallas kernel
+  (``kernel=True``; Triton has no gather) ``2**e`` from exponent bits times
+  one of 8 constants picked by a ``where`` chain. Both give the same bits
+  (the table is that product, computed once in float32).
+
+  >>> decode_scale(jnp.array([152, 160, 161], jnp.uint8), "log8").tolist()
+  [0.5, 1.0, 1.0905077457427979]
+  """
+  if scale_dtype == "log8" and not kernel:
+    return jnp.asarray(_LOG8_TABLE)[encoded.astype(jnp.int32)]
   if scale_dtype == "log8":
     k = encoded.astype(jnp.int32) - LOG8_BIAS
     e = jnp.floor_divide(k, LOG8_STEPS)
@@ -403,15 +417,15 @@ def f16_round(x: jax.Array, *, up: bool) -> jax.Array:
 
 
 def group_params(amax: jax.Array, lo: Optional[jax.Array], hi: Optional[jax.Array],
-                 spec: QuantSpec, rnd=jnp.round):
+                 spec: QuantSpec, *, kernel: bool = False):
   """Encoded scale, decoded float32 scale and float32 zero of groups from their stats.
 
   The zero is None for symmetric specs; for ``zero_dtype="int8"`` an integer
   in units of the scale, for ``"bfloat16"`` / ``"float16"`` the minimum
   rounded down to that dtype (``min_floor``).
   Either way it is stored exactly by ``zero.astype(stored zero dtype)``.
-  ``rnd``: the rounding (``jnp.round``; the kernels pass ``round_half_even``,
-  the same values from ``floor``, which Pallas's Triton path lowers).
+  ``kernel=True`` (inside a Pallas kernel): ``round_half_even`` and the
+  gather-free scale decode, which Pallas's Triton path lowers; same values.
 
   >>> enc, s, z = group_params(None, jnp.float32(-1.0), jnp.float32(2.0),
   ...                          QuantSpec(bits=2, symmetric=False, zero_dtype="bfloat16"))
@@ -420,9 +434,9 @@ def group_params(amax: jax.Array, lo: Optional[jax.Array], hi: Optional[jax.Arra
   """
   z = min_floor(lo, spec.zero_dtype) if spec.zero_is_min else None
   enc = encode_scale(group_scale(amax, lo if z is None else z, hi, spec), spec.scale_dtype)
-  s = decode_scale(enc, spec.scale_dtype)
+  s = decode_scale(enc, spec.scale_dtype, kernel=kernel)
   if spec.has_zero and z is None:
-    z = zero_point(lo, s, rnd)
+    z = zero_point(lo, s, round_half_even if kernel else jnp.round)
   return enc, s, z
 
 
@@ -438,9 +452,9 @@ def zero_storage_dtype(spec: QuantSpec):
 def round_half_even(x: jax.Array) -> jax.Array:
   """``jnp.round`` (half to even) from ``floor`` alone, exactly, for float32 ``x``.
 
-  Pallas's Triton lowering has no ``round``: the kernels pass this to the
-  shared encoders (``rnd=``), the jnp path keeps ``jnp.round`` (one op, not
-  six, on every element). ``x - floor(x)`` and the halvings are exact in
+  Pallas's Triton lowering has no ``round``: the shared encoders use this
+  inside the kernels (``kernel=True``), the jnp path keeps ``jnp.round`` (one
+  op, not six, on every element). ``x - floor(x)`` and the halvings are exact in
   float32, so the values equal ``jnp.round(x)`` (-0.5 gives +0, not -0) and
   kernel and reference codes agree bit for bit.
 
@@ -462,13 +476,15 @@ def zero_point(lo: jax.Array, s: jax.Array, rnd=jnp.round) -> jax.Array:
   return jnp.clip(jnp.where(s > 0, rnd(lo * _inverse(s)), 0.0), -_ZERO_MAX - 1, _ZERO_MAX)
 
 
-def encode_values(x: jax.Array, s: jax.Array, z: Optional[jax.Array], spec: QuantSpec,
-                  rnd=jnp.round):
+def encode_values(x: jax.Array, s: jax.Array, z: Optional[jax.Array], spec: QuantSpec, *,
+                  kernel: bool = False):
   """Codes of float32 ``x`` given broadcastable decoded scales and zero points.
 
   Returns uint8 codes (unpacked) for integer specs, float8_e4m3fn for fp8.
   For ``zero_dtype="bfloat16"`` / ``"float16"`` specs ``z`` is the minimum: ``(x - z) / s``.
+  ``kernel=True`` rounds with ``round_half_even`` (Triton has no ``round``).
   """
+  rnd = round_half_even if kernel else jnp.round
   if spec.zero_is_min and spec.levels is not None:   # nearest level: count midpoints below
     t = (x - z) * _inverse(s)
     lc = spec.level_codes
