@@ -319,6 +319,7 @@ def mixed_compression(layer_specs, *, num_kv_heads: int, head_dim: int, page_siz
 
 def parse_emulated(tag: str):
   """``preset[+k4@i.j.k][+prerope][+k16][+v16][+sinkN][+ks:field=value][+vs:...]`` ->
+  (``value``: an int, a string, or a tuple of floats written ``a/b/c``)
   (preset, k4 layers, prerope, unquantized, sink tokens, spec edits).
 
   >>> parse_emulated("int2-r128+k4@18.7+prerope+sink32+ks:scale_dtype=bfloat16")[1:]
@@ -331,7 +332,11 @@ def parse_emulated(tag: str):
       prerope = True
     elif m[:3] in ("ks:", "vs:") and "=" in m:
       field, value = m[3:].split("=", 1)
-      edits += ((m[0], field, int(value) if value.isdigit() else value),)
+      if "/" in value:   # a tuple, e.g. ks:levels=0.13/0.39/0.61/0.87
+        value = tuple(float(v) for v in value.split("/"))
+      elif value.isdigit():
+        value = int(value)
+      edits += ((m[0], field, value),)
     elif m.startswith("sink") and m[4:].isdigit():
       sink = int(m[4:])
     elif m in ("k16", "v16"):
