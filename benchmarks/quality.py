@@ -305,7 +305,8 @@ def layer_specs_of(name: str, num_layers: int, k4_layers=(), plain=(), edits=())
       vs = dataclasses.replace(vs, **{field: value})
   ks = quant.QuantSpec() if "k" in plain else ks
   vs = quant.QuantSpec() if "v" in plain else vs
-  k4 = dataclasses.replace(ks, bits=4) if ks.is_quantized else ks
+  # (4-bit layers keep uniform levels: a 2-bit spec's levels do not fit 16 codes)
+  k4 = dataclasses.replace(ks, bits=4, levels=None) if ks.is_quantized and k4_layers else ks
   return [(k4 if i in k4_layers else ks, vs) for i in range(num_layers)]
 
 
