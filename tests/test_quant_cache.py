@@ -25,8 +25,8 @@ from kvjax.models import forward
 from kvjax.models import init_params
 from kvjax.models.llama import _layer
 from kvjax.models.llama import _logits
-from kvjax.rope import rope
 from kvjax.quant import QuantSpec
+from kvjax.rope import rope
 
 CFG = LlamaConfig.small()
 S, R, T = 4, 8, 8           # page size, residual window of the int2 spec, prefill chunk
