@@ -954,6 +954,18 @@ def stage_and_fold(pool: Pages, stage: jax.Array, page_table: jax.Array, kv_lens
 #: (30 layers, 3 kv heads, head_dim 64) with 16-token pages, scales included.
 NUQ2_LEVELS = (0.13, 0.39, 0.61, 0.87)   # 2-bit key levels, fractions of a group's range
 
+
+def _int2_key(scale_dtype="log8", zero_dtype="bfloat16", sink=0, levels=None) -> QuantSpec:
+  """The 2-bit presets' keys: per channel over the page, the minimum as zero, window 128."""
+  return QuantSpec(bits=2, axis="channel", symmetric=False, scale_dtype=scale_dtype,
+                   zero_dtype=zero_dtype, residual=128, sink=sink, levels=levels)
+
+
+def _int2_value(sink=0) -> QuantSpec:
+  """The 2-bit presets' values: per token, log8 scale, int8 zero, window 128."""
+  return QuantSpec(bits=2, symmetric=False, scale_dtype="log8", residual=128, sink=sink)
+
+
 PRESETS = {
     "bf16": (QuantSpec(), QuantSpec()),
     # 1.94x: one bf16 scale per token and head
@@ -995,38 +1007,17 @@ PRESETS = {
                        QuantSpec(bits=2, symmetric=False, scale_dtype="log8", residual=128)),
     # the same plus the attention sink: the first token of every sequence in full
     # precision (6.40x at 32-token pages; the sink is a per-sequence cost)
-    "int2-kmin-r128-s1": (QuantSpec(bits=2, axis="channel", symmetric=False, scale_dtype="log8",
-                                    zero_dtype="bfloat16", residual=128, sink=1),
-                          QuantSpec(bits=2, symmetric=False, scale_dtype="log8", residual=128,
-                                    sink=1)),
-    # and K scales in bfloat16 instead of log8 (a step ~4 % finer on average): 6.10x
-    "int2-kbf-r128-s1": (QuantSpec(bits=2, axis="channel", symmetric=False,
-                                   scale_dtype="bfloat16", zero_dtype="bfloat16", residual=128,
-                                   sink=1),
-                         QuantSpec(bits=2, symmetric=False, scale_dtype="log8", residual=128,
-                                   sink=1)),
-    # four sink tokens, StreamingLLM's count (about 0.7 points better than one, emulated)
-    "int2-kbf-r128-s4": (QuantSpec(bits=2, axis="channel", symmetric=False,
-                                   scale_dtype="bfloat16", zero_dtype="bfloat16", residual=128,
-                                   sink=4),
-                         QuantSpec(bits=2, symmetric=False, scale_dtype="log8", residual=128,
-                                   sink=4)),
-    # non-uniform key levels (Lloyd-Max-like for a bell-shaped 32-token channel group),
-    # one sink token: 6.40x with log8 K scales, 6.10x with bf16 ones
-    "int2-nuq-r128-s1": (QuantSpec(bits=2, axis="channel", symmetric=False, scale_dtype="log8",
-                                   zero_dtype="bfloat16", residual=128, sink=1,
-                                   levels=NUQ2_LEVELS),
-                         QuantSpec(bits=2, symmetric=False, scale_dtype="log8", residual=128,
-                                   sink=1)),
-    "int2-nuqbf-r128-s1": (QuantSpec(bits=2, axis="channel", symmetric=False,
-                                     scale_dtype="bfloat16", zero_dtype="bfloat16", residual=128,
-                                     sink=1, levels=NUQ2_LEVELS),
-                           QuantSpec(bits=2, symmetric=False, scale_dtype="log8", residual=128,
-                                     sink=1)),
-    # K scale and minimum in float16 (3 more mantissa bits than bf16, same bytes)
-    "int2-kf16-r128-s4": (QuantSpec(bits=2, axis="channel", symmetric=False,
-                                    scale_dtype="float16", zero_dtype="float16", residual=128,
-                                    sink=4),
-                          QuantSpec(bits=2, symmetric=False, scale_dtype="log8", residual=128,
-                                    sink=4)),
+    "int2-kmin-r128-s1": (_int2_key(sink=1), _int2_value(sink=1)),
+    # and K scales in bfloat16 instead of log8 (a step ~4 % finer on average): 6.10x;
+    # with 4 sink tokens, or f16 K scale and minimum: no better (docs/quality.md)
+    "int2-kbf-r128-s1": (_int2_key(scale_dtype="bfloat16", sink=1), _int2_value(sink=1)),
+    "int2-kbf-r128-s4": (_int2_key(scale_dtype="bfloat16", sink=4), _int2_value(sink=4)),
+    "int2-kf16-r128-s4": (_int2_key(scale_dtype="float16", zero_dtype="float16", sink=4),
+                          _int2_value(sink=4)),
+    # non-uniform key levels (Lloyd-Max-like for a bell-shaped 32-token channel group)
+    # and one sink token: the 2-bit target, 6.40x at 32-token pages (6.10x with bf16
+    # K scales)
+    "int2-nuq-r128-s1": (_int2_key(sink=1, levels=NUQ2_LEVELS), _int2_value(sink=1)),
+    "int2-nuqbf-r128-s1": (_int2_key(scale_dtype="bfloat16", sink=1, levels=NUQ2_LEVELS),
+                           _int2_value(sink=1)),
 }
