@@ -276,6 +276,12 @@ def attach_prefix(state: CacheState, seq_ids: jax.Array, tokens: jax.Array,
   return matched * s_, new_state
 
 
+def _pool_values(p: Pages, page: jax.Array) -> jax.Array:
+  """float32 ``[L, K, S, H, D]``: pool pages ``page`` (int32 [K]) of all layers, dequantized."""
+  pool = jax.tree.map(lambda a: a[:, page], p.replace(stage=None, sink=None))
+  return quant.dequantize_pages(pool, p.spec)
+
+
 def _attach_sink(state: CacheState, k: Pages, v: Pages, rows: jax.Array, row_table: jax.Array,
                  matched: jax.Array) -> dict:
   """Sink rows of sequences that start on an attached first page.
@@ -298,8 +304,7 @@ def _attach_sink(state: CacheState, k: Pages, v: Pages, rows: jax.Array, row_tab
   page = jnp.clip(first, 0, p_ - 1)
 
   def fill(p: Pages) -> Pages:
-    pool = jax.tree.map(lambda a: a[:, page], p.replace(stage=None, sink=None))  # [L, B, S, H, *]
-    deq = quant.dequantize_pages(pool, p.spec)[:, :, :n].astype(p.sink.dtype)  # [L, B, N, H, D]
+    deq = _pool_values(p, page)[:, :, :n].astype(p.sink.dtype)             # [L, B, N, H, D]
     vals = jnp.where(has_owner[None, :, None, None, None], p.sink[:, owner], deq)
     return p.replace(sink=p.sink.at[:, dst].set(vals, mode="drop"))
 
@@ -335,8 +340,7 @@ def _attach_staged(state: CacheState, rows: jax.Array, row_table: jax.Array,
   slot = (col % ns).reshape(-1)
 
   def fill(p):
-    pool = jax.tree.map(lambda a: a[:, page], p.replace(stage=None, sink=None))  # [L, B*nw, S, H, *]
-    vals = quant.dequantize_pages(pool, p.spec).astype(p.stage.dtype)      # [L, B*nw, S, H, D]
+    vals = _pool_values(p, page).astype(p.stage.dtype)                     # [L, B*nw, S, H, D]
     return p.replace(stage=p.stage.at[:, row_idx, slot].set(vals, mode="drop"))
 
   return dict(k=fill(state.k), v=fill(state.v), fold_floor=floor)
