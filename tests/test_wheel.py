@@ -9,6 +9,7 @@ directory outside the checkout imports every subpackage and runs ``kvjax --help`
 """
 
 import pathlib
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -38,7 +39,11 @@ def _run(cmd, cwd, **kw):
 @pytest.fixture(scope="module")
 def wheel_venv(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("wheel")
-  _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(ROOT), "-w", str(tmp)],
+  # build from a copy: setuptools reuses a stale build/ folder of the checkout
+  src = tmp / "src"
+  shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+      ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".hypothesis", "results"))
+  _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(src), "-w", str(tmp)],
        cwd=tmp)
   (whl,) = tmp.glob("kvjax-*.whl")
   env_dir = tmp / "venv"
