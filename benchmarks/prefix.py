@@ -89,7 +89,7 @@ def run_mode(config, params, tokenizer, prefix_caching: bool, conversations: int
       text = tokenizer.decode([t for t in out if t != 2], skip_special_tokens=True).strip()
       histories[c].append({"role": "assistant", "content": text})
       replies.append(out)
-    cache = kvjax.release(cache, np.asarray(ids, np.int32))
+    cache = kvjax.release(cache, np.asarray(ids, np.int32), config=cc)
   kvjax.check_status(cache)
   return {"ttft_s": ttft, "computed": computed, "reused": reused, "replies": replies,
           "prefix_hit_pages": int(cache.stats.prefix_hit_pages),

@@ -120,6 +120,8 @@ def _check_pair(q, k_pages: Pages, v_pages: Pages, plan: StepPlan) -> None:
   _, s_, h_, _ = k_pages.data.shape
   d_ = kd
   b, t = plan.positions.shape
+  if not jnp.issubdtype(jnp.asarray(q).dtype, jnp.floating):
+    raise ValueError(f"q must be floating point, got dtype {jnp.asarray(q).dtype}")
   if q.ndim != 4 or q.shape[0] != b or q.shape[1] != t or q.shape[3] != d_:
     raise ValueError(f"q must have shape (B, T, Hq, D) with (B, T) = {(b, t)} from the plan and "
                      f"D = {d_} from the pages, got {tuple(q.shape)}")

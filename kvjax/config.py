@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Optional
 
 import jax.numpy as jnp
@@ -97,10 +98,14 @@ class CacheConfig:
                             or cap < self.num_pages):
       raise ValueError(f"CacheConfig.index_capacity must be a power of two >= num_pages "
                        f"({self.num_pages}), got {cap!r}")
+    for name in ("checked", "prefix_caching"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"CacheConfig.{name} must be a bool, got {getattr(self, name)!r}")
     if not isinstance(self.namespace, str):
       raise ValueError(f"CacheConfig.namespace must be a str, got {self.namespace!r}")
     self._check_eviction()
-    if not isinstance(self.key_rope, (int, float)) or self.key_rope < 0:
+    if (not isinstance(self.key_rope, (int, float)) or isinstance(self.key_rope, bool)
+        or not math.isfinite(self.key_rope) or self.key_rope < 0):
       raise ValueError(f"CacheConfig.key_rope must be a RoPE base > 0 or 0 (off), "
                        f"got {self.key_rope!r}")
     if self.key_rope and self.head_dim % 2:

@@ -55,6 +55,7 @@ import jax.numpy as jnp
 
 from kvjax import paging
 from kvjax import prefix as prefix_lib
+from kvjax import state as state_lib
 from kvjax.config import CacheConfig
 from kvjax.state import CacheState
 from kvjax.state import DropState
@@ -231,7 +232,7 @@ def select_drops(mass: jax.Array, num_pages: jax.Array, *, budget: int, sink_pag
 
 
 def drop_pages(state: CacheState, *, budget: int, sink_pages: int, recent_pages: int,
-               mode: str = "h2o", config: CacheConfig | None = None) -> CacheState:
+               mode: str = "h2o", config: CacheConfig) -> CacheState:
   """Release each over-budget sequence's least useful pages and compact its page table.
 
   Every sequence holding more than ``budget`` pages (its partial last page
@@ -246,7 +247,8 @@ def drop_pages(state: CacheState, *, budget: int, sink_pages: int, recent_pages:
     recent_pages: static int >= 1, trailing pages never dropped (the recent window).
     mode: static, "h2o" (heavy hitters by accumulated mass), "h2o_mean" (by
       share of attention, ``mass / seen``) or "streaming" (sinks + window).
-    config: optional; when given, the state is checked against it.
+    config: the cache's config; the state is checked against it, and
+      ``config.checked`` raises on an eager call if a status flag is set.
 
   Returns:
     The state: page tables compacted, ``seq_lens`` down by S per dropped page,
@@ -258,14 +260,13 @@ def drop_pages(state: CacheState, *, budget: int, sink_pages: int, recent_pages:
   ...                         num_pages=8, max_seqs=1, max_pages_per_seq=6)
   >>> _, st = kvjax.plan_step(enable(kvjax.init(cfg)), jnp.array([0]),
   ...                         jnp.arange(9)[None], jnp.array([9]), config=cfg)
-  >>> st = drop_pages(st, budget=3, sink_pages=1, recent_pages=1, mode="streaming")
+  >>> st = drop_pages(st, budget=3, sink_pages=1, recent_pages=1, mode="streaming", config=cfg)
   >>> st.page_table.tolist(), st.seq_lens.tolist(), st.drop.dropped.tolist()
   ([[0, 3, 4, -1, -1, -1]], [5], [4])
   """
   d = _require(state, "drop_pages")
   _check_budget(budget, sink_pages, recent_pages, mode)
-  if config is not None:
-    paging._check_state(state, config)
+  paging._check_state(state, config)
   b, m_ = state.page_table.shape
   p_ = state.meta.ref_count.shape[0]
   s_ = state.k.data.shape[2]
@@ -306,14 +307,13 @@ def drop_pages(state: CacheState, *, budget: int, sink_pages: int, recent_pages:
     return meta.replace(block_hash=meta.block_hash.at[cut_pages].set(0, mode="drop")), index
 
   meta, index = jax.lax.cond(jnp.any(cut), unhash, lambda a: a, (meta, index))
-  return state.replace(
+  return state_lib.enforce_checked(state.replace(
       meta=meta, index=index, page_table=new_table, seq_lens=new_len,
       drop=d.replace(mass=new_mass, seen=new_seen, owner=new_owner, dropped=d.dropped + n_drop * s_,
-                     pages_dropped=d.pages_dropped + jnp.sum(n_drop)))
+                     pages_dropped=d.pages_dropped + jnp.sum(n_drop))), config)
 
 
-def release(state: CacheState, seq_ids: jax.Array, *,
-            config: CacheConfig | None = None) -> CacheState:
+def release(state: CacheState, seq_ids: jax.Array, *, config: CacheConfig) -> CacheState:
   """``kvjax.release`` for a drop-mode cache: also clears the sequences' drop fields.
 
   >>> import kvjax
@@ -321,13 +321,13 @@ def release(state: CacheState, seq_ids: jax.Array, *,
   ...                         num_pages=4, max_seqs=1, max_pages_per_seq=2)
   >>> _, st = kvjax.plan_step(enable(kvjax.init(cfg)), jnp.array([0]), jnp.array([[1]]),
   ...                         jnp.array([1]), config=cfg)
-  >>> release(st, jnp.array([0])).drop.dropped.tolist()
+  >>> release(st, jnp.array([0]), config=cfg).drop.dropped.tolist()
   [0]
   """
   d = _require(state, "release")
   state = paging.release(state, seq_ids, config=config)
   ms = state.page_table.shape[0]
-  seq_ids = jnp.asarray(seq_ids)
+  seq_ids = paging.as_int32("seq_ids", seq_ids, 1)
   rows = jnp.where((seq_ids >= 0) & (seq_ids < ms), seq_ids, ms)
   return state.replace(drop=d.replace(
       mass=d.mass.at[rows].set(0.0, mode="drop"),
@@ -337,7 +337,7 @@ def release(state: CacheState, seq_ids: jax.Array, *,
 
 
 def fork(state: CacheState, src_ids: jax.Array, dst_ids: jax.Array, *,
-         config: CacheConfig | None = None) -> CacheState:
+         config: CacheConfig) -> CacheState:
   """``kvjax.fork`` for a drop-mode cache: destinations inherit the drop fields.
 
   >>> import kvjax
@@ -345,13 +345,14 @@ def fork(state: CacheState, src_ids: jax.Array, dst_ids: jax.Array, *,
   ...                         num_pages=4, max_seqs=2, max_pages_per_seq=2)
   >>> _, st = kvjax.plan_step(enable(kvjax.init(cfg)), jnp.array([0]), jnp.array([[1]]),
   ...                         jnp.array([1]), config=cfg)
-  >>> fork(st, jnp.array([0]), jnp.array([1])).meta.ref_count.tolist()
+  >>> fork(st, jnp.array([0]), jnp.array([1]), config=cfg).meta.ref_count.tolist()
   [2, 0, 0, 0]
   """
   d = _require(state, "fork")
   new = paging.fork(state, src_ids, dst_ids, config=config)
   ms = state.page_table.shape[0]
-  src_ids, dst_ids = jnp.asarray(src_ids), jnp.asarray(dst_ids)
+  src_ids = paging.as_int32("src_ids", src_ids, 1)
+  dst_ids = paging.as_int32("dst_ids", dst_ids, 1)
   src = jnp.clip(src_ids, 0, ms - 1)
   dst = jnp.clip(dst_ids, 0, ms - 1)
   # The pair went through iff the destination now holds the source's table and length.

@@ -46,14 +46,37 @@ class StepPlan:
 def _check_int(name: str, x, ndim: int) -> None:
   if x.ndim != ndim:
     raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
-  if not jnp.issubdtype(x.dtype, jnp.integer):
+  if not jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_:
     raise ValueError(f"{name} must be an integer array, got dtype {x.dtype}")
 
 
+_INT32_MAX = 2 ** 31 - 1
+
+
+def as_int32(name: str, x, ndim: int) -> jax.Array:
+  """``x`` checked (integer dtype, ``ndim`` dims; ``ValueError`` naming ``name`` otherwise)
+  and cast to int32.
+
+  Any integer dtype is accepted: values outside int32 saturate (so an unsigned
+  or 64-bit id too large for the cache stays out of range and is refused, never
+  wrapped onto another slot or onto -1).
+
+  >>> as_int32("seq_ids", jnp.array([0, 4294967295], jnp.uint32), 1).tolist()
+  [0, 2147483647]
+  """
+  x = jnp.asarray(x)
+  _check_int(name, x, ndim)
+  if x.dtype == jnp.int32:
+    return x
+  info = jnp.iinfo(x.dtype)
+  lo = max(int(info.min), -_INT32_MAX - 1)
+  hi = min(int(info.max), _INT32_MAX)
+  if lo > info.min or hi < info.max:
+    x = jnp.clip(x, jnp.asarray(lo, x.dtype), jnp.asarray(hi, x.dtype))
+  return x.astype(jnp.int32)
+
+
 def _check_plan_inputs(seq_ids, tokens, num_new) -> tuple[int, int]:
-  _check_int("seq_ids", seq_ids, 1)
-  _check_int("tokens", tokens, 2)
-  _check_int("num_new", num_new, 1)
   b = seq_ids.shape[0]
   if tokens.shape[0] != b or num_new.shape[0] != b:
     raise ValueError(
@@ -121,7 +144,8 @@ def _grant(base_need: jax.Array, partial: jax.Array, last_page: jax.Array,
 
 
 def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new: jax.Array,
-              *, config: CacheConfig) -> tuple[StepPlan, CacheState]:
+              seeds: jax.Array | None = None, *,
+              config: CacheConfig) -> tuple[StepPlan, CacheState]:
   """Give a batch of new tokens their pages and slots (prefill chunks or decode).
 
   Allocation takes free pages first, then evicts least-recently-used cached
@@ -131,11 +155,23 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
   ``plan.seq_status``. A row whose last page is partial and shared (after
   ``fork``) gets a private copy, made by ``write``.
 
+  A row that starts an empty sequence sets its namespace (hash-chain seed) to
+  its ``seeds`` row, once: the sequence's pages carry it. A row that continues
+  a sequence keeps the namespace it started with; one whose ``seeds`` row names
+  another namespace is refused with ``BAD_INPUT`` (a slot reused for another
+  tenant without ``release`` cannot index its pages under the first tenant's
+  namespace). Refusals are also ORed into ``state.seq_status`` of the row's
+  slot; with ``config.checked`` an eager call raises ``CacheStatusError``.
+
   Args:
     state: the cache.
-    seq_ids: int32 [B], sequence slot of each row; -1 marks a padding row.
-    tokens: int32 [B, T], new token ids (row b's first ``num_new[b]`` are real).
-    num_new: int32 [B] in [0, T].
+    seq_ids: int [B], sequence slot of each row; -1 marks a padding row (any
+      integer dtype; cast to int32, saturating).
+    tokens: int [B, T], new token ids (row b's first ``num_new[b]`` are real).
+    num_new: int [B] in [0, T].
+    seeds: optional uint32 [B, 2] or [2] namespace seeds (``kvjax.tenant_seed``);
+      ``None`` or a (0, 0) row: the config's default namespace for a sequence
+      that starts, no check for one that continues.
     config: the cache's static config.
 
   Returns:
@@ -150,10 +186,11 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
   ([3, 0], [[0, 1, 2]])
   """
   _check_state(state, config)
-  seq_ids = jnp.asarray(seq_ids)
-  tokens = jnp.asarray(tokens)
-  num_new = jnp.asarray(num_new)
+  seq_ids = as_int32("seq_ids", seq_ids, 1)
+  tokens = as_int32("tokens", tokens, 2)
+  num_new = as_int32("num_new", num_new, 1)
   b, t = _check_plan_inputs(seq_ids, tokens, num_new)
+  given_seed = state_lib.row_seeds(seeds, b)
   s_, m_, p_ = config.page_size, config.max_pages_per_seq, config.num_pages
   meta = state.meta
   clock = state.clock + 1
@@ -170,6 +207,23 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
   last_page = jnp.take_along_axis(table, jnp.clip(old_pages - 1, 0, m_ - 1)[:, None], 1)[:, 0]
   partial = (old_len % s_ != 0) & (n > 0)
   seq_full = live & (new_pages > m_)
+  # Namespace: set once by the row that starts the sequence; a continuing row keeps it.
+  stored = state.seq_seed[sid]
+  stored_set = jnp.any(stored != 0, axis=-1)
+  given_set = jnp.any(given_seed != 0, axis=-1)
+  default = state_lib.default_seed(config)
+  starting = live & (old_len == 0) & ~stored_set
+  mismatch = live & ~starting & given_set & jnp.any(
+      jnp.where(stored_set[:, None], stored, default) != given_seed, axis=-1)
+  bad = bad | mismatch
+  live = live & ~mismatch
+  n = jnp.where(live, n, 0)
+  new_len = old_len + n
+  new_pages = (new_len + s_ - 1) // s_
+  partial = partial & live
+  seq_full = seq_full & live
+  seeds = jnp.where(stored_set[:, None], stored, jnp.where(given_set[:, None], given_seed,
+                                                          default))
 
   scores = _eviction_scores(state, clock, config)
   per_row = -(-t // s_) + 1
@@ -215,9 +269,6 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
   block_idx = jnp.where(take, first_col[:, None] + j, 0).reshape(-1)
   prev_col = jnp.clip(first_col[:, None] + j - 1, 0, m_ - 1)
   parent = jnp.where(first_col[:, None] + j > 0, jnp.take_along_axis(table, prev_col, 1), -1)
-  seeds = state.seq_seed[sid]
-  seeds = jnp.where(jnp.any(seeds != 0, axis=-1, keepdims=True), seeds,
-                    state_lib.default_seed(config))
   meta = meta.replace(
       ref_count=meta.ref_count.at[flat_new].set(1, mode="drop").at[cow_src].add(-1, mode="drop"),
       block_hash=meta.block_hash.at[flat_new].set(0, mode="drop"),
@@ -273,6 +324,12 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
   rows = jnp.where(granted, sid, config.max_seqs)
   page_table = state.page_table.at[rows].set(table, mode="drop")
   seq_lens = state.seq_lens.at[rows].set(new_len, mode="drop")
+  seq_seed = state.seq_seed.at[jnp.where(granted & starting, sid, config.max_seqs)].set(
+      seeds, mode="drop")
+  in_range = (seq_ids >= 0) & (seq_ids < config.max_seqs)
+  seq_status = state.seq_status.at[jnp.where(in_range, seq_ids, config.max_seqs)].set(
+      state.seq_status[jnp.clip(seq_ids, 0, config.max_seqs - 1)]
+      | row_status, mode="drop")
   plan_table = jnp.where(live[:, None], table, -1)
   kv_lens = jnp.where(granted, new_len, old_len)
 
@@ -288,9 +345,9 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
   status = (state.status | jnp.bitwise_or.reduce(row_status)
             | jnp.where(overflow, state_lib.INDEX_OVERFLOW, 0)).astype(jnp.int32)
   new_state = state.replace(meta=meta, index=index, page_table=page_table, seq_lens=seq_lens,
-                            clock=clock, stats=stats, status=status, policy=policy_state)
-  if config.checked:
-    new_state = state_lib.raise_on_status(new_state)
+                            seq_seed=seq_seed, clock=clock, stats=stats, status=status,
+                            seq_status=seq_status, policy=policy_state)
+  new_state = state_lib.enforce_checked(new_state, config)
   plan = StepPlan(seq_ids=seq_ids.astype(jnp.int32), positions=positions, valid=valid,
                   slots=slots, page_table=plan_table, kv_lens=kv_lens, cow_src=cow_src,
                   cow_dst=cow_dst, refused=refused & (seq_ids != -1), seq_status=row_status,
@@ -455,17 +512,19 @@ def unref_pages(meta: state_lib.PageMeta, pages: jax.Array) -> state_lib.PageMet
   )
 
 
-def release(state: CacheState, seq_ids: jax.Array, *,
-            config: CacheConfig | None = None) -> CacheState:
+def release(state: CacheState, seq_ids: jax.Array, *, config: CacheConfig) -> CacheState:
   """End sequences: their pages lose a reference; the slots become empty.
 
   Pages left with no reference and no content hash become free; hashed pages
-  stay cached (reference 0) until evicted. Ids of -1 and repeats are ignored.
+  stay cached (reference 0) until evicted. The slots' namespaces and flags
+  (``seq_status``) are reset. Ids of -1 (padding), repeats and empty slots are
+  no-ops; an id out of range flags ``BAD_INPUT`` (``config.checked`` raises
+  on an eager call).
 
   Args:
     state: the cache.
-    seq_ids: int32 [N] sequence slots to release.
-    config: optional; when given, the state is checked against it.
+    seq_ids: int [N] sequence slots to release.
+    config: the cache's config; the state is checked against it.
 
   Returns:
     The updated state.
@@ -477,12 +536,11 @@ def release(state: CacheState, seq_ids: jax.Array, *,
   >>> int(release(st, jnp.array([0]), config=cfg).meta.ref_count.sum())
   0
   """
-  if config is not None:
-    _check_state(state, config)
-  seq_ids = jnp.asarray(seq_ids)
-  _check_int("seq_ids", seq_ids, 1)
+  _check_state(state, config)
+  seq_ids = as_int32("seq_ids", seq_ids, 1)
   max_seqs, p_ = state.page_table.shape[0], state.meta.ref_count.shape[0]
   ok = _dedupe(seq_ids, max_seqs)
+  out_of_range = (seq_ids != -1) & ((seq_ids < 0) | (seq_ids >= max_seqs))
   rows = jnp.where(ok, seq_ids, max_seqs)
   table = state.page_table[jnp.clip(rows, 0, max_seqs - 1)]
   held = jnp.where(ok[:, None] & (table >= 0), table, p_)
@@ -490,17 +548,77 @@ def release(state: CacheState, seq_ids: jax.Array, *,
   fold_floor = state.fold_floor
   if fold_floor is not None:
     fold_floor = fold_floor.at[rows].set(0, mode="drop")
-  return state.replace(
+  new_state = state.replace(
       meta=meta,
       page_table=state.page_table.at[rows].set(-1, mode="drop"),
       seq_lens=state.seq_lens.at[rows].set(0, mode="drop"),
       seq_seed=state.seq_seed.at[rows].set(0, mode="drop"),
+      seq_status=state.seq_status.at[rows].set(0, mode="drop"),
+      status=state.status | jnp.where(jnp.any(out_of_range), state_lib.BAD_INPUT,
+                                      0).astype(jnp.int32),
       fold_floor=fold_floor,
   )
+  return state_lib.enforce_checked(new_state, config)
+
+
+def flag_sequences(state: CacheState, seq_ids: jax.Array, flags: jax.Array) -> CacheState:
+  """OR per-row status ``flags`` into the rows' sequences (``seq_status``) and ``status``.
+
+  What the step's data path found (``kvjax.write_flags``: non-finite or
+  clipped K/V) is recorded for the sequence it was written to; the model's
+  step calls it once per step. Padding rows (-1) and out-of-range ids record
+  nothing in ``seq_status``.
+
+  Args:
+    state: the cache.
+    seq_ids: int32 [B] the rows' sequence slots (``plan.seq_ids``).
+    flags: int32 [B] status bits per row (0 = none).
+
+  >>> import kvjax
+  >>> cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2,
+  ...                         num_pages=2, max_seqs=2, max_pages_per_seq=2)
+  >>> st = flag_sequences(kvjax.init(cfg), jnp.array([1, -1]), jnp.array([kvjax.NON_FINITE, 0]))
+  >>> st.seq_status.tolist(), kvjax.status_names(st.status)
+  ([0, 16], ['NON_FINITE'])
+  """
+  ms = state.seq_status.shape[0]
+  seq_ids = as_int32("seq_ids", seq_ids, 1)
+  flags = as_int32("flags", flags, 1)
+  rows = jnp.where((seq_ids >= 0) & (seq_ids < ms), seq_ids, ms)
+  return state.replace(
+      seq_status=state.seq_status.at[rows].set(
+          state.seq_status[jnp.clip(rows, 0, ms - 1)] | flags, mode="drop"),
+      status=(state.status | jnp.bitwise_or.reduce(jnp.where(rows < ms, flags, 0))).astype(
+          jnp.int32))
+
+
+def write_flags(plan: StepPlan, k: jax.Array, v: jax.Array) -> jax.Array:
+  """int32 [B]: ``NON_FINITE`` for the rows whose new (valid) K or V holds a NaN or inf.
+
+  Args:
+    plan: the step's plan.
+    k, v: ``[B, T, H, D]`` the step's new keys and values (one layer, or stacked
+      layers ``[L, B, T, H, D]``).
+
+  >>> import kvjax
+  >>> cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2,
+  ...                         num_pages=2, max_seqs=2, max_pages_per_seq=2)
+  >>> plan, _ = plan_step(kvjax.init(cfg), jnp.array([0, 1]), jnp.array([[1], [2]]),
+  ...                     jnp.array([1, 1]), config=cfg)
+  >>> x = jnp.zeros((2, 1, 1, 2)).at[1, 0, 0, 0].set(jnp.nan)
+  >>> write_flags(plan, x, x).tolist()
+  [0, 16]
+  """
+  def bad(x):
+    x = jnp.asarray(x)
+    per_token = ~jnp.all(jnp.isfinite(x), axis=(-2, -1))                    # [..., B, T]
+    per_token = per_token.reshape((-1,) + plan.valid.shape)
+    return jnp.any(jnp.any(per_token, axis=0) & plan.valid, axis=1)
+  return jnp.where(bad(k) | bad(v), state_lib.NON_FINITE, 0).astype(jnp.int32)
 
 
 def fork(state: CacheState, src_ids: jax.Array, dst_ids: jax.Array, *,
-         config: CacheConfig | None = None) -> CacheState:
+         config: CacheConfig) -> CacheState:
   """Start sequences ``dst_ids`` as copies of ``src_ids`` that share their pages.
 
   Nothing is copied now: every page gains a reference, and the first write
@@ -509,14 +627,15 @@ def fork(state: CacheState, src_ids: jax.Array, dst_ids: jax.Array, *,
   source's ring row, which holds its unfolded pages, is copied to the
   destination's now. A pair is skipped and ``BAD_INPUT`` is flagged when the
   destination is not empty, ids are out of range, the source is empty, or an
-  id repeats.
+  id repeats. The copy inherits the source's namespace and its data flags
+  (``NON_FINITE``, ``OUT_OF_RANGE``: it shares those K/V).
 
   Args:
     state: the cache.
-    src_ids: int32 [N] sequences to copy.
-    dst_ids: int32 [N] empty sequence slots to fill.
-    config: optional; when given, the state is checked against it and
-      ``config.checked`` raises on a skipped pair.
+    src_ids: int [N] sequences to copy.
+    dst_ids: int [N] empty sequence slots to fill.
+    config: the cache's config; the state is checked against it and
+      ``config.checked`` raises on a skipped pair (eager calls).
 
   Returns:
     The updated state.
@@ -528,11 +647,8 @@ def fork(state: CacheState, src_ids: jax.Array, dst_ids: jax.Array, *,
   >>> fork(st, jnp.array([0]), jnp.array([1]), config=cfg).meta.ref_count.tolist()
   [2, 0]
   """
-  if config is not None:
-    _check_state(state, config)
-  src_ids, dst_ids = jnp.asarray(src_ids), jnp.asarray(dst_ids)
-  _check_int("src_ids", src_ids, 1)
-  _check_int("dst_ids", dst_ids, 1)
+  _check_state(state, config)
+  src_ids, dst_ids = as_int32("src_ids", src_ids, 1), as_int32("dst_ids", dst_ids, 1)
   if src_ids.shape != dst_ids.shape:
     raise ValueError(f"src_ids and dst_ids must have the same shape, got {tuple(src_ids.shape)} "
                      f"and {tuple(dst_ids.shape)}")
@@ -570,8 +686,9 @@ def fork(state: CacheState, src_ids: jax.Array, dst_ids: jax.Array, *,
       page_table=state.page_table.at[rows].set(table, mode="drop"),
       seq_lens=state.seq_lens.at[rows].set(state.seq_lens[src_safe], mode="drop"),
       seq_seed=state.seq_seed.at[rows].set(state.seq_seed[src_safe], mode="drop"),
+      seq_status=state.seq_status.at[rows].set(
+          state.seq_status[src_safe] & (state_lib.NON_FINITE | state_lib.OUT_OF_RANGE),
+          mode="drop"),
       status=status.astype(jnp.int32),
   )
-  if config is not None and config.checked:
-    new_state = state_lib.raise_on_status(new_state)
-  return new_state
+  return state_lib.enforce_checked(new_state, config)

@@ -173,14 +173,22 @@ def attach_prefix(state: CacheState, seq_ids: jax.Array, tokens: jax.Array,
   Only whole pages are reused, and at least one prompt token is left to
   compute (its logits are needed). Matched pages gain a reference; the
   sequence's length becomes the number of cached tokens, so the caller
-  prefills ``prompt[cached:]`` with ``plan_step``. A row whose sequence is not
-  empty, or whose id repeats, is skipped and flagged ``BAD_INPUT``.
+  prefills ``prompt[cached:]`` with ``plan_step`` (passing the same ``seeds``).
+  A row whose sequence is not empty, or whose id repeats, is skipped and
+  flagged ``BAD_INPUT``.
+
+  A row that attaches at least one page starts its sequence, in the namespace
+  of its seed (set once, here). A row that matched nothing leaves its slot
+  exactly as it was, empty and without a namespace: the ``plan_step`` that
+  starts it sets one from its own ``seeds``, so a seed given here never
+  outlives the call (another tenant's prompt planned into the slot cannot be
+  indexed under it).
 
   Args:
     state: the cache.
-    seq_ids: int32 [B] empty sequence slots (-1 = padding row).
-    tokens: int32 [B, T] prompts (padded).
-    num_tokens: int32 [B] prompt lengths (<= T).
+    seq_ids: int [B] empty sequence slots (-1 = padding row).
+    tokens: int [B, T] prompts (padded).
+    num_tokens: int [B] prompt lengths (<= T).
     seeds: uint32 [B, 2] or [2] chain seeds (``tenant_seed``); default the
       config's namespace seed.
     config: the cache's static config.
@@ -198,21 +206,20 @@ def attach_prefix(state: CacheState, seq_ids: jax.Array, tokens: jax.Array,
   >>> cached.tolist(), st.page_table[1].tolist()
   ([4], [0, 1, -1, -1])
   """
-  from kvjax.paging import _check_int  # noqa: PLC0415 (paging imports this module)
+  from kvjax.paging import as_int32  # noqa: PLC0415 (paging imports this module)
   from kvjax.paging import _check_state  # noqa: PLC0415
   _check_state(state, config)
-  seq_ids, tokens, num_tokens = (jnp.asarray(x) for x in (seq_ids, tokens, num_tokens))
-  _check_int("seq_ids", seq_ids, 1)
-  _check_int("tokens", tokens, 2)
-  _check_int("num_tokens", num_tokens, 1)
+  seq_ids = as_int32("seq_ids", seq_ids, 1)
+  tokens = as_int32("tokens", tokens, 2)
+  num_tokens = as_int32("num_tokens", num_tokens, 1)
   b, t = tokens.shape
   if seq_ids.shape != (b,) or num_tokens.shape != (b,):
     raise ValueError(f"seq_ids, tokens and num_tokens must share the batch size; got seq_ids "
                      f"{tuple(seq_ids.shape)}, tokens {tuple(tokens.shape)}, num_tokens "
                      f"{tuple(num_tokens.shape)}")
-  if seeds is None:
-    seeds = state_lib.default_seed(config)
-  seeds = jnp.broadcast_to(jnp.asarray(seeds, jnp.uint32), (b, 2))
+  seeds = state_lib.row_seeds(seeds, b)
+  seeds = jnp.where(jnp.any(seeds != 0, axis=-1, keepdims=True), seeds,
+                    state_lib.default_seed(config))
   s_, m_, p_, ms = config.page_size, config.max_pages_per_seq, config.num_pages, config.max_seqs
   in_range = (seq_ids >= 0) & (seq_ids < ms)
   sid = jnp.clip(seq_ids, 0, ms - 1)
@@ -264,16 +271,14 @@ def attach_prefix(state: CacheState, seq_ids: jax.Array, tokens: jax.Array,
       meta=meta,
       page_table=state.page_table.at[rows].set(row_table, mode="drop"),
       seq_lens=state.seq_lens.at[rows].set(matched * s_, mode="drop"),
-      seq_seed=state.seq_seed.at[rows].set(seeds, mode="drop"),
+      seq_seed=state.seq_seed.at[jnp.where(matched > 0, rows, ms)].set(seeds, mode="drop"),
       clock=clock,
       stats=stats,
       status=state.status | jnp.where(jnp.any(bad), state_lib.BAD_INPUT, 0).astype(jnp.int32),
       policy=policy_state,
       **extra,
   )
-  if config.checked:
-    new_state = state_lib.raise_on_status(new_state)
-  return matched * s_, new_state
+  return matched * s_, state_lib.enforce_checked(new_state, config)
 
 
 def _pool_values(p: Pages, page: jax.Array) -> jax.Array:

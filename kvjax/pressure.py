@@ -172,7 +172,9 @@ def relieve(state, *, config, pressure: PressureConfig = DEVICE, demote_to=None,
   victims' K/V are also returned requantized to the stronger spec, for a lower tier to
   keep (``Relief.k``/``.v``, with their block hashes and tokens); below that level the
   payload is all zeros and ``Relief.pages`` says which pages were evicted. Jittable;
-  ``config``, ``pressure``, ``demote_to`` and ``limit`` are static.
+  ``config``, ``pressure``, ``demote_to`` and ``limit`` are static. The state is checked
+  against ``config``; with ``config.checked`` an eager call raises ``CacheStatusError``
+  if a status flag is set.
 
   Args:
     state: the cache (``kvjax.CacheState``).
@@ -199,7 +201,9 @@ def relieve(state, *, config, pressure: PressureConfig = DEVICE, demote_to=None,
   (2, 1, 6)
   """
   from kvjax import cache_policy, paging, prefix, quant  # noqa: PLC0415 (they import state)
+  from kvjax import state as state_lib  # noqa: PLC0415
 
+  paging._check_state(state, config)
   p_ = config.num_pages
   limit = max_evict(p_, pressure) if limit is None else int(limit)
   if limit <= 0 or limit > p_:
@@ -253,4 +257,4 @@ def relieve(state, *, config, pressure: PressureConfig = DEVICE, demote_to=None,
   relief = Relief(level=lv, after=level(left, p_, pressure), evicted=n, freed=occupied - left,
                   pages=jnp.where(take, cand, -1), block_hash=block_hash, tokens=tokens, k=k,
                   v=v)
-  return relief, new_state
+  return relief, state_lib.enforce_checked(new_state, config)

@@ -26,12 +26,16 @@ OUT_OF_PAGES = 1       # a sequence needed pages and the pool had none evictable
 SEQ_FULL = 2           # a sequence would pass max_pages_per_seq
 BAD_INPUT = 4          # a row's seq id out of range or repeated, or num_new outside [0, T]
 INDEX_OVERFLOW = 8     # prefix index probe budget exceeded (insert skipped)
+NON_FINITE = 16        # a NaN or inf K/V was written into a sequence
+OUT_OF_RANGE = 32      # a K/V value beyond what the quantization spec represents was clipped
 
 STATUS_NAMES = {
     OUT_OF_PAGES: "OUT_OF_PAGES",
     SEQ_FULL: "SEQ_FULL",
     BAD_INPUT: "BAD_INPUT",
     INDEX_OVERFLOW: "INDEX_OVERFLOW",
+    NON_FINITE: "NON_FINITE",
+    OUT_OF_RANGE: "OUT_OF_RANGE",
 }
 
 
@@ -143,6 +147,8 @@ class CacheState:
   clock: jax.Array       # int32 []  logical time, +1 per plan_step
   stats: Stats
   status: jax.Array      # int32 []  sticky OR of status flags
+  seq_status: jax.Array  # int32 [B]  sticky OR of the flags of each sequence slot (refusals,
+  #   non-finite or clipped K/V); reset when the slot is released or started anew
   fold_floor: Optional[jax.Array] = None  # int32 [B]  leading pages of each sequence that are
   #   folded whatever the staging rule says (attached from the prefix cache); None without staging
   policy: Any = ()  # the eviction policy's history arrays, [P]-leading (``Policy.init(P)``,
@@ -210,6 +216,24 @@ def init_pages(config: CacheConfig, spec: Optional[QuantSpec] = None, *,
                spec=spec, residual=quant.residual_tokens(ks, vs), rope_base=rope_base)
 
 
+def row_seeds(seeds, b: int, name: str = "seeds") -> jax.Array:
+  """uint32 [B, 2]: one namespace seed per row from ``seeds`` (None, [2] or [B, 2]).
+
+  ``None`` gives (0, 0) rows (the config's default). Raises ``ValueError`` naming
+  ``name`` for another shape or a non-integer dtype.
+
+  >>> row_seeds(jnp.array([1, 2], jnp.uint32), 2).tolist()
+  [[1, 2], [1, 2]]
+  """
+  if seeds is None:
+    return jnp.zeros((b, 2), jnp.uint32)
+  seeds = jnp.asarray(seeds)
+  if seeds.shape not in ((2,), (b, 2)) or not jnp.issubdtype(seeds.dtype, jnp.integer):
+    raise ValueError(f"{name} must be uint32 [2] or [B, 2] = [{b}, 2] (kvjax.tenant_seed), got "
+                     f"shape {tuple(seeds.shape)} dtype {seeds.dtype}")
+  return jnp.broadcast_to(seeds.astype(jnp.uint32), (b, 2))
+
+
 def default_seed(config: CacheConfig) -> jax.Array:
   """uint32 [2]: the hash-chain seed of ``config.namespace`` (no adapter, no tenant salt)."""
   return jnp.asarray(namespace_seed(config.namespace), jnp.uint32)
@@ -241,44 +265,130 @@ def init(config: CacheConfig) -> CacheState:
       clock=jnp.zeros((), jnp.int32),
       stats=_zeros_stats(),
       status=jnp.zeros((), jnp.int32),
+      seq_status=jnp.zeros((config.max_seqs,), jnp.int32),
       fold_floor=jnp.zeros((config.max_seqs,), jnp.int32) if staged else None,
       policy=cache_policy.init_state(config),
   )
 
 
 def clear_status(state: CacheState) -> CacheState:
-  """The state with its sticky status flags cleared."""
-  return state.replace(status=jnp.zeros((), jnp.int32))
+  """The state with its sticky status flags cleared (the cache's and every sequence's).
+
+  >>> cfg = CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, page_size=2,
+  ...                   num_pages=4, max_seqs=2, max_pages_per_seq=2)
+  >>> st = init(cfg).replace(status=jnp.int32(BAD_INPUT))
+  >>> int(clear_status(st).status)
+  0
+  """
+  return state.replace(status=jnp.zeros((), jnp.int32),
+                       seq_status=jnp.zeros_like(state.seq_status))
 
 
 class CacheStatusError(RuntimeError):
-  """Raised in checked mode (or by ``check_status``) when a step set a status flag."""
+  """A status flag was set in checked mode (or ``check_status`` found one).
+
+  Raised on the host, after the call that set the flag has returned, so
+  nothing is lost: ``state`` is the cache after that call, usable (its arrays
+  are live even when the call donated its input), flags still set;
+  ``kvjax.clear_status(err.state)`` continues.
+
+  Attributes:
+    status: int, the cache's sticky flags.
+    rows: ``{seq_id: [flag names]}`` of the sequence slots with flags set.
+    state: the ``CacheState`` after the call (``None`` when not available).
+  """
+
+  def __init__(self, message: str, *, status: int = 0, rows: Optional[dict] = None,
+               state: Optional["CacheState"] = None):
+    super().__init__(message)
+    self.status = status
+    self.rows = dict(rows or {})
+    self.state = state
+
+
+def flagged_rows(state: CacheState) -> dict:
+  """``{seq_id: [flag names]}`` of the sequence slots whose ``seq_status`` is set (host-side).
+
+  >>> cfg = CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, page_size=2,
+  ...                   num_pages=4, max_seqs=2, max_pages_per_seq=2)
+  >>> flagged_rows(init(cfg).replace(seq_status=jnp.array([0, OUT_OF_PAGES])))
+  {1: ['OUT_OF_PAGES']}
+  """
+  per_seq = jax.device_get(state.seq_status)
+  return {int(i): status_names(s) for i, s in enumerate(per_seq.tolist()) if s}
+
+
+def _status_error(state: CacheState, what: str) -> Optional[CacheStatusError]:
+  status = int(jax.device_get(state.status))
+  if not status:
+    return None
+  rows = flagged_rows(state)
+  where = "; ".join(f"seq {i}: {', '.join(n)}" for i, n in rows.items())
+  return CacheStatusError(f"{what}: {status_names(status)} (status={status})"
+                          + (f"; {where}" if where else ""), status=status, rows=rows,
+                          state=state)
 
 
 def check_status(state: CacheState) -> CacheState:
-  """Host-side check: raise ``CacheStatusError`` if any status flag is set.
+  """Host-side check: raise ``CacheStatusError`` (with the rows and the state) if a flag is set.
 
   >>> cfg = CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, page_size=2,
   ...                   num_pages=4, max_seqs=2, max_pages_per_seq=2)
   >>> _ = check_status(init(cfg))
   """
-  status = int(jax.device_get(state.status))
-  if status:
-    raise CacheStatusError(f"cache status flags set: {status_names(status)} (status={status})")
+  err = _status_error(state, "cache status flags set")
+  if err is not None:
+    raise err
   return state
 
 
-def _raise_if_set(status) -> None:
-  status = int(status)
-  if status:
-    raise CacheStatusError(f"cache status flags set: {status_names(status)} (status={status})")
+def is_traced(state: CacheState) -> bool:
+  """Whether ``state`` is being traced (inside ``jit``), so that its values are not known."""
+  return isinstance(state.status, jax.core.Tracer)
 
 
-def raise_on_status(state: CacheState) -> CacheState:
-  """Checked mode, usable inside jit: the step raises if a status flag is set.
+def enforce_checked(state: CacheState, config: Optional[CacheConfig]) -> CacheState:
+  """Checked mode at a host boundary: raise ``CacheStatusError`` if ``config.checked`` and a
+  flag is set.
 
-  The error surfaces from the jitted call (a runtime error whose message holds
-  the flag names). Used by ``plan_step`` and ``fork`` when ``config.checked``.
+  Eager calls of the cache's ops, the model's ``decode_step`` and host loops,
+  and functions wrapped by ``checked`` raise here, after the new state exists,
+  so a refusal never deletes the cache. Inside ``jit`` (a traced state)
+  nothing can be raised without losing the outputs, so this returns the state
+  unchanged and the flags wait for the host (wrap the jitted function with
+  ``kvjax.checked``).
   """
-  jax.debug.callback(_raise_if_set, state.status, ordered=False)
-  return state
+  if config is None or not config.checked or is_traced(state):
+    return state
+  return check_status(state)
+
+
+def checked(fn):
+  """Wrap ``fn`` (e.g. a jitted step) so that it raises ``CacheStatusError`` when a
+  ``CacheState`` it returns has a status flag set.
+
+  The error carries that returned state (``err.state``), so a donated step
+  that was refused loses nothing.
+
+  >>> cfg = CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, page_size=2,
+  ...                   num_pages=1, max_seqs=1, max_pages_per_seq=1)
+  >>> import kvjax
+  >>> step = checked(jax.jit(kvjax.plan_step, static_argnames="config", donate_argnums=0))
+  >>> try:
+  ...   step(init(cfg), jnp.array([0]), jnp.array([[1, 2, 3]]), jnp.array([3]), config=cfg)
+  ... except CacheStatusError as err:
+  ...   print(err.rows, int(err.state.seq_lens[0]))
+  {0: ['SEQ_FULL']} 0
+  """
+  def wrapper(*args, **kwargs):
+    out = fn(*args, **kwargs)
+    for leaf in (out if isinstance(out, tuple) else (out,)):
+      if isinstance(leaf, CacheState):
+        err = _status_error(leaf, f"{getattr(fn, '__name__', 'step')}: cache status flags set")
+        if err is not None:
+          raise err
+    return out
+
+  wrapper.__name__ = getattr(fn, "__name__", "checked")
+  wrapper.__doc__ = fn.__doc__
+  return wrapper

@@ -8,6 +8,7 @@
 """
 
 from kvjax.models.generate import generate
+from kvjax.models.generate import Reply
 from kvjax.models.generate import prefill
 from kvjax.models.gguf_loader import WeightsNotInstalledError
 from kvjax.models.gguf_loader import load_gguf
@@ -32,6 +33,7 @@ from kvjax.models.tokenizer import encode_chat
 __all__ = [
     "generate",
     "prefill",
+    "Reply",
     "WeightsNotInstalledError",
     "load_gguf",
     "load_smollm2",

@@ -4,8 +4,12 @@ Every step has one of two shapes, ``[B, chunk]`` (prefill) or ``[B, 1]``
 (decode), so ``decode_step`` compiles twice per batch size and never again.
 Rows with nothing to do in a step are padding (seq id -1, no new tokens).
 After every step the host checks that each working row's cached length grew as
-asked; a refused row (cache out of pages, sequence full) raises
-``kvjax.CacheStatusError`` naming it.
+asked. A refusal never loses the cache (the step's new state is always kept):
+a refused row (cache out of pages, sequence full) stops there while the other
+rows go on; ``prefill`` then raises ``kvjax.CacheStatusError`` naming it, with
+the usable cache in ``err.state``, and ``generate`` ends that request with a
+finish reason (``Reply.finish_reason``). With ``cache_config.checked`` both
+raise at the first flagged step, again with ``err.state``.
 """
 
 from __future__ import annotations
@@ -46,19 +50,64 @@ def _check_batch(prompts: Sequence[Sequence[int]], seq_ids: Sequence[int],
   return ids
 
 
-def _step(params, cache, tokens, ids, num_new, config, cache_config):
-  """One decode_step; raises if a working row was refused."""
-  before = np.asarray(cache.seq_lens)[np.maximum(ids, 0)]
+class Reply(list):
+  """A generated reply: the token ids (a ``list``) and why generation stopped.
+
+  ``finish_reason`` is ``"stop"`` (a stop id, returned as the last token),
+  ``"length"`` (``max_new_tokens`` reached, or the sequence reached the cache's
+  ``max_seq_len``), ``"out_of_pages"`` (the pool had no page for it) or
+  ``"non_finite"`` (its K/V held a NaN or inf: the model diverged).
+
+  >>> r = Reply([5, 6], "length")
+  >>> list(r), r.finish_reason
+  ([5, 6], 'length')
+  """
+
+  def __init__(self, tokens=(), finish_reason: Optional[str] = None):
+    super().__init__(tokens)
+    self.finish_reason = finish_reason
+
+
+def _finish_reason(flags: int) -> str:
+  """The finish reason of a row whose step set sequence ``flags``."""
+  if flags & kvjax.OUT_OF_PAGES:
+    return "out_of_pages"
+  if flags & kvjax.SEQ_FULL:
+    return "length"
+  if flags & kvjax.NON_FINITE:
+    return "non_finite"
+  return "error"
+
+
+_ROW_STOPS = kvjax.OUT_OF_PAGES | kvjax.SEQ_FULL | kvjax.NON_FINITE | kvjax.BAD_INPUT
+
+
+def _step(params, cache, tokens, ids, num_new, config, cache_config, seeds=None):
+  """One decode_step. Returns ``(logits, cache, stopped)``; ``stopped`` int [B] holds the
+  flags of each working row that was refused or flagged this step (0 = fine).
+
+  The new cache is kept whatever happened; only checked mode raises (with it).
+  """
+  rows = np.maximum(ids, 0)
+  before = np.asarray(cache.seq_lens)[rows]
+  flags_before = np.asarray(cache.seq_status)[rows]
   logits, cache = decode_step(params, cache, jnp.asarray(tokens), jnp.asarray(ids),
-                              jnp.asarray(num_new), config=config, cache_config=cache_config)
-  after = np.asarray(cache.seq_lens)[np.maximum(ids, 0)]
+                              jnp.asarray(num_new), None if seeds is None else jnp.asarray(seeds),
+                              config=config, cache_config=cache_config)
+  after = np.asarray(cache.seq_lens)[rows]
+  flags = np.asarray(cache.seq_status)[rows]
+  new_flags = flags & ~flags_before
   short = (ids >= 0) & (after != before + num_new)
-  if np.any(short):
-    status = int(cache.status)
-    raise kvjax.CacheStatusError(
-        f"cache refused sequences {ids[short].tolist()} (lengths {before[short].tolist()}, "
-        f"asked {num_new[short].tolist()} more): {kvjax.status_names(status)}")
-  return logits, cache
+  stopped = np.where((ids >= 0) & (short | (new_flags & _ROW_STOPS != 0)),
+                     np.where(new_flags != 0, new_flags, kvjax.OUT_OF_PAGES), 0)
+  return logits, cache, stopped.astype(np.int64)
+
+
+def _refusal(cache, ids, stopped, what: str) -> kvjax.CacheStatusError:
+  rows = {int(ids[r]): kvjax.status_names(int(stopped[r])) for r in np.flatnonzero(stopped)}
+  where = "; ".join(f"seq {i}: {', '.join(n)}" for i, n in rows.items())
+  return kvjax.CacheStatusError(f"{what}: cache refused sequences {list(rows)} ({where})",
+                                status=int(cache.status), rows=rows, state=cache)
 
 
 _attach = jax.jit(kvjax.attach_prefix, static_argnames="config", donate_argnames="state")
@@ -107,6 +156,13 @@ def prefill(params: LlamaParams, cache: kvjax.CacheState, prompts: Sequence[Sequ
   Returns:
     (last_logits float32 numpy [B, V], the logits after each prompt's last token; cache).
 
+  Raises:
+    kvjax.CacheStatusError: a row was refused (out of pages, sequence full) or
+      its K/V were non-finite. The other rows were prefilled to the end first
+      (checked mode: raised at the first flagged step). ``err.state`` is the
+      cache (usable), ``err.rows`` the refused sequences, ``err.logits`` the
+      last logits (NaN rows for the refused ones).
+
   >>> cfg = LlamaConfig.small()
   >>> cc = cfg.cache_config(page_size=4, num_pages=16, max_seqs=2, max_pages_per_seq=8)
   >>> p = init_params(cfg, jax.random.key(0))  # doctest: +SKIP
@@ -115,30 +171,46 @@ def prefill(params: LlamaParams, cache: kvjax.CacheState, prompts: Sequence[Sequ
   >>> logits.shape  # doctest: +SKIP
   (2, 256)
   """
+  last, cache, stopped = _prefill(params, cache, prompts, seq_ids, config=config,
+                                  cache_config=cache_config, chunk_size=chunk_size, seeds=seeds,
+                                  stats=stats)
+  if np.any(stopped):
+    err = _refusal(cache, np.asarray(seq_ids), stopped, "prefill")
+    err.logits = last
+    raise err
+  return last, cache
+
+
+def _prefill(params, cache, prompts, seq_ids, *, config, cache_config, chunk_size, seeds,
+             stats):
+  """``prefill`` without raising on a refusal: ``(last_logits, cache, stopped int [B])``;
+  a refused row stops (its logits NaN) and the others go on."""
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
   ids = _check_batch(prompts, seq_ids, cache_config)
   b = len(prompts)
+  seeds = None if seeds is None else np.broadcast_to(np.asarray(seeds, np.uint32), (b, 2))
   lengths = np.array([len(p) for p in prompts])
   done, cache = attach_cached_prefixes(cache, prompts, ids, cache_config, seeds)
   if stats is not None:
     stats["reused"] = stats.get("reused", 0) + int(done.sum())
     stats["computed"] = stats.get("computed", 0) + int((lengths - done).sum())
-  last = [None] * b
-  while np.any(done < lengths):
-    n = np.minimum(lengths - done, chunk_size).astype(np.int32)
+  last = np.full((b, config.vocab_size), np.nan, np.float32)
+  stopped = np.zeros(b, np.int64)
+  while np.any((done < lengths) & (stopped == 0)):
+    n = np.where(stopped == 0, np.minimum(lengths - done, chunk_size), 0).astype(np.int32)
     tokens = np.zeros((b, chunk_size), np.int32)
     for r in range(b):
       tokens[r, : n[r]] = prompts[r][done[r]: done[r] + n[r]]
     step_ids = np.where(n > 0, ids, -1).astype(np.int32)
-    logits, cache = _step(params, cache, tokens, step_ids, n, config, cache_config)
-    finishing = (n > 0) & (done + n == lengths)
+    logits, cache, now = _step(params, cache, tokens, step_ids, n, config, cache_config, seeds)
+    stopped = np.where(now != 0, now, stopped)
+    finishing = (n > 0) & (done + n == lengths) & (now == 0)
     if np.any(finishing):
       rows = np.asarray(_last_logits(logits, jnp.asarray(n)))
-      for r in np.flatnonzero(finishing):
-        last[r] = rows[r]
-    done += n
-  return np.stack(last), cache
+      last[finishing] = rows[finishing]
+    done += np.where(now == 0, n, 0)
+  return last, cache, stopped
 
 
 def generate(params: LlamaParams, cache: kvjax.CacheState, prompts: Sequence[Sequence[int]],
@@ -154,6 +226,13 @@ def generate(params: LlamaParams, cache: kvjax.CacheState, prompts: Sequence[Seq
   tokens except the last one returned (not yet fed back), so a next turn
   continues the sequence by prefilling ``[last_token] + next_turn``.
 
+  A row the cache refuses (no page left, ``max_seq_len`` reached) or whose
+  K/V turn non-finite ends there with its finish reason; the other rows go
+  on, and the cache stays usable (the refused row keeps what it had cached:
+  release it, or continue it once pages are free). A row refused during
+  prefill returns no tokens. With ``cache_config.checked`` the first flagged
+  step raises ``kvjax.CacheStatusError`` instead (``err.state`` holds the cache).
+
   Args:
     params, config: the model.
     cache, cache_config: the cache (use the returned one).
@@ -166,7 +245,7 @@ def generate(params: LlamaParams, cache: kvjax.CacheState, prompts: Sequence[Seq
     seeds, stats: passed to ``prefill``.
 
   Returns:
-    (B lists of generated ids, cache).
+    (B ``Reply`` lists of generated ids, each with its ``finish_reason``; cache).
 
   >>> out, cache = generate(params, cache, [ids], [0], config=cfg, cache_config=cc,
   ...                       max_new_tokens=32)  # doctest: +SKIP
@@ -175,26 +254,43 @@ def generate(params: LlamaParams, cache: kvjax.CacheState, prompts: Sequence[Seq
     raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
   ids = _check_batch(prompts, seq_ids, cache_config)
   stop = set(int(s) for s in stop_ids)
-  logits, cache = prefill(params, cache, prompts, ids, config=config, cache_config=cache_config,
-                          chunk_size=chunk_size, seeds=seeds, stats=stats)
-  nxt = np.argmax(logits, axis=-1).astype(np.int32)
-  out = [[int(t)] for t in nxt]
-  live = np.array([int(t) not in stop and max_new_tokens > 1 for t in nxt])
+  logits, cache, stopped = _prefill(params, cache, prompts, ids, config=config,
+                                    cache_config=cache_config, chunk_size=chunk_size,
+                                    seeds=seeds, stats=stats)
+  out = [Reply() for _ in prompts]
+  for r in np.flatnonzero(stopped):
+    out[r].finish_reason = _finish_reason(int(stopped[r]))
+  nxt = np.argmax(np.nan_to_num(logits), axis=-1).astype(np.int32)
+  live = stopped == 0
+  for r in np.flatnonzero(live):
+    out[r].append(int(nxt[r]))
+    _end_if_done(out[r], stop, max_new_tokens)
+    live[r] = out[r].finish_reason is None
   if on_step is not None:
-    on_step(len(out))
+    on_step(int(np.sum(stopped == 0)))
   while np.any(live):
     step_ids = np.where(live, ids, -1).astype(np.int32)
     n = live.astype(np.int32)
     tokens = np.where(live, nxt, 0).astype(np.int32)[:, None]
-    logits, cache = _step(params, cache, tokens, step_ids, n, config, cache_config)
+    logits, cache, now = _step(params, cache, tokens, step_ids, n, config, cache_config)
     nxt = np.asarray(_greedy_next(logits))
     for r in np.flatnonzero(live):
-      out[r].append(int(nxt[r]))
-      if int(nxt[r]) in stop or len(out[r]) >= max_new_tokens:
-        live[r] = False
+      if now[r]:   # refused or flagged: this step's token was not computed from a clean cache
+        out[r].finish_reason = _finish_reason(int(now[r]))
+      else:
+        out[r].append(int(nxt[r]))
+        _end_if_done(out[r], stop, max_new_tokens)
+      live[r] = out[r].finish_reason is None
     if on_step is not None:
-      on_step(int(n.sum()))
+      on_step(int(np.sum(n.astype(bool) & (now == 0))))
   return out, cache
+
+
+def _end_if_done(reply: Reply, stop: set, max_new_tokens: int) -> None:
+  if reply[-1] in stop:
+    reply.finish_reason = "stop"
+  elif len(reply) >= max_new_tokens:
+    reply.finish_reason = "length"
 
 
 @jax.jit

@@ -345,11 +345,9 @@ def _check_step_args(tokens, seq_ids, num_new, config: LlamaConfig,
                      f"must be the model's rope_base={config.rope_base}")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "cache_config"),
-                   donate_argnames=("cache",))
 def decode_step(params: LlamaParams, cache: kvjax.CacheState, tokens: jax.Array,
-                seq_ids: jax.Array, num_new: jax.Array, *, config: LlamaConfig,
-                cache_config: kvjax.CacheConfig):
+                seq_ids: jax.Array, num_new: jax.Array, seeds: jax.Array | None = None, *,
+                config: LlamaConfig, cache_config: kvjax.CacheConfig):
   """One step through the paged cache: a prefill chunk (T > 1) or a decode token (T = 1).
 
   Plans pages once for the batch, then scans the layers with each layer's K/V
@@ -363,17 +361,25 @@ def decode_step(params: LlamaParams, cache: kvjax.CacheState, tokens: jax.Array,
   (``kvjax.attention.write_attend``); the compiled step depends on the specs
   only through the static config.
 
+  A row whose new K or V holds a NaN or inf is flagged ``NON_FINITE`` in its
+  sequence's ``cache.seq_status`` (and ``cache.status``). With
+  ``cache_config.checked``, a step that left a flag set raises
+  ``kvjax.CacheStatusError`` after it returned: ``err.state`` is the new cache
+  (usable; the donated input is gone, nothing else is lost).
+
   Args:
     params: ``LlamaParams`` for ``config``.
     cache: ``kvjax.CacheState`` for ``cache_config`` (donated).
     tokens: int32 [B, T]; row b's first ``num_new[b]`` tokens are real, the rest padding.
     seq_ids: int32 [B], the cache's sequence slot of each row (-1 = padding row).
     num_new: int32 [B] in [0, T].
+    seeds: optional uint32 [B, 2] namespace seeds (``kvjax.tenant_seed``) for
+      ``kvjax.plan_step``: a sequence that starts takes its row's.
     config, cache_config: static; layers, kv heads and head_dim must agree.
 
   Returns:
     (logits float32 [B, T, V], cache). Logits of padding tokens, padding rows and
-    refused rows (``cache.status`` tells) are meaningless.
+    refused rows (``cache.seq_status`` tells) are meaningless.
 
   >>> cfg = LlamaConfig.small()
   >>> cc = cfg.cache_config(page_size=4, num_pages=8, max_seqs=2, max_pages_per_seq=4)
@@ -383,35 +389,47 @@ def decode_step(params: LlamaParams, cache: kvjax.CacheState, tokens: jax.Array,
   >>> logits.shape
   (2, 3, 256)
   """
+  logits, cache = _decode_step(params, cache, tokens, seq_ids, num_new, seeds, config=config,
+                               cache_config=cache_config)
+  return logits, kvjax.state.enforce_checked(cache, cache_config)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "cache_config"),
+                   donate_argnames=("cache",))
+def _decode_step(params, cache, tokens, seq_ids, num_new, seeds, *, config, cache_config):
+  """``decode_step``'s jitted body (flags recorded, nothing raised)."""
   _check_step_args(tokens, seq_ids, num_new, config, cache_config)
   check_params(params, config)
   tokens = tokens.astype(jnp.int32)
   if cache.drop is not None:   # page-dropping mode (kvjax.drop): its own path, opt-in
-    return _decode_step_drop(params, cache, tokens, seq_ids, num_new, config, cache_config)
+    return _decode_step_drop(params, cache, tokens, seq_ids, num_new, seeds, config,
+                             cache_config)
   plan, cache = kvjax.plan_step(cache, seq_ids.astype(jnp.int32), tokens,
-                                num_new.astype(jnp.int32), config=cache_config)
+                                num_new.astype(jnp.int32), seeds, config=cache_config)
 
   def body(x, xs):
     lp, k_pages, v_pages = xs
 
     def paged(q, k, v):
       out, k_new, v_new = write_attend(q, k, v, k_pages, v_pages, plan)
-      return out, (k_new, v_new)
+      return out, (k_new, v_new, kvjax.write_flags(plan, k, v))
 
-    x, (k_pages, v_pages) = _layer(lp, x, plan.positions, paged, config,
-                                   rope_keys=not cache_config.key_rope)
-    return x, (k_pages, v_pages)
+    x, (k_pages, v_pages, flags) = _layer(lp, x, plan.positions, paged, config,
+                                          rope_keys=not cache_config.key_rope)
+    return x, (k_pages, v_pages, flags)
 
   x = params.embed[tokens]
-  x, (k_all, v_all) = jax.lax.scan(body, x, (params.layers, cache.k, cache.v))
-  return _logits(params, x, config), cache.replace(k=k_all, v=v_all)
+  x, (k_all, v_all, flags) = jax.lax.scan(body, x, (params.layers, cache.k, cache.v))
+  cache = kvjax.flag_sequences(cache.replace(k=k_all, v=v_all), plan.seq_ids,
+                               jnp.bitwise_or.reduce(flags, axis=0))
+  return _logits(params, x, config), cache
 
 
-def _decode_step_drop(params, cache, tokens, seq_ids, num_new, config, cache_config):
+def _decode_step_drop(params, cache, tokens, seq_ids, num_new, seeds, config, cache_config):
   """``decode_step`` for a drop-mode cache: logical RoPE positions, per-page mass kept."""
   cache, offset = kvjax.drop.begin_step(cache, seq_ids.astype(jnp.int32))
   plan, cache = kvjax.plan_step(cache, seq_ids.astype(jnp.int32), tokens,
-                                num_new.astype(jnp.int32), config=cache_config)
+                                num_new.astype(jnp.int32), seeds, config=cache_config)
   rope_positions = plan.positions + offset[:, None]                 # logical positions [B, T]
 
   def body(carry, xs):
@@ -420,13 +438,15 @@ def _decode_step_drop(params, cache, tokens, seq_ids, num_new, config, cache_con
 
     def paged(q, k, v):
       out, k_new, v_new, m = write_attend(q, k, v, k_pages, v_pages, plan, with_mass=True)
-      return out, (k_new, v_new, m)
+      return out, (k_new, v_new, m, kvjax.write_flags(plan, k, v))
 
-    x, (k_pages, v_pages, m) = _layer(lp, x, rope_positions, paged, config)
-    return (x, mass + m), (k_pages, v_pages)
+    x, (k_pages, v_pages, m, flags) = _layer(lp, x, rope_positions, paged, config)
+    return (x, mass + m), (k_pages, v_pages, flags)
 
   x = params.embed[tokens]
   mass0 = jnp.zeros(plan.page_table.shape, jnp.float32)
-  (x, mass), (k_all, v_all) = jax.lax.scan(body, (x, mass0), (params.layers, cache.k, cache.v))
+  (x, mass), (k_all, v_all, flags) = jax.lax.scan(body, (x, mass0),
+                                                  (params.layers, cache.k, cache.v))
   cache = kvjax.drop.accumulate(cache.replace(k=k_all, v=v_all), plan, mass)
+  cache = kvjax.flag_sequences(cache, plan.seq_ids, jnp.bitwise_or.reduce(flags, axis=0))
   return _logits(params, x, config), cache

@@ -6,6 +6,7 @@ real cache must map logical ids to pages one-to-one, with matching reference
 counts, no leaked page, the model's refusals, and each sequence's history.
 """
 
+import functools
 import itertools
 
 import hypothesis.strategies as st
@@ -32,8 +33,8 @@ def _step(state, seq_ids, tokens, num_new):
   return plan, state.replace(k=jax.tree.map(lambda a, b: a.at[0].set(b), state.k, k))
 
 
-_release = jax.jit(kvjax.release)
-_fork = jax.jit(kvjax.fork)
+_release = jax.jit(functools.partial(kvjax.release, config=CFG))
+_fork = jax.jit(functools.partial(kvjax.fork, config=CFG))
 
 
 class AllocatorMachine(RuleBasedStateMachine):

@@ -19,4 +19,5 @@ MODULES = sorted({m.name for pkg in (kvjax, kvjax.kernels, kvjax.models)
 def test_docstring_examples(name):
   module = importlib.import_module(name)
   result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+  assert result.attempted > 0, f"{name} has no docstring example (every public module shows one)"
   assert result.failed == 0, f"{result.failed} docstring example(s) failed in {name}"

@@ -82,12 +82,12 @@ def _cfg(**kw):
 def test_drop_pages_rejects_bad_arguments(kwargs, match):
   st = drop.enable(kvjax.init(_cfg()))
   with pytest.raises(ValueError, match=match):
-    drop.drop_pages(st, **kwargs)
+    drop.drop_pages(st, **kwargs, config=_cfg())
 
 
 def test_drop_mode_must_be_enabled_and_rejects_staging():
   with pytest.raises(ValueError, match="drop mode"):
-    drop.drop_pages(kvjax.init(_cfg()), budget=3, sink_pages=1, recent_pages=1)
+    drop.drop_pages(kvjax.init(_cfg()), budget=3, sink_pages=1, recent_pages=1, config=_cfg())
   staged = _cfg(head_dim=32, key_quant=kvjax.QuantSpec(bits=2, residual=4),
                 value_quant=kvjax.QuantSpec(bits=2, residual=4))
   with pytest.raises(ValueError, match="staging"):
@@ -382,7 +382,7 @@ def test_drop_release_and_fork_keep_the_offsets():
   cfg = _cfg()
   st = drop.enable(kvjax.init(cfg))
   _, st = kvjax.plan_step(st, jnp.array([0]), jnp.arange(13)[None], jnp.array([13]), config=cfg)
-  st = drop.drop_pages(st, budget=4, sink_pages=1, recent_pages=2, mode="streaming")
+  st = drop.drop_pages(st, budget=4, sink_pages=1, recent_pages=2, mode="streaming", config=cfg)
   assert int(st.drop.dropped[0]) == 6
   st = drop.fork(st, jnp.array([0]), jnp.array([2]), config=cfg)
   assert np.asarray(st.drop.dropped).tolist() == [6, 0, 6, 0]

@@ -126,10 +126,23 @@ def test_sequence_full_is_flagged():
 
 def test_checked_mode_raises_and_host_check():
   cfg = CFG.__class__(**{**CFG.__dict__, "num_pages": 1, "checked": True})
-  with pytest.raises(Exception, match="OUT_OF_PAGES"):
-    _, st = plan_step(kvjax.init(cfg), jnp.array([0]), jnp.ones((1, 8), jnp.int32),
-                      jnp.array([8]), config=cfg)
-    jax.block_until_ready(st)
+  # eager: raised as CacheStatusError naming the row, with the usable state
+  with pytest.raises(kvjax.CacheStatusError, match="OUT_OF_PAGES") as err:
+    kvjax.plan_step(kvjax.init(cfg), jnp.array([0]), jnp.ones((1, 8), jnp.int32),
+                    jnp.array([8]), config=cfg)
+  assert err.value.rows == {0: ["OUT_OF_PAGES"]}
+  assert int(err.value.state.seq_lens[0]) == 0
+  # jitted and donated: kvjax.checked raises after the step, and the cache is not lost
+  step = kvjax.checked(jax.jit(kvjax.plan_step, static_argnames="config", donate_argnums=0))
+  st = kvjax.init(cfg)
+  _, st = step(st, jnp.array([0]), jnp.ones((1, 4), jnp.int32), jnp.array([4]), config=cfg)
+  with pytest.raises(kvjax.CacheStatusError, match="seq 1: OUT_OF_PAGES") as err:
+    step(st, jnp.array([1]), jnp.ones((1, 4), jnp.int32), jnp.array([4]), config=cfg)
+  kept = kvjax.clear_status(err.value.state)
+  assert int(kept.seq_lens[0]) == 4 and int(kept.meta.ref_count[0]) == 1
+  _, kept = step(kvjax.release(kept, jnp.array([0]), config=cfg), jnp.array([1]),
+                 jnp.ones((1, 4), jnp.int32), jnp.array([4]), config=cfg)
+  assert int(kept.seq_lens[1]) == 4
   _, st = plan_step(kvjax.init(CFG), jnp.array([0]), jnp.ones((1, 17), jnp.int32),
                     jnp.array([17]), config=CFG)
   with pytest.raises(kvjax.CacheStatusError, match="SEQ_FULL"):
@@ -153,7 +166,7 @@ def test_fork_shares_pages_and_copies_partial_page_on_write():
   k = jnp.arange(6, dtype=jnp.float32)[None, :, None, None] * jnp.ones((1, 6, 2, 4))
   st = st.replace(k=jax.tree.map(lambda a, x: a.at[0].set(x), st.k,
                                  kvjax.write(layer(st.k), plan, k)))
-  st = fork(st, jnp.array([0]), jnp.array([1]))
+  st = fork(st, jnp.array([0]), jnp.array([1]), config=CFG)
   np.testing.assert_array_equal(st.page_table[1], st.page_table[0])
   np.testing.assert_array_equal(st.meta.ref_count[:2], [2, 2])
   # Seq 1 appends into the shared partial page: it gets a private copy first.
@@ -169,14 +182,14 @@ def test_fork_shares_pages_and_copies_partial_page_on_write():
   np.testing.assert_array_equal(read_seq(st, 0, "k")[:, 0, 0], [0, 1, 2, 3, 4, 5])
   assert int(st.stats.cow_copies) == 1
   # Releasing both frees everything.
-  st = release(st, jnp.array([0, 1, 1, -1]))
+  st = release(st, jnp.array([0, 1, 1, -1]), config=CFG)
   assert int(st.meta.ref_count.sum()) == 0 and int(st.meta.ref_count.min()) == 0
 
 
 def test_fork_into_live_sequence_is_flagged_and_skipped():
   _, st = plan_step(kvjax.init(CFG), jnp.array([0, 1]), jnp.ones((2, 3), jnp.int32),
                     jnp.array([3, 3]), config=CFG)
-  st2 = fork(st, jnp.array([0]), jnp.array([1]))
+  st2 = fork(st, jnp.array([0]), jnp.array([1]), config=CFG)
   assert int(st2.status) == kvjax.BAD_INPUT
   np.testing.assert_array_equal(st2.meta.ref_count, st.meta.ref_count)
 

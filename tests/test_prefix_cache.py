@@ -55,7 +55,7 @@ def test_logits_with_prefix_reuse_equal_those_without(params, shared, expect_reu
   got, cache, reused = run_prompt(params, cache, cc, first, 0)
   assert reused == 0
   np.testing.assert_allclose(got, want_logits(params, first), atol=1e-4, rtol=1e-4)
-  cache = kvjax.release(cache, jnp.array([0]))  # pages stay cached at reference 0
+  cache = kvjax.release(cache, jnp.array([0]), config=cc)  # pages stay cached at reference 0
   got, cache, reused = run_prompt(params, cache, cc, second, 1)
   assert reused == expect_reused
   np.testing.assert_allclose(got, want_logits(params, second), atol=1e-4, rtol=1e-4)
@@ -129,7 +129,7 @@ def test_always_colliding_hash_never_shares_a_wrong_page(params, tenants):
     got, cache, reused = run_prompt(params, cache, cc, prompt, sid, seeds=seeds)
     reused_total += reused
     np.testing.assert_allclose(got, want_logits(params, prompt), atol=1e-4, rtol=1e-4)
-    cache = kvjax.release(cache, jnp.array([sid]))
+    cache = kvjax.release(cache, jnp.array([sid]), config=cc)
   assert reused_total > 0  # the index did serve matches that verification accepted
   assert int(cache.status) == 0
 
@@ -140,7 +140,7 @@ def test_released_pages_stay_cached_and_eviction_takes_tails_first(params):
   prompt = list(range(1, 14))  # 3 full pages + 1 partial
   _, cache, _ = run_prompt(params, cache, cc, prompt, 0)
   pages = np.asarray(cache.page_table[0, :4])
-  cache = kvjax.release(cache, jnp.array([0]))
+  cache = kvjax.release(cache, jnp.array([0]), config=cc)
   ref = np.asarray(cache.meta.ref_count)
   hashed = np.any(np.asarray(cache.meta.block_hash) != 0, axis=-1)
   assert not ref.any() and hashed[pages[:3]].all() and not hashed[pages[3]]
@@ -149,7 +149,7 @@ def test_released_pages_stay_cached_and_eviction_takes_tails_first(params):
   hashed = np.any(np.asarray(cache.meta.block_hash) != 0, axis=-1)
   assert reused == 0 and int(cache.stats.evictions) == 1
   assert pages[2] in np.asarray(cache.page_table[1])
-  cache = kvjax.release(cache, jnp.array([1]))
+  cache = kvjax.release(cache, jnp.array([1]), config=cc)
   # The head of the chain is still cached and still matches.
   _, cache, reused = run_prompt(params, cache, cc, prompt[:9] + [99], 2)
   assert reused == 8
@@ -184,7 +184,7 @@ def test_reused_parent_page_orphans_its_cached_child(params):
   a, b = [1, 2, 3, 4], [5, 6, 7, 8]
   _, cache, _ = run_prompt(params, cache, cc, a + b + [9], 0)
   p0, p1 = (int(p) for p in np.asarray(cache.page_table[0, :2]))
-  cache = kvjax.release(cache, jnp.array([0]))
+  cache = kvjax.release(cache, jnp.array([0]), config=cc)
   _, cache, _ = run_prompt(params, cache, cc, list(range(40, 53)), 3)  # holds the 4 free pages
   # A policy that keeps the child longer than its parent: p1 looks recently used.
   meta = cache.meta
@@ -192,7 +192,7 @@ def test_reused_parent_page_orphans_its_cached_child(params):
   x = [10, 11, 12, 13]
   _, cache, _ = run_prompt(params, cache, cc, x, 1)  # one page: p0 is evicted and holds x
   assert int(cache.page_table[1, 0]) == p0 and int(cache.stats.evictions) == 1
-  cache = kvjax.release(cache, jnp.array([1, 3]))
+  cache = kvjax.release(cache, jnp.array([1, 3]), config=cc)
   # x + b: block 0 is p0 (verified, new content); block 1's hash finds p1, whose
   # tokens are b and whose parent was p0 -- but p1 was computed after a, not x.
   prompt = x + b + [9]

@@ -72,9 +72,10 @@ from kvjax import quant as quant_lib  # noqa: E402
 
 
 @functools.lru_cache(maxsize=None)
-def _filled_cache(num_pages=20, page_size=2, prompts=((0, 9), (1, 7), (2, 5)), key_quant=None):
+def _filled_cache(num_pages=24, page_size=2, prompts=((0, 9), (1, 7), (2, 5)), key_quant=None):
   """Sequences of the given (slot, pages) prefilled with distinct tokens, random K/V, then
-  released except the last, so some pages are cached and some held."""
+  released except the last, so some pages are cached and some held (asserted: a refused
+  prompt would leave nothing held and the tests below would check nothing)."""
   kw = {} if key_quant is None else {"key_quant": key_quant}
   cfg = kvjax.CacheConfig(num_layers=2, num_kv_heads=1, head_dim=8, page_size=page_size,
                           num_pages=num_pages, max_seqs=4, max_pages_per_seq=10, **kw)
@@ -90,8 +91,13 @@ def _filled_cache(num_pages=20, page_size=2, prompts=((0, 9), (1, 7), (2, 5)), k
     data = jnp.asarray(rng.normal(size=pages.data.shape), pages.data.dtype) \
         if not pages.spec.is_quantized else pages.data
     st = st.replace(**{name: pages.replace(data=data)})
+  assert int(st.status) == 0, kvjax.status_names(st.status)
+  assert [int(st.seq_lens[s]) for s, _ in prompts] == [n * page_size for _, n in prompts]
   st = jax.jit(functools.partial(kvjax.release, config=cfg))(
       st, jnp.array([s for s, _ in prompts[:-1]]))
+  held = int(jnp.sum(st.meta.ref_count > 0))
+  cached = int(jnp.sum(jnp.any(st.meta.block_hash != 0, axis=-1) & (st.meta.ref_count == 0)))
+  assert held == prompts[-1][1] and cached == sum(n for _, n in prompts[:-1]), (held, cached)
   return cfg, st
 
 
@@ -123,6 +129,7 @@ def test_relieve_evicts_the_policy_victims_down_to_target(cfg_p):
   assert sorted(got) == sorted(victims) and int(relief.evicted) == len(victims)
   assert int(relief.level) == py_level(occ, cfg.num_pages, cfg_p.thresholds)
   held = np.asarray(st.meta.ref_count) > 0
+  assert held.any() and victims, "the fixture must hold pages and be under pressure"
   assert (np.asarray(new.meta.ref_count) == np.asarray(st.meta.ref_count)).all()
   assert not held[got].any(), "a page held by a live sequence was evicted"
   assert int(pressure.occupancy(new)) == occ - int(relief.freed)
@@ -148,11 +155,17 @@ def test_evicted_prefix_is_no_longer_matched():
   cfg, st = _filled_cache()
   prompt = jnp.arange(9 * 2)[None] + 1000  # the first released prompt
   attach = jax.jit(functools.partial(kvjax.attach_prefix, config=cfg))
-  cached_before, _ = attach(st, jnp.array([3]), prompt, jnp.array([18]))
+  cached_before, attached = attach(st, jnp.array([3]), prompt, jnp.array([18]))
+  # all of its pages but the last (one token is always left to compute)
+  assert int(cached_before[0]) == 8 * 2
+  chain = np.asarray(attached.page_table[3])[:8].tolist()
   relief, new = relieve(cfg, pressure.PressureConfig(batch=1))(st)
   cached_after, _ = attach(new, jnp.array([3]), prompt, jnp.array([18]))
-  assert int(relief.evicted) > 0
-  assert int(cached_after[0]) < int(cached_before[0]) or int(cached_before[0]) == 0
+  victims = set(int(p) for p in relief.pages if p >= 0)
+  # the match stops at the first evicted page of the chain (its children are orphaned)
+  first = next((i for i, p in enumerate(chain) if p in victims), len(chain))
+  assert first < len(chain), "the oldest chain (LRU) must lose a page"
+  assert int(cached_after[0]) == first * 2
 
 
 def test_demotion_returns_victims_requantized():
@@ -162,7 +175,10 @@ def test_demotion_returns_victims_requantized():
   strict = pressure.PressureConfig(batch=1, requantize_from=pressure.MEDIUM)
   relief, _ = relieve(cfg, strict, to)(st)
   got = np.asarray(relief.pages)
-  assert (got >= 0).any()
+  meta = jax.tree.map(np.asarray, st.meta)
+  scores = np.asarray(paging._eviction_scores(st, st.clock, cfg))
+  _, victims = py_relieve(meta, scores, cfg.num_pages, strict)
+  assert victims and sorted(got[got >= 0].tolist()) == sorted(victims)
   for spec, pages, out in ((to[0], st.k, relief.k), (to[1], st.v, relief.v)):
     ref = np.asarray(pages.data, np.float32)[:, got[got >= 0]]       # [L, n, S, H, D]
     deq = np.asarray(quant_lib.dequantize_pages(out, spec), np.float32)[:, got >= 0]

@@ -190,7 +190,7 @@ def test_prefix_reuse_with_quantized_pages(params, name):  # directly, as unquan
   # a page is indexed once folded: with the window, (j + 1) * S + R <= 21
   indexed = int(jnp.sum(jnp.any(cache.meta.block_hash != 0, axis=-1)))
   assert indexed == (21 - window) // S
-  cache = kvjax.release(cache, jnp.array([0]))
+  cache = kvjax.release(cache, jnp.array([0]), config=cc)
   prompt = jnp.asarray([second + [0] * (32 - len(second))], jnp.int32)
   cached, cache = kvjax.attach_prefix(cache, jnp.array([1]), prompt, jnp.array([len(second)]),
                                       config=cc)
@@ -248,7 +248,7 @@ def test_attach_takes_the_sink_from_a_live_owner_else_the_pool(params):
   for got, want in zip((live.k.sink[:, 1], live.v.sink[:, 1]), owner_rows):
     np.testing.assert_array_equal(got, want)
   # no live owner: the pool's codes of page 0's first N tokens, dequantized
-  gone = kvjax.release(cache, jnp.array([0]))
+  gone = kvjax.release(cache, jnp.array([0]), config=cc)
   _, cold = kvjax.attach_prefix(gone, jnp.array([1]), prompt, jnp.array([16]), config=cc)
   page0 = int(cold.page_table[1, 0])
   for pages, spec in ((cold.k, ks), (cold.v, vs)):

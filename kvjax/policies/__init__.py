@@ -17,6 +17,11 @@ Modules: ``base`` (``Policy``, the registry, ``make_params``, ``score_and_evict`
 ``classic`` (LRU, FIFO, LRU-2, LFU, S3-FIFO, weighted, GreedyDual, LeCaR), ``frequency``
 (TinyLFU, ``freqlru``, ``autofreq``, ``classfreq``, ``autoclass``), ``oracle`` (MIN).
 Every public name is re-exported here; the policies are registered here, in this order.
+
+>>> get_policy("lru").oracle, get_policy("min").oracle   # the cache takes online policies only
+(False, True)
+>>> sorted(make_params(get_policy("lru")))               # lru has no parameters
+[]
 """
 
 from __future__ import annotations

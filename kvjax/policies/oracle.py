@@ -1,4 +1,9 @@
-"""Belady's MIN and MIN with bypass (oracles: they read ``Access.next_use``)."""
+"""Belady's MIN and MIN with bypass (oracles: they read ``Access.next_use``).
+
+>>> from kvjax.evict import view
+>>> view(min_state(jnp.array([5, 2, 9])).next_use).tolist()   # next use per cached page
+[5, 2, 9]
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,10 @@
-"""kvjax.sim: trace loading, a jitted cache simulator and the Belady oracle."""
+"""kvjax.sim: trace loading, a jitted cache simulator and the Belady oracle.
+
+>>> trace = generate(200, seed=0)              # a small synthetic conversation trace
+>>> ratios = simulate(trace, [64, 4096], "lru")  # block hit ratio per capacity
+>>> 0 < ratios[64] < ratios[4096] <= 1
+True
+"""
 
 from kvjax.sim.simulator import hit_ratio
 from kvjax.sim.simulator import prefix_hits
