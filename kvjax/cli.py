@@ -234,11 +234,16 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
                       help=f"page dtype; auto: the model's ({SMOLLM2_DTYPE} for SmolLM2)")
 
 
-def _demo_cache_config(config, args, max_seqs: int):
-  """The demo's ``CacheConfig`` (pages in the model dtype for ``--kv-dtype auto``)."""
+def _check_demo_args(args) -> None:
+  """UsageError for demo arguments that no model can serve (checked before loading one)."""
   if args.page_size > DEMO_MAX_LEN:
     raise UsageError(f"must be at most {DEMO_MAX_LEN} (the demo's sequence length), got "
                      f"{args.page_size}", argument="--page-size")
+
+
+def _demo_cache_config(config, args, max_seqs: int):
+  """The demo's ``CacheConfig`` (pages in the model dtype for ``--kv-dtype auto``)."""
+  _check_demo_args(args)
   try:
     return config.cache_config(page_size=args.page_size, num_pages=args.num_pages,
                                max_seqs=max_seqs, max_pages_per_seq=DEMO_MAX_LEN // args.page_size,
@@ -252,9 +257,9 @@ def _cache_bytes(cache_config) -> int:
   import jax
   import numpy as np
 
-  import kvjax
+  from kvjax import state
 
-  shapes = jax.eval_shape(lambda: kvjax.init(cache_config))
+  shapes = jax.eval_shape(lambda: state.init(cache_config))
   return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(shapes))
 
 
@@ -272,6 +277,7 @@ def demo(args) -> dict:
   from kvjax.models import prefill
   from kvjax.models.gguf_loader import WeightsNotInstalledError
 
+  _check_demo_args(args)
   t0 = time.perf_counter()
   try:
     config, params, tokenizer = load_smollm2()
