@@ -1,10 +1,19 @@
-"""The ``kvjax`` command: ``kvjax demo`` (SmolLM2 chat through the cache), ``kvjax replay``."""
+"""The ``kvjax`` command: ``kvjax demo`` (SmolLM2 chat through the cache), ``kvjax replay``.
+
+Errors in what the user gave (arguments, trace files, a missing model package) print one
+line, ``kvjax: error: <what>``, on stderr and exit with status 2, before any long work.
+Only the error types for user input are caught (``UsageError`` here,
+``kvjax.sim.traces.TraceError``); anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
 import time
+from typing import Callable, Optional, Sequence
 
 SYSTEM_PROMPT = ("You are a concise, helpful assistant. Answer in one or two sentences, "
                  "plainly and correctly.")
@@ -16,16 +25,247 @@ CONVERSATIONS = [
     ["Give me a synonym for happy.", "Use it in a short sentence."],
 ]
 
+# SmolLM2-135M-Instruct's checkpoint dtype (Hugging Face config.json ``torch_dtype``), what
+# ``--kv-dtype auto`` stores pages in, as vLLM's ``kv_cache_dtype="auto"`` would. The GGUF
+# shipped here is Q4_1; its weights are dequantized to float32 for compute.
+SMOLLM2_DTYPE = "bfloat16"
+KV_DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEMO_MAX_LEN = 1024  # tokens per sequence the demo's page table allows
+
+MEMORY_CAP = 8 * 2 ** 30  # bytes: the most the CLI allocates, whatever the machine has
+MEMORY_SHARE = 0.5        # of the memory available when the command starts
+
+
+class UsageError(ValueError):
+  """A bad argument or environment; ``str()`` names the argument when there is one.
+
+  >>> str(UsageError("must be positive, got 0", argument="--capacity"))
+  'argument --capacity: must be positive, got 0'
+  """
+
+  def __init__(self, message: str, *, argument: Optional[str] = None):
+    self.argument = argument
+    super().__init__(message if argument is None else f"argument {argument}: {message}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """``argparse.ArgumentParser`` whose errors raise ``UsageError`` (one line, no exit)."""
+
+  def error(self, message: str):
+    raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def positive_int(text: str) -> int:
+  """argparse type: an integer >= 1.
+
+  >>> positive_int("16")
+  16
+  """
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+  return value
+
+
+def available_memory() -> Optional[int]:
+  """Bytes of memory available now (Linux ``MemAvailable``, else free pages); None if unknown."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    pass
+  try:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (AttributeError, ValueError, OSError):
+    return None
+
+
+def memory_limit() -> tuple[int, str]:
+  """(bytes, how it was set): ``min(MEMORY_CAP, MEMORY_SHARE * available memory)``."""
+  avail = available_memory()
+  if avail is None:
+    return MEMORY_CAP, f"the fixed cap of {gib(MEMORY_CAP)}"
+  share = int(avail * MEMORY_SHARE)
+  if share < MEMORY_CAP:
+    return share, f"{MEMORY_SHARE:.0%} of the {gib(avail)} available"
+  return MEMORY_CAP, f"the fixed cap of {gib(MEMORY_CAP)}"
+
+
+def gib(num_bytes: float) -> str:
+  """``"1.5 GiB"``-style size.
+
+  >>> gib(3 * 2 ** 29)
+  '1.5 GiB'
+  """
+  return f"{num_bytes / 2 ** 30:.1f} GiB"
+
+
+def check_memory(estimate: int, what: str, argument: str) -> None:
+  """UsageError naming ``argument`` when ``estimate`` bytes exceed ``memory_limit()``."""
+  limit, how = memory_limit()
+  if estimate > limit:
+    raise UsageError(f"{what} needs about {gib(estimate)} of memory (estimate), over the "
+                     f"limit of {gib(limit)} ({how})", argument=argument)
+
+
+# --- kvjax demo: accounting --------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTime:
+  """One timed step of the demo: a prefill (with its first token) or a decode step."""
+
+  kind: str     # "prefill" or "decode"
+  shape: str    # the compiled shape, e.g. "4x64"; the first step of a shape compiles it
+  seconds: float
+  tokens: int   # prompt tokens computed (prefill) or tokens generated (decode)
+
+
+def timing_report(steps: Sequence[StepTime]) -> dict:
+  """Compilation apart from steady-state throughput.
+
+  The first step of each ``(kind, shape)`` includes its compilation: it counts as warm-up.
+  Every later step counts toward the steady-state rates.
+
+  Returns:
+    dict with ``warmup_s`` (the first step of each shape, summed), ``warmup`` (``{"kind
+    shape": seconds}``), ``prefill_tokens``/``prefill_s``/``prefill_per_s`` and
+    ``decode_tokens``/``decode_s``/``decode_per_s`` over the steady steps (rates None
+    when there is no steady step of that kind).
+
+  >>> r = timing_report([StepTime("decode", "4x1", 9.0, 4), StepTime("decode", "4x1", 0.5, 4)])
+  >>> r["warmup_s"], r["decode_per_s"]
+  (9.0, 8.0)
+  """
+  seen, warmup = set(), {}
+  sums = {"prefill": [0, 0.0], "decode": [0, 0.0]}
+  for s in steps:
+    key = (s.kind, s.shape)
+    if key not in seen:
+      seen.add(key)
+      warmup[f"{s.kind} {s.shape}"] = warmup.get(f"{s.kind} {s.shape}", 0.0) + s.seconds
+      continue
+    sums[s.kind][0] += s.tokens
+    sums[s.kind][1] += s.seconds
+  out = {"warmup_s": sum(warmup.values()), "warmup": warmup}
+  for kind, (tokens, seconds) in sums.items():
+    out[f"{kind}_tokens"], out[f"{kind}_s"] = tokens, seconds
+    out[f"{kind}_per_s"] = tokens / seconds if seconds > 0 else None
+  return out
+
+
+class DemoMeter:
+  """Times the demo's ``generate`` calls and drives its progress bar.
+
+  The bar's total starts at ``max_new_tokens`` per reply; when a call returns, replies
+  that stopped early shrink it to what was generated, so the bar ends at 100 %.
+
+  Args:
+    planned: tokens the bar starts from (calls * rows * max_new_tokens).
+    bar: a ``tqdm`` bar (or None).
+    clock: seconds now (``time.perf_counter``; tests pass a fake).
+  """
+
+  def __init__(self, planned: int, bar=None, clock: Callable[[], float] = time.perf_counter):
+    self.steps: list[StepTime] = []
+    self.bar, self.clock = bar, clock
+    self.planned, self.generated, self.ttft = planned, 0, []
+    self._call = None
+
+  def prefill(self, shape: str, seconds: float, tokens: int) -> None:
+    """Record a prefill timed by the caller (one without generation)."""
+    self.steps.append(StepTime("prefill", shape, seconds, tokens))
+
+  def start_call(self, *, prefill_shape: str, decode_shape: str, budget: int) -> None:
+    """Before a ``generate`` call that may generate up to ``budget`` tokens."""
+    self._call = dict(prefill_shape=prefill_shape, decode_shape=decode_shape, budget=budget,
+                      last=self.clock(), n=0, prefill_step=None)
+
+  def on_step(self, n: int) -> None:
+    """``generate``'s ``on_step``: the first call ends the prefill, later ones a decode step."""
+    c, now = self._call, self.clock()
+    seconds, c["last"] = now - c["last"], now
+    if c["n"] == 0:
+      c["prefill_step"] = len(self.steps)
+      self.steps.append(StepTime("prefill", c["prefill_shape"], seconds, 0))
+      self.ttft.append(seconds)
+    else:
+      self.steps.append(StepTime("decode", c["decode_shape"], seconds, n))
+    c["n"] += 1
+    if self.bar is not None:
+      self.bar.update(n)
+
+  def end_call(self, generated: int, prompt_tokens: int) -> None:
+    """After the call: the tokens it returned and the prompt tokens its prefill computed.
+
+    The bar's total drops what the call could have generated but did not.
+    """
+    i = self._call["prefill_step"]
+    if i is not None:
+      self.steps[i] = dataclasses.replace(self.steps[i], tokens=prompt_tokens)
+    self.generated += generated
+    self.planned -= self._call["budget"] - generated
+    self._call = None
+    if self.bar is not None:
+      self.bar.total = self.planned
+      self.bar.n = self.generated
+      self.bar.refresh()
+
+  def report(self) -> dict:
+    """``timing_report`` of the steps, with the times to first token."""
+    return dict(timing_report(self.steps), ttft_s=list(self.ttft))
+
+
+# --- kvjax demo ----------------------------------------------------------------------------
+
 
 def _demo_args(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--max-new-tokens", type=int, default=40, help="per reply (default 40)")
-  parser.add_argument("--page-size", type=int, default=16)
-  parser.add_argument("--num-pages", type=int, default=256)
-  parser.add_argument("--turns", type=int, default=2, help="user turns per conversation")
+  parser.add_argument("--max-new-tokens", type=positive_int, default=40,
+                      help="per reply (default 40)")
+  parser.add_argument("--page-size", type=positive_int, default=16)
+  parser.add_argument("--num-pages", type=positive_int, default=256)
+  parser.add_argument("--turns", type=positive_int, default=2, help="user turns per conversation")
+  parser.add_argument("--kv-dtype", choices=KV_DTYPES, default="auto",
+                      help=f"page dtype; auto: the model's ({SMOLLM2_DTYPE} for SmolLM2)")
+
+
+def _check_demo_args(args) -> None:
+  """UsageError for demo arguments that no model can serve (checked before loading one)."""
+  if args.page_size > DEMO_MAX_LEN:
+    raise UsageError(f"must be at most {DEMO_MAX_LEN} (the demo's sequence length), got "
+                     f"{args.page_size}", argument="--page-size")
+
+
+def _demo_cache_config(config, args, max_seqs: int):
+  """The demo's ``CacheConfig`` (pages in the model dtype for ``--kv-dtype auto``)."""
+  _check_demo_args(args)
+  try:
+    return config.cache_config(page_size=args.page_size, num_pages=args.num_pages,
+                               max_seqs=max_seqs, max_pages_per_seq=DEMO_MAX_LEN // args.page_size,
+                               dtype=args.kv_dtype, model_dtype=SMOLLM2_DTYPE)
+  except ValueError as e:  # CacheConfig validation of the page arguments
+    raise UsageError(f"invalid cache: {e}") from None
+
+
+def _cache_bytes(cache_config) -> int:
+  """Bytes of ``kvjax.init(cache_config)``, from shapes only (nothing allocated)."""
+  import jax
+  import numpy as np
+
+  from kvjax import state
+
+  shapes = jax.eval_shape(lambda: state.init(cache_config))
+  return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(shapes))
 
 
 def demo(args) -> dict:
   """Multi-turn chats with a shared system prompt, batched through the paged cache."""
+  import jax
   import numpy as np
   from tqdm import tqdm
 
@@ -35,33 +275,42 @@ def demo(args) -> dict:
   from kvjax.models import generate
   from kvjax.models import load_smollm2
   from kvjax.models import prefill
+  from kvjax.models.gguf_loader import WeightsNotInstalledError
 
+  _check_demo_args(args)
   t0 = time.perf_counter()
-  config, params, tokenizer = load_smollm2()
+  try:
+    config, params, tokenizer = load_smollm2()
+  except WeightsNotInstalledError as e:
+    raise UsageError(f"demo: {e}") from None
   load_s = time.perf_counter() - t0
   convs = CONVERSATIONS
-  turns = max(1, min(args.turns, min(len(c) for c in convs)))
-  max_len = 64 * 16  # tokens per sequence the table allows
-  cc = config.cache_config(page_size=args.page_size, num_pages=args.num_pages,
-                           max_seqs=len(convs), max_pages_per_seq=max_len // args.page_size)
+  turns = min(args.turns, min(len(c) for c in convs))
+  cc = _demo_cache_config(config, args, len(convs))
+  check_memory(_cache_bytes(cc), f"a cache of {cc.num_pages} pages of {cc.page_size} tokens",
+               "--num-pages")
   cache = kvjax.init(cc)
   seq_ids = list(range(len(convs)))
+  b, chunk = len(convs), 64  # generate's default chunk_size: prefill steps are [B, 64]
   print(f"SmolLM2-135M-Instruct loaded in {load_s:.1f}s; cache: {cc.num_pages} pages of "
-        f"{cc.page_size} tokens, {len(convs)} conversations x {turns} turns, "
-        f"backend {__import__('jax').default_backend()}")
+        f"{cc.page_size} tokens ({cc.dtype}), {len(convs)} conversations x {turns} turns, "
+        f"backend {jax.default_backend()}")
   histories = [[{"role": "system", "content": SYSTEM_PROMPT}] for _ in convs]
   last_tokens = [None] * len(convs)
-  generated = prefilled = 0
+  prefilled = 0
   peak_pages = 0
+  bar = tqdm(total=turns * b * args.max_new_tokens, unit="tok", desc="generating")
+  meter = DemoMeter(turns * b * args.max_new_tokens, bar)
   t_start = time.perf_counter()
   # The shared system prompt is computed once; its full pages stay cached after
   # release, and every conversation attaches them instead of recomputing.
   system_ids = tokenizer.encode(chat_prompt(histories[0], add_generation_prompt=False),
                                 add_special_tokens=False).ids
+  t = time.perf_counter()
   _, cache = prefill(params, cache, [system_ids], [0], config=config, cache_config=cc)
+  meter.prefill(f"1x{chunk}", time.perf_counter() - t, len(system_ids))
   cache = kvjax.release(cache, np.array([0], np.int32))
   prefix_stats = {}
-  bar = tqdm(total=turns * len(convs) * args.max_new_tokens, unit="tok", desc="generating")
   for turn in range(turns):
     prompts = []
     for i, conv in enumerate(convs):
@@ -73,16 +322,20 @@ def demo(args) -> dict:
         ids = [last_tokens[i]] + tokenizer.encode("\n" + text, add_special_tokens=False).ids
       prompts.append(ids)
     prefilled += sum(len(p) for p in prompts)
-
-    def on_step(n):
-      bar.update(n)
-
-    outs, cache = generate(params, cache, prompts, seq_ids, config=config, cache_config=cc,
-                               max_new_tokens=args.max_new_tokens, on_step=on_step,
-                               stats=prefix_stats)
+    computed = prefix_stats.get("computed", 0)
+    meter.start_call(prefill_shape=f"{b}x{chunk}", decode_shape=f"{b}x1",
+                     budget=b * args.max_new_tokens)
+    try:
+      outs, cache = generate(params, cache, prompts, seq_ids, config=config, cache_config=cc,
+                             max_new_tokens=args.max_new_tokens, on_step=meter.on_step,
+                             stats=prefix_stats)
+    except kvjax.CacheStatusError as e:
+      bar.close()
+      raise UsageError(f"the cache ran out: {e}; give more --num-pages or fewer "
+                       "--max-new-tokens") from None
+    meter.end_call(sum(len(out) for out in outs), prefix_stats.get("computed", 0) - computed)
     peak_pages = max(peak_pages, int(np.sum(np.asarray(cache.meta.ref_count) > 0)))
     for i, out in enumerate(outs):
-      generated += len(out)
       last_tokens[i] = out[-1]
       reply = tokenizer.decode([t for t in out if t != IM_END_ID], skip_special_tokens=True)
       histories[i].append({"role": "assistant", "content": reply.strip()})
@@ -90,6 +343,8 @@ def demo(args) -> dict:
   wall = time.perf_counter() - t_start
   kvjax.check_status(cache)
   stats = cache.stats
+  timing = meter.report()
+  generated = meter.generated
   print()
   for i, h in enumerate(histories):
     print(f"--- conversation {i}")
@@ -97,39 +352,63 @@ def demo(args) -> dict:
       print(f"{m['role']:>9}: {m['content']}")
   result = {
       "generated_tokens": generated, "prefill_tokens": prefilled, "wall_s": wall,
-      "tokens_per_s": (generated + prefilled) / wall, "generated_per_s": generated / wall,
+      "kv_dtype": cc.dtype, "warmup_s": timing["warmup_s"], "warmup": timing["warmup"],
+      "ttft_s": timing["ttft_s"], "decode_tokens_per_s": timing["decode_per_s"],
+      "prefill_tokens_per_s": timing["prefill_per_s"],
       "peak_pages_used": peak_pages, "num_pages": cc.num_pages,
       "pages_allocated": int(stats.pages_allocated), "steps": int(stats.steps),
       "prompt_tokens_reused": prefix_stats.get("reused", 0),
       "prompt_tokens_computed": prefix_stats.get("computed", 0),
   }
-  print(f"\n{generated} tokens generated, {prefilled} prompt tokens in {wall:.1f}s: "
-        f"{result['generated_per_s']:.1f} generated tokens/s, {result['tokens_per_s']:.1f} "
-        f"tokens/s in all")
+  print(f"\n{generated} tokens generated, {prefilled} prompt tokens in {wall:.1f}s, of which "
+        f"{timing['warmup_s']:.1f}s warm-up: the first step of each shape, compilation "
+        "included (" + ", ".join(f"{k} {v:.1f}s" for k, v in timing["warmup"].items()) + ")")
+  rate = lambda r: "n/a" if r is None else f"{r:.1f} tokens/s"  # noqa: E731
+  print(f"steady state: decode {rate(timing['decode_per_s'])} ({b} rows; "
+        f"{timing['decode_tokens']} tokens in {timing['decode_s']:.1f}s), prefill "
+        f"{rate(timing['prefill_per_s'])} (later turns); time to first token per turn: "
+        + ", ".join(f"{s:.2f}s" for s in timing["ttft_s"]))
   print(f"prefix cache: {result['prompt_tokens_reused']} prompt tokens reused from cached "
         f"pages, {result['prompt_tokens_computed']} computed")
   print(f"pages used: peak {peak_pages} of {cc.num_pages} ({peak_pages * cc.page_size} token "
-        f"slots); {result['pages_allocated']} allocations over {result['steps']} steps")
+        f"slots, {cc.dtype}); {result['pages_allocated']} allocations over {result['steps']} "
+        "steps")
   return result
 
 
+# --- entry point ---------------------------------------------------------------------------
+
+
+def _fail(error: Exception) -> int:
+  print(f"kvjax: error: {error}", file=sys.stderr)
+  return 2
+
+
+def _replay(argv: list[str]) -> int:
+  from kvjax.sim import cli as sim_cli
+
+  try:
+    return sim_cli.main(argv) or 0
+  except sim_cli.TraceError as e:
+    return _fail(e)
+
+
 def main(argv=None) -> int:
-  """Entry point of the ``kvjax`` console script."""
+  """Entry point of the ``kvjax`` console script; 2 (and one line on stderr) on bad input."""
   argv = list(sys.argv[1:] if argv is None else argv)
-  parser = argparse.ArgumentParser(prog="kvjax", description="kvjax: a functional paged KV cache")
+  parser = ArgumentParser(prog="kvjax", description="kvjax: a functional paged KV cache")
   sub = parser.add_subparsers(dest="command", required=True)
   _demo_args(sub.add_parser("demo", help="SmolLM2 multi-turn chat through the paged cache"))
   sub.add_parser("replay", help="replay a request trace through the cache simulator",
                  add_help=False)
-  if argv[:1] == ["replay"]:
-    try:
-      from kvjax.sim import cli as sim_cli
-    except ImportError as e:  # pragma: no cover - the simulator ships with the package
-      raise SystemExit(f"kvjax replay is unavailable: {e}")
-    return sim_cli.main(argv[1:]) or 0
-  args = parser.parse_args(argv)
-  if args.command == "demo":
-    demo(args)
+  try:
+    if argv[:1] == ["replay"]:
+      return _replay(argv[1:])
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+      demo(args)
+  except UsageError as e:
+    return _fail(e)
   return 0
 
 

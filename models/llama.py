@@ -85,21 +85,31 @@ class LlamaConfig:
                head_dim=16, ffn_dim=128, rope_base=10000.0, rms_eps=1e-5)
 
   def cache_config(self, *, page_size: int, num_pages: int, max_seqs: int,
-                   max_pages_per_seq: int, prerope_keys: bool = False,
-                   **kwargs) -> kvjax.CacheConfig:
+                   max_pages_per_seq: int, prerope_keys: bool = False, dtype: str = "auto",
+                   model_dtype=None, **kwargs) -> kvjax.CacheConfig:
     """A ``kvjax.CacheConfig`` whose layer/head shapes match this model.
 
     ``prerope_keys=True`` stores keys before RoPE (``key_rope=self.rope_base``).
+    ``dtype`` is the storage dtype of unquantized pages; ``"auto"`` (as vLLM's
+    ``kv_cache_dtype="auto"``) takes the model's dtype ``model_dtype`` (a name or a
+    dtype: ``"bfloat16"`` for a bf16 checkpoint such as SmolLM2), or ``"float32"``,
+    the dtype ``read_params`` loads weights in, when ``model_dtype`` is None.
 
     >>> LlamaConfig.small().cache_config(page_size=4, num_pages=8, max_seqs=2,
     ...                                  max_pages_per_seq=4).num_kv_heads
     2
+    >>> LlamaConfig.small().cache_config(page_size=4, num_pages=8, max_seqs=2,
+    ...                                  max_pages_per_seq=4, model_dtype="bfloat16").dtype
+    'bfloat16'
     """
     if prerope_keys:
       kwargs["key_rope"] = self.rope_base
+    if dtype == "auto":
+      dtype = "float32" if model_dtype is None else jnp.dtype(model_dtype).name
     return kvjax.CacheConfig(num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
                              head_dim=self.head_dim, page_size=page_size, num_pages=num_pages,
-                             max_seqs=max_seqs, max_pages_per_seq=max_pages_per_seq, **kwargs)
+                             max_seqs=max_seqs, max_pages_per_seq=max_pages_per_seq,
+                             dtype=dtype, **kwargs)
 
 
 @struct.dataclass

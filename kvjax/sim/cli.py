@@ -9,17 +9,34 @@ synthetic trace. ``min`` (and ``min-bypass``) name the Belady oracle.
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import sys
 from typing import Optional, Sequence
 
+from kvjax.cli import ArgumentParser
+from kvjax.cli import UsageError
+from kvjax.cli import check_memory
 from kvjax.policies import POLICIES, get_policy
 from kvjax.sim import simulator, traces
+from kvjax.sim.traces import TraceError
+
+MAX_CAPACITY = 2 ** 30 - 1  # block ids, page indices and clocks are int32 (NEVER = 2^30)
+
+# Peak memory per simulated page (bytes), measured on XLA:CPU as the growth of peak RSS at
+# 1M pages (8M for lru/fifo) on a small trace, rounded up. One (policy, capacity) pair runs
+# at a time, so a replay needs about the largest of capacity * bytes for its pairs.
+BYTES_PER_PAGE = {
+    "lru": 24, "fifo": 16, "min": 128, "min-bypass": 128, "lru2": 128, "greedydual": 144,
+    "lfu": 144, "weighted": 160, "s3fifo": 208, "lecar": 232, "tinylfu": 288,
+    "tinylfu-s3fifo": 352, "freqlru": 368, "classfreq": 576, "autofreq": 640,
+    "autoclass": 816,
+}
+DEFAULT_BYTES_PER_PAGE = 1024  # a policy registered later and not measured
 
 
 def parse_capacities(text: str) -> list[int]:
-  """``"1024,4096"`` -> ``[1024, 4096]``; ValueError naming a bad entry.
+  """``"1024,4096"`` -> ``[1024, 4096]``; UsageError (a ValueError) naming a bad entry.
 
   >>> parse_capacities("8,16")
   [8, 16]
@@ -30,31 +47,100 @@ def parse_capacities(text: str) -> list[int]:
     try:
       c = int(part)
     except ValueError:
-      raise ValueError(f"--capacity must be positive integers, got {part!r}") from None
+      raise UsageError(f"must be positive integers, got {part[:40]!r}",
+                       argument="--capacity") from None
     if c <= 0:
-      raise ValueError(f"--capacity must be positive integers, got {c}")
+      raise UsageError(f"must be positive integers, got {c}", argument="--capacity")
+    if c > MAX_CAPACITY:
+      raise UsageError(f"{part[:40]} blocks is past the simulator's int32 range (at most "
+                       f"{MAX_CAPACITY:,})", argument="--capacity")
     caps.append(c)
   return caps
 
 
 def parse_policies(text: str) -> list[str]:
-  """``"lru,min"`` -> ``["lru", "min"]``; ValueError naming an unknown policy."""
+  """``"lru,min"`` -> ``["lru", "min"]``; UsageError naming an unknown policy."""
   names = [p.strip() for p in str(text).split(",") if p.strip()]
   if not names:
-    raise ValueError("--policy must name at least one policy")
+    raise UsageError("must name at least one policy", argument="--policy")
   for n in names:
-    get_policy(n)
+    if n not in POLICIES:
+      raise UsageError(f"unknown policy {n[:40]!r}; one of {', '.join(sorted(POLICIES))}",
+                       argument="--policy")
   return names
 
 
+def memory_estimate(capacities: Sequence[int], policies: Sequence[str]) -> tuple[int, int, str]:
+  """(bytes, capacity, policy) of the most memory-hungry run (``BYTES_PER_PAGE``).
+
+  >>> memory_estimate([1024, 4096], ["lru", "min"])
+  (524288, 4096, 'min')
+  """
+  runs = [(max(c, 1) * BYTES_PER_PAGE.get(p, DEFAULT_BYTES_PER_PAGE), c, p)
+          for p in policies for c in capacities]
+  return max(runs)
+
+
+def check_capacities(capacities: Sequence[int], policies: Sequence[str]) -> None:
+  """UsageError naming ``--capacity`` when the largest run's memory estimate is past the
+  limit (``kvjax.cli.memory_limit``)."""
+  need, c, p = memory_estimate(capacities, policies)
+  per = BYTES_PER_PAGE.get(p, DEFAULT_BYTES_PER_PAGE)
+  check_memory(need, f"{c:,} blocks with policy {p} (~{per} bytes per block)", "--capacity")
+
+
+def check_plot_path(path: str) -> None:
+  """UsageError naming ``--plot`` unless ``path`` can be written as an image (checked by
+  opening it for appending, and removing it again when it did not exist)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib.backend_bases import FigureCanvasBase
+
+  ext = os.path.splitext(path)[1].lower().lstrip(".")
+  formats = FigureCanvasBase.get_supported_filetypes()
+  if ext and ext not in formats:
+    raise UsageError(f"{path}: unsupported image format {ext!r}; one of "
+                     f"{', '.join(sorted(formats))}", argument="--plot")
+  if os.path.isdir(path):
+    raise UsageError(f"{path} is a directory", argument="--plot")
+  existed = os.path.exists(path)
+  try:
+    with open(path, "ab"):
+      pass
+  except OSError as e:
+    raise UsageError(f"cannot write {path} ({e.strerror or e})", argument="--plot") from None
+  if not existed:
+    os.remove(path)
+
+
 def load_trace(spec: str) -> traces.Trace:
-  """A Mooncake JSONL path, or ``generated[:REQUESTS[:SEED]]``."""
+  """A Mooncake JSONL path, or ``generated[:REQUESTS[:SEED]]``; a trace with no block
+  references is refused (its hit ratios would be NaN).
+
+  Raises:
+    UsageError: a bad ``generated`` spec. TraceError: a bad file or an empty trace.
+  """
   if spec.startswith("generated"):
     parts = spec.split(":")
-    n = int(parts[1]) if len(parts) > 1 and parts[1] else 2000
-    seed = int(parts[2]) if len(parts) > 2 else 0
+    try:
+      if parts[0] != "generated" or len(parts) > 3:
+        raise ValueError
+      n = int(parts[1]) if len(parts) > 1 and parts[1] else 2000
+      seed = int(parts[2]) if len(parts) > 2 else 0
+    except ValueError:
+      raise UsageError(f"expected a file or generated[:REQUESTS[:SEED]], got {spec[:60]!r}",
+                       argument="TRACE") from None
+    if not 0 < n <= 10 ** 7 or seed < 0:
+      raise UsageError(f"generated needs 1 to 10,000,000 requests and a seed >= 0, got "
+                       f"{spec[:60]!r}", argument="TRACE")
     return traces.generate(n, seed=seed)
-  return traces.load_mooncake(spec)
+  trace = traces.load_mooncake(spec)
+  if trace.num_refs == 0:
+    what = ("no requests" if trace.num_requests == 0 else
+            f"{trace.num_requests} request(s), all of input_length 0")
+    raise TraceError(spec, None, f"nothing to replay: the trace has {what} (no block "
+                     "references)")
+  return trace
 
 
 def replay(trace: traces.Trace, capacities: Sequence[int], policies: Sequence[str], *,
@@ -99,8 +185,9 @@ def plot(ratios: dict, capacities: Sequence[int], path: str, title: str = "") ->
   plt.close(fig)
 
 
-def build_parser() -> argparse.ArgumentParser:
-  ap = argparse.ArgumentParser(prog="kvjax replay", description=__doc__.split("\n")[0])
+def build_parser() -> ArgumentParser:
+  """The argument parser of ``kvjax replay`` (errors raise ``UsageError``)."""
+  ap = ArgumentParser(prog="kvjax replay", description=__doc__.split("\n")[0])
   ap.add_argument("trace", help="Mooncake JSONL file, or generated[:REQUESTS[:SEED]]")
   ap.add_argument("--capacity", required=True, help="blocks, comma-separated (e.g. 1024,6144)")
   ap.add_argument("--policy", default="lru,min",
@@ -114,10 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Entry point for ``kvjax replay`` (``argv`` without the program name).
+  """``kvjax replay`` as a function (``argv`` without the program name).
+
+  Every argument, the memory the capacities need and the plot path are checked before
+  the trace is loaded; the trace before any simulation. ``kvjax.cli.main`` turns the
+  errors below into one line on stderr and exit status 2.
 
   Raises:
-    ValueError: a capacity of zero or less, an unknown policy, a malformed trace line.
+    UsageError: a bad argument (capacity, policy, plot path; a capacity whose memory
+      estimate is past the limit). TraceError: a trace that cannot be replayed (both are
+      ValueErrors).
   """
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv[:1] == ["replay"]:
@@ -125,6 +218,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = build_parser().parse_args(argv)
   capacities = parse_capacities(args.capacity)
   policies = parse_policies(args.policy)
+  check_capacities(capacities, policies)
+  if args.plot:
+    check_plot_path(args.plot)
   trace = load_trace(args.trace)
   ratios = replay(trace, capacities, policies, accounting=args.accounting,
                   progress=not args.json)
@@ -143,4 +239,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from kvjax.cli import main as kvjax_main
+
+  sys.exit(kvjax_main(["replay"] + sys.argv[1:]))

@@ -113,6 +113,75 @@ def from_requests(hash_ids: Sequence[Sequence[int]], input_length, output_length
 
 
 _FIELDS = ("timestamp", "input_length", "output_length", "hash_ids")
+_INT64_LIMIT = 2 ** 63
+_FORMAT_HINT = ("replay needs per-request block hashes: Mooncake-style JSONL, one JSON object "
+                "per line with timestamp, input_length, output_length and hash_ids")
+
+
+class TraceError(ValueError):
+  """A trace file that cannot be replayed; ``str()`` is ``"<path>:<line>: <what>"``.
+
+  Args:
+    path: the file.
+    line: 1-based line number, or None when the problem is the whole file.
+    message: what is wrong, and where useful what replay needs instead.
+
+  >>> str(TraceError("t.jsonl", 3, "malformed JSON"))
+  't.jsonl:3: malformed JSON'
+  """
+
+  def __init__(self, path: str, line: Optional[int], message: str):
+    self.path, self.line, self.message = str(path), line, message
+    where = self.path if line is None else f"{self.path}:{line}"
+    super().__init__(f"{where}: {message}")
+
+
+def _short(value) -> str:
+  """A repr of ``value`` that stays short (huge integers, long lists)."""
+  if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+    return f"an integer of {value.bit_length()} bits"
+  text = repr(value)
+  return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _reject_constant(name: str):
+  raise ValueError(f"{name} is not a valid JSON number")
+
+
+def _count(rec: dict, key: str, path: str, lineno: int) -> int:
+  """``rec[key]`` as a non-negative integer that fits in int64 (``10.0`` is accepted)."""
+  v = rec[key]
+  ok = not isinstance(v, bool) and (
+      isinstance(v, int) or (isinstance(v, float) and math.isfinite(v) and v == int(v)))
+  if not ok or not 0 <= int(v) < _INT64_LIMIT:
+    raise TraceError(path, lineno, f"{key} must be a non-negative integer below 2^63, got "
+                     f"{_short(v)}")
+  return int(v)
+
+
+def _parse_record(line: str, path: str, lineno: int, first: bool) -> dict:
+  """The JSON object of one line; TraceError naming the line otherwise."""
+  try:
+    rec = json.loads(line, parse_constant=_reject_constant)
+  except (ValueError, RecursionError) as e:
+    if first and "," in line and not line.lstrip().startswith(("{", "[")):
+      raise TraceError(path, lineno, f"this looks like a CSV file (first line "
+                       f"{_short(line.strip())}), not a JSONL trace; {_FORMAT_HINT}. CSV traces "
+                       "such as Azure's carry no block hashes") from None
+    if isinstance(e, json.JSONDecodeError):
+      why = f"malformed JSON ({e.msg} at column {e.colno})"
+    elif isinstance(e, RecursionError):
+      why = "malformed JSON (nested too deeply)"
+    else:  # NaN / Infinity, or an integer literal past Python's digit limit
+      why = f"invalid number ({e})"
+    raise TraceError(path, lineno, why) from None
+  if not isinstance(rec, dict):
+    raise TraceError(path, lineno, f"expected a JSON object, got {type(rec).__name__}")
+  missing = [k for k in _FIELDS if k not in rec]
+  if missing:
+    hint = f"; {_FORMAT_HINT}" if "hash_ids" in missing else ""
+    raise TraceError(path, lineno, f"missing field(s) {missing}{hint}")
+  return rec
 
 
 def load_mooncake(path: str, *, block_size: int = MOONCAKE_BLOCK,
@@ -120,8 +189,14 @@ def load_mooncake(path: str, *, block_size: int = MOONCAKE_BLOCK,
   """Load a Mooncake-format JSONL trace (``timestamp``, ``input_length``, ``output_length``,
   ``hash_ids`` of prefix blocks).
 
+  Lengths and timestamps must be non-negative integers below 2^63 (``NaN``, ``Infinity``
+  and fractions are refused); ``hash_ids`` must hold ``ceil(input_length / block_size)``
+  integers. Blank lines are skipped.
+
   Raises:
-    ValueError: naming the file and line number of a malformed line.
+    TraceError: (a ``ValueError``) naming the file, and the line of a bad line: a file that
+      cannot be read (missing, a directory), bytes that are not UTF-8, malformed JSON, a CSV
+      file, a missing or invalid field.
 
   >>> import tempfile, os
   >>> p = os.path.join(tempfile.mkdtemp(), "t.jsonl")
@@ -130,37 +205,40 @@ def load_mooncake(path: str, *, block_size: int = MOONCAKE_BLOCK,
   1
   """
   hashes, inp, out, ts = [], [], [], []
-  with open(path, "r", encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      if max_requests is not None and len(hashes) >= max_requests:
-        break
-      where = f"{path}:{lineno}"
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
-      if not isinstance(rec, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-      missing = [k for k in _FIELDS if k not in rec]
-      if missing:
-        raise ValueError(f"{where}: missing field(s) {missing}")
-      for k in _FIELDS[:3]:
-        v = rec[k]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or v != int(v):
-          raise ValueError(f"{where}: {k} must be a non-negative integer, got {v!r}")
-      hs = rec["hash_ids"]
-      if not isinstance(hs, list) or not all(
-          isinstance(h, int) and not isinstance(h, bool) for h in hs):
-        raise ValueError(f"{where}: hash_ids must be a list of integers, got {hs!r}")
-      if len(hs) != math.ceil(int(rec["input_length"]) / block_size):
-        raise ValueError(f"{where}: len(hash_ids)={len(hs)} does not match "
-                         f"ceil(input_length={rec['input_length']}/{block_size})")
-      hashes.append(hs)
-      inp.append(int(rec["input_length"]))
-      out.append(int(rec["output_length"]))
-      ts.append(int(rec["timestamp"]))
+  try:
+    f = open(path, "rb")
+  except OSError as e:
+    raise TraceError(path, None, f"cannot read the trace ({e.strerror or e})") from None
+  with f:
+    lineno = 0
+    try:
+      for lineno, raw in enumerate(f, start=1):
+        if lineno == 1 and raw.startswith(b"\x1f\x8b"):
+          raise TraceError(path, 1, "this is a gzip-compressed file; decompress it first")
+        try:
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+          raise TraceError(path, lineno, f"not UTF-8 text (byte {raw[e.start:e.start + 1]!r} "
+                           f"at column {e.start + 1})") from None
+        if not line.strip():
+          continue
+        if max_requests is not None and len(hashes) >= max_requests:
+          break
+        rec = _parse_record(line, path, lineno, first=not hashes)
+        counts = {k: _count(rec, k, path, lineno) for k in _FIELDS[:3]}
+        hs = rec["hash_ids"]
+        if not isinstance(hs, list) or not all(
+            isinstance(h, int) and not isinstance(h, bool) for h in hs):
+          raise TraceError(path, lineno, f"hash_ids must be a list of integers, got {_short(hs)}")
+        if len(hs) != math.ceil(counts["input_length"] / block_size):
+          raise TraceError(path, lineno, f"len(hash_ids)={len(hs)} does not match "
+                           f"ceil(input_length={counts['input_length']}/{block_size})")
+        hashes.append(hs)
+        inp.append(counts["input_length"])
+        out.append(counts["output_length"])
+        ts.append(counts["timestamp"])
+    except OSError as e:  # e.g. an I/O error part way through
+      raise TraceError(path, lineno or None, f"cannot read the trace ({e.strerror or e})") from None
   return from_requests(hashes, inp, out, ts, block_size=block_size,
                        name=os.path.splitext(os.path.basename(path))[0])
 

