@@ -309,7 +309,7 @@ def demo(args) -> dict:
   t = time.perf_counter()
   _, cache = prefill(params, cache, [system_ids], [0], config=config, cache_config=cc)
   meter.prefill(f"1x{chunk}", time.perf_counter() - t, len(system_ids))
-  cache = kvjax.release(cache, np.array([0], np.int32))
+  cache = kvjax.release(cache, np.array([0], np.int32), config=cc)
   prefix_stats = {}
   for turn in range(turns):
     prompts = []
@@ -333,6 +333,12 @@ def demo(args) -> dict:
       bar.close()
       raise UsageError(f"the cache ran out: {e}; give more --num-pages or fewer "
                        "--max-new-tokens") from None
+    cut = {i: out.finish_reason for i, out in enumerate(outs)
+           if out.finish_reason not in ("stop", "length")}
+    if cut:
+      bar.close()
+      raise UsageError(f"the cache could not finish conversations {cut}; give more --num-pages "
+                       "or fewer --max-new-tokens")
     meter.end_call(sum(len(out) for out in outs), prefix_stats.get("computed", 0) - computed)
     peak_pages = max(peak_pages, int(np.sum(np.asarray(cache.meta.ref_count) > 0)))
     for i, out in enumerate(outs):

@@ -391,15 +391,22 @@ def test_generate_matches_greedy_forward_and_prefill_matches_last_logits(params)
   assert np.asarray(cache.seq_lens)[:BATCH].tolist() == [9 + 5, 3 + 5, 14 + 5, 1 + 5]
 
 
-def test_generate_raises_when_the_cache_refuses(params):
+def test_generate_ends_a_refused_row_and_finishes_the_others(params):
   import kvjax
   from kvjax.models.generate import generate
 
-  # Row 2 would pass max_seq_len (32 tokens): its step is refused and generate says so.
+  # Row 2 reaches max_seq_len (32 tokens) after 4 decode steps: it ends with "length" and
+  # the 5 tokens it got; the other rows are exactly what they give alone. The cache is
+  # handed back usable (on main this raised after the donated step and lost it).
   prompts = [[1, 2], [3], list(range(1, 29)), [4, 5]]
-  with pytest.raises(kvjax.CacheStatusError, match=r"refused sequences \[2\]"):
-    generate(params, kvjax.init(CACHE), prompts, [0, 1, 2, 3], config=CFG, cache_config=CACHE,
-             max_new_tokens=8, stop_ids=(), chunk_size=7)
+  out, cache = generate(params, kvjax.init(CACHE), prompts, [0, 1, 2, 3], config=CFG,
+                        cache_config=CACHE, max_new_tokens=8, stop_ids=(), chunk_size=7)
+  assert [o.finish_reason for o in out] == ["length", "length", "length", "length"]
+  assert len(out[2]) == 5 and out[2] == _greedy_reference(params, prompts[2], 5)
+  for r in (0, 1, 3):
+    assert out[r] == _greedy_reference(params, prompts[r], 8), f"row {r}"
+  assert np.asarray(cache.seq_lens)[:4].tolist() == [2 + 7, 1 + 7, 32, 2 + 7]
+  assert kvjax.flagged_rows(cache) == {2: ["SEQ_FULL"]}
 
 
 def test_decode_step_with_pages_sharded_over_8_devices_matches_unsharded(params):
