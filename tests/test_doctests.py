@@ -12,7 +12,7 @@ import kvjax.models
 
 MODULES = sorted({m.name for pkg in (kvjax, kvjax.kernels, kvjax.models)
                   for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")}
-                 - {"kvjax.cli", "kvjax.sim.cli"})
+                 - {"kvjax.cli", "kvjax.sim.cli", "kvjax.__main__"})
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -20,6 +20,7 @@ import pytest
 import kvjax
 from kvjax import quant
 from kvjax.models import LlamaConfig
+from kvjax.models import llama as llama_lib
 from kvjax.models import decode_step
 from kvjax.models import forward
 from kvjax.models import init_params
@@ -162,7 +163,7 @@ def test_decode_step_compiles_once_and_matches_quantized_reference(params, name)
     lg, cache = step(params, cache, cc, {0: tokens[i:i + 1], 1: [7]})
     got0.append(lg[0])
     got1.append(lg[1])
-    sizes.append(decode_step._cache_size())
+    sizes.append(llama_lib._decode_step._cache_size())
   assert sizes[1] == sizes[0] and sizes[2] == sizes[0], sizes   # no recompile on calls 2, 3
   assert int(cache.status) == 0
   got0 = np.concatenate(got0)
