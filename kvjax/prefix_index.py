@@ -186,19 +186,21 @@ def _sipround(v0, v1, v2, v3):
   return v0, v1, v2, v3
 
 
-def halfsiphash64(words: jax.Array, key: jax.Array) -> jax.Array:
+def halfsiphash64(words: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
   """HalfSipHash-2-4 with 64-bit output of an 8-byte message, elementwise.
 
   The message is the two uint32 words little-endian (``words[..., 0]`` first),
   the key ``key[0]``, ``key[1]`` likewise; the output is the reference
-  implementation's 8 bytes as two little-endian uint32 words.
+  implementation's 8 bytes as two little-endian uint32 words. They come as a
+  pair, not stacked: on XLA:CPU a stack (or concatenate) of them pulls the whole
+  mix into a concatenate fusion that runs 10-40x slower than the mix itself.
 
   Args:
     words: uint32[..., 2]  the message (a block hash).
     key: uint32[2]  the 64-bit key.
 
   Returns:
-    uint32[..., 2].
+    ``(out0, out1)``, uint32[...] each.
 
   Reference vector (key bytes 00..07, message bytes 00..07: ``ed fe e8 20 bc e4 85 8c``):
 
@@ -226,10 +228,11 @@ def halfsiphash64(words: jax.Array, key: jax.Array) -> jax.Array:
   v1 = v1 ^ np.uint32(0xDD)
   for _ in range(4):
     v0, v1, v2, v3 = _sipround(v0, v1, v2, v3)
-  return jnp.stack([out0, v1 ^ v3], axis=-1)
+  return out0, v1 ^ v3
 
 
-def home_buckets(hashes: jax.Array, key: jax.Array, num_buckets: int) -> jax.Array:
+def home_buckets(hashes: jax.Array, key: jax.Array,
+                 num_buckets: int) -> tuple[jax.Array, jax.Array]:
   """The two home buckets of each hash: the words of ``halfsiphash64(hash, key)``, masked.
 
   Args:
@@ -238,17 +241,17 @@ def home_buckets(hashes: jax.Array, key: jax.Array, num_buckets: int) -> jax.Arr
     num_buckets: a power of two.
 
   Returns:
-    int32[..., 2] in ``[0, num_buckets)``; a key with a different placement key
-    lands elsewhere.
+    ``(home0, home1)``, int32[...] each, in ``[0, num_buckets)`` (a pair, see
+    ``halfsiphash64``); under another placement key a hash lands elsewhere.
 
   >>> h = jnp.array([[1, 2]], jnp.uint32)
   >>> a = home_buckets(h, jnp.array([1, 0], jnp.uint32), 1 << 16)
   >>> b = home_buckets(h, jnp.array([2, 0], jnp.uint32), 1 << 16)
-  >>> a.shape, bool((a != b).any())
-  ((1, 2), True)
+  >>> a[0].shape, bool((a[0] != b[0]) | (a[1] != b[1]))
+  ((1,), True)
   """
-  mixed = halfsiphash64(hashes, key)
-  return (mixed & np.uint32(num_buckets - 1)).astype(jnp.int32)
+  return tuple((w & np.uint32(num_buckets - 1)).astype(jnp.int32)
+               for w in halfsiphash64(hashes, key))
 
 
 def _check_batch(fn: str, hashes, **columns) -> int:
@@ -284,28 +287,29 @@ def _find(index: PrefixIndex, hashes: jax.Array, valid: jax.Array) -> jax.Array:
   a bucket holding an EMPTY slot (tombstones are passed) or at the budget.
   """
   nb = index.num_buckets
-  home = home_buckets(hashes, index.placement_key, nb)                      # [N, 2]
+  homes = home_buckets(hashes, index.placement_key, nb)   # the two paths, int32 [N] each
   n = hashes.shape[0]
 
   def probe(carry):
-    depth, slot, path_done = carry
-    slots = _bucket_slots(index, (home + depth) & (nb - 1)).reshape(n, -1)  # [N, 2W]
-    vals = index.values[slots]
-    match = jnp.all(index.keys[slots] == hashes[:, None, :], axis=-1) & (vals >= 0)
-    live = ~path_done.reshape(n, 2, 1)
-    match &= jnp.broadcast_to(live, (n, 2, index.bucket_size)).reshape(n, -1)
-    hit = jnp.any(match, axis=1)
-    at = jnp.take_along_axis(slots, jnp.argmax(match, axis=1)[:, None], axis=1)[:, 0]
-    has_empty = jnp.any((vals == EMPTY).reshape(n, 2, -1), axis=-1)
-    path_done = path_done | has_empty | hit[:, None]
-    return depth + 1, jnp.where(hit, at, slot), path_done
+    depth, slot, done0, done1 = carry
+    dones = []
+    for home, done in zip(homes, (done0, done1)):
+      slots = _bucket_slots(index, (home + depth) & (nb - 1))             # [N, W]
+      vals = index.values[slots]
+      match = jnp.all(index.keys[slots] == hashes[:, None, :], axis=-1) & (vals >= 0)
+      match &= ~done[:, None]
+      hit = jnp.any(match, axis=1)
+      at = jnp.take_along_axis(slots, jnp.argmax(match, axis=1)[:, None], axis=1)[:, 0]
+      slot = jnp.where(hit, at, slot)
+      dones.append(done | jnp.any(vals == EMPTY, axis=1))
+    found = slot >= 0
+    return depth + 1, slot, dones[0] | found, dones[1] | found
 
   def more(carry):
-    depth, _, path_done = carry
-    return (depth < index.max_probes) & ~jnp.all(path_done)
+    depth, _, done0, done1 = carry
+    return (depth < index.max_probes) & ~jnp.all(done0 & done1)
 
-  init = (jnp.zeros((), jnp.int32), jnp.full((n,), -1, jnp.int32),
-          jnp.broadcast_to(~valid[:, None], (n, 2)))
+  init = (jnp.zeros((), jnp.int32), jnp.full((n,), -1, jnp.int32), ~valid, ~valid)
   return lax.while_loop(more, probe, init)[1]
 
 
@@ -404,42 +408,47 @@ def index_insert(index: PrefixIndex, hashes: jax.Array, values: jax.Array,
   table_values = index.values.at[jnp.where(existing >= 0, existing, capacity)].set(
       values, mode="drop")
   mixed = halfsiphash64(hashes, index.placement_key)
-  home = (mixed & np.uint32(nb - 1)).astype(jnp.int32)                       # [N, 2]
-  coin = (mixed[:, 0] >> np.uint32(31)).astype(jnp.int32)  # keyed tie-break between choices
+  homes = tuple((w & np.uint32(nb - 1)).astype(jnp.int32) for w in mixed)  # int32 [N] each
+  coin = mixed[0] >> np.uint32(31) == 1  # keyed tie-break between the choices
+  budget = index.max_probes
 
   def place_round(carry):
     # Each pending item reads the bucket at its depth on both paths, takes the nearer
     # one with a free slot (then the emptier, then its coin) and claims a pseudo-random
     # free slot there; per slot the lowest batch position wins. Full buckets are passed.
-    keys, vals, pending, overflow, depth, turn = carry
-    bucket = (home + depth) & (nb - 1)                                      # [N, 2]
-    free = vals[_bucket_slots(index, bucket)] < 0                           # [N, 2, W]
-    num_free = jnp.sum(free, axis=-1, dtype=jnp.int32)                      # [N, 2]
-    usable = (depth < index.max_probes) & (num_free > 0)
-    score = jnp.where(usable, depth * (width + 1) + width - num_free, jnp.iinfo(jnp.int32).max)
-    pick = jnp.where(score[:, 0] == score[:, 1], coin, (score[:, 1] < score[:, 0]).astype(
-        jnp.int32))
-    claiming = pending & jnp.any(usable, axis=1)
-    picked_free = jnp.take_along_axis(free, pick[:, None, None], axis=1)[:, 0]      # [N, W]
-    picked_num = jnp.take_along_axis(num_free, pick[:, None], axis=1)[:, 0]
+    keys, vals, pending, overflow, depth0, depth1, turn = carry
+    reads = []
+    for home, depth in zip(homes, (depth0, depth1)):
+      bucket = (home + depth) & (nb - 1)
+      free = vals[_bucket_slots(index, bucket)] < 0                         # [N, W]
+      num_free = jnp.sum(free, axis=1, dtype=jnp.int32)
+      usable = (depth < budget) & (num_free > 0)
+      score = jnp.where(usable, depth * (width + 1) + width - num_free, jnp.iinfo(jnp.int32).max)
+      reads.append((bucket, free, num_free, usable, score))
+    (bucket0, free0, num0, usable0, score0), (bucket1, free1, num1, usable1, score1) = reads
+    pick1 = jnp.where(score0 == score1, coin, score1 < score0)
+    claiming = pending & (usable0 | usable1)
+    picked_free = jnp.where(pick1[:, None], free1, free0)                   # [N, W]
+    picked_num = jnp.maximum(jnp.where(pick1, num1, num0), 1).astype(jnp.uint32)
     spread = fmix32((idx.astype(jnp.uint32) * np.uint32(0x9E3779B9)) ^ turn)
-    column = _kth_true(picked_free, (spread % jnp.maximum(picked_num, 1).astype(jnp.uint32))
-                       .astype(jnp.int32))
-    candidate = jnp.take_along_axis(bucket, pick[:, None], axis=1)[:, 0] * width + column
+    column = _kth_true(picked_free, (spread % picked_num).astype(jnp.int32))
+    candidate = jnp.where(pick1, bucket1, bucket0) * width + column
     target = jnp.where(claiming, candidate, capacity)
     claim = jnp.full((capacity,), n, jnp.int32).at[target].min(idx, mode="drop")
     won = claiming & (claim[jnp.minimum(target, capacity - 1)] == idx)
     write = jnp.where(won, candidate, capacity)
     keys = keys.at[write].set(hashes, mode="drop")
     vals = vals.at[write].set(values, mode="drop")
-    depth = jnp.where(pending[:, None] & (num_free == 0), depth + 1, depth)
-    exhausted = pending & ~claiming & jnp.all(depth >= index.max_probes, axis=1)
-    return (keys, vals, pending & ~won & ~exhausted, overflow | exhausted, depth,
+    depth0 = jnp.where(pending & (num0 == 0), depth0 + 1, depth0)
+    depth1 = jnp.where(pending & (num1 == 0), depth1 + 1, depth1)
+    exhausted = pending & ~claiming & (depth0 >= budget) & (depth1 >= budget)
+    return (keys, vals, pending & ~won & ~exhausted, overflow | exhausted, depth0, depth1,
             turn + np.uint32(1))
 
+  zeros = jnp.zeros((n,), jnp.int32)
   init = (index.keys, table_values, winner & (existing < 0), jnp.zeros((n,), jnp.bool_),
-          jnp.zeros((n, 2), jnp.int32), jnp.zeros((), jnp.uint32))
-  keys, table_values, _, overflow, _, _ = lax.while_loop(
+          zeros, zeros, jnp.zeros((), jnp.uint32))
+  keys, table_values, _, overflow, _, _, _ = lax.while_loop(
       lambda carry: jnp.any(carry[2]), place_round, init)
   overflow = valid & overflow[winner_of]
   return index.replace(keys=keys, values=table_values), overflow

@@ -102,6 +102,7 @@ def test_the_attacker_cannot_predict_placement():
   capacity = 1024
   _, hashes, _ = craft_flood(namespace_seed("kvjax"), capacity, 64)
   index = index_init(capacity, key=12345)
-  homes = np.asarray(home_buckets(jnp.asarray(hashes), index.placement_key, index.num_buckets))
+  homes = np.stack([np.asarray(w) for w in home_buckets(jnp.asarray(hashes), index.placement_key,
+                                                            index.num_buckets)], axis=1)
   # 64 keys over 128 buckets: ~ 50 distinct buckets per choice for random keys
   assert len(set(homes[:, 0].tolist())) > 35 and len(set(homes[:, 1].tolist())) > 35
