@@ -71,7 +71,7 @@ from kvjax.hashing import fmix32
 EMPTY = -1       # slot never used: probe paths stop at a bucket holding one
 TOMBSTONE = -2   # slot of a deleted key: probes pass, inserts reuse
 BUCKET_SIZE = 8  # slots per bucket (default)
-MAX_PROBES = 8   # buckets a path may probe from each home (default)
+MAX_PROBES = 16  # buckets a path may probe from each home (default; 8 overflowed at 90 %)
 
 _PROCESS_KEY: Optional[np.ndarray] = None
 
@@ -132,7 +132,7 @@ def index_init(capacity: int, max_probes: Optional[int] = None, *,
   Args:
     capacity: C, number of slots; a power of two.
     max_probes: static budget, buckets probed from each of a key's two homes,
-      ``1 <= max_probes <= C / bucket_size``; default ``min(8, C / bucket_size)``.
+      ``1 <= max_probes <= C / bucket_size``; default ``min(16, C / bucket_size)``.
     key: the placement key: None (default) is this process's secret key
       (``process_key``); an int in ``[0, 2**64)`` or a uint32 [2] array fixes it
       (reproducible tests). Only placement depends on it, never block hashes.
