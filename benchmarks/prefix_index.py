@@ -2,6 +2,7 @@
 
 Work per batch size N: insert N random 64-bit block hashes (values = page ids) into an
 empty table of capacity next_pow2(2N) (load 0.5 or less), then look all N up (all hits).
+The index's placement key is fixed per N (reproducible); its default budget is used.
 
 * index: one jitted ``index_insert`` then one jitted ``index_lookup``, timed to
   ``block_until_ready``; inputs already on the device; compile excluded (warm-up).
@@ -21,6 +22,7 @@ import json
 import os
 import statistics
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -46,13 +48,13 @@ def _median_time(fn, reps: int) -> float:
   return statistics.median(times)
 
 
-def bench_batch(n: int, reps: int, max_probes: int, seed: int = 0) -> dict:
+def bench_batch(n: int, reps: int, max_probes: Optional[int], seed: int = 0) -> dict:
   rng = np.random.default_rng(seed + n)
   hashes_np = rng.integers(1, 2**32, size=(n, 2), dtype=np.uint64).astype(np.uint32)
   values_np = np.arange(n, dtype=np.int32)
   capacity = max(16, 1 << int(np.ceil(np.log2(2 * n))))
   hashes, values = jnp.asarray(hashes_np), jnp.asarray(values_np)
-  empty = index_init(capacity, max_probes=min(max_probes, capacity))
+  empty = index_init(capacity, max_probes=max_probes, key=seed + n)
 
   def run_index():
     index, overflow = index_insert(empty, hashes, values)
@@ -90,6 +92,7 @@ def bench_batch(n: int, reps: int, max_probes: int, seed: int = 0) -> dict:
       "batch": n,
       "capacity": capacity,
       "max_probes": empty.max_probes,
+      "bucket_size": empty.bucket_size,
       "index_s": index_s,
       "index_insert_s": insert_s,
       "index_lookup_s": lookup_s,
@@ -100,7 +103,7 @@ def bench_batch(n: int, reps: int, max_probes: int, seed: int = 0) -> dict:
   }
 
 
-def run(quick: bool = False, max_probes: int = 32) -> dict:
+def run(quick: bool = False, max_probes: Optional[int] = None) -> dict:
   """All batch sizes; the JSON-ready result (``benchmarks/prefix.py`` can embed it)."""
   sizes = [256, 4096] if quick else [256, 4096, 65536]
   reps = 5 if quick else 20
@@ -130,7 +133,8 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
   parser.add_argument("--out", default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
-  parser.add_argument("--max-probes", type=int, default=32)
+  parser.add_argument("--max-probes", type=int, default=None,
+                      help="buckets probed per home (default: the index's default)")
   args = parser.parse_args(argv)
 
   print("machine:", json.dumps(common.machine()))

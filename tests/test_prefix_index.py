@@ -11,12 +11,13 @@ from hypothesis.stateful import RuleBasedStateMachine
 from hypothesis.stateful import invariant
 from hypothesis.stateful import rule
 
-from hash_reference import fmix_py
 from kvjax.hashing import block_hash
 from kvjax.hashing import chain_hashes
 from kvjax.hashing import namespace_seed
 from kvjax.prefix_index import EMPTY
 from kvjax.prefix_index import TOMBSTONE
+from kvjax.prefix_index import halfsiphash64
+from kvjax.prefix_index import home_buckets
 from kvjax.prefix_index import index_counts
 from kvjax.prefix_index import index_delete
 from kvjax.prefix_index import index_init
@@ -24,19 +25,63 @@ from kvjax.prefix_index import index_insert
 from kvjax.prefix_index import index_lookup
 from kvjax.prefix_index import index_rebuild
 from kvjax.prefix_index import match_prefix
+from kvjax.prefix_index import process_key
 
 
 
-def home_py(key, capacity):
-  """Independent spelling of the documented home slot."""
-  return fmix_py(key[0] ^ fmix_py(key[1])) & (capacity - 1)
+M32 = 0xFFFFFFFF
+KEY = 0x0123456789ABCDEF  # placement key of these tests (index_init(..., key=KEY))
 
 
-def keys_with_home(home, capacity, count, start=1):
-  """``count`` distinct keys (k, 7) whose home slot is ``home``."""
+def _rotl(x, b):
+  return ((x << b) | (x >> (32 - b))) & M32
+
+
+def halfsiphash_py(msg: bytes, key: bytes, outlen: int = 8) -> bytes:
+  """HalfSipHash-2-4, an independent spelling of the reference C implementation."""
+  k0, k1 = int.from_bytes(key[:4], "little"), int.from_bytes(key[4:8], "little")
+  v = [k0, k1 ^ (0xEE if outlen == 8 else 0), 0x6C796765 ^ k0, 0x74656462 ^ k1]
+
+  def rounds(count):
+    for _ in range(count):
+      v[0] = (v[0] + v[1]) & M32; v[1] = _rotl(v[1], 5) ^ v[0]; v[0] = _rotl(v[0], 16)  # noqa: E702
+      v[2] = (v[2] + v[3]) & M32; v[3] = _rotl(v[3], 8) ^ v[2]  # noqa: E702
+      v[0] = (v[0] + v[3]) & M32; v[3] = _rotl(v[3], 7) ^ v[0]  # noqa: E702
+      v[2] = (v[2] + v[1]) & M32; v[1] = _rotl(v[1], 13) ^ v[2]; v[2] = _rotl(v[2], 16)  # noqa: E702
+
+  end = len(msg) - len(msg) % 4
+  for i in range(0, end, 4):
+    m = int.from_bytes(msg[i:i + 4], "little")
+    v[3] ^= m
+    rounds(2)
+    v[0] ^= m
+  b = ((len(msg) & 0xFF) << 24) | int.from_bytes(msg[end:].ljust(4, b"\0"), "little")
+  v[3] ^= b
+  rounds(2)
+  v[0] ^= b
+  v[2] ^= 0xEE if outlen == 8 else 0xFF
+  rounds(4)
+  out = (v[1] ^ v[3]).to_bytes(4, "little")
+  if outlen == 4:
+    return out
+  v[1] ^= 0xDD
+  rounds(4)
+  return out + (v[1] ^ v[3]).to_bytes(4, "little")
+
+
+def homes_py(key, num_buckets, placement=KEY):
+  """The documented two home buckets of ``key`` under ``placement``."""
+  msg = key[0].to_bytes(4, "little") + key[1].to_bytes(4, "little")
+  out = halfsiphash_py(msg, placement.to_bytes(8, "little"))
+  return (int.from_bytes(out[:4], "little") & (num_buckets - 1),
+          int.from_bytes(out[4:], "little") & (num_buckets - 1))
+
+
+def keys_with_homes(homes, num_buckets, count, start=1, placement=KEY):
+  """``count`` distinct keys (k, 7) whose two home buckets are both in ``homes``."""
   out, k = [], start
   while len(out) < count:
-    if home_py((k, 7), capacity) == home:
+    if set(homes_py((k, 7), num_buckets, placement)) <= set(homes):
       out.append((k, 7))
     k += 1
   return out
@@ -53,20 +98,37 @@ def table_as_dict(index):
   return out
 
 
+def window(index, key, choice=None):
+  """Buckets on the probe paths of ``key`` (one choice or both), in path order."""
+  nb, budget = index.num_buckets, index.max_probes
+  homes = homes_py(key, nb, _placement(index))
+  choices = [choice] if choice is not None else [0, 1]
+  return [(homes[c] + d) % nb for c in choices for d in range(budget)]
+
+
+def _placement(index):
+  lo, hi = (int(x) for x in np.asarray(index.placement_key))
+  return lo | hi << 32
+
+
 def check_table_invariants(index):
-  """Every live key sits within max_probes of its home with no EMPTY slot on the way."""
+  """Every live key sits on one of its paths with no EMPTY slot in a bucket before it."""
   keys = np.asarray(index.keys)
   values = np.asarray(index.values)
-  cap, budget = index.capacity, index.max_probes
+  w = index.bucket_size
   assert set(np.unique(values[values < 0]).tolist()) <= {EMPTY, TOMBSTONE}
   assert not keys[values < 0].any(), "EMPTY/TOMBSTONE slots hold key (0, 0)"
+  has_empty = (values.reshape(-1, w) == EMPTY).any(axis=1)
   for slot in np.flatnonzero(values >= 0):
     key = (int(keys[slot, 0]), int(keys[slot, 1]))
     assert key != (0, 0)
-    dist = (slot - home_py(key, cap)) % cap
-    assert dist < budget, f"key {key} at distance {dist} >= max_probes {budget}"
-    path = [(home_py(key, cap) + d) % cap for d in range(dist)]
-    assert all(values[s] != EMPTY for s in path), f"EMPTY slot on the chain of {key}"
+    ok = False
+    for c in (0, 1):
+      path = window(index, key, c)
+      if slot // w in path:
+        d = path.index(slot // w)
+        ok |= not has_empty[path[:d]].any()
+    assert ok, f"key {key} in slot {slot}: not on a path, or an EMPTY bucket before it"
 
 
 PAD = 32  # every batch is padded to this size (key (0, 0) is never stored): one compile per table
@@ -102,13 +164,19 @@ def dele(index, keys, valid=None, expected=None):
   return index_delete(index, h, ok, None if expected is None else v)
 
 
+def small(cap=16, bucket_size=2, max_probes=2, key=KEY):
+  """A small table (8 buckets of 2 slots, 2 buckets per path): chains form quickly."""
+  return index_init(cap, max_probes=max_probes, key=key, bucket_size=bucket_size)
+
+
 # ---- property test: a state machine against a dict ---------------------------------------------
 
 BATCH = 6
-# A small key pool over a small table, so batches collide, chains form, tombstones pile up
-# and the table fills: 10 keys sharing one home slot plus 14 spread ones.
-CAP, BUDGET = 16, 4
-POOL = keys_with_home(3, CAP, 10) + [(k * 7919 + 1, k) for k in range(14)]
+# A small key pool over a small table, so batches collide, paths fill, tombstones pile up
+# and the table fills: 10 keys whose both homes are bucket 3 plus 14 spread ones.
+CAP, W, BUDGET = 16, 2, 2
+NB = CAP // W
+POOL = keys_with_homes([3], NB, 10) + [(k * 7919 + 1, k) for k in range(14)]
 
 items = st.lists(st.tuples(st.integers(0, len(POOL) - 1), st.integers(0, 50), st.booleans()),
                  min_size=BATCH, max_size=BATCH)
@@ -118,7 +186,7 @@ class IndexMachine(RuleBasedStateMachine):
 
   def __init__(self):
     super().__init__()
-    self.index = index_init(CAP, max_probes=BUDGET)
+    self.index = small(CAP, W, BUDGET)
     self.model = {}
 
   @rule(batch=items)
@@ -126,16 +194,16 @@ class IndexMachine(RuleBasedStateMachine):
     keys = [POOL[k] for k, _, _ in batch]
     self.index, overflow = ins(self.index, keys, [v for _, v, _ in batch],
                                [ok for _, _, ok in batch])
-    values = np.asarray(self.index.values)
+    values = np.asarray(self.index.values).reshape(NB, W)
     for key, (_, value, ok), over in zip(keys, batch, overflow):
       if not ok:
         assert not over, "an invalid item reported overflow"
         continue
       if over:
-        # justified: the key is absent and its whole probe window is live
+        # justified: the key is absent and every bucket on both its paths is live
         assert key not in self.model
-        window = [(home_py(key, CAP) + d) % CAP for d in range(BUDGET)]
-        assert all(values[s] >= 0 for s in window), "overflow reported with a free slot"
+        assert all((values[b] >= 0).all() for b in window(self.index, key)), \
+            "overflow reported with a free slot"
       else:
         self.model[key] = value
     # all occurrences of one key agree on overflow
@@ -181,15 +249,82 @@ TestIndexAgainstDict = IndexMachine.TestCase
 
 # ---- explicit cases ----------------------------------------------------------------------------
 
+def test_halfsiphash_matches_reference_vectors():
+  # veorq/SipHash vectors.h, vectors_hsip64[n]: key bytes 00..07, message bytes 00..n-1
+  key = bytes(range(8))
+  want = {0: "218d1f59b9b83cc8", 7: "ff202728b07bc684", 8: "edfee820bce4858c",
+          9: "5b51cccc13888307"}
+  for n, hexdigest in want.items():
+    assert halfsiphash_py(bytes(range(n)), key).hex() == hexdigest
+  rng = np.random.default_rng(0)
+  words = rng.integers(0, 2**32, size=(64, 2), dtype=np.uint64).astype(np.uint32)
+  placement = rng.integers(0, 2**32, size=(2,), dtype=np.uint64).astype(np.uint32)
+  out0, out1 = (np.asarray(w) for w in halfsiphash64(jnp.asarray(words), jnp.asarray(placement)))
+  kbytes = placement.astype("<u4").tobytes()
+  for w, a, b in zip(words, out0, out1):
+    want = halfsiphash_py(w.astype("<u4").tobytes(), kbytes)
+    assert want == int(a).to_bytes(4, "little") + int(b).to_bytes(4, "little")
+
+
+def test_keys_give_different_placements_and_the_same_key_reproduces():
+  rng = np.random.default_rng(1)
+  hashes = jnp.asarray(rng.integers(1, 2**32, size=(256, 2), dtype=np.uint64).astype(np.uint32))
+  a, b, a2 = (index_init(4096, key=k) for k in (1, 2, 1))
+  homes = [np.stack([np.asarray(w) for w in home_buckets(hashes, i.placement_key, i.num_buckets)])
+           for i in (a, b, a2)]
+  np.testing.assert_array_equal(homes[0], homes[2])
+  assert (homes[0] != homes[1]).mean() > 0.9  # independent placements: ~1 - 1/512 differ
+  # stored in the same slots under the same key, elsewhere under another
+  values = jnp.arange(256, dtype=jnp.int32)
+  fa, fb, fa2 = (index_insert(i, hashes, values)[0] for i in (a, b, a2))
+  np.testing.assert_array_equal(np.asarray(fa.values), np.asarray(fa2.values))
+  assert (np.asarray(fa.values) != np.asarray(fb.values)).any()
+  for f in (fa, fb):
+    assert np.asarray(index_lookup(f, hashes)).tolist() == list(range(256))
+  # the default key is this process's secret, the same for every index
+  assert (np.asarray(index_init(64).placement_key) == process_key()).all()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_inserts_to_90_percent_never_overflow(seed):
+  """90 % of capacity in batches, then delete / reinsert rounds through the tombstones."""
+  rng = np.random.default_rng(seed)
+  cap = [1024, 4096, 16384][seed % 3]
+  n = int(0.9 * cap)
+  hashes = rng.integers(1, 2**32, size=(n, 2), dtype=np.uint64).astype(np.uint32)
+  values = np.arange(n, dtype=np.int32)
+  index = index_init(cap, key=int(rng.integers(0, 2**63)))
+  batch = n // 4 + 1
+  for start in range(0, n, batch):  # four batches: conflicts inside and across batches
+    index, overflow = index_insert(index, jnp.asarray(hashes[start:start + batch]),
+                                   jnp.asarray(values[start:start + batch]))
+    assert not np.asarray(overflow).any()
+  assert np.asarray(index_lookup(index, jnp.asarray(hashes))).tolist() == values.tolist()
+  for _ in range(3):
+    gone = rng.random(n) < 0.3
+    index = index_delete(index, jnp.asarray(hashes), jnp.asarray(gone))
+    found = np.asarray(index_lookup(index, jnp.asarray(hashes)))
+    np.testing.assert_array_equal(found, np.where(gone, -1, values))
+    fresh = rng.integers(1, 2**32, size=(n, 2), dtype=np.uint64).astype(np.uint32)
+    hashes = np.where(gone[:, None], fresh, hashes)
+    index, overflow = index_insert(index, jnp.asarray(hashes), jnp.asarray(values),
+                                   jnp.asarray(gone))
+    assert not np.asarray(overflow).any()
+    assert np.asarray(index_lookup(index, jnp.asarray(hashes))).tolist() == values.tolist()
+  assert int(index_counts(index)["live"]) == n
+  if cap == 1024:
+    check_table_invariants(index)
+
+
 def test_empty_lookup_misses_and_counts():
-  index = index_init(CAP, max_probes=BUDGET)
+  index = small(CAP, W, BUDGET)
   assert look(index, [(1, 2), (0, 0), (5, 6)]) == [-1, -1, -1]
   assert {k: int(v) for k, v in index_counts(index).items()} == \
       {"live": 0, "tombstones": 0, "empty": CAP}
 
 
 def test_full_table_reports_overflow():
-  index = index_init(8, max_probes=8)
+  index = index_init(8, key=KEY)  # one bucket of 8
   keys = [(k, k + 1) for k in range(1, 10)]
   index, overflow = ins(index, keys, list(range(9)))
   overflow = np.asarray(overflow)
@@ -205,56 +340,57 @@ def test_full_table_reports_overflow():
   assert 100 in table_as_dict(index).values()
 
 
-def test_probe_budget_overflow_on_a_chain():
-  cap, budget = 16, 4
-  chain = keys_with_home(5, cap, 5)
-  index, overflow = ins(index_init(cap, max_probes=budget), chain, [10, 11, 12, 13, 14])
-  # lowest batch positions claim first: slots 5..8; the fifth has no slot within budget
-  assert overflow == [False, False, False, False, True]
-  assert np.asarray(index.values)[5:9].tolist() == [10, 11, 12, 13]
-  assert look(index, chain) == [10, 11, 12, 13, -1]
+def test_probe_budget_overflow_when_both_paths_are_full():
+  chain = keys_with_homes([5], NB, 5)  # both homes bucket 5: paths 5, 6 (4 slots)
+  index, overflow = ins(small(), chain, [10, 11, 12, 13, 14])
+  assert sum(overflow) == 1
+  values = np.asarray(index.values).reshape(NB, W)
+  assert (values[5] >= 0).all() and (values[6] >= 0).all()
+  assert int(index_counts(index)["live"]) == 4
+  assert look(index, chain) == [-1 if o else v for o, v in zip(overflow, [10, 11, 12, 13, 14])]
 
 
-def test_batch_collisions_resolved_by_batch_position_and_wrap():
-  cap = 16
-  chain = keys_with_home(15, cap, 3)  # home is the last slot: the chain wraps to 0, 1
-  index, overflow = ins(index_init(cap, max_probes=4), chain[::-1], [1, 2, 3])
+def test_batch_collisions_fill_a_bucket_and_wrap():
+  chain = keys_with_homes([NB - 1], NB, 3)  # home is the last bucket: the path wraps to 0
+  index, overflow = ins(small(), chain[::-1], [1, 2, 3])
   assert not any(overflow)
-  values = np.asarray(index.values)
-  assert [values[15], values[0], values[1]] == [1, 2, 3]
+  values = np.asarray(index.values).reshape(NB, W)
+  assert sorted(values[NB - 1].tolist() + values[0].tolist()) == [-1, 1, 2, 3]
   assert look(index, chain[::-1]) == [1, 2, 3]
 
 
-def test_tombstones_keep_chains_and_are_reused():
-  cap = 16
-  a, b, c, d = keys_with_home(2, cap, 4)
-  index = index_init(cap, max_probes=4)
-  index, _ = ins(index, [a, b, c], [1, 2, 3])
+def test_tombstones_keep_paths_and_are_reused():
+  a, b, c, d = keys_with_homes([2], NB, 4)
+  index, _ = ins(small(), [a, b], [1, 2])
+  index, _ = ins(index, [c], [3])        # bucket 2 full: c goes to bucket 3
+  values = np.asarray(index.values).reshape(NB, W)
+  assert sorted(values[2].tolist()) == [1, 2] and 3 in values[3].tolist()
   index = dele(index, [b])
-  values = np.asarray(index.values)
-  assert values[3] == TOMBSTONE  # slot 4 (c) is live: b's slot must stay passable
+  values = np.asarray(index.values).reshape(NB, W)
+  assert TOMBSTONE in values[2].tolist()  # bucket 2 had no EMPTY slot: c's path stays open
   assert look(index, [a, b, c]) == [1, -1, 3]
   index, overflow = ins(index, [d], [4])
-  assert overflow == [False] and np.asarray(index.values)[3] == 4  # tombstone reused
-  # deleting the tail of a chain frees its slot outright (the next slot is EMPTY)
+  values = np.asarray(index.values).reshape(NB, W)
+  assert overflow == [False] and sorted(values[2].tolist()) == [1, 4]  # tombstone reused
+  # deleting from a bucket that already has an EMPTY slot frees the slot outright
   index = dele(index, [c])
-  assert np.asarray(index.values)[4] == EMPTY
+  assert np.asarray(index.values).reshape(NB, W)[3].tolist() == [EMPTY, EMPTY]
   assert look(index, [a, d, c]) == [1, 4, -1]
 
 
 def test_insert_existing_key_past_a_tombstone_overwrites_in_place():
-  cap = 16
-  a, b = keys_with_home(9, cap, 2)
-  index, _ = ins(index_init(cap, max_probes=4), [a, b], [1, 2])
-  index = dele(index, [a])  # slot 9 becomes a tombstone, b stays in 10
-  index, _ = ins(index, [b], [7])
-  assert table_as_dict(index) == {b: 7}
-  values = np.asarray(index.values)
-  assert values[9] == TOMBSTONE and values[10] == 7  # not a second copy in the tombstone
+  a, b, c = keys_with_homes([4], NB, 3)
+  index, _ = ins(small(), [a, b], [1, 2])
+  index, _ = ins(index, [c], [3])           # c in bucket 5
+  index = dele(index, [a])                  # a tombstone in bucket 4, on c's path
+  index, _ = ins(index, [c], [7])
+  assert table_as_dict(index) == {b: 2, c: 7}
+  values = np.asarray(index.values).reshape(NB, W)
+  assert TOMBSTONE in values[4].tolist() and 7 in values[5].tolist()  # not a second copy
 
 
 def test_duplicates_last_valid_wins():
-  index = index_init(16, max_probes=4)
+  index = small()
   index, overflow = ins(index, [(1, 1), (2, 2), (1, 1), (1, 1), (2, 2)], [10, 20, 11, 12, 21],
                         [True, True, True, False, True])
   assert table_as_dict(index) == {(1, 1): 11, (2, 2): 21}
@@ -269,7 +405,7 @@ def test_large_batch_with_many_duplicates_matches_dict():
   which = rng.integers(0, 150, size=512)
   values = rng.integers(0, 1000, size=512).astype(np.int32)
   valid = rng.random(512) < 0.8
-  index, overflow = index_insert(index_init(512, max_probes=32), jnp.asarray(pool[which]),
+  index, overflow = index_insert(index_init(512, key=KEY), jnp.asarray(pool[which]),
                                  jnp.asarray(values), jnp.asarray(valid))
   model = {}
   for w, v, ok in zip(which, values, valid):
@@ -281,30 +417,35 @@ def test_large_batch_with_many_duplicates_matches_dict():
 
 
 def test_rebuild_drops_tombstones_keeps_entries():
-  cap = 16
-  chain = keys_with_home(6, cap, 4)
-  index, _ = ins(index_init(cap, max_probes=4), chain, [1, 2, 3, 4])
+  chain = keys_with_homes([6], NB, 4)
+  index, _ = ins(small(), chain, [1, 2, 3, 4])
   index = dele(index, chain[:2])
-  assert int(index_counts(index)["tombstones"]) == 2
+  assert int(index_counts(index)["tombstones"]) >= 1
   fresh, rebuilt = index_rebuild(index)
   assert bool(rebuilt) and int(index_counts(fresh)["tombstones"]) == 0
   assert table_as_dict(fresh) == table_as_dict(index) == dict(zip(chain[2:], [3, 4]))
-  assert np.asarray(fresh.values)[6:8].tolist() == [3, 4]  # back at the home slot
+  assert sorted(np.asarray(fresh.values).reshape(NB, W)[6].tolist()) == [3, 4]  # back home
   check_table_invariants(fresh)
 
 
 def test_rebuild_refuses_when_it_would_overflow():
-  # Inserted one at a time, four keys of home 0 fill slots 0-3 and B (home 1) goes to 4.
-  # Re-inserted as one batch in slot order, B takes slot 1 in the first round, so the
-  # fourth home-0 key would need slot 4, beyond its budget: the rebuild is refused.
-  cap = 16
-  chain = keys_with_home(0, cap, 4)
-  b, = keys_with_home(1, cap, 1)
-  index = index_init(cap, max_probes=4)
-  for value, key in enumerate(chain + [b]):
+  # One bucket per path. Ys home only to bucket 1; Xs to buckets 0 and 1 with the coin
+  # (bit 31 of the first HalfSipHash word) on bucket 1. Inserted Ys first, the Xs find
+  # bucket 1 full and go to 0. Re-inserted as one batch in slot order, the Xs come
+  # first, both buckets are empty, the coin sends an X to bucket 1 and a Y is left out.
+  index = small(max_probes=1)
+
+  def coin(key):
+    msg = key[0].to_bytes(4, "little") + key[1].to_bytes(4, "little")
+    return halfsiphash_py(msg, KEY.to_bytes(8, "little"))[3] >> 7
+
+  ys = keys_with_homes([1], NB, 2)
+  xs = [k for k in keys_with_homes([0, 1], NB, 200, start=5000)
+        if sorted(homes_py(k, NB)) == [0, 1] and coin(k)][:2]
+  for value, key in enumerate(ys + xs):
     index, overflow = ins(index, [key], [value])
     assert overflow == [False]
-  assert np.asarray(index.values)[:5].tolist() == [0, 1, 2, 3, 4]
+  assert sorted(np.asarray(index.values)[:4].tolist()) == [0, 1, 2, 3]
   fresh, rebuilt = index_rebuild(index)
   assert not bool(rebuilt)
   np.testing.assert_array_equal(np.asarray(fresh.values), np.asarray(index.values))
@@ -312,7 +453,7 @@ def test_rebuild_refuses_when_it_would_overflow():
 
 
 def test_reserved_key_and_negative_values_ignored():
-  index = index_init(CAP, max_probes=BUDGET)
+  index = small()
   keys = [(0, 0), (1, 0), (0, 1)]
   index, overflow = ins(index, keys, [5, -3, 6])
   assert table_as_dict(index) == {(0, 1): 6}
@@ -321,21 +462,23 @@ def test_reserved_key_and_negative_values_ignored():
 
 
 def test_delete_with_expected_value():
-  index, _ = ins(index_init(8), [(1, 2), (3, 4)], [5, 6])
+  index, _ = ins(index_init(8, key=KEY), [(1, 2), (3, 4)], [5, 6])
   index = dele(index, [(1, 2), (3, 4)], expected=[9, 6])
   assert table_as_dict(index) == {(1, 2): 5}
 
 
 def test_jit_no_recompile_and_pytree():
-  index = index_init(CAP, max_probes=BUDGET)
+  index = small(CAP, W, BUDGET)
   _, h, v, ok = _pad([(i, 3) for i in range(1, 5)], [1, 2, 3, 4])
   index, _ = index_insert(index, h, v, ok)
   before = index_insert._cache_size()
   index, _ = index_insert(index, h + 10, v, ok)
+  other, _ = index_insert(small(CAP, W, BUDGET, key=KEY + 1), h, v, ok)  # a new key: same program
   assert index_insert._cache_size() == before
   leaves, treedef = jax.tree_util.tree_flatten(index)
-  assert len(leaves) == 2
-  assert jax.tree_util.tree_unflatten(treedef, leaves).max_probes == BUDGET
+  assert len(leaves) == 3  # keys, values, placement_key
+  rebuilt = jax.tree_util.tree_unflatten(treedef, leaves)
+  assert (rebuilt.max_probes, rebuilt.bucket_size) == (BUDGET, W)
 
 
 def test_bad_arguments_raise():
@@ -343,7 +486,12 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="capacity"):
       index_init(cap)
   with pytest.raises(ValueError, match="max_probes"):
-    index_init(8, max_probes=9)
+    index_init(16, max_probes=3)  # 2 buckets of 8
+  with pytest.raises(ValueError, match="bucket_size"):
+    index_init(16, bucket_size=3)
+  for key in (-1, 2**64, np.zeros(3, np.uint32), np.zeros(2, np.int32), True):
+    with pytest.raises(ValueError, match="key"):
+      index_init(16, key=key)
   index = index_init(8)
   with pytest.raises(ValueError, match="hashes"):
     index_lookup(index, jnp.zeros((4, 3), jnp.uint32))
@@ -401,7 +549,7 @@ def build_cache(stored, num_pages, hash_fn, seeds):
         keys.append(hashes[b])
         vals.append(page)
       parent = trie[key]
-  index, overflow = ins(index_init(256, max_probes=32), keys, vals)
+  index, overflow = ins(index_init(256, key=KEY), keys, vals)
   assert not any(overflow)
   return index, meta_tokens, meta_parent, meta_ns, trie
 
@@ -468,7 +616,7 @@ def test_match_prefix_tenants_and_wrong_parent_rejected():
   seed_a, seed_b = namespace_seed("m", None, "a"), namespace_seed("m", None, "b")
   toks = np.arange(2 * S, dtype=np.int32)
   # the constant hash maps every block to one key: point it at a root page holding block 0
-  index, _ = ins(index_init(CAP, max_probes=BUDGET), [(9, 9)], [2])
+  index, _ = ins(small(), [(9, 9)], [2])
   meta_tokens = np.full((4, S), -1, np.int32)
   meta_tokens[2] = toks[:S]
   meta_parent = np.full((4,), -1, np.int32)
@@ -536,7 +684,7 @@ def test_toy_plan_step_inside_jit_with_donation():
     return m.num_matched, jnp.any(overflow), cache
 
   step = jax.jit(step, donate_argnames="cache")
-  cache = ToyCache(index=index_init(CAP, max_probes=BUDGET),
+  cache = ToyCache(index=small(),
                    tokens=jnp.full((batch * blocks, S), -1, jnp.int32),
                    parent=jnp.full((batch * blocks,), -1, jnp.int32))
   seed = jnp.asarray(namespace_seed("m"))
