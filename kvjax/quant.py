@@ -55,6 +55,12 @@ _LOG8_TABLE = np.array([np.float32(2.0 ** ((c - LOG8_BIAS) // LOG8_STEPS))
                         for c in range(256)], np.float32)   # every log8 code, decoded
 FP8_MAX = 448.0          # largest finite float8_e4m3fn
 _ZERO_MAX = 127          # asymmetric zero points are int8 in units of the scale
+# no spec's range goes past 2**126: a group's ``hi - lo`` (at most 2**127) and every
+# scale and decoded value stay finite float32
+F32_RANGE_MAX = 2.0 ** 126
+# relative margin every range keeps below its exact limit, for the float32 rounding
+# of the group arithmetic (``(hi - lo) / steps`` may round up by an ulp)
+_RANGE_MARGIN = 2.0 ** -10
 
 
 def _pages(**fields):  # kvjax.state imports config, which imports this module
@@ -292,6 +298,152 @@ def _split_float(x: jax.Array):
   e = (bits >> 23) - 127
   m = jax.lax.bitcast_convert_type((bits & 0x007FFFFF) | 0x3F800000, jnp.float32)
   return e, m
+
+
+def max_scale(scale_dtype: str) -> float:
+  """The largest scale a ``scale_dtype`` stores (log8 code 255, bf16's or f16's largest finite).
+
+  >>> round(max_scale("log8"), 1), max_scale("float16")
+  (3756.0, 65504.0)
+  """
+  if scale_dtype == "log8":
+    return float(_LOG8_TABLE[255])
+  if scale_dtype in ("bfloat16", "float16"):
+    return float(jnp.finfo(jnp.dtype(scale_dtype)).max)
+  raise ValueError(f"max_scale: scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype!r}")
+
+
+def max_abs(spec: QuantSpec, dtype="bfloat16") -> float:
+  """The range of a spec: every group of values within ``[-max_abs, max_abs]`` is stored
+  without clipping (each element within ``error_bound`` of its group's scale).
+
+  Quantizing clips every value to this range first (NaN to 0; see
+  ``clip_values``), so a value beyond it costs precision in its own group only.
+  Per spec, with ``smax = max_scale(spec.scale_dtype)`` and a margin of
+  ``2**-10`` (float32 rounding):
+
+  * symmetric integer: ``(2**(bits-1) - 1) * smax``; fp8: ``448 * smax``;
+  * int8 zero: ``min((2**bits - 1.5) * smax / 2, 127 * smax)`` (any group
+    inside ``[-r, r]`` spans at most ``2**bits - 1.5`` steps of ``smax``);
+  * minimum as zero: ``(2**bits - 1) * smax / (2 + u)`` (the stored minimum sits
+    up to ``u`` relative below the true one: ``2**-7`` bf16, ``2**-10`` f16),
+    and at most 65504 with a float16 minimum;
+  * all of them at most ``2**126`` (group arithmetic stays finite in float32);
+  * ``bits=16``: the storage ``dtype``'s largest finite value.
+
+  Args:
+    spec: the spec.
+    dtype: the unquantized storage dtype (used for ``bits=16`` only).
+
+  Returns:
+    A Python float, exactly a float32 value.
+
+  >>> round(max_abs(QuantSpec(bits=4, scale_dtype="log8")))   # 7 * 3756, less the margin
+  26267
+  >>> max_abs(QuantSpec(bits=8)) == 2.0 ** 126                # bf16 scales: float32's limit
+  True
+  """
+  if not spec.is_quantized:
+    return float(jnp.finfo(jnp.dtype(dtype)).max)
+  smax = max_scale(spec.scale_dtype)
+  qmax = (1 << spec.bits) - 1
+  if spec.kind == "fp8":
+    r = FP8_MAX * smax
+  elif spec.symmetric:
+    r = ((1 << (spec.bits - 1)) - 1) * smax
+  elif spec.zero_is_min:
+    u = 2.0 ** -7 if spec.zero_dtype == "bfloat16" else 2.0 ** -10
+    r = qmax * smax / (2.0 + u)
+  else:
+    r = min((qmax - 0.5) * smax / 2.0, _ZERO_MAX * smax)
+  r = min(r * (1.0 - _RANGE_MARGIN), F32_RANGE_MAX)
+  if spec.zero_is_min and spec.zero_dtype == "float16":
+    r = min(r, F16_MAX)                    # the stored minimum's own range
+  r32 = np.float32(r)
+  if float(r32) > r:                       # round down: the range is a promise
+    r32 = np.nextafter(r32, np.float32(0))
+  return float(r32)
+
+
+def clip_values(x: jax.Array, spec: QuantSpec) -> jax.Array:
+  """float32 ``x`` as a spec quantizes it: clipped to ``+-max_abs(spec)``, NaN as 0.
+
+  The rule for values a spec cannot store: a finite value beyond the range and
+  ``+-inf`` saturate to ``+-max_abs`` (the sign kept); NaN is quantized as 0
+  (and left out of its group's statistics, ``group_stats``). Elementwise, no
+  gather: the kernels call it too.
+
+  >>> clip_values(jnp.array([1.0, -1e9, jnp.inf, jnp.nan]), QuantSpec(bits=8, scale_dtype="log8")
+  ...             ).tolist()
+  [1.0, -476552.3125, 476552.3125, 0.0]
+  """
+  r = max_abs(spec)
+  return jnp.where(x != x, 0.0, jnp.clip(x, -r, r))
+
+
+def group_stats(x: jax.Array, axis: int, spec: QuantSpec, *, keepdims: bool = False):
+  """``(amax, lo, hi)`` of groups of float32 ``x`` along ``axis``, as the spec sees them.
+
+  Values are clipped by ``clip_values``; NaN elements are left out of every
+  statistic (a group of NaN only gets ``lo = hi = 0``), so the group's other
+  elements are stored as if the NaN were absent. ``lo`` / ``hi`` are None
+  for specs without a zero point.
+
+  >>> amax, lo, hi = group_stats(jnp.array([[2.0, jnp.nan, 3.0]]), -1,
+  ...                            QuantSpec(bits=4, symmetric=False))
+  >>> amax.tolist(), lo.tolist(), hi.tolist()
+  ([3.0], [2.0], [3.0])
+  """
+  xc = clip_values(x, spec)
+  amax = jnp.max(jnp.abs(xc), axis=axis, keepdims=keepdims)
+  if not spec.has_zero:
+    return amax, None, None
+  r = max_abs(spec)
+  nan = x != x
+  lo = jnp.min(jnp.where(nan, r, xc), axis=axis, keepdims=keepdims)
+  hi = jnp.max(jnp.where(nan, -r, xc), axis=axis, keepdims=keepdims)
+  empty = lo > hi                          # every element NaN
+  return amax, jnp.where(empty, 0.0, lo), jnp.where(empty, 0.0, hi)
+
+
+def non_finite(x: jax.Array) -> jax.Array:
+  """bool ``[...]``: which tokens of ``x [..., H, D]`` hold a NaN or an inf.
+
+  >>> non_finite(jnp.array([[[1.0, jnp.nan]], [[1.0, 2.0]]])).tolist()
+  [True, False]
+  """
+  if x.ndim < 2:
+    raise ValueError(f"non_finite: x must be [..., H, D], got shape {x.shape}")
+  return jnp.any(~jnp.isfinite(x), axis=(-2, -1))
+
+
+def out_of_range(x: jax.Array, spec: QuantSpec, *, dtype="bfloat16") -> jax.Array:
+  """bool ``[...]``: which tokens of ``x [..., H, D]`` the spec cannot store as given.
+
+  True where a token holds a NaN, an inf or a value beyond ``max_abs(spec)``:
+  what quantizing clips or saturates (``clip_values``). The same test for
+  either axis: the range is per element, so for a channel-axis spec a token is
+  flagged iff one of its values would be clipped in its page's group (the
+  page's other tokens are stored as if it were clipped). ``bits=16``: a
+  non-finite value, or one beyond ``dtype``'s largest finite value. Cheap:
+  one compare per element and a reduction over ``H, D``; jittable.
+
+  Args:
+    x: float ``[..., H, D]`` new K or V tokens (any leading axes, e.g. ``[B, T]``).
+    spec: the spec they are stored in.
+    dtype: the unquantized storage dtype (``bits=16`` only).
+
+  Returns:
+    bool ``[...]`` (x's leading axes).
+
+  >>> spec = QuantSpec(bits=4, scale_dtype="log8")
+  >>> out_of_range(jnp.array([[[1.0, 3e4]], [[1.0, -2.0]], [[jnp.inf, 0.0]]]), spec).tolist()
+  [True, False, True]
+  """
+  if x.ndim < 2:
+    raise ValueError(f"out_of_range: x must be [..., H, D], got shape {x.shape}")
+  r = max_abs(spec, dtype)
+  return jnp.any(~(jnp.abs(x.astype(jnp.float32)) <= r), axis=(-2, -1))   # NaN: not <=
 
 
 # ----------------------------------------------------------------------------- packing
@@ -543,10 +695,8 @@ def quantize_pages(x: jax.Array, spec: QuantSpec) -> Pages:
   g = spec.group(head_dim=x.shape[-1], page_size=x.shape[-3])
   _check_divides(spec, g, x.shape)
   xg, ax = _grouped(x.astype(jnp.float32), spec, g)
-  amax = jnp.max(jnp.abs(xg), axis=ax)
-  lo, hi = jnp.min(xg, axis=ax), jnp.max(xg, axis=ax)
-  enc, s, z = group_params(amax, lo, hi, spec)
-  codes = encode_values(xg, jnp.expand_dims(s, ax),
+  enc, s, z = group_params(*group_stats(xg, ax, spec), spec)
+  codes = encode_values(clip_values(xg, spec), jnp.expand_dims(s, ax),
                         None if z is None else jnp.expand_dims(z, ax), spec)
   codes = _ungrouped(codes, x.shape)
   if spec.kind == "fp8":
