@@ -21,8 +21,32 @@ Layouts (see docs/quantization.md):
   bfloat16 (``zero_dtype="bfloat16"``, KIVI) or float16 (``"float16"``: 3
   more mantissa bits, range +-65504): then ``x = scale * code + zero``.
 * Scales are stored as bfloat16, float16 or ``"log8"``: a uint8 code ``c``
-  meaning ``2 ** ((c - 160) / 8)`` (steps of 9 %, range ``1e-6 .. 3.8e3``).
-  Every encoding rounds the scale *up*, so no code ever clips.
+  meaning ``2 ** ((c - 160) / 8)`` (steps of 9 %, range ``9.5e-7 .. 3756``).
+  Every encoding rounds the scale *up*, so a value inside the spec's range
+  never clips.
+
+What each spec guarantees (docs/quantization.md, "Range, outliers, NaN/inf"):
+
+* **Range** ``max_abs(spec)``: any group whose values lie in
+  ``[-max_abs, max_abs]`` is stored with no code clipped, each element within
+  ``error_bound(spec, scale)`` of its group's decoded scale (half a step for
+  integer specs, ``448 * scale * 2**-4`` for fp8, the widest half-gap or end
+  for non-uniform levels). The range is set by the largest scale the scale
+  dtype stores (log8 3756, f16 65504) and the zero's dtype; e.g. int4 log8
+  26,267 (symmetric) / 27,205 (int8 zero), int2 log8 4,690 (int8 zero) /
+  5,607 (bf16 minimum), f16 minimum 65504; bf16 scales 2**126 (float32's
+  limit, kept below 2**127 so group arithmetic never overflows).
+* **Outliers**: a value beyond the range, and ``+-inf``, is clipped to
+  ``+-max_abs`` (the sign kept) *before* the group's statistics, so it costs
+  precision only in its own group: that group's other elements decode
+  within the bound of the clipped group (a scale up to ``max_abs``-sized),
+  every other group is stored bit for bit as without it.
+* **NaN** is stored as 0 and left out of its group's statistics: the group's
+  other elements decode as if it were absent, the NaN itself decodes to the
+  group's level nearest 0 (exactly 0 for symmetric and fp8 specs).
+* Nothing decodes to inf, NaN or beyond ``max_abs`` plus one bound.
+  ``out_of_range(x, spec)`` / ``non_finite(x)`` say, per token of ``x [..., H, D]``,
+  where this rule was needed (the cache raises a status flag from them).
 """
 
 from __future__ import annotations
@@ -88,8 +112,8 @@ class QuantSpec:
       full ``2**bits - 1`` steps (two bytes; KIVI's layout); "float16": the
       same with the minimum rounded down to float16 (two bytes, 3 more
       mantissa bits: a group far from 0 keeps more of its range). float16
-      is for activations well inside its range: a minimum below -65504 is
-      stored as -65504 (the values below it clip to it; never inf or nan).
+      is for activations well inside its range: values are clipped to
+      +-65504 (``max_abs``), never stored as inf or nan.
     residual: full-precision window of the most recent tokens per sequence;
       a multiple of page_size (KIVI's residual).
     levels: non-uniform levels (a minimum-as-zero spec only): ``2**bits``
@@ -242,8 +266,9 @@ class QuantSpec:
 def encode_scale(scale: jax.Array, scale_dtype: str) -> jax.Array:
   """Encode float32 scales, rounding up: ``decode_scale(encode_scale(s)) >= s``.
 
-  float16 saturates at 65504 (a scale above it, for values of order 1e5
-  and more, is stored as 65504 and its codes clip, rather than as inf).
+  float16 saturates at 65504 and log8 at code 255 (3756): a larger scale is
+  stored as the largest, never inf. ``quantize_pages`` never asks for one:
+  it clips values to ``max_abs(spec)`` first, whose groups fit.
 
   >>> int(encode_scale(jnp.float32(1.0), "log8"))
   160
@@ -682,6 +707,10 @@ def quantize_pages(x: jax.Array, spec: QuantSpec) -> Pages:
       ``axis="token"`` rows are independent and S may be any token count.
     spec: a quantized ``QuantSpec`` (bits=16 returns ``Pages(x)`` unchanged).
 
+  Values beyond ``max_abs(spec)`` and ``+-inf`` are clipped to ``+-max_abs``,
+  NaN is stored as 0 and left out of its group's statistics (``clip_values``,
+  ``group_stats``): an outlier costs precision in its own group only.
+
   Returns:
     ``Pages(data, scale, zero)`` in the module's layout; ``zero`` is None for
     symmetric specs.
@@ -984,7 +1013,9 @@ def staging_bytes_per_seq(key_spec: QuantSpec, value_spec: QuantSpec, *, num_lay
 def error_bound(spec: QuantSpec, scale: jax.Array) -> jax.Array:
   """Largest |x - dequantize(quantize(x))| per group given decoded scales.
 
-  Integer specs: half a step. fp8 e4m3: half an ulp of the largest value
+  For values within ``max_abs(spec)``; a value beyond it is first clipped to
+  ``+-max_abs`` (its group's scale is that of the clipped group) and the bound
+  holds against the clipped value. Integer specs: half a step. fp8 e4m3: half an ulp of the largest value
   (3 mantissa bits: 2**-4 relative of 448 * scale). Non-uniform levels: the
   larger of the distance from either end of the range to its outer level and
   half the widest gap between levels.
