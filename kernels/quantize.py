@@ -5,7 +5,7 @@ kernels share their elementwise formulas (``clip_values``, ``group_stats``,
 ``encode_values``, ``decode_values``, scale encodings) and do their own
 blocking and bit packing. So they clip alike: a value beyond
 ``quant.max_abs(spec)`` or an inf saturates to ``+-max_abs``, a NaN is stored
-as 0 and left out of its group's statistics, and no other element of the
+as 0 (and counts as 0 in its group's statistics), and no other element of the
 group is disturbed beyond what the clipped value does to its scale.
 
 Names used in shapes: N = pages, S = page_size (or tokens), H = kv heads,
@@ -134,7 +134,7 @@ def _quantize_kernel(x_ref, *out_refs, spec: QuantSpec):
   s_, d = x_ref.shape
   g = spec.group(head_dim=d, page_size=s_)
 
-  def params(x, axis):   # clipped to the spec's range, NaN left out (quant.group_stats)
+  def params(x, axis):   # clipped to the spec's range, NaN as 0 (quant.group_stats)
     return quant.group_params(*quant.group_stats(x, axis, spec, keepdims=True), spec,
                               kernel=True)
 
