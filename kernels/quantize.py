@@ -1,8 +1,12 @@
 """Pallas quantize / dequantize of K/V pages, beside their jnp references.
 
 The references are ``kvjax.quant.quantize_pages`` / ``dequantize_pages``; the
-kernels share their elementwise formulas (``encode_values``, ``decode_values``,
-scale encodings) and do their own blocking, group statistics and bit packing.
+kernels share their elementwise formulas (``clip_values``, ``group_stats``,
+``encode_values``, ``decode_values``, scale encodings) and do their own
+blocking and bit packing. So they clip alike: a value beyond
+``quant.max_abs(spec)`` or an inf saturates to ``+-max_abs``, a NaN is stored
+as 0 (and counts as 0 in its group's statistics), and no other element of the
+group is disturbed beyond what the clipped value does to its scale.
 
 Names used in shapes: N = pages, S = page_size (or tokens), H = kv heads,
 D = head_dim, n = codes per byte, W = D // n, ng = D // g (token groups),
@@ -130,12 +134,9 @@ def _quantize_kernel(x_ref, *out_refs, spec: QuantSpec):
   s_, d = x_ref.shape
   g = spec.group(head_dim=d, page_size=s_)
 
-  def stats(x, axis):
-    return (jnp.max(jnp.abs(x), axis=axis, keepdims=True), jnp.min(x, axis=axis, keepdims=True),
-            jnp.max(x, axis=axis, keepdims=True))
-
-  def params(x, axis):
-    return quant.group_params(*stats(x, axis), spec, kernel=True)
+  def params(x, axis):   # clipped to the spec's range, NaN as 0 (quant.group_stats)
+    return quant.group_params(*quant.group_stats(x, axis, spec, keepdims=True), spec,
+                              kernel=True)
 
   # Per-group scale/zero: token axis -> [S, 1] per group; channel axis -> [S, D] rows.
   if spec.axis == "token":
@@ -169,8 +170,8 @@ def _quantize_kernel(x_ref, *out_refs, spec: QuantSpec):
   packed = {}
   for c0, w, k, o in segments(spec, d, s_):
     s, z = sz_of(c0, w)
-    codes = quant.encode_values(x_ref[:, pl.ds(c0, w)].astype(jnp.float32), s, z, spec,
-                                kernel=True)
+    x = quant.clip_values(x_ref[:, pl.ds(c0, w)].astype(jnp.float32), spec)   # NaN -> 0
+    codes = quant.encode_values(x, s, z, spec, kernel=True)
     if spec.kind == "fp8" or spec.codes_per_byte == 1:
       data_ref[:, pl.ds(o, w)] = codes
     else:

@@ -21,8 +21,33 @@ Layouts (see docs/quantization.md):
   bfloat16 (``zero_dtype="bfloat16"``, KIVI) or float16 (``"float16"``: 3
   more mantissa bits, range +-65504): then ``x = scale * code + zero``.
 * Scales are stored as bfloat16, float16 or ``"log8"``: a uint8 code ``c``
-  meaning ``2 ** ((c - 160) / 8)`` (steps of 9 %, range ``1e-6 .. 3.8e3``).
-  Every encoding rounds the scale *up*, so no code ever clips.
+  meaning ``2 ** ((c - 160) / 8)`` (steps of 9 %, range ``9.5e-7 .. 3756``).
+  Every encoding rounds the scale *up*, so a value inside the spec's range
+  never clips.
+
+What each spec guarantees (docs/quantization.md, "Range, outliers, NaN/inf"):
+
+* **Range** ``max_abs(spec)``: any group whose values lie in
+  ``[-max_abs, max_abs]`` is stored with no code clipped, each element within
+  ``error_bound(spec, scale)`` of its group's decoded scale (half a step for
+  integer specs, ``448 * scale * 2**-4`` for fp8, the widest half-gap or end
+  for non-uniform levels). The range is set by the largest scale the scale
+  dtype stores (log8 3756, f16 65504) and the zero's dtype; e.g. int4 log8
+  26,267 (symmetric) / 27,205 (int8 zero), int2 log8 4,690 (int8 zero) /
+  5,607 (bf16 minimum), f16 minimum 65504; bf16 scales 2**126 (float32's
+  limit, kept below 2**127 so group arithmetic never overflows).
+* **Outliers**: a value beyond the range, and ``+-inf``, is clipped to
+  ``+-max_abs`` (the sign kept) *before* the group's statistics, so it costs
+  precision only in its own group: that group's other elements decode
+  within the bound of the clipped group (a scale up to ``max_abs``-sized),
+  every other group is stored bit for bit as without it.
+* **NaN** is stored as 0 and counts as 0 in its group's statistics: the
+  group's other elements decode within the bound of the group with a 0 in
+  its place (unchanged for symmetric and fp8 specs, and for any group that
+  straddles 0), and the NaN decodes to 0 within that bound.
+* Nothing decodes to inf, NaN or beyond ``max_abs`` plus one bound.
+  ``out_of_range(x, spec)`` / ``non_finite(x)`` say, per token of ``x [..., H, D]``,
+  where this rule was needed (the cache raises a status flag from them).
 """
 
 from __future__ import annotations
@@ -55,6 +80,12 @@ _LOG8_TABLE = np.array([np.float32(2.0 ** ((c - LOG8_BIAS) // LOG8_STEPS))
                         for c in range(256)], np.float32)   # every log8 code, decoded
 FP8_MAX = 448.0          # largest finite float8_e4m3fn
 _ZERO_MAX = 127          # asymmetric zero points are int8 in units of the scale
+# no spec's range goes past 2**126: a group's ``hi - lo`` (at most 2**127) and every
+# scale and decoded value stay finite float32
+F32_RANGE_MAX = 2.0 ** 126
+# relative margin every range keeps below its exact limit, for the float32 rounding
+# of the group arithmetic (``(hi - lo) / steps`` may round up by an ulp)
+_RANGE_MARGIN = 2.0 ** -10
 
 
 def _pages(**fields):  # kvjax.state imports config, which imports this module
@@ -82,8 +113,8 @@ class QuantSpec:
       full ``2**bits - 1`` steps (two bytes; KIVI's layout); "float16": the
       same with the minimum rounded down to float16 (two bytes, 3 more
       mantissa bits: a group far from 0 keeps more of its range). float16
-      is for activations well inside its range: a minimum below -65504 is
-      stored as -65504 (the values below it clip to it; never inf or nan).
+      is for activations well inside its range: values are clipped to
+      +-65504 (``max_abs``), never stored as inf or nan.
     residual: full-precision window of the most recent tokens per sequence;
       a multiple of page_size (KIVI's residual).
     levels: non-uniform levels (a minimum-as-zero spec only): ``2**bits``
@@ -236,8 +267,9 @@ class QuantSpec:
 def encode_scale(scale: jax.Array, scale_dtype: str) -> jax.Array:
   """Encode float32 scales, rounding up: ``decode_scale(encode_scale(s)) >= s``.
 
-  float16 saturates at 65504 (a scale above it, for values of order 1e5
-  and more, is stored as 65504 and its codes clip, rather than as inf).
+  float16 saturates at 65504 and log8 at code 255 (3756): a larger scale is
+  stored as the largest, never inf. ``quantize_pages`` never asks for one:
+  it clips values to ``max_abs(spec)`` first, whose groups fit.
 
   >>> int(encode_scale(jnp.float32(1.0), "log8"))
   160
@@ -292,6 +324,150 @@ def _split_float(x: jax.Array):
   e = (bits >> 23) - 127
   m = jax.lax.bitcast_convert_type((bits & 0x007FFFFF) | 0x3F800000, jnp.float32)
   return e, m
+
+
+def max_scale(scale_dtype: str) -> float:
+  """The largest scale a ``scale_dtype`` stores (log8 code 255, bf16's or f16's largest finite).
+
+  >>> round(max_scale("log8"), 1), max_scale("float16")
+  (3756.0, 65504.0)
+  """
+  if scale_dtype == "log8":
+    return float(_LOG8_TABLE[255])
+  if scale_dtype in ("bfloat16", "float16"):
+    return float(jnp.finfo(jnp.dtype(scale_dtype)).max)
+  raise ValueError(f"max_scale: scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype!r}")
+
+
+def max_abs(spec: QuantSpec, dtype="bfloat16") -> float:
+  """The range of a spec: every group of values within ``[-max_abs, max_abs]`` is stored
+  without clipping (each element within ``error_bound`` of its group's scale).
+
+  Quantizing clips every value to this range first (NaN to 0; see
+  ``clip_values``), so a value beyond it costs precision in its own group only.
+  Per spec, with ``smax = max_scale(spec.scale_dtype)`` and a margin of
+  ``2**-10`` (float32 rounding):
+
+  * symmetric integer: ``(2**(bits-1) - 1) * smax``; fp8: ``448 * smax``;
+  * int8 zero: ``min((2**bits - 1.5) * smax / 2, 127 * smax)`` (any group
+    inside ``[-r, r]`` spans at most ``2**bits - 1.5`` steps of ``smax``);
+  * minimum as zero: ``(2**bits - 1) * smax / (2 + u)`` (the stored minimum sits
+    up to ``u`` relative below the true one: ``2**-7`` bf16, ``2**-10`` f16),
+    and at most 65504 with a float16 minimum;
+  * all of them at most ``2**126`` (group arithmetic stays finite in float32);
+  * ``bits=16``: the storage ``dtype``'s largest finite value.
+
+  Args:
+    spec: the spec.
+    dtype: the unquantized storage dtype (used for ``bits=16`` only).
+
+  Returns:
+    A Python float, exactly a float32 value.
+
+  >>> round(max_abs(QuantSpec(bits=4, scale_dtype="log8")))   # 7 * 3756, less the margin
+  26267
+  >>> max_abs(QuantSpec(bits=8)) == 2.0 ** 126                # bf16 scales: float32's limit
+  True
+  """
+  if not spec.is_quantized:
+    return float(jnp.finfo(jnp.dtype(dtype)).max)
+  smax = max_scale(spec.scale_dtype)
+  qmax = (1 << spec.bits) - 1
+  if spec.kind == "fp8":
+    r = FP8_MAX * smax
+  elif spec.symmetric:
+    r = ((1 << (spec.bits - 1)) - 1) * smax
+  elif spec.zero_is_min:
+    u = 2.0 ** -7 if spec.zero_dtype == "bfloat16" else 2.0 ** -10
+    r = qmax * smax / (2.0 + u)
+  else:
+    r = min((qmax - 0.5) * smax / 2.0, _ZERO_MAX * smax)
+  r = min(r * (1.0 - _RANGE_MARGIN), F32_RANGE_MAX)
+  if spec.zero_is_min and spec.zero_dtype == "float16":
+    r = min(r, F16_MAX)                    # the stored minimum's own range
+  r32 = np.float32(r)
+  if float(r32) > r:                       # round down: the range is a promise
+    r32 = np.nextafter(r32, np.float32(0))
+  return float(r32)
+
+
+def clip_values(x: jax.Array, spec: QuantSpec) -> jax.Array:
+  """float32 ``x`` as a spec quantizes it: clipped to ``+-max_abs(spec)``, NaN as 0.
+
+  The rule for values a spec cannot store: a finite value beyond the range and
+  ``+-inf`` saturate to ``+-max_abs`` (the sign kept); NaN is quantized as 0
+  (and counts as 0 in its group's statistics, ``group_stats``). Elementwise, no
+  gather: the kernels call it too.
+
+  >>> clip_values(jnp.array([1.0, -1e9, jnp.inf, jnp.nan]), QuantSpec(bits=8, scale_dtype="log8")
+  ...             ).tolist()
+  [1.0, -476552.3125, 476552.3125, 0.0]
+  """
+  r = max_abs(spec)
+  return jnp.where(x != x, 0.0, jnp.clip(x, -r, r))
+
+
+def group_stats(x: jax.Array, axis: int, spec: QuantSpec, *, keepdims: bool = False):
+  """``(amax, lo, hi)`` of groups of float32 ``x`` along ``axis``, as the spec sees them.
+
+  Of ``clip_values(x, spec)``: values clipped to the range, a NaN counted as
+  0 (so a group holding a NaN is stored as if that element were 0). One
+  clipped array feeds all three reductions and the encoder, as the raw values
+  did before (a NaN left out of ``lo`` / ``hi`` would need one array per
+  reduction: 1.6x the time of per-channel quantize on CPU). ``lo`` / ``hi``
+  are None for specs without a zero point.
+
+  >>> amax, lo, hi = group_stats(jnp.array([[2.0, jnp.nan, 1e9]]), -1,
+  ...                            QuantSpec(bits=4, symmetric=False, scale_dtype="log8"))
+  >>> amax.tolist(), lo.tolist(), hi.tolist()
+  ([27204.7578125], [0.0], [27204.7578125])
+  """
+  xc = clip_values(x, spec)
+  amax = jnp.max(jnp.abs(xc), axis=axis, keepdims=keepdims)
+  if not spec.has_zero:
+    return amax, None, None
+  return (amax, jnp.min(xc, axis=axis, keepdims=keepdims),
+          jnp.max(xc, axis=axis, keepdims=keepdims))
+
+
+def non_finite(x: jax.Array) -> jax.Array:
+  """bool ``[...]``: which tokens of ``x [..., H, D]`` hold a NaN or an inf.
+
+  >>> non_finite(jnp.array([[[1.0, jnp.nan]], [[1.0, 2.0]]])).tolist()
+  [True, False]
+  """
+  if x.ndim < 2:
+    raise ValueError(f"non_finite: x must be [..., H, D], got shape {x.shape}")
+  return jnp.any(~jnp.isfinite(x), axis=(-2, -1))
+
+
+def out_of_range(x: jax.Array, spec: QuantSpec, *, dtype="bfloat16") -> jax.Array:
+  """bool ``[...]``: which tokens of ``x [..., H, D]`` the spec cannot store as given.
+
+  True where a token holds a NaN, an inf or a value beyond ``max_abs(spec)``:
+  what quantizing clips or saturates (``clip_values``). The same test for
+  either axis: the range is per element, so for a channel-axis spec a token is
+  flagged iff one of its values would be clipped in its page's group (the
+  page's other tokens are stored as if it were clipped). ``bits=16``: a
+  non-finite value, or one beyond ``dtype``'s largest finite value. Cheap:
+  one compare per element and a reduction over ``H, D``; jittable.
+
+  Args:
+    x: float ``[..., H, D]`` new K or V tokens (any leading axes, e.g. ``[B, T]``).
+    spec: the spec they are stored in.
+    dtype: the unquantized storage dtype (``bits=16`` only).
+
+  Returns:
+    bool ``[...]`` (x's leading axes).
+
+  >>> spec = QuantSpec(bits=4, scale_dtype="log8")
+  >>> out_of_range(jnp.array([[[1.0, 3e4]], [[1.0, -2.0]], [[jnp.inf, 0.0]]]), spec).tolist()
+  [True, False, True]
+  """
+  if x.ndim < 2:
+    raise ValueError(f"out_of_range: x must be [..., H, D], got shape {x.shape}")
+  r = max_abs(spec, dtype)
+  return jnp.any(~(jnp.abs(x.astype(jnp.float32)) <= r), axis=(-2, -1))   # NaN: not <=
 
 
 # ----------------------------------------------------------------------------- packing
@@ -530,6 +706,10 @@ def quantize_pages(x: jax.Array, spec: QuantSpec) -> Pages:
       ``axis="token"`` rows are independent and S may be any token count.
     spec: a quantized ``QuantSpec`` (bits=16 returns ``Pages(x)`` unchanged).
 
+  Values beyond ``max_abs(spec)`` and ``+-inf`` are clipped to ``+-max_abs``,
+  NaN is stored as 0 and counts as 0 in its group's statistics (``clip_values``,
+  ``group_stats``): an outlier costs precision in its own group only.
+
   Returns:
     ``Pages(data, scale, zero)`` in the module's layout; ``zero`` is None for
     symmetric specs.
@@ -543,9 +723,10 @@ def quantize_pages(x: jax.Array, spec: QuantSpec) -> Pages:
   g = spec.group(head_dim=x.shape[-1], page_size=x.shape[-3])
   _check_divides(spec, g, x.shape)
   xg, ax = _grouped(x.astype(jnp.float32), spec, g)
-  amax = jnp.max(jnp.abs(xg), axis=ax)
-  lo, hi = jnp.min(xg, axis=ax), jnp.max(xg, axis=ax)
-  enc, s, z = group_params(amax, lo, hi, spec)
+  # one clipped array for the statistics and the encoder: recomputed inside the
+  # encoder's loop on XLA:CPU, the NaN select made per-channel quantize 2-3x slower
+  xg = jax.lax.optimization_barrier(clip_values(xg, spec))
+  enc, s, z = group_params(*group_stats(xg, ax, spec), spec)
   codes = encode_values(xg, jnp.expand_dims(s, ax),
                         None if z is None else jnp.expand_dims(z, ax), spec)
   codes = _ungrouped(codes, x.shape)
@@ -834,7 +1015,9 @@ def staging_bytes_per_seq(key_spec: QuantSpec, value_spec: QuantSpec, *, num_lay
 def error_bound(spec: QuantSpec, scale: jax.Array) -> jax.Array:
   """Largest |x - dequantize(quantize(x))| per group given decoded scales.
 
-  Integer specs: half a step. fp8 e4m3: half an ulp of the largest value
+  For values within ``max_abs(spec)``; a value beyond it is first clipped to
+  ``+-max_abs`` (its group's scale is that of the clipped group) and the bound
+  holds against the clipped value. Integer specs: half a step. fp8 e4m3: half an ulp of the largest value
   (3 mantissa bits: 2**-4 relative of 448 * scale). Non-uniform levels: the
   larger of the distance from either end of the range to its outer level and
   half the widest gap between levels.
