@@ -592,13 +592,21 @@ def flag_sequences(state: CacheState, seq_ids: jax.Array, flags: jax.Array) -> C
           jnp.int32))
 
 
-def write_flags(plan: StepPlan, k: jax.Array, v: jax.Array) -> jax.Array:
-  """int32 [B]: ``NON_FINITE`` for the rows whose new (valid) K or V holds a NaN or inf.
+def write_flags(plan: StepPlan, k: jax.Array, v: jax.Array, k_pages: Optional[Pages] = None,
+                v_pages: Optional[Pages] = None) -> jax.Array:
+  """int32 [B]: per row, the flags what ``write`` stores of its new (valid) tokens deserves.
+
+  ``NON_FINITE`` when the row's K or V holds a NaN or inf; ``OUT_OF_RANGE`` when a
+  finite value lies beyond what the pages' spec stores (``quant.out_of_range``:
+  quantizing clips it to the spec's range, or an unquantized page's dtype
+  overflows). Pass the result to ``flag_sequences``. Without pages only
+  ``NON_FINITE`` is checked.
 
   Args:
     plan: the step's plan.
     k, v: ``[B, T, H, D]`` the step's new keys and values (one layer, or stacked
       layers ``[L, B, T, H, D]``).
+    k_pages, v_pages: optional; the layer's ``Pages`` they are written into.
 
   >>> import kvjax
   >>> cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2,
@@ -609,12 +617,21 @@ def write_flags(plan: StepPlan, k: jax.Array, v: jax.Array) -> jax.Array:
   >>> write_flags(plan, x, x).tolist()
   [0, 16]
   """
-  def bad(x):
-    x = jnp.asarray(x)
-    per_token = ~jnp.all(jnp.isfinite(x), axis=(-2, -1))                    # [..., B, T]
+  def rows(per_token):                          # [..., B, T] -> bool [B] over valid tokens
     per_token = per_token.reshape((-1,) + plan.valid.shape)
     return jnp.any(jnp.any(per_token, axis=0) & plan.valid, axis=1)
-  return jnp.where(bad(k) | bad(v), state_lib.NON_FINITE, 0).astype(jnp.int32)
+
+  def flags(x, pages):
+    x = jnp.asarray(x)
+    bad = quant.non_finite(x)
+    out = jnp.zeros_like(bad)
+    if pages is not None:
+      dtype = pages.data.dtype if not pages.spec.is_quantized else jnp.float32
+      out = quant.out_of_range(x, pages.spec, dtype=dtype) & ~bad
+    return (jnp.where(rows(bad), state_lib.NON_FINITE, 0)
+            | jnp.where(rows(out), state_lib.OUT_OF_RANGE, 0))
+
+  return (flags(k, k_pages) | flags(v, v_pages)).astype(jnp.int32)
 
 
 def fork(state: CacheState, src_ids: jax.Array, dst_ids: jax.Array, *,

@@ -422,7 +422,7 @@ def _decode_step(params, cache, tokens, seq_ids, num_new, seeds, *, config, cach
 
     def paged(q, k, v):
       out, k_new, v_new = write_attend(q, k, v, k_pages, v_pages, plan)
-      return out, (k_new, v_new, kvjax.write_flags(plan, k, v))
+      return out, (k_new, v_new, kvjax.write_flags(plan, k, v, k_pages, v_pages))
 
     x, (k_pages, v_pages, flags) = _layer(lp, x, plan.positions, paged, config,
                                           rope_keys=not cache_config.key_rope)
@@ -448,7 +448,7 @@ def _decode_step_drop(params, cache, tokens, seq_ids, num_new, seeds, config, ca
 
     def paged(q, k, v):
       out, k_new, v_new, m = write_attend(q, k, v, k_pages, v_pages, plan, with_mass=True)
-      return out, (k_new, v_new, m, kvjax.write_flags(plan, k, v))
+      return out, (k_new, v_new, m, kvjax.write_flags(plan, k, v, k_pages, v_pages))
 
     x, (k_pages, v_pages, m, flags) = _layer(lp, x, rope_positions, paged, config)
     return (x, mass + m), (k_pages, v_pages, flags)

@@ -266,3 +266,28 @@ def test_bad_seeds_shape_is_a_value_error():
   with pytest.raises(ValueError, match="seeds"):
     kvjax.plan_step(kvjax.init(cfg), jnp.array([0]), jnp.array([[1]]), jnp.array([1]),
                     jnp.zeros((3,), jnp.uint32), config=cfg)
+
+
+# ------------------------------------------------------------------ flags of what is written
+
+
+@pytest.mark.parametrize("spec, dtype, big", [
+    (kvjax.QuantSpec(bits=4, scale_dtype="log8"), "float32", 1e5),     # clipped to ~2.6e4
+    (kvjax.QuantSpec(), "bfloat16", 3.4e38),                            # bf16 overflows to inf
+])
+def test_write_flags_out_of_range_and_non_finite(spec, dtype, big):
+  cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=32, page_size=2, num_pages=8,
+                          max_seqs=4, max_pages_per_seq=2, dtype=dtype, key_quant=spec)
+  plan, st = kvjax.plan_step(kvjax.init(cfg), jnp.array([0, 1, 2, 3]),
+                             jnp.ones((4, 2), jnp.int32), jnp.array([2, 2, 2, 1]), config=cfg)
+  k = jnp.ones((4, 2, 1, 32), jnp.float32)
+  k = k.at[1, 0, 0, 3].set(big).at[2, 1, 0, 0].set(jnp.nan)
+  k = k.at[3, 1, 0, 0].set(jnp.nan)          # row 3's second token is padding: not written
+  flags = kvjax.write_flags(plan, k, jnp.ones_like(k), _layer(st.k), _layer(st.v))
+  assert flags.tolist() == [0, kvjax.OUT_OF_RANGE, kvjax.NON_FINITE, 0]
+  st = kvjax.flag_sequences(st, plan.seq_ids, flags)
+  assert kvjax.flagged_rows(st) == {1: ["OUT_OF_RANGE"], 2: ["NON_FINITE"]}
+
+
+def _layer(p):
+  return jax.tree.map(lambda a: a[0], p)
