@@ -146,6 +146,7 @@ def paged_attention_reference(q: jax.Array, k_pages: Pages, v_pages: Pages,
   scores = jnp.einsum("bhgd,bthd->bhgt", qg, k) / jnp.sqrt(jnp.float32(d))
   valid = jnp.arange(k.shape[1])[None, :] < kv_lens[:, None]          # [B, T]
   scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
+  v = jnp.where(valid[:, :, None, None], v, 0.0)   # masked slots: select (0 * nan = nan)
   m = jnp.max(scores, axis=-1, keepdims=True)
   p = jnp.exp(scores - jnp.where(jnp.isfinite(m), m, 0.0))
   l = jnp.sum(p, axis=-1, keepdims=True)
@@ -248,7 +249,10 @@ def _attention_kernel(*refs, k_spec: QuantSpec, v_spec: QuantSpec, head_dim: int
     corr = jnp.exp(m - m_new)
     p = jnp.exp(scores - m_new)
     l = corr * l + jnp.sum(p, axis=1, keepdims=True)
-    acc = tuple(corr * a + mm(p, load_v(seg)) for a, seg in zip(acc, v_segs))
+    # values past kv_len (stale slots, garbage codes or scales): select, not 0 * v
+    row = j * page_size + jax.lax.broadcasted_iota(jnp.int32, (page_size, 1), 0)
+    acc = tuple(corr * a + mm(p, jnp.where(row < kv_len, load_v(seg), 0.0))
+                for a, seg in zip(acc, v_segs))
     return m_new, l, acc
 
   def with_sink(sink_ref, j, seg, x):   # page 0's first rows from the sink (full precision)
@@ -412,5 +416,7 @@ def merge_splits(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
   """
   top = jnp.max(m, axis=-3, keepdims=True)
   w = jnp.exp(m - jnp.where(jnp.isfinite(top), top, 0.0))          # 0 for empty splits
-  num, den = jnp.sum(w * acc, axis=-3), jnp.sum(w * l, axis=-3)
+  seen = m > -jnp.inf   # an empty split adds nothing, whatever its buffers hold (select)
+  num = jnp.sum(jnp.where(seen, w * acc, 0.0), axis=-3)
+  den = jnp.sum(jnp.where(seen, w * l, 0.0), axis=-3)
   return num / jnp.where(den > 0, den, 1.0)
