@@ -124,7 +124,10 @@ def paged_attention_reference(q: jax.Array, k_pages: Pages, v_pages: Pages,
       keys are rotated by their positions (``kvjax.rope.rope``) before the scores.
 
   Returns:
-    float32 ``[B, Hq, D]``, softmax scale ``1 / sqrt(D)``.
+    float32 ``[B, Hq, D]``, softmax scale ``1 / sqrt(D)``. Positions at or past
+    ``kv_len`` (stale slots, page 0 read for -1 columns, garbage codes or
+    scales) contribute exactly nothing, whatever they hold: scores and values
+    are selected, never multiplied by a weight of 0.
 
   >>> spec = QuantSpec()
   >>> k = Pages(data=jnp.ones((1, 2, 1, 4))); v = Pages(data=jnp.ones((1, 2, 1, 4)))
@@ -132,6 +135,10 @@ def paged_attention_reference(q: jax.Array, k_pages: Pages, v_pages: Pages,
   ...                                 jnp.array([2]), spec, spec)
   >>> out.shape, float(out[0, 0, 0])
   ((1, 2, 4), 1.0)
+  >>> v = Pages(data=jnp.ones((1, 2, 1, 4)).at[0, 1].set(jnp.nan))   # a stale slot
+  >>> float(paged_attention_reference(jnp.ones((1, 2, 4)), k, v, jnp.zeros((1, 1), jnp.int32),
+  ...                                 jnp.array([1]), spec, spec)[0, 0, 0])
+  1.0
   """
   _check_args(q, k_pages, v_pages, page_table, kv_lens, k_spec, v_spec, k_stage, v_stage,
               "paged_attention_reference", k_sink, v_sink)
@@ -164,7 +171,9 @@ def _attention_kernel(*refs, k_spec: QuantSpec, v_spec: QuantSpec, head_dim: int
 
   Split ``c`` covers pages ``[c * pages_per_split, (c + 1) * pages_per_split)``
   of the sequence and leaves its unnormalized output with the running max and
-  sum; ``paged_attention`` merges the splits (flash-decoding).
+  sum; ``paged_attention`` merges the splits (flash-decoding). Rows of a tile
+  at or past ``kv_len`` are selected out of the scores (``-inf``) and of the
+  values (0): a NaN or inf in a stale slot never meets a weight of 0.
 
   Refs, in order:
     q_ref: float ``[G, D]`` the G query heads of this kv head.
@@ -408,7 +417,8 @@ def merge_splits(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
       no token) and ``sum_t exp(s_t - m_c)``.
 
   Returns:
-    float32 ``[..., G, D]`` (zero where no split saw a token).
+    float32 ``[..., G, D]`` (zero where no split saw a token; a split that saw
+    none adds nothing, selected out whatever its buffers hold).
 
   >>> acc = jnp.array([[[2.0]], [[0.0]]]); m = jnp.array([[[0.0]], [[-jnp.inf]]])
   >>> merge_splits(acc, m, jnp.array([[[1.0]], [[0.0]]])).tolist()

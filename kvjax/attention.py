@@ -287,6 +287,9 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Arr
   >>> x = jnp.ones((1, 2, 2, 4))
   >>> grouped_attention(x, x[:, :, :1], x[:, :, :1], jnp.tril(jnp.ones((1, 2, 2), bool))).shape
   (1, 2, 2, 4)
+  >>> v = x[:, :, :1].at[0, 1].set(jnp.nan)            # a masked key holding NaN
+  >>> grouped_attention(x[:, :1], x[:, :, :1], v, jnp.array([[[True, False]]]))[0, 0, 0].tolist()
+  [1.0, 1.0, 1.0, 1.0]
   """
   b, t, hq, d_ = q.shape
   kn, h_ = k.shape[1], k.shape[2]
