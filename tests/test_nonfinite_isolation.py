@@ -7,8 +7,11 @@ attention path must *select* them out. Each test builds a cache of three
 sequences, fills everything that rows 1 and 2 may not see with NaN or inf
 (data, scales, zeros, ring, sink; sequence 0 owns page 0 and is poisoned
 whole), runs one step and checks that rows 1 and 2 give exactly what they give
-on the clean cache, and that this equals a float64 numpy attention over the
-clean keys and values.
+on the clean cache (the same bits), and that this equals a float64 numpy
+attention over the keys and values the clean pages hold (gathered and
+dequantized by ``kvjax.attention._dense``; a prefill chunk through the staging
+ring is checked bit for bit against the clean cache only, its causal two-view
+reference being test_quant_cache's).
 """
 
 import functools
