@@ -124,7 +124,10 @@ def paged_attention_reference(q: jax.Array, k_pages: Pages, v_pages: Pages,
       keys are rotated by their positions (``kvjax.rope.rope``) before the scores.
 
   Returns:
-    float32 ``[B, Hq, D]``, softmax scale ``1 / sqrt(D)``.
+    float32 ``[B, Hq, D]``, softmax scale ``1 / sqrt(D)``. Positions at or past
+    ``kv_len`` (stale slots, page 0 read for -1 columns, garbage codes or
+    scales) contribute exactly nothing, whatever they hold: scores and values
+    are selected, never multiplied by a weight of 0.
 
   >>> spec = QuantSpec()
   >>> k = Pages(data=jnp.ones((1, 2, 1, 4))); v = Pages(data=jnp.ones((1, 2, 1, 4)))
@@ -132,6 +135,10 @@ def paged_attention_reference(q: jax.Array, k_pages: Pages, v_pages: Pages,
   ...                                 jnp.array([2]), spec, spec)
   >>> out.shape, float(out[0, 0, 0])
   ((1, 2, 4), 1.0)
+  >>> v = Pages(data=jnp.ones((1, 2, 1, 4)).at[0, 1].set(jnp.nan))   # a stale slot
+  >>> float(paged_attention_reference(jnp.ones((1, 2, 4)), k, v, jnp.zeros((1, 1), jnp.int32),
+  ...                                 jnp.array([1]), spec, spec)[0, 0, 0])
+  1.0
   """
   _check_args(q, k_pages, v_pages, page_table, kv_lens, k_spec, v_spec, k_stage, v_stage,
               "paged_attention_reference", k_sink, v_sink)
@@ -146,6 +153,7 @@ def paged_attention_reference(q: jax.Array, k_pages: Pages, v_pages: Pages,
   scores = jnp.einsum("bhgd,bthd->bhgt", qg, k) / jnp.sqrt(jnp.float32(d))
   valid = jnp.arange(k.shape[1])[None, :] < kv_lens[:, None]          # [B, T]
   scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
+  v = jnp.where(valid[:, :, None, None], v, 0.0)   # masked slots: select (0 * nan = nan)
   m = jnp.max(scores, axis=-1, keepdims=True)
   p = jnp.exp(scores - jnp.where(jnp.isfinite(m), m, 0.0))
   l = jnp.sum(p, axis=-1, keepdims=True)
@@ -163,7 +171,9 @@ def _attention_kernel(*refs, k_spec: QuantSpec, v_spec: QuantSpec, head_dim: int
 
   Split ``c`` covers pages ``[c * pages_per_split, (c + 1) * pages_per_split)``
   of the sequence and leaves its unnormalized output with the running max and
-  sum; ``paged_attention`` merges the splits (flash-decoding).
+  sum; ``paged_attention`` merges the splits (flash-decoding). Rows of a tile
+  at or past ``kv_len`` are selected out of the scores (``-inf``) and of the
+  values (0): a NaN or inf in a stale slot never meets a weight of 0.
 
   Refs, in order:
     q_ref: float ``[G, D]`` the G query heads of this kv head.
@@ -248,7 +258,10 @@ def _attention_kernel(*refs, k_spec: QuantSpec, v_spec: QuantSpec, head_dim: int
     corr = jnp.exp(m - m_new)
     p = jnp.exp(scores - m_new)
     l = corr * l + jnp.sum(p, axis=1, keepdims=True)
-    acc = tuple(corr * a + mm(p, load_v(seg)) for a, seg in zip(acc, v_segs))
+    # values past kv_len (stale slots, garbage codes or scales): select, not 0 * v
+    row = j * page_size + jax.lax.broadcasted_iota(jnp.int32, (page_size, 1), 0)
+    acc = tuple(corr * a + mm(p, jnp.where(row < kv_len, load_v(seg), 0.0))
+                for a, seg in zip(acc, v_segs))
     return m_new, l, acc
 
   def with_sink(sink_ref, j, seg, x):   # page 0's first rows from the sink (full precision)
@@ -404,7 +417,8 @@ def merge_splits(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
       no token) and ``sum_t exp(s_t - m_c)``.
 
   Returns:
-    float32 ``[..., G, D]`` (zero where no split saw a token).
+    float32 ``[..., G, D]`` (zero where no split saw a token; a split that saw
+    none adds nothing, selected out whatever its buffers hold).
 
   >>> acc = jnp.array([[[2.0]], [[0.0]]]); m = jnp.array([[[0.0]], [[-jnp.inf]]])
   >>> merge_splits(acc, m, jnp.array([[[1.0]], [[0.0]]])).tolist()
@@ -412,5 +426,7 @@ def merge_splits(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
   """
   top = jnp.max(m, axis=-3, keepdims=True)
   w = jnp.exp(m - jnp.where(jnp.isfinite(top), top, 0.0))          # 0 for empty splits
-  num, den = jnp.sum(w * acc, axis=-3), jnp.sum(w * l, axis=-3)
+  seen = m > -jnp.inf   # an empty split adds nothing, whatever its buffers hold (select)
+  num = jnp.sum(jnp.where(seen, w * acc, 0.0), axis=-3)
+  den = jnp.sum(jnp.where(seen, w * l, 0.0), axis=-3)
   return num / jnp.where(den > 0, den, 1.0)

@@ -221,7 +221,11 @@ def write_attend(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: Pages, v_pag
 
 
 def _two_view_attention(q, quant_kv, full_kv, quantized, visible) -> jax.Array:
-  """Grouped attention where each (query, key) reads the quantized or the full view."""
+  """Grouped attention where each (query, key) reads the quantized or the full view.
+
+  Values a view gives to no query of the row are selected to 0 first (see
+  ``grouped_attention`` for what that guarantees inside a chunk).
+  """
   b, t, hq, d_ = q.shape
   kq, vq = quant_kv
   kf, vf = full_kv
@@ -233,6 +237,9 @@ def _two_view_attention(q, quant_kv, full_kv, quantized, visible) -> jax.Array:
   expand = lambda m: jnp.broadcast_to(m[:, None, None], (b, h_, g, t, kn)).reshape(  # noqa: E731
       b * h_, g * t, kn)
   sel = expand(quantized)
+  # a key no query of the row reads in a view contributes nothing from it (select, not 0 * v)
+  vq = _select_read(vq, visible & quantized)
+  vf = _select_read(vf, visible & ~quantized)
   lq = jnp.einsum("xqd,xkd->xqk", qh, heads(kq))
   lf = jnp.einsum("xqd,xkd->xqk", qh, heads(kf))
   logits = jnp.where(sel, lq, lf) * (d_ ** -0.5)
@@ -254,6 +261,22 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Arr
   One batched matmul per (row, kv head) over all ``G * T`` queries of its
   group: on CPU this runs 2-3x faster than a 5-d einsum.
 
+  Masked keys contribute exactly nothing, whatever they hold: their scores are
+  selected to ``-inf`` and the values of keys that no query of the row sees are
+  selected to 0 before the weighted sum (weight 0 times a NaN or inf value
+  would be NaN). So another sequence's pages, stale slots, page 0 read for
+  unused page-table columns and padding never reach a row's output, and a
+  non-finite value can only reach the queries of the row that holds it.
+
+  Inside a row the select is per row, not per query: with causal masking in a
+  prefill chunk, a value at chunk token j is seen by the row's queries at j and
+  later, and the earlier queries still multiply it by weight 0. A non-finite
+  value there (a token of this row computed in this step) can therefore reach
+  the row's earlier queries, never another row. Exactness per query would take
+  a ``[T, K] x [K, H*D]`` mask product per row (1/G of the value matmul) on
+  every prefill for a row that is already corrupt; for T = 1 (decode) the
+  row select is per query.
+
   Args:
     q: ``[B, T, Hq, D]``; k, v: ``[B, K, H, D]`` with Hq a multiple of H.
     visible: bool ``[B, T, K]``, which keys each query may read.
@@ -266,6 +289,9 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Arr
   >>> x = jnp.ones((1, 2, 2, 4))
   >>> grouped_attention(x, x[:, :, :1], x[:, :, :1], jnp.tril(jnp.ones((1, 2, 2), bool))).shape
   (1, 2, 2, 4)
+  >>> v = x[:, :, :1].at[0, 1].set(jnp.nan)            # a masked key holding NaN
+  >>> grouped_attention(x[:, :1], x[:, :, :1], v, jnp.array([[[True, False]]]))[0, 0, 0].tolist()
+  [1.0, 1.0, 1.0, 1.0]
   """
   b, t, hq, d_ = q.shape
   kn, h_ = k.shape[1], k.shape[2]
@@ -273,7 +299,8 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Arr
   qh = q.astype(jnp.float32).reshape(b, t, h_, g, d_).transpose(0, 2, 3, 1, 4)
   qh = qh.reshape(b * h_, g * t, d_)
   kt = k.astype(jnp.float32).transpose(0, 2, 1, 3).reshape(b * h_, kn, d_)
-  vt = v.astype(jnp.float32).transpose(0, 2, 1, 3).reshape(b * h_, kn, d_)
+  vt = _select_read(v.astype(jnp.float32), visible).transpose(0, 2, 1, 3).reshape(
+      b * h_, kn, d_)
   logits = jnp.einsum("xqd,xkd->xqk", qh, kt) * (d_ ** -0.5)
   mask = jnp.broadcast_to(visible[:, None, None], (b, h_, g, t, kn)).reshape(b * h_, g * t, kn)
   logits = jnp.where(mask, logits, -jnp.inf)
@@ -286,3 +313,10 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Arr
   if with_mass:
     return out.astype(q.dtype), jnp.sum(weights.reshape(b, h_ * g, t, kn), axis=1)
   return out.astype(q.dtype)
+
+
+def _select_read(v: jax.Array, visible: jax.Array) -> jax.Array:
+  """``v [B, K, H, D]`` with 0 at the keys that no query of the row sees (``visible
+  [B, T, K]``): a select, so a NaN or inf there cannot leak through a weight of 0."""
+  read = jnp.any(visible, axis=1)                                      # [B, K]
+  return jnp.where(read[:, :, None, None], v, jnp.zeros((), v.dtype))

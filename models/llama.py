@@ -220,6 +220,9 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int = 256)
 
   Returns:
     [B, T, N, D], softmax scale 1/sqrt(D), token t attends to tokens <= t.
+    No padding: every key is a real token of its row, so a non-finite value
+    reaches only its own row (inside a block also the row's earlier queries,
+    see ``kvjax.attention.grouped_attention``).
 
   >>> x = jnp.ones((1, 3, 2, 4))
   >>> causal_attention(x, x[:, :, :1], x[:, :, :1]).shape
