@@ -119,6 +119,11 @@ def test_non_finite_kv_is_flagged_for_its_sequence_only(params):
 # ------------------------------------------------------------------ namespaces
 
 
+# jitted once per config (eager calls of these ops dispatch every jnp op: slow)
+_plan = jax.jit(kvjax.plan_step, static_argnames="config")
+_attach = jax.jit(kvjax.attach_prefix, static_argnames="config")
+
+
 def _kv_cfg(**kw):
   return kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2, num_pages=16,
                            max_seqs=3, max_pages_per_seq=6, **kw)
@@ -132,16 +137,16 @@ def test_stale_seed_never_indexes_another_tenants_pages():
   seed_b = kvjax.tenant_seed(cfg, tenant_salt="tenant-b")
   prompt = jnp.array([[11, 12, 13, 14, 15, 16, 17]])
   st = kvjax.init(cfg)
-  cached, st = kvjax.attach_prefix(st, jnp.array([0]), prompt, jnp.array([7]), seed_a,
+  cached, st = _attach(st, jnp.array([0]), prompt, jnp.array([7]), seed_a,
                                    config=cfg)
   assert int(cached[0]) == 0 and not np.asarray(st.seq_seed[0]).any()
-  _, st = kvjax.plan_step(st, jnp.array([0]), prompt, jnp.array([7]), seed_b, config=cfg)
+  _, st = _plan(st, jnp.array([0]), prompt, jnp.array([7]), seed_b, config=cfg)
   assert (np.asarray(st.seq_seed[0]) == np.asarray(seed_b)).all()
   full = np.asarray(st.page_table[0])[:3]
   assert (np.asarray(st.meta.namespace)[full] == np.asarray(seed_b)).all()
-  cached_a, _ = kvjax.attach_prefix(st, jnp.array([1]), prompt, jnp.array([7]), seed_a,
+  cached_a, _ = _attach(st, jnp.array([1]), prompt, jnp.array([7]), seed_a,
                                     config=cfg)
-  cached_b, _ = kvjax.attach_prefix(st, jnp.array([1]), prompt, jnp.array([7]), seed_b,
+  cached_b, _ = _attach(st, jnp.array([1]), prompt, jnp.array([7]), seed_b,
                                     config=cfg)
   assert int(cached_a[0]) == 0 and int(cached_b[0]) == 6
 
@@ -151,13 +156,13 @@ def test_a_slot_cannot_be_continued_under_another_namespace():
   seed_a = kvjax.tenant_seed(cfg, tenant_salt="tenant-a")
   seed_b = kvjax.tenant_seed(cfg, tenant_salt="tenant-b")
   st = kvjax.init(cfg)
-  _, st = kvjax.plan_step(st, jnp.array([0]), jnp.array([[1, 2, 3]]), jnp.array([3]), seed_a,
+  _, st = _plan(st, jnp.array([0]), jnp.array([[1, 2, 3]]), jnp.array([3]), seed_a,
                           config=cfg)
-  plan, st2 = kvjax.plan_step(st, jnp.array([0]), jnp.array([[4]]), jnp.array([1]), seed_b,
+  plan, st2 = _plan(st, jnp.array([0]), jnp.array([[4]]), jnp.array([1]), seed_b,
                               config=cfg)
   assert bool(plan.refused[0]) and int(st2.seq_lens[0]) == 3
   assert kvjax.flagged_rows(st2) == {0: ["BAD_INPUT"]}
-  plan, st3 = kvjax.plan_step(st, jnp.array([0]), jnp.array([[4]]), jnp.array([1]), seed_a,
+  plan, st3 = _plan(st, jnp.array([0]), jnp.array([[4]]), jnp.array([1]), seed_a,
                               config=cfg)
   assert not bool(plan.refused[0]) and int(st3.seq_lens[0]) == 4
 
@@ -209,7 +214,7 @@ def test_every_op_honours_checked_mode():
 def test_seq_ids_of_any_integer_dtype(dtype):
   # main: uint32 ids refused every row with BAD_INPUT.
   cfg = _kv_cfg()
-  plan, st = kvjax.plan_step(kvjax.init(cfg), jnp.array([0, 2], dtype),
+  plan, st = _plan(kvjax.init(cfg), jnp.array([0, 2], dtype),
                              jnp.array([[1, 2], [3, 4]], dtype), jnp.array([2, 1], dtype),
                              config=cfg)
   assert int(st.status) == 0 and st.seq_lens.tolist() == [2, 0, 1]
@@ -218,7 +223,7 @@ def test_seq_ids_of_any_integer_dtype(dtype):
 
 def test_huge_unsigned_id_is_refused_not_wrapped():
   cfg = _kv_cfg()
-  plan, st = kvjax.plan_step(kvjax.init(cfg), jnp.array([0, 2 ** 32 - 1], jnp.uint32),
+  plan, st = _plan(kvjax.init(cfg), jnp.array([0, 2 ** 32 - 1], jnp.uint32),
                              jnp.array([[1], [2]], jnp.uint32), jnp.array([1, 1], jnp.uint32),
                              config=cfg)
   assert bool(plan.refused[1]) and kvjax.status_names(st.status) == ["BAD_INPUT"]
