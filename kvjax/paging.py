@@ -198,6 +198,19 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
   bad = _bad_rows(seq_ids, num_new, t, config.max_seqs)
   live = (seq_ids >= 0) & ~bad
   sid = jnp.where(live, seq_ids, 0)
+  # Namespace: set once by the row that starts the sequence; a continuing row keeps it, and
+  # one that names another namespace is refused.
+  stored = state.seq_seed[sid]
+  stored_set = jnp.any(stored != 0, axis=-1)
+  given_set = jnp.any(given_seed != 0, axis=-1)
+  default = state_lib.default_seed(config)
+  starting = live & (state.seq_lens[sid] == 0) & ~stored_set
+  mismatch = live & ~starting & given_set & jnp.any(
+      jnp.where(stored_set[:, None], stored, default) != given_seed, axis=-1)
+  bad = bad | mismatch
+  live = live & ~mismatch
+  seeds = jnp.where(stored_set[:, None], stored, jnp.where(given_set[:, None], given_seed,
+                                                          default))
   n = jnp.where(live, num_new, 0)
   old_len = jnp.where(live, state.seq_lens[sid], 0)
   new_len = old_len + n
@@ -207,23 +220,6 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
   last_page = jnp.take_along_axis(table, jnp.clip(old_pages - 1, 0, m_ - 1)[:, None], 1)[:, 0]
   partial = (old_len % s_ != 0) & (n > 0)
   seq_full = live & (new_pages > m_)
-  # Namespace: set once by the row that starts the sequence; a continuing row keeps it.
-  stored = state.seq_seed[sid]
-  stored_set = jnp.any(stored != 0, axis=-1)
-  given_set = jnp.any(given_seed != 0, axis=-1)
-  default = state_lib.default_seed(config)
-  starting = live & (old_len == 0) & ~stored_set
-  mismatch = live & ~starting & given_set & jnp.any(
-      jnp.where(stored_set[:, None], stored, default) != given_seed, axis=-1)
-  bad = bad | mismatch
-  live = live & ~mismatch
-  n = jnp.where(live, n, 0)
-  new_len = old_len + n
-  new_pages = (new_len + s_ - 1) // s_
-  partial = partial & live
-  seq_full = seq_full & live
-  seeds = jnp.where(stored_set[:, None], stored, jnp.where(given_set[:, None], given_seed,
-                                                          default))
 
   scores = _eviction_scores(state, clock, config)
   per_row = -(-t // s_) + 1
@@ -326,10 +322,6 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
   seq_lens = state.seq_lens.at[rows].set(new_len, mode="drop")
   seq_seed = state.seq_seed.at[jnp.where(granted & starting, sid, config.max_seqs)].set(
       seeds, mode="drop")
-  in_range = (seq_ids >= 0) & (seq_ids < config.max_seqs)
-  seq_status = state.seq_status.at[jnp.where(in_range, seq_ids, config.max_seqs)].set(
-      state.seq_status[jnp.clip(seq_ids, 0, config.max_seqs - 1)]
-      | row_status, mode="drop")
   plan_table = jnp.where(live[:, None], table, -1)
   kv_lens = jnp.where(granted, new_len, old_len)
 
@@ -346,9 +338,9 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
             | jnp.where(overflow, state_lib.INDEX_OVERFLOW, 0)).astype(jnp.int32)
   new_state = state.replace(meta=meta, index=index, page_table=page_table, seq_lens=seq_lens,
                             seq_seed=seq_seed, clock=clock, stats=stats, status=status,
-                            seq_status=seq_status, policy=policy_state)
-  new_state = state_lib.enforce_checked(new_state, config)
-  plan = StepPlan(seq_ids=seq_ids.astype(jnp.int32), positions=positions, valid=valid,
+                            policy=policy_state)
+  new_state = state_lib.enforce_checked(flag_sequences(new_state, seq_ids, row_status), config)
+  plan = StepPlan(seq_ids=seq_ids, positions=positions, valid=valid,
                   slots=slots, page_table=plan_table, kv_lens=kv_lens, cow_src=cow_src,
                   cow_dst=cow_dst, refused=refused & (seq_ids != -1), seq_status=row_status,
                   fold_floor=fold_floor)

@@ -7,6 +7,7 @@ B = max_seqs, M = max_pages_per_seq.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import jax
@@ -318,11 +319,14 @@ def flagged_rows(state: CacheState) -> dict:
   return {int(i): status_names(s) for i, s in enumerate(per_seq.tolist()) if s}
 
 
-def _status_error(state: CacheState, what: str) -> Optional[CacheStatusError]:
+def status_error(state: CacheState, what: str,
+                 rows: Optional[dict] = None) -> Optional[CacheStatusError]:
+  """The ``CacheStatusError`` for ``state`` (None when no flag is set), its message naming
+  ``what`` and the rows (default ``flagged_rows(state)``); host-side."""
   status = int(jax.device_get(state.status))
   if not status:
     return None
-  rows = flagged_rows(state)
+  rows = flagged_rows(state) if rows is None else rows
   where = "; ".join(f"seq {i}: {', '.join(n)}" for i, n in rows.items())
   return CacheStatusError(f"{what}: {status_names(status)} (status={status})"
                           + (f"; {where}" if where else ""), status=status, rows=rows,
@@ -336,7 +340,7 @@ def check_status(state: CacheState) -> CacheState:
   ...                   num_pages=4, max_seqs=2, max_pages_per_seq=2)
   >>> _ = check_status(init(cfg))
   """
-  err = _status_error(state, "cache status flags set")
+  err = status_error(state, "cache status flags set")
   if err is not None:
     raise err
   return state
@@ -380,15 +384,14 @@ def checked(fn):
   ...   print(err.rows, int(err.state.seq_lens[0]))
   {0: ['SEQ_FULL']} 0
   """
+  @functools.wraps(fn)
   def wrapper(*args, **kwargs):
     out = fn(*args, **kwargs)
     for leaf in (out if isinstance(out, tuple) else (out,)):
       if isinstance(leaf, CacheState):
-        err = _status_error(leaf, f"{getattr(fn, '__name__', 'step')}: cache status flags set")
+        err = status_error(leaf, f"{getattr(fn, '__name__', 'step')}: cache status flags set")
         if err is not None:
           raise err
     return out
 
-  wrapper.__name__ = getattr(fn, "__name__", "checked")
-  wrapper.__doc__ = fn.__doc__
   return wrapper

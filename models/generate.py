@@ -82,32 +82,34 @@ def _finish_reason(flags: int) -> str:
 _ROW_STOPS = kvjax.OUT_OF_PAGES | kvjax.SEQ_FULL | kvjax.NON_FINITE | kvjax.BAD_INPUT
 
 
-def _step(params, cache, tokens, ids, num_new, config, cache_config, seeds=None):
-  """One decode_step. Returns ``(logits, cache, stopped)``; ``stopped`` int [B] holds the
-  flags of each working row that was refused or flagged this step (0 = fine).
+def _host_rows(cache) -> tuple[np.ndarray, np.ndarray]:
+  """``(seq_lens, seq_status)`` of every slot, on the host, in one transfer."""
+  return jax.device_get((cache.seq_lens, cache.seq_status))
+
+
+def _step(params, cache, tokens, ids, num_new, config, cache_config, seeds, before):
+  """One decode_step. Returns ``(logits, cache, stopped, after)``: ``stopped`` int [B] holds
+  the flags of each working row that was refused or flagged this step (0 = fine);
+  ``before`` / ``after`` are ``_host_rows`` of the cache before and after the step (the
+  loops pass one step's ``after`` as the next ``before``: one host read per step).
 
   The new cache is kept whatever happened; only checked mode raises (with it).
   """
   rows = np.maximum(ids, 0)
-  before = np.asarray(cache.seq_lens)[rows]
-  flags_before = np.asarray(cache.seq_status)[rows]
   logits, cache = decode_step(params, cache, jnp.asarray(tokens), jnp.asarray(ids),
                               jnp.asarray(num_new), None if seeds is None else jnp.asarray(seeds),
                               config=config, cache_config=cache_config)
-  after = np.asarray(cache.seq_lens)[rows]
-  flags = np.asarray(cache.seq_status)[rows]
-  new_flags = flags & ~flags_before
-  short = (ids >= 0) & (after != before + num_new)
+  after = _host_rows(cache)
+  new_flags = after[1][rows] & ~before[1][rows]
+  short = (ids >= 0) & (after[0][rows] != before[0][rows] + num_new)
   stopped = np.where((ids >= 0) & (short | (new_flags & _ROW_STOPS != 0)),
                      np.where(new_flags != 0, new_flags, kvjax.OUT_OF_PAGES), 0)
-  return logits, cache, stopped.astype(np.int64)
+  return logits, cache, stopped.astype(np.int64), after
 
 
 def _refusal(cache, ids, stopped, what: str) -> kvjax.CacheStatusError:
   rows = {int(ids[r]): kvjax.status_names(int(stopped[r])) for r in np.flatnonzero(stopped)}
-  where = "; ".join(f"seq {i}: {', '.join(n)}" for i, n in rows.items())
-  return kvjax.CacheStatusError(f"{what}: cache refused sequences {list(rows)} ({where})",
-                                status=int(cache.status), rows=rows, state=cache)
+  return kvjax.state.status_error(cache, f"{what}: cache refused sequences {list(rows)}", rows)
 
 
 _attach = jax.jit(kvjax.attach_prefix, static_argnames="config", donate_argnames="state")
@@ -171,7 +173,7 @@ def prefill(params: LlamaParams, cache: kvjax.CacheState, prompts: Sequence[Sequ
   >>> logits.shape  # doctest: +SKIP
   (2, 256)
   """
-  last, cache, stopped = _prefill(params, cache, prompts, seq_ids, config=config,
+  last, cache, stopped, _ = _prefill(params, cache, prompts, seq_ids, config=config,
                                   cache_config=cache_config, chunk_size=chunk_size, seeds=seeds,
                                   stats=stats)
   if np.any(stopped):
@@ -183,8 +185,8 @@ def prefill(params: LlamaParams, cache: kvjax.CacheState, prompts: Sequence[Sequ
 
 def _prefill(params, cache, prompts, seq_ids, *, config, cache_config, chunk_size, seeds,
              stats):
-  """``prefill`` without raising on a refusal: ``(last_logits, cache, stopped int [B])``;
-  a refused row stops (its logits NaN) and the others go on."""
+  """``prefill`` without raising on a refusal: ``(last_logits, cache, stopped int [B],
+  host rows)``; a refused row stops (its logits NaN) and the others go on."""
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
   ids = _check_batch(prompts, seq_ids, cache_config)
@@ -197,20 +199,22 @@ def _prefill(params, cache, prompts, seq_ids, *, config, cache_config, chunk_siz
     stats["computed"] = stats.get("computed", 0) + int((lengths - done).sum())
   last = np.full((b, config.vocab_size), np.nan, np.float32)
   stopped = np.zeros(b, np.int64)
+  host = _host_rows(cache)
   while np.any((done < lengths) & (stopped == 0)):
     n = np.where(stopped == 0, np.minimum(lengths - done, chunk_size), 0).astype(np.int32)
     tokens = np.zeros((b, chunk_size), np.int32)
     for r in range(b):
       tokens[r, : n[r]] = prompts[r][done[r]: done[r] + n[r]]
     step_ids = np.where(n > 0, ids, -1).astype(np.int32)
-    logits, cache, now = _step(params, cache, tokens, step_ids, n, config, cache_config, seeds)
+    logits, cache, now, host = _step(params, cache, tokens, step_ids, n, config, cache_config,
+                                     seeds, host)
     stopped = np.where(now != 0, now, stopped)
     finishing = (n > 0) & (done + n == lengths) & (now == 0)
     if np.any(finishing):
       rows = np.asarray(_last_logits(logits, jnp.asarray(n)))
       last[finishing] = rows[finishing]
     done += np.where(now == 0, n, 0)
-  return last, cache, stopped
+  return last, cache, stopped, host
 
 
 def generate(params: LlamaParams, cache: kvjax.CacheState, prompts: Sequence[Sequence[int]],
@@ -254,7 +258,7 @@ def generate(params: LlamaParams, cache: kvjax.CacheState, prompts: Sequence[Seq
     raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
   ids = _check_batch(prompts, seq_ids, cache_config)
   stop = set(int(s) for s in stop_ids)
-  logits, cache, stopped = _prefill(params, cache, prompts, ids, config=config,
+  logits, cache, stopped, host = _prefill(params, cache, prompts, ids, config=config,
                                     cache_config=cache_config, chunk_size=chunk_size,
                                     seeds=seeds, stats=stats)
   out = [Reply() for _ in prompts]
@@ -272,7 +276,8 @@ def generate(params: LlamaParams, cache: kvjax.CacheState, prompts: Sequence[Seq
     step_ids = np.where(live, ids, -1).astype(np.int32)
     n = live.astype(np.int32)
     tokens = np.where(live, nxt, 0).astype(np.int32)[:, None]
-    logits, cache, now = _step(params, cache, tokens, step_ids, n, config, cache_config)
+    logits, cache, now, host = _step(params, cache, tokens, step_ids, n, config, cache_config,
+                                     None, host)
     nxt = np.asarray(_greedy_next(logits))
     for r in np.flatnonzero(live):
       if now[r]:   # refused or flagged: this step's token was not computed from a clean cache

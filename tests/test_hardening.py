@@ -30,6 +30,11 @@ def params():
   return llama.init_params(CFG, jax.random.key(0))
 
 
+def _layer(p):
+  """One layer's pages of all-layer ``Pages``."""
+  return jax.tree.map(lambda a: a[0], p)
+
+
 def _alone(params, prompt, n):
   """Reference: the prompt generated alone in a roomy cache."""
   out, _ = generate(params, kvjax.init(BIG), [prompt], [0], config=CFG, cache_config=BIG,
@@ -249,9 +254,8 @@ def test_attend_refuses_an_integer_query():
   cfg = _kv_cfg()
   plan, st = kvjax.plan_step(kvjax.init(cfg), jnp.array([0]), jnp.array([[1]]), jnp.array([1]),
                              config=cfg)
-  layer = lambda p: jax.tree.map(lambda a: a[0], p)  # noqa: E731
   with pytest.raises(ValueError, match="q must be floating"):
-    kvjax.attend(jnp.ones((1, 1, 1, 2), jnp.int32), layer(st.k), layer(st.v), plan)
+    kvjax.attend(jnp.ones((1, 1, 1, 2), jnp.int32), _layer(st.k), _layer(st.v), plan)
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -292,7 +296,3 @@ def test_write_flags_out_of_range_and_non_finite(spec, dtype, big):
   assert flags.tolist() == [0, kvjax.OUT_OF_RANGE, kvjax.NON_FINITE, 0]
   st = kvjax.flag_sequences(st, plan.seq_ids, flags)
   assert kvjax.flagged_rows(st) == {1: ["OUT_OF_RANGE"], 2: ["NON_FINITE"]}
-
-
-def _layer(p):
-  return jax.tree.map(lambda a: a[0], p)

@@ -162,43 +162,37 @@ class TenantMachine(RuleBasedStateMachine):
     self.release(slot)
     return slot
 
-  @rule(slot=st.integers(0, B - 1), tenant=st.sampled_from(sorted(TENANTS)), prompt=tokens_st)
-  def start(self, slot, tenant, prompt):
-    """A new request: reuse the longest cached prefix of its tenant, compute the rest."""
-    slot = self._free_slot(slot)
+  def _attach_start(self, slot, tenant, prompt):
+    """``attach_prefix`` of ``prompt`` into empty ``slot`` under ``tenant``'s seed; checks
+    what it attached and records it. Returns the cached token count."""
     COUNTS["sequences"] += 1
     padded = np.zeros((1, W), np.int32)
     padded[0, :len(prompt)] = prompt
-    seeds = TENANTS[tenant]
     cached, self.state = _attach(self.state, jnp.array([slot], jnp.int32), jnp.asarray(padded),
-                                 jnp.array([len(prompt)], jnp.int32), seeds)
+                                 jnp.array([len(prompt)], jnp.int32), TENANTS[tenant])
     c = int(cached[0])
     assert c % S == 0 and c < len(prompt)
     for j in range(c // S):    # only what a sequence of the same tenant computed
       assert (tenant, tuple(prompt[:(j + 1) * S])) in self.computed, "cross-tenant page"
     COUNTS["attached_pages"] += c // S
     if c:
-      poison = POISON in prompt[:c]
-      self.seqs[slot] = {"tenant": tenant, "hist": list(prompt[:c]), "poison": False,
-                         "attached_poison": poison}
-    self._plan(slot, tenant, prompt[c:], seeds)
+      self.seqs[slot] = {"tenant": tenant, "hist": list(prompt[:c]), "poison": False}
+    return c
+
+  @rule(slot=st.integers(0, B - 1), tenant=st.sampled_from(sorted(TENANTS)), prompt=tokens_st)
+  def start(self, slot, tenant, prompt):
+    """A new request: reuse the longest cached prefix of its tenant, compute the rest."""
+    slot = self._free_slot(slot)
+    c = self._attach_start(slot, tenant, prompt)
+    self._plan(slot, tenant, prompt[c:], TENANTS[tenant])
 
   @rule(slot=st.integers(0, B - 1), prompt=tokens_st)
   def reuse_slot_without_release(self, slot, prompt):
     """The attack of the issue: tenant a's attach on a slot, then a prompt planned there
     with no seed. A slot that matched nothing must start in the default namespace."""
     slot = self._free_slot(slot)
-    COUNTS["sequences"] += 1
-    padded = np.zeros((1, W), np.int32)
-    padded[0, :len(prompt)] = prompt
-    cached, self.state = _attach(self.state, jnp.array([slot], jnp.int32), jnp.asarray(padded),
-                                 jnp.array([len(prompt)], jnp.int32), TENANTS["a"])
-    c = int(cached[0])
-    tenant = "a" if c else "default"
-    if c:
-      self.seqs[slot] = {"tenant": "a", "hist": list(prompt[:c]), "poison": False,
-                         "attached_poison": POISON in prompt[:c]}
-    self._plan(slot, tenant, prompt[c:] or [1], None)
+    c = self._attach_start(slot, "a", prompt)
+    self._plan(slot, "a" if c else "default", prompt[c:], None)
 
   @rule(slot=st.integers(0, B - 1), token=st.sampled_from([1, 2, 3, POISON]),
         with_seed=st.booleans())
