@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import kvjax
-from kvjax.attention import grouped_attention
 from kvjax.models import llama
 import common  # benchmarks/common.py: machine description, results writer
+from kvjax.cache.attend import grouped_attention
 
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("k_cache", "v_cache"))

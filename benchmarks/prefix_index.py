@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.prefix_index import index_init
-from kvjax.prefix_index import index_insert
-from kvjax.prefix_index import index_lookup
 import common  # benchmarks/common.py: machine description, results writer
+from kvjax.prefix.index import index_init
+from kvjax.prefix.index import index_insert
+from kvjax.prefix.index import index_lookup
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                            "prefix_index.json")

@@ -15,7 +15,7 @@ per KV spec, against the bf16 cache measured in the same run:
   ``exact`` is float32 attention: each layer alone through a one-layer cache
   of the spec (prefill chunks, the same causal view as ``write_attend``).
 * ``compression``: bf16 bytes per cached token (K+V, all layers) over the
-  spec's, scales and zero points included (``kvjax.quant.compression``).
+  spec's, scales and zero points included (``kvjax.layout.compression``).
 
 The pseudo-spec ``float32`` (an unquantized float32 cache) calibrates the
 bf16 baseline: how far does a cache with *less* error than bf16 drift from it?
@@ -49,8 +49,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import kvjax
-from kvjax import quant
-from kvjax.attention import write_attend
 from kvjax.models.gguf_loader import load_smollm2
 from kvjax.models.llama import _layer
 from kvjax.models.llama import causal_attention
@@ -60,6 +58,9 @@ from kvjax.models.llama import rope
 from kvjax.models.perplexity import pydoc_windows
 from kvjax.models.tokenizer import encode_chat
 import common  # benchmarks/common.py: machine description, results writer
+from kvjax import layout
+from kvjax.cache.attend import write_attend
+from kvjax import quant
 
 SPECS = ("bf16", "int8", "fp8", "int4", "int4-kivi", "int2-r64", "int2-r128")
 # issue 3's targets: perplexity increase at most 0.1 % (int8), 1 % (int4), 5 % (2-bit with a
@@ -90,8 +91,8 @@ def specs_of(name: str):
   """
   name = name.removesuffix("+prerope")
   if name == "float32":
-    return quant.QuantSpec(), quant.QuantSpec(), "float32"
-  return (*quant.PRESETS[name], "bfloat16")
+    return layout.QuantSpec(), layout.QuantSpec(), "float32"
+  return (*layout.PRESETS[name], "bfloat16")
 
 
 def cache_config(config, name: str, *, max_seqs: int, max_len: int) -> kvjax.CacheConfig:
@@ -244,8 +245,8 @@ def _emulated_layer(lp, x, config, ks, vs, page: int, prerope: bool, sink: int =
   """
   b, t = x.shape[:2]
   pos = jnp.arange(t)
-  if quant.needs_staging(ks, vs):   # [query, key]: the key's page is folded for the query
-    folded = ((pos[None, :] // page + 1) * page + quant.residual_tokens(ks, vs)) <= pos[:, None] + 1
+  if layout.needs_staging(ks, vs):   # [query, key]: the key's page is folded for the query
+    folded = ((pos[None, :] // page + 1) * page + layout.residual_tokens(ks, vs)) <= pos[:, None] + 1
   else:
     folded = jnp.ones((t, t), bool)
   folded &= pos[None, :] >= sink
@@ -303,8 +304,8 @@ def layer_specs_of(name: str, num_layers: int, k4_layers=(), plain=(), edits=())
       ks = dataclasses.replace(ks, **{field: value})
     else:
       vs = dataclasses.replace(vs, **{field: value})
-  ks = quant.QuantSpec() if "k" in plain else ks
-  vs = quant.QuantSpec() if "v" in plain else vs
+  ks = layout.QuantSpec() if "k" in plain else ks
+  vs = layout.QuantSpec() if "v" in plain else vs
   # (4-bit layers keep uniform levels: a 2-bit spec's levels do not fit 16 codes)
   k4 = dataclasses.replace(ks, bits=4, levels=None) if ks.is_quantized and k4_layers else ks
   return [(k4 if i in k4_layers else ks, vs) for i in range(num_layers)]
@@ -313,9 +314,9 @@ def layer_specs_of(name: str, num_layers: int, k4_layers=(), plain=(), edits=())
 def mixed_compression(layer_specs, *, num_kv_heads: int, head_dim: int, page_size: int):
   """bf16 bytes per token over the per-layer specs' (K+V, all layers, scales included)."""
   dims = dict(num_layers=1, num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size)
-  got = sum(quant.bytes_per_token(k, **dims) + quant.bytes_per_token(v, **dims)
+  got = sum(layout.bytes_per_token(k, **dims) + layout.bytes_per_token(v, **dims)
             for k, v in layer_specs)
-  return 2 * len(layer_specs) * quant.bytes_per_token(quant.QuantSpec(), **dims) / got
+  return 2 * len(layer_specs) * layout.bytes_per_token(layout.QuantSpec(), **dims) / got
 
 
 def parse_emulated(tag: str):
@@ -366,7 +367,7 @@ def run_emulated(specs, config, params, windows) -> dict:
         "attn_rel_err": None, "attn_rel_err_mean": None, "attn_rel_err_max": None,
         "compression": mixed_compression(ls, num_kv_heads=config.num_kv_heads,
                                          head_dim=config.head_dim, page_size=PAGE),
-        "staging_bytes_per_seq": quant.staging_bytes_per_seq(
+        "staging_bytes_per_seq": layout.staging_bytes_per_seq(
             ls[0][0], ls[0][1], num_layers=config.num_layers,
             num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, page_size=PAGE),
         "seconds": time.perf_counter() - t1,
@@ -411,8 +412,8 @@ def main(argv=None) -> dict:
       s = parse_emulated(s)[0]
       if s == "float32":
         raise ValueError("--emulate: the emulation rounds K/V to bf16; 'float32' is a cache row")
-    if s.removesuffix("+prerope") not in quant.PRESETS and s != "float32":
-      raise ValueError(f"--specs: unknown preset {s!r}; known: {sorted(quant.PRESETS)}")
+    if s.removesuffix("+prerope") not in layout.PRESETS and s != "float32":
+      raise ValueError(f"--specs: unknown preset {s!r}; known: {sorted(layout.PRESETS)}")
   num_windows = args.windows or (2 if args.quick else 16)
   prompts_n, new_tokens = (2, 32) if args.quick else (8, 256)
   info = common.machine()
@@ -460,10 +461,10 @@ def main(argv=None) -> dict:
         "prefix_match": None if same is None else float(first_diff.mean() / new_tokens),
         "attn_rel_err": errs, "attn_rel_err_mean": float(np.mean(errs)),
         "attn_rel_err_max": float(np.max(errs)),
-        "compression": quant.compression(ks, vs, **dims) * (0.5 if dtype == "float32" else 1),
-        "bytes_per_token": (quant.bytes_per_token(ks, **dims, dtype=dtype)
-                            + quant.bytes_per_token(vs, **dims, dtype=dtype)),
-        "staging_bytes_per_seq": quant.staging_bytes_per_seq(ks, vs, **dims),
+        "compression": layout.compression(ks, vs, **dims) * (0.5 if dtype == "float32" else 1),
+        "bytes_per_token": (layout.bytes_per_token(ks, **dims, dtype=dtype)
+                            + layout.bytes_per_token(vs, **dims, dtype=dtype)),
+        "staging_bytes_per_seq": layout.staging_bytes_per_seq(ks, vs, **dims),
         "seconds": time.perf_counter() - t1,
     }
     res["specs"][name] = row

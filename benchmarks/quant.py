@@ -9,7 +9,7 @@ given, and every ratio is against a baseline measured in the same run:
 * ``attend_ratio``: decode attention over int8 / int4 pages over the same
   attention over bf16 pages (same page table, same lengths).
 * ``compression``: bf16 bytes per cached token (K+V, all layers) over the
-  preset's, scales included (``kvjax.quant.compression``).
+  preset's, scales included (``kvjax.layout.compression``).
 
 ``--device-check`` (GPU/TPU only): compiles the Pallas kernels for real,
 checks them against the jnp references on random data, and reports their
@@ -30,12 +30,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import quant
 from kvjax.kernels import ops
 from kvjax.kernels import paged_attention as pa
 from kvjax.kernels import quantize as kq
-from kvjax.state import Pages
 import common  # benchmarks/common.py: machine description, results writer
+from kvjax import layout
+from kvjax import quant
+from kvjax.layout.pages import Pages
 
 SMOL = dict(num_layers=30, num_kv_heads=3, head_dim=64)   # SmolLM2-135M's KV shapes
 PAGE = 16
@@ -66,7 +67,7 @@ def bench_throughput(num_pages: int, reps: int, pallas: bool) -> dict:
   t_copy = timeit(copy, x, reps=reps)
   out = {"input_bytes": nbytes, "copy_s": t_copy, "copy_gbps": nbytes / t_copy / 1e9}
   for name in THROUGHPUT_PRESETS:
-    for role, spec in zip(("k", "v"), quant.PRESETS[name]):
+    for role, spec in zip(("k", "v"), layout.PRESETS[name]):
       q = jax.jit(lambda a, spec=spec: ops.quantize_pages(a, spec, pallas=pallas))
       pages = q(x)
       dq = jax.jit(lambda p, spec=spec: ops.dequantize_pages(p, spec, pallas=pallas))
@@ -94,13 +95,13 @@ def bench_attend(batch: int, seq_len: int, reps: int, pallas: bool) -> dict:
                                                       pallas=pallas))
     return timeit(f, q, kp, vp, reps=reps)
 
-  bf16 = quant.QuantSpec()
+  bf16 = layout.QuantSpec()
   t_base = run(bf16, bf16, Pages(data=kf.astype(jnp.bfloat16)),
                Pages(data=vf.astype(jnp.bfloat16)))
   out = {"batch": batch, "seq_len": seq_len, "q_heads": h * g, "kv_heads": h, "head_dim": d,
          "bf16_s": t_base}
   for name in ATTEND_PRESETS:
-    k_spec, v_spec = quant.PRESETS[name]
+    k_spec, v_spec = layout.PRESETS[name]
     # no staging ring here: every page is read from the quantized pool (worst case)
     k_spec, v_spec = (s if s.residual == 0 else s.__class__(**{**s.__dict__, "residual": 0})
                       for s in (k_spec, v_spec))
@@ -111,13 +112,13 @@ def bench_attend(batch: int, seq_len: int, reps: int, pallas: bool) -> dict:
 
 def bench_compression() -> dict:
   out = {}
-  for name, (k, v) in quant.PRESETS.items():
+  for name, (k, v) in layout.PRESETS.items():
     dims = dict(**SMOL, page_size=PAGE)
     out[name] = {
         "key_spec": str(k), "value_spec": str(v),
-        "bytes_per_token": quant.bytes_per_token(k, **dims) + quant.bytes_per_token(v, **dims),
-        "compression": quant.compression(k, v, **dims),
-        "staging_bytes_per_seq": quant.staging_bytes_per_seq(k, v, **dims)}
+        "bytes_per_token": layout.bytes_per_token(k, **dims) + layout.bytes_per_token(v, **dims),
+        "compression": layout.compression(k, v, **dims),
+        "staging_bytes_per_seq": layout.staging_bytes_per_seq(k, v, **dims)}
   return out
 
 
@@ -134,7 +135,7 @@ def device_check(quick: bool, reps: int, sizes=None) -> dict:
   t_copy = timeit(jax.jit(lambda a: a.copy()), x, reps=reps)
   out = {"pages": n, "copy_gbps": nbytes / t_copy / 1e9}
   for name in THROUGHPUT_PRESETS:
-    for role, spec in zip(("k", "v"), quant.PRESETS[name]):
+    for role, spec in zip(("k", "v"), layout.PRESETS[name]):
       row = out[f"{name}/{role}"] = {"spec": str(spec)}
       try:
         want = jax.jit(lambda a, spec=spec: quant.quantize_pages(a, spec))(x)
@@ -166,7 +167,7 @@ def device_check(quick: bool, reps: int, sizes=None) -> dict:
   # the int2 rows read every page from the pool (no ring); "+sr": with a sink token and
   # keys stored before RoPE (rotated in the kernel), the 2-bit recipe's extra work
   for name in ("bf16",) + ATTEND_PRESETS + ("int2-kbf-r128-s1", "int2-kbf-r128-s1+sr"):
-    k_spec, v_spec = quant.PRESETS[name.removesuffix("+sr")]
+    k_spec, v_spec = layout.PRESETS[name.removesuffix("+sr")]
     extra = dict(k_sink=sink, v_sink=sink, k_rope=10000.0) if name.endswith("+sr") else {}
     row = out[f"attend/{name}"] = {}
     try:

@@ -15,11 +15,11 @@ from typing import Optional
 
 import jax
 
-from kvjax import quant
 from kvjax.kernels import paged_attention as pa
 from kvjax.kernels import quantize as kq
-from kvjax.quant import QuantSpec
-from kvjax.state import Pages
+from kvjax.layout.pages import Pages
+from kvjax.layout.spec import QuantSpec
+from kvjax.quant import pages as quant_pages
 
 ENV_VAR = "KVJAX_PALLAS"
 _ON, _OFF, _AUTO = ("1", "true", "on", "pallas"), ("0", "false", "off", "jnp"), ("", "auto")
@@ -81,7 +81,7 @@ def _choose(pallas: Optional[bool]) -> bool:
 
 
 def quantize_pages(x: jax.Array, spec: QuantSpec, *, pallas: Optional[bool] = None) -> Pages:
-  """``kvjax.quant.quantize_pages`` on the selected path (same result, bit for bit).
+  """``quantize_pages`` on the selected path (same result, bit for bit).
 
   >>> quantize_pages(jax.numpy.ones((4, 1, 8)), QuantSpec(bits=4), pallas=False).data.shape
   (4, 1, 4)
@@ -92,7 +92,7 @@ def quantize_pages(x: jax.Array, spec: QuantSpec, *, pallas: Optional[bool] = No
 
 
 def dequantize_pages(pages: Pages, spec: QuantSpec, *, pallas: Optional[bool] = None):
-  """``kvjax.quant.dequantize_pages`` on the selected path: float32 ``[..., S, H, D]``."""
+  """``dequantize_pages`` on the selected path: float32 ``[..., S, H, D]``."""
   if _choose(pallas):
     return kq.dequantize_pages(pages, spec, interpret=_interpret())
   return _jnp_dequantize(pages, spec)
@@ -115,7 +115,7 @@ def paged_attention(q, k_pages: Pages, v_pages: Pages, page_table, kv_lens, k_sp
                         k_rope=k_rope)
 
 
-_jnp_quantize = jax.jit(quant.quantize_pages, static_argnames="spec")
-_jnp_dequantize = jax.jit(quant.dequantize_pages, static_argnames="spec")
+_jnp_quantize = jax.jit(quant_pages.quantize_pages, static_argnames="spec")
+_jnp_dequantize = jax.jit(quant_pages.dequantize_pages, static_argnames="spec")
 _jnp_attention = jax.jit(pa.paged_attention_reference,
                          static_argnames=("k_spec", "v_spec", "k_rope"))

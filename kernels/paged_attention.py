@@ -14,12 +14,14 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kvjax import quant
 from kvjax.kernels import quantize as kq
-from kvjax.quant import QuantSpec
 from kvjax.rope import inv_freq
 from kvjax.rope import rope
-from kvjax.state import Pages
+from kvjax.layout.pages import Pages
+from kvjax.layout.shapes import first_staged_page
+from kvjax.layout.shapes import residual_tokens
+from kvjax.layout.spec import QuantSpec
+from kvjax.quant.pages import dequantize_pages
 
 
 def _check_args(q, k_pages, v_pages, page_table, kv_lens, k_spec, v_spec, k_stage, v_stage,
@@ -52,7 +54,7 @@ def _check_args(q, k_pages, v_pages, page_table, kv_lens, k_spec, v_spec, k_stag
       if st.ndim != 5 or st.shape[0] != b or st.shape[2:] != (s, h, d):
         raise ValueError(f"{what}: {name} must be [B={b}, NS, S={s}, H={h}, D={d}], "
                          f"got shape {st.shape}")
-    need = quant.residual_tokens(k_spec, v_spec) // s + 1
+    need = residual_tokens(k_spec, v_spec) // s + 1
     if k_stage.shape[1] < need or v_stage.shape[1] != k_stage.shape[1]:
       raise ValueError(f"{what}: staging rings must hold the same number (>= {need}) of pages "
                        f"for these specs, got {k_stage.shape[1]} and {v_stage.shape[1]}")
@@ -76,21 +78,23 @@ def gather_dequantized(pages: Pages, spec: QuantSpec, page_table: jax.Array,
     page_table: int32 ``[B, M]`` (-1 entries read page 0: mask by ``kv_lens``).
     kv_lens: int32 ``[B]``; decides which pages come from ``stage``.
     stage: optional float ``[B, NS, S, H, D]`` ring (see ``paged_attention_reference``).
-    residual: the cache's window (``quant.residual_tokens``).
+    residual: the cache's window (``residual_tokens``).
     sink: optional float ``[B, N, H, D]``: each sequence's first N tokens,
       read from here instead of the pool (``QuantSpec.sink``).
 
+  >>> from kvjax.quant.pages import quantize_pages
   >>> spec = QuantSpec(bits=8)
-  >>> p = quant.quantize_pages(jnp.full((2, 4, 1, 8), 7.0), spec)
+  >>> from kvjax.quant.pages import quantize_pages
+  >>> p = quantize_pages(jnp.full((2, 4, 1, 8), 7.0), spec)
   >>> gather_dequantized(p, spec, jnp.array([[1, 0]]), jnp.array([5])).shape
   (1, 8, 1, 8)
   """
   pt = jnp.clip(page_table, 0, pages.data.shape[0] - 1)
-  x = quant.dequantize_pages(jax.tree.map(lambda a: a[pt], pages), spec)  # [B, M, S, H, D]
+  x = dequantize_pages(jax.tree.map(lambda a: a[pt], pages), spec)  # [B, M, S, H, D]
   if stage is not None:
     s, m, ns = x.shape[2], x.shape[1], stage.shape[1]
     j = jnp.arange(m)
-    staged = j[None, :] >= quant.first_staged_page(kv_lens, residual, s)[:, None]
+    staged = j[None, :] >= first_staged_page(kv_lens, residual, s)[:, None]
     x = jnp.where(staged[:, :, None, None, None], stage[:, j % ns].astype(jnp.float32), x)
   b, m, s, h, d = x.shape
   x = x.reshape(b, m * s, h, d)
@@ -144,7 +148,7 @@ def paged_attention_reference(q: jax.Array, k_pages: Pages, v_pages: Pages,
               "paged_attention_reference", k_sink, v_sink)
   b, hq, d = q.shape
   h = k_pages.data.shape[2]
-  residual = quant.residual_tokens(k_spec, v_spec)
+  residual = residual_tokens(k_spec, v_spec)
   k = gather_dequantized(k_pages, k_spec, page_table, kv_lens, k_stage, residual, sink=k_sink)
   if k_rope:
     k = rope(k, jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), k.shape[:2]), k_rope)
@@ -208,7 +212,7 @@ def _attention_kernel(*refs, k_spec: QuantSpec, v_spec: QuantSpec, head_dim: int
   b = pl.program_id(0)
   kv_len = lens_ref[b]
   n_pages = (kv_len + page_size - 1) // page_size
-  first_staged = jnp.minimum(quant.first_staged_page(kv_len, residual, page_size), n_pages)
+  first_staged = jnp.minimum(first_staged_page(kv_len, residual, page_size), n_pages)
   if not num_stage:
     first_staged = n_pages
   lo = pl.program_id(2) * pages_per_split
@@ -342,7 +346,8 @@ def paged_attention(q: jax.Array, k_pages: Pages, v_pages: Pages, page_table: ja
     float32 ``[B, Hq, D]``.
 
   >>> spec = QuantSpec(bits=8)
-  >>> k = quant.quantize_pages(jnp.ones((1, 2, 1, 4)), spec)
+  >>> from kvjax.quant.pages import quantize_pages
+  >>> k = quantize_pages(jnp.ones((1, 2, 1, 4)), spec)
   >>> out = paged_attention(jnp.ones((1, 1, 4)), k, k, jnp.zeros((1, 1), jnp.int32),
   ...                       jnp.array([2]), spec, spec, interpret=True)
   >>> out.shape, round(float(out[0, 0, 0]), 3)
@@ -357,7 +362,7 @@ def paged_attention(q: jax.Array, k_pages: Pages, v_pages: Pages, page_table: ja
   g = hq // h
   gp = max(pl.next_power_of_2(g), 2)   # power-of-two query rows per block (Triton); pad
   num_stage = 0 if k_stage is None else k_stage.shape[1]   # no ring: all pages from the pool
-  residual = quant.residual_tokens(k_spec, v_spec)
+  residual = residual_tokens(k_spec, v_spec)
 
   m_cols = page_table.shape[1]
   pps = PAGES_PER_SPLIT if pages_per_split is None else pages_per_split

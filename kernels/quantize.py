@@ -1,10 +1,10 @@
 """Pallas quantize / dequantize of K/V pages, beside their jnp references.
 
-The references are ``kvjax.quant.quantize_pages`` / ``dequantize_pages``; the
+The references are ``quantize_pages`` / ``dequantize_pages``; the
 kernels share their elementwise formulas (``clip_values``, ``group_stats``,
 ``encode_values``, ``decode_values``, scale encodings) and do their own
 blocking and bit packing. So they clip alike: a value beyond
-``quant.max_abs(spec)`` or an inf saturates to ``+-max_abs``, a NaN is stored
+``max_abs(spec)`` or an inf saturates to ``+-max_abs``, a NaN is stored
 as 0 (and counts as 0 in its group's statistics), and no other element of the
 group is disturbed beyond what the clipped value does to its scale.
 
@@ -27,10 +27,16 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from kvjax.layout.pages import Pages
+from kvjax.layout.shapes import page_shapes
+from kvjax.layout.spec import QuantSpec
+from kvjax.quant.codecs import clip_values
+from kvjax.quant.codecs import decode_scale
+from kvjax.quant.codecs import decode_values
+from kvjax.quant.codecs import encode_values
+from kvjax.quant.codecs import group_params
+from kvjax.quant.codecs import group_stats
 
-from kvjax import quant
-from kvjax.quant import QuantSpec
-from kvjax.state import Pages
 
 
 def compiler_params(interpret: bool = False, platform: Optional[str] = None):
@@ -107,14 +113,14 @@ def load_segment(data_ref, scale_ref, zero_ref, idx: tuple, seg, spec: QuantSpec
     sel = idx + (slice(None), pl.ds(grp, 1))                       # [S, 1]
   else:
     sel = idx + (slice(None), pl.ds(c0, w))                        # [nt, w]
-  s = quant.decode_scale(scale_ref[sel], spec.scale_dtype, kernel=True)
+  s = decode_scale(scale_ref[sel], spec.scale_dtype, kernel=True)
   z = None if zero_ref is None else zero_ref[sel]
   if spec.axis == "channel" and s.shape[0] > 1:                    # token groups: repeat rows
     nt = s.shape[0]
     s = jnp.broadcast_to(s[:, None, :], (nt, s_ // nt, w)).reshape(s_, w)
     if z is not None:
       z = jnp.broadcast_to(z[:, None, :], (nt, s_ // nt, w)).reshape(s_, w)
-  return quant.decode_values(raw, s, z, spec)
+  return decode_values(raw, s, z, spec)
 
 
 # ----------------------------------------------------------------------------- quantize
@@ -134,8 +140,8 @@ def _quantize_kernel(x_ref, *out_refs, spec: QuantSpec):
   s_, d = x_ref.shape
   g = spec.group(head_dim=d, page_size=s_)
 
-  def params(x, axis):   # clipped to the spec's range, NaN as 0 (quant.group_stats)
-    return quant.group_params(*quant.group_stats(x, axis, spec, keepdims=True), spec,
+  def params(x, axis):   # clipped to the spec's range, NaN as 0 (group_stats)
+    return group_params(*group_stats(x, axis, spec, keepdims=True), spec,
                               kernel=True)
 
   # Per-group scale/zero: token axis -> [S, 1] per group; channel axis -> [S, D] rows.
@@ -170,8 +176,8 @@ def _quantize_kernel(x_ref, *out_refs, spec: QuantSpec):
   packed = {}
   for c0, w, k, o in segments(spec, d, s_):
     s, z = sz_of(c0, w)
-    x = quant.clip_values(x_ref[:, pl.ds(c0, w)].astype(jnp.float32), spec)   # NaN -> 0
-    codes = quant.encode_values(x, s, z, spec, kernel=True)
+    x = clip_values(x_ref[:, pl.ds(c0, w)].astype(jnp.float32), spec)   # NaN -> 0
+    codes = encode_values(x, s, z, spec, kernel=True)
     if spec.kind == "fp8" or spec.codes_per_byte == 1:
       data_ref[:, pl.ds(o, w)] = codes
     else:
@@ -183,7 +189,7 @@ def _quantize_kernel(x_ref, *out_refs, spec: QuantSpec):
 
 @functools.partial(jax.jit, static_argnames=("spec", "interpret"))
 def quantize_pages(x: jax.Array, spec: QuantSpec, *, interpret: bool = False) -> Pages:
-  """Pallas ``kvjax.quant.quantize_pages``: same inputs, same outputs, bit for bit.
+  """Pallas ``quantize_pages``: same inputs, same outputs, bit for bit.
 
   Args:
     x: float ``[..., S, H, D]``; leading axes are flattened into the grid.
@@ -202,7 +208,7 @@ def quantize_pages(x: jax.Array, spec: QuantSpec, *, interpret: bool = False) ->
   check_kernel_spec(spec, d, s_, "quantize_pages")
   xf = x.reshape(-1, s_, h, d)
   n = xf.shape[0]
-  shapes = quant.page_shapes(spec, num_pages=n, page_size=s_, num_kv_heads=h, head_dim=d)
+  shapes = page_shapes(spec, num_pages=n, page_size=s_, num_kv_heads=h, head_dim=d)
   outs = [shapes.data, shapes.scale] + ([shapes.zero] if spec.has_zero else [])
 
   def head_block(shape):
@@ -244,10 +250,10 @@ def _dequantize_kernel(data_ref, *refs, spec: QuantSpec, head_dim: int):
 
 @functools.partial(jax.jit, static_argnames=("spec", "interpret"))
 def dequantize_pages(pages: Pages, spec: QuantSpec, *, interpret: bool = False) -> jax.Array:
-  """Pallas ``kvjax.quant.dequantize_pages``: float32 ``[..., S, H, D]``.
+  """Pallas ``dequantize_pages``: float32 ``[..., S, H, D]``.
 
   >>> spec = QuantSpec(bits=4)
-  >>> x = dequantize_pages(quant.quantize_pages(jnp.full((1, 4, 1, 8), 7.0), spec), spec,
+  >>> x = dequantize_pages(quantize_pages(jnp.full((1, 4, 1, 8), 7.0), spec, interpret=True), spec,
   ...                      interpret=True)
   >>> x.shape, float(x[0, 0, 0, 0])
   ((1, 4, 1, 8), 7.0)

@@ -3,41 +3,41 @@
 Cache state is an immutable pytree; every operation is a pure function that jits.
 """
 
-from kvjax.attention import attend
-from kvjax.config import CacheConfig
-from kvjax.paging import StepPlan
-from kvjax.paging import flag_sequences
-from kvjax.paging import fork
-from kvjax.paging import plan_step
-from kvjax.paging import release
-from kvjax.paging import write
-from kvjax.paging import write_flags
 from kvjax.policies import POLICIES
 from kvjax.policies import Policy
 from kvjax.policies import get_policy
 from kvjax.policies import make_params
 from kvjax.policies import score_and_evict
-from kvjax.prefix import attach_prefix
-from kvjax.prefix import tenant_seed
-from kvjax.quant import QuantSpec
-from kvjax.state import BAD_INPUT
-from kvjax.state import CacheState
-from kvjax.state import CacheStatusError
-from kvjax.state import INDEX_OVERFLOW
-from kvjax.state import NON_FINITE
-from kvjax.state import OUT_OF_RANGE
-from kvjax.state import OUT_OF_PAGES
-from kvjax.state import PageMeta
-from kvjax.state import Pages
-from kvjax.state import SEQ_FULL
-from kvjax.state import Stats
-from kvjax.state import check_status
-from kvjax.state import checked
-from kvjax.state import clear_status
-from kvjax.state import flagged_rows
-from kvjax.state import init
-from kvjax.state import status_names
 from kvjax import drop  # noqa: E402 (opt-in page dropping, kvjax.drop.*)
+from kvjax.cache.attach import attach_prefix
+from kvjax.cache.attach import tenant_seed
+from kvjax.cache.attend import attend
+from kvjax.cache.config import CacheConfig
+from kvjax.cache.lifecycle import fork
+from kvjax.cache.lifecycle import release
+from kvjax.cache.plan import StepPlan
+from kvjax.cache.plan import flag_sequences
+from kvjax.cache.plan import plan_step
+from kvjax.cache.plan import write_flags
+from kvjax.cache.state import CacheState
+from kvjax.cache.state import Stats
+from kvjax.cache.state import clear_status
+from kvjax.cache.state import init
+from kvjax.cache.status import BAD_INPUT
+from kvjax.cache.status import CacheStatusError
+from kvjax.cache.status import INDEX_OVERFLOW
+from kvjax.cache.status import NON_FINITE
+from kvjax.cache.status import OUT_OF_PAGES
+from kvjax.cache.status import OUT_OF_RANGE
+from kvjax.cache.status import SEQ_FULL
+from kvjax.cache.status import check_status
+from kvjax.cache.status import checked
+from kvjax.cache.status import flagged_rows
+from kvjax.cache.status import status_names
+from kvjax.cache.write import write
+from kvjax.layout.meta import PageMeta
+from kvjax.layout.pages import Pages
+from kvjax.layout.spec import QuantSpec
 
 __version__ = "0.1.0"
 

@@ -10,10 +10,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 from typing import Callable, Optional, Sequence
+import jax
+import numpy as np
+
+from kvjax.cache.lifecycle import release
+from kvjax.cache.state import init
+from kvjax.cache.status import CacheStatusError
+from kvjax.cache.status import check_status
+from kvjax.cliutil import ArgumentParser
+from kvjax.cliutil import UsageError
+from kvjax.cliutil import check_memory
+from kvjax.cliutil import positive_int
+from kvjax.models import IM_END_ID
+from kvjax.models import chat_prompt
+from kvjax.models import generate
+from kvjax.models import load_smollm2
+from kvjax.models import prefill
+from kvjax.models.gguf_loader import WeightsNotInstalledError
+from kvjax.sim import cli as sim_cli
 
 SYSTEM_PROMPT = ("You are a concise, helpful assistant. Answer in one or two sentences, "
                  "plainly and correctly.")
@@ -31,86 +48,6 @@ CONVERSATIONS = [
 SMOLLM2_DTYPE = "bfloat16"
 KV_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEMO_MAX_LEN = 1024  # tokens per sequence the demo's page table allows
-
-MEMORY_CAP = 8 * 2 ** 30  # bytes: the most the CLI allocates, whatever the machine has
-MEMORY_SHARE = 0.5        # of the memory available when the command starts
-
-
-class UsageError(ValueError):
-  """A bad argument or environment; ``str()`` names the argument when there is one.
-
-  >>> str(UsageError("must be positive, got 0", argument="--capacity"))
-  'argument --capacity: must be positive, got 0'
-  """
-
-  def __init__(self, message: str, *, argument: Optional[str] = None):
-    self.argument = argument
-    super().__init__(message if argument is None else f"argument {argument}: {message}")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-  """``argparse.ArgumentParser`` whose errors raise ``UsageError`` (one line, no exit)."""
-
-  def error(self, message: str):
-    raise UsageError(f"{message} (see '{self.prog} --help')")
-
-
-def positive_int(text: str) -> int:
-  """argparse type: an integer >= 1.
-
-  >>> positive_int("16")
-  16
-  """
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-  return value
-
-
-def available_memory() -> Optional[int]:
-  """Bytes of memory available now (Linux ``MemAvailable``, else free pages); None if unknown."""
-  try:
-    with open("/proc/meminfo") as f:
-      for line in f:
-        if line.startswith("MemAvailable:"):
-          return int(line.split()[1]) * 1024
-  except (OSError, ValueError, IndexError):
-    pass
-  try:
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-  except (AttributeError, ValueError, OSError):
-    return None
-
-
-def memory_limit() -> tuple[int, str]:
-  """(bytes, how it was set): ``min(MEMORY_CAP, MEMORY_SHARE * available memory)``."""
-  avail = available_memory()
-  if avail is None:
-    return MEMORY_CAP, f"the fixed cap of {gib(MEMORY_CAP)}"
-  share = int(avail * MEMORY_SHARE)
-  if share < MEMORY_CAP:
-    return share, f"{MEMORY_SHARE:.0%} of the {gib(avail)} available"
-  return MEMORY_CAP, f"the fixed cap of {gib(MEMORY_CAP)}"
-
-
-def gib(num_bytes: float) -> str:
-  """``"1.5 GiB"``-style size.
-
-  >>> gib(3 * 2 ** 29)
-  '1.5 GiB'
-  """
-  return f"{num_bytes / 2 ** 30:.1f} GiB"
-
-
-def check_memory(estimate: int, what: str, argument: str) -> None:
-  """UsageError naming ``argument`` when ``estimate`` bytes exceed ``memory_limit()``."""
-  limit, how = memory_limit()
-  if estimate > limit:
-    raise UsageError(f"{what} needs about {gib(estimate)} of memory (estimate), over the "
-                     f"limit of {gib(limit)} ({how})", argument=argument)
 
 
 # --- kvjax demo: accounting --------------------------------------------------------------
@@ -254,28 +191,13 @@ def _demo_cache_config(config, args, max_seqs: int):
 
 def _cache_bytes(cache_config) -> int:
   """Bytes of ``kvjax.init(cache_config)``, from shapes only (nothing allocated)."""
-  import jax
-  import numpy as np
-
-  from kvjax import state
-
-  shapes = jax.eval_shape(lambda: state.init(cache_config))
+  shapes = jax.eval_shape(lambda: init(cache_config))
   return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(shapes))
 
 
 def demo(args) -> dict:
   """Multi-turn chats with a shared system prompt, batched through the paged cache."""
-  import jax
-  import numpy as np
   from tqdm import tqdm
-
-  import kvjax
-  from kvjax.models import IM_END_ID
-  from kvjax.models import chat_prompt
-  from kvjax.models import generate
-  from kvjax.models import load_smollm2
-  from kvjax.models import prefill
-  from kvjax.models.gguf_loader import WeightsNotInstalledError
 
   _check_demo_args(args)
   t0 = time.perf_counter()
@@ -289,7 +211,7 @@ def demo(args) -> dict:
   cc = _demo_cache_config(config, args, len(convs))
   check_memory(_cache_bytes(cc), f"a cache of {cc.num_pages} pages of {cc.page_size} tokens",
                "--num-pages")
-  cache = kvjax.init(cc)
+  cache = init(cc)
   seq_ids = list(range(len(convs)))
   b, chunk = len(convs), 64  # generate's default chunk_size: prefill steps are [B, 64]
   print(f"SmolLM2-135M-Instruct loaded in {load_s:.1f}s; cache: {cc.num_pages} pages of "
@@ -309,7 +231,7 @@ def demo(args) -> dict:
   t = time.perf_counter()
   _, cache = prefill(params, cache, [system_ids], [0], config=config, cache_config=cc)
   meter.prefill(f"1x{chunk}", time.perf_counter() - t, len(system_ids))
-  cache = kvjax.release(cache, np.array([0], np.int32), config=cc)
+  cache = release(cache, np.array([0], np.int32), config=cc)
   prefix_stats = {}
   for turn in range(turns):
     prompts = []
@@ -329,7 +251,7 @@ def demo(args) -> dict:
       outs, cache = generate(params, cache, prompts, seq_ids, config=config, cache_config=cc,
                              max_new_tokens=args.max_new_tokens, on_step=meter.on_step,
                              stats=prefix_stats)
-    except kvjax.CacheStatusError as e:
+    except CacheStatusError as e:
       bar.close()
       raise UsageError(f"the cache ran out: {e}; give more --num-pages or fewer "
                        "--max-new-tokens") from None
@@ -347,7 +269,7 @@ def demo(args) -> dict:
       histories[i].append({"role": "assistant", "content": reply.strip()})
   bar.close()
   wall = time.perf_counter() - t_start
-  kvjax.check_status(cache)
+  check_status(cache)
   stats = cache.stats
   timing = meter.report()
   generated = meter.generated
@@ -391,7 +313,6 @@ def _fail(error: Exception) -> int:
 
 
 def _replay(argv: list[str]) -> int:
-  from kvjax.sim import cli as sim_cli
 
   try:
     return sim_cli.main(argv) or 0

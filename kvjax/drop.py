@@ -52,13 +52,17 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from kvjax.cache.checks import as_int32
+from kvjax.cache.checks import check_state
+from kvjax.cache.config import CacheConfig
+from kvjax.cache import lifecycle
+from kvjax.cache.plan import StepPlan
+from kvjax.cache.pool import forget_pages
+from kvjax.cache.pool import unref_pages
+from kvjax.cache.state import CacheState
+from kvjax.cache.state import DropState
+from kvjax.cache.status import enforce_checked
 
-from kvjax import paging
-from kvjax import prefix as prefix_lib
-from kvjax import state as state_lib
-from kvjax.config import CacheConfig
-from kvjax.state import CacheState
-from kvjax.state import DropState
 
 MODES = ("h2o", "h2o_mean", "streaming")
 
@@ -140,7 +144,7 @@ def begin_step(state: CacheState, seq_ids: jax.Array) -> tuple[CacheState, jax.A
   return state.replace(drop=d), offset.astype(jnp.int32)
 
 
-def accumulate(state: CacheState, plan: paging.StepPlan, mass: jax.Array) -> CacheState:
+def accumulate(state: CacheState, plan: StepPlan, mass: jax.Array) -> CacheState:
   """Add a step's per-row page mass to the rows' sequences (after ``plan_step``).
 
   A column whose page changed since its mass was recorded (released and
@@ -266,7 +270,7 @@ def drop_pages(state: CacheState, *, budget: int, sink_pages: int, recent_pages:
   """
   d = _require(state, "drop_pages")
   _check_budget(budget, sink_pages, recent_pages, mode)
-  paging._check_state(state, config)
+  check_state(state, config)
   b, m_ = state.page_table.shape
   p_ = state.meta.ref_count.shape[0]
   s_ = state.k.data.shape[2]
@@ -290,7 +294,7 @@ def drop_pages(state: CacheState, *, budget: int, sink_pages: int, recent_pages:
   new_len = state.seq_lens - n_drop * s_
 
   # Release the dropped pages' references (as kvjax.release does).
-  meta = paging.unref_pages(state.meta, jnp.where(drop, table, p_))
+  meta = unref_pages(state.meta, jnp.where(drop, table, p_))
   hashed = jnp.any(meta.block_hash != 0, axis=-1)
 
   # Break the hash chain of sequences that dropped: their last full page leaves the index.
@@ -303,11 +307,11 @@ def drop_pages(state: CacheState, *, budget: int, sink_pages: int, recent_pages:
 
   def unhash(args):
     meta, index = args
-    meta, index = prefix_lib.forget_pages(meta, index, cut_pages)
+    meta, index = forget_pages(meta, index, cut_pages)
     return meta.replace(block_hash=meta.block_hash.at[cut_pages].set(0, mode="drop")), index
 
   meta, index = jax.lax.cond(jnp.any(cut), unhash, lambda a: a, (meta, index))
-  return state_lib.enforce_checked(state.replace(
+  return enforce_checked(state.replace(
       meta=meta, index=index, page_table=new_table, seq_lens=new_len,
       drop=d.replace(mass=new_mass, seen=new_seen, owner=new_owner, dropped=d.dropped + n_drop * s_,
                      pages_dropped=d.pages_dropped + jnp.sum(n_drop))), config)
@@ -325,9 +329,9 @@ def release(state: CacheState, seq_ids: jax.Array, *, config: CacheConfig) -> Ca
   [0]
   """
   d = _require(state, "release")
-  state = paging.release(state, seq_ids, config=config)
+  state = lifecycle.release(state, seq_ids, config=config)
   ms = state.page_table.shape[0]
-  seq_ids = paging.as_int32("seq_ids", seq_ids, 1)
+  seq_ids = as_int32("seq_ids", seq_ids, 1)
   rows = jnp.where((seq_ids >= 0) & (seq_ids < ms), seq_ids, ms)
   return state.replace(drop=d.replace(
       mass=d.mass.at[rows].set(0.0, mode="drop"),
@@ -349,10 +353,10 @@ def fork(state: CacheState, src_ids: jax.Array, dst_ids: jax.Array, *,
   [2, 0, 0, 0]
   """
   d = _require(state, "fork")
-  new = paging.fork(state, src_ids, dst_ids, config=config)
+  new = lifecycle.fork(state, src_ids, dst_ids, config=config)
   ms = state.page_table.shape[0]
-  src_ids = paging.as_int32("src_ids", src_ids, 1)
-  dst_ids = paging.as_int32("dst_ids", dst_ids, 1)
+  src_ids = as_int32("src_ids", src_ids, 1)
+  dst_ids = as_int32("dst_ids", dst_ids, 1)
   src = jnp.clip(src_ids, 0, ms - 1)
   dst = jnp.clip(dst_ids, 0, ms - 1)
   # The pair went through iff the destination now holds the source's table and length.

@@ -17,8 +17,16 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from kvjax.cache.checks import check_state
+from kvjax.cache.pool import eviction_scores
+from kvjax.cache.pool import forget_pages
+from kvjax.cache.status import enforce_checked
+from kvjax.layout.pages import Pages
+from kvjax.layout.pages import pool_only
+from kvjax.policies.adapter import events
+from kvjax.policies.adapter import report
+from kvjax.quant.pages import requantize
 
-from kvjax.state import Pages
 
 LOW, MEDIUM, HIGH, CRITICAL = 0, 1, 2, 3
 LEVEL_NAMES = ("low", "medium", "high", "critical")
@@ -200,10 +208,8 @@ def relieve(state, *, config, pressure: PressureConfig = DEVICE, demote_to=None,
   >>> int(r.level), int(r.freed), int(occupancy(st))        # high (7/8): down to 75 %
   (2, 1, 6)
   """
-  from kvjax import cache_policy, paging, prefix, quant  # noqa: PLC0415 (they import state)
-  from kvjax import state as state_lib  # noqa: PLC0415
 
-  paging._check_state(state, config)
+  check_state(state, config)
   p_ = config.num_pages
   limit = max_evict(p_, pressure) if limit is None else int(limit)
   if limit <= 0 or limit > p_:
@@ -219,18 +225,18 @@ def relieve(state, *, config, pressure: PressureConfig = DEVICE, demote_to=None,
   lv = level(occupied, p_, pressure)
   want = evict_ahead(occupied, p_, pressure)
   cached = jnp.any(meta.block_hash != 0, axis=-1) & (meta.ref_count == 0)
-  scores = paging._eviction_scores(state, state.clock, config)
+  scores = eviction_scores(state, state.clock, config)
   scores = jnp.where(cached, scores, -jnp.inf)
   _, cand = jax.lax.top_k(scores, limit)                          # [E] best victims first
   take = (jnp.arange(limit) < want) & cached[cand]
   victims = jnp.where(take, cand, p_)
   block_hash = jnp.where(take[:, None], meta.block_hash[cand], jnp.uint32(0))
   tokens = jnp.where(take[:, None], meta.tokens[cand], -1)
-  policy_state = cache_policy.report(
-      state.policy, meta, cache_policy.events(
+  policy_state = report(
+      state.policy, meta, events(
           jnp.where(take, cand, -1), None, state.clock, kind="evict",
           position=meta.position[cand], evicted_keys=block_hash), config)
-  meta, index = prefix.forget_pages(meta, state.index, victims)
+  meta, index = forget_pages(meta, state.index, victims)
   meta = meta.replace(
       block_hash=meta.block_hash.at[victims].set(0, mode="drop"),
       tokens=meta.tokens.at[victims].set(-1, mode="drop"),
@@ -246,9 +252,9 @@ def relieve(state, *, config, pressure: PressureConfig = DEVICE, demote_to=None,
     safe = jnp.clip(cand, 0, p_ - 1)
 
     def payload(pages, to_spec):
-      pool = paging.pool_only(pages)
+      pool = pool_only(pages)
       sel = jax.tree.map(lambda a: a[:, safe], pool)               # [L, E, ...]
-      out = quant.requantize(sel, pool.spec, to_spec)
+      out = requantize(sel, pool.spec, to_spec)
       mask = lambda a: None if a is None else jnp.where(  # noqa: E731
           keep.reshape((1, -1) + (1,) * (a.ndim - 2)), a, jnp.zeros((), a.dtype))
       return out.replace(data=mask(out.data), scale=mask(out.scale), zero=mask(out.zero))
@@ -257,4 +263,4 @@ def relieve(state, *, config, pressure: PressureConfig = DEVICE, demote_to=None,
   relief = Relief(level=lv, after=level(left, p_, pressure), evicted=n, freed=occupied - left,
                   pages=jnp.where(take, cand, -1), block_hash=block_hash, tokens=tokens, k=k,
                   v=v)
-  return relief, state_lib.enforce_checked(new_state, config)
+  return relief, enforce_checked(new_state, config)

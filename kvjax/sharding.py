@@ -8,10 +8,10 @@ from jax.sharding import AxisType
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
+from kvjax.cache.config import CacheConfig
+from kvjax.cache.state import CacheState
+from kvjax.cache.state import init
 
-from kvjax.config import CacheConfig
-from kvjax.state import CacheState
-from kvjax.state import init
 
 
 def page_mesh(devices=None, axis: str = "pages") -> Mesh:

@@ -20,11 +20,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import kvjax
 from kvjax.models.llama import LlamaConfig
 from kvjax.models.llama import LlamaParams
 from kvjax.models.llama import decode_step
 from kvjax.models.tokenizer import IM_END_ID
+from kvjax.cache.status import status_error
+from kvjax.cache.attach import attach_prefix
+from kvjax.cache.config import CacheConfig
+from kvjax.cache.state import CacheState
+from kvjax.cache.status import BAD_INPUT
+from kvjax.cache.status import CacheStatusError
+from kvjax.cache.status import NON_FINITE
+from kvjax.cache.status import OUT_OF_PAGES
+from kvjax.cache.status import SEQ_FULL
+from kvjax.cache.status import status_names
 
 
 @jax.jit
@@ -35,7 +44,7 @@ def _last_logits(logits: jax.Array, num_new: jax.Array) -> jax.Array:
 
 
 def _check_batch(prompts: Sequence[Sequence[int]], seq_ids: Sequence[int],
-                 cache_config: kvjax.CacheConfig) -> np.ndarray:
+                 cache_config: CacheConfig) -> np.ndarray:
   ids = np.asarray(seq_ids, np.int32)
   if ids.ndim != 1 or len(ids) != len(prompts):
     raise ValueError(f"seq_ids must be one id per prompt ({len(prompts)}), got {list(seq_ids)}")
@@ -70,16 +79,16 @@ class Reply(list):
 
 def _finish_reason(flags: int) -> str:
   """The finish reason of a row whose step set sequence ``flags``."""
-  if flags & kvjax.OUT_OF_PAGES:
+  if flags & OUT_OF_PAGES:
     return "out_of_pages"
-  if flags & kvjax.SEQ_FULL:
+  if flags & SEQ_FULL:
     return "length"
-  if flags & kvjax.NON_FINITE:
+  if flags & NON_FINITE:
     return "non_finite"
   return "error"
 
 
-_ROW_STOPS = kvjax.OUT_OF_PAGES | kvjax.SEQ_FULL | kvjax.NON_FINITE | kvjax.BAD_INPUT
+_ROW_STOPS = OUT_OF_PAGES | SEQ_FULL | NON_FINITE | BAD_INPUT
 
 
 def _host_rows(cache) -> tuple[np.ndarray, np.ndarray]:
@@ -103,23 +112,23 @@ def _step(params, cache, tokens, ids, num_new, config, cache_config, seeds, befo
   new_flags = after[1][rows] & ~before[1][rows]
   short = (ids >= 0) & (after[0][rows] != before[0][rows] + num_new)
   stopped = np.where((ids >= 0) & (short | (new_flags & _ROW_STOPS != 0)),
-                     np.where(new_flags != 0, new_flags, kvjax.OUT_OF_PAGES), 0)
+                     np.where(new_flags != 0, new_flags, OUT_OF_PAGES), 0)
   return logits, cache, stopped.astype(np.int64), after
 
 
-def _refusal(cache, ids, stopped, what: str) -> kvjax.CacheStatusError:
-  rows = {int(ids[r]): kvjax.status_names(int(stopped[r])) for r in np.flatnonzero(stopped)}
-  return kvjax.state.status_error(cache, f"{what}: cache refused sequences {list(rows)}", rows)
+def _refusal(cache, ids, stopped, what: str) -> CacheStatusError:
+  rows = {int(ids[r]): status_names(int(stopped[r])) for r in np.flatnonzero(stopped)}
+  return status_error(cache, f"{what}: cache refused sequences {list(rows)}", rows)
 
 
-_attach = jax.jit(kvjax.attach_prefix, static_argnames="config", donate_argnames="state")
+_attach = jax.jit(attach_prefix, static_argnames="config", donate_argnames="state")
 
 _ATTACH_BUCKET = 256  # prompts are padded to a multiple of this for attach (few compiles)
 
 
-def attach_cached_prefixes(cache: kvjax.CacheState, prompts: Sequence[Sequence[int]],
-                           ids: np.ndarray, cache_config: kvjax.CacheConfig,
-                           seeds=None) -> tuple[np.ndarray, kvjax.CacheState]:
+def attach_cached_prefixes(cache: CacheState, prompts: Sequence[Sequence[int]],
+                           ids: np.ndarray, cache_config: CacheConfig,
+                           seeds=None) -> tuple[np.ndarray, CacheState]:
   """Attach cached prefixes to the empty sequences among ``ids``; int [B] tokens reused."""
   lens = np.asarray(cache.seq_lens)[ids]
   empty = lens == 0
@@ -136,8 +145,8 @@ def attach_cached_prefixes(cache: kvjax.CacheState, prompts: Sequence[Sequence[i
   return np.asarray(cached).astype(np.int64), cache
 
 
-def prefill(params: LlamaParams, cache: kvjax.CacheState, prompts: Sequence[Sequence[int]],
-            seq_ids: Sequence[int], *, config: LlamaConfig, cache_config: kvjax.CacheConfig,
+def prefill(params: LlamaParams, cache: CacheState, prompts: Sequence[Sequence[int]],
+            seq_ids: Sequence[int], *, config: LlamaConfig, cache_config: CacheConfig,
             chunk_size: int = 64, seeds=None, stats: Optional[dict] = None):
   """Feed prompts of different lengths into the cache, ``chunk_size`` tokens per step.
 
@@ -164,6 +173,8 @@ def prefill(params: LlamaParams, cache: kvjax.CacheState, prompts: Sequence[Sequ
       (checked mode: raised at the first flagged step). ``err.state`` is the
       cache (usable), ``err.rows`` the refused sequences, ``err.logits`` the
       last logits (NaN rows for the refused ones).
+
+  >>> import kvjax
 
   >>> cfg = LlamaConfig.small()
   >>> cc = cfg.cache_config(page_size=4, num_pages=16, max_seqs=2, max_pages_per_seq=8)
@@ -217,8 +228,8 @@ def _prefill(params, cache, prompts, seq_ids, *, config, cache_config, chunk_siz
   return last, cache, stopped, host
 
 
-def generate(params: LlamaParams, cache: kvjax.CacheState, prompts: Sequence[Sequence[int]],
-             seq_ids: Sequence[int], *, config: LlamaConfig, cache_config: kvjax.CacheConfig,
+def generate(params: LlamaParams, cache: CacheState, prompts: Sequence[Sequence[int]],
+             seq_ids: Sequence[int], *, config: LlamaConfig, cache_config: CacheConfig,
              max_new_tokens: int, stop_ids: Sequence[int] = (IM_END_ID,), chunk_size: int = 64,
              on_step: Optional[Callable[[int], None]] = None, seeds=None,
              stats: Optional[dict] = None):

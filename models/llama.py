@@ -25,10 +25,16 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-import kvjax
-from kvjax.attention import grouped_attention
-from kvjax.attention import write_attend
 from kvjax.rope import rope
+from kvjax.cache.attend import grouped_attention
+from kvjax.cache.attend import write_attend
+from kvjax.cache.status import enforce_checked
+from kvjax import drop
+from kvjax.cache.config import CacheConfig
+from kvjax.cache.plan import flag_sequences
+from kvjax.cache.plan import plan_step
+from kvjax.cache.plan import write_flags
+from kvjax.cache.state import CacheState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +92,7 @@ class LlamaConfig:
 
   def cache_config(self, *, page_size: int, num_pages: int, max_seqs: int,
                    max_pages_per_seq: int, prerope_keys: bool = False, dtype: str = "auto",
-                   model_dtype=None, **kwargs) -> kvjax.CacheConfig:
+                   model_dtype=None, **kwargs) -> CacheConfig:
     """A ``kvjax.CacheConfig`` whose layer/head shapes match this model.
 
     ``prerope_keys=True`` stores keys before RoPE (``key_rope=self.rope_base``).
@@ -106,7 +112,7 @@ class LlamaConfig:
       kwargs["key_rope"] = self.rope_base
     if dtype == "auto":
       dtype = "float32" if model_dtype is None else jnp.dtype(model_dtype).name
-    return kvjax.CacheConfig(num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
+    return CacheConfig(num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
                              head_dim=self.head_dim, page_size=page_size, num_pages=num_pages,
                              max_seqs=max_seqs, max_pages_per_seq=max_pages_per_seq,
                              dtype=dtype, **kwargs)
@@ -222,7 +228,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int = 256)
     [B, T, N, D], softmax scale 1/sqrt(D), token t attends to tokens <= t.
     No padding: every key is a real token of its row, so a non-finite value
     reaches only its own row (inside a block also the row's earlier queries,
-    see ``kvjax.attention.grouped_attention``).
+    see ``grouped_attention``).
 
   >>> x = jnp.ones((1, 3, 2, 4))
   >>> causal_attention(x, x[:, :, :1], x[:, :, :1]).shape
@@ -341,7 +347,7 @@ def token_nll(params: LlamaParams, tokens: jax.Array, config: LlamaConfig) -> ja
 
 
 def _check_step_args(tokens, seq_ids, num_new, config: LlamaConfig,
-                     cache_config: kvjax.CacheConfig) -> None:
+                     cache_config: CacheConfig) -> None:
   _check_tokens(tokens)
   b = tokens.shape[0]
   if tuple(seq_ids.shape) != (b,):
@@ -358,9 +364,9 @@ def _check_step_args(tokens, seq_ids, num_new, config: LlamaConfig,
                      f"must be the model's rope_base={config.rope_base}")
 
 
-def decode_step(params: LlamaParams, cache: kvjax.CacheState, tokens: jax.Array,
+def decode_step(params: LlamaParams, cache: CacheState, tokens: jax.Array,
                 seq_ids: jax.Array, num_new: jax.Array, seeds: jax.Array | None = None, *,
-                config: LlamaConfig, cache_config: kvjax.CacheConfig):
+                config: LlamaConfig, cache_config: CacheConfig):
   """One step through the paged cache: a prefill chunk (T > 1) or a decode token (T = 1).
 
   Plans pages once for the batch, then scans the layers with each layer's K/V
@@ -371,7 +377,7 @@ def decode_step(params: LlamaParams, cache: kvjax.CacheState, tokens: jax.Array,
   accumulates every page's attention mass (``kvjax.drop.accumulate``); call
   ``kvjax.drop.drop_pages`` between steps. Quantized pages (``cache_config.key_quant`` /
   ``value_quant``) are quantized on write and dequantized in attention
-  (``kvjax.attention.write_attend``); the compiled step depends on the specs
+  (``write_attend``); the compiled step depends on the specs
   only through the static config.
 
   A row whose new K or V holds a NaN or inf is flagged ``NON_FINITE`` in its
@@ -394,6 +400,8 @@ def decode_step(params: LlamaParams, cache: kvjax.CacheState, tokens: jax.Array,
     (logits float32 [B, T, V], cache). Logits of padding tokens, padding rows and
     refused rows (``cache.seq_status`` tells) are meaningless.
 
+  >>> import kvjax
+
   >>> cfg = LlamaConfig.small()
   >>> cc = cfg.cache_config(page_size=4, num_pages=8, max_seqs=2, max_pages_per_seq=4)
   >>> logits, cache = decode_step(init_params(cfg, jax.random.key(0)), kvjax.init(cc),
@@ -404,7 +412,7 @@ def decode_step(params: LlamaParams, cache: kvjax.CacheState, tokens: jax.Array,
   """
   logits, cache = _decode_step(params, cache, tokens, seq_ids, num_new, seeds, config=config,
                                cache_config=cache_config)
-  return logits, kvjax.state.enforce_checked(cache, cache_config)
+  return logits, enforce_checked(cache, cache_config)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "cache_config"),
@@ -414,10 +422,10 @@ def _decode_step(params, cache, tokens, seq_ids, num_new, seeds, *, config, cach
   _check_step_args(tokens, seq_ids, num_new, config, cache_config)
   check_params(params, config)
   tokens = tokens.astype(jnp.int32)
-  if cache.drop is not None:   # page-dropping mode (kvjax.drop): its own path, opt-in
+  if cache.drop is not None:   # page-dropping mode (drop.): its own path, opt-in
     return _decode_step_drop(params, cache, tokens, seq_ids, num_new, seeds, config,
                              cache_config)
-  plan, cache = kvjax.plan_step(cache, seq_ids.astype(jnp.int32), tokens,
+  plan, cache = plan_step(cache, seq_ids.astype(jnp.int32), tokens,
                                 num_new.astype(jnp.int32), seeds, config=cache_config)
 
   def body(x, xs):
@@ -425,7 +433,7 @@ def _decode_step(params, cache, tokens, seq_ids, num_new, seeds, *, config, cach
 
     def paged(q, k, v):
       out, k_new, v_new = write_attend(q, k, v, k_pages, v_pages, plan)
-      return out, (k_new, v_new, kvjax.write_flags(plan, k, v, k_pages, v_pages))
+      return out, (k_new, v_new, write_flags(plan, k, v, k_pages, v_pages))
 
     x, (k_pages, v_pages, flags) = _layer(lp, x, plan.positions, paged, config,
                                           rope_keys=not cache_config.key_rope)
@@ -433,15 +441,15 @@ def _decode_step(params, cache, tokens, seq_ids, num_new, seeds, *, config, cach
 
   x = params.embed[tokens]
   x, (k_all, v_all, flags) = jax.lax.scan(body, x, (params.layers, cache.k, cache.v))
-  cache = kvjax.flag_sequences(cache.replace(k=k_all, v=v_all), plan.seq_ids,
+  cache = flag_sequences(cache.replace(k=k_all, v=v_all), plan.seq_ids,
                                jnp.bitwise_or.reduce(flags, axis=0))
   return _logits(params, x, config), cache
 
 
 def _decode_step_drop(params, cache, tokens, seq_ids, num_new, seeds, config, cache_config):
   """``decode_step`` for a drop-mode cache: logical RoPE positions, per-page mass kept."""
-  cache, offset = kvjax.drop.begin_step(cache, seq_ids.astype(jnp.int32))
-  plan, cache = kvjax.plan_step(cache, seq_ids.astype(jnp.int32), tokens,
+  cache, offset = drop.begin_step(cache, seq_ids.astype(jnp.int32))
+  plan, cache = plan_step(cache, seq_ids.astype(jnp.int32), tokens,
                                 num_new.astype(jnp.int32), seeds, config=cache_config)
   rope_positions = plan.positions + offset[:, None]                 # logical positions [B, T]
 
@@ -451,7 +459,7 @@ def _decode_step_drop(params, cache, tokens, seq_ids, num_new, seeds, config, ca
 
     def paged(q, k, v):
       out, k_new, v_new, m = write_attend(q, k, v, k_pages, v_pages, plan, with_mass=True)
-      return out, (k_new, v_new, m, kvjax.write_flags(plan, k, v, k_pages, v_pages))
+      return out, (k_new, v_new, m, write_flags(plan, k, v, k_pages, v_pages))
 
     x, (k_pages, v_pages, m, flags) = _layer(lp, x, rope_positions, paged, config)
     return (x, mass + m), (k_pages, v_pages, flags)
@@ -460,6 +468,6 @@ def _decode_step_drop(params, cache, tokens, seq_ids, num_new, seeds, config, ca
   mass0 = jnp.zeros(plan.page_table.shape, jnp.float32)
   (x, mass), (k_all, v_all, flags) = jax.lax.scan(body, (x, mass0),
                                                   (params.layers, cache.k, cache.v))
-  cache = kvjax.drop.accumulate(cache.replace(k=k_all, v=v_all), plan, mass)
-  cache = kvjax.flag_sequences(cache, plan.seq_ids, jnp.bitwise_or.reduce(flags, axis=0))
+  cache = drop.accumulate(cache.replace(k=k_all, v=v_all), plan, mass)
+  cache = flag_sequences(cache, plan.seq_ids, jnp.bitwise_or.reduce(flags, axis=0))
   return _logits(params, x, config), cache

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax import cache_policy
 from kvjax.sim import simulator, traces
+from kvjax.policies import adapter
 
 S = 4  # tokens per page
 
@@ -121,11 +121,11 @@ def test_admit_compares_with_what_the_page_held():
   st = kvjax.init(cfg)
   old, new = jnp.array([[5, 1]], jnp.uint32), jnp.array([[6, 1]], jnp.uint32)
   meta = st.meta.replace(filled=jnp.array([S, 0]), block_hash=st.meta.block_hash.at[0].set(old[0]))
-  seen = lambda pstate, key, n, kind: cache_policy.report(  # noqa: E731
-      pstate, meta, cache_policy.events(jnp.zeros((n,), jnp.int32), jnp.repeat(key, n, 0),
+  seen = lambda pstate, key, n, kind: adapter.report(  # noqa: E731
+      pstate, meta, adapter.events(jnp.zeros((n,), jnp.int32), jnp.repeat(key, n, 0),
                                         jnp.int32(1), kind=kind), cfg)
   pstate = seen(st.policy, old, 3, "hit")
-  ask = lambda ps, page: bool(cache_policy.admit(  # noqa: E731
+  ask = lambda ps, page: bool(adapter.admit(  # noqa: E731
       ps, meta, jnp.int32(2), new, jnp.array([page]), jnp.array([0]), cfg)[0])
   assert not ask(pstate, 0)           # would displace a block seen 3 times
   assert ask(pstate, 1)               # the page was free
@@ -137,4 +137,4 @@ def test_oracle_policy_is_rejected_and_bad_kind_raises():
     kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2, num_pages=4,
                       max_seqs=1, max_pages_per_seq=2, eviction="min")
   with pytest.raises(ValueError, match="kind"):
-    cache_policy.events(jnp.array([0]), None, jnp.int32(0), kind="touch")
+    adapter.events(jnp.array([0]), None, jnp.int32(0), kind="touch")

@@ -9,9 +9,9 @@ import pytest
 
 import kvjax
 from kvjax import drop
-from kvjax.attention import attend
 from kvjax.models import llama
-from kvjax.prefix_index import index_lookup
+from kvjax.cache.attend import attend
+from kvjax.prefix.index import index_lookup
 
 CFG = llama.LlamaConfig.small()
 

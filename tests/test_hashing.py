@@ -9,11 +9,11 @@ import pytest
 
 from hash_reference import M32
 from hash_reference import fmix_py
-from kvjax import hashing
-from kvjax.hashing import block_hash
-from kvjax.hashing import chain_hashes
-from kvjax.hashing import namespace_seed
-from kvjax.hashing import page_hashes
+from kvjax import prefix
+from kvjax.prefix.hashing import block_hash
+from kvjax.prefix.hashing import chain_hashes
+from kvjax.prefix.hashing import namespace_seed
+from kvjax.prefix.hashing import page_hashes
 
 
 
@@ -54,8 +54,8 @@ def _as_tuples(h):
 def test_fmix32_known_values():
   # MurmurHash3 fmix32: 0 -> 0 (a fixed point), and agrees with the Python spelling.
   xs = np.array([0, 1, 2, 0xDEADBEEF, M32], np.uint32)
-  assert [int(v) for v in hashing.fmix32(jnp.asarray(xs))] == [fmix_py(int(x)) for x in xs]
-  assert int(hashing.fmix32(jnp.uint32(0))) == 0
+  assert [int(v) for v in prefix.fmix32(jnp.asarray(xs))] == [fmix_py(int(x)) for x in xs]
+  assert int(prefix.fmix32(jnp.uint32(0))) == 0
 
 
 def test_block_hash_matches_python_reference():
@@ -207,15 +207,15 @@ def test_page_hashes_extend_chains():
 
 
 def test_zero_hash_is_remapped():
-  assert _as_tuples(hashing.remap_no_hash(jnp.zeros((3, 2), jnp.uint32))) == \
-      [hashing.ZERO_REMAP] * 3
+  assert _as_tuples(prefix.remap_no_hash(jnp.zeros((3, 2), jnp.uint32))) == \
+      [prefix.ZERO_REMAP] * 3
   # The empty block under a (0, 0) parent is exactly the mixer's zero point.
   assert _as_tuples(block_hash(jnp.zeros(2, jnp.uint32), jnp.zeros((0,), jnp.int32))) == \
-      [hashing.ZERO_REMAP]
+      [prefix.ZERO_REMAP]
   always_zero = lambda parent, tokens: jnp.zeros(parent.shape, jnp.uint32)  # noqa: E731
   h = chain_hashes(jnp.ones(2, jnp.uint32), jnp.arange(8, dtype=jnp.int32), page_size=4,
                    hash_fn=always_zero)
-  assert _as_tuples(h) == [hashing.ZERO_REMAP] * 2
+  assert _as_tuples(h) == [prefix.ZERO_REMAP] * 2
 
 
 def test_injectable_hash_fn():

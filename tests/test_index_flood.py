@@ -16,11 +16,12 @@ import pytest
 
 import kvjax
 from hash_reference import fmix_py
-from kvjax.hashing import block_hash
-from kvjax.hashing import namespace_seed
-from kvjax.prefix_index import index_init
-from kvjax.prefix_index import index_insert
-from kvjax.prefix_index import index_lookup
+from kvjax.prefix.hashing import block_hash
+from kvjax.prefix.hashing import namespace_seed
+from kvjax.prefix.index import home_buckets
+from kvjax.prefix.index import index_init
+from kvjax.prefix.index import index_insert
+from kvjax.prefix.index import index_lookup
 
 S = 4
 FLOOD = 33  # one more than the old probe budget (max_probes = 32)
@@ -75,7 +76,7 @@ def test_crafted_flood_through_the_cache_keeps_the_victim_cacheable():
                          max_seqs=8, max_pages_per_seq=4, checked=False)
   cache = kvjax.init(cc)
   capacity = cc.index_slots  # 128
-  seed = np.asarray(kvjax.state.default_seed(cc))
+  seed = np.asarray(kvjax.cache.default_seed(cc))
   blocks, _, _ = craft_flood(seed, capacity, FLOOD + 1)
   attack, victim = blocks[:FLOOD], blocks[FLOOD]
   for start in range(0, FLOOD, cc.max_seqs):
@@ -98,7 +99,6 @@ def test_crafted_flood_through_the_cache_keeps_the_victim_cacheable():
                     reason="keyed placement not present")
 def test_the_attacker_cannot_predict_placement():
   """The flood that shares one public home lands on as many buckets as random keys do."""
-  from kvjax.prefix_index import home_buckets  # noqa: PLC0415 (new API)
   capacity = 1024
   _, hashes, _ = craft_flood(namespace_seed("kvjax"), capacity, 64)
   index = index_init(capacity, key=12345)

@@ -10,12 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvjax import quant
 from kvjax.kernels import ops
 from kvjax.kernels import paged_attention as pa
 from kvjax.kernels import quantize as kq
-from kvjax.quant import QuantSpec
-from kvjax.state import Pages
+from kvjax import layout
+from kvjax import quant
+from kvjax.layout.pages import Pages
+from kvjax.layout.spec import QuantSpec
 
 QUANT_SPECS = [
     QuantSpec(bits=8, kind="fp8"),
@@ -24,7 +25,7 @@ QUANT_SPECS = [
               scale_dtype="log8"),
     QuantSpec(bits=4, axis="channel", symmetric=False, scale_dtype="log8"),  # 1 group / page
     QuantSpec(bits=2, axis="channel", symmetric=False, scale_dtype="log8",  # non-uniform levels
-              zero_dtype="bfloat16", levels=quant.NUQ2_LEVELS),
+              zero_dtype="bfloat16", levels=layout.NUQ2_LEVELS),
     QuantSpec(bits=2, symmetric=False, group_size=16, scale_dtype="log8",  # bf16 minimum
               zero_dtype="bfloat16"),
     QuantSpec(bits=2, axis="channel", symmetric=False, scale_dtype="float16",  # f16 minimum
@@ -79,7 +80,7 @@ class _KernelChecks:
                               (*ATTN_SPECS[0], 1, 3, 0.0), (*ATTN_SPECS[0], None, 0, 100.0),
                               (*ATTN_SPECS[2], 1, 1, 100.0),
                               (QuantSpec(**{**ATTN_SPECS[2][0].__dict__,   # the 2-bit recipe
-                                            "levels": quant.NUQ2_LEVELS}),
+                                            "levels": layout.NUQ2_LEVELS}),
                                ATTN_SPECS[2][1], 2, 1, 100.0),
                               (QuantSpec(bits=8), QuantSpec(bits=8), None, 0, 100.0)],
                            ids=lambda s: f"{s.bits}b{s.axis}-{s.zero_dtype}"
@@ -100,7 +101,7 @@ class _KernelChecks:
     lens = jnp.array([21, 9, 0], jnp.int32)   # partial last pages; an unused -1; an empty one
     kw = {}
     if k_spec.residual:
-      ns = quant.staging_pages(k_spec, v_spec, s)
+      ns = layout.staging_pages(k_spec, v_spec, s)
       kw = dict(k_stage=_x(4, (b, ns, s, h, d)), v_stage=_x(5, (b, ns, s, h, d)))
     if sink:
       kw.update(k_sink=_x(6, (b, sink, h, d)), v_sink=_x(7, (b, sink, h, d)))
@@ -199,7 +200,7 @@ def test_kernels_lower_to_triton(name, lowering_for_gpu):
   ``round``, in-register ``slice``, float16 ``nextafter``) with odd pool sizes and
   SmolLM2's head shape. Compiling and running needs the GPU
   (``benchmarks/quant.py --device-check``)."""
-  k_spec, v_spec = GPU_SPECS[name] if name in GPU_SPECS else quant.PRESETS[name]
+  k_spec, v_spec = GPU_SPECS[name] if name in GPU_SPECS else layout.PRESETS[name]
   x = jax.ShapeDtypeStruct((37, 16, 3, 64), jnp.bfloat16)
   for spec in (k_spec, v_spec):
     pages = jax.eval_shape(lambda a, spec=spec: quant.quantize_pages(a, spec), x)
@@ -211,8 +212,8 @@ def test_kernels_lower_to_triton(name, lowering_for_gpu):
   args = [jax.ShapeDtypeStruct((b, 9, 64), jnp.float32), kp, vp,
           jax.ShapeDtypeStruct((b, m), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32)]
   names = []
-  if quant.needs_staging(k_spec, v_spec):
-    ns = quant.staging_pages(k_spec, v_spec, 16)
+  if layout.needs_staging(k_spec, v_spec):
+    ns = layout.staging_pages(k_spec, v_spec, 16)
     args += [jax.ShapeDtypeStruct((b, ns, 16, 3, 64), jnp.float32)] * 2
     names += ["k_stage", "v_stage"]
   if name.startswith("int2"):   # with a sink too

@@ -9,7 +9,7 @@ sequences, fills everything that rows 1 and 2 may not see with NaN or inf
 whole), runs one step and checks that rows 1 and 2 give exactly what they give
 on the clean cache (the same bits), and that this equals a float64 numpy
 attention over the keys and values the clean pages hold (gathered and
-dequantized by ``kvjax.attention._dense``; a prefill chunk through the staging
+dequantized by ``kvjax.cache._dense``; a prefill chunk through the staging
 ring is checked bit for bit against the clean cache only, its causal two-view
 reference being test_quant_cache's).
 """
@@ -22,17 +22,18 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax import quant
 from kvjax import sharding
-from kvjax.attention import _dense
-from kvjax.attention import attend
-from kvjax.attention import write_attend
 from kvjax.kernels import ops
 from kvjax.kernels import paged_attention as pa
-from kvjax.paging import pool_only
-from kvjax.paging import sink_rows
-from kvjax.paging import stage_rows
-from kvjax.quant import QuantSpec
+from kvjax import layout
+from kvjax.cache.attend import _dense
+from kvjax.cache.attend import attend
+from kvjax.cache.attend import grouped_attention
+from kvjax.cache.attend import write_attend
+from kvjax.cache.write import sink_rows
+from kvjax.cache.write import stage_rows
+from kvjax.layout.pages import pool_only
+from kvjax.layout.spec import QuantSpec
 
 S, H, HQ, D = 4, 2, 4, 32   # page size, kv heads, query heads, head_dim
 LENS0 = (8, 6, 3)           # sequence 0 (pages 0 and 1, poisoned whole); 1 and 2 checked
@@ -48,12 +49,12 @@ SPECS = {
     "f32": ("float32", QuantSpec(), QuantSpec()),
     "bf16": ("bfloat16", QuantSpec(), QuantSpec()),
     "f16": ("float16", QuantSpec(), QuantSpec()),
-    "int8": ("float32", *quant.PRESETS["int8"]),
-    "fp8": ("float32", *quant.PRESETS["fp8"]),
-    "int4": ("float32", *quant.PRESETS["int4-kivi"]),     # bf16 scales; K per channel: a ring
-    "int2-staged": ("float32", *_window(quant.PRESETS["int2-kivi-r128"])),   # window + ring
-    "int2-sink": ("bfloat16", *_window((quant._int2_key(sink=1, zero_dtype="float16"),
-                                        quant._int2_value(sink=1)))),
+    "int8": ("float32", *layout.PRESETS["int8"]),
+    "fp8": ("float32", *layout.PRESETS["fp8"]),
+    "int4": ("float32", *layout.PRESETS["int4-kivi"]),     # bf16 scales; K per channel: a ring
+    "int2-staged": ("float32", *_window(layout.PRESETS["int2-kivi-r128"])),   # window + ring
+    "int2-sink": ("bfloat16", *_window((layout._int2_key(sink=1, zero_dtype="float16"),
+                                        layout._int2_value(sink=1)))),
 }
 
 
@@ -100,7 +101,7 @@ def _step_plan(t, num_new):
 
 
 def _with_floor(plan, cfg):   # staged specs read plan.fold_floor (0: nothing attached)
-  if quant.needs_staging(cfg.key_quant, cfg.value_quant):
+  if layout.needs_staging(cfg.key_quant, cfg.value_quant):
     return plan.replace(fold_floor=jnp.zeros((3,), jnp.int32))
   return plan
 
@@ -139,11 +140,11 @@ def poisoned(k, v, cfg, value, table, lens):
   p_ = cfg.num_pages
   live_slot = np.zeros((p_, S), bool)      # pool slots holding a token of sequence 1 or 2
   live_page = np.zeros((p_,), bool)        # pool pages read (folded) by sequence 1 or 2
-  ns = quant.staging_pages(cfg.key_quant, cfg.value_quant, S)
+  ns = layout.staging_pages(cfg.key_quant, cfg.value_quant, S)
   live_ring = np.zeros((3, max(ns, 1), S), bool)
-  residual = quant.residual_tokens(cfg.key_quant, cfg.value_quant)
+  residual = layout.residual_tokens(cfg.key_quant, cfg.value_quant)
   for r in (1, 2):
-    first = int(quant.first_staged_page(lens[r], residual, S)) if ns else 10 ** 9
+    first = int(layout.first_staged_page(lens[r], residual, S)) if ns else 10 ** 9
     for j, page in enumerate(table[r]):
       n = min(max(lens[r] - j * S, 0), S)
       if page < 0 or n == 0:
@@ -153,7 +154,7 @@ def poisoned(k, v, cfg, value, table, lens):
         live_page[page] = True
       else:
         live_ring[r, j % ns, :n] = True
-  live_sink = np.arange(quant.sink_tokens(cfg.key_quant, cfg.value_quant))[None, :] < np.array(
+  live_sink = np.arange(layout.sink_tokens(cfg.key_quant, cfg.value_quant))[None, :] < np.array(
       [0, lens[1], lens[2]])[:, None]
 
   def fix(pages):
@@ -324,7 +325,6 @@ def test_attend_through_pallas_interpret_ignores_poison():
 def test_reference_and_grouped_attention_select_masked_values():
   """Hand-built: the jnp decode reference and ``grouped_attention`` over keys whose masked
   values are NaN give the unmasked result (0 * nan would give nan)."""
-  from kvjax.attention import grouped_attention
   spec = QuantSpec()
   k = jnp.ones((2, 2, 1, 4))
   v = jnp.stack([jnp.full((2, 1, 4), 3.0), jnp.full((2, 1, 4), jnp.nan)])   # page 1: NaN

@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 
 from kvjax import policies as pol
-from kvjax.evict import NEVER, Access, argmax, top_victims, view
-from kvjax.state import init_meta
+from kvjax.layout.meta import init_meta
+from kvjax.policies.scoring import Access
+from kvjax.policies.scoring import NEVER
+from kvjax.policies.scoring import argmax
+from kvjax.policies.scoring import top_victims
+from kvjax.policies.scoring import view
 
 PAGE = 4  # tokens per page in these hand-made pools
 

@@ -10,22 +10,22 @@ from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine
 from hypothesis.stateful import invariant
 from hypothesis.stateful import rule
+from kvjax.prefix.hashing import block_hash
+from kvjax.prefix.hashing import chain_hashes
+from kvjax.prefix.hashing import namespace_seed
+from kvjax.prefix.index import EMPTY
+from kvjax.prefix.index import TOMBSTONE
+from kvjax.prefix.index import halfsiphash64
+from kvjax.prefix.index import home_buckets
+from kvjax.prefix.index import index_counts
+from kvjax.prefix.index import index_delete
+from kvjax.prefix.index import index_init
+from kvjax.prefix.index import index_insert
+from kvjax.prefix.index import index_lookup
+from kvjax.prefix.index import index_rebuild
+from kvjax.prefix.index import match_prefix
+from kvjax.prefix.index import process_key
 
-from kvjax.hashing import block_hash
-from kvjax.hashing import chain_hashes
-from kvjax.hashing import namespace_seed
-from kvjax.prefix_index import EMPTY
-from kvjax.prefix_index import TOMBSTONE
-from kvjax.prefix_index import halfsiphash64
-from kvjax.prefix_index import home_buckets
-from kvjax.prefix_index import index_counts
-from kvjax.prefix_index import index_delete
-from kvjax.prefix_index import index_init
-from kvjax.prefix_index import index_insert
-from kvjax.prefix_index import index_lookup
-from kvjax.prefix_index import index_rebuild
-from kvjax.prefix_index import match_prefix
-from kvjax.prefix_index import process_key
 
 
 

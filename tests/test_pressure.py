@@ -10,6 +10,8 @@ import pytest
 
 import kvjax
 from kvjax import pressure
+from kvjax import cache
+from kvjax import quant
 
 
 def py_level(occ, total, thresholds):
@@ -67,8 +69,6 @@ def test_bad_config_raises(kw, match):
 # ---------------------------------------------------------------- relieve (in the cache)
 
 
-from kvjax import paging  # noqa: E402
-from kvjax import quant as quant_lib  # noqa: E402
 
 
 @functools.lru_cache(maxsize=None)
@@ -122,7 +122,7 @@ def py_relieve(meta, scores, total, cfg):
 def test_relieve_evicts_the_policy_victims_down_to_target(cfg_p):
   cfg, st = _filled_cache()
   meta = jax.tree.map(np.asarray, st.meta)
-  scores = np.asarray(paging._eviction_scores(st, st.clock, cfg))
+  scores = np.asarray(cache.eviction_scores(st, st.clock, cfg))
   occ, victims = py_relieve(meta, scores, cfg.num_pages, cfg_p)
   relief, new = relieve(cfg, cfg_p)(st)
   got = [int(p) for p in relief.pages if p >= 0]
@@ -176,12 +176,12 @@ def test_demotion_returns_victims_requantized():
   relief, _ = relieve(cfg, strict, to)(st)
   got = np.asarray(relief.pages)
   meta = jax.tree.map(np.asarray, st.meta)
-  scores = np.asarray(paging._eviction_scores(st, st.clock, cfg))
+  scores = np.asarray(cache.eviction_scores(st, st.clock, cfg))
   _, victims = py_relieve(meta, scores, cfg.num_pages, strict)
   assert victims and sorted(got[got >= 0].tolist()) == sorted(victims)
   for spec, pages, out in ((to[0], st.k, relief.k), (to[1], st.v, relief.v)):
     ref = np.asarray(pages.data, np.float32)[:, got[got >= 0]]       # [L, n, S, H, D]
-    deq = np.asarray(quant_lib.dequantize_pages(out, spec), np.float32)[:, got >= 0]
+    deq = np.asarray(quant.dequantize_pages(out, spec), np.float32)[:, got >= 0]
     err = np.linalg.norm(deq - ref) / np.linalg.norm(ref)
     assert err < 0.15, err                                        # 4-bit codes of N(0, 1)
     assert np.abs(np.asarray(out.data)[:, got < 0]).max(initial=0) == 0

@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvjax import quant
-from kvjax.config import CacheConfig
 from kvjax.kernels.paged_attention import paged_attention_reference
-from kvjax.quant import QuantSpec
-from kvjax.state import Pages
+from kvjax import layout
+from kvjax import quant
+from kvjax.cache.config import CacheConfig
+from kvjax.layout.pages import Pages
+from kvjax.layout.spec import QuantSpec
 
 # ----------------------------------------------------------------------------- hand-worked
 
@@ -328,11 +329,11 @@ def _data(seed, shape=(3, 16, 2, 64), loud=True):
 def test_round_trip_within_bound(spec):
   x = _data(1)
   p = quant.quantize_pages(x, spec)
-  assert p.scale.shape == quant.page_shapes(spec, num_pages=3, page_size=16, num_kv_heads=2,
+  assert p.scale.shape == layout.page_shapes(spec, num_pages=3, page_size=16, num_kv_heads=2,
                                             head_dim=64).scale.shape
   xr = quant.dequantize_pages(p, spec)
   g = spec.group(head_dim=64, page_size=16)
-  err, ax = quant._grouped(jnp.abs(xr - x), spec, g)
+  err, ax = quant.grouped(jnp.abs(xr - x), spec, g)
   bound = quant.error_bound(spec, quant.decode_scale(p.scale, spec.scale_dtype))
   # float32 arithmetic on x / s and s * code: a few ulps of the value on top
   slack = 1e-5 * jnp.max(jnp.abs(x))
@@ -432,18 +433,18 @@ SMOL = dict(num_layers=30, num_kv_heads=3, head_dim=64, page_size=16)
 def test_bytes_per_token_hand_worked():
   # int4 channel, asymmetric, log8 scale + int8 zero: 32 data bytes + 64 * 2 / 16 per head
   spec = QuantSpec(bits=4, axis="channel", symmetric=False, scale_dtype="log8")
-  assert quant.bytes_per_token(spec, **SMOL) == 30 * 3 * (32 + 8)
+  assert layout.bytes_per_token(spec, **SMOL) == 30 * 3 * (32 + 8)
   # int2 token axis, group 32, bf16 scale + zero: 16 + 2 * 3
   spec = QuantSpec(bits=2, symmetric=False, group_size=32)
-  assert quant.bytes_per_token(spec, **SMOL) == 30 * 3 * (16 + 6)
+  assert layout.bytes_per_token(spec, **SMOL) == 30 * 3 * (16 + 6)
   # int2 channel at 32-token pages, log8 scale + bf16 minimum: 16 + 64 * 3 / 32
   spec = QuantSpec(bits=2, axis="channel", symmetric=False, scale_dtype="log8",
                    zero_dtype="bfloat16")
-  assert quant.bytes_per_token(spec, **{**SMOL, "page_size": 32}) == 30 * 3 * (16 + 6)
+  assert layout.bytes_per_token(spec, **{**SMOL, "page_size": 32}) == 30 * 3 * (16 + 6)
   # float16 minimum and scale: two bytes each, 16 + 64 * 4 / 32
   spec = QuantSpec(bits=2, axis="channel", symmetric=False, scale_dtype="float16",
                    zero_dtype="float16")
-  assert quant.bytes_per_token(spec, **{**SMOL, "page_size": 32}) == 30 * 3 * (16 + 8)
+  assert layout.bytes_per_token(spec, **{**SMOL, "page_size": 32}) == 30 * 3 * (16 + 8)
 
 
 @pytest.mark.parametrize("k, v, target", [
@@ -455,13 +456,13 @@ def test_bytes_per_token_hand_worked():
      QuantSpec(bits=2, symmetric=False, scale_dtype="log8", residual=64), 6.0),
 ])
 def test_presets_meet_compression_targets(k, v, target):
-  assert quant.compression(k, v, **SMOL) >= target
+  assert layout.compression(k, v, **SMOL) >= target
 
 
 def test_staging_rule():
   # residual 16, page 16: page j folds once (j + 1) * 16 + 16 <= kv_len
-  assert quant.first_staged_page(jnp.array([31, 32, 33, 48]), 16, 16).tolist() == [0, 1, 1, 2]
-  first, count = quant.pages_to_fold(jnp.array([31, 10]), jnp.array([48, 12]), 16, 16)
+  assert layout.first_staged_page(jnp.array([31, 32, 33, 48]), 16, 16).tolist() == [0, 1, 1, 2]
+  first, count = layout.pages_to_fold(jnp.array([31, 10]), jnp.array([48, 12]), 16, 16)
   assert first.tolist() == [0, 0] and count.tolist() == [2, 0]
 
 
@@ -530,7 +531,7 @@ def test_attention_staged_pages_read_in_full_precision():
   q, kf, vf, table, lens = _attention_case(2)
   k_spec = QuantSpec(bits=2, axis="channel", symmetric=False, residual=16)
   v_spec = QuantSpec(bits=2, symmetric=False, residual=16)
-  ns = quant.staging_pages(k_spec, v_spec, 16)
+  ns = layout.staging_pages(k_spec, v_spec, 16)
   assert ns == 2
   # the ring holds page j at slot j % ns, in full precision
   # sequence 0 stages page 2 (slot 0; slot 1 is stale); sequence 1 stages pages 0, 1
@@ -584,7 +585,7 @@ def test_stage_and_fold_over_steps(residual):
   # pool then holds fold_page(float page), the ring the float tokens of staged pages
   spec = QuantSpec(bits=4, axis="channel", symmetric=False, residual=residual)
   s, h, d, m = 4, 1, 8, 6
-  ns = quant.staging_pages(spec, QuantSpec(), s)
+  ns = layout.staging_pages(spec, QuantSpec(), s)
   full = _data(9, (2, s * m, h, d), loud=False)            # the sequences' float K
   table = jnp.array([[3, 0, 7, 1, 5, 9], [2, 4, 6, 8, 10, 11]], jnp.int32)
   pool = quant.init_quant_pages(spec, num_pages=12, page_size=s, num_kv_heads=h, head_dim=d)
@@ -597,7 +598,7 @@ def test_stage_and_fold_over_steps(residual):
                            ((0, t - new[bi]), (0, 0), (0, 0))) for bi in range(2)])
     pool, stage = step(pool, stage, table, jnp.asarray(lens), x, jnp.asarray(new))
     lens = lens + np.asarray(new)
-  first = np.asarray(quant.first_staged_page(jnp.asarray(lens), residual, s))
+  first = np.asarray(layout.first_staged_page(jnp.asarray(lens), residual, s))
   for bi in range(2):
     for j in range(-(-lens[bi] // s)):
       page = full[bi, j * s:(j + 1) * s]
@@ -637,7 +638,7 @@ def test_round_trip_bound_any_spec(spec, offset, spread, seed):
   x = jnp.asarray(offset + spread * np.random.default_rng(seed).standard_normal((8, 2, 16)),
                   jnp.float32)
   p = quant.quantize_pages(x, spec)
-  err, ax = quant._grouped(jnp.abs(quant.dequantize_pages(p, spec) - x), spec,
+  err, ax = quant.grouped(jnp.abs(quant.dequantize_pages(p, spec) - x), spec,
                            spec.group(head_dim=16, page_size=8))
   bound = quant.error_bound(spec, quant.decode_scale(p.scale, spec.scale_dtype))
   slack = 1e-5 * float(jnp.max(jnp.abs(x)))   # float32 rounding of x / s and s * code

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax import quant
 from kvjax.models import LlamaConfig
 from kvjax.models import llama as llama_lib
 from kvjax.models import decode_step
@@ -26,8 +25,10 @@ from kvjax.models import forward
 from kvjax.models import init_params
 from kvjax.models.llama import _layer
 from kvjax.models.llama import _logits
-from kvjax.quant import QuantSpec
 from kvjax.rope import rope
+from kvjax import layout
+from kvjax import quant
+from kvjax.layout.spec import QuantSpec
 
 CFG = LlamaConfig.small()
 S, R, T = 4, 8, 8           # page size, residual window of the int2 spec, prefill chunk
@@ -43,13 +44,13 @@ def _with_sink(specs, sink):
   return tuple(QuantSpec(**{**s.__dict__, "sink": sink}) for s in specs)
 
 
-SPECS = {name: _with_window(quant.PRESETS[name], R)
+SPECS = {name: _with_window(layout.PRESETS[name], R)
          for name in ("int8", "fp8", "int4", "int2-r64", "int2-kivi-r128")}
 SPECS["int2-sink"] = _with_sink(SPECS["int2-r64"], N)   # through the ring
 SPECS["int8-sink"] = _with_sink(SPECS["int8"], N)       # tokens written straight to the pool
 SPECS["int2-prerope"] = (                                # and keys stored before RoPE,
     QuantSpec(**{**SPECS["int2-sink"][0].__dict__, "zero_dtype": "bfloat16",  # with the
-                 "levels": quant.NUQ2_LEVELS}), SPECS["int2-sink"][1])        # 2-bit levels
+                 "levels": layout.NUQ2_LEVELS}), SPECS["int2-sink"][1])        # 2-bit levels
 PREROPE = ("int2-prerope",)
 
 
@@ -84,13 +85,13 @@ def reference_logits(params, tokens, specs, prerope=False):
   tokens = jnp.asarray([tokens], jnp.int32)
   n = tokens.shape[1]
   pos = jnp.arange(n)
-  staged = quant.needs_staging(ks, vs)
-  window = quant.residual_tokens(ks, vs)
+  staged = layout.needs_staging(ks, vs)
+  window = layout.residual_tokens(ks, vs)
   if staged:   # [query, key]: the key's page is folded when the query runs
     sel = ((pos[None, :] // S + 1) * S + window) <= (pos[:, None] + 1)
   else:
     sel = jnp.ones((n, n), bool)
-  sel &= pos[None, :] >= quant.sink_tokens(ks, vs)       # sink keys are never quantized
+  sel &= pos[None, :] >= layout.sink_tokens(ks, vs)       # sink keys are never quantized
 
   def attention(q, k, v):
     kq, vq = _emulate(k, ks), _emulate(v, vs)
@@ -187,7 +188,7 @@ def test_prefix_reuse_with_quantized_pages(params, name):  # directly, as unquan
   second = first[:16] + rng.integers(1, CFG.vocab_size, 12).tolist()
   cache = kvjax.init(cc)
   _, cache = run(params, cache, cc, 0, first)
-  window = quant.residual_tokens(*SPECS[name])
+  window = layout.residual_tokens(*SPECS[name])
   # a page is indexed once folded: with the window, (j + 1) * S + R <= 21
   indexed = int(jnp.sum(jnp.any(cache.meta.block_hash != 0, axis=-1)))
   assert indexed == (21 - window) // S

@@ -26,18 +26,19 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax import quant
-from kvjax.attention import write_attend
 from kvjax.kernels import quantize as kq
 from kvjax.kernels.paged_attention import gather_dequantized
-from kvjax.quant import QuantSpec
+from kvjax import layout
+from kvjax import quant
+from kvjax.cache.attend import write_attend
+from kvjax.layout.spec import QuantSpec
 
 
 def _unique_specs():
   """Every quantized spec of the presets (window and sink dropped: quantizing ignores
   them), then plain int8 / int4 / int2 / fp8 with bf16, f16 and log8 scales."""
   out = {}
-  for name, pair in quant.PRESETS.items():
+  for name, pair in layout.PRESETS.items():
     for which, s in zip("KV", pair):
       if s.is_quantized:
         base = QuantSpec(**{**s.__dict__, "residual": 0, "sink": 0})
@@ -211,12 +212,12 @@ def test_max_abs_is_the_documented_range(name):
 
 def test_max_abs_of_some_presets():
   # the numbers docs/quantization.md quotes
-  k, v = quant.PRESETS["int4"]
+  k, v = layout.PRESETS["int4"]
   assert round(quant.max_abs(k)) == 27205 and round(quant.max_abs(v)) == 26267
-  k, v = quant.PRESETS["int2-nuq-r128-s1"]
+  k, v = layout.PRESETS["int2-nuq-r128-s1"]
   assert round(quant.max_abs(k)) == 5607 and round(quant.max_abs(v)) == 4690
-  assert quant.max_abs(quant.PRESETS["int2-kf16-r128-s4"][0]) == 65504.0
-  assert quant.max_abs(quant.PRESETS["int8"][0]) == 2.0 ** 126
+  assert quant.max_abs(layout.PRESETS["int2-kf16-r128-s4"][0]) == 65504.0
+  assert quant.max_abs(layout.PRESETS["int8"][0]) == 2.0 ** 126
   assert quant.max_abs(QuantSpec()) == float(jnp.finfo(jnp.bfloat16).max)
   assert quant.max_abs(QuantSpec(), "float16") == 65504.0
 
@@ -242,7 +243,7 @@ def test_out_of_range_flags_exactly_the_outlier_token(name, value):
 
 
 def test_out_of_range_any_leading_axes_and_dtypes():
-  spec = quant.PRESETS["int4"][1]                  # int4 per token, log8: range 26,267
+  spec = layout.PRESETS["int4"][1]                  # int4 per token, log8: range 26,267
   x = jnp.zeros((2, 3, 4, 2, 8), jnp.bfloat16)     # [B, T, ...] leading axes
   x = x.at[1, 2, 3, 1, 5].set(3e4).at[0, 0, 0, 0, 0].set(2.6e4)
   flags = quant.out_of_range(x, spec)
@@ -291,7 +292,7 @@ OUT_AT = (0, 2, 1, 3)                # sequence, token, head, channel of the out
 
 def _cache_specs(name):
   return tuple(QuantSpec(**{**s.__dict__, "residual": min(s.residual, PS), "sink": 0})
-               for s in quant.PRESETS[name])
+               for s in layout.PRESETS[name])
 
 
 def _layer(p):
@@ -312,7 +313,7 @@ def _cache_step(name):
     kp, vp = _layer(st.k), _layer(st.v)
     out, k_l, v_l = write_attend(q, k, v, kp, vp, plan)
     k_w = kvjax.write(kp, plan, k)                   # write alone: the same pages
-    r = quant.residual_tokens(ks, vs)
+    r = layout.residual_tokens(ks, vs)
     read = lambda pages, spec: gather_dequantized(   # noqa: E731
         pages, spec, plan.page_table, plan.kv_lens,
         None if pages.stage is None else pages.stage[plan.seq_ids], r)[:, :T]
@@ -345,7 +346,7 @@ def test_outlier_token_through_the_cache(name, value):
   assert flags.tolist() == [[clipped and t == OUT_AT[1] for t in range(T)], [False] * T]
   # sequence 0, token by token as the cache holds it: the folded pages quantized,
   # the window in full precision (rounded to the cache's float32: exact)
-  r = quant.residual_tokens(ks, vs)
+  r = layout.residual_tokens(ks, vs)
   folded = max(T - r, 0) // PS * PS
   for got, x, xb, spec in ((k1, k, kb, ks), (v1, v, vb, vs)):
     pages = lambda a: a[0, :folded].reshape(-1, PS, 2, 32)   # noqa: E731

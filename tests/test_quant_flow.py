@@ -8,18 +8,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvjax import quant
 from kvjax.kernels import ops
 from kvjax.kernels.paged_attention import paged_attention_reference
-from kvjax.quant import QuantSpec
-from kvjax.state import Pages
+from kvjax import layout
+from kvjax import quant
+from kvjax.layout.pages import Pages
+from kvjax.layout.spec import QuantSpec
 
 S, H, HQ, D, M = 4, 2, 4, 16, 5
 
 
 def _step_impl(k_pool, v_pool, k_stage, v_stage, table, lens, k_new, v_new, num_new, q, *, k_spec,
           v_spec):
-  r = quant.residual_tokens(k_spec, v_spec)
+  r = layout.residual_tokens(k_spec, v_spec)
   k_pool, k_stage = quant.stage_and_fold(k_pool, k_stage, table, lens, k_new, num_new, k_spec,
                                          residual=r)
   v_pool, v_stage = quant.stage_and_fold(v_pool, v_stage, table, lens, v_new, num_new, v_spec,
@@ -35,7 +36,7 @@ def _step_impl(k_pool, v_pool, k_stage, v_stage, table, lens, k_new, v_new, num_
     # with an 8-token window over 12..16 tokens: half the tokens exact
     ("int8", 0.02), ("int2-r64", 0.5)])
 def test_decode_steps_compile_once_and_track_float(preset, tol):
-  k_spec, v_spec = quant.PRESETS[preset]
+  k_spec, v_spec = layout.PRESETS[preset]
   if k_spec.residual:   # a window of 2 pages at this page size
     k_spec, v_spec = (QuantSpec(**{**s.__dict__, "residual": 2 * S}) for s in (k_spec, v_spec))
   rng = np.random.default_rng(0)
@@ -46,7 +47,7 @@ def test_decode_steps_compile_once_and_track_float(preset, tol):
   shapes = dict(num_pages=b * M, page_size=S, num_kv_heads=H, head_dim=D)
   k_pool = quant.init_quant_pages(k_spec, **shapes)
   v_pool = quant.init_quant_pages(v_spec, **shapes)
-  ns = max(quant.staging_pages(k_spec, v_spec, S), 1)
+  ns = max(layout.staging_pages(k_spec, v_spec, S), 1)
   k_stage = v_stage = jnp.zeros((b, ns, S, H, D))
   lens = jnp.zeros((b,), jnp.int32)
   step = jax.jit(functools.partial(_step_impl, k_spec=k_spec, v_spec=v_spec))
@@ -67,7 +68,7 @@ def test_decode_steps_compile_once_and_track_float(preset, tol):
       q, Pages(data=k.reshape(b * M, S, H, D)), Pages(data=v.reshape(b * M, S, H, D)),
       dense_table, lens, f, f)
   # exact semantics: folded pages are fold_page of their float page, the rest float
-  first = quant.first_staged_page(lens, quant.residual_tokens(k_spec, v_spec), S)
+  first = layout.first_staged_page(lens, layout.residual_tokens(k_spec, v_spec), S)
   folded = (jnp.arange(M)[None, :] < first[:, None])[:, :, None, None, None]
   emulate = lambda x, spec: jnp.where(  # noqa: E731
       folded, quant.dequantize_pages(quant.fold_page(x.reshape(b, M, S, H, D), spec), spec),

@@ -32,7 +32,7 @@ def test_cache_shardings_rejects_uneven_pages_and_unknown_axis():
 
 
 def test_quantized_cache_shards_pages_and_replicates_the_staging_ring():
-  preset = kvjax.quant.PRESETS["int2-kbf-r128-s4"]   # a ring and sink rows (max_seqs 3:
+  preset = kvjax.layout.PRESETS["int2-kbf-r128-s4"]   # a ring and sink rows (max_seqs 3:
   cc = CFG.cache_config(page_size=16, num_pages=32, max_seqs=3, max_pages_per_seq=8,  # not 8k)
                         key_quant=preset[0], value_quant=preset[1])
   cache = sharding.shard_cache(kvjax.init(cc), cc, sharding.page_mesh())

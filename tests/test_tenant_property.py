@@ -32,7 +32,7 @@ from hypothesis.stateful import run_state_machine_as_test
 
 import kvjax
 from kvjax import pressure
-from kvjax.paging import StepPlan
+from kvjax.cache.plan import StepPlan
 
 CFG = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2, num_pages=10,
                         max_seqs=4, max_pages_per_seq=4)

@@ -26,19 +26,6 @@ Every public name is re-exported here; the policies are registered here, in this
 
 from __future__ import annotations
 
-from kvjax.policies.base import (  # noqa: F401
-    Policy,
-    _no_state,
-    _no_update,
-    _stateless,
-    _OPEN,
-    _WEIGHT,
-    POLICIES,
-    _settled,
-    register,
-    get_policy,
-    make_params,
-    score_and_evict)
 from kvjax.policies.classic import (  # noqa: F401
     lru_score,
     FifoState,
@@ -116,6 +103,17 @@ from kvjax.policies.frequency import (  # noqa: F401
     _autoclass_init,
     _autoclass_score,
     _autoclass_update)
+from kvjax.policies.contract import POLICIES
+from kvjax.policies.contract import Policy
+from kvjax.policies.contract import _OPEN
+from kvjax.policies.contract import _WEIGHT
+from kvjax.policies.contract import _no_state
+from kvjax.policies.contract import _no_update
+from kvjax.policies.contract import _stateless
+from kvjax.policies.contract import get_policy
+from kvjax.policies.contract import make_params
+from kvjax.policies.contract import register
+from kvjax.policies.contract import score_and_evict
 
 register(Policy("lru", _no_state, _stateless(lru_score), _no_update, None, {}, {}))
 register(Policy("fifo", _fifo_init, _fifo_score, _fifo_update, None, {}, {}))

@@ -7,14 +7,23 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from kvjax.layout.meta import PageMeta
+from kvjax.policies.scoring import AGE_CAP
+from kvjax.policies.scoring import Access
+from kvjax.policies.scoring import CLASS_STEP
+from kvjax.policies.scoring import Deferred
+from kvjax.policies.scoring import age
+from kvjax.policies.scoring import bucket
+from kvjax.policies.scoring import deferred
+from kvjax.policies.scoring import finalize
+from kvjax.policies.scoring import get
+from kvjax.policies.scoring import live_pages
+from kvjax.policies.scoring import page_size_of
+from kvjax.policies.scoring import put
+from kvjax.policies.scoring import same_key
+from kvjax.policies.scoring import view
 
-from kvjax.evict import AGE_CAP, CLASS_STEP, Access, age, bucket, finalize
-from kvjax.evict import Deferred, deferred, get, live_pages, page_size_of, put, same_key
-from kvjax.evict import view
-from kvjax.state import PageMeta
 
-from kvjax.policies.base import (  # noqa: F401
-    make_params)
 
 
 # ---------------------------------------------------------------------------- LRU, FIFO
@@ -31,7 +40,7 @@ def lru_score(meta: PageMeta, clock: jax.Array, params=None) -> jax.Array:
   Returns:
     float32 [P] scores (higher = evict first).
 
-  >>> from kvjax.state import init_meta
+  >>> from kvjax.layout.meta import init_meta
   >>> m = init_meta(3, 1).replace(filled=jnp.ones(3, jnp.int32), last_access=jnp.array([5, 2, 7]))
   >>> int(jnp.argmax(lru_score(m, jnp.int32(9))))
   1
@@ -188,7 +197,8 @@ def weighted_score(meta: PageMeta, clock: jax.Array, params: dict) -> jax.Array:
   - w_cost * log2(1 + position) - w_context * log2(1 + children)``, where ``children`` is
   the number of pages whose ``parent`` is the page (evicting a shared prefix strands them).
 
-  >>> from kvjax.state import init_meta
+  >>> from kvjax.policies.contract import make_params
+  >>> from kvjax.layout.meta import init_meta
   >>> m = init_meta(2, 4).replace(filled=jnp.array([4, 4]), access_count=jnp.array([1, 9]))
   >>> p = make_params("weighted", w_age=0.0)
   >>> int(jnp.argmax(weighted_score(m, jnp.int32(0), p)))

@@ -8,14 +8,25 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from kvjax.policies.contract import Policy
+from kvjax.policies.scoring import AGE_CAP
+from kvjax.policies.scoring import Access
+from kvjax.policies.scoring import CLASS_STEP
+from kvjax.policies.scoring import Deferred
+from kvjax.policies.scoring import age
+from kvjax.policies.scoring import bucket
+from kvjax.policies.scoring import deferred
+from kvjax.policies.scoring import finalize
+from kvjax.policies.scoring import get
+from kvjax.policies.scoring import key_hash
+from kvjax.policies.scoring import live_pages
+from kvjax.policies.scoring import page_size_of
+from kvjax.policies.scoring import put
+from kvjax.policies.scoring import same_key
+from kvjax.policies.scoring import settle_all
+from kvjax.policies.scoring import view
 
-from kvjax.evict import AGE_CAP, CLASS_STEP, Access, age, bucket, finalize, key_hash
-from kvjax.evict import Deferred, deferred, get, live_pages, page_size_of, put, same_key
-from kvjax.evict import settle_all, view
 
-from kvjax.policies.base import (  # noqa: F401
-    Policy,
-    POLICIES)
 
 
 # ---------------------------------------------------------------------------- TinyLFU admission
@@ -57,6 +68,7 @@ def with_tinylfu(inner: Policy, name: Optional[str] = None) -> Policy:
   references. A partial block (``filled < page_size``) must beat the victim by
   ``partial_margin`` more.
 
+  >>> from kvjax.policies.contract import POLICIES
   >>> p = with_tinylfu(POLICIES["lru"])
   >>> p.name
   'tinylfu-lru'

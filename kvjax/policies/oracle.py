@@ -1,6 +1,6 @@
 """Belady's MIN and MIN with bypass (oracles: they read ``Access.next_use``).
 
->>> from kvjax.evict import view
+>>> from kvjax.policies.scoring import view
 >>> view(min_state(jnp.array([5, 2, 9])).next_use).tolist()   # next use per cached page
 [5, 2, 9]
 """
@@ -11,10 +11,15 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from kvjax.policies.scoring import Access
+from kvjax.policies.scoring import Deferred
+from kvjax.policies.scoring import NEVER
+from kvjax.policies.scoring import deferred
+from kvjax.policies.scoring import finalize
+from kvjax.policies.scoring import get
+from kvjax.policies.scoring import put
+from kvjax.policies.scoring import view
 
-from kvjax.evict import NEVER, Access, finalize
-from kvjax.evict import Deferred, deferred, get, put
-from kvjax.evict import view
 
 
 

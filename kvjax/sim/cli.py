@@ -14,9 +14,9 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from kvjax.cli import ArgumentParser
-from kvjax.cli import UsageError
-from kvjax.cli import check_memory
+from kvjax.cliutil import ArgumentParser
+from kvjax.cliutil import UsageError
+from kvjax.cliutil import check_memory
 from kvjax.policies import POLICIES, get_policy
 from kvjax.sim import simulator, traces
 from kvjax.sim.traces import TraceError
@@ -236,9 +236,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.plot:
       print(f"plot: {args.plot}")
   return 0
-
-
-if __name__ == "__main__":
-  from kvjax.cli import main as kvjax_main
-
-  sys.exit(kvjax_main(["replay"] + sys.argv[1:]))

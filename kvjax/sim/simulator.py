@@ -21,11 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.evict import Access, argmax
 from kvjax.policies import POLICIES, get_policy, make_params
 from kvjax.sim.exact import EXACT_POLICIES, exact_hits
 from kvjax.sim.traces import Trace
-from kvjax.state import PageMeta
+from kvjax.layout.meta import PageMeta
+from kvjax.policies.scoring import Access
+from kvjax.policies.scoring import argmax
 
 ACCOUNTING = ("block", "prefix")
 PATHS = ("auto", "scoring", "exact")

@@ -14,8 +14,8 @@ import os
 from typing import Optional, Sequence
 
 import numpy as np
+from kvjax.policies.scoring import NEVER
 
-from kvjax.evict import NEVER
 
 DEFAULT_TRACE_DIR = os.environ.get("KVJAX_TRACE_DIR") or os.path.join(
     os.path.dirname(__file__), "..", "..", "..", "shared", "data", "traces")

@@ -4,7 +4,7 @@
 A policy that keeps history (LRU-2's second-to-last access, LFU's aged counts, S3-FIFO's
 queues and ghost table, frequency sketches ...) keeps it in ``CacheState.policy`` (the
 pytree its ``init(num_pages)`` returns; ``()`` for the stateless ``lru`` and
-``weighted``), and the cache reports to it the same ``kvjax.evict.Access`` events the
+``weighted``), and the cache reports to it the same ``Access`` events the
 simulator replays traces with:
 
 * a **hit** when ``attach_prefix`` reuses a cached page (key = its block hash);
@@ -29,17 +29,18 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from kvjax.policies.contract import get_policy
+from kvjax.policies.contract import make_params
+from kvjax.policies.scoring import Access
 
-from kvjax.evict import Access
 
 KINDS = ("hit", "insert", "evict", "miss")
 
 
 def policy_of(config):
   """``(Policy, params)`` of ``config.eviction`` (params validated by ``make_params``)."""
-  from kvjax import policies  # noqa: PLC0415 (policies -> state -> config)
-  policy = policies.get_policy(config.eviction)
-  return policy, policies.make_params(policy, **dict(config.eviction_params))
+  policy = get_policy(config.eviction)
+  return policy, make_params(policy, **dict(config.eviction_params))
 
 
 def is_stateless(policy) -> bool:

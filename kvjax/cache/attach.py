@@ -19,23 +19,27 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
-from kvjax import cache_policy
-from kvjax import quant
-from kvjax import state as state_lib
-from kvjax.config import CacheConfig
-from kvjax.hashing import namespace_seed
-from kvjax.hashing import remap_no_hash
-from kvjax.prefix_index import index_delete
-from kvjax.prefix_index import index_insert
-from kvjax.prefix_index import index_lookup
-from kvjax.prefix_index import PrefixIndex
-from kvjax.prefix_index import match_prefix
-from kvjax.state import CacheState
-from kvjax.state import PageMeta
-from kvjax.state import Pages
-
-ORPHAN = -2  # parent of a page whose parent page was reused: never matched again
+from kvjax.cache.checks import as_int32
+from kvjax.cache.checks import check_state
+from kvjax.cache.config import CacheConfig
+from kvjax.cache.state import CacheState
+from kvjax.cache.state import default_seed
+from kvjax.cache.state import row_seeds
+from kvjax.cache.status import BAD_INPUT
+from kvjax.cache.status import enforce_checked
+from kvjax.layout.meta import PageMeta
+from kvjax.layout.pages import Pages
+from kvjax.layout.shapes import first_staged_page
+from kvjax.layout.shapes import residual_tokens
+from kvjax.policies.adapter import events
+from kvjax.policies.adapter import report
+from kvjax.prefix.hashing import namespace_seed
+from kvjax.prefix.hashing import remap_no_hash
+from kvjax.prefix.index import PrefixIndex
+from kvjax.prefix.index import index_insert
+from kvjax.prefix.index import index_lookup
+from kvjax.prefix.index import match_prefix
+from kvjax.quant.pages import dequantize_pages
 
 
 def tenant_seed(config: CacheConfig, adapter_id=None, tenant_salt=None) -> jax.Array:
@@ -49,34 +53,6 @@ def tenant_seed(config: CacheConfig, adapter_id=None, tenant_salt=None) -> jax.A
   True
   """
   return jnp.asarray(namespace_seed(config.namespace, adapter_id, tenant_salt), jnp.uint32)
-
-
-def forget_pages(meta: PageMeta, index: PrefixIndex, pages: jax.Array) -> tuple[PageMeta,
-                                                                                PrefixIndex]:
-  """Pages about to get new content leave the index, and so do their cached children.
-
-  Args:
-    meta, index: page metadata and prefix index.
-    pages: int32 [N] pages being reused (P = none).
-
-  Returns:
-    ``(meta, index)`` with those pages unhashed and their children orphaned.
-  """
-  p_ = meta.ref_count.shape[0]
-  ok = pages < p_
-  safe = jnp.clip(pages, 0, p_ - 1)
-  index = index_delete(index, meta.block_hash[safe], ok, expected=safe)
-  reused = jnp.zeros((p_ + 1,), bool).at[pages].set(True, mode="drop")[:p_]
-  child = (meta.parent >= 0) & reused[jnp.clip(meta.parent, 0, p_ - 1)] & ~reused
-  hashed_child = child & jnp.any(meta.block_hash != 0, axis=-1)
-  index = index_delete(index, meta.block_hash, hashed_child, expected=jnp.arange(p_))
-  unheld = child & (meta.ref_count == 0)  # an orphan nobody holds is free
-  meta = meta.replace(
-      block_hash=jnp.where(child[:, None], jnp.uint32(0), meta.block_hash),
-      parent=jnp.where(child, ORPHAN, meta.parent),
-      filled=jnp.where(unheld, 0, meta.filled),
-  )
-  return meta, index
 
 
 def register_full_pages(meta: PageMeta, index: PrefixIndex, table: jax.Array,
@@ -100,7 +76,7 @@ def register_full_pages(meta: PageMeta, index: PrefixIndex, table: jax.Array,
     seeds: uint32 [B, 2] the rows' chain seeds.
     per_row: static bound on blocks a row can fill in one step.
     fold_floor: int32 [B] pages of each row already folded (attached), or None.
-      With a residual window R (``quant.residual_tokens`` of the config's
+      With a residual window R (``residual_tokens`` of the config's
       specs), page ``j`` is registered in the step it folds, when
       ``(j + 1) * S + R <= len`` first holds; below the floor it is indexed already.
     admit: optional ``admit(hashes uint32 [K, 2], pages int32 [K], ok bool [K]) -> bool
@@ -115,10 +91,10 @@ def register_full_pages(meta: PageMeta, index: PrefixIndex, table: jax.Array,
   s_, p_ = config.page_size, config.num_pages
   m_ = table.shape[1]
   hash_fn = config.block_hash_fn
-  residual = quant.residual_tokens(config.key_quant, config.value_quant)
+  residual = residual_tokens(config.key_quant, config.value_quant)
   if residual:   # a page is indexed once folded: its pool page holds its final codes
-    first = quant.first_staged_page(old_len, residual, s_)
-    end = quant.first_staged_page(new_len, residual, s_)
+    first = first_staged_page(old_len, residual, s_)
+    end = first_staged_page(new_len, residual, s_)
     if fold_floor is not None:
       first, end = jnp.maximum(first, fold_floor), jnp.maximum(end, fold_floor)
     end = jnp.where(granted, end, first)
@@ -206,9 +182,7 @@ def attach_prefix(state: CacheState, seq_ids: jax.Array, tokens: jax.Array,
   >>> cached.tolist(), st.page_table[1].tolist()
   ([4], [0, 1, -1, -1])
   """
-  from kvjax.paging import as_int32  # noqa: PLC0415 (paging imports this module)
-  from kvjax.paging import _check_state  # noqa: PLC0415
-  _check_state(state, config)
+  check_state(state, config)
   seq_ids = as_int32("seq_ids", seq_ids, 1)
   tokens = as_int32("tokens", tokens, 2)
   num_tokens = as_int32("num_tokens", num_tokens, 1)
@@ -217,9 +191,9 @@ def attach_prefix(state: CacheState, seq_ids: jax.Array, tokens: jax.Array,
     raise ValueError(f"seq_ids, tokens and num_tokens must share the batch size; got seq_ids "
                      f"{tuple(seq_ids.shape)}, tokens {tuple(tokens.shape)}, num_tokens "
                      f"{tuple(num_tokens.shape)}")
-  seeds = state_lib.row_seeds(seeds, b)
+  seeds = row_seeds(seeds, b)
   seeds = jnp.where(jnp.any(seeds != 0, axis=-1, keepdims=True), seeds,
-                    state_lib.default_seed(config))
+                    default_seed(config))
   s_, m_, p_, ms = config.page_size, config.max_pages_per_seq, config.num_pages, config.max_seqs
   in_range = (seq_ids >= 0) & (seq_ids < ms)
   sid = jnp.clip(seq_ids, 0, ms - 1)
@@ -242,8 +216,8 @@ def attach_prefix(state: CacheState, seq_ids: jax.Array, tokens: jax.Array,
     pages = jnp.full((b, max(k, 1)), -1, jnp.int32)
   held = jnp.where(pages >= 0, pages, p_).reshape(-1)
   held_safe = jnp.clip(held, 0, p_ - 1)
-  policy_state = cache_policy.report(
-      state.policy, meta, cache_policy.events(
+  policy_state = report(
+      state.policy, meta, events(
           jnp.where(held < p_, held, -1), meta.block_hash[held_safe], clock, kind="hit",
           position=meta.position[held_safe], filled=meta.filled[held_safe]), config)
   meta = meta.replace(
@@ -274,17 +248,17 @@ def attach_prefix(state: CacheState, seq_ids: jax.Array, tokens: jax.Array,
       seq_seed=state.seq_seed.at[jnp.where(matched > 0, rows, ms)].set(seeds, mode="drop"),
       clock=clock,
       stats=stats,
-      status=state.status | jnp.where(jnp.any(bad), state_lib.BAD_INPUT, 0).astype(jnp.int32),
+      status=state.status | jnp.where(jnp.any(bad), BAD_INPUT, 0).astype(jnp.int32),
       policy=policy_state,
       **extra,
   )
-  return matched * s_, state_lib.enforce_checked(new_state, config)
+  return matched * s_, enforce_checked(new_state, config)
 
 
 def _pool_values(p: Pages, page: jax.Array) -> jax.Array:
   """float32 ``[L, K, S, H, D]``: pool pages ``page`` (int32 [K]) of all layers, dequantized."""
   pool = jax.tree.map(lambda a: a[:, page], p.replace(stage=None, sink=None))
-  return quant.dequantize_pages(pool, p.spec)
+  return dequantize_pages(pool, p.spec)
 
 
 def _attach_sink(state: CacheState, k: Pages, v: Pages, rows: jax.Array, row_table: jax.Array,
@@ -336,7 +310,7 @@ def _attach_staged(state: CacheState, rows: jax.Array, row_table: jax.Array,
     return dict(fold_floor=floor)
   ns = state.k.stage.shape[2]
   nw = min(residual // s_, row_table.shape[1])
-  first = quant.first_staged_page(matched * s_, residual, s_)              # [B]
+  first = first_staged_page(matched * s_, residual, s_)              # [B]
   col = first[:, None] + jnp.arange(nw)[None, :]                            # [B, nw]
   live = (col < matched[:, None]) & (rows < ms)[:, None]
   page = jnp.take_along_axis(row_table, jnp.clip(col, 0, row_table.shape[1] - 1), 1)

@@ -7,9 +7,9 @@ import math
 from typing import Callable, Optional
 
 import jax.numpy as jnp
+from kvjax.layout.spec import QuantSpec
+from kvjax.prefix.hashing import block_hash
 
-from kvjax.hashing import block_hash
-from kvjax.quant import QuantSpec
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -41,7 +41,7 @@ class CacheConfig:
       id and tenant salt given to ``attach_prefix``).
     index_capacity: slots of the prefix index (a power of two); default the
       smallest power of two >= 2 * num_pages.
-    hash_fn: the block hash (static); ``None`` is ``kvjax.hashing.block_hash``.
+    hash_fn: the block hash (static); ``None`` is ``block_hash``.
       Tests swap in one that always collides.
     eviction: the policy that ranks cached pages for eviction, by name from
       ``kvjax.policies`` (the scoring functions the simulator runs): any online

@@ -10,17 +10,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kvjax import quant
-from kvjax.paging import StepPlan
-from kvjax.paging import _check_pages_layer
-from kvjax.paging import head_dim_of
-from kvjax.paging import lens_before
-from kvjax.paging import pool_only
-from kvjax.paging import sink_rows
-from kvjax.paging import stage_rows
-from kvjax.paging import write
 from kvjax.rope import rope
-from kvjax.state import Pages
+from kvjax.cache.plan import StepPlan
+from kvjax.cache.write import lens_before
+from kvjax.cache.write import sink_rows
+from kvjax.cache.write import stage_rows
+from kvjax.cache.write import write
+from kvjax.layout.pages import Pages
+from kvjax.layout.pages import check_layer
+from kvjax.layout.pages import head_dim_of
+from kvjax.layout.pages import pool_only
+from kvjax.layout.shapes import first_staged_page
 
 
 def attend(q: jax.Array, k_pages: Pages, v_pages: Pages, plan: StepPlan, *,
@@ -107,8 +107,8 @@ def _visible(plan: StepPlan, kn: int) -> jax.Array:
 
 
 def _check_pair(q, k_pages: Pages, v_pages: Pages, plan: StepPlan) -> None:
-  _check_pages_layer("k_pages", k_pages)
-  _check_pages_layer("v_pages", v_pages)
+  check_layer("k_pages", k_pages)
+  check_layer("v_pages", v_pages)
   kd, vd = head_dim_of(k_pages), head_dim_of(v_pages)
   if k_pages.data.shape[:3] != v_pages.data.shape[:3] or kd != vd:
     raise ValueError(f"k_pages and v_pages differ in shape: {tuple(k_pages.data.shape)} vs "
@@ -214,7 +214,7 @@ def write_attend(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: Pages, v_pag
   kq, kf = views(k_pages, k_new, k)
   vq, vf = views(v_pages, v_new, v)
   kn = kq.shape[1]
-  folded = quant.first_staged_page(plan.positions + 1, k_pages.residual, s_)   # [B, T]
+  folded = first_staged_page(plan.positions + 1, k_pages.residual, s_)   # [B, T]
   quantized = (jnp.arange(kn)[None, None, :] // s_) < folded[:, :, None]       # [B, T, K]
   out = _two_view_attention(q, (kq, vq), (kf, vf), quantized, _visible(plan, kn))
   return out, k_new, v_new

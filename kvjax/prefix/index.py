@@ -62,11 +62,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 from jax import lax
+from kvjax.prefix.hashing import HashFn
+from kvjax.prefix.hashing import block_hash
+from kvjax.prefix.hashing import chain_hashes
+from kvjax.prefix.hashing import fmix32
 
-from kvjax.hashing import HashFn
-from kvjax.hashing import block_hash
-from kvjax.hashing import chain_hashes
-from kvjax.hashing import fmix32
 
 EMPTY = -1       # slot never used: probe paths stop at a bucket holding one
 TOMBSTONE = -2   # slot of a deleted key: probes pass, inserts reuse
@@ -575,7 +575,7 @@ def match_prefix(index: PrefixIndex, meta_tokens: jax.Array, meta_parent: jax.Ar
   Returns:
     ``PrefixMatch(pages, num_matched, hashes)``.
 
-  >>> from kvjax.hashing import namespace_seed
+  >>> from kvjax.prefix.hashing import namespace_seed
   >>> seed = jnp.asarray(namespace_seed("m"))
   >>> toks = jnp.arange(8, dtype=jnp.int32).reshape(1, 8)
   >>> h = chain_hashes(seed, toks[0], page_size=4)

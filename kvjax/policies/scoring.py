@@ -12,8 +12,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from kvjax.layout.meta import PageMeta
 
-from kvjax.state import PageMeta
 
 NEVER = 2**30          # next-use time of a block that is never referenced again
 AGE_CAP = 2**23        # ages are clipped here so that class offsets stay exact in float32
@@ -53,7 +53,7 @@ def finalize(raw: jax.Array, meta: PageMeta) -> jax.Array:
   Returns:
     float32 [P] scores.
 
-  >>> from kvjax.state import init_meta
+  >>> from kvjax.layout.meta import init_meta
   >>> m = init_meta(3, 2).replace(filled=jnp.array([1, 0, 1]), ref_count=jnp.array([0, 0, 1]))
   >>> finalize(jnp.zeros(3), m).tolist()
   [0.0, inf, -inf]

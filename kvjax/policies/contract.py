@@ -8,9 +8,10 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from kvjax.layout.meta import PageMeta
+from kvjax.policies.scoring import settle_all
+from kvjax.policies.scoring import top_victims
 
-from kvjax.evict import settle_all, top_victims
-from kvjax.state import PageMeta
 
 
 class Policy(NamedTuple):
@@ -57,7 +58,7 @@ def _settled(update):
 def register(policy: Policy) -> Policy:
   """Add ``policy`` to ``POLICIES`` under its name (replacing any of the same name).
 
-  Its ``update`` is wrapped to ``settle`` deferred writes first (see ``kvjax.evict.Deferred``).
+  Its ``update`` is wrapped to ``settle`` deferred writes first (see ``Deferred``).
   """
   policy = policy._replace(update=_settled(policy.update))
   POLICIES[policy.name] = policy
@@ -116,7 +117,7 @@ def score_and_evict(meta: PageMeta, policy_state, clock: jax.Array, n: int, poli
     ``(page_ids int32 [n], valid bool [n])``: best victim first; ``valid`` is False where
     fewer than ``n`` pages are evictable.
 
-  >>> from kvjax.state import init_meta
+  >>> from kvjax.layout.meta import init_meta
   >>> m = init_meta(3, 1).replace(filled=jnp.ones(3, jnp.int32), last_access=jnp.array([5, 2, 7]))
   >>> ids, ok = score_and_evict(m, (), jnp.int32(9), 2, "lru")
   >>> ids.tolist(), ok.tolist()

@@ -1,0 +1,341 @@
+"""Paging: plan a step's pages and slots, write K/V, release and fork sequences.
+
+Block management (``plan_step``) runs once per step on small integer arrays;
+the data path (``write``, ``attend``) runs per layer on the page arrays. All
+functions are pure and jit; value-dependent failures (out of pages, sequence
+full, bad ids) refuse the affected row, leave everything else untouched and
+set status flags. Shapes: B = batch rows, T = new tokens per row, S =
+page_size, P = num_pages, M = max_pages_per_seq, H = kv heads, D = head_dim.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from kvjax.cache.attach import register_full_pages
+from kvjax.cache.config import CacheConfig
+from kvjax.cache.pool import forget_pages
+from kvjax.cache.state import CacheState
+from kvjax.cache.state import default_seed
+from kvjax.cache.state import row_seeds
+from kvjax.cache.status import BAD_INPUT
+from kvjax.cache.status import INDEX_OVERFLOW
+from kvjax.cache.status import NON_FINITE
+from kvjax.cache.status import OUT_OF_PAGES
+from kvjax.cache.status import OUT_OF_RANGE
+from kvjax.cache.status import SEQ_FULL
+from kvjax.cache.status import enforce_checked
+from kvjax.layout.pages import Pages
+from kvjax.policies import adapter
+from kvjax.policies.adapter import events
+from kvjax.policies.adapter import filled_events
+from kvjax.policies.adapter import report
+from kvjax.quant.codecs import non_finite
+from kvjax.quant.codecs import out_of_range
+from kvjax.cache.checks import as_int32
+from kvjax.cache.checks import bad_rows
+from kvjax.cache.checks import check_plan_inputs
+from kvjax.cache.checks import check_state
+from kvjax.cache.pool import eviction_scores
+from kvjax.cache.pool import grant
+
+
+
+@struct.dataclass
+class StepPlan:
+  """Where this step's tokens go and what attention reads; made by ``plan_step``."""
+
+  seq_ids: jax.Array     # int32 [B]  sequence of each row (-1 = padding)
+  positions: jax.Array   # int32 [B, T]  absolute position of each new token (clamped for padding)
+  valid: jax.Array       # bool [B, T]  token is real and its row was granted
+  slots: jax.Array       # int32 [B, T]  page * S + offset; P * S for "do not write"
+  page_table: jax.Array  # int32 [B, M]  the rows' page tables after this step (-1 = none)
+  kv_lens: jax.Array     # int32 [B]  tokens attention may read per row after this step
+  cow_src: jax.Array     # int32 [B]  shared partial page to copy before writing (P = none)
+  cow_dst: jax.Array     # int32 [B]  its private copy (P = none)
+  refused: jax.Array     # bool [B]  row had work and was refused; nothing of it was written
+  seq_status: jax.Array  # int32 [B]  status flags of each row this step
+  fold_floor: Optional[jax.Array] = None  # int32 [B]  leading pages already folded (attached
+  #                                         prefix), never folded again; None without staging
+
+
+def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new: jax.Array,
+              seeds: jax.Array | None = None, *,
+              config: CacheConfig) -> tuple[StepPlan, CacheState]:
+  """Give a batch of new tokens their pages and slots (prefill chunks or decode).
+
+  Allocation takes free pages first, then evicts least-recently-used cached
+  pages that no live sequence holds. A row that cannot get its pages (pool
+  exhausted, or past ``max_pages_per_seq``) is refused: nothing of it is
+  written, its length is unchanged, and a flag is set in ``state.status`` and
+  ``plan.seq_status``. A row whose last page is partial and shared (after
+  ``fork``) gets a private copy, made by ``write``.
+
+  A row that starts an empty sequence sets its namespace (hash-chain seed) to
+  its ``seeds`` row, once: the sequence's pages carry it. A row that continues
+  a sequence keeps the namespace it started with; one whose ``seeds`` row names
+  another namespace is refused with ``BAD_INPUT`` (a slot reused for another
+  tenant without ``release`` cannot index its pages under the first tenant's
+  namespace). Refusals are also ORed into ``state.seq_status`` of the row's
+  slot; with ``config.checked`` an eager call raises ``CacheStatusError``.
+
+  Args:
+    state: the cache.
+    seq_ids: int [B], sequence slot of each row; -1 marks a padding row (any
+      integer dtype; cast to int32, saturating).
+    tokens: int [B, T], new token ids (row b's first ``num_new[b]`` are real).
+    num_new: int [B] in [0, T].
+    seeds: optional uint32 [B, 2] or [2] namespace seeds (``kvjax.tenant_seed``);
+      ``None`` or a (0, 0) row: the config's default namespace for a sequence
+      that starts, no check for one that continues.
+    config: the cache's static config.
+
+  Returns:
+    ``(plan, state)``: the step's ``StepPlan`` and the updated state.
+
+  >>> import kvjax
+  >>> cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, page_size=2,
+  ...                         num_pages=4, max_seqs=2, max_pages_per_seq=2)
+  >>> plan, st = plan_step(kvjax.init(cfg), jnp.array([0]), jnp.array([[5, 6, 7]]), jnp.array([3]),
+  ...                      config=cfg)
+  >>> st.seq_lens.tolist(), plan.slots.tolist()
+  ([3, 0], [[0, 1, 2]])
+  """
+  check_state(state, config)
+  seq_ids = as_int32("seq_ids", seq_ids, 1)
+  tokens = as_int32("tokens", tokens, 2)
+  num_new = as_int32("num_new", num_new, 1)
+  b, t = check_plan_inputs(seq_ids, tokens, num_new)
+  given_seed = row_seeds(seeds, b)
+  s_, m_, p_ = config.page_size, config.max_pages_per_seq, config.num_pages
+  meta = state.meta
+  clock = state.clock + 1
+
+  bad = bad_rows(seq_ids, num_new, t, config.max_seqs)
+  live = (seq_ids >= 0) & ~bad
+  sid = jnp.where(live, seq_ids, 0)
+  # Namespace: set once by the row that starts the sequence; a continuing row keeps it, and
+  # one that names another namespace is refused.
+  stored = state.seq_seed[sid]
+  stored_set = jnp.any(stored != 0, axis=-1)
+  given_set = jnp.any(given_seed != 0, axis=-1)
+  default = default_seed(config)
+  starting = live & (state.seq_lens[sid] == 0) & ~stored_set
+  mismatch = live & ~starting & given_set & jnp.any(
+      jnp.where(stored_set[:, None], stored, default) != given_seed, axis=-1)
+  bad = bad | mismatch
+  live = live & ~mismatch
+  seeds = jnp.where(stored_set[:, None], stored, jnp.where(given_set[:, None], given_seed,
+                                                          default))
+  n = jnp.where(live, num_new, 0)
+  old_len = jnp.where(live, state.seq_lens[sid], 0)
+  new_len = old_len + n
+  old_pages = (old_len + s_ - 1) // s_
+  new_pages = (new_len + s_ - 1) // s_
+  table = state.page_table[sid]                                       # [B, M]
+  last_page = jnp.take_along_axis(table, jnp.clip(old_pages - 1, 0, m_ - 1)[:, None], 1)[:, 0]
+  partial = (old_len % s_ != 0) & (n > 0)
+  seq_full = live & (new_pages > m_)
+
+  scores = eviction_scores(state, clock, config)
+  per_row = -(-t // s_) + 1
+  k = min(b * per_row, p_)
+  _, cand = jax.lax.top_k(scores, k)                                  # [k] best victims first
+  available = jnp.minimum(jnp.sum(meta.ref_count == 0), k).astype(jnp.int32)
+  granted, cow = grant(new_pages - old_pages, partial, last_page, live & ~seq_full & (n > 0),
+                        available, meta.ref_count)
+  need = new_pages - old_pages + cow.astype(jnp.int32)
+  out_of_pages = live & ~seq_full & (n > 0) & ~granted
+
+  row_status = (jnp.where(bad, BAD_INPUT, 0) | jnp.where(seq_full, SEQ_FULL, 0)
+                | jnp.where(out_of_pages, OUT_OF_PAGES, 0)).astype(jnp.int32)
+  refused = row_status != 0
+
+  # Pages for the granted rows: row b takes cand[offset[b] : offset[b] + need[b]].
+  need_g = jnp.where(granted, need, 0)
+  offset = jnp.cumsum(need_g) - need_g
+  j = jnp.arange(per_row)[None, :]                                    # [1, R]
+  take = j < need_g[:, None]                                          # [B, R]
+  new_page = jnp.where(take, cand[jnp.clip(offset[:, None] + j, 0, k - 1)], p_)
+  first_col = old_pages - cow.astype(jnp.int32)
+  col = jnp.where(take, first_col[:, None] + j, m_)
+  table = table.at[jnp.arange(b)[:, None], col].set(new_page, mode="drop")
+  cow_src = jnp.where(cow, last_page, p_)
+  cow_dst = jnp.where(cow, new_page[:, 0], p_)
+
+  # Metadata of allocated pages: reset (an evicted page's old content is gone,
+  # and so is the index entry of it and of its cached children), then COW
+  # copies inherit the source's tokens.
+  flat_new = new_page.reshape(-1)
+  was_cached = jnp.any(meta.block_hash != 0, axis=-1) & (meta.ref_count == 0)
+  new_safe = jnp.clip(flat_new, 0, p_ - 1)
+  evicted_mask = (flat_new < p_) & was_cached[new_safe]
+  evicted = jnp.sum(evicted_mask)
+  policy_state = report(
+      state.policy, meta, events(
+          jnp.where(evicted_mask, flat_new, -1), None, clock, kind="evict",
+          position=meta.position[new_safe], evicted_keys=meta.block_hash[new_safe]), config)
+  index = state.index
+  if config.prefix_caching:
+    meta, index = forget_pages(meta, index, flat_new)
+  block_idx = jnp.where(take, first_col[:, None] + j, 0).reshape(-1)
+  prev_col = jnp.clip(first_col[:, None] + j - 1, 0, m_ - 1)
+  parent = jnp.where(first_col[:, None] + j > 0, jnp.take_along_axis(table, prev_col, 1), -1)
+  meta = meta.replace(
+      ref_count=meta.ref_count.at[flat_new].set(1, mode="drop").at[cow_src].add(-1, mode="drop"),
+      block_hash=meta.block_hash.at[flat_new].set(0, mode="drop"),
+      parent=meta.parent.at[flat_new].set(parent.reshape(-1), mode="drop"),
+      namespace=meta.namespace.at[flat_new].set(
+          jnp.repeat(seeds, per_row, axis=0), mode="drop"),
+      tokens=meta.tokens.at[flat_new].set(-1, mode="drop"),
+      position=meta.position.at[flat_new].set(block_idx, mode="drop"),
+      filled=meta.filled.at[flat_new].set(0, mode="drop"),
+      access_count=meta.access_count.at[flat_new].set(1, mode="drop"),
+  )
+  src_safe = jnp.clip(cow_src, 0, p_ - 1)
+  meta = meta.replace(
+      tokens=meta.tokens.at[cow_dst].set(meta.tokens[src_safe], mode="drop"),
+      filled=meta.filled.at[cow_dst].set(meta.filled[src_safe], mode="drop"),
+      parent=meta.parent.at[cow_dst].set(meta.parent[src_safe], mode="drop"),
+  )
+
+  # Slots of the new tokens.
+  tt = jnp.arange(t)[None, :]
+  pos = old_len[:, None] + tt                                         # [B, T]
+  valid = granted[:, None] & (tt < n[:, None])
+  blk = jnp.clip(pos // s_, 0, m_ - 1)
+  page = jnp.take_along_axis(table, blk, 1)
+  slots = jnp.where(valid, page * s_ + pos % s_, p_ * s_)
+  positions = jnp.clip(pos, 0, config.max_seq_len - 1)
+
+  # Written tokens, fill levels, and access times of every page the rows hold.
+  meta = meta.replace(
+      tokens=meta.tokens.reshape(-1).at[slots].set(tokens.astype(jnp.int32), mode="drop")
+      .reshape(p_, s_),
+      filled=meta.filled.at[jnp.where(valid, page, p_)].max(pos % s_ + 1, mode="drop"),
+  )
+  held = jnp.where(granted[:, None] & (table >= 0), table, p_)
+  meta = meta.replace(last_access=meta.last_access.at[held].set(clock, mode="drop"))
+  overflow = jnp.array(False)
+  fold_floor = None
+  if state.fold_floor is not None:
+    fold_floor = jnp.where(live, state.fold_floor[sid], 0)
+  if config.prefix_caching:
+    def admit(hashes, pages, ok):  # against the pages' content before this step took them
+      pos = meta.position[jnp.clip(pages, 0, p_ - 1)]
+      return ok & adapter.admit(state.policy, state.meta, clock, hashes, pages, pos,
+                                     config)
+
+    meta, index, overflow, registered, declined, hashes = register_full_pages(
+        meta, index, table, old_len, new_len, granted, seeds, config=config, per_row=per_row,
+        fold_floor=fold_floor, admit=admit)
+    policy_state = report(
+        policy_state, meta, filled_events(registered, declined, hashes, meta, clock),
+        config)
+
+  rows = jnp.where(granted, sid, config.max_seqs)
+  page_table = state.page_table.at[rows].set(table, mode="drop")
+  seq_lens = state.seq_lens.at[rows].set(new_len, mode="drop")
+  seq_seed = state.seq_seed.at[jnp.where(granted & starting, sid, config.max_seqs)].set(
+      seeds, mode="drop")
+  plan_table = jnp.where(live[:, None], table, -1)
+  kv_lens = jnp.where(granted, new_len, old_len)
+
+  stats = state.stats
+  stats = stats.replace(
+      steps=stats.steps + 1,
+      tokens_planned=stats.tokens_planned + jnp.sum(jnp.where(granted, n, 0)),
+      pages_allocated=stats.pages_allocated + jnp.sum(need_g),
+      evictions=stats.evictions + evicted,
+      cow_copies=stats.cow_copies + jnp.sum(cow),
+      refused=stats.refused + jnp.sum(refused & (seq_ids != -1)),
+  )
+  status = (state.status | jnp.bitwise_or.reduce(row_status)
+            | jnp.where(overflow, INDEX_OVERFLOW, 0)).astype(jnp.int32)
+  new_state = state.replace(meta=meta, index=index, page_table=page_table, seq_lens=seq_lens,
+                            seq_seed=seq_seed, clock=clock, stats=stats, status=status,
+                            policy=policy_state)
+  new_state = enforce_checked(flag_sequences(new_state, seq_ids, row_status), config)
+  plan = StepPlan(seq_ids=seq_ids, positions=positions, valid=valid,
+                  slots=slots, page_table=plan_table, kv_lens=kv_lens, cow_src=cow_src,
+                  cow_dst=cow_dst, refused=refused & (seq_ids != -1), seq_status=row_status,
+                  fold_floor=fold_floor)
+  return plan, new_state
+
+
+def flag_sequences(state: CacheState, seq_ids: jax.Array, flags: jax.Array) -> CacheState:
+  """OR per-row status ``flags`` into the rows' sequences (``seq_status``) and ``status``.
+
+  What the step's data path found (``kvjax.write_flags``: non-finite or
+  clipped K/V) is recorded for the sequence it was written to; the model's
+  step calls it once per step. Padding rows (-1) and out-of-range ids record
+  nothing in ``seq_status``.
+
+  Args:
+    state: the cache.
+    seq_ids: int32 [B] the rows' sequence slots (``plan.seq_ids``).
+    flags: int32 [B] status bits per row (0 = none).
+
+  >>> import kvjax
+  >>> cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2,
+  ...                         num_pages=2, max_seqs=2, max_pages_per_seq=2)
+  >>> st = flag_sequences(kvjax.init(cfg), jnp.array([1, -1]), jnp.array([kvjax.NON_FINITE, 0]))
+  >>> st.seq_status.tolist(), kvjax.status_names(st.status)
+  ([0, 16], ['NON_FINITE'])
+  """
+  ms = state.seq_status.shape[0]
+  seq_ids = as_int32("seq_ids", seq_ids, 1)
+  flags = as_int32("flags", flags, 1)
+  rows = jnp.where((seq_ids >= 0) & (seq_ids < ms), seq_ids, ms)
+  return state.replace(
+      seq_status=state.seq_status.at[rows].set(
+          state.seq_status[jnp.clip(rows, 0, ms - 1)] | flags, mode="drop"),
+      status=(state.status | jnp.bitwise_or.reduce(jnp.where(rows < ms, flags, 0))).astype(
+          jnp.int32))
+
+
+def write_flags(plan: StepPlan, k: jax.Array, v: jax.Array, k_pages: Optional[Pages] = None,
+                v_pages: Optional[Pages] = None) -> jax.Array:
+  """int32 [B]: per row, the flags what ``write`` stores of its new (valid) tokens deserves.
+
+  ``NON_FINITE`` when the row's K or V holds a NaN or inf; ``OUT_OF_RANGE`` when a
+  finite value lies beyond what the pages' spec stores (``out_of_range``:
+  quantizing clips it to the spec's range, or an unquantized page's dtype
+  overflows). Pass the result to ``flag_sequences``. Without pages only
+  ``NON_FINITE`` is checked.
+
+  Args:
+    plan: the step's plan.
+    k, v: ``[B, T, H, D]`` the step's new keys and values (one layer, or stacked
+      layers ``[L, B, T, H, D]``).
+    k_pages, v_pages: optional; the layer's ``Pages`` they are written into.
+
+  >>> import kvjax
+  >>> cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2,
+  ...                         num_pages=2, max_seqs=2, max_pages_per_seq=2)
+  >>> plan, _ = plan_step(kvjax.init(cfg), jnp.array([0, 1]), jnp.array([[1], [2]]),
+  ...                     jnp.array([1, 1]), config=cfg)
+  >>> x = jnp.zeros((2, 1, 1, 2)).at[1, 0, 0, 0].set(jnp.nan)
+  >>> write_flags(plan, x, x).tolist()
+  [0, 16]
+  """
+  def rows(per_token):                          # [..., B, T] -> bool [B] over valid tokens
+    per_token = per_token.reshape((-1,) + plan.valid.shape)
+    return jnp.any(jnp.any(per_token, axis=0) & plan.valid, axis=1)
+
+  def flags(x, pages):
+    x = jnp.asarray(x)
+    bad = non_finite(x)
+    out = jnp.zeros_like(bad)
+    if pages is not None:
+      dtype = pages.data.dtype if not pages.spec.is_quantized else jnp.float32
+      out = out_of_range(x, pages.spec, dtype=dtype) & ~bad
+    return (jnp.where(rows(bad), NON_FINITE, 0)
+            | jnp.where(rows(out), OUT_OF_RANGE, 0))
+
+  return (flags(k, k_pages) | flags(v, v_pages)).astype(jnp.int32)
+
+
