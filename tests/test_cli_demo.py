@@ -61,9 +61,9 @@ def test_timing_report_without_steady_steps():
 
 
 def test_demo_pages_default_to_the_model_dtype():
-  assert cli._demo_cache_config(CFG, demo_args(), 4).dtype == cli.SMOLLM2_DTYPE == "bfloat16"
-  assert cli._demo_cache_config(CFG, demo_args(kv_dtype="float32"), 4).dtype == "float32"
-  assert cli._demo_cache_config(CFG, demo_args(kv_dtype="float16"), 4).dtype == "float16"
+  assert cli.demo_cache_config(CFG, demo_args(), 4).dtype == cli.SMOLLM2_DTYPE == "bfloat16"
+  assert cli.demo_cache_config(CFG, demo_args(kv_dtype="float32"), 4).dtype == "float32"
+  assert cli.demo_cache_config(CFG, demo_args(kv_dtype="float16"), 4).dtype == "float16"
 
 
 def test_cache_config_auto_dtype():

@@ -243,6 +243,10 @@ class TenantMachine(RuleBasedStateMachine):
   # ---------------------------------------------------------------- invariants
 
   @invariant()
+  def bookkeeping(self):
+    kvjax.check_invariants(self.state, CFG)
+
+  @invariant()
   def matches_model(self):
     COUNTS["checks"] += 1
     table = np.asarray(self.state.page_table)

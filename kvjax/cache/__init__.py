@@ -69,3 +69,10 @@ from kvjax.cache.write import sink_rows
 from kvjax.cache.write import stage_rows
 from kvjax.cache.write import lens_before
 from kvjax.cache.write import write
+from kvjax.cache.invariants import InvariantError
+from kvjax.cache.invariants import check_invariants
+from kvjax.cache.invariants import invariant_violations
+from kvjax.cache.pool import Reclaimed
+from kvjax.cache.pool import cached
+from kvjax.cache.pool import reclaim
+from kvjax.cache.pool import victims

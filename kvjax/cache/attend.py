@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kvjax.kernels import ops
+from kvjax.kernels.paged_attention import gather_dequantized
 from kvjax.rope import rope
 from kvjax.cache.plan import StepPlan
 from kvjax.cache.write import lens_before
@@ -133,7 +135,6 @@ def _check_pair(q, k_pages: Pages, v_pages: Pages, plan: StepPlan) -> None:
 def _dense(pages: Pages, plan: StepPlan, *, staged: bool = True) -> jax.Array:
   """float32 [B, M*S, H, D]: each row's K (or V) dequantized; ring pages from the ring;
   keys stored before RoPE rotated by their positions."""
-  from kvjax.kernels.paged_attention import gather_dequantized  # noqa: PLC0415 (cycle)
   stage = stage_rows(pages, plan) if staged else None
   x = gather_dequantized(pool_only(pages), pages.spec, plan.page_table, plan.kv_lens,
                          stage, pages.residual, sink=sink_rows(pages, plan))
@@ -146,7 +147,6 @@ def _dense(pages: Pages, plan: StepPlan, *, staged: bool = True) -> jax.Array:
 def _attend_quantized(q, k_pages: Pages, v_pages: Pages, plan: StepPlan) -> jax.Array:
   b, t = plan.positions.shape
   if t == 1:   # decode: the fused kernel where it runs (GPU/TPU), its jnp reference on CPU
-    from kvjax.kernels import ops  # noqa: PLC0415 (kvjax.kernels imports kvjax.state)
     out = ops.paged_attention(q[:, 0], pool_only(k_pages), pool_only(v_pages),
                               plan.page_table, plan.kv_lens, k_pages.spec, v_pages.spec,
                               k_stage=stage_rows(k_pages, plan), v_stage=stage_rows(v_pages, plan),

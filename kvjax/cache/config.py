@@ -7,6 +7,8 @@ import math
 from typing import Callable, Optional
 
 import jax.numpy as jnp
+
+from kvjax import policies
 from kvjax.layout.spec import QuantSpec
 from kvjax.prefix.hashing import block_hash
 
@@ -114,7 +116,6 @@ class CacheConfig:
       raise ValueError(f"CacheConfig.hash_fn must be callable or None, got {self.hash_fn!r}")
 
   def _check_eviction(self) -> None:
-    from kvjax import policies  # noqa: PLC0415 (policies -> state -> config)
     policy = policies.get_policy(self.eviction)
     if policy.oracle:
       raise ValueError(f"CacheConfig.eviction={self.eviction!r} is an offline oracle (it reads "

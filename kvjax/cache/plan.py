@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from flax import struct
 from kvjax.cache.attach import register_full_pages
 from kvjax.cache.config import CacheConfig
-from kvjax.cache.pool import forget_pages
+from kvjax.cache.pool import reclaim
+from kvjax.cache.pool import victims
 from kvjax.cache.state import CacheState
 from kvjax.cache.state import default_seed
 from kvjax.cache.state import row_seeds
@@ -30,7 +31,6 @@ from kvjax.cache.status import SEQ_FULL
 from kvjax.cache.status import enforce_checked
 from kvjax.layout.pages import Pages
 from kvjax.policies import adapter
-from kvjax.policies.adapter import events
 from kvjax.policies.adapter import filled_events
 from kvjax.policies.adapter import report
 from kvjax.quant.codecs import non_finite
@@ -39,7 +39,6 @@ from kvjax.cache.checks import as_int32
 from kvjax.cache.checks import bad_rows
 from kvjax.cache.checks import check_plan_inputs
 from kvjax.cache.checks import check_state
-from kvjax.cache.pool import eviction_scores
 from kvjax.cache.pool import grant
 
 
@@ -140,11 +139,10 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
   partial = (old_len % s_ != 0) & (n > 0)
   seq_full = live & (new_pages > m_)
 
-  scores = eviction_scores(state, clock, config)
   per_row = -(-t // s_) + 1
   k = min(b * per_row, p_)
-  _, cand = jax.lax.top_k(scores, k)                                  # [k] best victims first
-  available = jnp.minimum(jnp.sum(meta.ref_count == 0), k).astype(jnp.int32)
+  cand, cand_ok = victims(state, k, clock=clock, config=config)      # [k] best first
+  available = jnp.sum(cand_ok).astype(jnp.int32)
   granted, cow = grant(new_pages - old_pages, partial, last_page, live & ~seq_full & (n > 0),
                         available, meta.ref_count)
   need = new_pages - old_pages + cow.astype(jnp.int32)
@@ -166,33 +164,21 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
   cow_src = jnp.where(cow, last_page, p_)
   cow_dst = jnp.where(cow, new_page[:, 0], p_)
 
-  # Metadata of allocated pages: reset (an evicted page's old content is gone,
-  # and so is the index entry of it and of its cached children), then COW
-  # copies inherit the source's tokens.
+  # Allocated pages are emptied by the pool (a cached page's eviction, its index entry and
+  # its cached children's orphaning), then get their new owner's record; COW copies inherit
+  # the source's tokens.
   flat_new = new_page.reshape(-1)
-  was_cached = jnp.any(meta.block_hash != 0, axis=-1) & (meta.ref_count == 0)
-  new_safe = jnp.clip(flat_new, 0, p_ - 1)
-  evicted_mask = (flat_new < p_) & was_cached[new_safe]
-  evicted = jnp.sum(evicted_mask)
-  policy_state = report(
-      state.policy, meta, events(
-          jnp.where(evicted_mask, flat_new, -1), None, clock, kind="evict",
-          position=meta.position[new_safe], evicted_keys=meta.block_hash[new_safe]), config)
-  index = state.index
-  if config.prefix_caching:
-    meta, index = forget_pages(meta, index, flat_new)
+  taken = reclaim(state, flat_new, clock=clock, config=config)
+  meta, index, policy_state = taken.state.meta, taken.state.index, taken.state.policy
   block_idx = jnp.where(take, first_col[:, None] + j, 0).reshape(-1)
   prev_col = jnp.clip(first_col[:, None] + j - 1, 0, m_ - 1)
   parent = jnp.where(first_col[:, None] + j > 0, jnp.take_along_axis(table, prev_col, 1), -1)
   meta = meta.replace(
       ref_count=meta.ref_count.at[flat_new].set(1, mode="drop").at[cow_src].add(-1, mode="drop"),
-      block_hash=meta.block_hash.at[flat_new].set(0, mode="drop"),
       parent=meta.parent.at[flat_new].set(parent.reshape(-1), mode="drop"),
       namespace=meta.namespace.at[flat_new].set(
           jnp.repeat(seeds, per_row, axis=0), mode="drop"),
-      tokens=meta.tokens.at[flat_new].set(-1, mode="drop"),
       position=meta.position.at[flat_new].set(block_idx, mode="drop"),
-      filled=meta.filled.at[flat_new].set(0, mode="drop"),
       access_count=meta.access_count.at[flat_new].set(1, mode="drop"),
   )
   src_safe = jnp.clip(cow_src, 0, p_ - 1)
@@ -244,12 +230,11 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
   plan_table = jnp.where(live[:, None], table, -1)
   kv_lens = jnp.where(granted, new_len, old_len)
 
-  stats = state.stats
+  stats = taken.state.stats
   stats = stats.replace(
       steps=stats.steps + 1,
       tokens_planned=stats.tokens_planned + jnp.sum(jnp.where(granted, n, 0)),
       pages_allocated=stats.pages_allocated + jnp.sum(need_g),
-      evictions=stats.evictions + evicted,
       cow_copies=stats.cow_copies + jnp.sum(cow),
       refused=stats.refused + jnp.sum(refused & (seq_ids != -1)),
   )

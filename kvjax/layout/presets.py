@@ -17,13 +17,13 @@ from kvjax.layout.spec import QuantSpec
 NUQ2_LEVELS = (0.13, 0.39, 0.61, 0.87)   # 2-bit key levels, fractions of a group's range
 
 
-def _int2_key(scale_dtype="log8", zero_dtype="bfloat16", sink=0, levels=None) -> QuantSpec:
+def int2_key(scale_dtype="log8", zero_dtype="bfloat16", sink=0, levels=None) -> QuantSpec:
   """The 2-bit presets' keys: per channel over the page, the minimum as zero, window 128."""
   return QuantSpec(bits=2, axis="channel", symmetric=False, scale_dtype=scale_dtype,
                    zero_dtype=zero_dtype, residual=128, sink=sink, levels=levels)
 
 
-def _int2_value(sink=0) -> QuantSpec:
+def int2_value(sink=0) -> QuantSpec:
   """The 2-bit presets' values: per token, log8 scale, int8 zero, window 128."""
   return QuantSpec(bits=2, symmetric=False, scale_dtype="log8", residual=128, sink=sink)
 
@@ -69,18 +69,18 @@ PRESETS = {
                        QuantSpec(bits=2, symmetric=False, scale_dtype="log8", residual=128)),
     # the same plus the attention sink: the first token of every sequence in full
     # precision (6.40x at 32-token pages; the sink is a per-sequence cost)
-    "int2-kmin-r128-s1": (_int2_key(sink=1), _int2_value(sink=1)),
+    "int2-kmin-r128-s1": (int2_key(sink=1), int2_value(sink=1)),
     # and K scales in bfloat16 instead of log8 (a step ~4 % finer on average): 6.10x;
     # with 4 sink tokens, or f16 K scale and minimum: no better (docs/quality.md)
-    "int2-kbf-r128-s1": (_int2_key(scale_dtype="bfloat16", sink=1), _int2_value(sink=1)),
-    "int2-kbf-r128-s4": (_int2_key(scale_dtype="bfloat16", sink=4), _int2_value(sink=4)),
-    "int2-kf16-r128-s4": (_int2_key(scale_dtype="float16", zero_dtype="float16", sink=4),
-                          _int2_value(sink=4)),
+    "int2-kbf-r128-s1": (int2_key(scale_dtype="bfloat16", sink=1), int2_value(sink=1)),
+    "int2-kbf-r128-s4": (int2_key(scale_dtype="bfloat16", sink=4), int2_value(sink=4)),
+    "int2-kf16-r128-s4": (int2_key(scale_dtype="float16", zero_dtype="float16", sink=4),
+                          int2_value(sink=4)),
     # non-uniform key levels (Lloyd-Max-like for a bell-shaped 32-token channel group)
     # and one sink token: the 2-bit target, 6.40x at 32-token pages (6.10x with bf16
     # K scales)
-    "int2-nuq-r128-s1": (_int2_key(sink=1, levels=NUQ2_LEVELS), _int2_value(sink=1)),
-    "int2-nuqbf-r128-s1": (_int2_key(scale_dtype="bfloat16", sink=1, levels=NUQ2_LEVELS),
-                           _int2_value(sink=1)),
+    "int2-nuq-r128-s1": (int2_key(sink=1, levels=NUQ2_LEVELS), int2_value(sink=1)),
+    "int2-nuqbf-r128-s1": (int2_key(scale_dtype="bfloat16", sink=1, levels=NUQ2_LEVELS),
+                           int2_value(sink=1)),
 }
 
