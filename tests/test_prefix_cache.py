@@ -199,3 +199,26 @@ def test_reused_parent_page_orphans_its_cached_child(params):
   got, cache, reused = run_prompt(params, cache, cc, prompt, 2)
   assert reused == 4
   np.testing.assert_allclose(got, want_logits(params, prompt), atol=1e-4, rtol=1e-4)
+
+
+def test_page_chained_onto_a_lost_insert_is_not_indexed():
+  """Found by check_invariants in the tenant property test: a row computes a block that is
+  indexed already (its page stays private) and, in the same step, the next block. That next
+  page chains onto an unindexed page, so no verified match can ever reach it: it must not
+  be indexed (before the fix it was, a dead entry whose hash disagreed with its parent)."""
+  cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2,
+                          num_pages=8, max_seqs=2, max_pages_per_seq=4)
+  st = kvjax.init(cfg)
+  _, st = kvjax.plan_step(st, jnp.array([0]), jnp.array([[1, 2, 1]]), jnp.array([3]),
+                          config=cfg)
+  _, st = kvjax.plan_step(st, jnp.array([1]), jnp.array([[1, 2, 3, 1, 1]]), jnp.array([5]),
+                          config=cfg)
+  kvjax.check_invariants(st, cfg)
+  hashed = np.flatnonzero(np.asarray(st.meta.block_hash).any(axis=1))
+  assert hashed.tolist() == [int(st.page_table[0, 0])]     # only seq 0's first page
+  assert int(jnp.sum(st.index.values >= 0)) == 1
+  # The same prompt in one sequence is still indexed block by block.
+  _, st = kvjax.plan_step(st, jnp.array([0]), jnp.array([[3, 1, 1, 1]]), jnp.array([3]),
+                          config=cfg)
+  kvjax.check_invariants(st, cfg)
+  assert int(jnp.sum(st.index.values >= 0)) == 3

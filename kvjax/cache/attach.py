@@ -36,6 +36,7 @@ from kvjax.policies.adapter import report
 from kvjax.prefix.hashing import namespace_seed
 from kvjax.prefix.hashing import remap_no_hash
 from kvjax.prefix.index import PrefixIndex
+from kvjax.prefix.index import index_delete
 from kvjax.prefix.index import index_insert
 from kvjax.prefix.index import index_lookup
 from kvjax.prefix.index import match_prefix
@@ -64,7 +65,8 @@ def register_full_pages(meta: PageMeta, index: PrefixIndex, table: jax.Array,
   """Hash the pages that filled (or, with a residual window, folded) this step; index them.
 
   A block's hash chains onto its parent page's hash; a page whose parent has no
-  hash (it lost an insert race, or the index overflowed) is not hashed. A hash
+  hash (it lost an insert race, or the index overflowed, in this step or an
+  earlier one) is not hashed. A hash
   already in the index keeps its page: the new page stays private.
 
   Args:
@@ -132,7 +134,14 @@ def register_full_pages(meta: PageMeta, index: PrefixIndex, table: jax.Array,
     present = index_lookup(index, hashes, ok) >= 0
     index, overflow = index_insert(index, hashes, pages, ok & ~present)
     winner = ok & (index_lookup(index, hashes, ok) == pages)
-    registered = jnp.where(winner, pages, p_)
+    # A page registers only if every page before it in its row's run did: one that chains
+    # onto a page that lost (its block was indexed already, or another row won it) could
+    # never be matched (verification wants the indexed parent), so it leaves the index.
+    won = winner.reshape(per_row, -1)
+    chained = jnp.cumprod(jnp.where(ok.reshape(per_row, -1), won, True), axis=0).astype(bool)
+    stray = (won & ~chained).reshape(-1)
+    index = index_delete(index, hashes, stray, expected=pages)
+    registered = jnp.where(winner & ~stray, pages, p_)
     meta = meta.replace(block_hash=meta.block_hash.at[registered].set(hashes, mode="drop"))
     return meta, index, jnp.any(overflow), registered
 
