@@ -1,4 +1,7 @@
-"""Named (key_spec, value_spec) pairs, ``PRESETS``; figures in docs/quantization.md.
+"""Named (key_spec, value_spec) pairs, ``PRESETS``.
+
+Their compression (``kvjax.layout.compression``) and measured quality are in
+docs/quantization.md and docs/quality.md, not here.
 
 >>> k, v = PRESETS["int4"]
 >>> k.bits, k.axis, v.axis
@@ -6,7 +9,6 @@
 """
 
 from __future__ import annotations
-
 
 from kvjax.layout.spec import QuantSpec
 
@@ -30,26 +32,26 @@ def int2_value(sink=0) -> QuantSpec:
 
 PRESETS = {
     "bf16": (QuantSpec(), QuantSpec()),
-    # 1.94x: one bf16 scale per token and head
+    # one bf16 scale per token and head
     "int8": (QuantSpec(bits=8), QuantSpec(bits=8)),
     "fp8": (QuantSpec(bits=8, kind="fp8"), QuantSpec(bits=8, kind="fp8")),
-    # KIVI's layout of DESIGN.md section 8, bf16 scales (zeros int8 here): 3.12x, short of 3.5x
+    # KIVI's layout of DESIGN.md section 8, bf16 scales (zeros int8 here)
     "int4-kivi": (QuantSpec(bits=4, axis="channel", symmetric=False),
                   QuantSpec(bits=4, symmetric=False, group_size=32)),
-    # 3.51x: K per channel asymmetric (log8 scale + int8 zero), V per token symmetric
+    # K per channel asymmetric (log8 scale + int8 zero), V per token symmetric
     "int4": (QuantSpec(bits=4, axis="channel", symmetric=False, scale_dtype="log8"),
              QuantSpec(bits=4, scale_dtype="log8")),
-    # 3.66x: K per channel symmetric, V per token asymmetric
+    # K per channel symmetric, V per token asymmetric
     "int4-ksym": (QuantSpec(bits=4, axis="channel", scale_dtype="log8"),
                   QuantSpec(bits=4, symmetric=False, scale_dtype="log8")),
-    # 3.46x at 16-token pages, 3.66x at 32: both asymmetric
+    # both asymmetric
     "int4-asym": (QuantSpec(bits=4, axis="channel", symmetric=False, scale_dtype="log8"),
                   QuantSpec(bits=4, symmetric=False, scale_dtype="log8")),
-    # 3.37x at 16-token pages, 3.56x at 32: KIVI's V groups of 32 (asymmetric) with log8
+    # KIVI's V groups of 32 (asymmetric) with log8
     # scales; K as in int4 (per channel per page, asymmetric)
     "int4-g32": (QuantSpec(bits=4, axis="channel", symmetric=False, scale_dtype="log8"),
                  QuantSpec(bits=4, symmetric=False, group_size=32, scale_dtype="log8")),
-    # 6.10x (+ a 5-page bf16 ring per sequence): KIVI-2 with a 64-token window
+    # KIVI-2 with a 64-token window (+ a bf16 ring per sequence)
     "int2-r64": (QuantSpec(bits=2, axis="channel", symmetric=False, scale_dtype="log8",
                            residual=64),
                  QuantSpec(bits=2, symmetric=False, scale_dtype="log8", residual=64)),
@@ -57,28 +59,27 @@ PRESETS = {
                             residual=128),
                   QuantSpec(bits=2, symmetric=False, scale_dtype="log8", residual=128)),
     # KIVI's zero for both: the group minimum as bf16 (3 full steps at 2 bits, not 2.5),
-    # log8 scale, 3 bytes a group. 6.24x at 32-token pages, 6.74x at 64 (5.45x at 16)
+    # log8 scale, 3 bytes a group
     "int2-kivi-r128": (QuantSpec(bits=2, axis="channel", symmetric=False, scale_dtype="log8",
                                  zero_dtype="bfloat16", residual=128),
                        QuantSpec(bits=2, symmetric=False, scale_dtype="log8",
                                  zero_dtype="bfloat16", residual=128)),
     # the bf16 minimum for K only (it helps keys, it hurts values: docs/quality.md);
-    # V as in int2-r128. 6.40x at 32-token pages, 6.92x at 64 (5.57x at 16)
+    # V as in int2-r128
     "int2-kmin-r128": (QuantSpec(bits=2, axis="channel", symmetric=False, scale_dtype="log8",
                                  zero_dtype="bfloat16", residual=128),
                        QuantSpec(bits=2, symmetric=False, scale_dtype="log8", residual=128)),
     # the same plus the attention sink: the first token of every sequence in full
-    # precision (6.40x at 32-token pages; the sink is a per-sequence cost)
+    # precision (the sink is a per-sequence cost)
     "int2-kmin-r128-s1": (int2_key(sink=1), int2_value(sink=1)),
-    # and K scales in bfloat16 instead of log8 (a step ~4 % finer on average): 6.10x;
+    # and K scales in bfloat16 instead of log8 (a finer step);
     # with 4 sink tokens, or f16 K scale and minimum: no better (docs/quality.md)
     "int2-kbf-r128-s1": (int2_key(scale_dtype="bfloat16", sink=1), int2_value(sink=1)),
     "int2-kbf-r128-s4": (int2_key(scale_dtype="bfloat16", sink=4), int2_value(sink=4)),
     "int2-kf16-r128-s4": (int2_key(scale_dtype="float16", zero_dtype="float16", sink=4),
                           int2_value(sink=4)),
     # non-uniform key levels (Lloyd-Max-like for a bell-shaped 32-token channel group)
-    # and one sink token: the 2-bit target, 6.40x at 32-token pages (6.10x with bf16
-    # K scales)
+    # and one sink token: the 2-bit target
     "int2-nuq-r128-s1": (int2_key(sink=1, levels=NUQ2_LEVELS), int2_value(sink=1)),
     "int2-nuqbf-r128-s1": (int2_key(scale_dtype="bfloat16", sink=1, levels=NUQ2_LEVELS),
                            int2_value(sink=1)),

@@ -71,7 +71,7 @@ from kvjax.prefix.hashing import fmix32
 EMPTY = -1       # slot never used: probe paths stop at a bucket holding one
 TOMBSTONE = -2   # slot of a deleted key: probes pass, inserts reuse
 BUCKET_SIZE = 8  # slots per bucket (default)
-MAX_PROBES = 16  # buckets a path may probe from each home (default; 8 overflowed at 90 %)
+MAX_PROBES = 16  # buckets a path may probe from each home (default; docs/ARCHITECTURE.md: why not 8)
 
 _PROCESS_KEY: Optional[np.ndarray] = None
 

@@ -49,7 +49,7 @@ def quantize_pages(x: jax.Array, spec: QuantSpec) -> Pages:
   check_divides(spec, g, x.shape)
   xg, ax = grouped(x.astype(jnp.float32), spec, g)
   # one clipped array for the statistics and the encoder: recomputed inside the
-  # encoder's loop on XLA:CPU, the NaN select made per-channel quantize 2-3x slower
+  # encoder's loop on XLA:CPU, the NaN select made per-channel quantize slower
   xg = jax.lax.optimization_barrier(clip_values(xg, spec))
   enc, s, z = group_params(*group_stats(xg, ax, spec), spec)
   codes = encode_values(xg, jnp.expand_dims(s, ax),

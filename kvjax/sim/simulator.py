@@ -79,7 +79,7 @@ def _simulate(refs: dict, capacity, params, *, policy_name: str, num_pages: int,
 
   def step(carry, x):
     # XLA on CPU copies a whole carried array every step when a value read from it is
-    # used after the array is written in the same step (measured: 10-1000x slower). So a
+    # used after the array is written in the same step (docs/ARCHITECTURE.md). So a
     # step first applies the previous reference's writes, then only reads; its own
     # writes travel to the next step as scalars (``pending``).
     fields, pstate, page_block = apply(*carry)
