@@ -11,7 +11,10 @@ from kvjax.policies import score_and_evict
 from kvjax import drop  # noqa: E402 (opt-in page dropping, kvjax.drop.*)
 from kvjax.cache.attach import attach_prefix
 from kvjax.cache.attach import tenant_seed
+from kvjax.cache.attend import Attended
+from kvjax.cache.attend import Attention
 from kvjax.cache.attend import attend
+from kvjax.cache.attend import write_attend
 from kvjax.cache.config import CacheConfig
 from kvjax.cache.lifecycle import fork
 from kvjax.cache.lifecycle import release
@@ -23,6 +26,8 @@ from kvjax.cache.state import CacheState
 from kvjax.cache.state import Stats
 from kvjax.cache.state import clear_status
 from kvjax.cache.state import init
+from kvjax.cache.state import layer_pages
+from kvjax.cache.state import with_layer_pages
 from kvjax.cache.status import BAD_INPUT
 from kvjax.cache.status import CacheStatusError
 from kvjax.cache.status import INDEX_OVERFLOW
@@ -42,7 +47,12 @@ from kvjax.layout.spec import QuantSpec
 __version__ = "0.1.0"
 
 __all__ = [
+    "Attended",
+    "Attention",
     "attend",
+    "layer_pages",
+    "with_layer_pages",
+    "write_attend",
     "CacheConfig",
     "StepPlan",
     "flag_sequences",
