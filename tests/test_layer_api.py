@@ -89,17 +89,16 @@ def _float_reference(steps):
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
-def _step(state_a, state_b, plan, q, k, v, *, cfg):
-  """One step through both paths; the states after it."""
+def _step(state, plan, q, k, v, *, cfg):
+  """One step from ``state`` through both paths: their outputs and states after it."""
   if layout.needs_staging(cfg.key_quant, cfg.value_quant):
     plan = plan.replace(fold_floor=jnp.zeros((2,), jnp.int32))
-  k_l, v_l = kvjax.layer_pages(state_a, 0)
-  k_l, v_l = kvjax.write(k_l, plan, k), kvjax.write(v_l, plan, v)
-  out_a = kvjax.attend(q, k_l, v_l, plan).out
-  state_a = kvjax.with_layer_pages(state_a, 0, k_l, v_l)
-  res = kvjax.write_attend(q, k, v, *kvjax.layer_pages(state_b, 0), plan)
-  state_b = kvjax.with_layer_pages(state_b, 0, res.k_pages, res.v_pages)
-  return out_a, res.out, state_a, state_b
+  k_l, v_l = kvjax.layer_pages(state, 0)
+  k_w, v_w = kvjax.write(k_l, plan, k), kvjax.write(v_l, plan, v)
+  out_a = kvjax.attend(q, k_w, v_w, plan).out
+  res = kvjax.write_attend(q, k, v, k_l, v_l, plan)
+  return (out_a, res.out, kvjax.with_layer_pages(state, 0, k_w, v_w),
+          kvjax.with_layer_pages(state, 0, res.k_pages, res.v_pages))
 
 
 @pytest.mark.parametrize("name", list(layout.PRESETS))
@@ -107,18 +106,18 @@ def test_write_then_attend_is_write_attend_and_tracks_float(name):
   cfg = _config(name)
   steps = _plans()
   want = _float_reference(steps)
-  state_a = state_b = kvjax.init(cfg)
+  state = kvjax.init(cfg)
   err, norm = 0.0, 0.0
   for (plan, (q, k, v)), ref in zip(steps, want):
-    out_a, out_b, state_a, state_b = _step(state_a, state_b, plan, q, k, v, cfg=cfg)
+    out_a, out_b, state_a, state = _step(state, plan, q, k, v, cfg=cfg)
     out_a, out_b = np.asarray(out_a), np.asarray(out_b)
     np.testing.assert_array_equal(out_a, out_b)       # one path: the same bits
+    for a, b in zip(jax.tree.leaves((state_a.k, state_a.v)), jax.tree.leaves((state.k, state.v))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert state_a.k.written is None and state_a.k.ring_before is None
     valid = np.asarray(plan.valid)
     err += float(np.sum((out_a[valid] - ref[valid]) ** 2))
     norm += float(np.sum(ref[valid] ** 2))
-  for a, b in zip(jax.tree.leaves((state_a.k, state_a.v)), jax.tree.leaves((state_b.k, state_b.v))):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert state_a.k.written is None and state_a.k.ring_before is None
   rel = np.sqrt(err / norm)
   assert rel < _tol(name), f"{name}: relative error {rel:.3g} against float attention"
 
@@ -128,12 +127,14 @@ def test_attend_on_a_staged_prefill_chunk_needs_the_pages_write_returned():
   plan, (q, k, v) = _plans()[0]
   plan = plan.replace(fold_floor=jnp.zeros((2,), jnp.int32))
   k_l, v_l = kvjax.layer_pages(kvjax.init(cfg), 0)
+  attend = jax.jit(kvjax.attend)          # the checks run at trace time (eager is slow)
   with pytest.raises(ValueError, match="carries none"):
-    kvjax.attend(q, k_l, v_l, plan)       # pages as stored: the chunk's tokens are not there
-  k_w, v_w = kvjax.write(k_l, plan, k), kvjax.write(v_l, plan, v)
-  assert k_w.written.shape == (2, 8, H, D) and k_w.ring_before.shape[:2] == (2, 1)
+    attend(q, k_l, v_l, plan)             # pages as stored: the chunk's tokens are not there
+  k_w, v_w = jax.jit(lambda k_l, v_l: (kvjax.write(k_l, plan, k), kvjax.write(v_l, plan, v)))(
+      k_l, v_l)
+  assert k_w.written.shape == (2, 8, H, D) and k_w.ring_before.shape[:2] == (2, 1)   # NS = 1
   with pytest.raises(ValueError, match="carries none"):
-    kvjax.attend(q, layout.as_stored(k_w), layout.as_stored(v_w), plan)
+    attend(q, layout.as_stored(k_w), layout.as_stored(v_w), plan)
 
 
 def test_layer_pages_round_trip_and_checks():
@@ -156,7 +157,7 @@ def test_layer_pages_round_trip_and_checks():
   plan, (_, kk, vv) = _plans()[0]
   plan = plan.replace(fold_floor=jnp.zeros((2,), jnp.int32))
   s0 = kvjax.init(staged)
-  k_w = kvjax.write(kvjax.layer_pages(s0, 0)[0], plan, kk)
+  k_w = jax.jit(lambda k_l: kvjax.write(k_l, plan, kk))(kvjax.layer_pages(s0, 0)[0])
   bad = s0.replace(k=jax.tree.map(lambda a: a[None], k_w))
   with pytest.raises(ValueError, match="with_layer_pages"):
     kvjax.release(bad, jnp.array([0]), config=staged)

@@ -53,8 +53,9 @@ SPECS = {
     "fp8": ("float32", *layout.PRESETS["fp8"]),
     "int4": ("float32", *layout.PRESETS["int4-kivi"]),     # bf16 scales; K per channel: a ring
     "int2-staged": ("float32", *_window(layout.PRESETS["int2-kivi-r128"])),   # window + ring
-    "int2-sink": ("bfloat16", *_window((layout._int2_key(sink=1, zero_dtype="float16"),
-                                        layout._int2_value(sink=1)))),
+    "int2-sink": ("bfloat16", *_window((   # int2-kmin-r128-s1 with an f16 key minimum
+        QuantSpec(**{**layout.PRESETS["int2-kmin-r128-s1"][0].__dict__, "zero_dtype": "float16"}),
+        layout.PRESETS["int2-kmin-r128-s1"][1]))),
 }
 
 

@@ -83,8 +83,7 @@ def attend(q: jax.Array, k_pages: Pages, v_pages: Pages, plan: StepPlan, *,
   Args:
     q: ``[B, T, Hq, D]`` queries (after RoPE), Hq a multiple of H.
     k_pages / v_pages: one layer's ``Pages`` (data ``[P, S, H, *]``) as
-      ``write`` returned them this step (``layer_pages`` for a step that
-      writes nothing).
+      ``write`` returned them in this step.
     plan: the step's plan.
     with_mass: static; also compute each page's attention probability mass
       (for ``kvjax.drop``; not with a staging ring or keys stored before
