@@ -372,10 +372,11 @@ def decode_step(params: LlamaParams, cache: CacheState, tokens: jax.Array,
   Plans pages once for the batch, then scans the layers with each layer's K/V
   pages as scanned inputs and outputs: RoPE'd K and V of the new tokens are
   written into their slots and the queries attend over the sequence's pages.
-  The cache is donated. A cache in drop mode (``kvjax.drop.enable``) also
-  rotates by each sequence's logical positions (``seq_lens + dropped``) and
-  accumulates every page's attention mass (``kvjax.drop.accumulate``); call
-  ``kvjax.drop.drop_pages`` between steps. Quantized pages (``cache_config.key_quant`` /
+  The cache is donated. A cache in drop mode (``kvjax.drop.enable``) takes
+  the same layer scan, which then also rotates by each sequence's logical
+  positions (``seq_lens + dropped``) and accumulates every page's attention
+  mass (``write_attend(..., with_mass=True)``, then ``kvjax.drop.accumulate``);
+  call ``kvjax.drop.drop_pages`` between steps. Quantized pages (``cache_config.key_quant`` /
   ``value_quant``) are quantized on write and dequantized in attention
   (``write_attend``); the compiled step depends on the specs
   only through the static config.
