@@ -210,7 +210,7 @@ def attention_error(config, qkv, name: str, chunk: int) -> list[float]:
     plan, cache = kvjax.plan_step(cache, ids, jnp.zeros((nl, chunk), jnp.int32),
                                   jnp.full((nl,), chunk, jnp.int32), config=cc)
     layer = lambda p: jax.tree.map(lambda a: a[0], p)  # noqa: E731
-    out, kp, vp = write_attend(qc, kc, vc, layer(cache.k), layer(cache.v), plan)
+    out, kp, vp, _ = write_attend(qc, kc, vc, layer(cache.k), layer(cache.v), plan)
     grow = lambda p: jax.tree.map(lambda a: a[None], p)  # noqa: E731
     return out, cache.replace(k=grow(kp), v=grow(vp))
 

@@ -22,12 +22,16 @@ from kvjax.cache.config import CacheConfig
 from kvjax.cache.state import CacheState
 from kvjax.cache.state import Stats
 from kvjax.cache.state import init
+from kvjax.cache.state import layer_pages
+from kvjax.cache.state import with_layer_pages
 from kvjax.layout.meta import PageMeta
 from kvjax.layout.pages import Pages
 from kvjax.layout.presets import PRESETS
 from kvjax.layout.spec import QuantSpec
 
 # A step: plan the pages, then per layer write and attend.
+from kvjax.cache.attend import Attended
+from kvjax.cache.attend import Attention
 from kvjax.cache.attend import attend
 from kvjax.cache.attend import write_attend
 from kvjax.cache.plan import StepPlan
@@ -73,6 +77,10 @@ from kvjax.policies import make_params
 __version__ = "0.1.0"
 
 __all__ = [
+    "Attended",
+    "Attention",
+    "layer_pages",
+    "with_layer_pages",
     "BAD_INPUT",
     "CacheConfig",
     "CacheState",

@@ -41,21 +41,19 @@ whose parent has no hash is not hashed). Other holders of that page lose
 prefix caching of their later pages too (a cost, never a wrong hit).
 
 Contract. Staging rings (quant specs with a residual window or a channel axis)
-are not supported (``enable`` raises). End and fork sequences of a drop-mode
-cache with ``drop.release`` and ``drop.fork``, which keep the drop fields in
-step (``kvjax.release`` would leave a stale offset; a sequence slot that is
-empty when ``decode_step`` starts it is reset anyway). Shapes: B = max_seqs,
-M = max_pages_per_seq, P = num_pages, S = page_size.
+are not supported (``enable`` raises). End and fork sequences with the
+ordinary ``kvjax.release`` and ``kvjax.fork``: on a drop-mode cache they clear
+the released rows' drop fields and copy the source's to a fork (a sequence
+slot that is empty when ``decode_step`` starts it is reset anyway). Shapes:
+B = max_seqs, M = max_pages_per_seq, P = num_pages, S = page_size.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from kvjax.cache.checks import as_int32
 from kvjax.cache.checks import check_state
 from kvjax.cache.config import CacheConfig
-from kvjax.cache import lifecycle
 from kvjax.cache.plan import StepPlan
 from kvjax.cache.pool import forget_pages
 from kvjax.cache.pool import unref_pages
@@ -153,7 +151,7 @@ def accumulate(state: CacheState, plan: StepPlan, mass: jax.Array) -> CacheState
   Args:
     state: a drop-mode cache, after the step's ``plan_step``.
     plan: the step's plan.
-    mass: float32 [B', M] per-page mass of each plan row (``attend(..., with_mass=True)``,
+    mass: float32 [B', M] per-page mass of each plan row (``attend(..., with_mass=True).mass``,
       summed over layers).
 
   Returns:
@@ -315,57 +313,3 @@ def drop_pages(state: CacheState, *, budget: int, sink_pages: int, recent_pages:
       meta=meta, index=index, page_table=new_table, seq_lens=new_len,
       drop=d.replace(mass=new_mass, seen=new_seen, owner=new_owner, dropped=d.dropped + n_drop * s_,
                      pages_dropped=d.pages_dropped + jnp.sum(n_drop))), config)
-
-
-def release(state: CacheState, seq_ids: jax.Array, *, config: CacheConfig) -> CacheState:
-  """``kvjax.release`` for a drop-mode cache: also clears the sequences' drop fields.
-
-  >>> import kvjax
-  >>> cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2,
-  ...                         num_pages=4, max_seqs=1, max_pages_per_seq=2)
-  >>> _, st = kvjax.plan_step(enable(kvjax.init(cfg)), jnp.array([0]), jnp.array([[1]]),
-  ...                         jnp.array([1]), config=cfg)
-  >>> release(st, jnp.array([0]), config=cfg).drop.dropped.tolist()
-  [0]
-  """
-  d = _require(state, "release")
-  state = lifecycle.release(state, seq_ids, config=config)
-  ms = state.page_table.shape[0]
-  seq_ids = as_int32("seq_ids", seq_ids, 1)
-  rows = jnp.where((seq_ids >= 0) & (seq_ids < ms), seq_ids, ms)
-  return state.replace(drop=d.replace(
-      mass=d.mass.at[rows].set(0.0, mode="drop"),
-      seen=d.seen.at[rows].set(0.0, mode="drop"),
-      owner=d.owner.at[rows].set(-1, mode="drop"),
-      dropped=d.dropped.at[rows].set(0, mode="drop")))
-
-
-def fork(state: CacheState, src_ids: jax.Array, dst_ids: jax.Array, *,
-         config: CacheConfig) -> CacheState:
-  """``kvjax.fork`` for a drop-mode cache: destinations inherit the drop fields.
-
-  >>> import kvjax
-  >>> cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2,
-  ...                         num_pages=4, max_seqs=2, max_pages_per_seq=2)
-  >>> _, st = kvjax.plan_step(enable(kvjax.init(cfg)), jnp.array([0]), jnp.array([[1]]),
-  ...                         jnp.array([1]), config=cfg)
-  >>> fork(st, jnp.array([0]), jnp.array([1]), config=cfg).meta.ref_count.tolist()
-  [2, 0, 0, 0]
-  """
-  d = _require(state, "fork")
-  new = lifecycle.fork(state, src_ids, dst_ids, config=config)
-  ms = state.page_table.shape[0]
-  src_ids = as_int32("src_ids", src_ids, 1)
-  dst_ids = as_int32("dst_ids", dst_ids, 1)
-  src = jnp.clip(src_ids, 0, ms - 1)
-  dst = jnp.clip(dst_ids, 0, ms - 1)
-  # The pair went through iff the destination now holds the source's table and length.
-  ok = ((dst_ids >= 0) & (dst_ids < ms) & (src_ids >= 0) & (src_ids < ms)
-        & (state.seq_lens[dst] == 0) & (new.seq_lens[dst] > 0)
-        & jnp.all(new.page_table[dst] == state.page_table[src], axis=1))
-  rows = jnp.where(ok, dst_ids, ms)
-  return new.replace(drop=d.replace(
-      mass=d.mass.at[rows].set(d.mass[src], mode="drop"),
-      seen=d.seen.at[rows].set(d.seen[src], mode="drop"),
-      owner=d.owner.at[rows].set(d.owner[src], mode="drop"),
-      dropped=d.dropped.at[rows].set(d.dropped[src], mode="drop")))

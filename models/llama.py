@@ -372,10 +372,11 @@ def decode_step(params: LlamaParams, cache: CacheState, tokens: jax.Array,
   Plans pages once for the batch, then scans the layers with each layer's K/V
   pages as scanned inputs and outputs: RoPE'd K and V of the new tokens are
   written into their slots and the queries attend over the sequence's pages.
-  The cache is donated. A cache in drop mode (``kvjax.drop.enable``) also
-  rotates by each sequence's logical positions (``seq_lens + dropped``) and
-  accumulates every page's attention mass (``kvjax.drop.accumulate``); call
-  ``kvjax.drop.drop_pages`` between steps. Quantized pages (``cache_config.key_quant`` /
+  The cache is donated. A cache in drop mode (``kvjax.drop.enable``) takes
+  the same layer scan, which then also rotates by each sequence's logical
+  positions (``seq_lens + dropped``) and accumulates every page's attention
+  mass (``write_attend(..., with_mass=True)``, then ``kvjax.drop.accumulate``);
+  call ``kvjax.drop.drop_pages`` between steps. Quantized pages (``cache_config.key_quant`` /
   ``value_quant``) are quantized on write and dequantized in attention
   (``write_attend``); the compiled step depends on the specs
   only through the static config.
@@ -422,52 +423,38 @@ def _decode_step(params, cache, tokens, seq_ids, num_new, seeds, *, config, cach
   _check_step_args(tokens, seq_ids, num_new, config, cache_config)
   check_params(params, config)
   tokens = tokens.astype(jnp.int32)
-  if cache.drop is not None:   # page-dropping mode (drop.): its own path, opt-in
-    return _decode_step_drop(params, cache, tokens, seq_ids, num_new, seeds, config,
-                             cache_config)
-  plan, cache = plan_step(cache, seq_ids.astype(jnp.int32), tokens,
-                                num_new.astype(jnp.int32), seeds, config=cache_config)
-
-  def body(x, xs):
-    lp, k_pages, v_pages = xs
-
-    def paged(q, k, v):
-      out, k_new, v_new = write_attend(q, k, v, k_pages, v_pages, plan)
-      return out, (k_new, v_new, write_flags(plan, k, v, k_pages, v_pages))
-
-    x, (k_pages, v_pages, flags) = _layer(lp, x, plan.positions, paged, config,
-                                          rope_keys=not cache_config.key_rope)
-    return x, (k_pages, v_pages, flags)
-
-  x = params.embed[tokens]
-  x, (k_all, v_all, flags) = jax.lax.scan(body, x, (params.layers, cache.k, cache.v))
-  cache = flag_sequences(cache.replace(k=k_all, v=v_all), plan.seq_ids,
-                               jnp.bitwise_or.reduce(flags, axis=0))
-  return _logits(params, x, config), cache
-
-
-def _decode_step_drop(params, cache, tokens, seq_ids, num_new, seeds, config, cache_config):
-  """``decode_step`` for a drop-mode cache: logical RoPE positions, per-page mass kept."""
-  cache, offset = drop.begin_step(cache, seq_ids.astype(jnp.int32))
-  plan, cache = plan_step(cache, seq_ids.astype(jnp.int32), tokens,
-                                num_new.astype(jnp.int32), seeds, config=cache_config)
-  rope_positions = plan.positions + offset[:, None]                 # logical positions [B, T]
+  seq_ids = seq_ids.astype(jnp.int32)
+  dropping = cache.drop is not None   # static: page-dropping mode (kvjax.drop), opt-in
+  positions_offset = None
+  if dropping:   # logical RoPE positions; empty slots start afresh
+    cache, positions_offset = drop.begin_step(cache, seq_ids)
+  plan, cache = plan_step(cache, seq_ids, tokens, num_new.astype(jnp.int32), seeds,
+                          config=cache_config)
+  rope_positions = plan.positions                                   # [B, T]
+  if dropping:
+    rope_positions = plan.positions + positions_offset[:, None]     # logical positions
 
   def body(carry, xs):
     x, mass = carry
     lp, k_pages, v_pages = xs
 
     def paged(q, k, v):
-      out, k_new, v_new, m = write_attend(q, k, v, k_pages, v_pages, plan, with_mass=True)
-      return out, (k_new, v_new, m, write_flags(plan, k, v, k_pages, v_pages))
+      res = write_attend(q, k, v, k_pages, v_pages, plan, with_mass=dropping)
+      return res.out, (res.k_pages, res.v_pages, res.mass,
+                       write_flags(plan, k, v, k_pages, v_pages))
 
-    x, (k_pages, v_pages, m, flags) = _layer(lp, x, rope_positions, paged, config)
-    return (x, mass + m), (k_pages, v_pages, flags)
+    x, (k_pages, v_pages, m, flags) = _layer(lp, x, rope_positions, paged, config,
+                                             rope_keys=not cache_config.key_rope)
+    if dropping:   # the page mass, summed over layers
+      mass = mass + m
+    return (x, mass), (k_pages, v_pages, flags)
 
   x = params.embed[tokens]
-  mass0 = jnp.zeros(plan.page_table.shape, jnp.float32)
+  mass0 = jnp.zeros(plan.page_table.shape, jnp.float32) if dropping else None   # [B, M]
   (x, mass), (k_all, v_all, flags) = jax.lax.scan(body, (x, mass0),
                                                   (params.layers, cache.k, cache.v))
-  cache = drop.accumulate(cache.replace(k=k_all, v=v_all), plan, mass)
+  cache = cache.replace(k=k_all, v=v_all)
+  if dropping:
+    cache = drop.accumulate(cache, plan, mass)
   cache = flag_sequences(cache, plan.seq_ids, jnp.bitwise_or.reduce(flags, axis=0))
   return _logits(params, x, config), cache

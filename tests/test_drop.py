@@ -208,12 +208,12 @@ def test_drop_pages_keeps_refcounts_tables_and_prefix_index_consistent():
       empty = [r for r in range(cfg.max_seqs) if hist[r]["logical"] == 0]
       if op == 0 and live and empty:                                   # fork
         src, dst = int(rng.choice(live)), int(rng.choice(empty))
-        st = drop.fork(st, jnp.array([src]), jnp.array([dst]), config=cfg)
+        st = kvjax.fork(st, jnp.array([src]), jnp.array([dst]), config=cfg)
         hist[dst] = dict(logical=hist[src]["logical"], pos=list(hist[src]["pos"]),
                          first_drop=hist[src]["first_drop"])
       elif op == 1 and live:                                           # release
         r = int(rng.choice(live))
-        st = drop.release(st, jnp.array([r]), config=cfg)
+        st = kvjax.release(st, jnp.array([r]), config=cfg)
         hist[r] = dict(logical=0, pos=[], first_drop=None)
       elif op == 2 and empty:                                          # attach the shared prompt
         r = int(rng.choice(empty))
@@ -263,9 +263,10 @@ def test_attend_with_mass_matches_numpy_softmax_and_keeps_the_output():
   q = rng.normal(size=(2, 7, 4, 8)).astype(np.float32)
   kp = kvjax.write(layer(st.k), plan, jnp.asarray(k))
   vp = kvjax.write(layer(st.v), plan, jnp.asarray(v))
-  out0 = attend(jnp.asarray(q), kp, vp, plan)
+  plain = attend(jnp.asarray(q), kp, vp, plan)
+  assert plain.mass is None
   out1, mass = attend(jnp.asarray(q), kp, vp, plan, with_mass=True)
-  np.testing.assert_array_equal(np.asarray(out0), np.asarray(out1))
+  np.testing.assert_array_equal(np.asarray(plain.out), np.asarray(out1))
   lens = [7, 5]
   for b in range(2):
     want = np.zeros(16)
@@ -378,19 +379,30 @@ def test_drop_mode_without_drops_matches_the_default_path(params):
                              np.array([6, 4]) * CFG.num_heads * CFG.num_layers, rtol=1e-5)
 
 
-def test_drop_release_and_fork_keep_the_offsets():
+def test_release_and_fork_keep_the_drop_fields():
+  """The ordinary kvjax.release / kvjax.fork keep a drop-mode cache's rows in step."""
   cfg = _cfg()
   st = drop.enable(kvjax.init(cfg))
-  _, st = kvjax.plan_step(st, jnp.array([0]), jnp.arange(13)[None], jnp.array([13]), config=cfg)
+  plan, st = kvjax.plan_step(st, jnp.array([0]), jnp.arange(13)[None], jnp.array([13]),
+                             config=cfg)
+  st = drop.accumulate(st, plan, jnp.arange(1.0, 9.0)[None])
   st = drop.drop_pages(st, budget=4, sink_pages=1, recent_pages=2, mode="streaming", config=cfg)
   assert int(st.drop.dropped[0]) == 6
-  st = drop.fork(st, jnp.array([0]), jnp.array([2]), config=cfg)
+  d0 = st.drop
+  st = kvjax.fork(st, jnp.array([0]), jnp.array([2]), config=cfg)
   assert np.asarray(st.drop.dropped).tolist() == [6, 0, 6, 0]
+  for f in ("mass", "seen", "owner"):            # the fork's rows are the source's
+    np.testing.assert_array_equal(np.asarray(getattr(st.drop, f))[2], np.asarray(getattr(d0, f))[0])
   assert int(drop.begin_step(st, jnp.array([2]))[1][0]) == 6
-  st = drop.release(st, jnp.array([0]), config=cfg)
+  # a skipped pair (the destination is live) copies nothing
+  st = kvjax.fork(st, jnp.array([2]), jnp.array([0]), config=cfg)
+  assert np.asarray(st.drop.dropped).tolist() == [6, 0, 6, 0]
+  st = kvjax.release(st, jnp.array([0]), config=cfg)
   assert np.asarray(st.drop.dropped).tolist() == [0, 0, 6, 0]
-  # a slot emptied by kvjax.release starts again at offset 0 in the next step
+  assert np.all(np.asarray(st.drop.mass)[0] == 0) and np.all(np.asarray(st.drop.owner)[0] == -1)
+  assert int(st.drop.pages_dropped) == int(d0.pages_dropped)   # a counter: never reset
   st = kvjax.release(st, jnp.array([2]), config=cfg)
   st, off = drop.begin_step(st, jnp.array([2, -1]))
   assert off.tolist() == [0, 0] and int(st.drop.dropped[2]) == 0
+  assert not hasattr(drop, "release") and not hasattr(drop, "fork")
 

@@ -9,7 +9,7 @@ sequences, fills everything that rows 1 and 2 may not see with NaN or inf
 whole), runs one step and checks that rows 1 and 2 give exactly what they give
 on the clean cache (the same bits), and that this equals a float64 numpy
 attention over the keys and values the clean pages hold (gathered and
-dequantized by ``kvjax.cache._dense``; a prefill chunk through the staging
+dequantized by ``kvjax.cache.dense_pages``; a prefill chunk through the staging
 ring is checked bit for bit against the clean cache only, its causal two-view
 reference being test_quant_cache's).
 """
@@ -26,7 +26,7 @@ from kvjax import sharding
 from kvjax.kernels import ops
 from kvjax.kernels import paged_attention as pa
 from kvjax import layout
-from kvjax.cache.attend import _dense
+from kvjax.cache.attend import dense_pages
 from kvjax.cache.attend import attend
 from kvjax.cache.attend import grouped_attention
 from kvjax.cache.attend import write_attend
@@ -53,8 +53,9 @@ SPECS = {
     "fp8": ("float32", *layout.PRESETS["fp8"]),
     "int4": ("float32", *layout.PRESETS["int4-kivi"]),     # bf16 scales; K per channel: a ring
     "int2-staged": ("float32", *_window(layout.PRESETS["int2-kivi-r128"])),   # window + ring
-    "int2-sink": ("bfloat16", *_window((layout.int2_key(sink=1, zero_dtype="float16"),
-                                        layout.int2_value(sink=1)))),
+    "int2-sink": ("bfloat16", *_window((   # int2-kmin-r128-s1 with an f16 key minimum
+        QuantSpec(**{**layout.PRESETS["int2-kmin-r128-s1"][0].__dict__, "zero_dtype": "float16"}),
+        layout.PRESETS["int2-kmin-r128-s1"][1]))),
 }
 
 
@@ -112,8 +113,8 @@ def _fill(plans, *, cfg):
   state = kvjax.init(cfg)
   k, v = _layer(state.k), _layer(state.v)
   for i, plan in enumerate(plans):
-    _, k, v = write_attend(_rand(1 + i, (3, 4, HQ, D)), _rand(3 + i, (3, 4, H, D)),
-                           _rand(5 + i, (3, 4, H, D)), k, v, _with_floor(plan, cfg))
+    _, k, v, _ = write_attend(_rand(1 + i, (3, 4, HQ, D)), _rand(3 + i, (3, 4, H, D)),
+                              _rand(5 + i, (3, 4, H, D)), k, v, _with_floor(plan, cfg))
   return k, v
 
 
@@ -201,14 +202,11 @@ def _run(kp, vp, plan, *, fn, mass):
   t = plan.positions.shape[1]
   q, k_new, v_new = _rand(4, (3, t, HQ, D)), _rand(5, (3, t, H, D)), _rand(6, (3, t, H, D))
   if fn == "write_attend":
-    res = write_attend(q, k_new, v_new, kp, vp, plan, with_mass=mass)
-    out, kp, vp = res[:3]
-    m = res[3] if mass else None
+    out, kp, vp, m = write_attend(q, k_new, v_new, kp, vp, plan, with_mass=mass)
   else:   # write, then attend
     kp, vp = kvjax.write(kp, plan, k_new), kvjax.write(vp, plan, v_new)
-    res = attend(q, kp, vp, plan, with_mass=mass)
-    out, m = res if mass else (res, None)
-  dense = (_dense(kp, plan), _dense(vp, plan))   # for the reference: what the row may read
+    out, m = attend(q, kp, vp, plan, with_mass=mass)
+  dense = (dense_pages(kp, plan), dense_pages(vp, plan))   # the reference: what a row may read
   return out.astype(jnp.float32), m, q, dense
 
 
@@ -289,7 +287,7 @@ def test_pages_sharded_over_8_devices_ignore_poison():
 @jax.jit
 def _read(kp, vp, plan):
   """The rows' dense K and V (the reference's input) under a plan that adds no token."""
-  return _dense(kp, plan), _dense(vp, plan)
+  return dense_pages(kp, plan), dense_pages(vp, plan)
 
 
 @pytest.mark.parametrize("name, pages_per_split", [("int8", None), ("int2-sink", 1)])

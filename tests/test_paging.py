@@ -79,11 +79,11 @@ def test_attend_matches_dense_reference_over_chunks(hq):
     q = rng.normal(size=(3, t, hq, 4)).astype(np.float32)
     plan, st = plan_step(st, jnp.arange(3), jnp.zeros((3, t), jnp.int32), jnp.array(ns),
                          config=cfg)
-    kl = kvjax.write(layer(st.k), plan, jnp.asarray(k))
-    vl = kvjax.write(layer(st.v), plan, jnp.asarray(v))
-    st = st.replace(k=jax.tree.map(lambda a, x: a.at[0].set(x), st.k, kl),
-                    v=jax.tree.map(lambda a, x: a.at[0].set(x), st.v, vl))
-    out = np.asarray(jax.jit(kvjax.attend)(jnp.asarray(q), kl, vl, plan))
+    k_l, v_l = kvjax.layer_pages(st, 0)
+    kl = kvjax.write(k_l, plan, jnp.asarray(k))
+    vl = kvjax.write(v_l, plan, jnp.asarray(v))
+    st = kvjax.with_layer_pages(st, 0, kl, vl)
+    out = np.asarray(jax.jit(kvjax.attend)(jnp.asarray(q), kl, vl, plan).out)
     for b, n in enumerate(ns):
       hist_k[b] = np.concatenate([hist_k[b], k[b, :n]])
       hist_v[b] = np.concatenate([hist_v[b], v[b, :n]])

@@ -311,7 +311,7 @@ def _cache_step(name):
     ids, toks = jnp.array([0, 1]), jnp.ones((2, T), jnp.int32)
     plan, st = kvjax.plan_step(kvjax.init(cfg), ids, toks, jnp.array([T, T]), config=cfg)
     kp, vp = _layer(st.k), _layer(st.v)
-    out, k_l, v_l = write_attend(q, k, v, kp, vp, plan)
+    out, k_l, v_l, _ = write_attend(q, k, v, kp, vp, plan)
     k_w = kvjax.write(kp, plan, k)                   # write alone: the same pages
     r = layout.residual_tokens(ks, vs)
     read = lambda pages, spec: gather_dequantized(   # noqa: E731

@@ -96,7 +96,7 @@ def _read(state, query):
                   page_table=state.page_table, kv_lens=lens, cow_src=jnp.full((B,), P),
                   cow_dst=jnp.full((B,), P), refused=jnp.zeros((B,), bool),
                   seq_status=jnp.zeros((B,), jnp.int32))
-  return kvjax.attend(query, _layer(state.k), _layer(state.v), plan)
+  return kvjax.attend(query, _layer(state.k), _layer(state.v), plan).out
 
 
 def _reference(k, v, q):

@@ -2,9 +2,10 @@
 
 ``init`` builds a ``CacheState``; ``plan_step`` gives a step's tokens pages and slots
 (through the pool, ``kvjax.cache.pool``, the one place pages are taken, freed and
-evicted); ``write_attend`` (or ``write`` then ``attend``) is the per-layer data path;
-``attach_prefix`` reuses cached prefixes; ``release`` and ``fork`` end and copy
-sequences; ``check_invariants`` verifies the bookkeeping.
+evicted); ``write_attend`` (or ``write`` then ``attend``, the same path) is the
+per-layer data path, on the pages ``layer_pages`` takes out and ``with_layer_pages``
+puts back; ``attach_prefix`` reuses cached prefixes; ``release`` and ``fork`` end
+and copy sequences (and their page-dropping state, ``kvjax.drop``).
 
 >>> import jax.numpy as jnp
 >>> from kvjax.cache import CacheConfig, init, plan_step
@@ -21,7 +22,10 @@ from __future__ import annotations
 from kvjax.cache.attach import tenant_seed
 from kvjax.cache.attach import register_full_pages
 from kvjax.cache.attach import attach_prefix
+from kvjax.cache.attend import Attended
+from kvjax.cache.attend import Attention
 from kvjax.cache.attend import attend
+from kvjax.cache.attend import dense_pages
 from kvjax.cache.attend import write_attend
 from kvjax.cache.attend import grouped_attention
 from kvjax.cache.checks import check_int
@@ -50,6 +54,8 @@ from kvjax.cache.state import row_seeds
 from kvjax.cache.state import default_seed
 from kvjax.cache.state import init
 from kvjax.cache.state import clear_status
+from kvjax.cache.state import layer_pages
+from kvjax.cache.state import with_layer_pages
 from kvjax.cache.status import OUT_OF_PAGES
 from kvjax.cache.status import SEQ_FULL
 from kvjax.cache.status import BAD_INPUT

@@ -1,32 +1,68 @@
 """Paged attention over one layer's pages, dequantizing quantized pages.
 
-Unquantized pages take the jnp path below. Quantized pages take
-``kvjax.kernels.ops.paged_attention`` for decode (T = 1: Pallas on GPU/TPU,
-the jnp reference on CPU) and dense dequantized K/V for prefill chunks.
+``attend`` reads pages that already hold the step's K/V (``write`` first);
+``write_attend`` is both in one call. They return NamedTuples, ``Attention``
+and ``Attended``, of the same fields whatever the options (``mass`` is None
+unless asked for). Unquantized pages take the jnp path below. Quantized pages
+take ``kvjax.kernels.ops.paged_attention`` for decode (T = 1: Pallas on
+GPU/TPU, the jnp reference on CPU) and dense dequantized K/V for prefill
+chunks; a prefill chunk through a staging ring reads two views (quantized and
+full precision) to stay causal. Shapes: B = batch rows, T = tokens per row,
+Hq = query heads, H = kv heads, D = head_dim, M = page-table columns.
+
+>>> import kvjax
+>>> cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2,
+...                         num_pages=2, max_seqs=1, max_pages_per_seq=2)
+>>> plan, st = kvjax.plan_step(kvjax.init(cfg), jnp.array([0]), jnp.array([[1]]),
+...                            jnp.array([1]), config=cfg)
+>>> k_l, v_l = kvjax.cache.layer_pages(st, 0)
+>>> x = jnp.ones((1, 1, 1, 2))
+>>> write_attend(x, x, 3 * x, k_l, v_l, plan).out.tolist()
+[[[[3.0, 3.0]]]]
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
-
-from kvjax.kernels import ops
-from kvjax.kernels.paged_attention import gather_dequantized
-from kvjax.rope import rope
 from kvjax.cache.plan import StepPlan
 from kvjax.cache.write import lens_before
 from kvjax.cache.write import sink_rows
 from kvjax.cache.write import stage_rows
 from kvjax.cache.write import write
+from kvjax.kernels import ops
+from kvjax.kernels.paged_attention import gather_dequantized
 from kvjax.layout.pages import Pages
+from kvjax.layout.pages import as_stored
 from kvjax.layout.pages import check_layer
 from kvjax.layout.pages import head_dim_of
 from kvjax.layout.pages import pool_only
 from kvjax.layout.shapes import first_staged_page
+from kvjax.rope import rope
+
+
+class Attention(NamedTuple):
+  """What ``attend`` returns."""
+
+  out: jax.Array              # [B, T, Hq, D] q's dtype: the attention output
+  mass: Optional[jax.Array]   # float32 [B, M]: softmax weight each page-table column
+  #                             received (``with_mass=True``; ``kvjax.drop``), else None
+
+
+class Attended(NamedTuple):
+  """What ``write_attend`` returns: ``attend``'s fields and the layer's pages after ``write``."""
+
+  out: jax.Array              # [B, T, Hq, D] q's dtype: the attention output
+  k_pages: Pages              # the layer's keys after the write, as the cache stores them
+  v_pages: Pages              # the layer's values after the write, likewise
+  mass: Optional[jax.Array]   # float32 [B, M] (``with_mass=True``), else None
 
 
 def attend(q: jax.Array, k_pages: Pages, v_pages: Pages, plan: StepPlan, *,
-           with_mass: bool = False):
+           with_mass: bool = False) -> Attention:
   """Attention of this step's queries over the pages of their sequences.
 
   Causal: the query at absolute position p sees keys at positions <= p, among
@@ -36,40 +72,53 @@ def attend(q: jax.Array, k_pages: Pages, v_pages: Pages, plan: StepPlan, *,
   Rows with nothing to read (padding, refused empty sequences) give zeros.
 
   Quantized pages (their static ``spec``) are dequantized: pages folded by
-  ``kv_lens`` are read from the pool, the rest from the staging ring. For a
-  prefill chunk (T > 1) with staging, every query of the chunk sees the pages
-  folded by the end of the step quantized; ``write_attend`` gives the causal
-  view (each query sees what decode would show it).
+  ``kv_lens`` are read from the pool, the rest from the staging ring. With a
+  staging ring, the query at position p sees page j quantized iff
+  ``(j + 1) * S + R <= p + 1`` (R the window): what a decode step at p sees,
+  whatever the chunking. For a prefill chunk (T > 1) that needs the pages
+  ``write`` returned in this step (they carry the step's tokens, see
+  ``Pages.written``); others raise ``ValueError``. So ``write`` then
+  ``attend`` gives exactly what ``write_attend`` gives, for every spec.
 
   Args:
     q: ``[B, T, Hq, D]`` queries (after RoPE), Hq a multiple of H.
-    k_pages / v_pages: one layer's ``Pages`` (data ``[P, S, H, *]``), already
-      holding this step's K/V (``write`` first).
+    k_pages / v_pages: one layer's ``Pages`` (data ``[P, S, H, *]``) as
+      ``write`` returned them in this step.
     plan: the step's plan.
-    with_mass: static; also return each page's attention probability mass
-      (for ``kvjax.drop``). Off, the computation is unchanged.
+    with_mass: static; also compute each page's attention probability mass
+      (for ``kvjax.drop``; not with a staging ring or keys stored before
+      RoPE). Off, the computation is unchanged.
 
   Returns:
-    ``[B, T, Hq, D]`` in q's dtype; with ``with_mass``, ``(out, mass)`` where
-    ``mass`` is float32 ``[B, M]``: the softmax weight each page-table column
-    received, summed over query heads and the row's valid queries (a decode
-    row sums to Hq). Quantized pages are read dequantized and dense then.
+    ``Attention(out, mass)``: ``out`` ``[B, T, Hq, D]`` in q's dtype; ``mass``
+    None, or with ``with_mass`` float32 ``[B, M]``: the softmax weight each
+    page-table column received, summed over query heads and the row's valid
+    queries (a decode row sums to Hq). Quantized pages are read dequantized
+    and dense then.
 
   >>> import kvjax
   >>> cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2,
   ...                         num_pages=2, max_seqs=1, max_pages_per_seq=2)
   >>> plan, st = kvjax.plan_step(kvjax.init(cfg), jnp.array([0]), jnp.array([[1]]),
   ...                            jnp.array([1]), config=cfg)
-  >>> k = kvjax.write(jax.tree.map(lambda a: a[0], st.k), plan, jnp.ones((1, 1, 1, 2)))
-  >>> v = kvjax.write(jax.tree.map(lambda a: a[0], st.v), plan, 3 * jnp.ones((1, 1, 1, 2)))
-  >>> attend(jnp.ones((1, 1, 1, 2)), k, v, plan).tolist()
+  >>> k_l, v_l = kvjax.cache.layer_pages(st, 0)
+  >>> k = kvjax.write(k_l, plan, jnp.ones((1, 1, 1, 2)))
+  >>> v = kvjax.write(v_l, plan, 3 * jnp.ones((1, 1, 1, 2)))
+  >>> attend(jnp.ones((1, 1, 1, 2)), k, v, plan).out.tolist()
   [[[[3.0, 3.0]]]]
-  >>> attend(jnp.ones((1, 1, 1, 2)), k, v, plan, with_mass=True)[1].tolist()
+  >>> attend(jnp.ones((1, 1, 1, 2)), k, v, plan, with_mass=True).mass.tolist()
   [[1.0, 0.0]]
   """
   _check_pair(q, k_pages, v_pages, plan)
   if with_mass:
-    return _attend_with_mass(q, k_pages, v_pages, plan)
+    out, mass = _attend_with_mass(q, k_pages, v_pages, plan)
+    return Attention(out, mass)
+  return Attention(_attend(q, k_pages, v_pages, plan), None)
+
+
+def _attend(q, k_pages: Pages, v_pages: Pages, plan: StepPlan) -> jax.Array:
+  if k_pages.stage is not None and plan.positions.shape[1] > 1:
+    return _attend_causal(q, k_pages, v_pages, plan)
   if (k_pages.spec.is_quantized or v_pages.spec.is_quantized or k_pages.stage is not None
       or k_pages.sink is not None or k_pages.rope_base):
     return _attend_quantized(q, k_pages, v_pages, plan)
@@ -79,11 +128,12 @@ def attend(q: jax.Array, k_pages: Pages, v_pages: Pages, plan: StepPlan, *,
   table = jnp.maximum(plan.page_table, 0)
   k = k_pages.data[table].reshape(b, m_ * s_, h_, d_)                # [B, K, H, D]
   v = v_pages.data[table].reshape(b, m_ * s_, h_, d_)
-  return grouped_attention(q, k, v, _visible(plan, m_ * s_))
+  out, _ = _grouped(q, k, v, _visible(plan, m_ * s_))
+  return out
 
 
 def _attend_with_mass(q, k_pages: Pages, v_pages: Pages, plan: StepPlan):
-  """``attend`` plus float32 [B, M] per-page attention mass (dense keys, any spec)."""
+  """``attend``'s output plus float32 [B, M] per-page attention mass (dense keys, any spec)."""
   if k_pages.stage is not None:
     raise ValueError("attend(with_mass=True) does not support pages with a staging ring")
   if k_pages.rope_base:
@@ -91,12 +141,12 @@ def _attend_with_mass(q, k_pages: Pages, v_pages: Pages, plan: StepPlan):
   s_ = k_pages.data.shape[1]
   b, m_ = plan.page_table.shape
   if k_pages.spec.is_quantized or v_pages.spec.is_quantized:
-    k, v = _dense(k_pages, plan), _dense(v_pages, plan)
+    k, v = dense_pages(k_pages, plan), dense_pages(v_pages, plan)
   else:
     table = jnp.maximum(plan.page_table, 0)
     k = k_pages.data[table].reshape(b, m_ * s_, *k_pages.data.shape[2:])
     v = v_pages.data[table].reshape(b, m_ * s_, *v_pages.data.shape[2:])
-  out, mass = grouped_attention(q, k, v, _visible(plan, m_ * s_), with_mass=True)
+  out, mass = _grouped(q, k, v, _visible(plan, m_ * s_), with_mass=True)
   mass = jnp.sum(jnp.where(plan.valid[:, :, None], mass, 0.0), axis=1)       # [B, K]
   return out, jnp.sum(mass.reshape(b, m_, s_), axis=-1)
 
@@ -130,12 +180,42 @@ def _check_pair(q, k_pages: Pages, v_pages: Pages, plan: StepPlan) -> None:
   hq = q.shape[2]
   if hq % h_:
     raise ValueError(f"q heads ({hq}) must be a multiple of the kv heads ({h_})")
+  if k_pages.stage is not None and t > 1:
+    for name, pages in (("k_pages", k_pages), ("v_pages", v_pages)):
+      if pages.written is None:
+        raise ValueError(f"attend: a prefill chunk (T = {t}) over pages with a staging ring "
+                         f"reads this step's tokens from the pages write returned in this "
+                         f"step, and {name} carries none (Pages.written): pass write's "
+                         f"result, or use write_attend")
+      if tuple(pages.written.shape[:2]) != (b, t):
+        raise ValueError(f"attend: {name}.written holds {tuple(pages.written.shape[:2])} "
+                         f"(B, T) tokens, the plan {(b, t)}: pages written by another step")
 
 
-def _dense(pages: Pages, plan: StepPlan, *, staged: bool = True) -> jax.Array:
-  """float32 [B, M*S, H, D]: each row's K (or V) dequantized; ring pages from the ring;
-  keys stored before RoPE rotated by their positions."""
-  stage = stage_rows(pages, plan) if staged else None
+def dense_pages(pages: Pages, plan: StepPlan) -> jax.Array:
+  """float32 ``[B, M*S, H, D]``: each plan row's K (or V) as attention reads it at the end
+  of the step, dequantized.
+
+  Pages folded by ``plan.kv_lens`` come from the pool, the rest from the
+  staging ring, the sink tokens from the sink rows; keys stored before RoPE
+  are rotated by their positions. Positions at or past a row's ``kv_len`` hold
+  whatever the slots hold (mask them).
+
+  >>> import kvjax
+  >>> cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2,
+  ...                         num_pages=2, max_seqs=1, max_pages_per_seq=2)
+  >>> plan, st = kvjax.plan_step(kvjax.init(cfg), jnp.array([0]), jnp.array([[1]]),
+  ...                            jnp.array([1]), config=cfg)
+  >>> k = kvjax.write(kvjax.cache.layer_pages(st, 0)[0], plan, jnp.ones((1, 1, 1, 2)))
+  >>> dense_pages(k, plan).shape, dense_pages(k, plan)[0, :plan.kv_lens[0], 0].tolist()
+  ((1, 4, 1, 2), [[1.0, 1.0]])
+  """
+  check_layer("pages", pages)
+  return _gather(pages, plan, stage_rows(pages, plan))
+
+
+def _gather(pages: Pages, plan: StepPlan, stage: Optional[jax.Array]) -> jax.Array:
+  """``dense_pages`` with the ring rows ``stage`` [B, NS, S, H, D] (None: the pool only)."""
   x = gather_dequantized(pool_only(pages), pages.spec, plan.page_table, plan.kv_lens,
                          stage, pages.residual, sink=sink_rows(pages, plan))
   if pages.rope_base:
@@ -153,71 +233,76 @@ def _attend_quantized(q, k_pages: Pages, v_pages: Pages, plan: StepPlan) -> jax.
                               k_sink=sink_rows(k_pages, plan), v_sink=sink_rows(v_pages, plan),
                               k_rope=k_pages.rope_base)
     return out[:, None].astype(q.dtype)
-  k, v = _dense(k_pages, plan), _dense(v_pages, plan)
-  return grouped_attention(q, k, v, _visible(plan, k.shape[1]))
+  k, v = dense_pages(k_pages, plan), dense_pages(v_pages, plan)
+  out, _ = _grouped(q, k, v, _visible(plan, k.shape[1]))
+  return out
+
+
+def _attend_causal(q, k_pages: Pages, v_pages: Pages, plan: StepPlan) -> jax.Array:
+  """A prefill chunk (T > 1) through a staging ring, from the pages ``write`` returned.
+
+  The query at position p sees page j quantized iff ``(j + 1) * S + R <= p + 1``
+  (R the window). Pages that fold during the chunk are read in full precision
+  (the ring before the step and the new tokens, rounded to the ring dtype:
+  ``Pages.ring_before`` and ``Pages.written``) by the queries before their fold.
+  """
+  s_ = k_pages.data.shape[1]
+  n0, _ = lens_before(plan)
+  before = plan.replace(kv_lens=n0)
+  rows = jnp.arange(plan.positions.shape[0])[:, None]
+
+  def views(pages):
+    # full precision: the ring and pool before the step, then this step's tokens
+    full = _gather(pages, before, pages.ring_before)
+    x = pages.written.astype(jnp.float32)
+    if pages.rope_base:   # keys stored before RoPE: the full view rotates them too
+      x = rope(x, plan.positions, pages.rope_base)
+    dst = jnp.where(plan.valid, plan.positions, full.shape[1])        # [B, T], K = dropped
+    full = full.at[rows, dst].set(x, mode="drop")
+    return _gather(pages, plan, None), full                            # quantized, full
+
+  kq, kf = views(k_pages)
+  vq, vf = views(v_pages)
+  kn = kq.shape[1]
+  folded = first_staged_page(plan.positions + 1, k_pages.residual, s_)   # [B, T]
+  quantized = (jnp.arange(kn)[None, None, :] // s_) < folded[:, :, None]       # [B, T, K]
+  return _two_view_attention(q, (kq, vq), (kf, vf), quantized, _visible(plan, kn))
 
 
 def write_attend(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: Pages, v_pages: Pages,
-                 plan: StepPlan, *, with_mass: bool = False) -> tuple:
-  """``write`` this step's K and V, then attend: the model's per-layer data path.
+                 plan: StepPlan, *, with_mass: bool = False) -> Attended:
+  """``write`` this step's K and V, then ``attend``: the model's per-layer data path.
 
-  Same as ``write`` then ``attend``, except for a prefill chunk (T > 1) through
-  a staging ring, where it keeps attention causal: the query at position p
-  sees page j quantized iff ``(j + 1) * S + R <= p + 1`` (R the window), i.e.
-  exactly what a decode step at p sees, whatever the chunking. Pages that fold
-  during the chunk are read in full precision (the ring before the step and
-  the new tokens, rounded to the ring dtype) by the queries before their fold.
+  Exactly ``write`` then ``attend`` (one code path), with the pages returned
+  as the cache stores them (``kvjax.layout.as_stored``), ready for the layer
+  scan's outputs or ``with_layer_pages``.
 
   Args:
-    q: ``[B, T, Hq, D]``; k, v: ``[B, T, H, D]`` this step's keys (after RoPE)
-      and values.
+    q: ``[B, T, Hq, D]``; k, v: ``[B, T, H, D]`` this step's keys (after RoPE,
+      or before it with ``CacheConfig.key_rope``) and values.
     k_pages / v_pages: one layer's ``Pages`` before the step.
     plan: the step's plan.
-    with_mass: static; also return ``attend``'s per-page mass (no staging ring).
+    with_mass: static; also compute ``attend``'s per-page mass (no staging ring).
 
   Returns:
-    ``(out [B, T, Hq, D] in q's dtype, k_pages, v_pages)``; with ``with_mass``,
-    ``(out, k_pages, v_pages, mass float32 [B, M])``.
+    ``Attended(out, k_pages, v_pages, mass)``: ``out`` ``[B, T, Hq, D]`` in q's
+    dtype, the layer's pages after the write, and ``mass`` float32 ``[B, M]``
+    with ``with_mass`` (else None).
 
   >>> import kvjax
   >>> cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2,
   ...                         num_pages=2, max_seqs=1, max_pages_per_seq=2)
   >>> plan, st = kvjax.plan_step(kvjax.init(cfg), jnp.array([0]), jnp.array([[1]]),
   ...                            jnp.array([1]), config=cfg)
-  >>> layer = lambda p: jax.tree.map(lambda a: a[0], p)
+  >>> k_l, v_l = kvjax.cache.layer_pages(st, 0)
   >>> x = jnp.ones((1, 1, 1, 2))
-  >>> write_attend(x, x, 3 * x, layer(st.k), layer(st.v), plan)[0].tolist()
-  [[[[3.0, 3.0]]]]
+  >>> res = write_attend(x, x, 3 * x, k_l, v_l, plan)
+  >>> res.out.tolist(), res.k_pages.data[0, 0].tolist(), res.mass is None
+  ([[[[3.0, 3.0]]]], [[1.0, 1.0]], True)
   """
   k_new, v_new = write(k_pages, plan, k), write(v_pages, plan, v)
-  if with_mass:
-    out, mass = attend(q, k_new, v_new, plan, with_mass=True)
-    return out, k_new, v_new, mass
-  if k_pages.stage is None or plan.positions.shape[1] == 1:
-    return attend(q, k_new, v_new, plan), k_new, v_new
-  _check_pair(q, k_new, v_new, plan)
-  s_ = k_pages.data.shape[1]
-  n0, _ = lens_before(plan)
-  before = plan.replace(kv_lens=n0)
-  rows = jnp.arange(plan.positions.shape[0])[:, None]
-
-  def views(before_pages, after_pages, x):
-    # full precision: the ring and pool before the step, then this step's tokens
-    full = _dense(before_pages, before)
-    x = x.astype(before_pages.stage.dtype).astype(jnp.float32)
-    if before_pages.rope_base:   # keys stored before RoPE: the full view rotates them too
-      x = rope(x, plan.positions, before_pages.rope_base)
-    dst = jnp.where(plan.valid, plan.positions, full.shape[1])        # [B, T], K = dropped
-    full = full.at[rows, dst].set(x, mode="drop")
-    return _dense(after_pages, plan, staged=False), full               # quantized, full
-
-  kq, kf = views(k_pages, k_new, k)
-  vq, vf = views(v_pages, v_new, v)
-  kn = kq.shape[1]
-  folded = first_staged_page(plan.positions + 1, k_pages.residual, s_)   # [B, T]
-  quantized = (jnp.arange(kn)[None, None, :] // s_) < folded[:, :, None]       # [B, T, K]
-  out = _two_view_attention(q, (kq, vq), (kf, vf), quantized, _visible(plan, kn))
-  return out, k_new, v_new
+  res = attend(q, k_new, v_new, plan, with_mass=with_mass)
+  return Attended(res.out, as_stored(k_new), as_stored(v_new), res.mass)
 
 
 def _two_view_attention(q, quant_kv, full_kv, quantized, visible) -> jax.Array:
@@ -254,8 +339,7 @@ def _two_view_attention(q, quant_kv, full_kv, quantized, visible) -> jax.Array:
   return out.astype(q.dtype)
 
 
-def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, *,
-                      with_mass: bool = False):
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
   """Masked grouped-query attention over contiguous keys (float32 inside).
 
   One batched matmul per (row, kv head) over all ``G * T`` queries of its
@@ -280,11 +364,9 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Arr
   Args:
     q: ``[B, T, Hq, D]``; k, v: ``[B, K, H, D]`` with Hq a multiple of H.
     visible: bool ``[B, T, K]``, which keys each query may read.
-    with_mass: static; also return the softmax weights summed over query heads.
 
   Returns:
-    ``[B, T, Hq, D]`` in q's dtype; a query that sees no key gives zeros. With
-    ``with_mass``, ``(out, mass)``, mass float32 ``[B, T, K]``.
+    ``[B, T, Hq, D]`` in q's dtype; a query that sees no key gives zeros.
 
   >>> x = jnp.ones((1, 2, 2, 4))
   >>> grouped_attention(x, x[:, :, :1], x[:, :, :1], jnp.tril(jnp.ones((1, 2, 2), bool))).shape
@@ -293,6 +375,13 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Arr
   >>> grouped_attention(x[:, :1], x[:, :, :1], v, jnp.array([[[True, False]]]))[0, 0, 0].tolist()
   [1.0, 1.0, 1.0, 1.0]
   """
+  out, _ = _grouped(q, k, v, visible)
+  return out
+
+
+def _grouped(q, k, v, visible, *, with_mass: bool = False):
+  """``(grouped_attention's output, mass)``: mass float32 ``[B, T, K]``, the softmax
+  weights summed over query heads, with ``with_mass`` (static); else None."""
   b, t, hq, d_ = q.shape
   kn, h_ = k.shape[1], k.shape[2]
   g = hq // h_
@@ -312,7 +401,7 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Arr
   out = out.reshape(b, h_, g, t, d_).transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d_)
   if with_mass:
     return out.astype(q.dtype), jnp.sum(weights.reshape(b, h_ * g, t, kn), axis=1)
-  return out.astype(q.dtype)
+  return out.astype(q.dtype), None
 
 
 def _select_read(v: jax.Array, visible: jax.Array) -> jax.Array:

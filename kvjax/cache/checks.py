@@ -64,6 +64,11 @@ def check_state(state: CacheState, config: CacheConfig) -> None:
   if state.meta.ref_count.shape != (config.num_pages,):
     raise ValueError(f"state has {state.meta.ref_count.shape[0]} pages but config.num_pages = "
                      f"{config.num_pages}")
+  for name, pages in (("k", state.k), ("v", state.v)):
+    if pages.written is not None or pages.ring_before is not None:
+      raise ValueError(f"state.{name} carries the step fields write attaches for attend (written, "
+                       f"ring_before): put layers back with kvjax.cache.with_layer_pages, or "
+                       f"drop them with kvjax.layout.as_stored")
 
 
 def bad_rows(seq_ids: jax.Array, num_new: jax.Array, t: int, max_seqs: int) -> jax.Array:

@@ -2,6 +2,9 @@
 
 Both go through the pool (``kvjax.cache.pool``) for every reference they give
 up; neither copies K/V (a fork's first write into a shared partial page does).
+A cache in page-dropping mode (``state.drop``, ``kvjax.drop.enable``) keeps its
+per-sequence ``DropState`` rows in step: released rows are cleared, forked rows
+copied.
 """
 
 from __future__ import annotations
@@ -18,14 +21,36 @@ from kvjax.cache.checks import dedupe
 import jax
 import jax.numpy as jnp
 from kvjax.cache.pool import unref_pages
+from kvjax.cache.state import DropState
+
+
+def _clear_drop(drop: DropState, rows: jax.Array) -> DropState:
+  """``drop`` with rows ``rows`` (int32 [N], B = none) reset: no mass, nothing dropped."""
+  return drop.replace(
+      mass=drop.mass.at[rows].set(0.0, mode="drop"),
+      seen=drop.seen.at[rows].set(0.0, mode="drop"),
+      owner=drop.owner.at[rows].set(-1, mode="drop"),
+      dropped=drop.dropped.at[rows].set(0, mode="drop"))
+
+
+def _copy_drop(drop: DropState, src: jax.Array, rows: jax.Array) -> DropState:
+  """``drop`` with rows ``rows`` (int32 [N], B = none) copied from rows ``src`` [N]."""
+  return drop.replace(
+      mass=drop.mass.at[rows].set(drop.mass[src], mode="drop"),
+      seen=drop.seen.at[rows].set(drop.seen[src], mode="drop"),
+      owner=drop.owner.at[rows].set(drop.owner[src], mode="drop"),
+      dropped=drop.dropped.at[rows].set(drop.dropped[src], mode="drop"))
+
+
 def release(state: CacheState, seq_ids: jax.Array, *, config: CacheConfig) -> CacheState:
   """End sequences: their pages lose a reference; the slots become empty.
 
   Pages left with no reference and no content hash become free; hashed pages
   stay cached (reference 0) until evicted. The slots' namespaces and flags
-  (``seq_status``) are reset. Ids of -1 (padding), repeats and empty slots are
-  no-ops; an id out of range flags ``BAD_INPUT`` (``config.checked`` raises
-  on an eager call).
+  (``seq_status``) are reset, and so are their page-dropping rows (mass,
+  owners, tokens dropped) in drop mode. Ids of -1 (padding), repeats and empty
+  slots are no-ops; an id out of range flags ``BAD_INPUT`` (``config.checked``
+  raises on an eager call).
 
   Args:
     state: the cache.
@@ -65,6 +90,8 @@ def release(state: CacheState, seq_ids: jax.Array, *, config: CacheConfig) -> Ca
                                       0).astype(jnp.int32),
       fold_floor=fold_floor,
   )
+  if state.drop is not None:
+    new_state = new_state.replace(drop=_clear_drop(state.drop, rows))
   return enforce_checked(new_state, config)
 
 
@@ -79,7 +106,9 @@ def fork(state: CacheState, src_ids: jax.Array, dst_ids: jax.Array, *,
   destination's now. A pair is skipped and ``BAD_INPUT`` is flagged when the
   destination is not empty, ids are out of range, the source is empty, or an
   id repeats. The copy inherits the source's namespace and its data flags
-  (``NON_FINITE``, ``OUT_OF_RANGE``: it shares those K/V).
+  (``NON_FINITE``, ``OUT_OF_RANGE``: it shares those K/V), and in drop mode
+  its page-dropping rows (mass, owners, tokens dropped: the same pages at the
+  same logical positions).
 
   Args:
     state: the cache.
@@ -143,4 +172,6 @@ def fork(state: CacheState, src_ids: jax.Array, dst_ids: jax.Array, *,
           mode="drop"),
       status=status.astype(jnp.int32),
   )
+  if state.drop is not None:
+    new_state = new_state.replace(drop=_copy_drop(state.drop, src_safe, rows))
   return enforce_checked(new_state, config)

@@ -45,7 +45,45 @@ from kvjax.cache.pool import grant
 
 @struct.dataclass
 class StepPlan:
-  """Where this step's tokens go and what attention reads; made by ``plan_step``."""
+  """Where this step's tokens go and what attention reads; made by ``plan_step``.
+
+  A step is one ``plan_step`` for the whole batch, then, for every layer, the
+  layer's K/V written into the slots and the queries attending over the pages;
+  the same plan serves every layer (it holds no K/V). A user loop::
+
+    plan, cache = kvjax.plan_step(cache, seq_ids, tokens, num_new, config=cfg)
+    flags = 0
+    for i in range(cfg.num_layers):
+      q, k, v = ...             # layer i's [B, T, Hq | H, D], RoPE at plan.positions
+      k_l, v_l = kvjax.layer_pages(cache, i)
+      flags |= kvjax.write_flags(plan, k, v, k_l, v_l)
+      res = kvjax.write_attend(q, k, v, k_l, v_l, plan)
+      cache = kvjax.with_layer_pages(cache, i, res.k_pages, res.v_pages)
+      ...                       # res.out: [B, T, Hq, D]
+    cache = kvjax.flag_sequences(cache, plan.seq_ids, flags)
+
+  (``kvjax.write`` of K and of V, then ``kvjax.attend``, is the same path.)
+  ``models/llama.py`` scans the layers instead, with the pages as scanned
+  inputs and outputs. The fields, B = the batch's rows (``seq_ids``), T = its
+  tokens per row, M = ``max_pages_per_seq``, P = ``num_pages``, S = ``page_size``:
+
+  - ``positions`` are what RoPE rotates q and k by (in a drop-mode cache add
+    ``kvjax.drop.begin_step``'s offset) and the causal mask's query positions.
+  - ``valid`` marks the tokens that are written and whose outputs mean
+    something; padding tokens, padding rows and ``refused`` rows are False
+    (their outputs are meaningless; ``seq_status`` says why a row was refused).
+  - ``slots``, ``cow_src`` / ``cow_dst`` and ``fold_floor`` are for ``write``;
+    ``page_table`` and ``kv_lens`` for ``attend`` (``kv_lens`` counts this
+    step's tokens too). Nothing here is meant to be edited by hand.
+
+  >>> import kvjax
+  >>> cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2,
+  ...                         num_pages=4, max_seqs=2, max_pages_per_seq=2)
+  >>> plan, _ = plan_step(kvjax.init(cfg), jnp.array([1, -1]), jnp.array([[7, 8, 9]] * 2),
+  ...                     jnp.array([3, 0]), config=cfg)
+  >>> plan.positions.tolist(), plan.valid.tolist(), plan.kv_lens.tolist()
+  ([[0, 1, 2], [0, 1, 2]], [[True, True, True], [False, False, False]], [3, 0])
+  """
 
   seq_ids: jax.Array     # int32 [B]  sequence of each row (-1 = padding)
   positions: jax.Array   # int32 [B, T]  absolute position of each new token (clamped for padding)

@@ -25,6 +25,8 @@ from kvjax.prefix.index import index_init
 from kvjax.quant.pages import init_quant_pages
 from kvjax.layout.meta import PageMeta
 from kvjax.layout.pages import Pages
+from kvjax.layout.pages import layer_of
+from kvjax.layout.pages import with_layer
 from kvjax.layout.meta import init_meta
 
 
@@ -202,3 +204,38 @@ def clear_status(state: CacheState) -> CacheState:
                        seq_status=jnp.zeros_like(state.seq_status))
 
 
+def layer_pages(state: CacheState, i) -> tuple[Pages, Pages]:
+  """Layer ``i``'s ``(k_pages, v_pages)``: what ``write`` / ``attend`` take.
+
+  Args:
+    state: the cache.
+    i: int or int32 scalar (may be traced), ``0 <= i < num_layers``.
+
+  Returns:
+    Two one-layer ``Pages`` (data ``[P, S, H, *]``, ring ``[B, NS, S, H, D]``).
+
+  >>> cfg = CacheConfig(num_layers=2, num_kv_heads=1, head_dim=4, page_size=2,
+  ...                   num_pages=3, max_seqs=2, max_pages_per_seq=2)
+  >>> k, v = layer_pages(init(cfg), 1)
+  >>> k.data.shape
+  (3, 2, 1, 4)
+  """
+  return layer_of(state.k, i), layer_of(state.v, i)
+
+
+def with_layer_pages(state: CacheState, i, k_pages: Pages, v_pages: Pages) -> CacheState:
+  """The state with layer ``i``'s pages replaced (by what ``write`` returned).
+
+  The step fields ``write`` attaches for ``attend`` are dropped
+  (``kvjax.layout.as_stored``); a layer of another layout or shape raises
+  ``ValueError``.
+
+  >>> cfg = CacheConfig(num_layers=2, num_kv_heads=1, head_dim=4, page_size=2,
+  ...                   num_pages=3, max_seqs=2, max_pages_per_seq=2)
+  >>> st = init(cfg)
+  >>> k, v = layer_pages(st, 1)
+  >>> st = with_layer_pages(st, 1, k.replace(data=k.data + 1), v)
+  >>> st.k.data[:, 0, 0, 0, 0].tolist()
+  [0.0, 1.0]
+  """
+  return state.replace(k=with_layer(state.k, i, k_pages), v=with_layer(state.v, i, v_pages))

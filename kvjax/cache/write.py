@@ -8,17 +8,21 @@ T = new tokens per row, H = kv heads, D = head_dim.
 
 from __future__ import annotations
 
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from kvjax.cache.plan import StepPlan
+from kvjax.layout.pages import Pages
+from kvjax.layout.pages import as_stored
+from kvjax.layout.pages import check_layer
+from kvjax.layout.pages import head_dim_of
+from kvjax.layout.pages import pool_only
 from kvjax.quant.pages import copy_pages
 from kvjax.quant.pages import write_tokens
 from kvjax.quant.staging import stage_and_fold
-from typing import Optional
-from kvjax.layout.pages import Pages
-from kvjax.cache.plan import StepPlan
-from kvjax.layout.pages import check_layer
-from kvjax.layout.pages import head_dim_of
-import jax
-import jax.numpy as jnp
-from kvjax.layout.pages import pool_only
+
+
 def sink_rows(pages: Pages, plan: StepPlan) -> Optional[jax.Array]:
   """The sink rows of the plan's batch rows: ``[B, N, H, D]`` (None without a sink)."""
   if pages.sink is None:
@@ -55,6 +59,11 @@ def write(pages: Pages, plan: StepPlan, x: jax.Array) -> Pages:
   """Write one layer's new K (or V) into the slots of ``plan``.
 
   Shared partial pages marked by the plan are copied first (copy on write).
+  For a prefill chunk (T > 1) through a staging ring, the pages returned also
+  carry the step's tokens and the ring before the step (``Pages.written``,
+  ``Pages.ring_before``): ``attend`` on them then gives exactly what
+  ``write_attend`` gives. Put them back into the cache with
+  ``with_layer_pages`` (or ``kvjax.layout.as_stored``), which drops those.
 
   Args:
     pages: one layer's ``Pages`` (data ``[P, S, H, D]``).
@@ -62,7 +71,7 @@ def write(pages: Pages, plan: StepPlan, x: jax.Array) -> Pages:
     x: ``[B, T, H, D]`` new keys or values.
 
   Returns:
-    The layer's updated ``Pages``.
+    The layer's updated ``Pages`` (one layer, as ``pages``).
 
   >>> from kvjax.cache.plan import plan_step
   >>> import kvjax
@@ -74,6 +83,7 @@ def write(pages: Pages, plan: StepPlan, x: jax.Array) -> Pages:
   [[1.0, 1.0]]
   """
   check_layer("pages", pages)
+  pages = as_stored(pages)
   p_, s_, h_, _ = pages.data.shape
   d_ = head_dim_of(pages)
   b, t = plan.slots.shape
@@ -83,7 +93,10 @@ def write(pages: Pages, plan: StepPlan, x: jax.Array) -> Pages:
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"x must be floating point, got dtype {x.dtype}")
   if pages.stage is not None:
-    return _write_sink(_write_staged(pages, plan, x), pages, plan, x)
+    new = _write_sink(_write_staged(pages, plan, x), pages, plan, x)
+    if t == 1:   # decode: attend reads the ring and pool as they are now
+      return new
+    return new.replace(written=x.astype(pages.stage.dtype), ring_before=stage_rows(pages, plan))
   if pages.spec.is_quantized:   # token-axis spec, no window: quantize each token into its slot
     pool = copy_pages(pages, plan.cow_src, jnp.where(plan.cow_dst < p_, plan.cow_dst, -1))
     pool = write_tokens(pool, plan.slots.reshape(-1), x.reshape(b * t, h_, d_), pages.spec)

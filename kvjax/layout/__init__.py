@@ -16,6 +16,9 @@ from kvjax.layout.pages import Pages
 from kvjax.layout.pages import head_dim_of
 from kvjax.layout.pages import pool_only
 from kvjax.layout.pages import check_layer
+from kvjax.layout.pages import as_stored
+from kvjax.layout.pages import layer_of
+from kvjax.layout.pages import with_layer
 from kvjax.layout.presets import NUQ2_LEVELS
 from kvjax.layout.presets import PRESETS
 from kvjax.layout.shapes import page_shapes

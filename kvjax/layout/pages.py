@@ -14,9 +14,12 @@ num_pages, S = page_size, H = num_kv_heads, D = head_dim, B = max_seqs.
 from __future__ import annotations
 
 from typing import Optional
-from kvjax.layout.spec import QuantSpec
 import jax
+import jax.numpy as jnp
 from flax import struct
+from kvjax.layout.spec import QuantSpec
+
+
 @struct.dataclass
 class Pages:
   """One of K or V for all layers of one tier, with how it is stored.
@@ -32,6 +35,13 @@ class Pages:
   reads them from there; the pool page holds them quantized too, for
   sharing). Shapes below are for all layers; the layer scan sees them
   without the leading L.
+
+  ``written`` and ``ring_before`` are never part of a cache: ``write`` sets
+  them on the one layer's pages it returns for a prefill chunk (T > 1) through
+  a staging ring, so that ``attend`` on those pages keeps attention causal
+  (each query sees what a decode step at its position would; the pages that
+  fold during the chunk are lost from the ring otherwise). ``as_stored`` drops
+  them; ``with_layer_pages`` and ``write_attend`` do so for you.
   """
 
   data: jax.Array                    # [L, P, S, H, D] config dtype; uint8 [L, P, S, H, D/n]
@@ -48,6 +58,11 @@ class Pages:
   #                                    (tokens, max of the K and V specs'), same on K and V
   rope_base: float = struct.field(pytree_node=False, default=0.0)  # static: > 0 on keys stored
   #                                    before RoPE (``CacheConfig.key_rope``); attend rotates them
+  written: Optional[jax.Array] = None  # [B, T, H, D] ring dtype: the step's new tokens of the
+  #                                    plan's rows, as ``write`` staged them (one layer, T > 1,
+  #                                    staging only); None in a cache
+  ring_before: Optional[jax.Array] = None  # [B, NS, S, H, D] ring dtype: the plan rows' ring
+  #                                    before that ``write``; None in a cache
 
 
 def head_dim_of(pages: Pages) -> int:
@@ -60,9 +75,62 @@ def head_dim_of(pages: Pages) -> int:
 
 def pool_only(pages: Pages) -> Pages:
   """The pages without their staging ring and sink rows (what the quant/kernel functions take)."""
-  if pages.stage is None and pages.sink is None:
+  if pages.stage is None and pages.sink is None and pages.written is None:
     return pages
-  return pages.replace(stage=None, sink=None)
+  return pages.replace(stage=None, sink=None, written=None, ring_before=None)
+
+
+def as_stored(pages: Pages) -> Pages:
+  """The pages as a cache stores them: without the step fields ``write`` attaches.
+
+  >>> p = Pages(data=jnp.zeros((2, 4, 1, 8)), written=jnp.zeros((1, 2, 1, 8)))
+  >>> as_stored(p).written is None
+  True
+  """
+  if pages.written is None and pages.ring_before is None:
+    return pages
+  return pages.replace(written=None, ring_before=None)
+
+
+def layer_of(pages: Pages, i) -> Pages:
+  """Layer ``i`` of all-layer pages: every array without its leading L axis.
+
+  Args:
+    pages: ``Pages`` with arrays ``[L, P, S, H, *]`` (a cache's ``k`` or ``v``).
+    i: int or int32 scalar (may be traced), ``0 <= i < L``.
+
+  >>> p = Pages(data=jnp.arange(6.0).reshape(3, 1, 1, 1, 2))
+  >>> layer_of(p, 1).data.tolist()
+  [[[[2.0, 3.0]]]]
+  """
+  if pages.data.ndim != 5:
+    raise ValueError(f"layer_of: pages must hold all layers [L, P, S, H, D], got data shape "
+                     f"{tuple(pages.data.shape)}")
+  return jax.tree.map(lambda a: a[i], as_stored(pages))
+
+
+def with_layer(pages: Pages, i, layer: Pages) -> Pages:
+  """All-layer ``pages`` with layer ``i`` replaced by the one-layer ``layer``.
+
+  ``layer`` must have the layout of ``pages`` (spec, window, ring and sink
+  present or not) and one layer's shapes; its step fields (``as_stored``) are
+  dropped.
+
+  >>> p = Pages(data=jnp.zeros((2, 1, 1, 1, 2)))
+  >>> with_layer(p, 1, Pages(data=jnp.ones((1, 1, 1, 2)))).data[:, 0, 0, 0, 0].tolist()
+  [0.0, 1.0]
+  """
+  check_layer("layer", layer)
+  layer = as_stored(layer)
+  ref = layer_of(pages, 0)
+  if jax.tree.structure(layer) != jax.tree.structure(ref):
+    raise ValueError("with_layer: layer's layout (spec, residual, rope_base, ring/sink/scale "
+                     "present) differs from the pages'")
+  for a, b in zip(jax.tree.leaves(layer), jax.tree.leaves(ref)):
+    if a.shape != b.shape or a.dtype != b.dtype:
+      raise ValueError(f"with_layer: layer array {a.dtype}{list(a.shape)} does not fit the "
+                       f"pages' {b.dtype}{list(b.shape)}")
+  return jax.tree.map(lambda all_, one: all_.at[i].set(one), pages, layer)
 
 
 def check_layer(name: str, pages: Pages) -> None:
@@ -77,3 +145,8 @@ def check_layer(name: str, pages: Pages) -> None:
   if pages.sink is not None and pages.sink.ndim != 4:
     raise ValueError(f"{name}.sink must be one layer's sink rows [B, N, H, D], got shape "
                      f"{tuple(pages.sink.shape)}")
+  if pages.written is not None and pages.written.ndim != 4:
+    raise ValueError(f"{name}.written must be one step's tokens [B, T, H, D], got shape "
+                     f"{tuple(pages.written.shape)}")
+  if (pages.written is None) != (pages.ring_before is None):
+    raise ValueError(f"{name}: written and ring_before are set together (by write) or not at all")

@@ -1,0 +1,163 @@
+"""The per-layer API: ``write`` then ``attend`` is ``write_attend``, for every preset.
+
+One layer, two sequences: two prefill chunks (the second folds pages whose ring
+slots it reuses) and decode steps, through ``layer_pages`` / ``with_layer_pages``.
+For every spec of ``kvjax.layout.PRESETS`` (windows shrunk to two pages so that
+pages fold), the two paths give the same bits, and both track a float64 dense
+causal attention over the float K/V within the spec's tolerance.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvjax
+from kvjax import layout
+from kvjax.layout.spec import QuantSpec
+
+S, H, HQ, D = 4, 2, 4, 32        # page size, kv heads, query heads, head_dim (int4-g32: D >= 32)
+R = 2 * S                        # the staged presets' window, shrunk so that pages fold
+STEPS = ((8, (8, 5)), (8, (8, 8)), (1, (1, 1)), (1, (1, 1)), (1, (1, 0)))   # (T, num_new)
+
+# Relative error of the outputs (all steps, valid tokens) against float attention, by
+# the bits of the coarser spec: random Gaussian K/V, D = 32. Measured: 8e-8 (the bf16
+# preset: unquantized float32 pages), int8 0.0063, fp8 0.028, int4 0.061-0.074, int2
+# 0.046-0.13 (four sink tokens: the low end); the bounds leave ~1.6-2x.
+TOL = {16: 1e-5, 8: 0.01, 4: 0.12, 2: 0.25}
+FP8_TOL = 0.05
+
+
+def _window(spec):
+  return dataclasses.replace(spec, residual=R) if spec.residual else spec
+
+
+def _config(name):
+  ks, vs = (_window(s) for s in layout.PRESETS[name])
+  return kvjax.CacheConfig(num_layers=1, num_kv_heads=H, head_dim=D, page_size=S,
+                           num_pages=16, max_seqs=2, max_pages_per_seq=6, key_quant=ks,
+                           value_quant=vs, prefix_caching=False)
+
+
+def _tol(name):
+  ks, vs = layout.PRESETS[name]
+  if "fp8" in (ks.kind, vs.kind):
+    return FP8_TOL
+  return TOL[min(ks.bits, vs.bits)]
+
+
+_plan = jax.jit(functools.partial(kvjax.plan_step, config=_config("bf16")))
+
+
+@functools.lru_cache(maxsize=None)
+def _plans():
+  """The plans of ``STEPS`` (geometry only: the same for every spec) and the step data."""
+  rng = np.random.default_rng(0)
+  state, out = kvjax.init(_config("bf16")), []
+  for t, num_new in STEPS:
+    plan, state = _plan(state, jnp.arange(2), jnp.zeros((2, t), jnp.int32), jnp.array(num_new))
+    data = tuple(jnp.asarray(rng.standard_normal((2, t, h, D)), jnp.float32)
+                 for h in (HQ, H, H))
+    out.append((plan, data))
+  return out
+
+
+def _float_reference(steps):
+  """float64 [B, T, Hq, D] per step: causal attention over every token written so far."""
+  g = HQ // H
+  hist_k, hist_v = [np.zeros((0, H, D))] * 2, [np.zeros((0, H, D))] * 2
+  outs = []
+  for plan, (q, k, v) in steps:
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    valid = np.asarray(plan.valid)
+    out = np.zeros(q.shape)
+    for b in range(2):
+      n = int(valid[b].sum())
+      hist_k[b] = np.concatenate([hist_k[b], k[b, :n]])
+      hist_v[b] = np.concatenate([hist_v[b], v[b, :n]])
+      start = len(hist_k[b]) - n
+      for i in range(n):
+        for hh in range(HQ):
+          s = hist_k[b][:start + i + 1, hh // g] @ q[b, i, hh] / np.sqrt(D)
+          w = np.exp(s - s.max())
+          out[b, i, hh] = (w / w.sum()) @ hist_v[b][:start + i + 1, hh // g]
+    outs.append(out)
+  return outs
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _step(state, plan, q, k, v, *, cfg):
+  """One step from ``state`` through both paths: their outputs and states after it."""
+  if layout.needs_staging(cfg.key_quant, cfg.value_quant):
+    plan = plan.replace(fold_floor=jnp.zeros((2,), jnp.int32))
+  k_l, v_l = kvjax.layer_pages(state, 0)
+  k_w, v_w = kvjax.write(k_l, plan, k), kvjax.write(v_l, plan, v)
+  out_a = kvjax.attend(q, k_w, v_w, plan).out
+  res = kvjax.write_attend(q, k, v, k_l, v_l, plan)
+  return (out_a, res.out, kvjax.with_layer_pages(state, 0, k_w, v_w),
+          kvjax.with_layer_pages(state, 0, res.k_pages, res.v_pages))
+
+
+@pytest.mark.parametrize("name", list(layout.PRESETS))
+def test_write_then_attend_is_write_attend_and_tracks_float(name):
+  cfg = _config(name)
+  steps = _plans()
+  want = _float_reference(steps)
+  state = kvjax.init(cfg)
+  err, norm = 0.0, 0.0
+  for (plan, (q, k, v)), ref in zip(steps, want):
+    out_a, out_b, state_a, state = _step(state, plan, q, k, v, cfg=cfg)
+    out_a, out_b = np.asarray(out_a), np.asarray(out_b)
+    np.testing.assert_array_equal(out_a, out_b)       # one path: the same bits
+    for a, b in zip(jax.tree.leaves((state_a.k, state_a.v)), jax.tree.leaves((state.k, state.v))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert state_a.k.written is None and state_a.k.ring_before is None
+    valid = np.asarray(plan.valid)
+    err += float(np.sum((out_a[valid] - ref[valid]) ** 2))
+    norm += float(np.sum(ref[valid] ** 2))
+  rel = np.sqrt(err / norm)
+  assert rel < _tol(name), f"{name}: relative error {rel:.3g} against float attention"
+
+
+def test_attend_on_a_staged_prefill_chunk_needs_the_pages_write_returned():
+  cfg = _config("int4")
+  plan, (q, k, v) = _plans()[0]
+  plan = plan.replace(fold_floor=jnp.zeros((2,), jnp.int32))
+  k_l, v_l = kvjax.layer_pages(kvjax.init(cfg), 0)
+  attend = jax.jit(kvjax.attend)          # the checks run at trace time (eager is slow)
+  with pytest.raises(ValueError, match="carries none"):
+    attend(q, k_l, v_l, plan)             # pages as stored: the chunk's tokens are not there
+  k_w, v_w = jax.jit(lambda k_l, v_l: (kvjax.write(k_l, plan, k), kvjax.write(v_l, plan, v)))(
+      k_l, v_l)
+  assert k_w.written.shape == (2, 8, H, D) and k_w.ring_before.shape[:2] == (2, 1)   # NS = 1
+  with pytest.raises(ValueError, match="carries none"):
+    attend(q, layout.as_stored(k_w), layout.as_stored(v_w), plan)
+
+
+def test_layer_pages_round_trip_and_checks():
+  cfg = kvjax.CacheConfig(num_layers=3, num_kv_heads=H, head_dim=8, page_size=S, num_pages=4,
+                          max_seqs=2, max_pages_per_seq=2, key_quant=QuantSpec(bits=8),
+                          value_quant=QuantSpec(bits=8))
+  st = kvjax.init(cfg)
+  k, v = kvjax.layer_pages(st, 2)
+  assert k.data.shape == (4, S, H, 8) and k.spec == cfg.key_quant
+  k2 = k.replace(scale=k.scale + 1)
+  st2 = jax.jit(kvjax.with_layer_pages)(st, jnp.int32(2), k2, v)    # i may be traced
+  np.testing.assert_array_equal(np.asarray(st2.k.scale[2]), np.asarray(k2.scale))
+  np.testing.assert_array_equal(np.asarray(st2.k.scale[:2]), np.asarray(st.k.scale[:2]))
+  with pytest.raises(ValueError, match="layout"):
+    kvjax.with_layer_pages(st, 0, k.replace(spec=QuantSpec(bits=4)), v)
+  with pytest.raises(ValueError, match="does not fit"):
+    kvjax.with_layer_pages(st, 0, k.replace(scale=k.scale[:1]), v)
+  # a state that kept write's step fields is refused by the operations
+  staged = _config("int4")
+  plan, (_, kk, vv) = _plans()[0]
+  plan = plan.replace(fold_floor=jnp.zeros((2,), jnp.int32))
+  s0 = kvjax.init(staged)
+  k_w = jax.jit(lambda k_l: kvjax.write(k_l, plan, kk))(kvjax.layer_pages(s0, 0)[0])
+  bad = s0.replace(k=jax.tree.map(lambda a: a[None], k_w))
+  with pytest.raises(ValueError, match="with_layer_pages"):
+    kvjax.release(bad, jnp.array([0]), config=staged)
