@@ -47,12 +47,12 @@ def dense_decode_step(params, k_cache, v_cache, lengths, tokens, *, config):
       vc2 = vc.at[rows, lengths].set(v[:, 0])
       return grouped_attention(q, kc2, vc2, visible), (kc2, vc2)
 
-    x, (kc, vc) = llama._layer(lp, x, positions, dense, config)
+    x, (kc, vc) = llama.decoder_layer(lp, x, positions, dense, config)
     return x, (kc, vc)
 
   x = params.embed[tokens]
   x, (k_cache, v_cache) = jax.lax.scan(body, x, (params.layers, k_cache, v_cache))
-  return llama._logits(params, x, config), k_cache, v_cache, lengths + 1
+  return llama.lm_logits(params, x, config), k_cache, v_cache, lengths + 1
 
 
 # SmolLM2-135M's shapes (the GGUF's metadata); weights are random: only time matters here.

@@ -50,9 +50,9 @@ import numpy as np
 
 import kvjax
 from kvjax.models.gguf_loader import load_smollm2
-from kvjax.models.llama import _layer
+from kvjax.models.llama import decoder_layer
 from kvjax.models.llama import causal_attention
-from kvjax.models.llama import _logits
+from kvjax.models.llama import lm_logits
 from kvjax.models.llama import decode_step
 from kvjax.models.llama import rope
 from kvjax.models.perplexity import pydoc_windows
@@ -182,7 +182,7 @@ def layer_qkv(params, tokens, config):
   def body(x, lp):
     def attention(q, k, v):
       return causal_attention(q, k, v), (q[0], k[0], v[0])
-    return _layer(lp, x, pos, attention, config)
+    return decoder_layer(lp, x, pos, attention, config)
 
   _, qkv = jax.lax.scan(body, params.embed[tokens], params.layers)
   return qkv
@@ -271,7 +271,7 @@ def _emulated_layer(lp, x, config, ks, vs, page: int, prerope: bool, sink: int =
            + jnp.einsum("bhgqk,bkhd->bqhgd", jnp.where(folded, 0.0, p), v))
     return out.reshape(q.shape), None
 
-  x, _ = _layer(lp, x, pos[None], attention, config)
+  x, _ = decoder_layer(lp, x, pos[None], attention, config)
   return x
 
 
@@ -288,7 +288,7 @@ def emulated_nll(params, config, windows: np.ndarray, layer_specs, page: int,
     for i, (ks, vs) in enumerate(layer_specs):
       lp = jax.tree.map(lambda a, i=i: a[i], params.layers)
       x = _emulated_layer(lp, x, config, ks, vs, page, prerope, sink)
-    logits = _logits(params, x, config)[:, :-1]
+    logits = lm_logits(params, x, config)[:, :-1]
     out.append(np.asarray(_nll(logits, toks[:, 1:], jnp.ones(toks[:, 1:].shape, bool)),
                           np.float64))
   return np.concatenate(out)

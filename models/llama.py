@@ -248,10 +248,22 @@ def _attention_block(q: jax.Array, k: jax.Array, v: jax.Array, q_start: int) -> 
   return grouped_attention(q, k, v, jnp.broadcast_to(visible, (b, tq, tk)))
 
 
-def _layer(lp: LayerParams, x: jax.Array, positions: jax.Array, attention, config: LlamaConfig,
-           *, rope_keys: bool = True):
-  """One decoder layer. ``attention(q, k, v) -> (out, aux)`` is dense or paged; with
-  ``rope_keys=False`` it gets the keys before RoPE (a cache with ``key_rope``)."""
+def decoder_layer(lp: LayerParams, x: jax.Array, positions: jax.Array, attention,
+                  config: LlamaConfig, *, rope_keys: bool = True):
+  """One decoder layer on hidden states ``x [B, T, E]`` at ``positions [B, T]``.
+
+  ``attention(q, k, v) -> (out [B, T, Hq, D], aux)`` is dense or paged (its
+  ``aux`` is returned); with ``rope_keys=False`` it gets the keys before RoPE (a
+  cache with ``key_rope``). Returns ``(x [B, T, E], aux)``.
+
+  >>> import jax
+  >>> cfg = LlamaConfig(vocab_size=16, d_model=8, num_layers=1, num_heads=2, num_kv_heads=1,
+  ...                   head_dim=4, ffn_dim=16)
+  >>> lp = jax.tree.map(lambda a: a[0], init_params(cfg, jax.random.key(0)).layers)
+  >>> dense = lambda q, k, v: (q, None)      # a stand-in attention, same shape as q
+  >>> decoder_layer(lp, jnp.ones((1, 3, 8)), jnp.arange(3)[None], dense, cfg)[0].shape
+  (1, 3, 8)
+  """
   b, t, _ = x.shape
   c = config
   h = rms_norm(x, lp.attn_norm, c.rms_eps)
@@ -268,7 +280,9 @@ def _layer(lp: LayerParams, x: jax.Array, positions: jax.Array, attention, confi
   return x, aux
 
 
-def _logits(params: LlamaParams, x: jax.Array, config: LlamaConfig) -> jax.Array:
+def lm_logits(params: LlamaParams, x: jax.Array, config: LlamaConfig) -> jax.Array:
+  """float32 ``[..., vocab]`` logits of final hidden states ``x [..., E]`` (final norm, tied
+  embedding)."""
   x = rms_norm(x, params.final_norm, config.rms_eps)
   return (x.astype(jnp.float32) @ params.embed.astype(jnp.float32).T)
 
@@ -292,7 +306,7 @@ def hidden_states(params: LlamaParams, tokens: jax.Array, config: LlamaConfig) -
   dense = lambda q, k, v: (causal_attention(q, k, v), None)  # noqa: E731
 
   def body(x, lp):
-    x, _ = _layer(lp, x, positions, dense, config)
+    x, _ = decoder_layer(lp, x, positions, dense, config)
     return x, None
 
   x = params.embed[tokens]
@@ -316,7 +330,7 @@ def forward(params: LlamaParams, tokens: jax.Array, config: LlamaConfig) -> jax.
   >>> forward(init_params(cfg, jax.random.key(0)), jnp.zeros((1, 3), jnp.int32), cfg).shape
   (1, 3, 256)
   """
-  return _logits(params, hidden_states(params, tokens, config), config)
+  return lm_logits(params, hidden_states(params, tokens, config), config)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -443,7 +457,7 @@ def _decode_step(params, cache, tokens, seq_ids, num_new, seeds, *, config, cach
       return res.out, (res.k_pages, res.v_pages, res.mass,
                        write_flags(plan, k, v, k_pages, v_pages))
 
-    x, (k_pages, v_pages, m, flags) = _layer(lp, x, rope_positions, paged, config,
+    x, (k_pages, v_pages, m, flags) = decoder_layer(lp, x, rope_positions, paged, config,
                                              rope_keys=not cache_config.key_rope)
     if dropping:   # the page mass, summed over layers
       mass = mass + m
@@ -457,4 +471,4 @@ def _decode_step(params, cache, tokens, seq_ids, num_new, seeds, *, config, cach
   if dropping:
     cache = drop.accumulate(cache, plan, mass)
   cache = flag_sequences(cache, plan.seq_ids, jnp.bitwise_or.reduce(flags, axis=0))
-  return _logits(params, x, config), cache
+  return lm_logits(params, x, config), cache

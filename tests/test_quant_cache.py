@@ -23,8 +23,8 @@ from kvjax.models import llama as llama_lib
 from kvjax.models import decode_step
 from kvjax.models import forward
 from kvjax.models import init_params
-from kvjax.models.llama import _layer
-from kvjax.models.llama import _logits
+from kvjax.models.llama import decoder_layer
+from kvjax.models.llama import lm_logits
 from kvjax.rope import rope
 from kvjax import layout
 from kvjax import quant
@@ -109,8 +109,8 @@ def reference_logits(params, tokens, specs, prerope=False):
   x = params.embed[tokens]
   for i in range(CFG.num_layers):
     lp = jax.tree.map(lambda a: a[i], params.layers)
-    x, _ = _layer(lp, x, pos[None], attention, CFG, rope_keys=not prerope)
-  return np.asarray(_logits(params, x, CFG))[0]
+    x, _ = decoder_layer(lp, x, pos[None], attention, CFG, rope_keys=not prerope)
+  return np.asarray(lm_logits(params, x, CFG))[0]
 
 
 def step(params, cache, cc, rows):
