@@ -3,11 +3,14 @@
 Cache state is an immutable pytree; every operation is a pure function that jits.
 """
 
+from kvjax.policies import Admission
+from kvjax.policies import Bound
 from kvjax.policies import POLICIES
 from kvjax.policies import Policy
 from kvjax.policies import get_policy
 from kvjax.policies import make_params
 from kvjax.policies import score_and_evict
+from kvjax.policies import with_admission
 from kvjax import drop  # noqa: E402 (opt-in page dropping, kvjax.drop.*)
 from kvjax.cache.attach import attach_prefix
 from kvjax.cache.attach import tenant_seed
@@ -23,6 +26,7 @@ from kvjax.cache.state import CacheState
 from kvjax.cache.state import Stats
 from kvjax.cache.state import clear_status
 from kvjax.cache.state import init
+from kvjax.cache.state import set_policy_params
 from kvjax.cache.status import BAD_INPUT
 from kvjax.cache.status import CacheStatusError
 from kvjax.cache.status import INDEX_OVERFLOW
@@ -51,11 +55,15 @@ __all__ = [
     "release",
     "write",
     "write_flags",
+    "Admission",
+    "Bound",
     "POLICIES",
     "Policy",
     "get_policy",
     "make_params",
     "score_and_evict",
+    "set_policy_params",
+    "with_admission",
     "attach_prefix",
     "tenant_seed",
     "QuantSpec",

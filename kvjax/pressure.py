@@ -235,7 +235,8 @@ def relieve(state, *, config, pressure: PressureConfig = DEVICE, demote_to=None,
   policy_state = report(
       state.policy, meta, events(
           jnp.where(take, cand, -1), None, state.clock, kind="evict",
-          position=meta.position[cand], evicted_keys=block_hash), config)
+          position=meta.position[cand], evicted_keys=block_hash),
+      state.policy_params, config)
   meta, index = forget_pages(meta, state.index, victims)
   meta = meta.replace(
       block_hash=meta.block_hash.at[victims].set(0, mode="drop"),

@@ -48,8 +48,8 @@ def unref_pages(meta: PageMeta, pages: jax.Array) -> PageMeta:
 
 
 def eviction_scores(state: CacheState, clock: jax.Array, config: CacheConfig) -> jax.Array:
-  """float32 [P] eviction scores of the pool (``scores``)."""
-  return scores(state.meta, state.policy, clock, config)
+  """float32 [P] eviction scores of the pool (``scores``, with ``state.policy_params``)."""
+  return scores(state.policy, state.meta, clock, state.policy_params, config)
 
 
 def grant(base_need: jax.Array, partial: jax.Array, last_page: jax.Array,
