@@ -22,6 +22,7 @@ from kvjax.cache.config import CacheConfig
 from kvjax.cache.state import CacheState
 from kvjax.cache.state import Stats
 from kvjax.cache.state import init
+from kvjax.cache.state import set_policy_params
 from kvjax.cache.state import layer_pages
 from kvjax.cache.state import with_layer_pages
 from kvjax.layout.meta import PageMeta
@@ -116,6 +117,7 @@ __all__ = [
     "plan_step",
     "release",
     "relieve",
+    "set_policy_params",
     "shard_cache",
     "status_names",
     "tenant_seed",

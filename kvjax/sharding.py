@@ -32,8 +32,8 @@ def cache_shardings(config: CacheConfig, mesh: Mesh, axis: str = "pages") -> Cac
 
   K/V payload arrays (``[L, P, ...]``: data, scales, zero points) are split
   along the page axis P over the mesh axis ``axis``; metadata, page table,
-  counters, the eviction policy's history and the per-sequence staging ring of
-  quantized caches are replicated.
+  counters, the eviction policy's history and parameters (``policy_params``) and the
+  per-sequence staging ring of quantized caches are replicated.
 
   Args:
     config: the cache config; ``config.num_pages`` must divide evenly.

@@ -123,10 +123,11 @@ def test_admit_compares_with_what_the_page_held():
   meta = st.meta.replace(filled=jnp.array([S, 0]), block_hash=st.meta.block_hash.at[0].set(old[0]))
   seen = lambda pstate, key, n, kind: adapter.report(  # noqa: E731
       pstate, meta, adapter.events(jnp.zeros((n,), jnp.int32), jnp.repeat(key, n, 0),
-                                        jnp.int32(1), kind=kind), cfg)
+                                   jnp.int32(1), kind=kind), st.policy_params, cfg)
   pstate = seen(st.policy, old, 3, "hit")
   ask = lambda ps, page: bool(adapter.admit(  # noqa: E731
-      ps, meta, jnp.int32(2), new, jnp.array([page]), jnp.array([0]), cfg)[0])
+      ps, meta, jnp.int32(2), new, jnp.array([page]), jnp.array([0]), st.policy_params,
+      cfg)[0])
   assert not ask(pstate, 0)           # would displace a block seen 3 times
   assert ask(pstate, 1)               # the page was free
   assert ask(seen(pstate, new, 4, "miss"), 0)  # seen 4 times before (bypassed), 5 now

@@ -5,7 +5,6 @@ import io
 
 import jax
 import numpy as np
-import pytest
 from tqdm import tqdm
 
 import kvjax

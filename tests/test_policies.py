@@ -1,5 +1,6 @@
 """Each policy's scoring on hand-made metadata where the right victim is known."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,7 +45,7 @@ def access(slot, key=(9, 0), hit=False, inserted=False, evicted=False, evicted_k
 def test_in_use_never_and_empty_first(name):
   p = pol.get_policy(name)
   m = meta(4, last_access=[0, 1, 2, 3], ref_count=[1, 0, 0, 1], filled=[PAGE, PAGE, 0, 0])
-  s = p.score(m, p.init(4), jnp.int32(10), pol.make_params(p))
+  s = p.score(p.init(4), m, jnp.int32(10), pol.make_params(p))
   assert np.isneginf(np.asarray(s)[[0, 3]]).all()
   assert np.asarray(s)[2] == np.inf
   ids, ok = pol.score_and_evict(m, p.init(4), jnp.int32(10), 3, p)
@@ -297,13 +298,16 @@ def test_min_and_bypass():
 
 def test_scoring_jits_once():
   p = pol.get_policy("s3fifo")
-  f = jax.jit(lambda m, s, c, prm: pol.score_and_evict(m, s, c, 2, p, prm))
-  prm = pol.make_params(p)
-  f(meta(8), p.init(8), jnp.int32(1), prm)
-  with jax.log_compiles(True):
-    n = f._cache_size()
-    f(meta(8, last_access=list(range(8))), p.init(8), jnp.int32(3), prm)
-    assert f._cache_size() == n
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def f(m, s, c, prm):
+    return pol.score_and_evict(m, s, c, 2, p, prm)
+
+  f(meta(8), p.init(8), jnp.int32(1), pol.make_params(p))
+  # new metadata, clock and parameter values: the same trace
+  f(meta(8, last_access=list(range(8))), p.init(8), jnp.int32(3),
+    pol.make_params(p, small_frac=0.5))
 
 
 def test_autofreq_follows_best_miniature():

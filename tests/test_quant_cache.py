@@ -12,6 +12,7 @@ tests so that the jitted step compiles once per spec (CPU time is scarce).
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +20,6 @@ import pytest
 
 import kvjax
 from kvjax.models import LlamaConfig
-from kvjax.models import llama as llama_lib
 from kvjax.models import decode_step
 from kvjax.models import forward
 from kvjax.models import init_params
@@ -113,6 +113,19 @@ def reference_logits(params, tokens, specs, prerope=False):
   return np.asarray(lm_logits(params, x, CFG))[0]
 
 
+@functools.lru_cache(maxsize=None)
+def jitted_decode(cc):
+  """``decode_step`` for ``cc`` under one jit, traced at most twice over the whole module:
+  the prefill shape (T) and the decode shape (1); a third trace (a recompile) fails."""
+
+  def run(params, cache, tokens, seq_ids, num_new):
+    return decode_step(params, cache, tokens, seq_ids, num_new, config=CFG, cache_config=cc)
+
+  # chex counts traces per definition site and name: one name per config
+  run.__name__ = f"decode_step_{jitted_decode.cache_info().currsize}"
+  return functools.partial(jax.jit, donate_argnums=1)(chex.assert_max_traces(run, n=2))
+
+
 def step(params, cache, cc, rows):
   """One decode_step; rows: {seq_id: tokens} for at most 2 sequences (T = max len)."""
   t = max(len(v) for v in rows.values())
@@ -121,8 +134,8 @@ def step(params, cache, cc, rows):
   ids, num = np.full(2, -1, np.int32), np.zeros(2, np.int32)
   for r, (sid, tk) in enumerate(rows.items()):
     toks[r, :len(tk)], ids[r], num[r] = tk, sid, len(tk)
-  logits, cache = decode_step(params, cache, jnp.asarray(toks), jnp.asarray(ids),
-                              jnp.asarray(num), config=CFG, cache_config=cc)
+  logits, cache = jitted_decode(cc)(params, cache, jnp.asarray(toks), jnp.asarray(ids),
+                                    jnp.asarray(num))
   logits = np.asarray(logits)
   return {sid: logits[r, :len(tk)] for r, (sid, tk) in enumerate(rows.items())}, cache
 
@@ -159,13 +172,10 @@ def test_decode_step_compiles_once_and_matches_quantized_reference(params, name)
   lg1, cache = run(params, cache, cc, 1, other, chunk)      # a second sequence in the pool
   got1 = [lg1]
   got0 = [got0]
-  sizes = []
-  for i in range(2 * T, 2 * T + 3):                       # decode: calls 1, 2, 3
+  for i in range(2 * T, 2 * T + 3):   # decode: calls 1, 2, 3 (no retrace: jitted_decode)
     lg, cache = step(params, cache, cc, {0: tokens[i:i + 1], 1: [7]})
     got0.append(lg[0])
     got1.append(lg[1])
-    sizes.append(llama_lib._decode_step._cache_size())
-  assert sizes[1] == sizes[0] and sizes[2] == sizes[0], sizes   # no recompile on calls 2, 3
   assert int(cache.status) == 0
   got0 = np.concatenate(got0)
   # float32 everywhere; only summation order differs from the reference

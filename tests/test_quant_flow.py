@@ -1,8 +1,7 @@
 """The integration path the cache will take: prefill, then decode steps that write
 through the staging ring and attend over quantized pages, in one jitted step."""
 
-import functools
-
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,7 +49,10 @@ def test_decode_steps_compile_once_and_track_float(preset, tol):
   ns = max(layout.staging_pages(k_spec, v_spec, S), 1)
   k_stage = v_stage = jnp.zeros((b, ns, S, H, D))
   lens = jnp.zeros((b,), jnp.int32)
-  step = jax.jit(functools.partial(_step_impl, k_spec=k_spec, v_spec=v_spec))
+  # one prefill shape (T=7), one decode shape (T=1): two traces at most (per preset)
+  chex.clear_trace_counter()
+  step = jax.jit(chex.assert_max_traces(
+      lambda *a: _step_impl(*a, k_spec=k_spec, v_spec=v_spec), n=2))
   prefill = jnp.array([7, 3], jnp.int32)
   steps = [(prefill, 7)] + [(jnp.array([1, 1], jnp.int32), 1)] * 9
   for num_new, t in steps:
@@ -61,7 +63,6 @@ def test_decode_steps_compile_once_and_track_float(preset, tol):
     k_pool, v_pool, k_stage, v_stage, out = step(
         k_pool, v_pool, k_stage, v_stage, table, lens, k_new, v_new, num_new, q)
     lens = lens + num_new
-  assert step._cache_size() == 2     # one prefill shape (T=7), one decode shape (T=1)
   dense_table = jnp.arange(b * M, dtype=jnp.int32).reshape(b, M)
   f = QuantSpec()
   dense = lambda k, v: paged_attention_reference(  # noqa: E731

@@ -56,6 +56,7 @@ from kvjax.cache.state import init
 from kvjax.cache.state import clear_status
 from kvjax.cache.state import layer_pages
 from kvjax.cache.state import with_layer_pages
+from kvjax.cache.state import set_policy_params
 from kvjax.cache.status import OUT_OF_PAGES
 from kvjax.cache.status import SEQ_FULL
 from kvjax.cache.status import BAD_INPUT

@@ -228,7 +228,8 @@ def attach_prefix(state: CacheState, seq_ids: jax.Array, tokens: jax.Array,
   policy_state = report(
       state.policy, meta, events(
           jnp.where(held < p_, held, -1), meta.block_hash[held_safe], clock, kind="hit",
-          position=meta.position[held_safe], filled=meta.filled[held_safe]), config)
+          position=meta.position[held_safe], filled=meta.filled[held_safe]),
+      state.policy_params, config)
   meta = meta.replace(
       ref_count=meta.ref_count.at[held].add(1, mode="drop"),
       access_count=meta.access_count.at[held].add(1, mode="drop"),

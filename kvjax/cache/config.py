@@ -8,8 +8,10 @@ from typing import Callable, Optional
 
 import jax.numpy as jnp
 
-from kvjax import policies
 from kvjax.layout.spec import QuantSpec
+from kvjax.policies.contract import POLICIES
+from kvjax.policies.contract import get_policy
+from kvjax.policies.contract import make_params
 from kvjax.prefix.hashing import block_hash
 
 
@@ -50,7 +52,9 @@ class CacheConfig:
       policy; history arrays live in ``CacheState.policy`` and are fed by the
       cache's events (``kvjax.cache_policy``). The oracles (``min``) are refused.
     eviction_params: ``((name, value), ...)`` overrides of the policy's
-      parameters, validated by ``kvjax.policies.make_params``.
+      parameters, validated by ``kvjax.policies.make_params``: the initial values of
+      ``CacheState.policy_params`` (change them without recompiling with
+      ``kvjax.set_policy_params``).
     key_rope: 0 (default): keys are written as given (after RoPE). A RoPE base
       (theta) > 0: keys are written *before* RoPE and attention rotates the
       dequantized keys by their positions (rotate-half convention,
@@ -116,16 +120,16 @@ class CacheConfig:
       raise ValueError(f"CacheConfig.hash_fn must be callable or None, got {self.hash_fn!r}")
 
   def _check_eviction(self) -> None:
-    policy = policies.get_policy(self.eviction)
+    policy = get_policy(self.eviction)
     if policy.oracle:
       raise ValueError(f"CacheConfig.eviction={self.eviction!r} is an offline oracle (it reads "
                        f"next-use times from a trace); the cache takes the online policies: "
-                       f"{sorted(n for n, p in policies.POLICIES.items() if not p.oracle)}")
+                       f"{sorted(n for n, p in POLICIES.items() if not p.oracle)}")
     if not isinstance(self.eviction_params, tuple) or not all(
         isinstance(kv, tuple) and len(kv) == 2 for kv in self.eviction_params):
       raise ValueError(f"CacheConfig.eviction_params must be a tuple of (name, value) pairs, "
                        f"got {self.eviction_params!r}")
-    policies.make_params(policy, **dict(self.eviction_params))
+    make_params(policy, **dict(self.eviction_params))
 
   @property
   def max_seq_len(self) -> int:

@@ -251,14 +251,14 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
     def admit(hashes, pages, ok):  # against the pages' content before this step took them
       pos = meta.position[jnp.clip(pages, 0, p_ - 1)]
       return ok & adapter.admit(state.policy, state.meta, clock, hashes, pages, pos,
-                                     config)
+                                state.policy_params, config)
 
     meta, index, overflow, registered, declined, hashes = register_full_pages(
         meta, index, table, old_len, new_len, granted, seeds, config=config, per_row=per_row,
         fold_floor=fold_floor, admit=admit)
     policy_state = report(
         policy_state, meta, filled_events(registered, declined, hashes, meta, clock),
-        config)
+        state.policy_params, config)
 
   rows = jnp.where(granted, sid, config.max_seqs)
   page_table = state.page_table.at[rows].set(table, mode="drop")

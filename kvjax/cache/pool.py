@@ -61,8 +61,8 @@ def unref_pages(meta: PageMeta, pages: jax.Array) -> PageMeta:
 
 def eviction_scores(state: CacheState, clock: jax.Array, config: CacheConfig) -> jax.Array:
   """float32 [P]: the pool's eviction scores at ``clock`` (free pages +inf, cached pages by
-  ``config.eviction``, held pages -inf); higher is taken first."""
-  return scores(state.meta, state.policy, clock, config)
+  ``config.eviction`` with ``state.policy_params``, held pages -inf); higher is taken first."""
+  return scores(state.policy, state.meta, clock, state.policy_params, config)
 
 
 def cached(meta: PageMeta) -> jax.Array:
@@ -147,7 +147,7 @@ def reclaim(state: CacheState, pages: jax.Array, *, clock: jax.Array,
   tokens = jnp.where(evicted[:, None], meta.tokens[safe], -1)
   policy = report(state.policy, meta, events(
       jnp.where(evicted, pages, -1), None, clock, kind="evict", position=meta.position[safe],
-      evicted_keys=block_hash), config)
+      evicted_keys=block_hash), state.policy_params, config)
   index = state.index
   if config.prefix_caching:
     meta, index = forget_pages(meta, index, jnp.where(real, pages, p_))

@@ -19,6 +19,9 @@ from kvjax.layout.shapes import sink_tokens
 from kvjax.layout.shapes import staging_pages
 from kvjax.layout.spec import QuantSpec
 from kvjax.policies.adapter import init_state
+from kvjax.policies.adapter import initial_params
+from kvjax.policies.adapter import policy_of
+from kvjax.policies.contract import make_params
 from kvjax.prefix.hashing import namespace_seed
 from kvjax.prefix.index import PrefixIndex
 from kvjax.prefix.index import index_init
@@ -88,6 +91,9 @@ class CacheState:
   #   folded whatever the staging rule says (attached from the prefix cache); None without staging
   policy: Any = ()  # the eviction policy's history arrays, [P]-leading (``Policy.init(P)``,
   #   e.g. LFU's float32 [P] counts); () for the stateless ``lru``/``weighted``
+  policy_params: dict = struct.field(default_factory=dict)  # {name: float32 []}  the eviction
+  #   policy's parameters (``make_params(config.eviction, **config.eviction_params)`` at
+  #   ``init``; {} for ``lru``): arrays, so ``set_policy_params`` does not recompile a step
   drop: Optional[DropState] = None  # page dropping state (``kvjax.drop.enable``); None = off
 
 
@@ -187,6 +193,7 @@ def init(config: CacheConfig) -> CacheState:
       seq_status=jnp.zeros((config.max_seqs,), jnp.int32),
       fold_floor=jnp.zeros((config.max_seqs,), jnp.int32) if staged else None,
       policy=init_state(config),
+      policy_params=initial_params(config),
   )
 
 
@@ -239,3 +246,38 @@ def with_layer_pages(state: CacheState, i, k_pages: Pages, v_pages: Pages) -> Ca
   [0.0, 1.0]
   """
   return state.replace(k=with_layer(state.k, i, k_pages), v=with_layer(state.v, i, v_pages))
+
+
+def set_policy_params(state: CacheState, config: CacheConfig, **params) -> CacheState:
+  """The state with the eviction policy's parameters ``params`` replaced (the others kept).
+
+  The new values are float32 [] arrays like the ones they replace (same sharding where
+  those were placed), so a jitted ``plan_step`` or ``decode_step`` runs them without
+  retracing. ``config.eviction_params`` stays what ``init`` started from.
+
+  Args:
+    state: a state of ``config`` (``init(config)``).
+    config: its config; ``config.eviction`` names the policy.
+    **params: parameter name -> float value.
+
+  Raises:
+    ValueError: an unknown parameter or a value outside its bound (``make_params``'s
+      message, naming it), or a state whose ``policy_params`` are not ``config``'s.
+
+  >>> cfg = CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, page_size=2,
+  ...                   num_pages=4, max_seqs=2, max_pages_per_seq=2, eviction="lfu")
+  >>> st = set_policy_params(init(cfg), cfg, half_life=50)
+  >>> float(st.policy_params["half_life"]), st.policy_params["half_life"].dtype
+  (50.0, dtype('float32'))
+  """
+  checked = make_params(policy_of(config), **params)
+  current = dict(state.policy_params)
+  if set(current) != set(checked):
+    raise ValueError(f"set_policy_params: the state's policy_params {sorted(current)} are not "
+                     f"those of config.eviction={config.eviction!r} {sorted(checked)}")
+  for name in params:
+    old, new = current[name], checked[name]
+    if isinstance(old, jax.Array) and not isinstance(old, jax.core.Tracer) and old.committed:
+      new = jax.device_put(new, old.sharding)
+    current[name] = new
+  return state.replace(policy_params=current)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Optional
 import jax
-import jax.numpy as jnp
 from flax import struct
 from kvjax.layout.spec import QuantSpec
 

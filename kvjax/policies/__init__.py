@@ -1,22 +1,29 @@
 """Eviction policies as pure scoring functions over page metadata.
 
-A policy is a ``Policy`` bundle of pure functions (optax-style; configuration in the
-closure, arrays in the state):
+A policy is a ``Policy`` (keyword-built, frozen; optax-style: configuration in the
+closure, arrays in the state) of pure functions that all take the policy's state first:
 
 * ``init(num_pages) -> state``: the policy's own history (a small pytree; ``()`` if none).
-* ``score(meta, state, clock, params) -> float32[P]``: higher = evict first; pages with
+* ``score(state, meta, clock, params) -> float32[P]``: higher = evict first; pages with
   ``ref_count > 0`` score ``-inf`` (never candidates), empty pages ``+inf``.
 * ``update(state, meta, access, params) -> state``: after each reference (``Access``).
 * ``admit(state, meta, access, victim, params) -> bool[]`` or None: may a missing block
   take the victim's page? (None = always.) A declined block bypasses the cache.
 
-The same functions run in the real cache and in ``kvjax.sim``. ``params`` is a dict of
-float32 scalars (so ``vmap`` can sweep them); ``make_params`` validates it.
+An ``Admission`` is an admission filter on its own (``init``, ``update``, ``admit``);
+``with_admission(policy, admission)`` composes any policy with any filter (TinyLFU:
+``with_tinylfu``). Parameters are declared as ``defaults`` and ``Bound``s.
 
-Modules: ``base`` (``Policy``, the registry, ``make_params``, ``score_and_evict``),
-``classic`` (LRU, FIFO, LRU-2, LFU, S3-FIFO, weighted, GreedyDual, LeCaR), ``frequency``
-(TinyLFU, ``freqlru``, ``autofreq``, ``classfreq``, ``autoclass``), ``oracle`` (MIN).
-Every public name is re-exported here; the policies are registered here, in this order.
+The same functions run in the real cache and in ``kvjax.sim``. ``params`` is a dict of
+float32 scalars (so ``vmap`` can sweep them, and the cache keeps them in its state);
+``make_params`` validates it.
+
+Modules: ``contract`` (``Policy``, ``Admission``, ``Bound``, the registry,
+``make_params``, ``with_admission``, ``score_and_evict``), ``scoring`` (``Access`` and
+shared helpers), ``classic`` (LRU, FIFO, LRU-2, LFU, S3-FIFO, weighted, GreedyDual,
+LeCaR), ``frequency`` (TinyLFU, ``freqlru``, ``autofreq``, ``classfreq``,
+``autoclass``), ``oracle`` (MIN). Each module registers its own policies; importing
+them here, in this order, fixes the order of ``POLICIES``.
 
 >>> get_policy("lru").oracle, get_policy("min").oracle   # the cache takes online policies only
 (False, True)
@@ -26,162 +33,116 @@ Every public name is re-exported here; the policies are registered here, in this
 
 from __future__ import annotations
 
-from kvjax.policies.classic import (  # noqa: F401
-    lru_score,
-    FifoState,
-    _fifo_init,
-    _fifo_score,
-    _fifo_update,
-    Lru2State,
-    _lru2_init,
-    _lru2_score,
-    _lru2_update,
-    LfuState,
-    lfu_state,
-    _lfu_init,
-    _lfu_log_freq,
-    _lfu_score,
-    _lfu_update,
-    S3FifoState,
-    s3fifo_state,
-    _s3fifo_init,
-    _s3fifo_score,
-    _s3fifo_update,
-    weighted_score,
-    GreedyDualState,
-    greedydual_state,
-    _gd_init,
-    recompute_cost,
-    _gd_score,
-    _gd_update,
-    LecarState,
-    _lecar_init,
-    _lecar_score,
-    _lecar_update)
-from kvjax.policies.oracle import (  # noqa: F401
-    MinState,
-    min_state,
-    _min_init,
-    _min_score,
-    _min_update,
-    _min_admit)
-from kvjax.policies.frequency import (  # noqa: F401
-    _SKETCH_ROWS,
-    _SKETCH_MAX,
-    TinyLfuState,
-    _sketch_cells,
-    _sketch_estimate,
-    with_tinylfu,
-    GHOST_FACTOR,
-    FreqLruState,
-    freqlru_state,
-    _freqlru_init,
-    _freqlru_score,
-    _freqlru_update,
-    _freqlru_admit,
-    MINI_CREDITS,
-    MINI_RATE,
-    AutoFreqLruState,
-    _mini_size,
-    _auto_init,
-    auto_credit,
-    _auto_score,
-    _auto_update,
-    _auto_admit,
-    REUSE_CLASSES,
-    CLASS_PRIOR,
-    ClassFreqState,
-    classfreq_state,
-    _classfreq_init,
-    first_seen_class,
-    class_bonus,
-    _classfreq_score,
-    _classfreq_update,
-    _classfreq_admit,
-    AUTOCLASS_SCALES,
-    autoclass_credits,
-    _autoclass_init,
-    _autoclass_score,
-    _autoclass_update)
+from kvjax.policies.classic import lru_score
+from kvjax.policies.classic import LRU
+from kvjax.policies.classic import FifoState
+from kvjax.policies.classic import FIFO
+from kvjax.policies.classic import Lru2State
+from kvjax.policies.classic import LRU2
+from kvjax.policies.classic import LfuState
+from kvjax.policies.classic import lfu_state
+from kvjax.policies.classic import LFU
+from kvjax.policies.classic import S3FifoState
+from kvjax.policies.classic import s3fifo_state
+from kvjax.policies.classic import S3FIFO
+from kvjax.policies.classic import weighted_score
+from kvjax.policies.classic import WEIGHTED
+from kvjax.policies.classic import GreedyDualState
+from kvjax.policies.classic import greedydual_state
+from kvjax.policies.classic import recompute_cost
+from kvjax.policies.classic import GREEDYDUAL
+from kvjax.policies.classic import LecarState
+from kvjax.policies.classic import LECAR
+from kvjax.policies.frequency import TinyLfuState
+from kvjax.policies.frequency import TINYLFU_ADMISSION
+from kvjax.policies.frequency import with_tinylfu
+from kvjax.policies.frequency import TINYLFU
+from kvjax.policies.frequency import TINYLFU_S3FIFO
+from kvjax.policies.frequency import GHOST_FACTOR
+from kvjax.policies.frequency import FreqLruState
+from kvjax.policies.frequency import freqlru_state
+from kvjax.policies.frequency import FREQLRU
+from kvjax.policies.frequency import MINI_CREDITS
+from kvjax.policies.frequency import MINI_RATE
+from kvjax.policies.frequency import AutoFreqLruState
+from kvjax.policies.frequency import auto_credit
+from kvjax.policies.frequency import AUTOFREQ
+from kvjax.policies.frequency import REUSE_CLASSES
+from kvjax.policies.frequency import CLASS_PRIOR
+from kvjax.policies.frequency import ClassFreqState
+from kvjax.policies.frequency import classfreq_state
+from kvjax.policies.frequency import first_seen_class
+from kvjax.policies.frequency import class_bonus
+from kvjax.policies.frequency import CLASSFREQ
+from kvjax.policies.frequency import AUTOCLASS_SCALES
+from kvjax.policies.frequency import autoclass_credits
+from kvjax.policies.frequency import AUTOCLASS
+from kvjax.policies.oracle import MinState
+from kvjax.policies.oracle import min_state
+from kvjax.policies.oracle import MIN
+from kvjax.policies.oracle import MIN_BYPASS
+from kvjax.policies.contract import Admission
+from kvjax.policies.contract import AdmittedState
+from kvjax.policies.contract import Bound
+from kvjax.policies.contract import FRACTION
 from kvjax.policies.contract import POLICIES
+from kvjax.policies.contract import POSITIVE
 from kvjax.policies.contract import Policy
-from kvjax.policies.contract import _OPEN
-from kvjax.policies.contract import _WEIGHT
-from kvjax.policies.contract import _no_state
-from kvjax.policies.contract import _no_update
-from kvjax.policies.contract import _stateless
+from kvjax.policies.contract import WEIGHT
 from kvjax.policies.contract import get_policy
 from kvjax.policies.contract import make_params
+from kvjax.policies.contract import no_state
+from kvjax.policies.contract import no_update
 from kvjax.policies.contract import register
 from kvjax.policies.contract import score_and_evict
-
-register(Policy("lru", _no_state, _stateless(lru_score), _no_update, None, {}, {}))
-register(Policy("fifo", _fifo_init, _fifo_score, _fifo_update, None, {}, {}))
-register(Policy("lru2", _lru2_init, _lru2_score, _lru2_update, None, {}, {}))
-register(Policy("lfu", _lfu_init, _lfu_score, _lfu_update, None, {"half_life": 4096.0},
-                {"half_life": _OPEN}))
-register(Policy("s3fifo", _s3fifo_init, _s3fifo_score, _s3fifo_update, None,
-                {"small_frac": 0.1, "partial_bias": 0.0},
-                {"small_frac": (0.0, 1.0, True, True), "partial_bias": (0.0, 1.0, False, False)}))
-register(Policy("weighted", _no_state, _stateless(weighted_score), _no_update, None,
-                {"w_age": 1.0, "w_freq": 1.0, "w_size": 0.0, "w_cost": 0.0, "w_context": 0.0,
-                 "age_scale": 4096.0},
-                {"w_age": _WEIGHT, "w_freq": _WEIGHT, "w_size": _WEIGHT, "w_cost": _WEIGHT,
-                 "w_context": _WEIGHT, "age_scale": _OPEN}))
-register(Policy("greedydual", _gd_init, _gd_score, _gd_update, None,
-                {"pos_weight": 0.05, "freq_exp": 1.0},
-                {"pos_weight": (0.0, 100.0, False, False), "freq_exp": (0.0, 4.0, False, False)}))
-register(Policy("lecar", _lecar_init, _lecar_score, _lecar_update, None,
-                {"half_life": 4096.0, "regret_half_life": 4096.0, "learning_rate": 0.45},
-                {"half_life": _OPEN, "regret_half_life": _OPEN,
-                 "learning_rate": (0.0, 10.0, True, False)}))
-register(with_tinylfu(POLICIES["lru"], "tinylfu"))
-register(with_tinylfu(POLICIES["s3fifo"]))
-register(Policy("freqlru", _freqlru_init, _freqlru_score, _freqlru_update, _freqlru_admit,
-                {"credit": 24576.0, "admit_partial": 0.0},
-                {"credit": (0.0, 1e8, False, False), "admit_partial": (0.0, 1.0, False, False)}))
-register(Policy("autofreq", _auto_init, _auto_score, _auto_update, _auto_admit,
-                {"window": 8.0, "admit_partial": 0.0},
-                {"window": (0.0, 1e6, True, False), "admit_partial": (0.0, 1.0, False, False)}))
-register(Policy("classfreq", _classfreq_init, _classfreq_score, _classfreq_update,
-                _classfreq_admit,
-                {"credit": 16384.0, "interval_weight": 4096.0, "interval_scale": 2.0,
-                 "admit_partial": 0.0},
-                {"credit": (0.0, 1e8, False, False), "interval_weight": (0.0, 1e8, False, False),
-                 "interval_scale": (0.0, 1e6, True, False),
-                 "admit_partial": (0.0, 1.0, False, False)}))
-register(Policy("autoclass", _autoclass_init, _autoclass_score, _autoclass_update,
-                _auto_admit,
-                {"credit": 16384.0, "window": 8.0, "interval_frac": 0.25, "interval_scale": 2.0,
-                 "admit_partial": 0.0},
-                {"credit": (0.0, 1e8, False, False), "window": (0.0, 1e6, True, False),
-                 "interval_frac": (0.0, 100.0, False, False),
-                 "interval_scale": (0.0, 1e6, True, False),
-                 "admit_partial": (0.0, 1.0, False, False)}))
-register(Policy("min", _min_init, _min_score, _min_update, None, {}, {}, oracle=True))
-register(Policy("min-bypass", _min_init, _min_score, _min_update, _min_admit, {}, {},
-                oracle=True))
+from kvjax.policies.contract import stateless
+from kvjax.policies.contract import with_admission
+from kvjax.policies.scoring import Access
 
 __all__ = [
+    "AUTOCLASS",
     "AUTOCLASS_SCALES",
+    "AUTOFREQ",
+    "Access",
+    "Admission",
+    "AdmittedState",
     "AutoFreqLruState",
+    "Bound",
+    "CLASSFREQ",
     "CLASS_PRIOR",
     "ClassFreqState",
+    "FIFO",
+    "FRACTION",
+    "FREQLRU",
     "FifoState",
     "FreqLruState",
     "GHOST_FACTOR",
+    "GREEDYDUAL",
     "GreedyDualState",
+    "LECAR",
+    "LFU",
+    "LRU",
+    "LRU2",
     "LecarState",
     "LfuState",
     "Lru2State",
+    "MIN",
     "MINI_CREDITS",
     "MINI_RATE",
+    "MIN_BYPASS",
     "MinState",
     "POLICIES",
+    "POSITIVE",
     "Policy",
     "REUSE_CLASSES",
+    "S3FIFO",
     "S3FifoState",
+    "TINYLFU",
+    "TINYLFU_ADMISSION",
+    "TINYLFU_S3FIFO",
     "TinyLfuState",
+    "WEIGHT",
+    "WEIGHTED",
     "auto_credit",
     "autoclass_credits",
     "class_bonus",
@@ -194,10 +155,14 @@ __all__ = [
     "lru_score",
     "make_params",
     "min_state",
+    "no_state",
+    "no_update",
     "recompute_cost",
     "register",
     "s3fifo_state",
     "score_and_evict",
+    "stateless",
     "weighted_score",
+    "with_admission",
     "with_tinylfu",
 ]

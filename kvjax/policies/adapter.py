@@ -1,7 +1,9 @@
 """The eviction policy inside the cache: its scores, its history arrays, the events it sees.
 
-``CacheConfig.eviction`` names any registered non-oracle policy of ``kvjax.policies``.
-A policy that keeps history (LRU-2's second-to-last access, LFU's aged counts, S3-FIFO's
+``CacheConfig.eviction`` names any registered non-oracle policy of ``kvjax.policies``;
+its parameters live in ``CacheState.policy_params`` (float32 [] arrays, initially
+``config.eviction_params`` over the policy's defaults: ``initial_params``), so changing
+one does not recompile a step. A policy that keeps history (LRU-2's second-to-last access, LFU's aged counts, S3-FIFO's
 queues and ghost table, frequency sketches ...) keeps it in ``CacheState.policy`` (the
 pytree its ``init(num_pages)`` returns; ``()`` for the stateless ``lru`` and
 ``weighted``), and the cache reports to it the same ``Access`` events the
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from kvjax.policies.contract import Policy
 from kvjax.policies.contract import get_policy
 from kvjax.policies.contract import make_params
 from kvjax.policies.scoring import Access
@@ -37,10 +40,23 @@ from kvjax.policies.scoring import Access
 KINDS = ("hit", "insert", "evict", "miss")
 
 
-def policy_of(config):
-  """``(Policy, params)`` of ``config.eviction`` (params validated by ``make_params``)."""
-  policy = get_policy(config.eviction)
-  return policy, make_params(policy, **dict(config.eviction_params))
+def policy_of(config) -> Policy:
+  """The ``Policy`` named by ``config.eviction``."""
+  return get_policy(config.eviction)
+
+
+def initial_params(config) -> dict:
+  """float32 [] parameters of ``config.eviction``: ``config.eviction_params`` over its
+  defaults, validated by ``make_params`` (what ``CacheState.policy_params`` starts as).
+
+  >>> import kvjax
+  >>> cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2,
+  ...                         num_pages=4, max_seqs=1, max_pages_per_seq=2, eviction="lfu",
+  ...                         eviction_params=(("half_life", 50.0),))
+  >>> {k: float(v) for k, v in initial_params(cfg).items()}
+  {'half_life': 50.0}
+  """
+  return make_params(policy_of(config), **dict(config.eviction_params))
 
 
 def is_stateless(policy) -> bool:
@@ -57,18 +73,24 @@ def init_state(config):
   >>> [a.shape for a in jax.tree.leaves(init_state(cfg))][:1]
   [(4,)]
   """
-  policy, _ = policy_of(config)
+  policy = policy_of(config)
   return () if is_stateless(policy) else policy.init(config.num_pages)
 
 
-def scores(meta, policy_state, clock, config) -> jax.Array:
+def scores(policy_state, meta, clock, params: dict, config) -> jax.Array:
   """float32 [P]: free pages +inf, cached pages by ``config.eviction``, held pages -inf.
+
+  Args:
+    policy_state: ``CacheState.policy``.
+    meta: page metadata.
+    clock: int32 [] the cache's clock.
+    params: ``CacheState.policy_params`` (float32 [] each).
+    config: the cache's config.
 
   Under ``lru`` (integral ages), deeper blocks of equal age go first, so a chain loses
   its tail before its head.
   """
-  policy, params = policy_of(config)
-  out = policy.score(meta, policy_state, clock, params)
+  out = policy_of(config).score(policy_state, meta, clock, params)
   if config.eviction == "lru":
     out = out + meta.position.astype(jnp.float32) / (config.max_pages_per_seq + 1)
   return out
@@ -135,16 +157,17 @@ def filled_events(registered, declined, hashes, meta, clock) -> Access:
       inserted, bypassed)
 
 
-def report(policy_state, meta, batch: Access, config):
+def report(policy_state, meta, batch: Access, params: dict, config):
   """The policy's state after the events of ``batch`` (applied in order; no-ops skipped).
 
   Args:
     policy_state: ``CacheState.policy``.
     meta: the page metadata the events happened against.
     batch: ``Access`` with a leading axis K (``events``).
+    params: ``CacheState.policy_params``.
     config: the cache's config.
   """
-  policy, params = policy_of(config)
+  policy = policy_of(config)
   if is_stateless(policy):
     return policy_state
   p_ = config.num_pages
@@ -157,7 +180,8 @@ def report(policy_state, meta, batch: Access, config):
   return jax.lax.scan(step, policy_state, batch)[0]
 
 
-def admit(policy_state, meta, clock, keys, pages, position, config) -> jax.Array:
+def admit(policy_state, meta, clock, keys, pages, position, params: dict,
+          config) -> jax.Array:
   """bool [K]: which filled pages the policy lets into the prefix index.
 
   As in the simulator, a block is compared with what its page held before the cache
@@ -172,9 +196,10 @@ def admit(policy_state, meta, clock, keys, pages, position, config) -> jax.Array
     keys: uint32 [K, 2] the pages' new block hashes.
     pages: int32 [K] the filled pages.
     position: int32 [K] their block index in the sequence.
+    params: ``CacheState.policy_params``.
     config: the cache's config.
   """
-  policy, params = policy_of(config)
+  policy = policy_of(config)
   if policy.admit is None:
     return jnp.ones(pages.shape, bool)
   safe = jnp.clip(pages, 0, config.num_pages - 1)

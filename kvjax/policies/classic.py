@@ -1,5 +1,6 @@
 """Recency and frequency classics: LRU, FIFO, LRU-2, aged LFU, S3-FIFO, weighted,
-GreedyDual-Size-Frequency, LeCaR."""
+GreedyDual-Size-Frequency, LeCaR; each registered (with its parameters' defaults and
+bounds) next to its functions, in this order."""
 
 from __future__ import annotations
 
@@ -8,6 +9,15 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from kvjax.layout.meta import PageMeta
+from kvjax.policies.contract import Bound
+from kvjax.policies.contract import FRACTION
+from kvjax.policies.contract import POSITIVE
+from kvjax.policies.contract import Policy
+from kvjax.policies.contract import WEIGHT
+from kvjax.policies.contract import no_state
+from kvjax.policies.contract import no_update
+from kvjax.policies.contract import register
+from kvjax.policies.contract import stateless
 from kvjax.policies.scoring import AGE_CAP
 from kvjax.policies.scoring import Access
 from kvjax.policies.scoring import CLASS_STEP
@@ -49,6 +59,9 @@ def lru_score(meta: PageMeta, clock: jax.Array, params=None) -> jax.Array:
   return finalize(age(meta, clock), meta)
 
 
+LRU = register(Policy(name="lru", init=no_state, score=stateless(lru_score), update=no_update))
+
+
 class FifoState(NamedTuple):
   inserted: Deferred  # int32 [P]  clock at which the page was filled
 
@@ -57,7 +70,7 @@ def _fifo_init(num_pages: int) -> FifoState:
   return FifoState(inserted=deferred(jnp.zeros((num_pages,), jnp.int32), 1))
 
 
-def _fifo_score(meta, state: FifoState, clock, params):
+def _fifo_score(state: FifoState, meta, clock, params):
   del params
   return finalize(jnp.clip(clock - view(state.inserted), 0, AGE_CAP).astype(jnp.float32), meta)
 
@@ -65,6 +78,9 @@ def _fifo_score(meta, state: FifoState, clock, params):
 def _fifo_update(state: FifoState, meta, access: Access, params):
   del meta, params
   return FifoState(put(state.inserted, access.slot, access.clock, access.inserted))
+
+
+FIFO = register(Policy(name="fifo", init=_fifo_init, score=_fifo_score, update=_fifo_update))
 
 
 # ---------------------------------------------------------------------------- LRU-2
@@ -80,7 +96,7 @@ def _lru2_init(num_pages: int) -> Lru2State:
   return Lru2State(last=deferred(z, 1), prev=deferred(z - 1, 1))
 
 
-def _lru2_score(meta, state: Lru2State, clock, params):
+def _lru2_score(state: Lru2State, meta, clock, params):
   """LRU-K with K = 2: largest backward 2-distance first; pages seen once go before any
   page seen twice (infinite 2-distance), in LRU order among themselves."""
   del params
@@ -96,6 +112,9 @@ def _lru2_update(state: Lru2State, meta, access: Access, params):
   touched = access.hit | access.inserted
   prev = put(state.prev, access.slot, jnp.where(access.hit, get(state.last, s), -1), touched)
   return Lru2State(last=put(state.last, access.slot, access.clock, touched), prev=prev)
+
+
+LRU2 = register(Policy(name="lru2", init=_lru2_init, score=_lru2_score, update=_lru2_update))
 
 
 # ---------------------------------------------------------------------------- LFU (aged)
@@ -122,7 +141,7 @@ def _lfu_log_freq(state: LfuState, clock, half_life):
   return jnp.log2(jnp.maximum(view(state.freq), 1e-30)) - elapsed / half_life
 
 
-def _lfu_score(meta, state: LfuState, clock, params):
+def _lfu_score(state: LfuState, meta, clock, params):
   """LFU with exponential aging: counts halve every ``half_life`` steps; lowest first."""
   return finalize(-_lfu_log_freq(state, clock, params["half_life"]), meta)
 
@@ -135,6 +154,10 @@ def _lfu_update(state: LfuState, meta, access: Access, params):
   touched = access.hit | access.inserted
   return LfuState(freq=put(state.freq, access.slot, jnp.where(access.hit, bumped, 1.0), touched),
                   stamp=put(state.stamp, access.slot, access.clock, touched))
+
+
+LFU = register(Policy(name="lfu", init=_lfu_init, score=_lfu_score, update=_lfu_update,
+                      defaults={"half_life": 4096.0}, bounds={"half_life": POSITIVE}))
 
 
 # ---------------------------------------------------------------------------- S3-FIFO
@@ -156,7 +179,7 @@ def _s3fifo_init(num_pages: int) -> S3FifoState:
   return s3fifo_state(jnp.zeros((num_pages,), bool))
 
 
-def _s3fifo_score(meta, state: S3FifoState, clock, params):
+def _s3fifo_score(state: S3FifoState, meta, clock, params):
   """S3-FIFO-style: new blocks enter a small probation FIFO (``small_frac`` of the pool);
   a hit there promotes to main; a probation block evicted unseen leaves its key in a
   ghost table, and a ghost hit enters main directly. Main is kept in LRU order (CLOCK's
@@ -185,6 +208,13 @@ def _s3fifo_update(state: S3FifoState, meta, access: Access, params):
   in_main = put(state.in_main, access.slot, access.hit | ghost_hit,
                 access.hit | access.inserted)
   return S3FifoState(in_main=in_main, ghost=ghost)
+
+
+S3FIFO = register(Policy(
+    name="s3fifo", init=_s3fifo_init, score=_s3fifo_score, update=_s3fifo_update,
+    defaults={"small_frac": 0.1, "partial_bias": 0.0},
+    bounds={"small_frac": Bound(0.0, 1.0, low_open=True, high_open=True),
+            "partial_bias": FRACTION}))
 
 
 # ---------------------------------------------------------------------------- weighted
@@ -221,6 +251,14 @@ def weighted_score(meta: PageMeta, clock: jax.Array, params: dict) -> jax.Array:
   return finalize(raw, meta)
 
 
+WEIGHTED = register(Policy(
+    name="weighted", init=no_state, score=stateless(weighted_score), update=no_update,
+    defaults={"w_age": 1.0, "w_freq": 1.0, "w_size": 0.0, "w_cost": 0.0, "w_context": 0.0,
+              "age_scale": 4096.0},
+    bounds={"w_age": WEIGHT, "w_freq": WEIGHT, "w_size": WEIGHT, "w_cost": WEIGHT,
+            "w_context": WEIGHT, "age_scale": POSITIVE}))
+
+
 # ---------------------------------------------------------------------------- GreedyDual
 
 
@@ -246,7 +284,7 @@ def recompute_cost(filled, position, page_size: int, pos_weight) -> jax.Array:
       1.0 + pos_weight * position.astype(jnp.float32))
 
 
-def _gd_score(meta, state: GreedyDualState, clock, params):
+def _gd_score(state: GreedyDualState, meta, clock, params):
   """GreedyDual-Size-Frequency: lowest credit ``L + cost * count**freq_exp`` first."""
   del clock, params
   return finalize(-view(state.credit), meta)
@@ -262,6 +300,12 @@ def _gd_update(state: GreedyDualState, meta, access: Access, params):
                inflation + cost * jnp.maximum(count, 1.0) ** params["freq_exp"],
                access.hit | access.inserted)
   return GreedyDualState(credit=credit, inflation=inflation)
+
+
+GREEDYDUAL = register(Policy(
+    name="greedydual", init=_gd_init, score=_gd_score, update=_gd_update,
+    defaults={"pos_weight": 0.05, "freq_exp": 1.0},
+    bounds={"pos_weight": WEIGHT, "freq_exp": Bound(0.0, 4.0)}))
 
 
 # ---------------------------------------------------------------------------- LeCaR
@@ -282,7 +326,7 @@ def _lecar_init(num_pages: int) -> LecarState:
                     hist_lfu=deferred(jnp.zeros((num_pages,), bool), 1))
 
 
-def _lecar_score(meta, state: LecarState, clock, params):
+def _lecar_score(state: LecarState, meta, clock, params):
   """LeCaR-style: follow whichever expert (LRU or aged LFU) has the larger weight; an
   expert whose victim comes back while still in the history loses weight (regret decays
   with ``regret_half_life``)."""
@@ -310,3 +354,10 @@ def _lecar_update(state: LecarState, meta, access: Access, params):
   hist_lfu = put(state.hist_lfu, eb, chose_lfu, access.evicted)
   return LecarState(weights=w, lfu=_lfu_update(state.lfu, meta, access, params),
                     hist_key=hist_key, hist_time=hist_time, hist_lfu=hist_lfu)
+
+
+LECAR = register(Policy(
+    name="lecar", init=_lecar_init, score=_lecar_score, update=_lecar_update,
+    defaults={"half_life": 4096.0, "regret_half_life": 4096.0, "learning_rate": 0.45},
+    bounds={"half_life": POSITIVE, "regret_half_life": POSITIVE,
+            "learning_rate": Bound(0.0, 10.0, low_open=True)}))

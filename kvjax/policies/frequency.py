@@ -1,14 +1,23 @@
-"""Frequency-aware policies: TinyLFU admission, ``freqlru`` (frequency credit with a
-ghost table), ``autofreq`` (credit picked online), ``classfreq`` (learned reuse
-classes and re-reference intervals) and ``autoclass``."""
+"""Frequency-aware policies: TinyLFU admission (an ``Admission``, composed with LRU as
+``tinylfu`` and with S3-FIFO as ``tinylfu-s3fifo``), ``freqlru`` (frequency credit with a
+ghost table), ``autofreq`` (credit picked online), ``classfreq`` (learned reuse classes and
+re-reference intervals) and ``autoclass``; each registered next to its functions, in this
+order."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from kvjax.policies.classic import LRU
+from kvjax.policies.classic import S3FIFO
+from kvjax.policies.contract import Admission
+from kvjax.policies.contract import Bound
+from kvjax.policies.contract import FRACTION
 from kvjax.policies.contract import Policy
+from kvjax.policies.contract import register
+from kvjax.policies.contract import with_admission
 from kvjax.policies.scoring import AGE_CAP
 from kvjax.policies.scoring import Access
 from kvjax.policies.scoring import CLASS_STEP
@@ -23,7 +32,6 @@ from kvjax.policies.scoring import live_pages
 from kvjax.policies.scoring import page_size_of
 from kvjax.policies.scoring import put
 from kvjax.policies.scoring import same_key
-from kvjax.policies.scoring import settle_all
 from kvjax.policies.scoring import view
 
 
@@ -36,7 +44,6 @@ _SKETCH_MAX = 15
 
 
 class TinyLfuState(NamedTuple):
-  inner: Any            # the wrapped eviction policy's state
   counts: Deferred      # int32 [4 * P]  count-min sketch, row-major (counters capped at 15)
   epoch: Deferred       # int32 [4 * P]  sketch epoch each counter was last aged to
   now: jax.Array        # int32 []  current sketch epoch (counters halve once per epoch)
@@ -59,60 +66,60 @@ def _sketch_estimate(state: TinyLfuState, meta, key):
   return est
 
 
+def _tinylfu_init(num_pages: int) -> TinyLfuState:
+  z = jnp.zeros((_SKETCH_ROWS * num_pages,), jnp.int32)
+  return TinyLfuState(deferred(z, _SKETCH_ROWS), deferred(z, _SKETCH_ROWS),
+                      jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def _tinylfu_update(state: TinyLfuState, meta, access: Access, params):
+  # ``state`` is settled: ``with_admission``'s update settles both states first
+  real = (access.key[0] != 0) | (access.key[1] != 0)  # (0, 0): no block referenced
+  counts, epoch = state.counts, state.epoch
+  for c in _sketch_cells(access.key, meta):
+    shift = jnp.minimum(state.now - get(state.epoch, c), 31)
+    counts = put(counts, c, jnp.minimum((get(state.counts, c) >> shift) + 1, _SKETCH_MAX),
+                 real)
+    epoch = put(epoch, c, state.now, real)
+  period = (params["sample_factor"] * live_pages(meta)).astype(jnp.int32)
+  adds = state.adds + real.astype(jnp.int32)
+  roll = adds >= jnp.maximum(period, 1)
+  return TinyLfuState(counts, epoch, state.now + roll.astype(jnp.int32),
+                      jnp.where(roll, 0, adds))
+
+
+def _tinylfu_admit(state: TinyLfuState, meta, access: Access, victim, params):
+  # the sketch counts the current reference in ``update``, after admission: add it here
+  cand = _sketch_estimate(state, meta, access.key).astype(jnp.float32) + 1.0
+  held = _sketch_estimate(state, meta, meta.block_hash[victim]).astype(jnp.float32)
+  partial = access.filled < page_size_of(meta)
+  need = held + jnp.where(partial, params["partial_margin"], 0.0)
+  return (meta.filled[victim] == 0) | (cand > need)
+
+
+# TinyLFU admission: a missing block takes the victim's page only if a count-min frequency
+# sketch, counting this reference, has seen it more often than the victim (empty pages are
+# always taken); otherwise it bypasses the cache. Counters halve every
+# ``sample_factor * num_pages`` references. A partial block (``filled < page_size``) must
+# beat the victim by ``partial_margin`` more.
+TINYLFU_ADMISSION = Admission(
+    name="tinylfu", init=_tinylfu_init, update=_tinylfu_update, admit=_tinylfu_admit,
+    defaults={"sample_factor": 10.0, "partial_margin": 0.0},
+    bounds={"sample_factor": Bound(0.0, 1e6, low_open=True), "partial_margin": Bound(0.0, 16.0)})
+
+
 def with_tinylfu(inner: Policy, name: Optional[str] = None) -> Policy:
-  """Wrap ``inner`` with a TinyLFU admission filter.
+  """``inner`` behind the TinyLFU admission filter (``with_admission(inner,
+  TINYLFU_ADMISSION, name)``).
 
-  A missing block takes the victim's page only if the frequency sketch, counting this
-  reference, has seen it more often than the victim (empty pages are always taken);
-  otherwise it bypasses the cache. Counters halve every ``sample_factor * num_pages``
-  references. A partial block (``filled < page_size``) must beat the victim by
-  ``partial_margin`` more.
-
-  >>> from kvjax.policies.contract import POLICIES
-  >>> p = with_tinylfu(POLICIES["lru"])
-  >>> p.name
+  >>> with_tinylfu(LRU).name
   'tinylfu-lru'
   """
+  return with_admission(inner, TINYLFU_ADMISSION, name)
 
-  def init(num_pages):
-    z = jnp.zeros((_SKETCH_ROWS * num_pages,), jnp.int32)
-    return TinyLfuState(inner.init(num_pages), deferred(z, _SKETCH_ROWS),
-                        deferred(z, _SKETCH_ROWS), jnp.zeros((), jnp.int32),
-                        jnp.zeros((), jnp.int32))
 
-  def score(meta, state, clock, params):
-    return inner.score(meta, state.inner, clock, params)
-
-  def update(state, meta, access, params):
-    state = settle_all(state)
-    real = (access.key[0] != 0) | (access.key[1] != 0)  # (0, 0): no block referenced
-    counts, epoch = state.counts, state.epoch
-    for c in _sketch_cells(access.key, meta):
-      shift = jnp.minimum(state.now - get(state.epoch, c), 31)
-      counts = put(counts, c, jnp.minimum((get(state.counts, c) >> shift) + 1, _SKETCH_MAX),
-                   real)
-      epoch = put(epoch, c, state.now, real)
-    period = (params["sample_factor"] * live_pages(meta)).astype(jnp.int32)
-    adds = state.adds + real.astype(jnp.int32)
-    roll = adds >= jnp.maximum(period, 1)
-    return TinyLfuState(inner.update(state.inner, meta, access, params), counts, epoch,
-                        state.now + roll.astype(jnp.int32), jnp.where(roll, 0, adds))
-
-  def admit(state, meta, access, victim, params):
-    ok = inner.admit(state.inner, meta, access, victim, params) if inner.admit else True
-    # the sketch counts the current reference in ``update``, after admission: add it here
-    cand = _sketch_estimate(state, meta, access.key).astype(jnp.float32) + 1.0
-    held = _sketch_estimate(state, meta, meta.block_hash[victim]).astype(jnp.float32)
-    partial = access.filled < page_size_of(meta)
-    need = held + jnp.where(partial, params["partial_margin"], 0.0)
-    return ok & ((meta.filled[victim] == 0) | (cand > need))
-
-  bounds = {"sample_factor": (0.0, 1e6, True, False), "partial_margin": (0.0, 16.0, False, False)}
-  bounds.update(inner.bounds)
-  defaults = {"sample_factor": 10.0, "partial_margin": 0.0}
-  defaults.update(inner.defaults)
-  return Policy(name or f"tinylfu-{inner.name}", init, score, update, admit, defaults, bounds,
-                inner.oracle)
+TINYLFU = register(with_tinylfu(LRU, "tinylfu"))
+TINYLFU_S3FIFO = register(with_tinylfu(S3FIFO))
 
 
 # ---------------------------------------------------------------------------- frequency-credit LRU
@@ -139,7 +146,7 @@ def _freqlru_init(num_pages: int) -> FreqLruState:
   return freqlru_state(jnp.zeros((num_pages,), jnp.int32))
 
 
-def _freqlru_score(meta, state: FreqLruState, clock, params):
+def _freqlru_score(state: FreqLruState, meta, clock, params):
   """LRU with a frequency credit: a block referenced ``c`` times is treated as if used
   ``credit * log2(c)`` steps later than it was. Counts survive eviction in a ghost table
   (``GHOST_FACTOR * num_pages`` hashed entries), so a block coming back keeps its history. Partial
@@ -172,6 +179,12 @@ def _freqlru_admit(state: FreqLruState, meta, access: Access, victim, params):
   del state
   partial = access.filled < page_size_of(meta)
   return (meta.filled[victim] == 0) | ~partial | (params["admit_partial"] > 0.5)
+
+
+FREQLRU = register(Policy(
+    name="freqlru", init=_freqlru_init, score=_freqlru_score, update=_freqlru_update,
+    admit=_freqlru_admit, defaults={"credit": 24576.0, "admit_partial": 0.0},
+    bounds={"credit": Bound(0.0, 1e8), "admit_partial": FRACTION}))
 
 
 # ---------------------------------------------------------------------------- auto-tuned freqlru
@@ -212,14 +225,14 @@ def auto_credit(state: AutoFreqLruState, credits=MINI_CREDITS) -> jax.Array:
   return jnp.asarray(credits, jnp.float32)[jnp.argmax(state.mini_hits)]
 
 
-def _auto_score(meta, state: AutoFreqLruState, clock, params):
+def _auto_score(state: AutoFreqLruState, meta, clock, params):
   """``freqlru`` whose credit is picked online: one key in 8 (by hash) is also replayed
   through five miniature ``freqlru`` caches of an eighth of the pool (credits
   ``MINI_CREDITS``, 0 being LRU), and the pool follows the miniature with the most
   recent hits (half-life ``window`` pool sizes of sampled references). Spatially
   sampled miniatures track the full cache's hit ratio (Waldspurger et al., ATC'17), so
   the choice follows the traffic and the capacity instead of a fitted constant."""
-  return _freqlru_score(meta, state.main, clock, {**params, "credit": auto_credit(state)})
+  return _freqlru_score(state.main, meta, clock, {**params, "credit": auto_credit(state)})
 
 
 def _auto_update(state: AutoFreqLruState, meta, access: Access, params,
@@ -279,6 +292,12 @@ def _auto_update(state: AutoFreqLruState, meta, access: Access, params,
 
 def _auto_admit(state: AutoFreqLruState, meta, access: Access, victim, params):
   return _freqlru_admit(state.main, meta, access, victim, params)
+
+
+AUTOFREQ = register(Policy(
+    name="autofreq", init=_auto_init, score=_auto_score, update=_auto_update,
+    admit=_auto_admit, defaults={"window": 8.0, "admit_partial": 0.0},
+    bounds={"window": Bound(0.0, 1e6, low_open=True), "admit_partial": FRACTION}))
 
 
 # ---------------------------------------------------------------------------- class-learned freqlru
@@ -366,7 +385,7 @@ def class_bonus(state: ClassFreqState) -> jax.Array:
   return jnp.clip((rate[:c] - p1) / jnp.maximum(rate[c] - p1, 1e-3), 0.0, 1.0)
 
 
-def _classfreq_score(meta, state: ClassFreqState, clock, params):
+def _classfreq_score(state: ClassFreqState, meta, clock, params):
   """``freqlru`` with two learned refinements (``age - credit * log2(count')``, partial
   pages first):
 
@@ -448,6 +467,15 @@ def _classfreq_admit(state: ClassFreqState, meta, access: Access, victim, params
   return _freqlru_admit(state, meta, access, victim, params)
 
 
+CLASSFREQ = register(Policy(
+    name="classfreq", init=_classfreq_init, score=_classfreq_score, update=_classfreq_update,
+    admit=_classfreq_admit,
+    defaults={"credit": 16384.0, "interval_weight": 4096.0, "interval_scale": 2.0,
+              "admit_partial": 0.0},
+    bounds={"credit": Bound(0.0, 1e8), "interval_weight": Bound(0.0, 1e8),
+            "interval_scale": Bound(0.0, 1e6, low_open=True), "admit_partial": FRACTION}))
+
+
 # ---------------------------------------------------------------------------- auto-tuned classfreq
 
 
@@ -467,7 +495,7 @@ def _autoclass_init(num_pages: int) -> AutoFreqLruState:
   return _auto_init(num_pages, len(AUTOCLASS_SCALES))._replace(main=_classfreq_init(num_pages))
 
 
-def _autoclass_score(meta, state: AutoFreqLruState, clock, params):
+def _autoclass_score(state: AutoFreqLruState, meta, clock, params):
   """``classfreq`` whose credit is picked online as in ``autofreq``: a sampled eighth of
   the keys is replayed through miniature ``freqlru`` caches of an eighth of the pool with
   credits 0 (LRU), 1/4, 1 and 4 times the fitted ``credit``, and the pool uses the credit
@@ -476,7 +504,7 @@ def _autoclass_score(meta, state: AutoFreqLruState, clock, params):
   first). The fitted credit is the prior; the miniatures keep it from collapsing on
   traffic where frequency does not pay."""
   credit = auto_credit(state, autoclass_credits(params))
-  return _classfreq_score(meta, state.main, clock,
+  return _classfreq_score(state.main, meta, clock,
                           {**params, "credit": credit,
                            "interval_weight": params["interval_frac"] * credit})
 
@@ -484,3 +512,13 @@ def _autoclass_score(meta, state: AutoFreqLruState, clock, params):
 def _autoclass_update(state: AutoFreqLruState, meta, access: Access, params):
   return _auto_update(state, meta, access, params, main_update=_classfreq_update,
                       credits=autoclass_credits(params))
+
+
+AUTOCLASS = register(Policy(
+    name="autoclass", init=_autoclass_init, score=_autoclass_score, update=_autoclass_update,
+    admit=_auto_admit,
+    defaults={"credit": 16384.0, "window": 8.0, "interval_frac": 0.25, "interval_scale": 2.0,
+              "admit_partial": 0.0},
+    bounds={"credit": Bound(0.0, 1e8), "window": Bound(0.0, 1e6, low_open=True),
+            "interval_frac": Bound(0.0, 100.0), "interval_scale": Bound(0.0, 1e6, low_open=True),
+            "admit_partial": FRACTION}))

@@ -1,4 +1,5 @@
-"""Belady's MIN and MIN with bypass (oracles: they read ``Access.next_use``).
+"""Belady's MIN and MIN with bypass (oracles: they read ``Access.next_use``), registered as
+``min`` and ``min-bypass``.
 
 >>> from kvjax.policies.scoring import view
 >>> view(min_state(jnp.array([5, 2, 9])).next_use).tolist()   # next use per cached page
@@ -11,6 +12,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from kvjax.policies.contract import Policy
+from kvjax.policies.contract import register
 from kvjax.policies.scoring import Access
 from kvjax.policies.scoring import Deferred
 from kvjax.policies.scoring import NEVER
@@ -39,7 +42,7 @@ def _min_init(num_pages: int) -> MinState:
   return min_state(jnp.full((num_pages,), NEVER, jnp.int32))
 
 
-def _min_score(meta, state: MinState, clock, params):
+def _min_score(state: MinState, meta, clock, params):
   """Belady's MIN: the block referenced farthest in the future goes first (oracle)."""
   del clock, params
   return finalize(view(state.next_use).astype(jnp.float32), meta)
@@ -55,3 +58,9 @@ def _min_admit(state: MinState, meta, access: Access, victim, params):
   """MIN with bypass: a block whose next use is no earlier than the victim's is not cached."""
   del params
   return (meta.filled[victim] == 0) | (access.next_use < get(state.next_use, victim))
+
+
+MIN = register(Policy(name="min", init=_min_init, score=_min_score, update=_min_update,
+                      oracle=True))
+MIN_BYPASS = register(Policy(name="min-bypass", init=_min_init, score=_min_score,
+                             update=_min_update, admit=_min_admit, oracle=True))

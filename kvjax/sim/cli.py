@@ -17,7 +17,8 @@ from typing import Optional, Sequence
 from kvjax.cliutil import ArgumentParser
 from kvjax.cliutil import UsageError
 from kvjax.cliutil import check_memory
-from kvjax.policies import POLICIES, get_policy
+from kvjax.policies import POLICIES
+from kvjax.policies import get_policy
 from kvjax.sim import simulator, traces
 from kvjax.sim.traces import TraceError
 

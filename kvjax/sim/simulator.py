@@ -21,8 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.policies import POLICIES, get_policy, make_params
-from kvjax.sim.exact import EXACT_POLICIES, exact_hits
+from kvjax.policies.contract import POLICIES
+from kvjax.policies.contract import get_policy
+from kvjax.policies.contract import make_params
+from kvjax.sim.exact import EXACT_POLICIES
+from kvjax.sim.exact import exact_hits
 from kvjax.sim.traces import Trace
 from kvjax.layout.meta import PageMeta
 from kvjax.policies.scoring import Access
@@ -88,7 +91,7 @@ def _simulate(refs: dict, capacity, params, *, policy_name: str, num_pages: int,
     key = jnp.stack([(b + 1).astype(jnp.uint32), jnp.uint32(0)])
     s = argmax(jnp.where(page_block == b, 1.0, 0.0))  # lookup by comparison, see above
     hit = page_block[s] == b
-    victim = argmax(policy.score(meta, pstate, clock, params))
+    victim = argmax(policy.score(pstate, meta, clock, params))
     cand = Access(slot=victim, key=key, hit=hit, inserted=jnp.bool_(False),
                   evicted=jnp.bool_(False), evicted_key=meta.block_hash[victim], clock=clock,
                   next_use=x["next_use"], filled=x["filled"], position=x["position"])
