@@ -11,17 +11,17 @@ import functools
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 from jax.experimental import pallas as pl
+import jax.numpy as jnp
 
 from kvjax.kernels import quantize as kq
-from kvjax.rope import inv_freq
-from kvjax.rope import rope
 from kvjax.layout.pages import Pages
 from kvjax.layout.shapes import first_staged_page
 from kvjax.layout.shapes import residual_tokens
 from kvjax.layout.spec import QuantSpec
 from kvjax.quant.pages import dequantize_pages
+from kvjax.rope import inv_freq
+from kvjax.rope import rope
 
 
 def _check_args(q, k_pages, v_pages, page_table, kv_lens, k_spec, v_spec, k_stage, v_stage,

@@ -25,8 +25,9 @@ import os
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 from jax.experimental import pallas as pl
+import jax.numpy as jnp
+
 from kvjax.layout.pages import Pages
 from kvjax.layout.shapes import page_shapes
 from kvjax.layout.spec import QuantSpec

@@ -13,6 +13,7 @@ import dataclasses
 import sys
 import time
 from typing import Callable, Sequence
+
 import jax
 import numpy as np
 
@@ -21,12 +22,12 @@ from kvjax.cache.state import init
 from kvjax.cache.status import CacheStatusError
 from kvjax.cache.status import check_status
 from kvjax.cliutil import ArgumentParser
-from kvjax.cliutil import UsageError
 from kvjax.cliutil import check_memory
 from kvjax.cliutil import positive_int
-from kvjax.models import IM_END_ID
+from kvjax.cliutil import UsageError
 from kvjax.models import chat_prompt
 from kvjax.models import generate
+from kvjax.models import IM_END_ID
 from kvjax.models import load_smollm2
 from kvjax.models import prefill
 from kvjax.models.gguf_loader import WeightsNotInstalledError

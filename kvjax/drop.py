@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
 from kvjax.cache.checks import check_state
 from kvjax.cache.config import CacheConfig
 from kvjax.cache.plan import StepPlan

@@ -17,6 +17,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+
 from kvjax.cache.checks import check_state
 from kvjax.cache.pool import reclaim
 from kvjax.cache.pool import victims

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import jax
-import numpy as np
 from jax.sharding import AxisType
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
+import numpy as np
+
 from kvjax.cache.config import CacheConfig
 from kvjax.cache.state import CacheState
 from kvjax.cache.state import init

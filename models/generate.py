@@ -20,11 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.models.llama import LlamaConfig
-from kvjax.models.llama import LlamaParams
-from kvjax.models.llama import decode_step
-from kvjax.models.tokenizer import IM_END_ID
-from kvjax.cache.status import status_error
 from kvjax.cache.attach import attach_prefix
 from kvjax.cache.config import CacheConfig
 from kvjax.cache.state import CacheState
@@ -33,7 +28,12 @@ from kvjax.cache.status import CacheStatusError
 from kvjax.cache.status import NON_FINITE
 from kvjax.cache.status import OUT_OF_PAGES
 from kvjax.cache.status import SEQ_FULL
+from kvjax.cache.status import status_error
 from kvjax.cache.status import status_names
+from kvjax.models.llama import decode_step
+from kvjax.models.llama import LlamaConfig
+from kvjax.models.llama import LlamaParams
+from kvjax.models.tokenizer import IM_END_ID
 
 
 @jax.jit

@@ -17,8 +17,8 @@ from typing import Optional
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.models.llama import LayerParams
 from kvjax.models.llama import check_params
+from kvjax.models.llama import LayerParams
 from kvjax.models.llama import LlamaConfig
 from kvjax.models.llama import LlamaParams
 from kvjax.models.tokenizer import tokenizer_from_gguf

@@ -21,20 +21,20 @@ import dataclasses
 import functools
 import math
 
+from flax import struct
 import jax
 import jax.numpy as jnp
-from flax import struct
 
-from kvjax.rope import rope
+from kvjax import drop
 from kvjax.cache.attend import grouped_attention
 from kvjax.cache.attend import write_attend
-from kvjax.cache.status import enforce_checked
-from kvjax import drop
 from kvjax.cache.config import CacheConfig
 from kvjax.cache.plan import flag_sequences
 from kvjax.cache.plan import plan_step
 from kvjax.cache.plan import write_flags
 from kvjax.cache.state import CacheState
+from kvjax.cache.status import enforce_checked
+from kvjax.rope import rope
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Sequence
 
 from tokenizers import AddedToken
-from tokenizers import Tokenizer
 from tokenizers import decoders
 from tokenizers import models
 from tokenizers import pre_tokenizers
+from tokenizers import Tokenizer
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"

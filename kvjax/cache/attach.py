@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
 from kvjax.cache.checks import as_int32
 from kvjax.cache.checks import check_state
 from kvjax.cache.config import CacheConfig
@@ -35,11 +36,11 @@ from kvjax.policies.adapter import events
 from kvjax.policies.adapter import report
 from kvjax.prefix.hashing import namespace_seed
 from kvjax.prefix.hashing import remap_no_hash
-from kvjax.prefix.index import PrefixIndex
 from kvjax.prefix.index import index_delete
 from kvjax.prefix.index import index_insert
 from kvjax.prefix.index import index_lookup
 from kvjax.prefix.index import match_prefix
+from kvjax.prefix.index import PrefixIndex
 from kvjax.quant.pages import dequantize_pages
 
 

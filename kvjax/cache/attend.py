@@ -28,6 +28,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+
 from kvjax.cache.plan import StepPlan
 from kvjax.cache.write import lens_before
 from kvjax.cache.write import sink_rows
@@ -35,10 +36,10 @@ from kvjax.cache.write import stage_rows
 from kvjax.cache.write import write
 from kvjax.kernels import ops
 from kvjax.kernels.paged_attention import gather_dequantized
-from kvjax.layout.pages import Pages
 from kvjax.layout.pages import as_stored
 from kvjax.layout.pages import check_layer
 from kvjax.layout.pages import head_dim_of
+from kvjax.layout.pages import Pages
 from kvjax.layout.pages import pool_only
 from kvjax.layout.shapes import first_staged_page
 from kvjax.rope import rope

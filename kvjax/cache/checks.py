@@ -6,10 +6,11 @@ the values; these run once per trace, never on device.
 
 from __future__ import annotations
 
-from kvjax.cache.config import CacheConfig
-from kvjax.cache.state import CacheState
 import jax
 import jax.numpy as jnp
+
+from kvjax.cache.config import CacheConfig
+from kvjax.cache.state import CacheState
 def check_int(name: str, x, ndim: int) -> None:
   if x.ndim != ndim:
     raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")

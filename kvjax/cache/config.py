@@ -9,9 +9,9 @@ from typing import Callable, Optional
 import jax.numpy as jnp
 
 from kvjax.layout.spec import QuantSpec
-from kvjax.policies.contract import POLICIES
 from kvjax.policies.contract import get_policy
 from kvjax.policies.contract import make_params
+from kvjax.policies.contract import POLICIES
 from kvjax.prefix.hashing import block_hash
 
 

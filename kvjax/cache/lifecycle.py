@@ -9,19 +9,20 @@ copied.
 
 from __future__ import annotations
 
-from kvjax.cache.status import BAD_INPUT
-from kvjax.cache.status import NON_FINITE
-from kvjax.cache.status import OUT_OF_RANGE
-from kvjax.cache.status import enforce_checked
-from kvjax.cache.config import CacheConfig
-from kvjax.cache.state import CacheState
+import jax
+import jax.numpy as jnp
+
 from kvjax.cache.checks import as_int32
 from kvjax.cache.checks import check_state
 from kvjax.cache.checks import dedupe
-import jax
-import jax.numpy as jnp
+from kvjax.cache.config import CacheConfig
 from kvjax.cache.pool import unref_pages
+from kvjax.cache.state import CacheState
 from kvjax.cache.state import DropState
+from kvjax.cache.status import BAD_INPUT
+from kvjax.cache.status import enforce_checked
+from kvjax.cache.status import NON_FINITE
+from kvjax.cache.status import OUT_OF_RANGE
 
 
 def _clear_drop(drop: DropState, rows: jax.Array) -> DropState:

@@ -12,34 +12,35 @@ from __future__ import annotations
 
 from typing import Optional
 
+from flax import struct
 import jax
 import jax.numpy as jnp
-from flax import struct
+
 from kvjax.cache.attach import register_full_pages
+from kvjax.cache.checks import as_int32
+from kvjax.cache.checks import bad_rows
+from kvjax.cache.checks import check_plan_inputs
+from kvjax.cache.checks import check_state
 from kvjax.cache.config import CacheConfig
+from kvjax.cache.pool import grant
 from kvjax.cache.pool import reclaim
 from kvjax.cache.pool import victims
 from kvjax.cache.state import CacheState
 from kvjax.cache.state import default_seed
 from kvjax.cache.state import row_seeds
 from kvjax.cache.status import BAD_INPUT
+from kvjax.cache.status import enforce_checked
 from kvjax.cache.status import INDEX_OVERFLOW
 from kvjax.cache.status import NON_FINITE
 from kvjax.cache.status import OUT_OF_PAGES
 from kvjax.cache.status import OUT_OF_RANGE
 from kvjax.cache.status import SEQ_FULL
-from kvjax.cache.status import enforce_checked
 from kvjax.layout.pages import Pages
 from kvjax.policies import adapter
 from kvjax.policies.adapter import filled_events
 from kvjax.policies.adapter import report
 from kvjax.quant.codecs import non_finite
 from kvjax.quant.codecs import out_of_range
-from kvjax.cache.checks import as_int32
-from kvjax.cache.checks import bad_rows
-from kvjax.cache.checks import check_plan_inputs
-from kvjax.cache.checks import check_state
-from kvjax.cache.pool import grant
 
 
 

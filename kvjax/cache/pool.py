@@ -26,8 +26,8 @@ from kvjax.layout.meta import PageMeta
 from kvjax.policies.adapter import events
 from kvjax.policies.adapter import report
 from kvjax.policies.adapter import scores
-from kvjax.prefix.index import PrefixIndex
 from kvjax.prefix.index import index_delete
+from kvjax.prefix.index import PrefixIndex
 ORPHAN = -2  # parent of a page whose parent page was reused: never matched again
 
 

@@ -9,10 +9,16 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from flax import struct
 import jax
 import jax.numpy as jnp
-from flax import struct
+
 from kvjax.cache.config import CacheConfig
+from kvjax.layout.meta import init_meta
+from kvjax.layout.meta import PageMeta
+from kvjax.layout.pages import layer_of
+from kvjax.layout.pages import Pages
+from kvjax.layout.pages import with_layer
 from kvjax.layout.shapes import needs_staging
 from kvjax.layout.shapes import residual_tokens
 from kvjax.layout.shapes import sink_tokens
@@ -23,14 +29,9 @@ from kvjax.policies.adapter import initial_params
 from kvjax.policies.adapter import policy_of
 from kvjax.policies.contract import make_params
 from kvjax.prefix.hashing import namespace_seed
-from kvjax.prefix.index import PrefixIndex
 from kvjax.prefix.index import index_init
+from kvjax.prefix.index import PrefixIndex
 from kvjax.quant.pages import init_quant_pages
-from kvjax.layout.meta import PageMeta
-from kvjax.layout.pages import Pages
-from kvjax.layout.pages import layer_of
-from kvjax.layout.pages import with_layer
-from kvjax.layout.meta import init_meta
 
 
 

@@ -8,11 +8,13 @@ raises on the host, after the call that set the flag returned its state.
 
 from __future__ import annotations
 
+import functools
+from typing import Optional
+
+import jax
+
 from kvjax.cache.config import CacheConfig
 from kvjax.cache.state import CacheState
-from typing import Optional
-import functools
-import jax
 # Status bit flags. Sticky in ``CacheState.status`` (OR of every step since the
 # last ``clear_status``); per step in ``StepPlan.seq_status``.
 OUT_OF_PAGES = 1       # a sequence needed pages and the pool had none evictable

@@ -12,11 +12,12 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+
 from kvjax.cache.plan import StepPlan
-from kvjax.layout.pages import Pages
 from kvjax.layout.pages import as_stored
 from kvjax.layout.pages import check_layer
 from kvjax.layout.pages import head_dim_of
+from kvjax.layout.pages import Pages
 from kvjax.layout.pages import pool_only
 from kvjax.quant.pages import copy_pages
 from kvjax.quant.pages import write_tokens

@@ -9,9 +9,9 @@ Names in shapes: P = num_pages, S = page_size.
 
 from __future__ import annotations
 
+from flax import struct
 import jax
 import jax.numpy as jnp
-from flax import struct
 @struct.dataclass
 class PageMeta:
   """Layer-independent metadata, one entry per page."""

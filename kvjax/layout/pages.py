@@ -14,8 +14,10 @@ num_pages, S = page_size, H = num_kv_heads, D = head_dim, B = max_seqs.
 from __future__ import annotations
 
 from typing import Optional
-import jax
+
 from flax import struct
+import jax
+
 from kvjax.layout.spec import QuantSpec
 
 

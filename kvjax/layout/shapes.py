@@ -10,6 +10,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+
 from kvjax.layout.pages import Pages
 from kvjax.layout.spec import QuantSpec
 

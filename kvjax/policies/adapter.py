@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from kvjax.policies.contract import Policy
+
 from kvjax.policies.contract import get_policy
 from kvjax.policies.contract import make_params
+from kvjax.policies.contract import Policy
 from kvjax.policies.scoring import Access
 
 

@@ -8,22 +8,23 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+
 from kvjax.layout.meta import PageMeta
 from kvjax.policies.contract import Bound
 from kvjax.policies.contract import FRACTION
-from kvjax.policies.contract import POSITIVE
-from kvjax.policies.contract import Policy
-from kvjax.policies.contract import WEIGHT
 from kvjax.policies.contract import no_state
 from kvjax.policies.contract import no_update
+from kvjax.policies.contract import Policy
+from kvjax.policies.contract import POSITIVE
 from kvjax.policies.contract import register
 from kvjax.policies.contract import stateless
-from kvjax.policies.scoring import AGE_CAP
+from kvjax.policies.contract import WEIGHT
 from kvjax.policies.scoring import Access
+from kvjax.policies.scoring import age
+from kvjax.policies.scoring import AGE_CAP
+from kvjax.policies.scoring import bucket
 from kvjax.policies.scoring import CLASS_STEP
 from kvjax.policies.scoring import Deferred
-from kvjax.policies.scoring import age
-from kvjax.policies.scoring import bucket
 from kvjax.policies.scoring import deferred
 from kvjax.policies.scoring import finalize
 from kvjax.policies.scoring import get

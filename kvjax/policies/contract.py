@@ -18,6 +18,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+
 from kvjax.layout.meta import PageMeta
 from kvjax.policies.scoring import settle_all
 from kvjax.policies.scoring import top_victims

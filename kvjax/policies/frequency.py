@@ -10,6 +10,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+
 from kvjax.policies.classic import LRU
 from kvjax.policies.classic import S3FIFO
 from kvjax.policies.contract import Admission
@@ -18,12 +19,12 @@ from kvjax.policies.contract import FRACTION
 from kvjax.policies.contract import Policy
 from kvjax.policies.contract import register
 from kvjax.policies.contract import with_admission
-from kvjax.policies.scoring import AGE_CAP
 from kvjax.policies.scoring import Access
+from kvjax.policies.scoring import age
+from kvjax.policies.scoring import AGE_CAP
+from kvjax.policies.scoring import bucket
 from kvjax.policies.scoring import CLASS_STEP
 from kvjax.policies.scoring import Deferred
-from kvjax.policies.scoring import age
-from kvjax.policies.scoring import bucket
 from kvjax.policies.scoring import deferred
 from kvjax.policies.scoring import finalize
 from kvjax.policies.scoring import get

@@ -12,14 +12,15 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
 from kvjax.policies.contract import Policy
 from kvjax.policies.contract import register
 from kvjax.policies.scoring import Access
 from kvjax.policies.scoring import Deferred
-from kvjax.policies.scoring import NEVER
 from kvjax.policies.scoring import deferred
 from kvjax.policies.scoring import finalize
 from kvjax.policies.scoring import get
+from kvjax.policies.scoring import NEVER
 from kvjax.policies.scoring import put
 from kvjax.policies.scoring import view
 

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
 from kvjax.layout.meta import PageMeta
 
 

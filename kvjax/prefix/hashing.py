@@ -36,9 +36,9 @@ import hashlib
 from typing import Callable, Union
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 # HashFn(parent uint32[..., 2], tokens int32[..., S]) -> uint32[..., 2], never (0, 0).
 HashFn = Callable[[jax.Array, jax.Array], jax.Array]

@@ -57,15 +57,16 @@ import functools
 import secrets
 from typing import NamedTuple, Optional, Union
 
+from flax import struct
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
-from jax import lax
-from kvjax.prefix.hashing import HashFn
+
 from kvjax.prefix.hashing import block_hash
 from kvjax.prefix.hashing import chain_hashes
 from kvjax.prefix.hashing import fmix32
+from kvjax.prefix.hashing import HashFn
 
 
 EMPTY = -1       # slot never used: probe paths stop at a bucket holding one

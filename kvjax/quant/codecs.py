@@ -9,12 +9,13 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from kvjax.layout.spec import F16_MAX
 from kvjax.layout.spec import F32_RANGE_MAX
 from kvjax.layout.spec import FP8_MAX
 from kvjax.layout.spec import LOG8_BIAS
-from kvjax.layout.spec import LOG8_STEPS
 from kvjax.layout.spec import LOG8_STEP_VALUES
+from kvjax.layout.spec import LOG8_STEPS
 from kvjax.layout.spec import LOG8_TABLE
 from kvjax.layout.spec import QuantSpec
 from kvjax.layout.spec import RANGE_MARGIN

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
 from kvjax.layout.pages import Pages
+from kvjax.layout.shapes import page_shapes
+from kvjax.layout.shapes import zero_storage_dtype
 from kvjax.layout.spec import QuantSpec
 from kvjax.quant.codecs import clip_values
 from kvjax.quant.codecs import decode_scale
@@ -17,10 +20,8 @@ from kvjax.quant.codecs import group_params
 from kvjax.quant.codecs import group_stats
 from kvjax.quant.codecs import grouped
 from kvjax.quant.codecs import pack_codes
-from kvjax.layout.shapes import page_shapes
 from kvjax.quant.codecs import ungrouped
 from kvjax.quant.codecs import unpack_codes
-from kvjax.layout.shapes import zero_storage_dtype
 
 def quantize_pages(x: jax.Array, spec: QuantSpec) -> Pages:
   """Quantize full pages.

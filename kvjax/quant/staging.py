@@ -8,9 +8,10 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+
 from kvjax.layout.pages import Pages
-from kvjax.layout.spec import QuantSpec
 from kvjax.layout.shapes import first_staged_page
+from kvjax.layout.spec import QuantSpec
 from kvjax.quant.pages import fold_page
 from kvjax.quant.pages import store_pages
 

@@ -10,11 +10,11 @@ from kvjax.sim.simulator import hit_ratio
 from kvjax.sim.simulator import prefix_hits
 from kvjax.sim.simulator import simulate
 from kvjax.sim.simulator import simulate_hits
-from kvjax.sim.traces import Trace
 from kvjax.sim.traces import default_trace_path
 from kvjax.sim.traces import from_requests
 from kvjax.sim.traces import generate
 from kvjax.sim.traces import load_mooncake
+from kvjax.sim.traces import Trace
 
 __all__ = [
     "hit_ratio",

@@ -15,10 +15,10 @@ import sys
 from typing import Optional, Sequence
 
 from kvjax.cliutil import ArgumentParser
-from kvjax.cliutil import UsageError
 from kvjax.cliutil import check_memory
-from kvjax.policies import POLICIES
+from kvjax.cliutil import UsageError
 from kvjax.policies import get_policy
+from kvjax.policies import POLICIES
 from kvjax.sim import simulator, traces
 from kvjax.sim.traces import TraceError
 

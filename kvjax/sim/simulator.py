@@ -21,15 +21,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.policies.contract import POLICIES
+from kvjax.layout.meta import PageMeta
 from kvjax.policies.contract import get_policy
 from kvjax.policies.contract import make_params
-from kvjax.sim.exact import EXACT_POLICIES
-from kvjax.sim.exact import exact_hits
-from kvjax.sim.traces import Trace
-from kvjax.layout.meta import PageMeta
+from kvjax.policies.contract import POLICIES
 from kvjax.policies.scoring import Access
 from kvjax.policies.scoring import argmax
+from kvjax.sim.exact import exact_hits
+from kvjax.sim.exact import EXACT_POLICIES
+from kvjax.sim.traces import Trace
 
 ACCOUNTING = ("block", "prefix")
 PATHS = ("auto", "scoring", "exact")

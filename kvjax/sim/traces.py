@@ -14,6 +14,7 @@ import os
 from typing import Optional, Sequence
 
 import numpy as np
+
 from kvjax.policies.scoring import NEVER
 
 
