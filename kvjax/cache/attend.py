@@ -16,9 +16,10 @@ Hq = query heads, H = kv heads, D = head_dim, M = page-table columns.
 >>> plan, st = kvjax.plan_step(kvjax.init(cfg), jnp.array([0]), jnp.array([[1]]),
 ...                            jnp.array([1]), config=cfg)
 >>> k_l, v_l = kvjax.cache.layer_pages(st, 0)
->>> x = jnp.ones((1, 1, 1, 2))
->>> write_attend(x, x, 3 * x, k_l, v_l, plan).out.tolist()
-[[[[3.0, 3.0]]]]
+>>> q = jnp.ones((1, 1, 1, 2))
+>>> k_l, v_l = kvjax.write(k_l, plan, q), kvjax.write(v_l, plan, 2 * q)   # then attend:
+>>> attend(q, k_l, v_l, plan).out.tolist()                                 # = write_attend
+[[[[2.0, 2.0]]]]
 """
 
 from __future__ import annotations
