@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.layout.meta import PageMeta
+from kvjax.prefix.hashing import fmix32
 
 
 NEVER = 2**30          # next-use time of a block that is never referenced again
@@ -113,21 +114,11 @@ def argmax(scores: jax.Array) -> jax.Array:
   return r * _ROW + jnp.argmax(rows[r]).astype(jnp.int32)
 
 
-def mix32(x: jax.Array) -> jax.Array:
-  """A uint32 -> uint32 avalanche mix (murmur3 finalizer)."""
-  x = x.astype(jnp.uint32)
-  x = x ^ (x >> 16)
-  x = x * jnp.uint32(0x85EBCA6B)
-  x = x ^ (x >> 13)
-  x = x * jnp.uint32(0xC2B2AE35)
-  return x ^ (x >> 16)
-
-
 def key_hash(key: jax.Array, seed: int = 0) -> jax.Array:
   """uint32 [...] hash of uint32 [..., 2] block keys, one stream per ``seed``."""
   key = key.astype(jnp.uint32)
-  h = mix32(key[..., 0] + jnp.uint32((0x9E3779B9 * (seed + 1)) & 0xFFFFFFFF))
-  return mix32(h ^ (key[..., 1] * jnp.uint32(0x27D4EB2F)))
+  h = fmix32(key[..., 0] + jnp.uint32((0x9E3779B9 * (seed + 1)) & 0xFFFFFFFF))
+  return fmix32(h ^ (key[..., 1] * jnp.uint32(0x27D4EB2F)))
 
 
 def bucket(key: jax.Array, size, seed: int = 0) -> jax.Array:
