@@ -330,11 +330,7 @@ def _two_view_attention(q, quant_kv, full_kv, quantized, visible) -> jax.Array:
   lq = jnp.einsum("xqd,xkd->xqk", qh, heads(kq))
   lf = jnp.einsum("xqd,xkd->xqk", qh, heads(kf))
   logits = jnp.where(sel, lq, lf) * (d_ ** -0.5)
-  logits = jnp.where(expand(visible), logits, -jnp.inf)
-  peak = jnp.max(logits, axis=-1, keepdims=True)
-  weights = jnp.exp(logits - jnp.where(jnp.isfinite(peak), peak, 0.0))
-  denom = jnp.sum(weights, axis=-1, keepdims=True)
-  weights = weights / jnp.where(denom > 0, denom, 1.0)
+  weights = _masked_softmax(logits, expand(visible))
   out = (jnp.einsum("xqk,xkd->xqd", jnp.where(sel, weights, 0.0), heads(vq))
          + jnp.einsum("xqk,xkd->xqd", jnp.where(sel, 0.0, weights), heads(vf)))
   out = out.reshape(b, h_, g, t, d_).transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d_)
@@ -394,16 +390,22 @@ def _grouped(q, k, v, visible, *, with_mass: bool = False):
       b * h_, kn, d_)
   logits = jnp.einsum("xqd,xkd->xqk", qh, kt) * (d_ ** -0.5)
   mask = jnp.broadcast_to(visible[:, None, None], (b, h_, g, t, kn)).reshape(b * h_, g * t, kn)
-  logits = jnp.where(mask, logits, -jnp.inf)
-  peak = jnp.max(logits, axis=-1, keepdims=True)
-  weights = jnp.exp(logits - jnp.where(jnp.isfinite(peak), peak, 0.0))
-  denom = jnp.sum(weights, axis=-1, keepdims=True)
-  weights = weights / jnp.where(denom > 0, denom, 1.0)
+  weights = _masked_softmax(logits, mask)
   out = jnp.einsum("xqk,xkd->xqd", weights, vt)
   out = out.reshape(b, h_, g, t, d_).transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d_)
   if with_mass:
     return out.astype(q.dtype), jnp.sum(weights.reshape(b, h_ * g, t, kn), axis=1)
   return out.astype(q.dtype), None
+
+
+def _masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
+  """float32 softmax of ``logits`` over the last axis where ``mask`` (0 elsewhere; a row with
+  nothing visible is all 0, never NaN)."""
+  logits = jnp.where(mask, logits, -jnp.inf)
+  peak = jnp.max(logits, axis=-1, keepdims=True)
+  weights = jnp.exp(logits - jnp.where(jnp.isfinite(peak), peak, 0.0))
+  denom = jnp.sum(weights, axis=-1, keepdims=True)
+  return weights / jnp.where(denom > 0, denom, 1.0)
 
 
 def _select_read(v: jax.Array, visible: jax.Array) -> jax.Array:
