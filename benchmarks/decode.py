@@ -7,10 +7,15 @@ real ``decode_step`` (plan_step + per-layer write/attend, cache donated). Both
 use SmolLM2-135M's architecture (30 layers, 9 query / 3 KV heads, head_dim 64)
 with random weights; both caches are filled with the same random K/V first.
 
-Reports per context: ``paged_over_dense`` (paged step time / dense step time)
-and ``plan_share`` (time of ``plan_step`` alone / paged step time).
+Reports for batch 1 / 4 / 8 x context 128 / 512 / 2,048 (``--quick``: 4 layers,
+batch 8, context 512): ``paged_over_dense`` (paged step time / dense step
+time), ``plan_share`` (``plan_step`` alone / paged step), ``over_bound`` (paged
+step / the bandwidth bound: weights plus live K/V over the GEMV bandwidth
+measured in the same run), ``pool_scaling`` (the paged step with a pool 16x
+what the batch needs over the step at 2x) and ``compile_s`` per shape (first
+call less a steady step).
 
-  python benchmarks/decode.py [--quick] [--out FILE]
+  python benchmarks/decode.py [--quick] [--out FILE] [--batches 1,4,8] [--contexts 128,512]
 """
 
 from __future__ import annotations
@@ -32,26 +37,32 @@ from kvjax.cache.attend import grouped_attention
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("k_cache", "v_cache"))
 def dense_decode_step(params, k_cache, v_cache, lengths, tokens, *, config):
-  """Dense-cache decode of one token per row. k_cache/v_cache: [L, B, N, H, D]; lengths: [B]."""
+  """Dense-cache decode of one token per row. k_cache/v_cache: [L, B, N, H, D]; lengths: [B].
+
+  The caches ride in the layer scan's carry and each layer writes its one new
+  token per row in place (the dense baseline as a good dense cache does it).
+  """
   b = tokens.shape[0]
   n = k_cache.shape[2]
   positions = lengths[:, None]
   visible = jnp.arange(n)[None, None, :] <= positions[:, :, None]      # [B, 1, N]
   rows = jnp.arange(b)
 
-  def body(x, xs):
-    lp, kc, vc = xs
+  def body(carry, xs):
+    x, kc, vc = carry
+    lp, i = xs
 
     def dense(q, k, v):
-      kc2 = kc.at[rows, lengths].set(k[:, 0])
-      vc2 = vc.at[rows, lengths].set(v[:, 0])
-      return grouped_attention(q, kc2, vc2, visible), (kc2, vc2)
+      kc2 = kc.at[i, rows, lengths].set(k[:, 0])
+      vc2 = vc.at[i, rows, lengths].set(v[:, 0])
+      return grouped_attention(q, kc2[i], vc2[i], visible), (kc2, vc2)
 
     x, (kc, vc) = llama.decoder_layer(lp, x, positions, dense, config)
-    return x, (kc, vc)
+    return (x, kc, vc), None
 
   x = params.embed[tokens]
-  x, (k_cache, v_cache) = jax.lax.scan(body, x, (params.layers, k_cache, v_cache))
+  (x, k_cache, v_cache), _ = jax.lax.scan(body, (x, k_cache, v_cache),
+                                          (params.layers, jnp.arange(k_cache.shape[0])))
   return llama.lm_logits(params, x, config), k_cache, v_cache, lengths + 1
 
 
@@ -70,12 +81,41 @@ def _time(fn, reps: int) -> float:
   return statistics.median(times)
 
 
+def bandwidth_gbs(reps: int = 5) -> dict:
+  """What this machine streams, measured now: a 1 GiB copy and a 256 MB float32 GEMV."""
+  rng = np.random.default_rng(0)
+  src = np.ones(1 << 28, np.float32)                # 1 GiB
+  dst = np.empty_like(src)
+  copy_s = _time(lambda: np.copyto(dst, src), reps)
+  w = jnp.asarray(rng.normal(size=(8192, 8192)).astype(np.float32))   # 256 MiB
+  x = jnp.ones((8, 8192), jnp.float32)
+  gemv = jax.jit(lambda w, x: x @ w)
+  gemv(w, x).block_until_ready()
+  gemv_s = _time(lambda: gemv(w, x).block_until_ready(), reps)
+  return {"copy_gbs": 2 * src.nbytes / copy_s / 1e9, "gemv_gbs": w.nbytes / gemv_s / 1e9}
+
+
+def step_bytes(config, batch: int, context: int, dtype_bytes: int = 4) -> int:
+  """Bytes a decode step must read at least: every weight once plus the live K/V."""
+  e, f, l_ = config.d_model, config.ffn_dim, config.num_layers
+  per_layer = (e * config.num_heads * config.head_dim * 2            # q, o
+               + e * config.num_kv_heads * config.head_dim * 2       # k, v
+               + 3 * e * f + 2 * e)                                   # mlp, norms
+  weights = l_ * per_layer + config.vocab_size * e + e               # tied embedding / head
+  kv = 2 * l_ * batch * context * config.num_kv_heads * config.head_dim
+  return (weights + kv) * dtype_bytes
+
+
 def run_context(config, params, batch: int, context: int, page_size: int, steps: int,
-                rounds: int) -> dict:
-  """Fill both caches to ``context - steps*rounds`` tokens, then time decode steps."""
+                rounds: int, pool_factor: int = 2) -> dict:
+  """Fill both caches to ``context - 2*steps*rounds - 1`` tokens, then time decode steps.
+
+  The paged pool holds ``pool_factor`` times the pages the batch needs (a cache
+  holds more than one batch); the dense cache is sized to the context.
+  """
   max_len = context
   pages_per_seq = max_len // page_size
-  cc = config.cache_config(page_size=page_size, num_pages=batch * pages_per_seq,
+  cc = config.cache_config(page_size=page_size, num_pages=batch * pages_per_seq * pool_factor,
                            max_seqs=batch, max_pages_per_seq=pages_per_seq)
   fill = context - steps * rounds * 2 - 1
   rng = np.random.default_rng(0)
@@ -134,8 +174,11 @@ def run_context(config, params, batch: int, context: int, page_size: int, steps:
       out = plan_fn(c, seq_ids, tokens, ones)
     jax.block_until_ready(out)
 
-  # Warm up (compile), then alternate so both see the same machine load.
-  paged_steps(), dense_steps(), plan_steps()
+  # Warm up (the first call compiles), then alternate so both see the same machine load.
+  t0 = time.perf_counter()
+  paged_steps()
+  first_s = time.perf_counter() - t0
+  dense_steps(), plan_steps()
   paged_t, dense_t, plan_t = [], [], []
   for _ in range(rounds):
     paged_t.append(_time(paged_steps, 1) / steps)
@@ -143,7 +186,9 @@ def run_context(config, params, batch: int, context: int, page_size: int, steps:
     plan_t.append(_time(plan_steps, 1) / steps)
   paged, dense, plan = (statistics.median(x) for x in (paged_t, dense_t, plan_t))
   assert int(state["cache"].status) == 0, kvjax.status_names(int(state["cache"].status))
-  return {"context": context, "page_size": page_size, "paged_step_s": paged,
+  return {"batch": batch, "context": context, "page_size": page_size,
+          "num_pages": cc.num_pages, "pool_factor": pool_factor,
+          "compile_s": first_s - steps * paged, "paged_step_s": paged,
           "dense_step_s": dense, "plan_step_s": plan, "paged_over_dense": paged / dense,
           "plan_share": plan / paged, "paged_rounds_s": paged_t, "dense_rounds_s": dense_t}
 
@@ -152,39 +197,68 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="few layers and steps (smoke run)")
   parser.add_argument("--out", default="benchmarks/results/decode.json")
-  parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--contexts", default="512,2048")
+  parser.add_argument("--batches", default=None, help="comma list (default 1,4,8; quick 8)")
+  parser.add_argument("--contexts", default=None,
+                      help="comma list (default 128,512,2048; quick 512)")
   parser.add_argument("--page-size", type=int, default=16)
   args = parser.parse_args(argv)
 
   config = SMOLLM2_135M
-  steps, rounds = (2, 3) if args.quick else (8, 7)
+  steps, rounds = (2, 3) if args.quick else (4, 3)
   if args.quick:
     config = llama.LlamaConfig(**{**config.__dict__, "num_layers": 4})
+  batches = [int(b) for b in (args.batches or ("8" if args.quick else "1,4,8")).split(",")]
+  contexts = [int(c) for c in (args.contexts or ("512" if args.quick else "128,512,2048")).split(",")]
   params = llama.init_params(config, jax.random.key(0))
+  bw = bandwidth_gbs()
+  print(f"bandwidth: copy {bw['copy_gbs']:.1f} GB/s, gemv {bw['gemv_gbs']:.1f} GB/s", flush=True)
   results = {}
-  for ctx in (int(c) for c in args.contexts.split(",")):
-    r = run_context(config, params, args.batch, ctx, args.page_size, steps, rounds)
-    results[str(ctx)] = r
-    print(f"context {ctx}: paged {r['paged_step_s']*1e3:.2f} ms, dense "
-          f"{r['dense_step_s']*1e3:.2f} ms, plan {r['plan_step_s']*1e3:.3f} ms", flush=True)
+  for b in batches:
+    for ctx in contexts:
+      r = run_context(config, params, b, ctx, args.page_size, steps, rounds)
+      r["bound_s"] = step_bytes(config, b, ctx) / (bw["gemv_gbs"] * 1e9)
+      r["over_bound"] = r["paged_step_s"] / r["bound_s"]
+      results[f"b{b}_c{ctx}"] = r
+      print(f"batch {b} context {ctx}: paged {r['paged_step_s']*1e3:.2f} ms, dense "
+            f"{r['dense_step_s']*1e3:.2f} ms, bound {r['bound_s']*1e3:.2f} ms, "
+            f"plan {r['plan_step_s']*1e3:.3f} ms, compile {r['compile_s']:.1f} s", flush=True)
+  # Pool scaling: the same batch and context with a pool 16x what it needs against 2x.
+  sb, sc = max(batches), (512 if 512 in contexts else contexts[0])
+  big = run_context(config, params, sb, sc, args.page_size, steps, rounds, pool_factor=16)
+  small = results[f"b{sb}_c{sc}"]
+  pool_scaling = big["paged_step_s"] / small["paged_step_s"]
+  print(f"pool scaling (batch {sb}, context {sc}): {big['num_pages']} pages "
+        f"{big['paged_step_s']*1e3:.2f} ms / {small['num_pages']} pages "
+        f"{small['paged_step_s']*1e3:.2f} ms = {pool_scaling:.3f}", flush=True)
+  key = f"b{sb}_c{sc}"
   out = {
       "benchmark": "decode", "quick": args.quick, "machine": common.machine(),
       "model": {"layers": config.num_layers, "heads": config.num_heads,
-                "kv_heads": config.num_kv_heads, "head_dim": config.head_dim},
-      "batch": args.batch, "page_size": args.page_size,
+                "kv_heads": config.num_kv_heads, "head_dim": config.head_dim,
+                "dtype": "float32"},
+      "page_size": args.page_size, "bandwidth": bw,
+      "pool_scaling": pool_scaling,
+      "over_bound": results[key]["over_bound"],
+      "over_bound_at": key,
       "paged_over_dense": {c: r["paged_over_dense"] for c, r in results.items()},
       "plan_share": {c: r["plan_share"] for c, r in results.items()},
-      "targets": {"paged_over_dense": 1.25, "plan_share": 0.05},
-      "details": results,
+      "compile_s": {c: r["compile_s"] for c, r in results.items()},
+      "over_hf": None,
+      "over_hf_note": "HF transformers (torch) is not installed on this machine: not measured",
+      "targets": {"pool_scaling": 1.1, "over_bound": 2.0, "paged_over_dense": 1.0,
+                  "plan_share": 0.05},
+      "details": {**results, f"{key}_pool16": big},
   }
   common.write_json(args.out, out, indent=2)
   print(f"\nmachine: {out['machine']['platform']}, {out['machine']['cpu_count']} cpus, "
-        f"jax {jax.__version__} ({jax.default_backend()})")
-  print(f"{'context':>8} {'paged ms':>9} {'dense ms':>9} {'paged/dense':>12} {'plan share':>11}")
+        f"jax {jax.__version__} ({jax.default_backend()}), load {out['machine']['load_average_1m']}")
+  print(f"{'point':>10} {'paged ms':>9} {'dense ms':>9} {'bound ms':>9} {'paged/dense':>12} "
+        f"{'over bound':>11} {'plan share':>11}")
   for c, r in results.items():
-    print(f"{c:>8} {r['paged_step_s']*1e3:9.2f} {r['dense_step_s']*1e3:9.2f} "
-          f"{r['paged_over_dense']:12.3f} {r['plan_share']:11.4f}")
+    print(f"{c:>10} {r['paged_step_s']*1e3:9.2f} {r['dense_step_s']*1e3:9.2f} "
+          f"{r['bound_s']*1e3:9.2f} {r['paged_over_dense']:12.3f} {r['over_bound']:11.2f} "
+          f"{r['plan_share']:11.4f}")
+  print(f"pool_scaling {pool_scaling:.3f}")
   print(f"wrote {args.out}")
   return out
 

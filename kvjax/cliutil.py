@@ -1,5 +1,6 @@
 """Command-line plumbing shared by ``kvjax`` and ``kvjax replay``: the usage error, the
-argument parser that raises it, and the memory guard every command checks first.
+argument parser that raises it, the memory guard every command checks first, and
+the persistent compilation cache the commands share across runs.
 """
 
 from __future__ import annotations
@@ -7,6 +8,8 @@ from __future__ import annotations
 import argparse
 import os
 from typing import Optional
+
+import jax
 
 class UsageError(ValueError):
   """A bad argument or environment; ``str()`` names the argument when there is one.
@@ -89,3 +92,45 @@ MEMORY_CAP = 8 * 2 ** 30  # bytes: the most the CLI allocates, whatever the mach
 
 
 MEMORY_SHARE = 0.5        # of the memory available when the command starts
+
+
+COMPILE_CACHE_ENV = "KVJAX_COMPILE_CACHE"   # a folder, or "off"
+
+
+def compile_cache_dir() -> Optional[str]:
+  """The folder of the CLI's persistent XLA compilation cache, or None when off.
+
+  ``$KVJAX_COMPILE_CACHE`` when set ("off" or empty: no cache), else
+  ``$XDG_CACHE_HOME/kvjax/xla`` (``~/.cache/kvjax/xla``).
+
+  >>> import os
+  >>> os.environ["KVJAX_COMPILE_CACHE"] = "off"; compile_cache_dir() is None
+  True
+  """
+  value = os.environ.get(COMPILE_CACHE_ENV)
+  if value is not None:
+    return None if value.strip().lower() in ("", "off") else value
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "kvjax", "xla")
+
+
+def enable_compile_cache(path: Optional[str] = None) -> Optional[str]:
+  """Turn on JAX's persistent compilation cache in ``path`` (default ``compile_cache_dir()``).
+
+  A step shape compiled once is loaded from disk by later runs instead of
+  compiled again (the demo's first token then comes in seconds). Programs that
+  compile in under 0.5 s are not stored. Returns the folder, or None when off
+  or when it cannot be created (the run goes on without a cache).
+  """
+  path = compile_cache_dir() if path is None else path
+  if path is None:
+    return None
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError:
+    return None
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return path
+

@@ -30,10 +30,13 @@ from kvjax.cache.attend import grouped_attention
 from kvjax.cache.attend import write_attend
 from kvjax.cache.config import CacheConfig
 from kvjax.cache.plan import flag_sequences
+from kvjax.cache.plan import layer_plan
 from kvjax.cache.plan import plan_step
 from kvjax.cache.plan import write_flags
 from kvjax.cache.state import CacheState
 from kvjax.cache.status import enforce_checked
+from kvjax.layout.pages import flat_layer
+from kvjax.layout.pages import with_flat_layer
 from kvjax.rope import rope
 
 
@@ -383,9 +386,11 @@ def decode_step(params: LlamaParams, cache: CacheState, tokens: jax.Array,
                 config: LlamaConfig, cache_config: CacheConfig):
   """One step through the paged cache: a prefill chunk (T > 1) or a decode token (T = 1).
 
-  Plans pages once for the batch, then scans the layers with each layer's K/V
-  pages as scanned inputs and outputs: RoPE'd K and V of the new tokens are
-  written into their slots and the queries attend over the sequence's pages.
+  Plans pages once for the batch, then scans the layers with the K/V pools in
+  the scan's carry: each layer's RoPE'd K and V of the new tokens are written
+  into their slots of the whole pool (``kvjax.layout.flat_layer`` with
+  ``kvjax.cache.plan.layer_plan``), so a step writes O(new tokens), not a copy
+  of every layer, and the queries attend over the sequence's pages.
   The cache is donated. A cache in drop mode (``kvjax.drop.enable``) takes
   the same layer scan, which then also rotates by each sequence's logical
   positions (``seq_lens + dropped``) and accumulates every page's attention
@@ -448,25 +453,31 @@ def _decode_step(params, cache, tokens, seq_ids, num_new, seeds, *, config, cach
   if dropping:
     rope_positions = plan.positions + positions_offset[:, None]     # logical positions
 
-  def body(carry, xs):
-    x, mass = carry
-    lp, k_pages, v_pages = xs
+  num_layers, num_pages, page_size = cache.k.data.shape[:3]
+
+  def body(carry, xs):   # the pools ride in the carry: each layer writes only its new slots
+    x, mass, k_all, v_all = carry
+    lp, i = xs
+    k_view, v_view = flat_layer(k_all, i), flat_layer(v_all, i)
+    lplan = layer_plan(plan, i, num_layers=num_layers, num_pages=num_pages,
+                       page_size=page_size)
 
     def paged(q, k, v):
-      res = write_attend(q, k, v, k_pages, v_pages, plan, with_mass=dropping)
+      res = write_attend(q, k, v, k_view, v_view, lplan, with_mass=dropping)
       return res.out, (res.k_pages, res.v_pages, res.mass,
-                       write_flags(plan, k, v, k_pages, v_pages))
+                       write_flags(lplan, k, v, k_view, v_view))
 
-    x, (k_pages, v_pages, m, flags) = decoder_layer(lp, x, rope_positions, paged, config,
-                                             rope_keys=not cache_config.key_rope)
+    x, (k_view, v_view, m, flags) = decoder_layer(lp, x, rope_positions, paged, config,
+                                                  rope_keys=not cache_config.key_rope)
     if dropping:   # the page mass, summed over layers
       mass = mass + m
-    return (x, mass), (k_pages, v_pages, flags)
+    carry = (x, mass, with_flat_layer(k_all, i, k_view), with_flat_layer(v_all, i, v_view))
+    return carry, flags
 
   x = params.embed[tokens]
   mass0 = jnp.zeros(plan.page_table.shape, jnp.float32) if dropping else None   # [B, M]
-  (x, mass), (k_all, v_all, flags) = jax.lax.scan(body, (x, mass0),
-                                                  (params.layers, cache.k, cache.v))
+  (x, mass, k_all, v_all), flags = jax.lax.scan(
+      body, (x, mass0, cache.k, cache.v), (params.layers, jnp.arange(num_layers)))
   cache = cache.replace(k=k_all, v=v_all)
   if dropping:
     cache = drop.accumulate(cache, plan, mass)

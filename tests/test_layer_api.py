@@ -1,10 +1,13 @@
 """The per-layer API: ``write`` then ``attend`` is ``write_attend``, for every preset.
 
-One layer, two sequences: two prefill chunks (the second folds pages whose ring
-slots it reuses) and decode steps, through ``layer_pages`` / ``with_layer_pages``.
-For every spec of ``kvjax.layout.PRESETS`` (windows shrunk to two pages so that
-pages fold), the two paths give the same bits, and both track a float64 dense
-causal attention over the float K/V within the spec's tolerance.
+Layer 1 of two, two sequences: two prefill chunks (the second folds pages whose
+ring slots it reuses) and decode steps, through ``layer_pages`` /
+``with_layer_pages``, and through the in-place view the model's step takes
+(``flat_layer`` with ``layer_plan``). For every spec of
+``kvjax.layout.PRESETS`` (windows shrunk to two pages so that pages fold), the
+three paths give the same bits (outputs and every array of the cache, so the
+view writes nothing into layer 0), and they track a float64 dense causal
+attention over the float K/V within the spec's tolerance.
 """
 
 import dataclasses
@@ -17,6 +20,7 @@ import pytest
 
 import kvjax
 from kvjax import layout
+from kvjax.cache.plan import layer_plan
 from kvjax.layout.spec import QuantSpec
 
 S, H, HQ, D = 4, 2, 4, 32        # page size, kv heads, query heads, head_dim (int4-g32: D >= 32)
@@ -37,7 +41,7 @@ def _window(spec):
 
 def _config(name):
   ks, vs = (_window(s) for s in layout.PRESETS[name])
-  return kvjax.CacheConfig(num_layers=1, num_kv_heads=H, head_dim=D, page_size=S,
+  return kvjax.CacheConfig(num_layers=2, num_kv_heads=H, head_dim=D, page_size=S,
                            num_pages=16, max_seqs=2, max_pages_per_seq=6, key_quant=ks,
                            value_quant=vs, prefix_caching=False)
 
@@ -89,16 +93,22 @@ def _float_reference(steps):
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
-def _step(state, plan, q, k, v, *, cfg):
-  """One step from ``state`` through both paths: their outputs and states after it."""
+def _step(state, flat_state, plan, q, k, v, *, cfg):
+  """One step through the three paths: their outputs and states after it."""
   if layout.needs_staging(cfg.key_quant, cfg.value_quant):
     plan = plan.replace(fold_floor=jnp.zeros((2,), jnp.int32))
-  k_l, v_l = kvjax.layer_pages(state, 0)
+  k_l, v_l = kvjax.layer_pages(state, 1)
   k_w, v_w = kvjax.write(k_l, plan, k), kvjax.write(v_l, plan, v)
   out_a = kvjax.attend(q, k_w, v_w, plan).out
   res = kvjax.write_attend(q, k, v, k_l, v_l, plan)
-  return (out_a, res.out, kvjax.with_layer_pages(state, 0, k_w, v_w),
-          kvjax.with_layer_pages(state, 0, res.k_pages, res.v_pages))
+  i = jnp.int32(1)                                                  # traced, as in the scan
+  lplan = layer_plan(plan, i, num_layers=2, num_pages=cfg.num_pages, page_size=S)
+  k_f, v_f = layout.flat_layer(flat_state.k, i), layout.flat_layer(flat_state.v, i)
+  res_f = kvjax.write_attend(q, k, v, k_f, v_f, lplan)
+  flat_state = flat_state.replace(k=layout.with_flat_layer(flat_state.k, i, res_f.k_pages),
+                                  v=layout.with_flat_layer(flat_state.v, i, res_f.v_pages))
+  return (out_a, res.out, res_f.out, kvjax.with_layer_pages(state, 1, k_w, v_w),
+          kvjax.with_layer_pages(state, 1, res.k_pages, res.v_pages), flat_state)
 
 
 @pytest.mark.parametrize("name", list(layout.PRESETS))
@@ -106,14 +116,19 @@ def test_write_then_attend_is_write_attend_and_tracks_float(name):
   cfg = _config(name)
   steps = _plans()
   want = _float_reference(steps)
-  state = kvjax.init(cfg)
+  state = flat_state = kvjax.init(cfg)
   err, norm = 0.0, 0.0
   for (plan, (q, k, v)), ref in zip(steps, want):
-    out_a, out_b, state_a, state = _step(state, plan, q, k, v, cfg=cfg)
+    out_a, out_b, out_f, state_a, state, flat_state = _step(state, flat_state, plan, q, k, v,
+                                                            cfg=cfg)
     out_a, out_b = np.asarray(out_a), np.asarray(out_b)
     np.testing.assert_array_equal(out_a, out_b)       # one path: the same bits
-    for a, b in zip(jax.tree.leaves((state_a.k, state_a.v)), jax.tree.leaves((state.k, state.v))):
+    np.testing.assert_array_equal(np.asarray(out_f), out_b)
+    for a, b, f in zip(jax.tree.leaves((state_a.k, state_a.v)),
+                       jax.tree.leaves((state.k, state.v)),
+                       jax.tree.leaves((flat_state.k, flat_state.v))):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+      np.testing.assert_array_equal(np.asarray(f), np.asarray(b))
     assert state_a.k.written is None and state_a.k.ring_before is None
     valid = np.asarray(plan.valid)
     err += float(np.sum((out_a[valid] - ref[valid]) ** 2))
@@ -126,7 +141,7 @@ def test_attend_on_a_staged_prefill_chunk_needs_the_pages_write_returned():
   cfg = _config("int4")
   plan, (q, k, v) = _plans()[0]
   plan = plan.replace(fold_floor=jnp.zeros((2,), jnp.int32))
-  k_l, v_l = kvjax.layer_pages(kvjax.init(cfg), 0)
+  k_l, v_l = kvjax.layer_pages(kvjax.init(cfg), 1)
   attend = jax.jit(kvjax.attend)          # the checks run at trace time (eager is slow)
   with pytest.raises(ValueError, match="carries none"):
     attend(q, k_l, v_l, plan)             # pages as stored: the chunk's tokens are not there
@@ -158,6 +173,6 @@ def test_layer_pages_round_trip_and_checks():
   plan = plan.replace(fold_floor=jnp.zeros((2,), jnp.int32))
   s0 = kvjax.init(staged)
   k_w = jax.jit(lambda k_l: kvjax.write(k_l, plan, kk))(kvjax.layer_pages(s0, 0)[0])
-  bad = s0.replace(k=jax.tree.map(lambda a: a[None], k_w))
+  bad = s0.replace(k=jax.tree.map(lambda a: jnp.stack([a, a]), k_w))
   with pytest.raises(ValueError, match="with_layer_pages"):
     kvjax.release(bad, jnp.array([0]), config=staged)

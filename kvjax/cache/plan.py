@@ -64,8 +64,10 @@ class StepPlan:
     cache = kvjax.flag_sequences(cache, plan.seq_ids, flags)
 
   (``kvjax.write`` of K and of V, then ``kvjax.attend``, is the same path.)
-  ``models/llama.py`` scans the layers instead, with the pages as scanned
-  inputs and outputs. The fields, B = the batch's rows (``seq_ids``), T = its
+  ``models/llama.py`` scans the layers instead, with the pools in the scan's
+  carry, each layer writing through ``kvjax.layout.flat_layer`` and
+  ``layer_plan`` (in place: ``layer_pages`` and ``with_layer_pages`` copy a
+  layer each). The fields, B = the batch's rows (``seq_ids``), T = its
   tokens per row, M = ``max_pages_per_seq``, P = ``num_pages``, S = ``page_size``:
 
   - ``positions`` are what RoPE rotates q and k by (in a drop-mode cache add
@@ -288,6 +290,41 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
                   cow_dst=cow_dst, refused=refused & (seq_ids != -1), seq_status=row_status,
                   fold_floor=fold_floor)
   return plan, new_state
+
+
+def layer_plan(plan: StepPlan, i, *, num_layers: int, num_pages: int,
+               page_size: int) -> StepPlan:
+  """``plan`` with its page ids and slots offset to layer ``i`` of a ``flat_layer`` view.
+
+  In the view, page ``p`` of layer ``i`` is flat page ``i * P + p``: the
+  plan's page table, slots and copy-on-write pages move by ``i * P`` (slots by
+  ``i * P * S``); "none" entries stay out of range of the whole view (-1 in the
+  page table, ``L * P`` / ``L * P * S`` elsewhere), so nothing is written to
+  another layer. Everything else (positions, lengths, flags) is the same.
+
+  Args:
+    plan: the step's plan (``plan_step``).
+    i: int or int32 scalar (may be traced), ``0 <= i < num_layers``.
+    num_layers, num_pages, page_size: the cache's L, P and S (static).
+
+  >>> import kvjax
+  >>> cfg = kvjax.CacheConfig(num_layers=2, num_kv_heads=1, head_dim=2, page_size=2,
+  ...                         num_pages=4, max_seqs=1, max_pages_per_seq=2)
+  >>> plan, _ = plan_step(kvjax.init(cfg), jnp.array([0]), jnp.array([[1]]), jnp.array([1]),
+  ...                     config=cfg)
+  >>> lp = layer_plan(plan, 1, num_layers=2, num_pages=4, page_size=2)
+  >>> plan.page_table.tolist(), lp.page_table.tolist(), lp.slots.tolist()
+  ([[0, -1]], [[4, -1]], [[8]])
+  """
+  p_, s_ = num_pages, page_size
+
+  def shift(x, n, none):    # ids in [0, n) move to layer i's range; others become `none`
+    return jnp.where((x >= 0) & (x < n), x + i * n, none).astype(jnp.int32)
+
+  return plan.replace(page_table=shift(plan.page_table, p_, -1),
+                      slots=shift(plan.slots, p_ * s_, num_layers * p_ * s_),
+                      cow_src=shift(plan.cow_src, p_, num_layers * p_),
+                      cow_dst=shift(plan.cow_dst, p_, num_layers * p_))
 
 
 def flag_sequences(state: CacheState, seq_ids: jax.Array, flags: jax.Array) -> CacheState:

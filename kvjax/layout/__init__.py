@@ -14,10 +14,12 @@ from kvjax.layout.meta import init_meta
 from kvjax.layout.meta import PageMeta
 from kvjax.layout.pages import as_stored
 from kvjax.layout.pages import check_layer
+from kvjax.layout.pages import flat_layer
 from kvjax.layout.pages import head_dim_of
 from kvjax.layout.pages import layer_of
 from kvjax.layout.pages import Pages
 from kvjax.layout.pages import pool_only
+from kvjax.layout.pages import with_flat_layer
 from kvjax.layout.pages import with_layer
 from kvjax.layout.presets import NUQ2_LEVELS
 from kvjax.layout.presets import PRESETS

@@ -134,6 +134,77 @@ def with_layer(pages: Pages, i, layer: Pages) -> Pages:
   return jax.tree.map(lambda all_, one: all_.at[i].set(one), pages, layer)
 
 
+_POOL_FIELDS = ("data", "scale", "zero")   # page-axis arrays; stage and sink are per sequence
+
+
+def flat_layer(pages: Pages, i) -> Pages:
+  """Layer ``i``'s in-place view of all-layer pages: the pool with L folded into P.
+
+  The pool arrays (``data``, ``scale``, ``zero``) are reshaped, not copied, to
+  ``[L * P, S, H, *]`` (page ``p`` of layer ``i`` is flat page ``i * P + p``);
+  the ring and sink rows are layer ``i``'s. ``write`` / ``attend`` take it as
+  one layer's pages when the plan's page ids are offset to layer ``i``
+  (``kvjax.cache.plan.layer_plan``): a write then scatters only its new slots
+  into the whole pool, and attention gathers only the pages it reads, where
+  ``layer_of`` + ``with_layer`` copy a whole layer each way. Put it back with
+  ``with_flat_layer``.
+
+  Args:
+    pages: ``Pages`` with arrays ``[L, P, S, H, *]`` (a cache's ``k`` or ``v``).
+    i: int or int32 scalar (may be traced), ``0 <= i < L``.
+
+  >>> import jax.numpy as jnp
+  >>> p = Pages(data=jnp.arange(12.0).reshape(3, 2, 1, 1, 2))
+  >>> v = flat_layer(p, 1)
+  >>> v.data.shape, v.data[2 * 1 + 1].tolist()    # layer 1, page 1
+  ((6, 1, 1, 2), [[6.0, 7.0]])
+  """
+  if pages.data.ndim != 5:
+    raise ValueError(f"flat_layer: pages must hold all layers [L, P, S, H, D], got data shape "
+                     f"{tuple(pages.data.shape)}")
+  pages = as_stored(pages)
+  flat = {f: _fold(getattr(pages, f)) for f in _POOL_FIELDS}
+  rows = {f: None if getattr(pages, f) is None else getattr(pages, f)[i] for f in ("stage", "sink")}
+  return pages.replace(**flat, **rows)
+
+
+def with_flat_layer(pages: Pages, i, view: Pages) -> Pages:
+  """All-layer ``pages`` updated from layer ``i``'s ``flat_layer`` view (after ``write``).
+
+  The pool arrays are the view's, unfolded back to ``[L, P, ...]``; layer
+  ``i``'s ring and sink rows are set from the view's. Step fields are dropped.
+
+  >>> import jax.numpy as jnp
+  >>> p = Pages(data=jnp.zeros((2, 2, 1, 1, 2)))
+  >>> v = flat_layer(p, 1)
+  >>> v = v.replace(data=v.data.at[3].set(1.0))   # layer 1, page 1
+  >>> with_flat_layer(p, 1, v).data[:, :, 0, 0, 0].tolist()
+  [[0.0, 0.0], [0.0, 1.0]]
+  """
+  view = as_stored(view)
+  ref = flat_layer(pages, 0)
+  if jax.tree.structure(view) != jax.tree.structure(ref):
+    raise ValueError("with_flat_layer: view's layout (spec, residual, rope_base, ring/sink/scale "
+                     "present) differs from the pages'")
+  for a, b in zip(jax.tree.leaves(view), jax.tree.leaves(ref)):
+    if a.shape != b.shape or a.dtype != b.dtype:
+      raise ValueError(f"with_flat_layer: view array {a.dtype}{list(a.shape)} does not fit the "
+                       f"pages' {b.dtype}{list(b.shape)}")
+  l_, p_ = pages.data.shape[:2]
+  pool = {f: _unfold(getattr(view, f), l_, p_) for f in _POOL_FIELDS}
+  rows = {f: None if getattr(pages, f) is None else getattr(pages, f).at[i].set(getattr(view, f))
+          for f in ("stage", "sink")}
+  return pages.replace(**pool, **rows)
+
+
+def _fold(a: Optional[jax.Array]) -> Optional[jax.Array]:
+  return None if a is None else a.reshape(a.shape[0] * a.shape[1], *a.shape[2:])
+
+
+def _unfold(a: Optional[jax.Array], l_: int, p_: int) -> Optional[jax.Array]:
+  return None if a is None else a.reshape(l_, p_, *a.shape[1:])
+
+
 def check_layer(name: str, pages: Pages) -> None:
   if not isinstance(pages, Pages):
     raise ValueError(f"{name} must be a kvjax.Pages of one layer, got {type(pages).__name__}")
