@@ -119,7 +119,8 @@ def enable_compile_cache(path: Optional[str] = None) -> Optional[str]:
 
   A step shape compiled once is loaded from disk by later runs instead of
   compiled again (the demo's first token then comes in seconds). Programs that
-  compile in under 0.5 s are not stored. Returns the folder, or None when off
+  compile in under 0.5 s are not stored (unless
+  ``$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` says otherwise). Returns the folder, or None when off
   or when it cannot be created (the run goes on without a cache).
   """
   path = compile_cache_dir() if path is None else path
@@ -130,7 +131,8 @@ def enable_compile_cache(path: Optional[str] = None) -> Optional[str]:
   except OSError:
     return None
   jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return path
 

@@ -19,6 +19,7 @@ from kvjax.layout.pages import check_layer
 from kvjax.layout.pages import head_dim_of
 from kvjax.layout.pages import Pages
 from kvjax.layout.pages import pool_only
+from kvjax.layout.pages import scatter_rows
 from kvjax.quant.pages import copy_pages
 from kvjax.quant.pages import write_tokens
 from kvjax.quant.staging import stage_and_fold
@@ -103,10 +104,8 @@ def write(pages: Pages, plan: StepPlan, x: jax.Array) -> Pages:
     pool = write_tokens(pool, plan.slots.reshape(-1), x.reshape(b * t, h_, d_), pages.spec)
     return _write_sink(pool, pages, plan, x)
   data = pages.data
-  data = data.at[plan.cow_dst].set(data[jnp.clip(plan.cow_src, 0, p_ - 1)], mode="drop")
-  flat = data.reshape(p_ * s_, h_, d_)
-  flat = flat.at[plan.slots.reshape(-1)].set(x.reshape(b * t, h_, d_).astype(data.dtype),
-                                             mode="drop")
+  data = scatter_rows(data, plan.cow_dst, data[jnp.clip(plan.cow_src, 0, p_ - 1)])
+  flat = scatter_rows(data.reshape(p_ * s_, h_, d_), plan.slots, x.reshape(b * t, h_, d_))
   return _write_sink(pages.replace(data=flat.reshape(p_, s_, h_, d_)), pages, plan, x)
 
 

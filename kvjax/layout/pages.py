@@ -17,6 +17,7 @@ from typing import Optional
 
 from flax import struct
 import jax
+import jax.numpy as jnp
 
 from kvjax.layout.spec import QuantSpec
 
@@ -137,6 +138,29 @@ def with_layer(pages: Pages, i, layer: Pages) -> Pages:
   return jax.tree.map(lambda all_, one: all_.at[i].set(one), pages, layer)
 
 
+def scatter_rows(a: jax.Array, idx: jax.Array, values: jax.Array) -> jax.Array:
+  """``a.at[idx].set(values, mode="drop")`` that stays an in-place scatter.
+
+  XLA rewrites a scatter of one update into a dynamic-update-slice plus a
+  select over the whole of ``a`` (to keep out-of-range updates dropped): a
+  copy of the pool per layer and step, where a scatter writes one row. A
+  second update that is always dropped keeps it a scatter.
+
+  Args:
+    a: ``[N, ...]``; idx: int ``[K]`` rows (out of range: dropped);
+    values: ``[K, ...]`` (cast to ``a``'s dtype).
+
+  >>> scatter_rows(jnp.zeros((3, 2)), jnp.array([1]), jnp.ones((1, 2))).tolist()
+  [[0.0, 0.0], [1.0, 1.0], [0.0, 0.0]]
+  """
+  idx = jnp.asarray(idx).reshape(-1)
+  values = values.astype(a.dtype)
+  if idx.shape[0] == 1:
+    idx = jnp.concatenate([idx, jnp.full((1,), a.shape[0], idx.dtype)])
+    values = jnp.concatenate([values, values])
+  return a.at[idx].set(values, mode="drop")
+
+
 _POOL_FIELDS = ("data", "scale", "zero")   # page-axis arrays; stage and sink are per sequence
 
 
@@ -160,7 +184,7 @@ def flat_layer(pages: Pages, i) -> Pages:
   >>> p = Pages(data=jnp.arange(12.0).reshape(3, 2, 1, 1, 2))
   >>> v = flat_layer(p, 1)
   >>> v.data.shape, v.data[2 * 1 + 1].tolist()    # layer 1, page 1
-  ((6, 1, 1, 2), [[6.0, 7.0]])
+  ((6, 1, 1, 2), [[[6.0, 7.0]]])
   """
   if pages.data.ndim != 5:
     raise ValueError(f"flat_layer: pages must hold all layers [L, P, S, H, D], got data shape "

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.layout.pages import Pages
+from kvjax.layout.pages import scatter_rows
 from kvjax.layout.shapes import page_shapes
 from kvjax.layout.shapes import zero_storage_dtype
 from kvjax.layout.spec import QuantSpec
@@ -187,7 +188,7 @@ def store_pages(pool: Pages, page_ids: jax.Array, new: Pages) -> Pages:
   (0, True)
   """
   ids = jnp.where(page_ids < 0, pool.data.shape[0], page_ids)
-  put = lambda a, b: None if a is None else a.at[ids].set(b.astype(a.dtype), mode="drop")  # noqa
+  put = lambda a, b: None if a is None else scatter_rows(a, ids, b)  # noqa
   # replace: a cache's Pages keep their static spec and staging ring
   return pool.replace(data=put(pool.data, new.data), scale=put(pool.scale, new.scale),
                       zero=put(pool.zero, new.zero))
@@ -220,7 +221,7 @@ def write_tokens(pool: Pages, slots: jax.Array, x: jax.Array, spec: QuantSpec) -
     if a is None:
       return None
     flat = a.reshape(p * s, *a.shape[2:])
-    return flat.at[idx].set(b.astype(a.dtype), mode="drop").reshape(a.shape)
+    return scatter_rows(flat, idx, b).reshape(a.shape)
 
   return pool.replace(data=put(pool.data, new.data), scale=put(pool.scale, new.scale),
                       zero=put(pool.zero, new.zero))
