@@ -176,3 +176,30 @@ def test_layer_pages_round_trip_and_checks():
   bad = s0.replace(k=jax.tree.map(lambda a: jnp.stack([a, a]), k_w))
   with pytest.raises(ValueError, match="with_layer_pages"):
     kvjax.release(bad, jnp.array([0]), config=staged)
+
+
+def test_flat_layer_view_and_layer_plan_checks():
+  cfg = kvjax.CacheConfig(num_layers=3, num_kv_heads=H, head_dim=8, page_size=S, num_pages=4,
+                          max_seqs=2, max_pages_per_seq=2)
+  st = kvjax.init(cfg)
+  view = layout.flat_layer(st.k, 2)
+  assert view.data.shape == (12, S, H, 8)
+  with pytest.raises(ValueError, match="does not fit"):
+    layout.with_flat_layer(st.k, 2, view.replace(data=view.data[:4]))
+  with pytest.raises(ValueError, match="all layers"):
+    layout.flat_layer(view, 0)
+  # "none" entries stay out of range of the whole view; real ids move to layer i's range
+  plan, _ = kvjax.plan_step(st, jnp.array([0, -1]), jnp.zeros((2, 1), jnp.int32),
+                            jnp.array([1, 0]), config=cfg)
+  lp = layer_plan(plan, 2, num_layers=3, num_pages=4, page_size=S)
+  np.testing.assert_array_equal(np.asarray(lp.page_table),
+                                np.where(np.asarray(plan.page_table) >= 0,
+                                         np.asarray(plan.page_table) + 8, -1))
+  assert int(lp.slots[0, 0]) == int(plan.slots[0, 0]) + 8 * S
+  assert int(lp.slots[1, 0]) == 3 * 4 * S             # padding row: past the whole view
+  assert lp.cow_dst.tolist() == [12, 12]              # no copy on write: past the whole view
+  # a write through the view touches only layer 2's page
+  k_view = kvjax.write(view, lp, jnp.ones((2, 1, H, 8)))
+  k_all = layout.with_flat_layer(st.k, 2, k_view)
+  touched = np.argwhere(np.asarray(k_all.data).any(axis=(2, 3, 4)))
+  assert touched.tolist() == [[2, int(plan.page_table[0, 0])]]

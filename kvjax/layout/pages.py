@@ -128,13 +128,7 @@ def with_layer(pages: Pages, i, layer: Pages) -> Pages:
   check_layer("layer", layer)
   layer = as_stored(layer)
   ref = layer_of(pages, 0)
-  if jax.tree.structure(layer) != jax.tree.structure(ref):
-    raise ValueError("with_layer: layer's layout (spec, residual, rope_base, ring/sink/scale "
-                     "present) differs from the pages'")
-  for a, b in zip(jax.tree.leaves(layer), jax.tree.leaves(ref)):
-    if a.shape != b.shape or a.dtype != b.dtype:
-      raise ValueError(f"with_layer: layer array {a.dtype}{list(a.shape)} does not fit the "
-                       f"pages' {b.dtype}{list(b.shape)}")
+  _check_fits("with_layer", "layer", layer, ref)
   return jax.tree.map(lambda all_, one: all_.at[i].set(one), pages, layer)
 
 
@@ -210,13 +204,7 @@ def with_flat_layer(pages: Pages, i, view: Pages) -> Pages:
   """
   view = as_stored(view)
   ref = flat_layer(pages, 0)
-  if jax.tree.structure(view) != jax.tree.structure(ref):
-    raise ValueError("with_flat_layer: view's layout (spec, residual, rope_base, ring/sink/scale "
-                     "present) differs from the pages'")
-  for a, b in zip(jax.tree.leaves(view), jax.tree.leaves(ref)):
-    if a.shape != b.shape or a.dtype != b.dtype:
-      raise ValueError(f"with_flat_layer: view array {a.dtype}{list(a.shape)} does not fit the "
-                       f"pages' {b.dtype}{list(b.shape)}")
+  _check_fits("with_flat_layer", "view", view, ref)
   l_, p_ = pages.data.shape[:2]
   pool = {f: _unfold(getattr(view, f), l_, p_) for f in _POOL_FIELDS}
   rows = {f: None if getattr(pages, f) is None else getattr(pages, f).at[i].set(getattr(view, f))
@@ -230,6 +218,17 @@ def _fold(a: Optional[jax.Array]) -> Optional[jax.Array]:
 
 def _unfold(a: Optional[jax.Array], l_: int, p_: int) -> Optional[jax.Array]:
   return None if a is None else a.reshape(l_, p_, *a.shape[1:])
+
+
+def _check_fits(fn: str, name: str, got: Pages, ref: Pages) -> None:
+  """ValueError unless ``got`` has ``ref``'s layout and every array's shape and dtype."""
+  if jax.tree.structure(got) != jax.tree.structure(ref):
+    raise ValueError(f"{fn}: {name}'s layout (spec, residual, rope_base, ring/sink/scale "
+                     "present) differs from the pages'")
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+    if a.shape != b.shape or a.dtype != b.dtype:
+      raise ValueError(f"{fn}: {name} array {a.dtype}{list(a.shape)} does not fit the "
+                       f"pages' {b.dtype}{list(b.shape)}")
 
 
 def check_layer(name: str, pages: Pages) -> None:
