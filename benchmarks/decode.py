@@ -10,10 +10,10 @@ with random weights; both caches are filled with the same random K/V first.
 Reports for batch 1 / 4 / 8 x context 128 / 512 / 2,048 (``--quick``: 4 layers,
 batch 8, context 512): ``paged_over_dense`` (paged step time / dense step
 time), ``plan_share`` (``plan_step`` alone / paged step), ``over_bound`` (paged
-step / the bandwidth bound: weights plus live K/V over the GEMV bandwidth
-measured in the same run, the faster of a copy and a GEMV), ``pool_scaling`` (the paged step with a pool 16x
-what the batch needs over the step at 2x) and ``compile_s`` per shape (first
-call less a steady step).
+step / the bandwidth bound: weights plus live K/V over the bandwidth measured
+in the same run, the faster of a copy and a GEMV), ``pool_scaling`` (the paged
+step with a pool 16x what the batch needs over the step at 2x) and
+``compile_s`` per shape (first call less a steady step).
 
   python benchmarks/decode.py [--quick] [--out FILE] [--batches 1,4,8] [--contexts 128,512]
 """
@@ -212,7 +212,8 @@ def main(argv=None):
   if args.quick:
     config = llama.LlamaConfig(**{**config.__dict__, "num_layers": 4})
   batches = [int(b) for b in (args.batches or ("8" if args.quick else "1,4,8")).split(",")]
-  contexts = [int(c) for c in (args.contexts or ("512" if args.quick else "128,512,2048")).split(",")]
+  contexts = args.contexts or ("512" if args.quick else "128,512,2048")
+  contexts = [int(c) for c in contexts.split(",")]
   params = llama.init_params(config, jax.random.key(0))
   bw = bandwidth_gbs()
   print(f"bandwidth: copy {bw['copy_gbs']:.1f} GB/s, gemv {bw['gemv_gbs']:.1f} GB/s", flush=True)
@@ -255,7 +256,8 @@ def main(argv=None):
   }
   common.write_json(args.out, out, indent=2)
   print(f"\nmachine: {out['machine']['platform']}, {out['machine']['cpu_count']} cpus, "
-        f"jax {jax.__version__} ({jax.default_backend()}), load {out['machine']['load_average_1m']}")
+        f"jax {jax.__version__} ({jax.default_backend()}), "
+        f"load {out['machine']['load_average_1m']}")
   print(f"{'point':>10} {'paged ms':>9} {'dense ms':>9} {'bound ms':>9} {'paged/dense':>12} "
         f"{'over bound':>11} {'plan share':>11}")
   for c, r in results.items():

@@ -295,7 +295,7 @@ def demo(args) -> dict:
       "prompt_tokens_computed": prefix_stats.get("computed", 0),
   }
   print(f"\nfirst token {result['first_token_s']:.1f}s after the demo started (model load "
-        f"{load_s:.1f}s; compiled shapes come from the persistent cache on later runs)")
+        f"{load_s:.1f}s)")
   print(f"{generated} tokens generated, {prefilled} prompt tokens in {wall:.1f}s, of which "
         f"{timing['warmup_s']:.1f}s warm-up: the first step of each shape, compilation "
         "included (" + ", ".join(f"{k} {v:.1f}s" for k, v in timing["warmup"].items()) + ")")

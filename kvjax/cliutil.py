@@ -11,6 +11,7 @@ from typing import Optional
 
 import jax
 
+
 class UsageError(ValueError):
   """A bad argument or environment; ``str()`` names the argument when there is one.
 
@@ -103,8 +104,9 @@ def compile_cache_dir() -> Optional[str]:
   ``$KVJAX_COMPILE_CACHE`` when set ("off" or empty: no cache), else
   ``$XDG_CACHE_HOME/kvjax/xla`` (``~/.cache/kvjax/xla``).
 
-  >>> import os
-  >>> os.environ["KVJAX_COMPILE_CACHE"] = "off"; compile_cache_dir() is None
+  >>> from unittest import mock
+  >>> with mock.patch.dict(os.environ, {"KVJAX_COMPILE_CACHE": "off"}):
+  ...   compile_cache_dir() is None
   True
   """
   value = os.environ.get(COMPILE_CACHE_ENV)
@@ -118,10 +120,10 @@ def enable_compile_cache(path: Optional[str] = None) -> Optional[str]:
   """Turn on JAX's persistent compilation cache in ``path`` (default ``compile_cache_dir()``).
 
   A step shape compiled once is loaded from disk by later runs instead of
-  compiled again (the demo's first token then comes in seconds). Programs that
-  compile in under 0.5 s are not stored (unless
-  ``$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` says otherwise). Returns the folder, or None when off
-  or when it cannot be created (the run goes on without a cache).
+  compiled again. Programs that compile in under 0.5 s are not stored (unless
+  ``$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` says otherwise). Returns the
+  folder, or None when off or when it cannot be created (the run goes on
+  without a cache).
   """
   path = compile_cache_dir() if path is None else path
   if path is None:
@@ -135,4 +137,3 @@ def enable_compile_cache(path: Optional[str] = None) -> Optional[str]:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return path
-

@@ -453,14 +453,11 @@ def _decode_step(params, cache, tokens, seq_ids, num_new, seeds, *, config, cach
   if dropping:
     rope_positions = plan.positions + positions_offset[:, None]     # logical positions
 
-  num_layers, num_pages, page_size = cache.k.data.shape[:3]
-
   def body(carry, xs):   # the pools ride in the carry: each layer writes only its new slots
     x, mass, k_all, v_all = carry
     lp, i = xs
     k_view, v_view = flat_layer(k_all, i), flat_layer(v_all, i)
-    lplan = layer_plan(plan, i, num_layers=num_layers, num_pages=num_pages,
-                       page_size=page_size)
+    lplan = layer_plan(plan, i, k_all)
 
     def paged(q, k, v):
       res = write_attend(q, k, v, k_view, v_view, lplan, with_mass=dropping)
@@ -477,7 +474,7 @@ def _decode_step(params, cache, tokens, seq_ids, num_new, seeds, *, config, cach
   x = params.embed[tokens]
   mass0 = jnp.zeros(plan.page_table.shape, jnp.float32) if dropping else None   # [B, M]
   (x, mass, k_all, v_all), flags = jax.lax.scan(
-      body, (x, mass0, cache.k, cache.v), (params.layers, jnp.arange(num_layers)))
+      body, (x, mass0, cache.k, cache.v), (params.layers, jnp.arange(cache.k.data.shape[0])))
   cache = cache.replace(k=k_all, v=v_all)
   if dropping:
     cache = drop.accumulate(cache, plan, mass)

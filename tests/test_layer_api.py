@@ -102,7 +102,7 @@ def _step(state, flat_state, plan, q, k, v, *, cfg):
   out_a = kvjax.attend(q, k_w, v_w, plan).out
   res = kvjax.write_attend(q, k, v, k_l, v_l, plan)
   i = jnp.int32(1)                                                  # traced, as in the scan
-  lplan = layer_plan(plan, i, num_layers=2, num_pages=cfg.num_pages, page_size=S)
+  lplan = layer_plan(plan, i, flat_state.k)
   k_f, v_f = layout.flat_layer(flat_state.k, i), layout.flat_layer(flat_state.v, i)
   res_f = kvjax.write_attend(q, k, v, k_f, v_f, lplan)
   flat_state = flat_state.replace(k=layout.with_flat_layer(flat_state.k, i, res_f.k_pages),
@@ -191,7 +191,7 @@ def test_flat_layer_view_and_layer_plan_checks():
   # "none" entries stay out of range of the whole view; real ids move to layer i's range
   plan, _ = kvjax.plan_step(st, jnp.array([0, -1]), jnp.zeros((2, 1), jnp.int32),
                             jnp.array([1, 0]), config=cfg)
-  lp = layer_plan(plan, 2, num_layers=3, num_pages=4, page_size=S)
+  lp = layer_plan(plan, 2, st.k)
   np.testing.assert_array_equal(np.asarray(lp.page_table),
                                 np.where(np.asarray(plan.page_table) >= 0,
                                          np.asarray(plan.page_table) + 8, -1))

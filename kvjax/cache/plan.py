@@ -292,8 +292,7 @@ def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new:
   return plan, new_state
 
 
-def layer_plan(plan: StepPlan, i, *, num_layers: int, num_pages: int,
-               page_size: int) -> StepPlan:
+def layer_plan(plan: StepPlan, i, pages: Pages) -> StepPlan:
   """``plan`` with its page ids and slots offset to layer ``i`` of a ``flat_layer`` view.
 
   In the view, page ``p`` of layer ``i`` is flat page ``i * P + p``: the
@@ -304,19 +303,23 @@ def layer_plan(plan: StepPlan, i, *, num_layers: int, num_pages: int,
 
   Args:
     plan: the step's plan (``plan_step``).
-    i: int or int32 scalar (may be traced), ``0 <= i < num_layers``.
-    num_layers, num_pages, page_size: the cache's L, P and S (static).
+    i: int or int32 scalar (may be traced), ``0 <= i < L``.
+    pages: the cache's all-layer ``k`` (or ``v``) pages, data ``[L, P, S, H, *]``:
+      where L, P and S are read from.
 
   >>> import kvjax
   >>> cfg = kvjax.CacheConfig(num_layers=2, num_kv_heads=1, head_dim=2, page_size=2,
   ...                         num_pages=4, max_seqs=1, max_pages_per_seq=2)
-  >>> plan, _ = plan_step(kvjax.init(cfg), jnp.array([0]), jnp.array([[1]]), jnp.array([1]),
-  ...                     config=cfg)
-  >>> lp = layer_plan(plan, 1, num_layers=2, num_pages=4, page_size=2)
+  >>> plan, st = plan_step(kvjax.init(cfg), jnp.array([0]), jnp.array([[1]]), jnp.array([1]),
+  ...                      config=cfg)
+  >>> lp = layer_plan(plan, 1, st.k)
   >>> plan.page_table.tolist(), lp.page_table.tolist(), lp.slots.tolist()
   ([[0, -1]], [[4, -1]], [[8]])
   """
-  p_, s_ = num_pages, page_size
+  if pages.data.ndim != 5:
+    raise ValueError(f"layer_plan: pages must hold all layers [L, P, S, H, D], got data shape "
+                     f"{tuple(pages.data.shape)}")
+  num_layers, p_, s_ = pages.data.shape[:3]
 
   def shift(x, n, none):    # ids in [0, n) move to layer i's range; others become `none`
     return jnp.where((x >= 0) & (x < n), x + i * n, none).astype(jnp.int32)

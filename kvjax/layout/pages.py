@@ -85,7 +85,6 @@ def pool_only(pages: Pages) -> Pages:
 def as_stored(pages: Pages) -> Pages:
   """The pages as a cache stores them: without the step fields ``write`` attaches.
 
-  >>> import jax.numpy as jnp
   >>> p = Pages(data=jnp.zeros((2, 4, 1, 8)), written=jnp.zeros((1, 2, 1, 8)))
   >>> as_stored(p).written is None
   True
@@ -102,7 +101,6 @@ def layer_of(pages: Pages, i) -> Pages:
     pages: ``Pages`` with arrays ``[L, P, S, H, *]`` (a cache's ``k`` or ``v``).
     i: int or int32 scalar (may be traced), ``0 <= i < L``.
 
-  >>> import jax.numpy as jnp
   >>> p = Pages(data=jnp.arange(6.0).reshape(3, 1, 1, 1, 2))
   >>> layer_of(p, 1).data.tolist()
   [[[[2.0, 3.0]]]]
@@ -120,15 +118,13 @@ def with_layer(pages: Pages, i, layer: Pages) -> Pages:
   present or not) and one layer's shapes; its step fields (``as_stored``) are
   dropped.
 
-  >>> import jax.numpy as jnp
   >>> p = Pages(data=jnp.zeros((2, 1, 1, 1, 2)))
   >>> with_layer(p, 1, Pages(data=jnp.ones((1, 1, 1, 2)))).data[:, 0, 0, 0, 0].tolist()
   [0.0, 1.0]
   """
   check_layer("layer", layer)
   layer = as_stored(layer)
-  ref = layer_of(pages, 0)
-  _check_fits("with_layer", "layer", layer, ref)
+  _check_fits("with_layer", "layer", layer, jax.eval_shape(layer_of, pages, 0))
   return jax.tree.map(lambda all_, one: all_.at[i].set(one), pages, layer)
 
 
@@ -155,7 +151,8 @@ def scatter_rows(a: jax.Array, idx: jax.Array, values: jax.Array) -> jax.Array:
   return a.at[idx].set(values, mode="drop")
 
 
-_POOL_FIELDS = ("data", "scale", "zero")   # page-axis arrays; stage and sink are per sequence
+_POOL_FIELDS = ("data", "scale", "zero")   # page-axis arrays
+_ROW_FIELDS = ("stage", "sink")             # per sequence slot
 
 
 def flat_layer(pages: Pages, i) -> Pages:
@@ -174,7 +171,6 @@ def flat_layer(pages: Pages, i) -> Pages:
     pages: ``Pages`` with arrays ``[L, P, S, H, *]`` (a cache's ``k`` or ``v``).
     i: int or int32 scalar (may be traced), ``0 <= i < L``.
 
-  >>> import jax.numpy as jnp
   >>> p = Pages(data=jnp.arange(12.0).reshape(3, 2, 1, 1, 2))
   >>> v = flat_layer(p, 1)
   >>> v.data.shape, v.data[2 * 1 + 1].tolist()    # layer 1, page 1
@@ -185,7 +181,7 @@ def flat_layer(pages: Pages, i) -> Pages:
                      f"{tuple(pages.data.shape)}")
   pages = as_stored(pages)
   flat = {f: _fold(getattr(pages, f)) for f in _POOL_FIELDS}
-  rows = {f: None if getattr(pages, f) is None else getattr(pages, f)[i] for f in ("stage", "sink")}
+  rows = {f: None if getattr(pages, f) is None else getattr(pages, f)[i] for f in _ROW_FIELDS}
   return pages.replace(**flat, **rows)
 
 
@@ -195,7 +191,6 @@ def with_flat_layer(pages: Pages, i, view: Pages) -> Pages:
   The pool arrays are the view's, unfolded back to ``[L, P, ...]``; layer
   ``i``'s ring and sink rows are set from the view's. Step fields are dropped.
 
-  >>> import jax.numpy as jnp
   >>> p = Pages(data=jnp.zeros((2, 2, 1, 1, 2)))
   >>> v = flat_layer(p, 1)
   >>> v = v.replace(data=v.data.at[3].set(1.0))   # layer 1, page 1
@@ -203,12 +198,11 @@ def with_flat_layer(pages: Pages, i, view: Pages) -> Pages:
   [[0.0, 0.0], [0.0, 1.0]]
   """
   view = as_stored(view)
-  ref = flat_layer(pages, 0)
-  _check_fits("with_flat_layer", "view", view, ref)
+  _check_fits("with_flat_layer", "view", view, jax.eval_shape(flat_layer, pages, 0))
   l_, p_ = pages.data.shape[:2]
   pool = {f: _unfold(getattr(view, f), l_, p_) for f in _POOL_FIELDS}
   rows = {f: None if getattr(pages, f) is None else getattr(pages, f).at[i].set(getattr(view, f))
-          for f in ("stage", "sink")}
+          for f in _ROW_FIELDS}
   return pages.replace(**pool, **rows)
 
 
@@ -220,8 +214,11 @@ def _unfold(a: Optional[jax.Array], l_: int, p_: int) -> Optional[jax.Array]:
   return None if a is None else a.reshape(l_, p_, *a.shape[1:])
 
 
-def _check_fits(fn: str, name: str, got: Pages, ref: Pages) -> None:
-  """ValueError unless ``got`` has ``ref``'s layout and every array's shape and dtype."""
+def _check_fits(fn: str, name: str, got: Pages, ref) -> None:
+  """ValueError unless ``got`` has ``ref``'s layout and every array's shape and dtype.
+
+  ``ref``: the ``Pages`` expected, or its ``jax.eval_shape`` (nothing computed).
+  """
   if jax.tree.structure(got) != jax.tree.structure(ref):
     raise ValueError(f"{fn}: {name}'s layout (spec, residual, rope_base, ring/sink/scale "
                      "present) differs from the pages'")
