@@ -17,6 +17,7 @@ n = pages in a batch, L = num_layers, S = page_size, H = num_kv_heads.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Mapping, Optional, Sequence
 
 import jax
@@ -38,7 +39,7 @@ class Field:
   shape: tuple
   dtype: str
 
-  @property
+  @functools.cached_property
   def nbytes(self) -> int:
     return int(np.prod(self.shape)) * jnp.dtype(self.dtype).itemsize
 
@@ -86,7 +87,7 @@ class PageFormat:
     v = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), page_shapes(value_spec, **dims))
     return cls.from_pages(k.replace(spec=key_spec), v.replace(spec=value_spec))
 
-  @property
+  @functools.cached_property
   def page_bytes(self) -> int:
     """Bytes of one packed page (every field's bytes, no padding)."""
     return sum(f.nbytes for f in self.fields)
@@ -119,6 +120,8 @@ class PageFormat:
     (3, 8)
     """
     n = self.check(arrays)
+    if n == 0:
+      return np.zeros((0, self.page_bytes), np.uint8)
     cols = [np.ascontiguousarray(np.asarray(arrays[f.name])).reshape(n, -1).view(np.uint8)
             for f in self.fields]
     return np.concatenate(cols, axis=1) if len(cols) > 1 else cols[0].copy()

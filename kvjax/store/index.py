@@ -34,7 +34,7 @@ Names in shapes: C = capacity (slots), S = page_size, k = keys.
 
 from __future__ import annotations
 
-import io
+import json
 import threading
 from typing import Callable, Optional
 
@@ -89,18 +89,27 @@ def unseal(value: bytes) -> Optional[bytes]:
   return body if int(google_crc32c.value(body)) == crc else None
 
 
-def _npz(**arrays) -> bytes:
-  buf = io.BytesIO()
-  np.savez(buf, **arrays)
-  return seal(buf.getvalue())
+def _record(**arrays) -> bytes:
+  """A sealed record of named arrays: header length, JSON header (name, dtype, shape), bytes."""
+  arrays = {k: np.asarray(a) for k, a in arrays.items()}
+  header = json.dumps([[k, a.dtype.str, list(a.shape)] for k, a in arrays.items()]).encode()
+  parts = [len(header).to_bytes(4, "little"), header] + [a.tobytes() for a in arrays.values()]
+  return seal(b"".join(parts))
 
 
-def _load_npz(value: bytes) -> Optional[dict]:
+def _load_record(value: bytes) -> Optional[dict]:
   body = unseal(value)
   if body is None:
     return None
-  with np.load(io.BytesIO(body), allow_pickle=False) as z:
-    return {k: z[k] for k in z.files}
+  n = int.from_bytes(body[:4], "little")
+  out, at = {}, 4 + n
+  for name, dtype, shape in json.loads(body[4:at]):
+    dt = np.dtype(dtype)
+    size = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    out[name] = np.frombuffer(body, dt, int(np.prod(shape, dtype=np.int64)), at).reshape(
+        shape).copy()
+    at += size
+  return out
 
 
 def lru_score(last_use: np.ndarray, hits: np.ndarray) -> np.ndarray:
@@ -247,7 +256,7 @@ class PersistentIndex:
     ins = np.array(sorted(self._inserted), np.int64)
     rem = np.array(sorted(self._removed), np.int64)
     tch = np.array(sorted(self._touched - self._inserted), np.int64)
-    record = _npz(seq=np.int64(self.next_seq), clock=np.int64(self.clock), removed=rem,
+    record = _record(seq=np.int64(self.next_seq), clock=np.int64(self.clock), removed=rem,
                   slot=ins, key=self.key[ins], crc=self.crc[ins], tokens=self.tokens[ins],
                   parent=self.parent[ins], namespace=self.namespace[ins],
                   last_use=self.last_use[ins], hits=self.hits[ins],
@@ -263,7 +272,7 @@ class PersistentIndex:
     """Commit, then write the whole table and delete the records it covers."""
     self.commit()
     seq = self.next_seq - 1
-    value = _npz(seq=np.int64(seq), clock=np.int64(self.clock), used=self.used, key=self.key,
+    value = _record(seq=np.int64(seq), clock=np.int64(self.clock), used=self.used, key=self.key,
                  crc=self.crc, tokens=self.tokens, parent=self.parent,
                  namespace=self.namespace, last_use=self.last_use, hits=self.hits)
     self._write(f"{SNAPSHOT}{seq:0{_SEQ_DIGITS}d}", value)
@@ -292,7 +301,7 @@ class PersistentIndex:
     snaps = sorted((s, n) for n in names for kind, s in [_parse(n)] if kind == SNAPSHOT)
     base = 0
     for s, name in reversed(snaps):
-      d = _load_npz(self._read(name) or b"")
+      d = _load_record(self._read(name) or b"")
       if d is None or d["used"].shape != (self.capacity,) or \
           d["tokens"].shape != (self.capacity, self.page_size):
         self.corrupt_records += 1
@@ -306,7 +315,7 @@ class PersistentIndex:
                       if kind == JOURNAL and s > base)
     expect, stop = base + 1, False
     for s, name in journals:
-      d = None if stop or s != expect else _load_npz(self._read(name) or b"")
+      d = None if stop or s != expect else _load_record(self._read(name) or b"")
       if d is None:
         self.corrupt_records += int(not stop and s == expect)
         stop = True
