@@ -127,14 +127,20 @@ class PageFormat:
     return np.concatenate(cols, axis=1) if len(cols) > 1 else cols[0].copy()
 
   def unpack(self, rows: np.ndarray) -> dict:
-    """{field: [n, *shape]} from packed rows uint8 ``[n, page_bytes]`` (``pack``'s inverse)."""
+    """{field: [n, *shape]} from packed rows uint8 ``[n, page_bytes]`` (``pack``'s inverse).
+
+    The arrays are views into ``rows`` (no copy): strided on the page axis,
+    contiguous within a page.
+    """
     rows = np.asarray(rows)
     if rows.dtype != np.uint8 or rows.ndim != 2 or rows.shape[1] != self.page_bytes:
       raise ValueError(f"rows must be uint8 [n, {self.page_bytes}], got {rows.dtype}"
                        f"{list(rows.shape)}")
+    if rows.strides[1] != 1:
+      rows = np.ascontiguousarray(rows)
     out, at = {}, 0
     for f in self.fields:
-      col = np.ascontiguousarray(rows[:, at:at + f.nbytes])
+      col = rows[:, at:at + f.nbytes]      # contiguous within a row: view and split, no copy
       out[f.name] = col.view(jnp.dtype(f.dtype)).reshape(rows.shape[0], *f.shape)
       at += f.nbytes
     return out

@@ -287,7 +287,7 @@ class BlockStore:
 
   def _finish_read(self, pending: PendingRead) -> StoreRead:
     n = len(pending._keys)
-    rows = np.zeros((n, self.format.page_bytes), np.uint8)
+    rows = np.empty((n, self.format.page_bytes), np.uint8)
     found = np.zeros(n, bool)
     failed = {}
     for i, fut in pending._futures.items():
@@ -301,6 +301,7 @@ class BlockStore:
         continue
       rows[i] = row
       found[i] = True
+    rows[~found] = 0
     info = PageInfo.empty(n, self.format.page_size)
     with self._lock:
       ix = self.index
