@@ -147,8 +147,8 @@ class PageFormat:
 
   def to_json(self) -> dict:
     """A JSON-able description (saved with the store; a store reopens only in its format)."""
-    spec = lambda s: {k: list(v) if isinstance(v, tuple) else v
-                      for k, v in dataclasses.asdict(s).items()}
+    def spec(s):
+      return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(s).items()}
     return {"fields": [[f.name, list(f.shape), f.dtype] for f in self.fields],
             "key_spec": spec(self.key_spec), "value_spec": spec(self.value_spec),
             "page_size": self.page_size}

@@ -177,7 +177,8 @@ class Prefetcher:
       wanted = [self._entries.get(k) for k in keys]
       self._stats["late"] += sum(e is not None and not e.ready for e in wanted)
       self._stats["unissued"] += sum(e is None for e in wanted)
-      pending = lambda: all(e is None or e.ready for e in wanted)
+      def pending():
+        return all(e is None or e.ready for e in wanted)
       if policy.mode == "wait_complete":
         self._cond.wait_for(pending)
       elif policy.mode == "timeout":
