@@ -20,6 +20,7 @@ LAYERS = {
     "kvjax.layout": 1,
     "kvjax.prefix": 1,
     "kvjax.quant": 2,
+    "kvjax.store": 2,
     "kvjax.kernels": 3,
     "kvjax.policies": 3,
     "kvjax.cache": 4,

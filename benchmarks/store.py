@@ -1,0 +1,285 @@
+"""The L3 BlockStore against plain file I/O of the same bytes, in one run, and its warm restart.
+
+Reported (JSON, benchmarks/results/store.json):
+  l3_write_over_raw / l3_read_over_raw: batched put / get throughput (64-page
+    batches of SmolLM2 int4 pages, 105 KB each) over a raw sequential write /
+    read of the same bytes to one file with plain Python file I/O (same fsync
+    policy: the store fsyncs each file when ``sync``, the raw run fsyncs once
+    at the end). Best of ``reps`` interleaved runs each; target >= 0.8.
+  latency_ms: get and put of one page and of a 64-page batch, p50 / p99.
+  restart_hit_retention: replay the first half of the conversation trace's
+    block hashes through a store of ``--capacity`` pages (get; put the
+    misses), SIGKILL the process, replay the second half in a new process on
+    the same directory; its hits over the hits of the second half in one
+    uninterrupted run. A generated trace stands in when the file is absent.
+
+  python benchmarks/store.py [--quick] [--out FILE] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from kvjax.layout import PRESETS
+from kvjax.layout import QuantSpec
+from kvjax.sim import traces
+from kvjax.store import BlockStore
+from kvjax.store import PageFormat
+from kvjax.store import PageInfo
+from kvjax.store import StoreConfig
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+BATCH = 64
+SMOLLM2 = dict(num_layers=30, page_size=16, num_kv_heads=3, head_dim=64)
+# the replay's pages: small (the replay measures the index across a restart, not bandwidth)
+REPLAY_FMT = PageFormat.for_specs(QuantSpec(), QuantSpec(), num_layers=1, page_size=16,
+                                  num_kv_heads=1, head_dim=8)
+
+
+def hashes_of(ids: np.ndarray) -> np.ndarray:
+  ids = np.asarray(ids, np.int64) + 1
+  return np.stack([(ids >> 32).astype(np.uint32), (ids & 0xFFFFFFFF).astype(np.uint32)], 1)
+
+
+# ----------------------------------------------------------------------------- throughput
+
+
+def raw_write(path: str, rows: np.ndarray, sync: bool) -> float:
+  t0 = time.perf_counter()
+  with open(path, "wb") as f:
+    for b in range(0, len(rows), BATCH):
+      f.write(rows[b:b + BATCH].tobytes())
+    f.flush()
+    if sync:
+      os.fsync(f.fileno())
+  return time.perf_counter() - t0
+
+
+def raw_read(path: str, n: int, page_bytes: int) -> float:
+  t0 = time.perf_counter()
+  with open(path, "rb") as f:
+    for _ in range(0, n, BATCH):
+      np.frombuffer(f.read(BATCH * page_bytes), np.uint8)
+  return time.perf_counter() - t0
+
+
+def store_write(store: BlockStore, hashes, arrays) -> float:
+  t0 = time.perf_counter()
+  for b in range(0, len(hashes), BATCH):
+    store.put(hashes[b:b + BATCH], {k: a[b:b + BATCH] for k, a in arrays.items()})
+  return time.perf_counter() - t0
+
+
+def store_read(store: BlockStore, hashes) -> float:
+  t0 = time.perf_counter()
+  for b in range(0, len(hashes), BATCH):
+    r = store.get(hashes[b:b + BATCH])
+    assert r.found.all()
+  return time.perf_counter() - t0
+
+
+def throughput(base: str, n: int, reps: int, compression: str, sync: bool) -> dict:
+  fmt = PageFormat.for_specs(*PRESETS["int4"], **SMOLLM2)
+  rows = np.random.default_rng(0).integers(0, 256, (n, fmt.page_bytes), np.uint8)
+  arrays = fmt.unpack(rows)
+  hashes = hashes_of(np.arange(n))
+  mb = n * fmt.page_bytes / 1e6
+  t = {"l3_write": [], "raw_write": [], "l3_read": [], "raw_read": []}
+  for rep in range(reps):
+    d = tempfile.mkdtemp(dir=base)
+    try:
+      store = BlockStore(StoreConfig(path=d, capacity=n, compression=compression, sync=sync),
+                         fmt)
+      t["l3_write"].append(store_write(store, hashes, arrays))
+      t["raw_write"].append(raw_write(os.path.join(d, "raw.bin"), rows, sync))
+      t["l3_read"].append(store_read(store, hashes))
+      t["raw_read"].append(raw_read(os.path.join(d, "raw.bin"), n, fmt.page_bytes))
+      if rep == 0:
+        lat = latency(store, hashes, arrays, fmt)
+      assert store.stats()["futures_outstanding"] == 0
+    finally:
+      shutil.rmtree(d, ignore_errors=True)
+  best = {k: min(v) for k, v in t.items()}
+  return {"compression": compression, "sync": sync, "pages": n, "page_bytes": fmt.page_bytes,
+          "mb_per_s": {k: mb / v for k, v in best.items()},
+          "l3_write_over_raw": best["raw_write"] / best["l3_write"],
+          "l3_read_over_raw": best["raw_read"] / best["l3_read"],
+          "latency_ms": lat}
+
+
+def latency(store: BlockStore, hashes, arrays, fmt) -> dict:
+  rng = np.random.default_rng(1)
+  n = len(hashes)
+
+  def pct(samples):
+    ms = np.asarray(samples) * 1e3
+    return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}
+
+  out = {}
+  for size, reps in ((1, 100), (BATCH, 20)):
+    gets = []
+    for _ in range(reps):
+      idx = rng.choice(n, size, replace=False)
+      t0 = time.perf_counter()
+      store.get(hashes[idx])
+      gets.append(time.perf_counter() - t0)
+    out[f"get_{size}"] = pct(gets)
+    puts = []
+    for r in range(reps):
+      idx = rng.choice(n, size, replace=False)
+      store.evict(hashes[idx])
+      t0 = time.perf_counter()
+      store.put(hashes[idx], {k: a[idx] for k, a in arrays.items()})
+      puts.append(time.perf_counter() - t0)
+    out[f"put_{size}"] = pct(puts)
+  return out
+
+
+# ----------------------------------------------------------------------------- replay
+
+
+def replay(store: BlockStore, blocks: list) -> tuple:
+  """Requests' block ids through the store (get, put the misses): (hits, references, wrong)."""
+  hits = refs = wrong = 0
+  s = REPLAY_FMT.page_size
+  for ids in blocks:
+    if len(ids) == 0:
+      continue
+    ids = np.unique(ids)
+    h = hashes_of(ids)
+    r = store.get(h)
+    hits += int(r.found.sum())
+    refs += len(ids)
+    want = (ids[:, None] * 7 + np.arange(s)).astype(np.int32)
+    wrong += int((r.info.tokens[r.found] != want[r.found]).any(axis=1).sum())
+    miss = ~r.found
+    if miss.any():
+      m = int(miss.sum())
+      rows = np.repeat((ids[miss] % 251).astype(np.uint8)[:, None], REPLAY_FMT.page_bytes, 1)
+      info = PageInfo(want[miss], np.zeros((m, 2), np.uint32), np.zeros((m, 2), np.uint32))
+      store.put(h[miss], REPLAY_FMT.unpack(rows), info)
+  return hits, refs, wrong
+
+
+def replay_child(args) -> None:
+  with np.load(args.blocks) as z:
+    flat, starts = z["flat"], z["starts"]
+  blocks = [flat[a:b] for a, b in zip(starts[:-1], starts[1:])]
+  half = len(blocks) // 2
+  part = {"first": blocks[:half], "second": blocks[half:], "both": blocks}[args.replay]
+  store = BlockStore(StoreConfig(path=args.dir, capacity=args.capacity), REPLAY_FMT)
+  warm = store.warm_pages
+  if args.replay == "both":
+    replay(store, blocks[:half])
+    part = blocks[half:]
+  t0 = time.perf_counter()
+  hits, refs, wrong = replay(store, part)
+  print(json.dumps({"hits": hits, "refs": refs, "wrong": wrong, "warm_pages": warm,
+                    "seconds": time.perf_counter() - t0, "stats": store.stats()}), flush=True)
+  if args.replay == "first":
+    os.kill(os.getpid(), signal.SIGKILL)   # no close, no flush: a crash
+
+
+def restart_retention(base: str, capacity: int, num_requests: int) -> dict:
+  path = traces.default_trace_path()
+  if os.path.exists(path):
+    trace, source = traces.load_mooncake(path), path
+  else:
+    trace, source = traces.generate(num_requests, seed=0), "generated"
+  req = trace.request
+  r_max = min(num_requests, int(req.max()) + 1)
+  keep = req < r_max
+  starts = np.searchsorted(req[keep], np.arange(r_max + 1))
+  d = tempfile.mkdtemp(dir=base)
+  blocks = os.path.join(d, "blocks.npz")
+  np.savez(blocks, flat=trace.block[keep].astype(np.int64), starts=starts)
+
+  def child(phase, directory):
+    cmd = [sys.executable, os.path.abspath(__file__), "--replay", phase, "--blocks", blocks,
+           "--dir", directory, "--capacity", str(capacity)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if phase != "first" and out.returncode != 0:
+      raise RuntimeError(out.stderr[-3000:])
+    if phase == "first" and out.returncode != -signal.SIGKILL:
+      raise RuntimeError(f"first half did not end by SIGKILL: {out.returncode}\n"
+                         f"{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+  try:
+    whole = child("both", os.path.join(d, "whole"))
+    first = child("first", os.path.join(d, "restart"))
+    second = child("second", os.path.join(d, "restart"))
+  finally:
+    shutil.rmtree(d, ignore_errors=True)
+  return {"trace": source, "requests": r_max, "references": int(keep.sum()),
+          "unique_blocks": int(np.unique(trace.block[keep]).size), "capacity": capacity,
+          "uninterrupted_second_half_hits": whole["hits"],
+          "restarted_second_half_hits": second["hits"],
+          "second_half_references": second["refs"],
+          "pages_at_kill": first["stats"]["pages"], "warm_pages_after_restart":
+              second["warm_pages"],
+          "wrong_pages_served": whole["wrong"] + first["wrong"] + second["wrong"],
+          "checksum_failures": second["stats"]["checksum_failures"],
+          "restart_hit_retention": second["hits"] / max(whole["hits"], 1),
+          "second_half_hit_ratio_uninterrupted": whole["hits"] / max(whole["refs"], 1),
+          "second_half_hit_ratio_restarted": second["hits"] / max(second["refs"], 1)}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                "store.json"))
+  ap.add_argument("--dir", default=None, help="where the stores live (default: a temp dir)")
+  ap.add_argument("--capacity", type=int, default=None, help="replay store pages")
+  ap.add_argument("--replay", choices=["first", "second", "both"], help=argparse.SUPPRESS)
+  ap.add_argument("--blocks", help=argparse.SUPPRESS)
+  args = ap.parse_args()
+  if args.replay:
+    return replay_child(args)
+  base = args.dir or tempfile.gettempdir()
+  n, reps = (512, 2) if args.quick else (2048, 3)
+  requests = 1500 if args.quick else 1 << 30
+  capacity = args.capacity or (2048 if args.quick else 8192)
+  configs = [throughput(base, n, reps, c, s) for c, s in
+             (("zstd", True), ("zstd", False), ("none", False))]
+  restart = restart_retention(base, capacity, requests)
+  default = configs[0]
+  result = {"benchmark": "store", "machine": common.machine(), "quick": args.quick,
+            "dir": base, "l3_write_over_raw": default["l3_write_over_raw"],
+            "l3_read_over_raw": default["l3_read_over_raw"],
+            "latency_ms": default["latency_ms"], "configs": configs,
+            "restart_hit_retention": restart["restart_hit_retention"], "restart": restart}
+  common.write_json(args.out, result)
+  print(f"{'config':<16}{'l3 write':>10}{'raw write':>11}{'ratio':>7}{'l3 read':>10}"
+        f"{'raw read':>10}{'ratio':>7}   MB/s")
+  for c in configs:
+    m = c["mb_per_s"]
+    print(f"{c['compression'] + (' sync' if c['sync'] else ''):<16}{m['l3_write']:>10.0f}"
+          f"{m['raw_write']:>11.0f}{c['l3_write_over_raw']:>7.2f}{m['l3_read']:>10.0f}"
+          f"{m['raw_read']:>10.0f}{c['l3_read_over_raw']:>7.2f}")
+  for k, v in default["latency_ms"].items():
+    print(f"latency {k:<8} p50 {v['p50']:7.2f} ms  p99 {v['p99']:7.2f} ms")
+  print(f"restart_hit_retention {restart['restart_hit_retention']:.3f} "
+        f"({restart['restarted_second_half_hits']} / "
+        f"{restart['uninterrupted_second_half_hits']} hits, capacity {capacity}, "
+        f"{restart['requests']} requests, wrong pages served {restart['wrong_pages_served']})")
+
+
+if __name__ == "__main__":
+  main()

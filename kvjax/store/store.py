@@ -1,0 +1,467 @@
+"""``BlockStore``: the persistent page store (L3) on tensorstore, keyed by block hash.
+
+Layout under the store's root (a local directory by default, any tensorstore
+kvstore by configuration):
+
+* ``pages/``: a zarr3 array uint8 ``[C, page_bytes]``, one chunk per slot
+  (one page), compressed (zstd, blosc or none) and followed by tensorstore's
+  ``crc32c`` codec: a flipped byte anywhere in a chunk file fails its read;
+* ``index/``: ``format.json`` (the ``PageFormat``, capacity, codec) and the
+  ``PersistentIndex`` records (``kvjax.store.index``).
+
+Each listed page also carries a crc32c of its block hash and decoded bytes,
+checked on every read: it catches what the codec cannot (a slot holding
+another page's data). A page whose read fails, whose file is gone or whose
+checksum is wrong is a miss, counted, and unlisted; it is never returned.
+
+Every tensorstore future goes through ``self.ledger`` (``FutureLedger``) and
+is awaited before the call that issued it returns (``get_async``: before its
+``result`` returns): ``stats()["futures_outstanding"]`` is 0 between calls.
+
+Writes that fail (a full disk, a file-size limit) raise ``StoreWriteError``
+once and turn writing off (``writes_enabled``); later ``put`` calls are
+refused and counted, and reads go on. ``enable_writes()`` turns them on.
+
+Names in shapes: n = pages in a batch, S = page_size.
+
+>>> import numpy as np
+>>> from kvjax.layout import QuantSpec
+>>> fmt = PageFormat.for_specs(QuantSpec(bits=8), QuantSpec(bits=8), num_layers=1,
+...                            page_size=2, num_kv_heads=1, head_dim=4)
+>>> store = BlockStore(StoreConfig(kvstore={"driver": "memory"}, capacity=8), fmt)
+>>> pages = {f.name: np.ones((1, *f.shape), f.dtype) for f in fmt.fields}
+>>> store.put(np.array([[1, 2]], np.uint32), pages).tolist()
+[True]
+>>> store.get(np.array([[1, 2], [3, 4]], np.uint32)).found.tolist()
+[True, False]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from typing import Callable, Mapping, NamedTuple, Optional, Union
+
+import google_crc32c
+import numpy as np
+import tensorstore as ts
+
+from kvjax.store.format import PageFormat
+from kvjax.store.index import FutureLedger
+from kvjax.store.index import lfu_score
+from kvjax.store.index import lru_score
+from kvjax.store.index import PersistentIndex
+
+COMPRESSIONS = ("zstd", "blosc", "none")
+EVICTIONS = {"lru": lru_score, "lfu": lfu_score}
+FORMAT_KEY = "format.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreConfig:
+  """Where and how the store keeps its pages.
+
+  Args:
+    path: a local directory (the ``file`` kvstore); or
+    kvstore: any tensorstore kvstore spec (JSON) of the store's root, e.g.
+      ``{"driver": "memory"}``; exactly one of ``path`` / ``kvstore``.
+    capacity: pages (slots) the store holds; fixed when it is created.
+    compression: ``"zstd"``, ``"blosc"`` (lz4) or ``"none"``; ``level``: its level.
+    sync: fsync each file written (tensorstore's ``file_io_sync``): without
+      it a write survives a killed process but not a power loss.
+    snapshot_every: journal records between snapshots of the index.
+    eviction: ``"lru"``, ``"lfu"`` or a function ``(last_use int64 [k],
+      hits int64 [k]) -> scores [k]`` (lowest evicted first).
+  """
+
+  path: Optional[str] = None
+  kvstore: Optional[Mapping] = None
+  capacity: int = 65536
+  compression: str = "zstd"
+  level: int = 1
+  sync: bool = True
+  snapshot_every: int = 64
+  eviction: Union[str, Callable] = "lru"
+
+  def __post_init__(self):
+    if (self.path is None) == (self.kvstore is None):
+      raise ValueError(f"StoreConfig needs exactly one of path / kvstore, got path="
+                       f"{self.path!r}, kvstore={self.kvstore!r}")
+    if not isinstance(self.capacity, int) or self.capacity < 1:
+      raise ValueError(f"StoreConfig.capacity must be an int >= 1, got {self.capacity!r}")
+    if self.compression not in COMPRESSIONS:
+      raise ValueError(f"StoreConfig.compression must be one of {COMPRESSIONS}, "
+                       f"got {self.compression!r}")
+    if not isinstance(self.snapshot_every, int) or self.snapshot_every < 1:
+      raise ValueError(f"StoreConfig.snapshot_every must be an int >= 1, "
+                       f"got {self.snapshot_every!r}")
+    if not callable(self.eviction) and self.eviction not in EVICTIONS:
+      raise ValueError(f"StoreConfig.eviction must be one of {tuple(EVICTIONS)} or a function, "
+                       f"got {self.eviction!r}")
+
+  def root(self) -> dict:
+    """The root kvstore spec, its path ending in ``/``."""
+    spec = dict(self.kvstore) if self.kvstore is not None else {"driver": "file",
+                                                               "path": self.path}
+    path = spec.get("path", "")
+    spec["path"] = path if not path or path.endswith("/") else path + "/"
+    return spec
+
+  def codecs(self) -> list:
+    """The zarr3 codec chain of a page chunk."""
+    chain = [{"name": "bytes"}]
+    if self.compression == "zstd":
+      chain.append({"name": "zstd", "configuration": {"level": self.level}})
+    elif self.compression == "blosc":
+      chain.append({"name": "blosc", "configuration": {
+          "cname": "lz4", "clevel": self.level, "shuffle": "shuffle", "typesize": 1,
+          "blocksize": 0}})
+    return chain + [{"name": "crc32c"}]
+
+
+class PageInfo(NamedTuple):
+  """What the store keeps of a page besides its arrays (the block hash is the key)."""
+
+  tokens: np.ndarray     # int32 [n, S]  the page's tokens (-1 where unknown / a miss)
+  parent: np.ndarray     # uint32 [n, 2]  parent block hash ((0, 0): a first block / a miss)
+  namespace: np.ndarray  # uint32 [n, 2]  chain seed of the sequence that computed it
+
+  @classmethod
+  def empty(cls, n: int, page_size: int) -> "PageInfo":
+    return cls(np.full((n, page_size), -1, np.int32), np.zeros((n, 2), np.uint32),
+               np.zeros((n, 2), np.uint32))
+
+
+class StoreRead(NamedTuple):
+  """What ``get`` returns."""
+
+  found: np.ndarray   # bool [n]  the page was listed and read back intact
+  arrays: dict        # {field: [n, *shape]}  the page's arrays (zeros where not found)
+  info: PageInfo      # the pages' records (empty where not found)
+
+
+class StoreWriteError(OSError):
+  """Writing to the store failed (disk full, file-size limit, I/O error); writes are now off.
+
+  ``listed``: bool ``[n]``, the pages of the failed ``put`` that are in the store anyway.
+  """
+
+  def __init__(self, message: str, listed: np.ndarray):
+    super().__init__(message)
+    self.listed = listed
+
+
+COUNTERS = ("reads", "read_bytes", "writes", "write_bytes", "hits", "misses",
+            "checksum_failures", "missing_files", "read_errors", "raced", "already_stored",
+            "evictions", "write_errors", "writes_refused", "read_seconds", "write_seconds")
+
+
+def hash_keys(hashes: np.ndarray, name: str = "hashes") -> np.ndarray:
+  """uint64 ``[n]`` keys (lane 0 high, lane 1 low) of block hashes uint32 ``[n, 2]``.
+
+  >>> hash_keys(np.array([[1, 2]], np.uint32)).tolist()
+  [4294967298]
+  """
+  h = np.asarray(hashes)
+  if h.ndim != 2 or h.shape[1] != 2 or h.dtype != np.uint32:
+    raise ValueError(f"{name} must be uint32 [n, 2] block hashes, got {h.dtype}{list(h.shape)}")
+  keys = (h[:, 0].astype(np.uint64) << np.uint64(32)) | h[:, 1].astype(np.uint64)
+  if np.any(keys == 0):
+    raise ValueError(f"{name} holds the reserved no-hash (0, 0) at rows "
+                     f"{np.flatnonzero(keys == 0).tolist()[:8]}")
+  return keys
+
+
+def page_crc(key: int, row: np.ndarray) -> int:
+  """crc32c of a page's block hash (8 bytes, little-endian) and its packed bytes ``row``."""
+  row = row.view()
+  row.setflags(write=False)
+  return int(google_crc32c.extend(google_crc32c.value(int(key).to_bytes(8, "little")), row))
+
+
+def _classify(err: BaseException) -> str:
+  msg = str(err)
+  if "NOT_FOUND" in msg:
+    return "missing_files"
+  if "DATA_LOSS" in msg or "FAILED_PRECONDITION" in msg or "corrupt" in msg.lower():
+    return "checksum_failures"
+  return "read_errors"
+
+
+class PendingRead:
+  """A batch of page reads in flight (``BlockStore.get_async``); ``result()`` awaits them all."""
+
+  def __init__(self, store: "BlockStore", keys, slots, crcs, futures, started):
+    self._store, self._keys, self._slots, self._crcs = store, keys, slots, crcs
+    self._futures, self._started, self._result = futures, started, None
+
+  def result(self) -> StoreRead:
+    if self._result is None:
+      self._result = self._store._finish_read(self)
+    return self._result
+
+
+class BlockStore:
+  """A persistent, checksummed page store keyed by block hash (thread-safe).
+
+  Args:
+    config: ``StoreConfig``.
+    fmt: the ``PageFormat`` of a new store; for an existing one, None or
+      the format it was created with (else ValueError).
+
+  After opening, ``warm_pages`` is the number of pages the index listed.
+  """
+
+  def __init__(self, config: StoreConfig, fmt: Optional[PageFormat] = None):
+    self.config = config
+    self.ledger = FutureLedger()
+    self.context = ts.Context({"file_io_sync": config.sync})
+    root = config.root()
+    self.kvstore = self._wait(ts.KvStore.open({**root, "path": root["path"] + "index/"},
+                                              context=self.context))
+    self.format = self._open_format(fmt)
+    cap, pb = config.capacity, self.format.page_bytes
+    spec = {"driver": "zarr3", "fill_missing_data_reads": False,
+            "kvstore": {**root, "path": root["path"] + "pages/"},
+            "metadata": {"shape": [cap, pb], "data_type": "uint8",
+                         "chunk_grid": {"name": "regular",
+                                        "configuration": {"chunk_shape": [1, pb]}},
+                         "codecs": config.codecs()}}
+    self.array = self._wait(ts.open(spec, create=True, open=True, context=self.context))
+    score = EVICTIONS.get(config.eviction) if isinstance(config.eviction, str) else \
+        config.eviction
+    self.index = PersistentIndex(self.kvstore, cap, self.format.page_size, self.ledger, score)
+    self.warm_pages = self.index.load()
+    self.writes_enabled = True
+    self._lock = threading.RLock()
+    self._write_lock = threading.Lock()
+    self._stats = dict.fromkeys(COUNTERS, 0)
+
+  def _wait(self, future):
+    return self.ledger.wait(self.ledger.track(future))
+
+  def _open_format(self, fmt: Optional[PageFormat]) -> PageFormat:
+    r = self._wait(self.kvstore.read(FORMAT_KEY))
+    want = {"capacity": self.config.capacity, "codecs": self.config.codecs()}
+    if r.state == "value":
+      d = json.loads(r.value)
+      stored = PageFormat.from_json(d["format"])
+      if fmt is not None and fmt != stored:
+        raise ValueError(f"fmt {fmt} differs from the format the store at "
+                         f"{self.config.root()} was created with: {stored}")
+      for k, v in want.items():
+        if d[k] != v:
+          raise ValueError(f"StoreConfig {k}={v!r} differs from the store's {d[k]!r}")
+      return stored
+    if fmt is None:
+      raise ValueError(f"no store at {self.config.root()}: fmt (a PageFormat) is needed to "
+                       "create one")
+    self._wait(self.kvstore.write(FORMAT_KEY, json.dumps({"format": fmt.to_json(), **want})))
+    return fmt
+
+  # ------------------------------------------------------------------ reading
+
+  def get_async(self, hashes: np.ndarray) -> PendingRead:
+    """Issue the reads of pages ``hashes`` (uint32 ``[n, 2]``); ``.result()`` is ``get``'s."""
+    keys = hash_keys(hashes)
+    with self._lock:
+      self.index.clock += 1
+      slots = self.index.lookup(keys)
+      crcs = self.index.crc[np.maximum(slots, 0)].copy()
+    futures = {i: self.ledger.track(self.array[int(s)].read())
+               for i, s in enumerate(slots) if s >= 0}
+    return PendingRead(self, keys, slots, crcs, futures, time.perf_counter())
+
+  def get(self, hashes: np.ndarray) -> StoreRead:
+    """Read pages by block hash; a page missing, unreadable or failing its checksum is a miss.
+
+    Args:
+      hashes: uint32 ``[n, 2]`` block hashes.
+
+    Returns:
+      ``StoreRead(found bool [n], arrays {field: [n, ...]}, info PageInfo)``.
+    """
+    return self.get_async(hashes).result()
+
+  def _finish_read(self, pending: PendingRead) -> StoreRead:
+    n = len(pending._keys)
+    rows = np.empty((n, self.format.page_bytes), np.uint8)
+    found = np.zeros(n, bool)
+    failed = {}
+    for i, fut in pending._futures.items():
+      try:
+        row = self.ledger.wait(fut)
+      except Exception as err:  # noqa: BLE001: any failed read is a miss, classified
+        failed[i] = _classify(err)
+        continue
+      if page_crc(pending._keys[i], row) != int(pending._crcs[i]):
+        failed[i] = "checksum_failures"
+        continue
+      rows[i] = row
+      found[i] = True
+    rows[~found] = 0
+    info = PageInfo.empty(n, self.format.page_size)
+    with self._lock:
+      ix = self.index
+      for i, why in failed.items():
+        slot, key = int(pending._slots[i]), int(pending._keys[i])
+        if ix.slot_of.get(key) != slot or int(ix.crc[slot]) != int(pending._crcs[i]):
+          why = "raced"        # the slot was reused after the lookup: not a fault
+        else:
+          ix.remove(slot)
+        self._stats[why] += 1
+      for i in np.flatnonzero(found):
+        slot = int(pending._slots[i])
+        ix.touch(slot)
+        info.tokens[i], info.parent[i] = ix.tokens[slot], ix.parent[slot]
+        info.namespace[i] = ix.namespace[slot]
+      st = self._stats
+      st["reads"] += len(pending._futures)
+      st["read_bytes"] += int(found.sum()) * self.format.page_bytes
+      st["hits"] += int(found.sum())
+      st["misses"] += n - int(found.sum())
+      st["read_seconds"] += time.perf_counter() - pending._started
+    return StoreRead(found, self.format.unpack(rows), info)
+
+  def contains(self, hashes: np.ndarray) -> np.ndarray:
+    """bool ``[n]``: which pages are listed (no read, no checksum: ``get`` may still miss)."""
+    keys = hash_keys(hashes)
+    with self._lock:
+      return self.index.lookup(keys) >= 0
+
+  # ------------------------------------------------------------------ writing
+
+  def put(self, hashes: np.ndarray, arrays: Mapping[str, np.ndarray],
+          info: Optional[PageInfo] = None) -> np.ndarray:
+    """Write pages and list them once their data is committed; pages already held are kept.
+
+    Args:
+      hashes: uint32 ``[n, 2]`` block hashes (distinct pages; a repeat is written once).
+      arrays: {field: ``[n, *shape]``} in ``self.format``.
+      info: ``PageInfo`` of the pages (default: empty).
+
+    Returns:
+      bool ``[n]``: the page is in the store now (written, or already there).
+      False for every page when writing is off.
+
+    Raises:
+      StoreWriteError: a write failed (the first time; writing is then off).
+    """
+    keys = hash_keys(hashes)
+    n = len(keys)
+    if self.format.check(arrays) != n:
+      raise ValueError(f"arrays hold {self.format.check(arrays)} pages, hashes {n}")
+    s = self.format.page_size
+    info = PageInfo.empty(n, s) if info is None else info
+    if (np.shape(info.tokens) != (n, s) or np.shape(info.parent) != (n, 2)
+        or np.shape(info.namespace) != (n, 2)):
+      raise ValueError(f"info must hold tokens [n, {s}], parent [n, 2], namespace [n, 2] for "
+                       f"n={n}, got {[np.shape(a) for a in info]}")
+    with self._write_lock:
+      with self._lock:
+        if not self.writes_enabled:
+          self._stats["writes_refused"] += n
+          return np.zeros(n, bool)
+        self.index.clock += 1
+        slots = self.index.lookup(keys)
+        for slot in slots[slots >= 0]:
+          self.index.touch(int(slot), hit=False)
+        self._stats["already_stored"] += int((slots >= 0).sum())
+        _, first = np.unique(keys, return_index=True)
+        todo = np.array(sorted(i for i in first if slots[i] < 0), np.int64)
+        if len(todo) > self.config.capacity:
+          raise ValueError(f"hashes: {len(todo)} new pages do not fit a store of capacity "
+                           f"{self.config.capacity}")
+        try:
+          before = len(self.index)
+          new = self.index.allocate(len(todo), protect=slots[slots >= 0])
+          self._stats["evictions"] += max(0, before - len(self.index))
+        except Exception as err:  # noqa: BLE001: the journal write of the evictions failed
+          self._fail(err, n, listed=slots >= 0)
+      t0 = time.perf_counter()
+      sub = {k: np.asarray(a)[todo] for k, a in arrays.items()}
+      rows = self.format.pack(sub)
+      crcs = [page_crc(keys[i], rows[j]) for j, i in enumerate(todo)]
+      futures = [self.ledger.track(self.array[slot].write(rows[j]))
+                 for j, slot in enumerate(new)]
+      errors, ok = [], []
+      for j, fut in enumerate(futures):
+        try:
+          self.ledger.wait(fut.commit)
+          ok.append(j)
+        except Exception as err:  # noqa: BLE001: reported as one StoreWriteError below
+          errors.append(err)
+      with self._lock:
+        ix = self.index
+        for j in ok:
+          i = todo[j]
+          ix.insert(new[j], int(keys[i]), crc=crcs[j], tokens=info.tokens[i],
+                    parent=info.parent[i], namespace=info.namespace[i])
+        ix.release([new[j] for j in range(len(new)) if j not in set(ok)])
+        self._stats["writes"] += len(ok)
+        self._stats["write_bytes"] += len(ok) * self.format.page_bytes
+        self._stats["write_seconds"] += time.perf_counter() - t0
+        try:
+          ix.commit()
+          if ix.journal_since_snapshot >= self.config.snapshot_every:
+            ix.snapshot()
+        except Exception as err:  # noqa: BLE001
+          errors.append(err)
+        listed = ix.lookup(keys) >= 0
+        if errors:
+          self._fail(errors[0], 0, listed, extra=len(errors) - 1)
+      return listed
+
+  def _fail(self, err: BaseException, refused: int, listed: np.ndarray, extra: int = 0):
+    self.writes_enabled = False
+    self._stats["write_errors"] += 1 + extra
+    self._stats["writes_refused"] += refused
+    raise StoreWriteError(f"L3 store write failed at {self.config.root()} ({err}); writing is "
+                          "off (reads go on) until enable_writes()", listed) from err
+
+  def enable_writes(self) -> None:
+    """Turn writing back on after a ``StoreWriteError`` (e.g. once space is freed)."""
+    self.writes_enabled = True
+
+  def evict(self, hashes: np.ndarray) -> np.ndarray:
+    """Unlist pages (their slots are reused later); bool ``[n]``: the page was listed."""
+    keys = hash_keys(hashes)
+    with self._write_lock, self._lock:
+      slots = self.index.lookup(keys)
+      for slot in slots[slots >= 0]:
+        self.index.remove(int(slot))
+      self._stats["evictions"] += int((slots >= 0).sum())
+      self.index.commit()
+      return slots >= 0
+
+  def flush(self) -> None:
+    """Make every change durable (hits and evictions included)."""
+    with self._write_lock, self._lock:
+      self.index.commit()
+
+  def close(self) -> None:
+    """Flush and snapshot the index (a restart then replays nothing)."""
+    with self._write_lock, self._lock:
+      self.index.snapshot()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def __len__(self) -> int:
+    return len(self.index)
+
+  def stats(self) -> dict:
+    """Counters: pages read / written and their bytes, hits, misses by cause, futures."""
+    with self._lock:
+      out = dict(self._stats)
+    out.update(pages=len(self.index), capacity=self.config.capacity,
+               futures_issued=self.ledger.issued, futures_awaited=self.ledger.awaited,
+               futures_outstanding=self.ledger.outstanding,
+               corrupt_index_records=self.index.corrupt_records,
+               warm_pages=self.warm_pages, writes_enabled=self.writes_enabled)
+    return out

@@ -1,0 +1,268 @@
+"""BlockStore: round trips against the arrays put, LRU capacity against an OrderedDict
+model, warm restart (snapshot and journal replay), the write policies, and every
+tensorstore future awaited (counted by a proxy around the store's arrays)."""
+
+import collections
+import functools
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorstore as ts
+
+from kvjax.layout import PRESETS
+from kvjax.layout import Pages
+from kvjax.layout import QuantSpec
+from kvjax.store import BlockStore
+from kvjax.store import hash_keys
+from kvjax.store import page_arrays
+from kvjax.store import PageFormat
+from kvjax.store import PageInfo
+from kvjax.store import StoreConfig
+from kvjax.store import WritePolicy
+
+FMT = PageFormat.for_specs(*PRESETS["int4-kivi"], num_layers=2, page_size=4, num_kv_heads=1,
+                           head_dim=32)
+
+
+def hashes_of(ids):
+  """Block hashes uint32 [n, 2] for integer ids (lane 0 = id, lane 1 = a mix of it)."""
+  ids = np.asarray(ids, np.uint64)
+  return np.stack([ids.astype(np.uint32) + 1, ((ids * 2654435761) % 2**32).astype(np.uint32)],
+                  axis=1)
+
+
+@functools.lru_cache(maxsize=None)
+def page_row(i: int, page_bytes: int) -> np.ndarray:
+  return np.random.default_rng(i).integers(0, 256, page_bytes, np.uint8)
+
+
+def pages_of(ids, fmt=FMT):
+  """Page arrays whose every byte is drawn from the id (any bit pattern of any dtype)."""
+  rows = np.stack([page_row(int(i), fmt.page_bytes) for i in ids]) if len(ids) else \
+      np.zeros((0, fmt.page_bytes), np.uint8)
+  return fmt.unpack(rows)
+
+
+def info_of(ids, fmt=FMT):
+  ids = np.asarray(ids, np.int64)
+  tokens = (ids[:, None] * 10 + np.arange(fmt.page_size)).astype(np.int32)
+  return PageInfo(tokens, hashes_of(ids + 1000), np.tile(np.array([[7, 9]], np.uint32),
+                                                          (len(ids), 1)))
+
+
+def open_store(path, capacity=16, **kw):
+  return BlockStore(StoreConfig(path=str(path), capacity=capacity, sync=False, **kw), FMT)
+
+
+def same_bytes(a, b):
+  return all(np.array_equal(np.asarray(a[k]).view(np.uint8), np.asarray(b[k]).view(np.uint8))
+             for k in a)
+
+
+def test_format_of_real_pages_and_page_arrays():
+  k_spec, v_spec = PRESETS["int4-kivi"]
+  rng = np.random.default_rng(0)
+  k = Pages(data=jnp.asarray(rng.integers(0, 256, (2, 5, 4, 1, 16), np.uint8)),
+            scale=jnp.asarray(rng.normal(size=(2, 5, 1, 1, 32)), jnp.bfloat16),
+            zero=jnp.asarray(rng.integers(-5, 5, (2, 5, 1, 1, 32)), jnp.int8), spec=k_spec)
+  v = Pages(data=jnp.asarray(rng.integers(0, 256, (2, 5, 4, 1, 16), np.uint8)),
+            scale=jnp.asarray(rng.normal(size=(2, 5, 4, 1, 1)), jnp.bfloat16),
+            zero=jnp.asarray(rng.integers(-5, 5, (2, 5, 4, 1, 1)), jnp.int8), spec=v_spec)
+  assert PageFormat.from_pages(k, v) == FMT
+  got = page_arrays(k, v, [3, 1])
+  for name, a in (("k_data", k.data), ("k_scale", k.scale), ("v_zero", v.zero)):
+    for row, p in enumerate([3, 1]):
+      np.testing.assert_array_equal(got[name][row], np.asarray(a)[:, p])
+  assert same_bytes(FMT.unpack(FMT.pack(got)), got)
+
+
+def test_put_get_round_trip_and_misses(tmp_path):
+  store = open_store(tmp_path)
+  ids = [3, 5, 8]
+  assert store.put(hashes_of(ids), pages_of(ids), info_of(ids)).tolist() == [True] * 3
+  r = store.get(hashes_of([5, 4, 3, 8]))
+  assert r.found.tolist() == [True, False, True, True]
+  want = pages_of([5, 4, 3, 8])
+  for name in want:
+    want[name][1] = 0
+  assert same_bytes(r.arrays, want)
+  np.testing.assert_array_equal(r.info.tokens[[0, 2, 3]], info_of([5, 3, 8]).tokens)
+  np.testing.assert_array_equal(r.info.parent[0], hashes_of([1005])[0])
+  assert (r.info.tokens[1] == -1).all()
+  s = store.stats()
+  assert (s["hits"], s["misses"], s["writes"], s["reads"]) == (3, 1, 3, 3)
+  assert s["write_bytes"] == 3 * FMT.page_bytes
+  assert store.contains(hashes_of([3, 4])).tolist() == [True, False]
+  # a page already held is not written again; a repeat in one batch is written once
+  assert store.put(hashes_of([3, 9, 9]), pages_of([3, 9, 9])).all()
+  assert store.stats()["writes"] == 4 and store.stats()["already_stored"] == 1
+  assert store.evict(hashes_of([3, 4])).tolist() == [True, False]
+  assert store.get(hashes_of([3])).found.tolist() == [False]
+
+
+@pytest.mark.parametrize("compression", ["zstd", "blosc", "none"])
+def test_warm_restart_snapshot_and_journal(tmp_path, compression):
+  store = open_store(tmp_path, compression=compression, snapshot_every=3)
+  for b in range(5):   # 5 journal records: a snapshot after 3, 2 replayed
+    store.put(hashes_of([2 * b, 2 * b + 1]), pages_of([2 * b, 2 * b + 1]),
+              info_of([2 * b, 2 * b + 1]))
+  store.evict(hashes_of([4]))
+  names = os.listdir(tmp_path / "index")
+  assert any(n.startswith("snapshot-") for n in names)
+  assert any(n.startswith("journal-") for n in names)
+  del store   # no close: the journal after the snapshot is replayed
+  again = open_store(tmp_path, compression=compression)
+  assert again.warm_pages == 9
+  r = again.get(hashes_of(range(10)))
+  assert r.found.tolist() == [i != 4 for i in range(10)]
+  live = [i for i in range(10) if i != 4]
+  assert same_bytes({k: a[r.found] for k, a in r.arrays.items()}, pages_of(live))
+  np.testing.assert_array_equal(r.info.tokens[r.found], info_of(live).tokens)
+  again.close()
+  assert [n for n in os.listdir(tmp_path / "index") if n.startswith("journal-")] == []
+  assert open_store(tmp_path, compression=compression).warm_pages == 9
+
+
+def test_lru_capacity_matches_an_ordered_dict_model_across_a_restart(tmp_path):
+  capacity = 6
+  store = open_store(tmp_path, capacity=capacity)
+  model = collections.OrderedDict()
+  rng = np.random.default_rng(1)
+  for step in range(160):
+    if step == 80:
+      store = open_store(tmp_path, capacity=capacity)   # restart: recency must survive
+    k = int(rng.integers(0, 14))
+    if rng.random() < 0.5:
+      hit = store.get(hashes_of([k])).found[0]
+      assert hit == (k in model), step
+      if hit:
+        model.move_to_end(k)
+    else:
+      store.put(hashes_of([k]), pages_of([k]))
+      if k in model:
+        model.move_to_end(k)
+      else:
+        if len(model) == capacity:
+          model.popitem(last=False)
+        model[k] = True
+    assert sorted(i for i in range(14) if store.contains(hashes_of([i]))[0]) == sorted(model)
+  assert store.stats()["evictions"] > 0
+
+
+def test_lfu_eviction_keeps_the_hit_pages(tmp_path):
+  store = open_store(tmp_path, capacity=4, eviction="lfu")
+  store.put(hashes_of(range(4)), pages_of(range(4)))
+  for _ in range(2):
+    store.get(hashes_of([0, 1]))
+  store.put(hashes_of([10, 11]), pages_of([10, 11]))
+  assert store.contains(hashes_of([0, 1, 2, 3, 10, 11])).tolist() == [True, True, False, False,
+                                                                     True, True]
+
+
+def test_reopen_checks_format_and_config(tmp_path):
+  open_store(tmp_path).close()
+  other = PageFormat.for_specs(QuantSpec(), QuantSpec(), num_layers=2, page_size=4,
+                               num_kv_heads=1, head_dim=32)
+  with pytest.raises(ValueError, match="differs from the format"):
+    BlockStore(StoreConfig(path=str(tmp_path), capacity=16), other)
+  with pytest.raises(ValueError, match="capacity"):
+    open_store(tmp_path, capacity=32)
+  assert BlockStore(StoreConfig(path=str(tmp_path), capacity=16)).format == FMT
+  with pytest.raises(ValueError, match="fmt"):
+    BlockStore(StoreConfig(path=str(tmp_path / "new"), capacity=16))
+
+
+def test_argument_errors(tmp_path):
+  with pytest.raises(ValueError, match="exactly one of path / kvstore"):
+    StoreConfig()
+  with pytest.raises(ValueError, match="compression"):
+    StoreConfig(path="x", compression="gzip")
+  with pytest.raises(ValueError, match="eviction"):
+    StoreConfig(path="x", eviction="mru")
+  store = open_store(tmp_path, capacity=2)
+  with pytest.raises(ValueError, match="uint32"):
+    store.get(np.zeros((2, 2), np.int64))
+  with pytest.raises(ValueError, match="no-hash"):
+    store.get(np.zeros((1, 2), np.uint32))
+  bad = pages_of([1])
+  bad["k_scale"] = bad["k_scale"].astype(np.float32)
+  with pytest.raises(ValueError, match="k_scale"):
+    store.put(hashes_of([1]), bad)
+  with pytest.raises(ValueError, match="capacity 2"):
+    store.put(hashes_of([1, 2, 3]), pages_of([1, 2, 3]))
+
+
+def test_write_policies():
+  ev = [("insert", 0), ("hit", 1), ("hit", 2), ("hit", 3), ("evict", 3)]
+  table = {"write_through": [True, False, False, False, False],
+           "write_back": [False, False, False, False, True]}
+  for mode, want in table.items():
+    assert [WritePolicy(mode).wants(e, h) for e, h in ev] == want
+  assert [WritePolicy("write_through_selective", hits=2).wants(e, h) for e, h in ev] == [
+      False, False, True, True, False]
+  with pytest.raises(ValueError, match="mode"):
+    WritePolicy("write_around")
+  with pytest.raises(ValueError, match="event"):
+    WritePolicy().wants("promote")
+
+
+class CountingArray:
+  """Wraps a tensorstore array (or kvstore): keeps every future its reads and writes return."""
+
+  def __init__(self, inner, futures):
+    self.inner, self.futures = inner, futures
+
+  def __getitem__(self, idx):
+    return CountingArray(self.inner[idx], self.futures)
+
+  def _keep(self, fut):
+    self.futures.append(fut)
+    return fut
+
+  def read(self, *a, **kw):
+    return self._keep(self.inner.read(*a, **kw))
+
+  def write(self, *a, **kw):
+    return self._keep(self.inner.write(*a, **kw))
+
+  def list(self, *a, **kw):
+    return self._keep(self.inner.list(*a, **kw))
+
+
+def test_every_future_is_awaited(tmp_path):
+  store = open_store(tmp_path, capacity=8, snapshot_every=2)
+  futures = []
+  store.array = CountingArray(store.array, futures)
+  store.index.kvstore = CountingArray(store.index.kvstore, futures)
+  ids = list(range(20))
+  for b in range(0, 20, 4):          # 20 pages through 8 slots: evictions, slot reuse, snapshots
+    store.put(hashes_of(ids[b:b + 4]), pages_of(ids[b:b + 4]))
+    pending = store.get_async(hashes_of(ids[max(0, b - 4):b + 4]))
+    assert store.ledger.outstanding > 0 or b == 0
+    pending.result()
+    assert store.ledger.outstanding == 0
+  slot = store.index.slot_of[int(hash_keys(hashes_of([19]))[0])]
+  os.remove(tmp_path / "pages" / "c" / str(slot) / "0")
+  store.get(hashes_of(ids))          # a failed read is awaited too
+  store.evict(hashes_of(ids[-2:]))
+  store.close()
+  assert len(futures) > 40
+  assert all(f.done() for f in futures)
+  writes = [f for f in futures if isinstance(f, ts.WriteFutures)]
+  assert len(writes) == 20 and all(f.commit.done() and f.exception() is None for f in writes)
+  s = store.stats()
+  assert s["futures_outstanding"] == 0 and s["futures_issued"] == s["futures_awaited"] >= len(
+      futures)
+  # and what was committed is there: a fresh process-like reopen reads the last 6 intact
+  again = open_store(tmp_path, capacity=8)
+  r = again.get(hashes_of(ids[12:18]))
+  assert r.found.all() and same_bytes(r.arrays, pages_of(ids[12:18]))
+
+
+def test_any_kvstore_by_configuration():
+  store = BlockStore(StoreConfig(kvstore={"driver": "memory", "path": "l3"}, capacity=4), FMT)
+  store.put(hashes_of([1, 2]), pages_of([1, 2]))
+  r = store.get(hashes_of([2, 1]))
+  assert r.found.all() and same_bytes(r.arrays, pages_of([2, 1]))

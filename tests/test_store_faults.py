@@ -1,0 +1,205 @@
+"""Faults that must lose nothing: flipped bytes in chunk files (every one caught), a chunk
+holding another page, a deleted file, a corrupt journal record, SIGKILL of a writing child
+process, and a full disk (a file-size limit in a child process)."""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pytest
+
+from kvjax.store import hash_keys
+from test_store import hashes_of
+from test_store import info_of
+from test_store import open_store
+from test_store import pages_of
+from test_store import same_bytes
+
+TESTS = str(pathlib.Path(__file__).resolve().parent)
+
+
+def chunk_file(store, root, page_id) -> pathlib.Path:
+  slot = store.index.slot_of[int(hash_keys(hashes_of([page_id]))[0])]
+  return pathlib.Path(root) / "pages" / "c" / str(slot) / "0"
+
+
+def check_found(store, ids, want_found):
+  """get(ids): found is want_found, and every page found is the one put, byte for byte."""
+  r = store.get(hashes_of(ids))
+  assert r.found.tolist() == list(want_found)
+  live = [i for i, f in zip(ids, want_found) if f]
+  assert same_bytes({k: a[r.found] for k, a in r.arrays.items()}, pages_of(live))
+  np.testing.assert_array_equal(r.info.tokens[r.found], info_of(live).tokens)
+
+
+@pytest.fixture
+def fast_dir(tmp_path):
+  """A directory on tmpfs where there is one (file opens there cost microseconds, not ms)."""
+  shm = "/dev/shm"
+  if not (os.path.isdir(shm) and os.access(shm, os.W_OK)):
+    yield tmp_path
+    return
+  path = tempfile.mkdtemp(prefix="kvjax-store-", dir=shm)
+  try:
+    yield pathlib.Path(path)
+  finally:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_every_flipped_byte_is_caught(fast_dir):
+  tmp_path = fast_dir
+  store = open_store(tmp_path, capacity=8)
+  ids = list(range(8))
+  store.put(hashes_of(ids), pages_of(ids), info_of(ids))
+  rng = np.random.default_rng(0)
+  size0 = chunk_file(store, tmp_path, 0).stat().st_size
+  assert size0 > store.format.page_bytes // 2
+  # every byte of one chunk file (header, compressed body, crc trailer), then random chunks
+  trials = [(0, off) for off in range(size0)]
+  for _ in range(60):
+    pid = int(rng.integers(0, 8))
+    trials.append((pid, int(rng.integers(0, chunk_file(store, tmp_path, pid).stat().st_size))))
+  for pid, off in trials:
+    path = chunk_file(store, tmp_path, pid)
+    data = path.read_bytes()
+    flipped = bytearray(data)
+    flipped[off] ^= int(rng.integers(1, 256))
+    path.write_bytes(bytes(flipped))
+    check_found(store, ids, [i != pid for i in ids])   # a miss, never returned
+    assert not store.contains(hashes_of([pid]))[0]     # and unlisted
+    path.write_bytes(data)
+    store.put(hashes_of([pid]), pages_of([pid]), info_of([pid]))   # recomputed
+  s = store.stats()
+  assert s["checksum_failures"] == len(trials) and s["futures_outstanding"] == 0
+
+
+def test_a_chunk_holding_another_page_is_caught_by_the_page_checksum(tmp_path):
+  store = open_store(tmp_path, capacity=4)
+  store.put(hashes_of([0, 1]), pages_of([0, 1]), info_of([0, 1]))
+  # a valid chunk (its codec checksum holds) in the wrong slot: only the page crc sees it
+  chunk_file(store, tmp_path, 0).write_bytes(chunk_file(store, tmp_path, 1).read_bytes())
+  check_found(store, [0, 1], [False, True])
+  assert store.stats()["checksum_failures"] == 1
+
+
+def test_a_deleted_file_is_a_miss(tmp_path):
+  store = open_store(tmp_path, capacity=4)
+  store.put(hashes_of([0, 1]), pages_of([0, 1]), info_of([0, 1]))
+  os.remove(chunk_file(store, tmp_path, 1))
+  check_found(store, [0, 1], [True, False])
+  s = store.stats()
+  assert (s["missing_files"], s["checksum_failures"], s["misses"]) == (1, 0, 1)
+  store.put(hashes_of([1]), pages_of([1]), info_of([1]))
+  check_found(store, [0, 1], [True, True])
+
+
+def test_a_corrupt_journal_record_stops_the_replay_there(tmp_path):
+  store = open_store(tmp_path, capacity=16)
+  for b in range(3):
+    ids = [2 * b, 2 * b + 1]
+    store.put(hashes_of(ids), pages_of(ids), info_of(ids))
+  del store
+  journals = sorted((tmp_path / "index").glob("journal-*"))
+  assert len(journals) == 3
+  data = bytearray(journals[1].read_bytes())
+  data[len(data) // 2] ^= 0x40
+  journals[1].write_bytes(bytes(data))
+  again = open_store(tmp_path, capacity=16)
+  assert again.stats()["corrupt_index_records"] == 1 and again.warm_pages == 2
+  check_found(again, list(range(6)), [True, True, False, False, False, False])
+  again.put(hashes_of([10]), pages_of([10]), info_of([10]))   # record 2 anew; old 3 is gone
+  del again
+  third = open_store(tmp_path, capacity=16)
+  check_found(third, [0, 1, 2, 4, 10], [True, True, False, False, True])
+
+
+WRITER = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from test_store import hashes_of, info_of, open_store, pages_of
+store = open_store(sys.argv[2], capacity=int(sys.argv[3]))
+i = int(sys.argv[4])
+while True:
+  ids = list(range(i, i + 4))
+  store.put(hashes_of(ids), pages_of(ids), info_of(ids))
+  i += 4
+  print(i, flush=True)   # every id below i is committed
+"""
+
+
+def test_sigkill_in_the_middle_of_writes_restarts_warm_and_consistent(tmp_path):
+  capacity, batch, start = 24, 4, 0
+  rng = np.random.default_rng(1)
+  for round_ in range(2):
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, TESTS, str(tmp_path), str(capacity),
+                             str(start)], stdout=subprocess.PIPE, text=True)
+    committed, target = start, start + 36 + 4 * int(rng.integers(0, 4))
+    for line in proc.stdout:
+      committed = int(line)
+      if committed >= target:
+        break
+    time.sleep(float(rng.uniform(0, 0.004)))
+    os.kill(proc.pid, signal.SIGKILL)   # most likely inside the next put
+    proc.wait()
+    proc.stdout.close()
+    assert committed >= target, f"the writer stopped early (round {round_})"
+    store = open_store(tmp_path, capacity=capacity)
+    ids = list(range(committed + batch))   # the batch in flight may or may not be listed
+    listed = store.contains(hashes_of(ids))
+    r = store.get(hashes_of(ids))
+    assert r.found.tolist() == listed.tolist()     # every listed page reads back intact
+    live = [i for i in ids if listed[i]]
+    assert same_bytes({k: a[r.found] for k, a in r.arrays.items()}, pages_of(live))
+    np.testing.assert_array_equal(r.info.tokens[r.found], info_of(live).tokens)
+    s = store.stats()
+    assert s["checksum_failures"] == s["missing_files"] == s["read_errors"] == 0
+    assert listed[committed - batch:committed].all()   # the last committed batch survived
+    assert store.warm_pages >= capacity - batch        # warm: at most one batch of evictions
+    start = committed + batch
+    del store
+
+
+FULL_DISK = r"""
+import json, resource, signal, sys
+sys.path.insert(0, sys.argv[1])
+from test_store import hashes_of, info_of, open_store, pages_of, same_bytes
+from kvjax.store import StoreWriteError
+store = open_store(sys.argv[2], capacity=16)
+store.put(hashes_of(range(4)), pages_of(range(4)), info_of(range(4)))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # EFBIG instead of a signal
+resource.setrlimit(resource.RLIMIT_FSIZE, (256, 256))   # a page's chunk is larger
+errors, listed = [], []
+for b in range(3):
+  ids = list(range(10 + 4 * b, 14 + 4 * b))
+  try:
+    listed.append(store.put(hashes_of(ids), pages_of(ids), info_of(ids)).tolist())
+  except StoreWriteError as err:
+    errors.append(str(err))
+    listed.append(err.listed.tolist())
+r = store.get(hashes_of(range(4)))
+print(json.dumps({"errors": errors, "listed": listed, "found": r.found.tolist(),
+                  "intact": same_bytes(r.arrays, pages_of(range(4))), "stats": store.stats()}))
+"""
+
+
+def test_a_full_disk_gives_one_clear_error_and_reads_go_on(tmp_path):
+  out = subprocess.run([sys.executable, "-c", FULL_DISK, TESTS, str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  res = json.loads(out.stdout.strip().splitlines()[-1])
+  assert len(res["errors"]) == 1, res["errors"]
+  assert "write failed" in res["errors"][0] and "too large" in res["errors"][0].lower()
+  assert res["listed"] == [[False] * 4] * 3
+  assert res["found"] == [True] * 4 and res["intact"]
+  assert res["stats"]["writes_refused"] == 8 and not res["stats"]["writes_enabled"]
+  store = open_store(tmp_path, capacity=16)   # a restart: what was committed, nothing else
+  check_found(store, list(range(4)) + [10, 14], [True] * 4 + [False, False])
+  store.put(hashes_of([10]), pages_of([10]), info_of([10]))
+  check_found(store, [10], [True])
