@@ -1,6 +1,19 @@
-"""Test set-up: 8 host devices (set before jax is imported) so sharding runs on CPU."""
+"""Test set-up: 8 host devices (set before jax is imported) so sharding runs on CPU.
 
+XLA compilation is most of the suite's time, and modules compile the same
+programs again (each module drops its executables, below; many tests build a
+fresh jit of the same function). One persistent compilation cache per test
+run, shared by the xdist workers, turns those recompiles into loads: the
+process that loads this file first (the xdist controller, or a plain pytest)
+makes a temporary folder, names it in ``$KVJAX_TEST_XLA_CACHE`` for the
+workers it starts, and removes it at exit. Set ``KVJAX_TEST_XLA_CACHE`` to a
+folder yourself to keep the cache across runs, or to ``off``.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
@@ -8,9 +21,18 @@ if "xla_force_host_platform_device_count" not in _flags:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("KVJAX_COMPILE_CACHE", "off")   # CLI runs in tests write no XLA cache
 
+_CACHE_ENV = "KVJAX_TEST_XLA_CACHE"
+if _CACHE_ENV not in os.environ:
+  os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="kvjax-tests-xla-")
+  atexit.register(shutil.rmtree, os.environ[_CACHE_ENV], True)
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+if os.environ[_CACHE_ENV].strip().lower() not in ("", "off"):
+  jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 import pytest  # noqa: E402
 
