@@ -33,6 +33,8 @@ if os.environ[_CACHE_ENV].strip().lower() not in ("", "off"):
   jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  # a size limit turns on the cache's file lock: workers never read a half-written entry
+  jax.config.update("jax_compilation_cache_max_size", 4 << 30)
 
 import pytest  # noqa: E402
 
