@@ -193,9 +193,9 @@ def _classify(err: BaseException) -> str:
 class PendingRead:
   """A batch of page reads in flight (``BlockStore.get_async``); ``result()`` awaits them all."""
 
-  def __init__(self, store: "BlockStore", keys, slots, crcs, futures, started):
+  def __init__(self, store: "BlockStore", keys, slots, crcs, listed, batch, started):
     self._store, self._keys, self._slots, self._crcs = store, keys, slots, crcs
-    self._futures, self._started, self._result = futures, started, None
+    self._listed, self._batch, self._started, self._result = listed, batch, started, None
 
   def result(self) -> StoreRead:
     if self._result is None:
@@ -270,9 +270,9 @@ class BlockStore:
       self.index.clock += 1
       slots = self.index.lookup(keys)
       crcs = self.index.crc[np.maximum(slots, 0)].copy()
-    futures = {i: self.ledger.track(self.array[int(s)].read())
-               for i, s in enumerate(slots) if s >= 0}
-    return PendingRead(self, keys, slots, crcs, futures, time.perf_counter())
+    listed = np.flatnonzero(slots >= 0)
+    batch = self.ledger.track(self.array[slots[listed]].read()) if len(listed) else None
+    return PendingRead(self, keys, slots, crcs, listed, batch, time.perf_counter())
 
   def get(self, hashes: np.ndarray) -> StoreRead:
     """Read pages by block hash; a page missing, unreadable or failing its checksum is a miss.
@@ -287,21 +287,33 @@ class BlockStore:
 
   def _finish_read(self, pending: PendingRead) -> StoreRead:
     n = len(pending._keys)
-    rows = np.empty((n, self.format.page_bytes), np.uint8)
+    rows = np.zeros((n, self.format.page_bytes), np.uint8)
     found = np.zeros(n, bool)
     failed = {}
-    for i, fut in pending._futures.items():
+    listed = pending._listed
+    got = None
+    if pending._batch is not None:
       try:
-        row = self.ledger.wait(fut)
-      except Exception as err:  # noqa: BLE001: any failed read is a miss, classified
-        failed[i] = _classify(err)
-        continue
-      if page_crc(pending._keys[i], row) != int(pending._crcs[i]):
-        failed[i] = "checksum_failures"
-        continue
-      rows[i] = row
-      found[i] = True
-    rows[~found] = 0
+        got = self.ledger.wait(pending._batch)
+      except Exception:  # noqa: BLE001: some page failed; read them one by one to tell which
+        got = None
+    if got is not None:
+      rows[listed] = got
+      found[listed] = True
+    elif len(listed):
+      futures = {int(i): self.ledger.track(self.array[int(pending._slots[i])].read())
+                 for i in listed}
+      for i, fut in futures.items():
+        try:
+          rows[i] = self.ledger.wait(fut)
+          found[i] = True
+        except Exception as err:  # noqa: BLE001: any failed read is a miss, classified
+          failed[i] = _classify(err)
+    for i in np.flatnonzero(found):
+      if page_crc(pending._keys[i], rows[i]) != int(pending._crcs[i]):
+        failed[int(i)] = "checksum_failures"
+        found[i] = False
+        rows[i] = 0
     info = PageInfo.empty(n, self.format.page_size)
     with self._lock:
       ix = self.index
@@ -318,7 +330,7 @@ class BlockStore:
         info.tokens[i], info.parent[i] = ix.tokens[slot], ix.parent[slot]
         info.namespace[i] = ix.namespace[slot]
       st = self._stats
-      st["reads"] += len(pending._futures)
+      st["reads"] += len(listed)
       st["read_bytes"] += int(found.sum()) * self.format.page_bytes
       st["hits"] += int(found.sum())
       st["misses"] += n - int(found.sum())
@@ -384,13 +396,15 @@ class BlockStore:
       sub = {k: np.asarray(a)[todo] for k, a in arrays.items()}
       rows = self.format.pack(sub)
       crcs = [page_crc(keys[i], rows[j]) for j, i in enumerate(todo)]
-      futures = [self.ledger.track(self.array[slot].write(rows[j]))
-                 for j, slot in enumerate(new)]
       errors, ok = [], []
-      for j, fut in enumerate(futures):
+      if len(new):
+        # one write for the batch: tensorstore writes its chunks concurrently; a batch
+        # whose write fails lists none of its pages (some chunks may hold new bytes, but
+        # an unlisted slot is never read)
         try:
-          self.ledger.wait(fut.commit)
-          ok.append(j)
+          self.ledger.wait(self.ledger.track(
+              self.array[np.asarray(new, np.int64)].write(rows)).commit)
+          ok = list(range(len(new)))
         except Exception as err:  # noqa: BLE001: reported as one StoreWriteError below
           errors.append(err)
       with self._lock:
@@ -399,7 +413,7 @@ class BlockStore:
           i = todo[j]
           ix.insert(new[j], int(keys[i]), crc=crcs[j], tokens=info.tokens[i],
                     parent=info.parent[i], namespace=info.namespace[i])
-        ix.release([new[j] for j in range(len(new)) if j not in set(ok)])
+        ix.release([] if ok else list(new))
         self._stats["writes"] += len(ok)
         self._stats["write_bytes"] += len(ok) * self.format.page_bytes
         self._stats["write_seconds"] += time.perf_counter() - t0
