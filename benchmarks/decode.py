@@ -12,8 +12,12 @@ batch 8, context 512): ``paged_over_dense`` (paged step time / dense step
 time), ``plan_share`` (``plan_step`` alone / paged step), ``over_bound`` (paged
 step / the bandwidth bound: weights plus live K/V over the bandwidth measured
 in the same run, the faster of a copy and a GEMV), ``pool_scaling`` (the paged
-step with a pool 16x what the batch needs over the step at 2x) and
-``compile_s`` per shape (first call less a steady step).
+step with a pool 16x what the batch needs over the step at 2x),
+``table_scaling`` (the paged step with a page table 4x wider than the context,
+as the demo sizes it for its longest chat, over the step with a table sized
+to the context: attention over the full width, and with the host loops'
+``context_pages`` bucket) and ``compile_s`` per shape (first call less a
+steady step).
 
   python benchmarks/decode.py [--quick] [--out FILE] [--batches 1,4,8] [--contexts 128,512]
 """
@@ -31,6 +35,7 @@ import numpy as np
 
 import kvjax
 from kvjax.models import llama
+from kvjax.models.generate import context_bucket
 import common  # benchmarks/common.py: machine description, results writer
 from kvjax.cache.attend import grouped_attention
 
@@ -111,14 +116,18 @@ def step_bytes(config, batch: int, context: int, dtype_bytes: int = 4) -> int:
 
 
 def run_context(config, params, batch: int, context: int, page_size: int, steps: int,
-                rounds: int, pool_factor: int = 2) -> dict:
+                rounds: int, pool_factor: int = 2, table_factor: int = 1,
+                bucketed: bool = False) -> dict:
   """Fill both caches to ``context - 2*steps*rounds - 1`` tokens, then time decode steps.
 
   The paged pool holds ``pool_factor`` times the pages the batch needs (a cache
-  holds more than one batch); the dense cache is sized to the context.
+  holds more than one batch) and its page table ``table_factor`` times the
+  context's pages (``bucketed``: attention over the host loops' bucket,
+  ``generate.context_bucket``, instead of the table's width); the dense cache
+  is sized to the context.
   """
   max_len = context
-  pages_per_seq = max_len // page_size
+  pages_per_seq = max_len // page_size * table_factor
   cc = config.cache_config(page_size=page_size, num_pages=batch * pages_per_seq * pool_factor,
                            max_seqs=batch, max_pages_per_seq=pages_per_seq)
   fill = context - steps * rounds * 2 - 1
@@ -148,13 +157,14 @@ def run_context(config, params, batch: int, context: int, page_size: int, steps:
 
   tokens = jnp.asarray(rng.integers(0, config.vocab_size, size=(batch, 1)), jnp.int32)
   ones = jnp.ones((batch,), jnp.int32)
+  width = context_bucket(np.array([context]), page_size, pages_per_seq) if bucketed else None
   state = {"cache": cache, "dense": (k_dense, v_dense, lengths)}
 
   def paged_steps():
     c = state["cache"]
     for _ in range(steps):
       logits, c = llama.decode_step(params, c, tokens, seq_ids, ones, config=config,
-                                    cache_config=cc)
+                                    cache_config=cc, context_pages=width)
     jax.block_until_ready((logits, c))
     state["cache"] = c
 
@@ -192,6 +202,7 @@ def run_context(config, params, batch: int, context: int, page_size: int, steps:
   assert int(state["cache"].status) == 0, kvjax.status_names(int(state["cache"].status))
   return {"batch": batch, "context": context, "page_size": page_size,
           "num_pages": cc.num_pages, "pool_factor": pool_factor,
+          "max_pages_per_seq": pages_per_seq, "context_pages": width,
           "compile_s": first_s - steps * paged, "paged_step_s": paged,
           "dense_step_s": dense, "plan_step_s": plan, "paged_over_dense": paged / dense,
           "plan_share": plan / paged, "paged_rounds_s": paged_t, "dense_rounds_s": dense_t}
@@ -235,6 +246,17 @@ def main(argv=None):
   print(f"pool scaling (batch {sb}, context {sc}): {big['num_pages']} pages "
         f"{big['paged_step_s']*1e3:.2f} ms / {small['num_pages']} pages "
         f"{small['paged_step_s']*1e3:.2f} ms = {pool_scaling:.3f}", flush=True)
+  # Table scaling: a page table 4x the context (the demo's sizing), full width vs bucketed.
+  wide = run_context(config, params, sb, sc, args.page_size, steps, rounds, table_factor=4)
+  wide_b = run_context(config, params, sb, sc, args.page_size, steps, rounds, table_factor=4,
+                       bucketed=True)
+  table_scaling = {"full_width": wide["paged_step_s"] / small["paged_step_s"],
+                   "bucketed": wide_b["paged_step_s"] / small["paged_step_s"],
+                   "context_pages": wide_b["context_pages"],
+                   "max_pages_per_seq": wide["max_pages_per_seq"]}
+  print(f"table scaling (batch {sb}, context {sc}, table 4x): full width "
+        f"{table_scaling['full_width']:.3f}, bucketed ({wide_b['context_pages']} of "
+        f"{wide['max_pages_per_seq']} pages) {table_scaling['bucketed']:.3f}", flush=True)
   key = f"b{sb}_c{sc}"
   out = {
       "benchmark": "decode", "quick": args.quick, "machine": common.machine(),
@@ -243,6 +265,7 @@ def main(argv=None):
                 "dtype": "float32"},
       "page_size": args.page_size, "bandwidth": bw,
       "pool_scaling": pool_scaling,
+      "table_scaling": table_scaling,
       "over_bound": results[key]["over_bound"],
       "over_bound_at": key,
       "paged_over_dense": {c: r["paged_over_dense"] for c, r in results.items()},
@@ -252,7 +275,8 @@ def main(argv=None):
       "over_hf_note": "HF transformers (torch) is not installed on this machine: not measured",
       "targets": {"pool_scaling": 1.1, "over_bound": 2.0, "paged_over_dense": 1.0,
                   "plan_share": 0.05},
-      "details": {**results, f"{key}_pool16": big},
+      "details": {**results, f"{key}_pool16": big, f"{key}_table4": wide,
+                  f"{key}_table4_bucketed": wide_b},
   }
   common.write_json(args.out, out, indent=2)
   print(f"\nmachine: {out['machine']['platform']}, {out['machine']['cpu_count']} cpus, "

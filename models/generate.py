@@ -96,6 +96,28 @@ def _host_rows(cache) -> tuple[np.ndarray, np.ndarray]:
   return jax.device_get((cache.seq_lens, cache.seq_status))
 
 
+CONTEXT_BUCKET_PAGES = 16   # the narrowest attention width the loops compile; then x2 up to M
+
+
+def context_bucket(lengths: np.ndarray, page_size: int, max_pages_per_seq: int) -> int:
+  """Attention width in pages for a step whose longest row holds ``max(lengths)`` tokens after it.
+
+  The loops pass it as ``decode_step(..., context_pages=...)``: 16 pages, then
+  doubling (32, 64, ...), capped at ``max_pages_per_seq``, so a batch of short
+  rows does not attend over the page table's full width (at most 2x what
+  its longest row needs) while the number of compiled step shapes stays
+  small (1 + log2 of the table's width over 16).
+
+  >>> context_bucket(np.array([5, 300]), 16, 128), context_bucket(np.array([3000]), 16, 128)
+  (32, 128)
+  """
+  need = -(-int(np.max(lengths, initial=1)) // page_size)
+  width = CONTEXT_BUCKET_PAGES
+  while width < need:
+    width *= 2
+  return min(width, max_pages_per_seq)
+
+
 def _step(params, cache, tokens, ids, num_new, config, cache_config, seeds, before):
   """One decode_step. Returns ``(logits, cache, stopped, after)``: ``stopped`` int [B] holds
   the flags of each working row that was refused or flagged this step (0 = fine);
@@ -105,9 +127,11 @@ def _step(params, cache, tokens, ids, num_new, config, cache_config, seeds, befo
   The new cache is kept whatever happened; only checked mode raises (with it).
   """
   rows = np.maximum(ids, 0)
+  width = context_bucket(np.where(ids >= 0, before[0][rows] + num_new, 0),
+                         cache_config.page_size, cache_config.max_pages_per_seq)
   logits, cache = decode_step(params, cache, jnp.asarray(tokens), jnp.asarray(ids),
                               jnp.asarray(num_new), None if seeds is None else jnp.asarray(seeds),
-                              config=config, cache_config=cache_config)
+                              config=config, cache_config=cache_config, context_pages=width)
   after = _host_rows(cache)
   new_flags = after[1][rows] & ~before[1][rows]
   short = (ids >= 0) & (after[0][rows] != before[0][rows] + num_new)

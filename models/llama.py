@@ -29,11 +29,13 @@ from kvjax import drop
 from kvjax.cache.attend import grouped_attention
 from kvjax.cache.attend import write_attend
 from kvjax.cache.config import CacheConfig
+from kvjax.cache.plan import context_plan
 from kvjax.cache.plan import flag_sequences
 from kvjax.cache.plan import layer_plan
 from kvjax.cache.plan import plan_step
 from kvjax.cache.plan import write_flags
 from kvjax.cache.state import CacheState
+from kvjax.cache.status import BAD_INPUT
 from kvjax.cache.status import enforce_checked
 from kvjax.layout.pages import flat_layer
 from kvjax.layout.pages import with_flat_layer
@@ -383,7 +385,8 @@ def _check_step_args(tokens, seq_ids, num_new, config: LlamaConfig,
 
 def decode_step(params: LlamaParams, cache: CacheState, tokens: jax.Array,
                 seq_ids: jax.Array, num_new: jax.Array, seeds: jax.Array | None = None, *,
-                config: LlamaConfig, cache_config: CacheConfig):
+                config: LlamaConfig, cache_config: CacheConfig,
+                context_pages: int | None = None):
   """One step through the paged cache: a prefill chunk (T > 1) or a decode token (T = 1).
 
   Plans pages once for the batch, then scans the layers with the K/V pools in
@@ -415,6 +418,13 @@ def decode_step(params: LlamaParams, cache: CacheState, tokens: jax.Array,
     seeds: optional uint32 [B, 2] namespace seeds (``kvjax.tenant_seed``) for
       ``kvjax.plan_step``: a sequence that starts takes its row's.
     config, cache_config: static; layers, kv heads and head_dim must agree.
+    context_pages: static; attention reads only the first ``context_pages``
+      columns of each row's page table (``kvjax.cache.plan.context_plan``), so
+      its cost follows the batch's longest row rather than
+      ``max_pages_per_seq``; one compile per value. None: the full width.
+      A row longer than ``context_pages * page_size`` after the step is
+      flagged ``BAD_INPUT`` (its logits are meaningless; its K/V are
+      written). Ignored in drop mode (its page mass spans the full table).
 
   Returns:
     (logits float32 [B, T, V], cache). Logits of padding tokens, padding rows and
@@ -430,14 +440,17 @@ def decode_step(params: LlamaParams, cache: CacheState, tokens: jax.Array,
   >>> logits.shape
   (2, 3, 256)
   """
+  if context_pages is not None and context_pages == cache_config.max_pages_per_seq:
+    context_pages = None    # the full width: the same program as without it
   logits, cache = _decode_step(params, cache, tokens, seq_ids, num_new, seeds, config=config,
-                               cache_config=cache_config)
+                               cache_config=cache_config, context_pages=context_pages)
   return logits, enforce_checked(cache, cache_config)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "cache_config"),
+@functools.partial(jax.jit, static_argnames=("config", "cache_config", "context_pages"),
                    donate_argnames=("cache",))
-def _decode_step(params, cache, tokens, seq_ids, num_new, seeds, *, config, cache_config):
+def _decode_step(params, cache, tokens, seq_ids, num_new, seeds, *, config, cache_config,
+                 context_pages=None):
   """``decode_step``'s jitted body (flags recorded, nothing raised)."""
   _check_step_args(tokens, seq_ids, num_new, config, cache_config)
   check_params(params, config)
@@ -450,6 +463,9 @@ def _decode_step(params, cache, tokens, seq_ids, num_new, seeds, *, config, cach
   plan, cache = plan_step(cache, seq_ids, tokens, num_new.astype(jnp.int32), seeds,
                           config=cache_config)
   rope_positions = plan.positions                                   # [B, T]
+  over = None
+  if context_pages is not None and not dropping:   # attention over the rows' own pages
+    plan, over = context_plan(plan, context_pages, cache_config.page_size)
   if dropping:
     rope_positions = plan.positions + positions_offset[:, None]     # logical positions
 
@@ -478,5 +494,8 @@ def _decode_step(params, cache, tokens, seq_ids, num_new, seeds, *, config, cach
   cache = cache.replace(k=k_all, v=v_all)
   if dropping:
     cache = drop.accumulate(cache, plan, mass)
-  cache = flag_sequences(cache, plan.seq_ids, jnp.bitwise_or.reduce(flags, axis=0))
+  flags = jnp.bitwise_or.reduce(flags, axis=0)
+  if over is not None:
+    flags = flags | jnp.where(over, BAD_INPUT, 0).astype(flags.dtype)
+  cache = flag_sequences(cache, plan.seq_ids, flags)
   return lm_logits(params, x, config), cache

@@ -391,6 +391,50 @@ def test_generate_matches_greedy_forward_and_prefill_matches_last_logits(params)
   assert np.asarray(cache.seq_lens)[:BATCH].tolist() == [9 + 5, 3 + 5, 14 + 5, 1 + 5]
 
 
+# A page table wider than the loops' narrowest attention bucket (16 pages): generate and
+# prefill attend over 16 columns of it, not 20.
+WIDE = CFG.cache_config(page_size=4, num_pages=48, max_seqs=6, max_pages_per_seq=20)
+
+
+def test_context_pages_attends_over_the_rows_own_pages_and_flags_a_row_it_cannot_hold(params):
+  import kvjax
+  from kvjax.models.generate import context_bucket
+
+  rng = np.random.default_rng(3)
+  tokens = jnp.asarray(rng.integers(0, CFG.vocab_size, (BATCH, 7)), jnp.int32)
+  ids, n = jnp.array([0, 1, 2, -1]), jnp.array([7, 3, 5, 0])
+  out = {}
+  for width in (None, 16, 1):    # 1 page (4 tokens) holds row 1 only
+    logits, cache = llama.decode_step(params, kvjax.init(WIDE), tokens, ids, n, config=CFG,
+                                      cache_config=WIDE, context_pages=width)
+    out[width] = np.asarray(logits), np.asarray(cache.seq_status), np.asarray(cache.seq_lens)
+  full, narrow, tiny = out[None], out[16], out[1]
+  for r, k in enumerate([7, 3, 5]):
+    np.testing.assert_allclose(narrow[0][r, :k], full[0][r, :k], atol=1e-5, rtol=1e-5)
+  assert full[1][:3].tolist() == narrow[1][:3].tolist() == [0, 0, 0]
+  # rows 0 and 2 do not fit one page: flagged, their K/V written all the same; row 1 is exact
+  assert tiny[1][:3].tolist() == [kvjax.BAD_INPUT, 0, kvjax.BAD_INPUT]
+  assert tiny[2][:3].tolist() == full[2][:3].tolist() == [7, 3, 5]
+  np.testing.assert_allclose(tiny[0][1, :3], full[0][1, :3], atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="context_pages"):
+    llama.decode_step(params, kvjax.init(WIDE), tokens, ids, n, config=CFG, cache_config=WIDE,
+                      context_pages=21)
+  assert context_bucket(np.array([7, 3, 5, 0]), 4, 20) == 16
+  assert context_bucket(np.array([65]), 4, 20) == 20
+
+
+def test_generate_over_a_wide_table_matches_greedy_forward(params):
+  import kvjax
+  from kvjax.models.generate import generate
+
+  rng = np.random.default_rng(11)
+  prompts = [rng.integers(0, CFG.vocab_size, n).tolist() for n in (9, 3, 14, 1)]
+  out, _ = generate(params, kvjax.init(WIDE), prompts, [0, 1, 2, 3], config=CFG,
+                    cache_config=WIDE, max_new_tokens=5, stop_ids=(), chunk_size=7)
+  for r, p in enumerate(prompts):
+    assert out[r] == _greedy_reference(params, p, 5), f"row {r}"
+
+
 def test_generate_ends_a_refused_row_and_finishes_the_others(params):
   import kvjax
   from kvjax.models.generate import generate

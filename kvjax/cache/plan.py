@@ -330,6 +330,42 @@ def layer_plan(plan: StepPlan, i, pages: Pages) -> StepPlan:
                       cow_dst=shift(plan.cow_dst, p_, num_layers * p_))
 
 
+def context_plan(plan: StepPlan, context_pages: int, page_size: int) -> tuple[StepPlan, jax.Array]:
+  """``plan`` with attention reading only the first ``context_pages`` columns of the page table.
+
+  A decode row attends over its own pages, not the table's full width M: a
+  host loop that knows its rows' lengths passes the smallest bucket that
+  holds them (``models/generate.py``), and the gather, the mask and the
+  softmax shrink with it (the new K/V are written through ``slots``,
+  unchanged). A row whose ``kv_lens`` does not fit the narrowed table would
+  attend to a truncated context: it is returned in ``over`` (the model's step
+  flags it ``BAD_INPUT``; its K/V are written all the same).
+
+  Args:
+    plan: the step's plan (``plan_step``), page table int32 [B, M].
+    context_pages: static int in [1, M].
+    page_size: S.
+
+  Returns:
+    ``(plan with page_table [B, context_pages], over bool [B])``.
+
+  >>> import kvjax
+  >>> cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2,
+  ...                         num_pages=8, max_seqs=2, max_pages_per_seq=4)
+  >>> plan, _ = plan_step(kvjax.init(cfg), jnp.array([0, 1]), jnp.array([[1, 2, 3]] * 2),
+  ...                     jnp.array([3, 1]), config=cfg)
+  >>> narrow, over = context_plan(plan, 1, cfg.page_size)
+  >>> narrow.page_table.shape, over.tolist()
+  ((2, 1), [True, False])
+  """
+  m_ = plan.page_table.shape[1]
+  if not isinstance(context_pages, int) or not 1 <= context_pages <= m_:
+    raise ValueError(f"context_pages must be an int in [1, {m_}] (the page table's width), got "
+                     f"{context_pages!r}")
+  over = plan.kv_lens > context_pages * page_size
+  return plan.replace(page_table=plan.page_table[:, :context_pages]), over
+
+
 def flag_sequences(state: CacheState, seq_ids: jax.Array, flags: jax.Array) -> CacheState:
   """OR per-row status ``flags`` into the rows' sequences (``seq_status``) and ``status``.
 
