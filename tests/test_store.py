@@ -266,3 +266,13 @@ def test_any_kvstore_by_configuration():
   store.put(hashes_of([1, 2]), pages_of([1, 2]))
   r = store.get(hashes_of([2, 1]))
   assert r.found.all() and same_bytes(r.arrays, pages_of([2, 1]))
+
+
+def test_a_page_of_zeros_is_stored_and_read_back(tmp_path):
+  # tensorstore skips writing a chunk equal to the fill value (zeros) unless told otherwise;
+  # the store must keep it: an all-zero page (int8 zeros, an empty bfloat16 page) is data.
+  store = open_store(tmp_path)
+  zeros = FMT.unpack(np.zeros((2, FMT.page_bytes), np.uint8))
+  assert store.put(hashes_of([1, 2]), zeros).all()
+  r = open_store(tmp_path).get(hashes_of([1, 2]))
+  assert r.found.all() and same_bytes(r.arrays, zeros)

@@ -224,6 +224,8 @@ class BlockStore:
     self.format = self._open_format(fmt)
     cap, pb = config.capacity, self.format.page_bytes
     spec = {"driver": "zarr3", "fill_missing_data_reads": False,
+            # a page of zeros is data too: without this its chunk is never written
+            "store_data_equal_to_fill_value": True,
             "kvstore": {**root, "path": root["path"] + "pages/"},
             "metadata": {"shape": [cap, pb], "data_type": "uint8",
                          "chunk_grid": {"name": "regular",
