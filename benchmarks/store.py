@@ -12,6 +12,17 @@ Reported (JSON, benchmarks/results/store.json):
     misses), SIGKILL the process, replay the second half in a new process on
     the same directory; its hits over the hits of the second half in one
     uninterrupted run. A generated trace stands in when the file is absent.
+  prefetch_hidden / prefetch_accuracy / prefetch_wasted_bytes: the trace's
+    requests served in order from a store under a stated L3 model (each read
+    of n pages waits ``L3_LATENCY_S + n * SMOLLM2_PAGE_BYTES / L3_BYTES_PER_S``
+    on top of the real read) with modeled compute (``COMPUTE_BASE_S`` per
+    request plus ``COMPUTE_BLOCK_S`` per block not found); once without
+    prefetch (every listed block read when its request starts), once with a
+    ``Prefetcher`` issuing the listed blocks of the next ``QUEUE_DEPTH``
+    queued requests while the current one computes (and again after it
+    stores its new blocks), handed over with ``wait_complete``. Hidden = 1 - (L3 wait
+    with prefetch) / (L3 wait without); accuracy = pages handed over / read
+    ahead; wasted bytes at the modeled page size.
 
   python benchmarks/store.py [--quick] [--out FILE] [--dir DIR]
 """
@@ -36,6 +47,8 @@ from kvjax.sim import traces
 from kvjax.store import BlockStore
 from kvjax.store import PageFormat
 from kvjax.store import PageInfo
+from kvjax.store import Prefetcher
+from kvjax.store import PrefetchPolicy
 from kvjax.store import StoreConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -237,6 +250,117 @@ def restart_retention(base: str, capacity: int, num_requests: int) -> dict:
           "second_half_hit_ratio_restarted": second["hits"] / max(second["refs"], 1)}
 
 
+# ----------------------------------------------------------------------------- prefetch
+
+L3_LATENCY_S = 1e-3           # per read (a batch): an NVMe queue round trip plus software
+L3_BYTES_PER_S = 2e9          # per read's pages, at the SmolLM2 int4 page size
+SMOLLM2_PAGE_BYTES = 105120   # 30 layers x 16 tokens x 3 kv heads x 64, int4 K and V + scales
+COMPUTE_BASE_S = 4e-3         # per request (its decode share and scheduling)
+COMPUTE_BLOCK_S = 2e-3        # per 512-token block computed (not found in L3)
+QUEUE_DEPTH = 4               # queued requests whose prefixes are known ahead
+
+
+class ModeledStore:
+  """A ``BlockStore`` whose reads also wait the L3 model's latency and transfer time."""
+
+  def __init__(self, store: BlockStore):
+    self.store, self.format = store, store.format
+
+  def get(self, hashes):
+    time.sleep(L3_LATENCY_S + len(hashes) * SMOLLM2_PAGE_BYTES / L3_BYTES_PER_S)
+    return self.store.get(hashes)
+
+
+def issue_queue(pf: Prefetcher, store: BlockStore, queued: list) -> None:
+  """Read ahead the blocks of the queued requests that the store lists."""
+  for ids in queued:
+    if len(ids) == 0:
+      continue
+    ahead = hashes_of(np.unique(ids))
+    ahead = ahead[store.contains(ahead)]
+    if len(ahead):
+      pf.issue(ahead)
+
+
+def serve(store: BlockStore, blocks: list, prefetch: bool) -> dict:
+  """Serve requests in order: read the listed blocks, compute (sleep) the rest, store them."""
+  modeled = ModeledStore(store)
+  pf = Prefetcher(modeled, workers=2, capacity=1024, batch=16) if prefetch else None
+  wait = 0.0
+  found = refs = 0
+  s = REPLAY_FMT.page_size
+  t_all = time.perf_counter()
+  try:
+    for i, ids in enumerate(blocks):
+      ids = np.unique(ids)
+      if len(ids) == 0:
+        continue
+      h = hashes_of(ids)
+      t0 = time.perf_counter()
+      have = np.zeros(len(ids), bool)
+      if pf is not None:   # what was read ahead; a read still in flight is waited for
+        have = pf.take(h, PrefetchPolicy("wait_complete")).found
+      rest = ~have & store.contains(h)
+      if rest.any():
+        have[rest] = modeled.get(h[rest]).found
+      wait += time.perf_counter() - t0
+      if pf is not None:
+        issue_queue(pf, store, blocks[i + 1: i + 1 + QUEUE_DEPTH])
+      found += int(have.sum())
+      refs += len(ids)
+      miss = ~have
+      time.sleep(COMPUTE_BASE_S + COMPUTE_BLOCK_S * int(miss.sum()))
+      if miss.any():
+        m = int(miss.sum())
+        want = (ids[miss][:, None] * 7 + np.arange(s)).astype(np.int32)
+        rows = np.repeat((ids[miss] % 251).astype(np.uint8)[:, None], REPLAY_FMT.page_bytes, 1)
+        info = PageInfo(want, np.zeros((m, 2), np.uint32), np.zeros((m, 2), np.uint32))
+        store.put(h[miss], REPLAY_FMT.unpack(rows), info)
+        if pf is not None:   # the queue's blocks this request just stored
+          issue_queue(pf, store, blocks[i + 1: i + 1 + QUEUE_DEPTH])
+  finally:
+    stats = {}
+    if pf is not None:
+      pf.close()
+      stats = pf.stats()
+  return {"l3_wait_s": wait, "found": found, "references": refs,
+          "wall_s": time.perf_counter() - t_all, "prefetcher": stats}
+
+
+def prefetch_effect(base: str, num_requests: int) -> dict:
+  path = traces.default_trace_path()
+  if os.path.exists(path):
+    trace, source = traces.load_mooncake(path), path
+  else:
+    trace, source = traces.generate(num_requests, seed=0), "generated"
+  req = trace.request
+  r_max = min(num_requests, int(req.max()) + 1)
+  keep = req < r_max
+  starts = np.searchsorted(req[keep], np.arange(r_max + 1))
+  flat = trace.block[keep].astype(np.int64)
+  blocks = [flat[a:b] for a, b in zip(starts[:-1], starts[1:])]
+  runs = {}
+  for name, on in (("off", False), ("on", True)):
+    d = tempfile.mkdtemp(dir=base)
+    try:
+      store = BlockStore(StoreConfig(path=d, capacity=1 << 16, sync=False), REPLAY_FMT)
+      runs[name] = serve(store, blocks, on)
+    finally:
+      shutil.rmtree(d, ignore_errors=True)
+  on, off = runs["on"], runs["off"]
+  pst = on["prefetcher"]
+  return {"trace": source, "requests": r_max,
+          "model": {"l3_latency_s": L3_LATENCY_S, "l3_bytes_per_s": L3_BYTES_PER_S,
+                    "page_bytes": SMOLLM2_PAGE_BYTES, "compute_base_s": COMPUTE_BASE_S,
+                    "compute_block_s": COMPUTE_BLOCK_S, "queue_depth": QUEUE_DEPTH},
+          "prefetch_hidden": 1.0 - on["l3_wait_s"] / max(off["l3_wait_s"], 1e-12),
+          "prefetch_accuracy": pst["accuracy"],
+          "prefetch_wasted_bytes": pst["wasted"] * SMOLLM2_PAGE_BYTES,
+          "found_off": off["found"], "found_on": on["found"], "references": off["references"],
+          "l3_wait_s_off": off["l3_wait_s"], "l3_wait_s_on": on["l3_wait_s"],
+          "wall_s_off": off["wall_s"], "wall_s_on": on["wall_s"], "prefetcher": pst}
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -259,12 +383,16 @@ def main() -> None:
   configs = [throughput(base, n, reps, c, s) for c, s in
              (("zstd", True), ("zstd", False), ("none", False))]
   restart = restart_retention(base, capacity, requests)
+  pre = prefetch_effect(base, 300 if args.quick else 2000)
   default = configs[0]
   result = {"benchmark": "store", "machine": common.machine(), "quick": args.quick,
             "dir": base, "l3_write_over_raw": default["l3_write_over_raw"],
             "l3_read_over_raw": default["l3_read_over_raw"],
             "latency_ms": default["latency_ms"], "configs": configs,
-            "restart_hit_retention": restart["restart_hit_retention"], "restart": restart}
+            "restart_hit_retention": restart["restart_hit_retention"], "restart": restart,
+            "prefetch_hidden": pre["prefetch_hidden"],
+            "prefetch_accuracy": pre["prefetch_accuracy"],
+            "prefetch_wasted_bytes": pre["prefetch_wasted_bytes"], "prefetch": pre}
   common.write_json(args.out, result)
   print(f"{'config':<16}{'l3 write':>10}{'raw write':>11}{'ratio':>7}{'l3 read':>10}"
         f"{'raw read':>10}{'ratio':>7}   MB/s")
@@ -279,6 +407,11 @@ def main() -> None:
         f"({restart['restarted_second_half_hits']} / "
         f"{restart['uninterrupted_second_half_hits']} hits, capacity {capacity}, "
         f"{restart['requests']} requests, wrong pages served {restart['wrong_pages_served']})")
+  print(f"prefetch: hidden {pre['prefetch_hidden']:.3f} of the L3 wait "
+        f"({pre['l3_wait_s_off']:.2f} s -> {pre['l3_wait_s_on']:.2f} s), accuracy "
+        f"{pre['prefetch_accuracy']:.3f}, wasted {pre['prefetch_wasted_bytes'] / 1e6:.1f} MB, "
+        f"found {pre['found_off']} / {pre['found_on']} of {pre['references']} blocks (off / on), "
+        f"{pre['requests']} requests")
 
 
 if __name__ == "__main__":
