@@ -205,7 +205,12 @@ def replay_child(args) -> None:
     os.kill(os.getpid(), signal.SIGKILL)   # no close, no flush: a crash
 
 
-def restart_retention(base: str, capacity: int, num_requests: int) -> dict:
+def request_blocks(num_requests: int) -> tuple:
+  """The first requests of the conversation trace (a generated one when the file is absent).
+
+  Returns ``(source, flat block ids int64 [refs], starts int [R + 1], unique blocks)``:
+  request r's blocks are ``flat[starts[r]:starts[r + 1]]``.
+  """
   path = traces.default_trace_path()
   if os.path.exists(path):
     trace, source = traces.load_mooncake(path), path
@@ -215,9 +220,16 @@ def restart_retention(base: str, capacity: int, num_requests: int) -> dict:
   r_max = min(num_requests, int(req.max()) + 1)
   keep = req < r_max
   starts = np.searchsorted(req[keep], np.arange(r_max + 1))
+  flat = trace.block[keep].astype(np.int64)
+  return source, flat, starts, int(np.unique(flat).size)
+
+
+def restart_retention(base: str, capacity: int, num_requests: int) -> dict:
+  source, flat, starts, unique = request_blocks(num_requests)
+  r_max = len(starts) - 1
   d = tempfile.mkdtemp(dir=base)
   blocks = os.path.join(d, "blocks.npz")
-  np.savez(blocks, flat=trace.block[keep].astype(np.int64), starts=starts)
+  np.savez(blocks, flat=flat, starts=starts)
 
   def child(phase, directory):
     cmd = [sys.executable, os.path.abspath(__file__), "--replay", phase, "--blocks", blocks,
@@ -236,8 +248,8 @@ def restart_retention(base: str, capacity: int, num_requests: int) -> dict:
     second = child("second", os.path.join(d, "restart"))
   finally:
     shutil.rmtree(d, ignore_errors=True)
-  return {"trace": source, "requests": r_max, "references": int(keep.sum()),
-          "unique_blocks": int(np.unique(trace.block[keep]).size), "capacity": capacity,
+  return {"trace": source, "requests": r_max, "references": len(flat),
+          "unique_blocks": unique, "capacity": capacity,
           "uninterrupted_second_half_hits": whole["hits"],
           "restarted_second_half_hits": second["hits"],
           "second_half_references": second["refs"],
@@ -328,16 +340,8 @@ def serve(store: BlockStore, blocks: list, prefetch: bool) -> dict:
 
 
 def prefetch_effect(base: str, num_requests: int) -> dict:
-  path = traces.default_trace_path()
-  if os.path.exists(path):
-    trace, source = traces.load_mooncake(path), path
-  else:
-    trace, source = traces.generate(num_requests, seed=0), "generated"
-  req = trace.request
-  r_max = min(num_requests, int(req.max()) + 1)
-  keep = req < r_max
-  starts = np.searchsorted(req[keep], np.arange(r_max + 1))
-  flat = trace.block[keep].astype(np.int64)
+  source, flat, starts, _ = request_blocks(num_requests)
+  r_max = len(starts) - 1
   blocks = [flat[a:b] for a, b in zip(starts[:-1], starts[1:])]
   runs = {}
   for name, on in (("off", False), ("on", True)):
