@@ -21,7 +21,7 @@ from kvjax.tiers.state import TieredState
 def tier_violations(ts: TieredState, *, config: CacheConfig) -> list:
   """Violated invariants (strings): L1's own, plus L2 and counter consistency.
 
-  L2: no two L1 pages share an L2 copy; a copy records its L1 page's block; an
+  L2: no two L1 pages share an L2 copy; the copy of an indexed full L1 page records its L1 page's block; an
   L2 parent is a full L2 page at the previous position; counters add up
   (L1 + L2 hits <= lookups, tokens = pages * page_size).
   """
@@ -34,7 +34,9 @@ def tier_violations(ts: TieredState, *, config: CacheConfig) -> list:
   used = copy[copy >= 0]
   if len(set(used.tolist())) != used.size:
     out.append("two L1 pages share one L2 copy")
-  for p in np.flatnonzero(copy >= 0):
+  full = (np.any(np.asarray(ts.l1.meta.block_hash) != 0, axis=-1)
+          & (np.asarray(ts.l1.meta.filled) == s))
+  for p in np.flatnonzero((copy >= 0) & full):  # others are stale until the next sync
     q = copy[p]
     if m2["filled"][q] != s or not np.array_equal(m2["tokens"][q], m1_tokens[p]):
       out.append(f"L1 page {p}: its L2 copy {q} holds another block")
