@@ -173,3 +173,77 @@ def test_colliding_hash_never_serves_another_namespace_from_l2():
   assert int(cached[0]) == S                 # tenant a still gets its one indexed block
   assert int(ts.stats.l1_hit_pages) + int(ts.stats.l2_hit_pages) == 1
   tiers.check_tiers(ts, config=cfg)
+
+
+EXAMPLES = int(os.environ.get("KVJAX_TIERS_EXAMPLES", "4"))
+STEPS = int(os.environ.get("KVJAX_TIERS_STEPS", "8"))
+SEEDS = {name: np.asarray(kvjax.tenant_seed(CFG, tenant_salt=name))[None] for name in "ab"}
+
+
+class TwoTiers(RuleBasedStateMachine):
+  """attach / plan / release / fork / relieve / swap on the two-tier cache; the model is the
+  content function (every served page must hold its prefix's content) and the counters."""
+
+  @initialize()
+  def start(self):
+    self.ts = tiers.init(CFG, EXACT)
+    self.live = {}          # slot -> (prompt, tenant)
+    self.served = 0         # tokens served by attaches (model of l1 + l2 hit tokens)
+    self.looked = 0         # full blocks looked up
+
+  def begin(self, sid, prompt, tenant):
+    c, ts = run_prompt(self.ts, sid, prompt, EXACT, jnp.asarray(SEEDS[tenant]))
+    assert served_error(ts, sid, prompt, c) == 0.0
+    assert c % S == 0 and c <= len(prompt) - 1
+    self.served += c
+    self.looked += (len(prompt) - 1) // S
+    if int(ts.l1.seq_lens[sid]) == len(prompt):
+      self.live[sid] = (prompt, tenant)
+    else:                   # refused (out of pages): end it
+      ts = release(ts, sid)
+      ts = ts.replace(l1=kvjax.cache.clear_status(ts.l1))
+    self.ts = ts
+
+  @rule(prompt=st.lists(st.integers(1, 2), min_size=1, max_size=7),
+        tenant=st.sampled_from("ab"), sid=st.integers(0, 1))
+  def attach_and_plan(self, prompt, tenant, sid):
+    if sid not in self.live:
+      self.begin(sid, prompt, tenant)
+
+  @rule(sid=st.integers(0, 1))
+  def end(self, sid):
+    if sid in self.live:
+      self.ts = release(self.ts, sid)
+      del self.live[sid]
+
+  @rule()
+  def fork(self):
+    if len(self.live) == 1:
+      (src, item), = self.live.items()
+      self.ts = tiers.fork(self.ts, jnp.array([src]), jnp.array([1 - src]), config=CFG)
+      self.live[1 - src] = item
+
+  @rule()
+  def relieve(self):
+    _, self.ts = tiers.relieve(self.ts, config=CFG, tiers=EXACT)
+
+  @rule(sid=st.integers(0, 1))
+  def swap(self, sid):
+    if sid in self.live:
+      prompt, tenant = self.live.pop(sid)
+      handle, self.ts = tiers.swap_out(self.ts, sid, config=CFG, tiers=EXACT)
+      assert handle[0].tolist() == list(prompt)
+      self.begin(sid, list(prompt), tenant)     # swap in: attach across tiers + recompute tail
+
+  @invariant()
+  def consistent(self):
+    tiers.check_tiers(self.ts, config=CFG)
+    s = self.ts.stats
+    assert int(s.l1_hit_tokens) + int(s.l2_hit_tokens) == self.served
+    assert int(s.lookups_pages) == self.looked
+
+
+TwoTiers.TestCase.settings = hypothesis.settings(
+    max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
+    suppress_health_check=list(hypothesis.HealthCheck))
+test_two_tiers_stateful = TwoTiers.TestCase

@@ -359,8 +359,8 @@ def relieve(ts: TieredState, *, config: CacheConfig, tiers: TierConfig, **kwargs
   Returns ``(relief, state)``.
   """
   ts = sync(ts, config=config, tiers=tiers)
-  relief = relieve_l1(ts.l1, config=config, **kwargs)
-  return relief, ts.replace(l1=relief.state)
+  relief, l1 = relieve_l1(ts.l1, config=config, **kwargs)
+  return relief, ts.replace(l1=l1)
 
 
 def swap_out(ts: TieredState, seq_id: int, *, config: CacheConfig, tiers: TierConfig):
