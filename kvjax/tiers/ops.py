@@ -92,6 +92,29 @@ def evict_l2(m2: dict, copy: np.ndarray, q: int) -> None:
   m2["parent"][q] = -1
 
 
+def revalidate(ts: TieredState, *, config: CacheConfig) -> TieredState:
+  """``ts`` with ``l1_copy`` reset for L1 pages whose L2 copy no longer records their block.
+
+  Checked in position order: a copy is valid when the L2 page records the same
+  block and its parent is the copy of the L1 page's parent (-1 at a start).
+  """
+  s = config.page_size
+  m1 = host_meta(ts.l1.meta)
+  m2 = host_meta(ts.l2.meta)
+  copy = np.array(ts.l1_copy)
+  hashed = full_hashed(m1, s)
+  for p in np.argsort(m1["position"], kind="stable"):
+    p = int(p)
+    q = int(copy[p])
+    if q < 0:
+      continue
+    par = int(m1["parent"][p])
+    want = -1 if par == -1 else int(copy[par]) if par >= 0 else -3
+    if not (hashed[p] and same_block(m1, p, m2, q) and int(m2["parent"][q]) == want):
+      copy[p] = -1
+  return ts.replace(l1_copy=jnp.asarray(copy))
+
+
 def sync(ts: TieredState, *, config: CacheConfig, tiers: TierConfig) -> TieredState:
   """Write-through demotion: every indexed full L1 page gets a valid L2 copy where it can.
 
@@ -339,7 +362,7 @@ def plan_step(ts: TieredState, seq_ids, tokens, num_tokens, seeds=None, *,
   """
   ts = sync(ts, config=config, tiers=tiers)
   plan, l1 = plan_l1(ts.l1, seq_ids, tokens, num_tokens, seeds, config=config)
-  ts = ts.replace(l1=l1)
+  ts = revalidate(ts.replace(l1=l1), config=config)
   return (plan, ts) if return_plan else ts
 
 
