@@ -17,6 +17,7 @@ import hypothesis
 import hypothesis.strategies as st
 from hypothesis.stateful import initialize
 from hypothesis.stateful import invariant
+from hypothesis.stateful import precondition
 from hypothesis.stateful import rule
 from hypothesis.stateful import RuleBasedStateMachine
 import jax.numpy as jnp
@@ -180,6 +181,18 @@ STEPS = int(os.environ.get("KVJAX_TIERS_STEPS", "8"))
 SEEDS = {name: np.asarray(kvjax.tenant_seed(CFG, tenant_salt=name))[None] for name in "ab"}
 
 
+def has_free(machine):
+  return len(machine.live) < 2
+
+
+def has_live(machine):
+  return bool(machine.live)
+
+
+def one_live(machine):
+  return len(machine.live) == 1
+
+
 class TwoTiers(RuleBasedStateMachine):
   """attach / plan / release / fork / relieve / swap on the two-tier cache; the model is the
   content function (every served page must hold its prefix's content) and the counters."""
@@ -204,36 +217,41 @@ class TwoTiers(RuleBasedStateMachine):
       ts = ts.replace(l1=kvjax.cache.clear_status(ts.l1))
     self.ts = ts
 
+  def pick(self, i):
+    return sorted(self.live)[i % len(self.live)]
+
+  @precondition(has_free)
   @rule(prompt=st.lists(st.integers(1, 2), min_size=1, max_size=7),
-        tenant=st.sampled_from("ab"), sid=st.integers(0, 1))
-  def attach_and_plan(self, prompt, tenant, sid):
-    if sid not in self.live:
-      self.begin(sid, prompt, tenant)
+        tenant=st.sampled_from("ab"))
+  def attach_and_plan(self, prompt, tenant):
+    self.begin(min({0, 1} - set(self.live)), prompt, tenant)
 
-  @rule(sid=st.integers(0, 1))
-  def end(self, sid):
-    if sid in self.live:
-      self.ts = release(self.ts, sid)
-      del self.live[sid]
+  @precondition(has_live)
+  @rule(i=st.integers(0, 1))
+  def end(self, i):
+    sid = self.pick(i)
+    self.ts = release(self.ts, sid)
+    del self.live[sid]
 
+  @precondition(one_live)
   @rule()
   def fork(self):
-    if len(self.live) == 1:
-      (src, item), = self.live.items()
-      self.ts = tiers.fork(self.ts, jnp.array([src]), jnp.array([1 - src]), config=CFG)
-      self.live[1 - src] = item
+    (src, item), = self.live.items()
+    self.ts = tiers.fork(self.ts, jnp.array([src]), jnp.array([1 - src]), config=CFG)
+    self.live[1 - src] = item
 
   @rule()
   def relieve(self):
     _, self.ts = tiers.relieve(self.ts, config=CFG, tiers=EXACT)
 
-  @rule(sid=st.integers(0, 1))
-  def swap(self, sid):
-    if sid in self.live:
-      prompt, tenant = self.live.pop(sid)
-      handle, self.ts = tiers.swap_out(self.ts, sid, config=CFG, tiers=EXACT)
-      assert handle[0].tolist() == list(prompt)
-      self.begin(sid, list(prompt), tenant)     # swap in: attach across tiers + recompute tail
+  @precondition(has_live)
+  @rule(i=st.integers(0, 1))
+  def swap(self, i):
+    sid = self.pick(i)
+    prompt, tenant = self.live.pop(sid)
+    handle, self.ts = tiers.swap_out(self.ts, sid, config=CFG, tiers=EXACT)
+    assert handle[0].tolist() == list(prompt)
+    self.begin(sid, list(prompt), tenant)     # swap in: attach across tiers + recompute tail
 
   @invariant()
   def consistent(self):
