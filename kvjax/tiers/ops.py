@@ -14,7 +14,8 @@ that served) block ``j - 1`` (-1 at ``j = 0``). The hash is never trusted, so a
 colliding ``hash_fn`` can shorten a match but never hand out another
 sequence's or tenant's page.
 
->>> import jax.numpy as jnp, kvjax
+>>> import jax.numpy as jnp
+>>> import kvjax
 >>> from kvjax.tiers.config import TierConfig
 >>> from kvjax.tiers.state import init
 >>> cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2,
@@ -124,7 +125,8 @@ def sync(ts: TieredState, *, config: CacheConfig, tiers: TierConfig) -> TieredSt
   not verify it). L2 takes free pages first, then its least recently used ones
   (not those written in this call).
 
-  >>> import jax.numpy as jnp, kvjax
+  >>> import jax.numpy as jnp
+  >>> import kvjax
   >>> from kvjax.tiers.state import init
   >>> cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2,
   ...                         num_pages=4, max_seqs=1, max_pages_per_seq=2)
