@@ -28,11 +28,12 @@ LAYERS = {
     "kvjax.drop": 5,
     "kvjax.sharding": 5,
     "kvjax.cliutil": 5,
-    "kvjax.sim": 6,
-    "kvjax.models": 6,
-    "kvjax.cli": 7,
-    "kvjax": 8,
-    "kvjax.__main__": 9,
+    "kvjax.tiers": 6,
+    "kvjax.sim": 7,
+    "kvjax.models": 7,
+    "kvjax.cli": 8,
+    "kvjax": 9,
+    "kvjax.__main__": 10,
 }
 # Directories that install as kvjax subpackages (setup.py's package_dir).
 SOURCES = {"kvjax": ROOT / "kvjax", "kvjax.kernels": ROOT / "kernels",

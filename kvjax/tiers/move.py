@@ -1,0 +1,79 @@
+"""Jitted page moves between the tiers: L1 -> L2 (``demote_pages``) and back (``promote_pages``).
+
+Each moves whole pages of all layers, re-encoding from the source's spec to the
+destination's (``kvjax.quant``); an unquantized pair is a plain copy (bit-exact).
+Page id lists are padded to a power of two (``pad_ids``) so a few shapes compile.
+
+>>> import jax.numpy as jnp
+>>> pad_ids(jnp.array([3]), 9).tolist()
+[3, 9, 9, 9, 9, 9, 9, 9]
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.layout.pages import Pages
+from kvjax.quant.pages import dequantize_pages
+from kvjax.quant.pages import quantize_pages
+
+
+def pad_ids(ids, fill: int, minimum: int = 8) -> jax.Array:
+  """int32 [N']: ``ids`` padded with ``fill`` to the next power of two >= ``minimum``."""
+  ids = np.asarray(ids, np.int32).reshape(-1)
+  n = max(minimum, 1 << max(0, int(len(ids) - 1).bit_length()))
+  out = np.full((n,), fill, np.int32)
+  out[:len(ids)] = ids
+  return jnp.asarray(out)
+
+
+def take_pages(pool: Pages, ids: jax.Array) -> Pages:
+  """The pages ``ids`` (int32 [N], clipped) of a ``[L, P, ...]`` pool, as ``[L, N, ...]``."""
+  p_ = pool.data.shape[1]
+  safe = jnp.clip(ids, 0, p_ - 1)
+
+  def pick(a):
+    return None if a is None else a[:, safe]
+  return Pages(data=pick(pool.data), scale=pick(pool.scale), zero=pick(pool.zero),
+               spec=pool.spec)
+
+
+def put_pages(pool: Pages, ids: jax.Array, new: Pages) -> Pages:
+  """``pool`` with pages ``ids`` (int32 [N]; >= P dropped) set to ``new`` ([L, N, ...])."""
+  def put(a, b):
+    return None if a is None else a.at[:, ids].set(b.astype(a.dtype), mode="drop")
+  return pool.replace(data=put(pool.data, new.data), scale=put(pool.scale, new.scale),
+                      zero=put(pool.zero, new.zero))
+
+
+def recode(pages: Pages, to_spec) -> Pages:
+  """``pages`` re-encoded into ``to_spec`` (unchanged when the specs are equal)."""
+  if pages.spec == to_spec:
+    return pages
+  return quantize_pages(dequantize_pages(pages, pages.spec), to_spec)
+
+
+@jax.jit
+def move_pages(src_k: Pages, src_v: Pages, dst_k: Pages, dst_v: Pages, src: jax.Array,
+               dst: jax.Array) -> tuple[Pages, Pages]:
+  """Copy pages ``src`` of one pool into pages ``dst`` of another (K and V, all layers).
+
+  Args:
+    src_k, src_v: source pools, arrays ``[L, P_src, S, H, *]``.
+    dst_k, dst_v: destination pools ``[L, P_dst, S, H, *]`` (their own specs).
+    src, dst: int32 [N]; pairs with ``dst >= P_dst`` are skipped.
+
+  Returns:
+    ``(dst_k, dst_v)`` updated.
+  """
+  k = recode(take_pages(src_k, src), dst_k.spec)
+  v = recode(take_pages(src_v, src), dst_v.spec)
+  return put_pages(dst_k, dst, k), put_pages(dst_v, dst, v)
+
+
+def page_bytes(pool: Pages) -> int:
+  """Bytes of one page of ``pool`` across layers (data, scale, zero)."""
+  arrays = [a for a in (pool.data, pool.scale, pool.zero) if a is not None]
+  return int(sum(a.nbytes // a.shape[1] for a in arrays))

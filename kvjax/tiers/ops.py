@@ -1,0 +1,418 @@
+"""Two-tier cache operations: host wrappers that keep L2 in step with L1.
+
+Demotion is write-through: before any L1 operation that can evict (``plan_step``,
+``attach_prefix``, ``relieve``), every indexed full L1 page without a valid L2
+copy is copied into L2 (``sync``), so an L1 eviction never loses a cached block
+that L2 can hold. ``attach_prefix`` matches a prompt's blocks in L1, then
+continues the chain in L2, promotes those pages into L1 and lets L1's own
+``attach_prefix`` (with its verification) serve the whole run.
+
+Verification in L2 is structural: an L2 page serves block ``j`` of a prompt only
+if its tokens equal the block, its position is ``j``, its namespace is the
+row's seed and its parent is the L2 page that served (or copies the L1 page
+that served) block ``j - 1`` (-1 at ``j = 0``). The hash is never trusted, so a
+colliding ``hash_fn`` can shorten a match but never hand out another
+sequence's or tenant's page.
+
+>>> import jax.numpy as jnp
+>>> import kvjax
+>>> from kvjax.tiers.config import TierConfig
+>>> from kvjax.tiers.state import init
+>>> cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2,
+...                         num_pages=4, max_seqs=2, max_pages_per_seq=3)
+>>> tc = TierConfig(l2_pages=8, l2_preset="bf16")
+>>> prompt = jnp.array([[1, 2, 3, 4, 5]])
+>>> ts = plan_step(init(cfg, tc), jnp.array([0]), prompt, jnp.array([5]), config=cfg, tiers=tc)
+>>> ts = release(ts, jnp.array([0]), config=cfg)
+>>> cached, ts = attach_prefix(ts, jnp.array([1]), prompt, jnp.array([5]), config=cfg, tiers=tc)
+>>> cached.tolist()
+[4]
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.cache.attach import attach_prefix as attach_l1
+from kvjax.cache.config import CacheConfig
+from kvjax.cache.lifecycle import fork as fork_l1
+from kvjax.cache.lifecycle import release as release_l1
+from kvjax.cache.plan import plan_step as plan_l1
+from kvjax.cache.pool import reclaim
+from kvjax.cache.pool import victims
+from kvjax.cache.state import default_seed
+from kvjax.cache.state import row_seeds
+from kvjax.layout.meta import PageMeta
+from kvjax.prefix.index import index_insert
+from kvjax.prefix.index import index_lookup
+from kvjax.pressure import relieve as relieve_l1
+from kvjax.tiers.config import TierConfig
+from kvjax.tiers.move import move_pages
+from kvjax.tiers.move import pad_ids
+from kvjax.tiers.move import page_bytes
+from kvjax.tiers.state import TieredState
+
+
+def host_meta(meta: PageMeta) -> dict:
+  """{field: writable numpy copy} of a ``PageMeta``."""
+  return {n: np.array(getattr(meta, n)) for n in PageMeta.__dataclass_fields__}
+
+
+def device_meta(m: dict) -> PageMeta:
+  """A ``PageMeta`` from ``host_meta``'s dict."""
+  return PageMeta(**{n: jnp.asarray(a) for n, a in m.items()})
+
+
+def add_stats(ts: TieredState, **inc) -> TieredState:
+  """``ts`` with counters increased by ``inc`` ({name: int})."""
+  s = ts.stats
+  return ts.replace(stats=s.replace(**{n: getattr(s, n) + jnp.int32(v) for n, v in inc.items()}))
+
+
+def full_hashed(m: dict, page_size: int) -> np.ndarray:
+  """bool [P]: indexed full pages (hash set, full, not orphaned)."""
+  return np.any(m["block_hash"] != 0, axis=-1) & (m["filled"] == page_size) & (m["parent"] != -2)
+
+
+def same_block(m1: dict, p: int, m2: dict, q: int) -> bool:
+  """Whether L1 page ``p`` and L2 page ``q`` record the same block (all but the parent)."""
+  return (m2["filled"][q] == m1["filled"][p] and m2["position"][q] == m1["position"][p]
+          and np.array_equal(m2["tokens"][q], m1["tokens"][p])
+          and np.array_equal(m2["namespace"][q], m1["namespace"][p])
+          and np.array_equal(m2["block_hash"][q], m1["block_hash"][p]))
+
+
+def evict_l2(m2: dict, copy: np.ndarray, q: int) -> None:
+  """Empty L2 page ``q`` in place: its children are orphaned, L1 copies pointing to it reset."""
+  m2["parent"][m2["parent"] == q] = -2
+  copy[copy == q] = -1
+  m2["filled"][q] = 0
+  m2["block_hash"][q] = 0
+  m2["tokens"][q] = -1
+  m2["parent"][q] = -1
+
+
+def revalidate(ts: TieredState, *, config: CacheConfig) -> TieredState:
+  """``ts`` with ``l1_copy`` reset for L1 pages whose L2 copy no longer records their block.
+
+  Checked in position order: a copy is valid when the L2 page records the same
+  block and its parent is the copy of the L1 page's parent (-1 at a start).
+  """
+  s = config.page_size
+  m1 = host_meta(ts.l1.meta)
+  m2 = host_meta(ts.l2.meta)
+  copy = np.array(ts.l1_copy)
+  hashed = full_hashed(m1, s)
+  for p in np.argsort(m1["position"], kind="stable"):
+    p = int(p)
+    q = int(copy[p])
+    if q < 0:
+      continue
+    par = int(m1["parent"][p])
+    want = -1 if par == -1 else int(copy[par]) if par >= 0 else -3
+    if not (hashed[p] and same_block(m1, p, m2, q) and int(m2["parent"][q]) == want):
+      copy[p] = -1
+  return ts.replace(l1_copy=jnp.asarray(copy))
+
+
+def sync(ts: TieredState, *, config: CacheConfig, tiers: TierConfig) -> TieredState:
+  """Write-through demotion: every indexed full L1 page gets a valid L2 copy where it can.
+
+  A copy is valid while the L2 page records the same block and its parent is
+  the copy of the L1 page's parent (checked in position order, so by induction
+  the whole chain is). A page whose parent has no copy is not demoted (L2 could
+  not verify it). L2 takes free pages first, then its least recently used ones
+  (not those written in this call).
+
+  >>> import jax.numpy as jnp
+  >>> import kvjax
+  >>> from kvjax.tiers.state import init
+  >>> cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2,
+  ...                         num_pages=4, max_seqs=1, max_pages_per_seq=2)
+  >>> tc = TierConfig(l2_pages=4)
+  >>> ts = plan_step(init(cfg, tc), jnp.array([0]), jnp.array([[1, 2, 3]]), jnp.array([3]),
+  ...                config=cfg, tiers=tc)
+  >>> int(sync(ts, config=cfg, tiers=tc).stats.demotions)
+  1
+  """
+  s = config.page_size
+  m1 = host_meta(ts.l1.meta)
+  m2 = host_meta(ts.l2.meta)
+  copy = np.array(ts.l1_copy)
+  hashed = full_hashed(m1, s)
+  order = np.argsort(m1["position"], kind="stable")
+  clock = int(ts.l1.clock)
+  written = np.zeros((tiers.l2_pages,), bool)
+  src, dst = [], []
+  evicted = 0
+  for p in order:
+    p = int(p)
+    if not hashed[p]:
+      copy[p] = -1
+      continue
+    par = int(m1["parent"][p])
+    want_parent = -1 if par == -1 else int(copy[par]) if par >= 0 else -3
+    q = int(copy[p])
+    if q >= 0 and same_block(m1, p, m2, q) and int(m2["parent"][q]) == want_parent:
+      continue
+    copy[p] = -1
+    if want_parent < -1 or (par == -1) != (m1["position"][p] == 0):
+      continue
+    free = np.flatnonzero((m2["filled"] == 0) & ~written)
+    if free.size:
+      q = int(free[0])
+    else:
+      age = np.where(written, np.iinfo(np.int64).max, m2["last_access"].astype(np.int64))
+      q = int(np.argmin(age))
+      if written[q]:
+        continue
+      evict_l2(m2, copy, q)
+      evicted += 1
+      if par >= 0 and copy[par] < 0:  # its own parent was just evicted
+        continue
+      want_parent = -1 if par == -1 else int(copy[par])
+    for n in ("block_hash", "tokens", "position", "filled", "namespace"):
+      m2[n][q] = m1[n][p]
+    m2["parent"][q] = want_parent
+    m2["ref_count"][q] = 0
+    m2["last_access"][q] = clock
+    m2["access_count"][q] = 1
+    written[q] = True
+    copy[p] = q
+    src.append(p)
+    dst.append(q)
+  l2 = ts.l2.replace(meta=device_meta(m2))
+  if src:
+    k, v = move_pages(ts.l1.k, ts.l1.v, l2.k, l2.v, pad_ids(src, 0),
+                      pad_ids(dst, tiers.l2_pages))
+    l2 = l2.replace(k=k, v=v)
+  ts = ts.replace(l2=l2, l1_copy=jnp.asarray(copy))
+  nbytes = len(src) * (page_bytes(l2.k) + page_bytes(l2.v))
+  return add_stats(ts, demotions=len(src), bytes_demoted=nbytes, l2_evictions=evicted)
+
+
+def find_l1(m1: dict, hashed: np.ndarray, blk, j: int, parent: int, seed) -> int:
+  """The L1 page that verifies as block ``j`` after ``parent`` (-1 = none)."""
+  ok = (hashed & (m1["position"] == j) & (m1["parent"] == parent)
+        & np.all(m1["tokens"] == blk, axis=-1) & np.all(m1["namespace"] == seed, axis=-1))
+  hits = np.flatnonzero(ok)
+  return int(hits[0]) if hits.size else -1
+
+
+def find_l2(m2: dict, blk, j: int, parent: int, seed, s: int) -> tuple[int, int]:
+  """(the L2 page verifying as block ``j`` after L2 page ``parent`` or -1, rejected candidates).
+
+  A rejected candidate is a full L2 page at position ``j`` with the block's tokens
+  that fails the namespace or parent check.
+  """
+  base = (m2["filled"] == s) & (m2["position"] == j) & np.all(m2["tokens"] == blk, axis=-1)
+  ok = base & (m2["parent"] == parent) & np.all(m2["namespace"] == seed, axis=-1)
+  hits = np.flatnonzero(ok)
+  return (int(hits[0]) if hits.size else -1), int(np.sum(base & ~ok))
+
+
+def attach_prefix(ts: TieredState, seq_ids, tokens, num_tokens, seeds=None, *,
+                  config: CacheConfig, tiers: TierConfig):
+  """Start empty sequences on the longest verified prefix across L1 and L2.
+
+  Arguments as ``kvjax.cache.attach_prefix`` (``seq_ids`` int [B], ``tokens`` int
+  [B, T], ``num_tokens`` int [B], ``seeds`` uint32 [B, 2] / [2] / None). Blocks
+  found in L2 are promoted into L1 pages (taken through L1's pool: free pages
+  first, then evictions, whose pages ``sync`` has already demoted), then L1's
+  ``attach_prefix`` serves the run. Counters: ``l1_hit_*`` + ``l2_hit_*`` equal
+  the pages/tokens served.
+
+  Returns:
+    ``(cached int32 [B], state)``.
+  """
+  ts = sync(ts, config=config, tiers=tiers)
+  s = config.page_size
+  ids = np.asarray(seq_ids).reshape(-1)
+  toks = np.asarray(tokens)
+  nt = np.asarray(num_tokens).reshape(-1)
+  b = ids.shape[0]
+  seed_rows = np.asarray(row_seeds(seeds, b))
+  default = np.asarray(default_seed(config))
+  m1 = host_meta(ts.l1.meta)
+  m2 = host_meta(ts.l2.meta)
+  copy = np.array(ts.l1_copy)
+  hashed = full_hashed(m1, s)
+  lens = np.asarray(ts.l1.seq_lens)
+  l1_match = np.zeros((b,), np.int64)
+  lookups = 0
+  rejected = 0
+  protect = set()
+  wanted = []  # (row, block j, L2 page, L1 parent page or None = promoted earlier in list)
+  for r in range(b):
+    if ids[r] < 0 or ids[r] >= lens.shape[0] or lens[ids[r]] != 0:
+      continue
+    seed = seed_rows[r] if np.any(seed_rows[r] != 0) else default
+    blocks = max(int(nt[r]) - 1, 0) // s
+    lookups += blocks
+    prev1, prev2, in_l1 = -1, -1, True
+    for j in range(blocks):
+      blk = toks[r, j * s:(j + 1) * s]
+      if in_l1:
+        p = find_l1(m1, hashed, blk, j, prev1, seed)
+        if p >= 0:
+          protect.add(p)
+          prev1, prev2 = p, int(copy[p])
+          l1_match[r] += 1
+          continue
+        in_l1 = False
+      if j > 0 and prev2 < 0:
+        break
+      q, bad = find_l2(m2, blk, j, prev2 if j > 0 else -1, seed, s)
+      rejected += bad
+      if q < 0:
+        break
+      wanted.append((r, j, q, prev1 if len(wanted) == 0 or wanted[-1][0] != r else None))
+      prev2 = q
+  ts = add_stats(ts, verify_failures=rejected)
+  ts = promote(ts, wanted, protect, m2, config=config, tiers=tiers)
+  cached, l1 = attach_l1(ts.l1, seq_ids, tokens, num_tokens, seeds, config=config)
+  served = np.asarray(cached) // s
+  h1 = np.minimum(served, l1_match)
+  h2 = served - h1
+  ts = ts.replace(l1=l1)
+  ts = add_stats(ts, lookups_pages=lookups, lookups_tokens=lookups * s,
+                 l1_hit_pages=int(h1.sum()), l2_hit_pages=int(h2.sum()),
+                 l1_hit_tokens=int(h1.sum()) * s, l2_hit_tokens=int(h2.sum()) * s)
+  return cached, ts
+
+
+def promote(ts: TieredState, wanted, protect, m2: dict, *, config: CacheConfig,
+            tiers: TierConfig) -> TieredState:
+  """Copy the L2 pages of ``wanted`` into L1 pages taken through L1's pool; index them.
+
+  ``wanted``: (row, block, L2 page, L1 parent page or None = the previous entry's
+  promoted page) in chain order. L1 pages in ``protect`` (matched prefixes) are
+  never taken. A chain stops at the first block that gets no page or whose hash
+  L1's index already holds.
+  """
+  if not wanted:
+    return ts
+  s = config.page_size
+  l1 = ts.l1
+  done = {}  # L2 page -> L1 page (a block two rows share is promoted once)
+  need = len({q for _, _, q, _ in wanted})
+  ref = np.array(l1.meta.ref_count)
+  held = ref.copy()
+  for p in protect:
+    held[p] += 1
+  probe = l1.replace(meta=l1.meta.replace(ref_count=jnp.asarray(held)))
+  pages, ok = victims(probe, min(need, config.num_pages), clock=l1.clock, config=config)
+  take = np.asarray(pages)[np.asarray(ok)]
+  if take.size:
+    probe = reclaim(probe, jnp.asarray(take, jnp.int32), clock=l1.clock, config=config).state
+  m1 = host_meta(probe.meta)
+  m1["ref_count"] = ref
+  index = probe.index
+  copy = np.array(ts.l1_copy)
+  copy[take] = -1
+  free = list(int(p) for p in take)
+  src, dst = [], []
+  hashes, values = [], []
+  dead_rows = set()
+  last = None
+  for r, j, q, par in wanted:
+    if r in dead_rows:
+      continue
+    if par is None:
+      par = last
+    if q in done:
+      last = done[q]
+      continue
+    h = m2["block_hash"][q]
+    known = int(np.asarray(index_lookup(index, jnp.asarray(h[None], jnp.uint32)))[0])
+    if not free or known >= 0 or any(np.array_equal(h, x) for x in hashes):
+      dead_rows.add(r)
+      continue
+    p = free.pop(0)
+    for n in ("block_hash", "tokens", "position", "namespace"):
+      m1[n][p] = m2[n][q]
+    m1["filled"][p] = s
+    m1["parent"][p] = par
+    m1["last_access"][p] = int(l1.clock)
+    m1["access_count"][p] = 1
+    m2["last_access"][q] = int(l1.clock)
+    copy[p] = q
+    done[q] = p
+    last = p
+    src.append(q)
+    dst.append(p)
+    hashes.append(h)
+    values.append(p)
+  if hashes:
+    index, _ = index_insert(index, jnp.asarray(np.stack(hashes), jnp.uint32),
+                            jnp.asarray(values, jnp.int32))
+  k, v = l1.k, l1.v
+  if src:
+    k, v = move_pages(ts.l2.k, ts.l2.v, k, v, pad_ids(src, 0), pad_ids(dst, config.num_pages))
+  l1 = probe.replace(meta=device_meta(m1), index=index, k=k, v=v)
+  ts = ts.replace(l1=l1, l2=ts.l2.replace(meta=device_meta(m2)), l1_copy=jnp.asarray(copy))
+  nbytes = len(src) * (page_bytes(k) + page_bytes(v))
+  return add_stats(ts, promotions=len(src), bytes_promoted=nbytes)
+
+
+def plan_step(ts: TieredState, seq_ids, tokens, num_tokens, seeds=None, *,
+              config: CacheConfig, tiers: TierConfig, return_plan: bool = False):
+  """``kvjax.cache.plan_step`` on L1 after ``sync`` (so its evictions are demotions).
+
+  Returns the new state, or ``(plan, state)`` with ``return_plan``.
+  """
+  ts = sync(ts, config=config, tiers=tiers)
+  plan, l1 = plan_l1(ts.l1, seq_ids, tokens, num_tokens, seeds, config=config)
+  ts = revalidate(ts.replace(l1=l1), config=config)
+  return (plan, ts) if return_plan else ts
+
+
+def release(ts: TieredState, seq_ids, *, config: CacheConfig) -> TieredState:
+  """``kvjax.cache.release`` on L1 (its full pages stay cached, and copied at the next sync)."""
+  return ts.replace(l1=release_l1(ts.l1, seq_ids, config=config))
+
+
+def fork(ts: TieredState, src_ids, dst_ids, *, config: CacheConfig) -> TieredState:
+  """``kvjax.cache.fork`` on L1."""
+  return ts.replace(l1=fork_l1(ts.l1, src_ids, dst_ids, config=config))
+
+
+def relieve(ts: TieredState, *, config: CacheConfig, tiers: TierConfig, **kwargs):
+  """``kvjax.pressure.relieve`` on L1 after ``sync``: its evictions are demotions.
+
+  Returns ``(relief, state)``.
+  """
+  ts = sync(ts, config=config, tiers=tiers)
+  relief, l1 = relieve_l1(ts.l1, config=config, **kwargs)
+  return relief, ts.replace(l1=l1)
+
+
+def swap_out(ts: TieredState, seq_id: int, *, config: CacheConfig, tiers: TierConfig):
+  """Swap a live sequence out: its full pages are copied to L2 (``sync``), its slot is freed.
+
+  Returns ``(handle, state)``: ``handle`` is ``(tokens int32 [n], seed uint32 [2])``, the
+  sequence's cached tokens and chain seed; ``swap_in`` resumes it.
+  """
+  ts = sync(ts, config=config, tiers=tiers)
+  n = int(ts.l1.seq_lens[seq_id])
+  row = np.asarray(ts.l1.page_table[seq_id])
+  meta_tokens = np.asarray(ts.l1.meta.tokens)
+  s = config.page_size
+  toks = np.concatenate([meta_tokens[row[j]] for j in range(-(-n // s))]) if n else np.zeros(0)
+  handle = (toks[:n].astype(np.int32), np.asarray(ts.l1.seq_seed[seq_id]))
+  ts = release(ts, jnp.array([seq_id]), config=config)
+  return handle, add_stats(ts, swaps_out=1)
+
+
+def swap_in(ts: TieredState, seq_id: int, handle, *, config: CacheConfig, tiers: TierConfig):
+  """Resume a swapped-out sequence in empty slot ``seq_id`` from L1/L2.
+
+  Returns ``(cached, state)``: its first ``cached`` tokens are attached again;
+  the caller recomputes the rest (``plan_step`` + the model) as for a prompt.
+  """
+  toks, seed = handle
+  seeds = None if not np.any(seed) else jnp.asarray(seed[None], jnp.uint32)
+  cached, ts = attach_prefix(ts, jnp.array([seq_id]), jnp.asarray(toks[None]),
+                             jnp.array([len(toks)]), seeds, config=config, tiers=tiers)
+  return int(cached[0]), add_stats(ts, swaps_in=1)
