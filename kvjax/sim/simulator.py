@@ -30,6 +30,8 @@ from kvjax.policies.scoring import Access
 from kvjax.policies.scoring import argmax
 from kvjax.policies.scoring import Deferred
 from kvjax.prefix.hashing import fmix32
+from kvjax.sim.arc import arc_hits
+from kvjax.sim.arc import HOST_POLICIES
 from kvjax.sim.exact import exact_hits
 from kvjax.sim.exact import EXACT_POLICIES
 from kvjax.sim import traces
@@ -253,7 +255,8 @@ def simulate_hits(trace: Trace, capacities, policy="lru", params=None, *,
   Args:
     trace: the references to replay.
     capacities: an int or a sequence of V positive ints (blocks the cache holds).
-    policy: a registered name or ``Policy``.
+    policy: a registered name or ``Policy``, or ``"arc"`` (``kvjax.sim.arc``: an exact
+      host simulator, no parameters).
     params: one params dict (``make_params``), or a sequence of V of them (one per
       capacity), or None for the defaults.
     path: ``"scoring"`` runs the policy's ``score`` at every miss (every policy);
@@ -280,6 +283,12 @@ def simulate_hits(trace: Trace, capacities, policy="lru", params=None, *,
   """
   single = isinstance(capacities, (int, np.integer))
   caps = _check_capacities(capacities)
+  if isinstance(policy, str) and policy in HOST_POLICIES:
+    if params or sample is not None or path not in ("auto", "exact"):
+      raise ValueError(f"policy {policy!r} runs on its exact host path only (no params, "
+                       f"sample or path={path!r})")
+    hits = np.stack([arc_hits(trace.block, c) for c in caps])
+    return hits[0] if single else hits
   policy = get_policy(policy) if isinstance(policy, str) else policy
   if path not in PATHS:
     raise ValueError(f"path must be one of {PATHS}, got {path!r}")
@@ -310,7 +319,7 @@ def simulate_hits(trace: Trace, capacities, policy="lru", params=None, *,
   hits = _simulate_batch(_refs(trace), jnp.asarray(caps, jnp.int32), stacked,
                          jnp.int32(seed), policy_name=policy.name, num_pages=num_pages,
                          num_blocks=max(trace.num_blocks, 1), page_size=trace.block_size,
-                         sample=None if path == "scoring" else min(sample, num_pages))
+                         sample=None if path != "sampled" else min(sample, num_pages))
   hits = np.asarray(hits)
   return hits[0] if single else hits
 
