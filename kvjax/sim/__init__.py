@@ -10,6 +10,7 @@ from kvjax.sim.simulator import hit_ratio
 from kvjax.sim.simulator import prefix_hits
 from kvjax.sim.simulator import simulate
 from kvjax.sim.simulator import simulate_hits
+from kvjax.sim.simulator import sweep
 from kvjax.sim.traces import default_trace_path
 from kvjax.sim.traces import from_requests
 from kvjax.sim.traces import generate
@@ -21,6 +22,7 @@ __all__ = [
     "prefix_hits",
     "simulate",
     "simulate_hits",
+    "sweep",
     "Trace",
     "default_trace_path",
     "from_requests",

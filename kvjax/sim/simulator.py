@@ -16,6 +16,7 @@ Names in shapes: N = references, P = pages (the largest capacity), V = runs.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -27,12 +28,17 @@ from kvjax.policies.contract import make_params
 from kvjax.policies.contract import POLICIES
 from kvjax.policies.scoring import Access
 from kvjax.policies.scoring import argmax
+from kvjax.policies.scoring import Deferred
+from kvjax.prefix.hashing import fmix32
+from kvjax.sim.arc import arc_hits
+from kvjax.sim.arc import HOST_POLICIES
 from kvjax.sim.exact import exact_hits
 from kvjax.sim.exact import EXACT_POLICIES
+from kvjax.sim import traces
 from kvjax.sim.traces import Trace
 
 ACCOUNTING = ("block", "prefix")
-PATHS = ("auto", "scoring", "exact")
+PATHS = ("auto", "scoring", "exact", "sampled")
 
 
 def _check_capacities(capacities) -> list[int]:
@@ -118,12 +124,120 @@ def _simulate(refs: dict, capacity, params, *, policy_name: str, num_pages: int,
   return hits
 
 
+def _gather_rows(tree, idx: jax.Array, num_pages: int):
+  """``tree`` with every per-page leaf (leading dim ``num_pages``) gathered at int32 [K]
+  ``idx``; a ``Deferred`` is gathered as of its pending writes (and has none after)."""
+  k = idx.shape[0]
+
+  def one(x):
+    if isinstance(x, Deferred):
+      if x.array.shape[0] != num_pages:
+        return x
+      out = x.array[idx]
+      shape = (k,) + (1,) * (out.ndim - 1)
+      for j in range(x.index.shape[0]):
+        out = jnp.where((x.index[j] == idx).reshape(shape), x.value[j], out)
+      return Deferred(out, jnp.full_like(x.index, k), x.value)
+    if getattr(x, "ndim", 0) >= 1 and x.shape[0] == num_pages:
+      return x[idx]
+    return x
+
+  return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, Deferred))
+
+
+def _simulate_sampled(refs: dict, capacity, params, key, *, policy_name: str,
+                      num_pages: int, num_blocks: int, page_size: int, sample: int):
+  """bool [N] hit flags of one run whose victims are chosen among ``sample`` pages.
+
+  Blocks are looked up in an int32 [num_blocks] table (one gather, not a comparison over
+  the pool); on a miss the policy scores only the candidates: the pool's per-page
+  metadata and per-page state leaves are gathered at int32 [K] page indices, uniform
+  over ``[0, capacity)`` (with replacement) from a counter-based keyed hash of
+  (``key``, clock, candidate) -- murmur3's finalizer twice, ~10x cheaper than threefry
+  here, the next free
+  page first while the pool is filling. With ``sample >= num_pages`` the candidates are
+  every page in order, which gives exactly the scoring path's victims.
+  """
+  policy = get_policy(policy_name)
+  nowhere = num_blocks
+  full = sample >= num_pages
+
+  def apply(fields, pstate, page_block, block_page, pending):
+    access, count, b, old = pending
+    t = jnp.where(access.slot >= 0, access.slot, num_pages)
+    page_block = page_block.at[jnp.where(access.inserted, t, num_pages)].set(b, mode="drop")
+    block_page = block_page.at[old].set(-1, mode="drop")
+    block_page = block_page.at[jnp.where(access.inserted, b, nowhere)].set(t, mode="drop")
+    f = dict(fields)
+    f["last_access"] = f["last_access"].at[t].set(access.clock, mode="drop")
+    f["access_count"] = f["access_count"].at[t].set(count, mode="drop")
+    f["block_hash"] = f["block_hash"].at[t].set(access.key, mode="drop")
+    f["filled"] = f["filled"].at[t].set(access.filled, mode="drop")
+    f["position"] = f["position"].at[t].set(access.position, mode="drop")
+    pstate = policy.update(pstate, _as_meta(f, page_size), access, params)
+    return f, pstate, page_block, block_page
+
+  def candidates(clock, used):
+    if full:
+      return jnp.arange(num_pages, dtype=jnp.int32)
+    ctr = clock.astype(jnp.uint32) * jnp.uint32(sample) + jnp.arange(sample, dtype=jnp.uint32)
+    idx = (fmix32(fmix32(ctr ^ key) + key) % capacity.astype(jnp.uint32)).astype(jnp.int32)
+    return idx.at[0].set(jnp.where(used < capacity, used, idx[0]))
+
+  def step(carry, x):
+    fields, pstate, page_block, block_page = apply(*carry[:5])
+    used = carry[5]
+    meta = _as_meta(fields, page_size)
+    b, clock = x["block"], x["clock"]
+    key_b = jnp.stack([(b + 1).astype(jnp.uint32), jnp.uint32(0)])
+    p = block_page[b]
+    hit = p >= 0
+    s = jnp.maximum(p, 0)
+    idx = candidates(clock, used)
+    sub = {k: v[idx] for k, v in fields.items()}
+    scores = policy.score(_gather_rows(pstate, idx, num_pages), _as_meta(sub, page_size),
+                          clock, params)
+    victim = idx[argmax(scores)]
+    cand = Access(slot=victim, key=key_b, hit=hit, inserted=jnp.bool_(False),
+                  evicted=jnp.bool_(False), evicted_key=meta.block_hash[victim], clock=clock,
+                  next_use=x["next_use"], filled=x["filled"], position=x["position"])
+    admit = ~hit
+    if policy.admit is not None:
+      admit = admit & policy.admit(pstate, meta, cand, victim, params)
+    evicted = admit & (fields["filled"][victim] > 0)
+    count = jnp.where(hit, fields["access_count"][s] + 1, 1)
+    touched = hit | admit
+    access = cand._replace(
+        slot=jnp.where(touched, jnp.where(hit, s, victim), -1), inserted=admit,
+        evicted=evicted,
+        evicted_key=jnp.where(evicted, meta.block_hash[victim], jnp.zeros((2,), jnp.uint32)))
+    old = jnp.where(evicted, page_block[victim], nowhere)
+    used = used + (admit & ~evicted).astype(jnp.int32)
+    return (fields, pstate, page_block, block_page, (access, count, b, old), used), hit
+
+  z = jnp.int32(0)
+  nothing = Access(slot=z - 1, key=jnp.zeros((2,), jnp.uint32), hit=jnp.bool_(False),
+                   inserted=jnp.bool_(False), evicted=jnp.bool_(False),
+                   evicted_key=jnp.zeros((2,), jnp.uint32), clock=z, next_use=z - 1, filled=z,
+                   position=z)
+  carry = (_empty_meta(num_pages, capacity), policy.init(num_pages),
+           jnp.full((num_pages,), -1, jnp.int32), jnp.full((num_blocks,), -1, jnp.int32),
+           (nothing, z, z, z + nowhere), z)
+  _, hits = jax.lax.scan(step, carry, refs)
+  return hits
+
+
 @functools.partial(jax.jit, static_argnames=("policy_name", "num_pages", "num_blocks",
-                                              "page_size"))
-def _simulate_batch(refs: dict, capacities, params, **static):
-  """bool [V, N] hit flags of V runs (capacities int32 [V], params dict of float32 [V])."""
-  run = functools.partial(_simulate, **static)
-  return jax.vmap(run, in_axes=(None, 0, 0))(refs, capacities, params)
+                                              "page_size", "sample"))
+def _simulate_batch(refs: dict, capacities, params, seed, *, sample=None, **static):
+  """bool [V, N] hit flags of V runs (capacities int32 [V], params dict of float32 [V]);
+  ``sample`` (static) picks the sampled path, keyed by int32 [] ``seed``."""
+  if sample is None:
+    run = functools.partial(_simulate, **static)
+    return jax.vmap(run, in_axes=(None, 0, 0))(refs, capacities, params)
+  key = fmix32(jnp.asarray(seed).astype(jnp.uint32) + jnp.uint32(0x9E3779B9))
+  run = functools.partial(_simulate_sampled, sample=sample, **static)
+  return jax.vmap(run, in_axes=(None, 0, 0, None))(refs, capacities, params, key)
 
 
 def _refs(trace: Trace) -> dict:
@@ -134,19 +248,30 @@ def _refs(trace: Trace) -> dict:
 
 
 def simulate_hits(trace: Trace, capacities, policy="lru", params=None, *,
-                  path: str = "auto") -> np.ndarray:
+                  path: str = "auto", sample: Optional[int] = None,
+                  seed: int = 0) -> np.ndarray:
   """Per-reference hit flags of ``policy`` on ``trace`` at each capacity (vmapped).
 
   Args:
     trace: the references to replay.
     capacities: an int or a sequence of V positive ints (blocks the cache holds).
-    policy: a registered name or ``Policy``.
+    policy: a registered name or ``Policy``, or ``"arc"`` (``kvjax.sim.arc``: an exact
+      host simulator, no parameters).
     params: one params dict (``make_params``), or a sequence of V of them (one per
       capacity), or None for the defaults.
     path: ``"scoring"`` runs the policy's ``score`` at every miss (every policy);
       ``"exact"`` runs the O(1)-per-reference simulator of ``kvjax.sim.exact`` (LRU and
       FIFO only; the same hit flags, tested); ``"auto"`` takes ``"exact"`` where it
-      exists.
+      exists (and ``"sampled"`` when ``sample`` is given); ``"sampled"`` scores only
+      ``sample`` candidate pages per miss (any policy).
+    sample: K, the candidates scored per miss on the sampled path (a static int >= 1: one
+      compilation per K). ``K >= max(capacities)`` scores every page in order and gives
+      the scoring path's hit flags exactly; smaller K samples pages uniformly (with
+      replacement) from the run's capacity, as LRB and Redis do. Policies whose score
+      reads pool-wide totals (``s3fifo``'s probation share, ``live_pages`` in
+      ``classfreq``/``autoclass``, ``weighted``'s child counts) see them over the sample.
+    seed: the sampled path's PRNG key (a keyed counter hash of the clock and candidate:
+      the same seed gives the same hit flags; every run of a sweep sees the same samples).
 
   Returns:
     bool numpy [V, N] (``[N]`` when ``capacities`` is an int).
@@ -158,12 +283,28 @@ def simulate_hits(trace: Trace, capacities, policy="lru", params=None, *,
   """
   single = isinstance(capacities, (int, np.integer))
   caps = _check_capacities(capacities)
+  if isinstance(policy, str) and policy in HOST_POLICIES:
+    if params or sample is not None or path not in ("auto", "exact"):
+      raise ValueError(f"policy {policy!r} runs on its exact host path only (no params, "
+                       f"sample or path={path!r})")
+    hits = np.stack([arc_hits(trace.block, c) for c in caps])
+    return hits[0] if single else hits
   policy = get_policy(policy) if isinstance(policy, str) else policy
   if path not in PATHS:
     raise ValueError(f"path must be one of {PATHS}, got {path!r}")
   if path == "exact" and policy.name not in EXACT_POLICIES:
     raise ValueError(f"path='exact' exists for {EXACT_POLICIES}, not policy {policy.name!r}")
-  if path != "scoring" and policy.name in EXACT_POLICIES and policy is POLICIES[policy.name]:
+  if sample is not None:
+    if isinstance(sample, bool) or not isinstance(sample, (int, np.integer)) or sample < 1:
+      raise ValueError(f"sample must be a positive int (candidates per miss), got {sample!r}")
+    if path not in ("auto", "sampled"):
+      raise ValueError(f"sample={sample} takes path='sampled' (or 'auto'), got path={path!r}")
+    path, sample = "sampled", int(sample)
+  elif path == "sampled":
+    raise ValueError("path='sampled' needs sample=K (candidates scored per miss)")
+  if path == "auto" and policy.name in EXACT_POLICIES and policy is POLICIES[policy.name]:
+    path = "exact"
+  if path == "exact":
     hits = exact_hits(trace.block, caps, policy.name, trace.num_blocks)
     return hits[0] if single else hits
   if isinstance(params, (list, tuple)):
@@ -174,11 +315,45 @@ def simulate_hits(trace: Trace, capacities, policy="lru", params=None, *,
   else:
     plist = [make_params(policy) if params is None else params] * len(caps)
   stacked = jax.tree.map(lambda *v: jnp.stack(v), *plist)
+  num_pages = max(caps)
   hits = _simulate_batch(_refs(trace), jnp.asarray(caps, jnp.int32), stacked,
-                         policy_name=policy.name, num_pages=max(caps),
-                         num_blocks=max(trace.num_blocks, 1), page_size=trace.block_size)
+                         jnp.int32(seed), policy_name=policy.name, num_pages=num_pages,
+                         num_blocks=max(trace.num_blocks, 1), page_size=trace.block_size,
+                         sample=None if path != "sampled" else min(sample, num_pages))
   hits = np.asarray(hits)
   return hits[0] if single else hits
+
+
+def sweep(trace: Trace, capacities, policy, grid, *, sample: Optional[int] = None,
+          seed: int = 0) -> np.ndarray:
+  """Hit flags of every (parameter set, capacity) pair, in one compiled, vmapped program.
+
+  Args:
+    trace: the references to replay.
+    capacities: C positive ints (runs are padded to the largest; pages beyond a run's
+      capacity are pinned, so they are never candidates).
+    policy: a registered name or ``Policy``.
+    grid: G dicts of parameter overrides (``make_params`` validates each).
+    sample, seed: as in ``simulate_hits`` (the sampled path when ``sample`` is given).
+
+  Returns:
+    bool numpy [G, C, N]. One compilation per (policy, largest capacity, trace length,
+    G * C, sample).
+
+  >>> t = traces.generate(20, seed=0)
+  >>> sweep(t, [4, 8], "lfu", [{"half_life": 10.0}, {}], sample=4).shape[:2]
+  (2, 2)
+  """
+  caps = _check_capacities(capacities)
+  policy = get_policy(policy) if isinstance(policy, str) else policy
+  grid = list(grid)
+  if not grid:
+    raise ValueError("grid must name at least one parameter set, got []")
+  plist = [make_params(policy, **g) for g in grid for _ in caps]
+  hits = simulate_hits(trace, caps * len(grid), policy, plist,
+                       path="scoring" if sample is None else "sampled", sample=sample,
+                       seed=seed)
+  return hits.reshape(len(grid), len(caps), -1)
 
 
 def prefix_hits(trace: Trace, hits: np.ndarray) -> np.ndarray:
