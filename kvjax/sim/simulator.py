@@ -67,6 +67,24 @@ def _as_meta(fields: dict, page_size: int) -> PageMeta:
                   namespace=jnp.broadcast_to(jnp.uint32(0), (p, 2)), **fields)
 
 
+def _decide(policy, pstate, meta, fields, params, x, key, clock, hit, s, victim):
+  """One reference's outcome: the ``Access`` event (admission asked on a miss) and the
+  block's new access count; shared by the full and the sampled scoring paths."""
+  cand = Access(slot=victim, key=key, hit=hit, inserted=jnp.bool_(False),
+                evicted=jnp.bool_(False), evicted_key=meta.block_hash[victim], clock=clock,
+                next_use=x["next_use"], filled=x["filled"], position=x["position"])
+  admit = ~hit
+  if policy.admit is not None:
+    admit = admit & policy.admit(pstate, meta, cand, victim, params)
+  evicted = admit & (fields["filled"][victim] > 0)
+  count = jnp.where(hit, fields["access_count"][s] + 1, 1)
+  access = cand._replace(
+      slot=jnp.where(hit | admit, jnp.where(hit, s, victim), -1), inserted=admit,
+      evicted=evicted,
+      evicted_key=jnp.where(evicted, meta.block_hash[victim], jnp.zeros((2,), jnp.uint32)))
+  return access, count
+
+
 def _simulate(refs: dict, capacity, params, *, policy_name: str, num_pages: int,
               num_blocks: int, page_size: int):
   """bool [N] hit flags of one run (capacity int32 [], params dict of float32 [])."""
@@ -98,19 +116,7 @@ def _simulate(refs: dict, capacity, params, *, policy_name: str, num_pages: int,
     s = argmax(jnp.where(page_block == b, 1.0, 0.0))  # lookup by comparison, see above
     hit = page_block[s] == b
     victim = argmax(policy.score(pstate, meta, clock, params))
-    cand = Access(slot=victim, key=key, hit=hit, inserted=jnp.bool_(False),
-                  evicted=jnp.bool_(False), evicted_key=meta.block_hash[victim], clock=clock,
-                  next_use=x["next_use"], filled=x["filled"], position=x["position"])
-    admit = ~hit
-    if policy.admit is not None:
-      admit = admit & policy.admit(pstate, meta, cand, victim, params)
-    evicted = admit & (fields["filled"][victim] > 0)
-    count = jnp.where(hit, fields["access_count"][s] + 1, 1)
-    touched = hit | admit
-    access = cand._replace(
-        slot=jnp.where(touched, jnp.where(hit, s, victim), -1), inserted=admit,
-        evicted=evicted,
-        evicted_key=jnp.where(evicted, meta.block_hash[victim], jnp.zeros((2,), jnp.uint32)))
+    access, count = _decide(policy, pstate, meta, fields, params, x, key, clock, hit, s, victim)
     return (fields, pstate, page_block, (access, count, b)), hit
 
   z = jnp.int32(0)
@@ -198,19 +204,9 @@ def _simulate_sampled(refs: dict, capacity, params, key, *, policy_name: str,
     scores = policy.score(_gather_rows(pstate, idx, num_pages), _as_meta(sub, page_size),
                           clock, params)
     victim = idx[argmax(scores)]
-    cand = Access(slot=victim, key=key_b, hit=hit, inserted=jnp.bool_(False),
-                  evicted=jnp.bool_(False), evicted_key=meta.block_hash[victim], clock=clock,
-                  next_use=x["next_use"], filled=x["filled"], position=x["position"])
-    admit = ~hit
-    if policy.admit is not None:
-      admit = admit & policy.admit(pstate, meta, cand, victim, params)
-    evicted = admit & (fields["filled"][victim] > 0)
-    count = jnp.where(hit, fields["access_count"][s] + 1, 1)
-    touched = hit | admit
-    access = cand._replace(
-        slot=jnp.where(touched, jnp.where(hit, s, victim), -1), inserted=admit,
-        evicted=evicted,
-        evicted_key=jnp.where(evicted, meta.block_hash[victim], jnp.zeros((2,), jnp.uint32)))
+    access, count = _decide(policy, pstate, meta, fields, params, x, key_b, clock, hit, s,
+                            victim)
+    admit, evicted = access.inserted, access.evicted
     old = jnp.where(evicted, page_block[victim], nowhere)
     used = used + (admit & ~evicted).astype(jnp.int32)
     return (fields, pstate, page_block, block_page, (access, count, b, old), used), hit
