@@ -174,6 +174,9 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--turns", type=positive_int, default=2, help="user turns per conversation")
   parser.add_argument("--kv-dtype", choices=KV_DTYPES, default="auto",
                       help=f"page dtype; auto: the model's ({SMOLLM2_DTYPE} for SmolLM2)")
+  parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                      help="weights' dtype; auto: bfloat16 on GPU/TPU, float32 on CPU (where "
+                           "XLA upcasts bfloat16 matmuls and they run slower)")
 
 
 def _check_demo_args(args) -> None:
@@ -207,7 +210,7 @@ def demo(args) -> dict:
   _check_demo_args(args)
   t0 = time.perf_counter()
   try:
-    config, params, tokenizer = load_smollm2()
+    config, params, tokenizer = load_smollm2(args.dtype)
   except WeightsNotInstalledError as e:
     raise UsageError(f"demo: {e}") from None
   load_s = time.perf_counter() - t0
@@ -219,7 +222,8 @@ def demo(args) -> dict:
   cache = init(cc)
   seq_ids = list(range(len(convs)))
   b, chunk = len(convs), 64  # generate's default chunk_size: prefill steps are [B, 64]
-  print(f"SmolLM2-135M-Instruct loaded in {load_s:.1f}s; cache: {cc.num_pages} pages of "
+  print(f"SmolLM2-135M-Instruct ({params.embed.dtype.name} weights) loaded in {load_s:.1f}s; "
+        f"cache: {cc.num_pages} pages of "
         f"{cc.page_size} tokens ({cc.dtype}), {len(convs)} conversations x {turns} turns, "
         f"backend {jax.default_backend()}")
   histories = [[{"role": "system", "content": SYSTEM_PROMPT}] for _ in convs]

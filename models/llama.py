@@ -42,6 +42,33 @@ from kvjax.layout.pages import with_flat_layer
 from kvjax.rope import rope
 
 
+# Backends whose matrix units run bfloat16 natively; XLA:CPU upcasts, so there bfloat16
+# weights cost more than float32 (benchmarks/decode.py ``weights_dtype``: 2-4x per step).
+BF16_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
+
+
+def compute_dtype(dtype="auto", backend: str | None = None) -> jnp.dtype:
+  """The weights' dtype for ``dtype``: ``"auto"`` is bfloat16 on GPU and TPU, float32 on CPU.
+
+  Any other value is returned as a ``jnp.dtype`` (``"float32"``, ``"bfloat16"``...).
+
+  >>> compute_dtype("auto", backend="cpu").name, compute_dtype("auto", backend="tpu").name
+  ('float32', 'bfloat16')
+  >>> compute_dtype("bfloat16").name
+  'bfloat16'
+  """
+  if isinstance(dtype, str) and dtype == "auto":
+    backend = jax.default_backend() if backend is None else backend
+    return jnp.dtype(jnp.bfloat16 if backend in BF16_BACKENDS else jnp.float32)
+  try:
+    out = jnp.dtype(dtype)
+  except TypeError:
+    raise ValueError(f"dtype must be 'auto' or a float dtype name, got {dtype!r}") from None
+  if not jnp.issubdtype(out, jnp.floating):
+    raise ValueError(f"dtype must be a float dtype, got {out.name}")
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
   """Architecture of a Llama-style decoder; frozen and hashable (a static jit argument).

@@ -25,6 +25,8 @@ _CACHE_ENV = "KVJAX_TEST_XLA_CACHE"
 if _CACHE_ENV not in os.environ:
   os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="kvjax-tests-xla-")
   atexit.register(shutil.rmtree, os.environ[_CACHE_ENV], True)
+if os.environ[_CACHE_ENV].strip().lower() not in ("", "off"):   # dequantized GGUF weights, shared
+  os.environ.setdefault("KVJAX_WEIGHTS_CACHE", os.path.join(os.environ[_CACHE_ENV], "weights"))
 
 import jax  # noqa: E402
 

