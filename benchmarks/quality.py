@@ -384,6 +384,8 @@ def main(argv=None) -> dict:
   ap.add_argument("--out", default="benchmarks/results/quality.json")
   ap.add_argument("--specs", default=",".join(SPECS), help="comma-separated preset names")
   ap.add_argument("--windows", type=int, default=None, help="perplexity windows (default 16)")
+  ap.add_argument("--params-dtype", choices=("float32", "bfloat16"), default="float32",
+                  help="weights' dtype (bfloat16: the GPU/TPU default, compute_dtype('auto'))")
   ap.add_argument("--chunk", type=int, default=256, help="prefill tokens per step")
   ap.add_argument("--page", type=int, default=PAGE, help="page size (tokens)")
   ap.add_argument("--no-agreement", action="store_true",
@@ -420,7 +422,7 @@ def main(argv=None) -> dict:
   print("machine:", json.dumps(info), flush=True)
 
   t0 = time.perf_counter()
-  config, params, tok = load_smollm2()
+  config, params, tok = load_smollm2(args.params_dtype)
   windows = pydoc_windows(tok, WINDOW, num_windows)
   prompts = [encode_chat(tok, [{"role": "user", "content": p}]) for p in PROMPTS[:prompts_n]]
   gen_len = max(len(p) for p in prompts) + new_tokens
@@ -430,7 +432,7 @@ def main(argv=None) -> dict:
   res = {"machine": info, "quick": args.quick, "agreement": not args.no_agreement,
          "page_size": PAGE, "window": WINDOW,
          "num_windows": num_windows, "prompts": prompts_n, "new_tokens": new_tokens,
-         "chunk": args.chunk, "cache_dtype": "bfloat16", "params_dtype": "float32",
+         "chunk": args.chunk, "cache_dtype": "bfloat16", "params_dtype": args.params_dtype,
          "specs": {}}
   dims = dict(num_layers=config.num_layers, num_kv_heads=config.num_kv_heads,
               head_dim=config.head_dim, page_size=PAGE)

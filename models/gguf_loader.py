@@ -208,10 +208,19 @@ def _cache_file(path: str, folder: str) -> str:
   return os.path.join(folder, f"{stem}-{st.st_size}-{st.st_mtime_ns}.float32.npz")
 
 
-def _cached_params(path: str, config: LlamaConfig, reader, dtype) -> LlamaParams:
-  """``read_params`` through the weights cache: dequantizing a Q4 GGUF takes seconds, reading
-  its float32 weights back takes a fraction of one. A cache file that cannot be read or does
-  not fit ``config`` is ignored (and rewritten); one that cannot be written is skipped."""
+def cached_params(path: str, config: LlamaConfig, reader, dtype) -> LlamaParams:
+  """``read_params(reader, config, dtype)`` through the weights cache.
+
+  Dequantizing a Q4 GGUF takes seconds, reading its float32 weights back takes a fraction of
+  one. The cache file is named by ``path``'s name, size and mtime (a replaced GGUF gets a new
+  file); one that cannot be read or does not fit ``config`` is ignored (and rewritten), one
+  that cannot be written is skipped. Returns the parameter pytree in ``dtype``.
+
+  >>> import gguf                                               # doctest: +SKIP
+  >>> reader = gguf.GGUFReader(smollm2_path())                  # doctest: +SKIP
+  >>> params = cached_params(smollm2_path(), read_config(reader), reader,
+  ...                        jnp.float32)                       # doctest: +SKIP
+  """
   folder = weights_cache_dir()
   if folder is None:
     return read_params(reader, config, dtype)
@@ -250,7 +259,7 @@ def load_gguf(path: str, dtype=jnp.float32):
 
   reader = gguf.GGUFReader(path)
   config = read_config(reader)
-  return config, _cached_params(path, config, reader, dtype), tokenizer_from_gguf(reader)
+  return config, cached_params(path, config, reader, dtype), tokenizer_from_gguf(reader)
 
 
 def load_smollm2(dtype="float32"):

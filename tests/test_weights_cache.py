@@ -35,37 +35,37 @@ def _equal(a, b):
 
 def test_second_load_reads_the_cache_bit_exact(tmp_path, monkeypatch):
   path, ref, calls = _fake_gguf(tmp_path, monkeypatch)
-  first = gguf_loader._cached_params(path, CFG, None, jnp.float32)
-  second = gguf_loader._cached_params(path, CFG, None, jnp.float32)
+  first = gguf_loader.cached_params(path, CFG, None, jnp.float32)
+  second = gguf_loader.cached_params(path, CFG, None, jnp.float32)
   assert len(calls) == 1 and _equal(first, ref) and _equal(second, ref)
-  bf16 = gguf_loader._cached_params(path, CFG, None, jnp.bfloat16)   # cast from the cache
+  bf16 = gguf_loader.cached_params(path, CFG, None, jnp.bfloat16)   # cast from the cache
   assert len(calls) == 1 and bf16.embed.dtype == jnp.bfloat16
   assert _equal(bf16, jax.tree.map(lambda a: a.astype(jnp.bfloat16), ref))
 
 
 def test_corrupt_or_foreign_cache_file_is_ignored_and_rewritten(tmp_path, monkeypatch):
   path, ref, calls = _fake_gguf(tmp_path, monkeypatch)
-  gguf_loader._cached_params(path, CFG, None, jnp.float32)
+  gguf_loader.cached_params(path, CFG, None, jnp.float32)
   (file,) = [os.path.join(tmp_path / "cache", f) for f in os.listdir(tmp_path / "cache")]
   with open(file, "r+b") as f:          # truncate: a torn or damaged file
     f.truncate(100)
-  assert _equal(gguf_loader._cached_params(path, CFG, None, jnp.float32), ref)
+  assert _equal(gguf_loader.cached_params(path, CFG, None, jnp.float32), ref)
   assert len(calls) == 2
   # weights of another shape under the same name (another model) are not served
   np.savez(file, **{f"a{i}": np.zeros(3) for i in range(len(jax.tree.leaves(ref)))})
-  assert _equal(gguf_loader._cached_params(path, CFG, None, jnp.float32), ref)
+  assert _equal(gguf_loader.cached_params(path, CFG, None, jnp.float32), ref)
   assert len(calls) == 3
-  assert _equal(gguf_loader._cached_params(path, CFG, None, jnp.float32), ref) and len(calls) == 3
+  assert _equal(gguf_loader.cached_params(path, CFG, None, jnp.float32), ref) and len(calls) == 3
 
 
 def test_a_changed_gguf_gets_a_new_cache_file_and_off_disables(tmp_path, monkeypatch):
   path, ref, calls = _fake_gguf(tmp_path, monkeypatch)
-  gguf_loader._cached_params(path, CFG, None, jnp.float32)
+  gguf_loader.cached_params(path, CFG, None, jnp.float32)
   with open(path, "ab") as f:           # a replaced model file: new size and mtime
     f.write(b" changed")
-  gguf_loader._cached_params(path, CFG, None, jnp.float32)
+  gguf_loader.cached_params(path, CFG, None, jnp.float32)
   assert len(calls) == 2 and len(os.listdir(tmp_path / "cache")) == 2
   monkeypatch.setenv("KVJAX_WEIGHTS_CACHE", "off")
-  gguf_loader._cached_params(path, CFG, None, jnp.float32)
-  gguf_loader._cached_params(path, CFG, None, jnp.float32)
+  gguf_loader.cached_params(path, CFG, None, jnp.float32)
+  gguf_loader.cached_params(path, CFG, None, jnp.float32)
   assert len(calls) == 4
