@@ -294,7 +294,7 @@ def sweep_grid(name: str, k: int = SWEEP_CONFIGS) -> list[dict]:
   default (log-spaced; ``admit_partial`` is a switch and stays).
 
   >>> [round(g["half_life"]) for g in sweep_grid("lfu", 3)]
-  [8192, 32768, 131072]
+  [1024, 4096, 16384]
   """
   from kvjax.policies import get_policy
   pol = get_policy(name)
