@@ -77,9 +77,11 @@ def test_sampled_bad_arguments(trace, kwargs, match):
 # ---------------------------------------------------------------- ARC
 
 
-def py_arc(refs, c):
-  """ARC from the paper's pseudocode, with plain lists (MRU at the end), O(c) a step."""
+def py_arc(refs, c, partial=None):
+  """ARC from the paper's pseudocode, with plain lists (MRU at the end), O(c) a step;
+  with ``partial``, a partial block that is not in T1/T2 is a miss that changes nothing."""
   t1, t2, b1, b2, p, hits = [], [], [], [], 0.0, []
+  partial = partial or [False] * len(refs)
 
   def replace(x_in_b2):
     if len(t1) >= 1 and ((x_in_b2 and len(t1) == p) or len(t1) > p):
@@ -87,13 +89,15 @@ def py_arc(refs, c):
     else:
       b2.append(t2.pop(0))
 
-  for x in refs:
+  for x, part in zip(refs, partial):
     if x in t1 or x in t2:
       (t1 if x in t1 else t2).remove(x)
       t2.append(x)
       hits.append(True)
       continue
     hits.append(False)
+    if part:
+      continue
     if x in b1:
       p = min(c, p + max(len(b2) / len(b1), 1))
       replace(False)
@@ -133,9 +137,24 @@ def test_arc_equals_python_reference_hit_for_hit(trace):
   assert arc.mean() > py_lru(refs, 8).mean() + 0.1
 
 
+def test_arc_scan_equals_list_reference_with_and_without_bypass():
+  t = traces.generate(120, seed=8)
+  refs, part = t.block.tolist(), (t.filled < t.block_size).tolist()
+  caps = [6, 30, 70]
+  scan = simulator.simulate_hits(t, caps, "arc", path="exact")  # the jitted, vmapped scan
+  scan_b = simulator.simulate_hits(t, caps, "arc-bypass", path="exact")
+  host_b = simulator.simulate_hits(t, caps, "arc-bypass")
+  for j, c in enumerate(caps):
+    assert (scan[j] == py_arc(refs, c)).all()
+    want = py_arc(refs, c, part)
+    assert (scan_b[j] == want).all() and (host_b[j] == want).all()
+  assert not scan_b[:, np.array(part)].any()  # a bypassed partial block never hits here
+  assert (scan_b != scan).any()
+
+
 def test_arc_bounded_by_min_and_refuses_params(trace):
   arc = simulator.simulate_hits(trace, CAPS, "arc").mean(axis=1)
   mn = simulator.simulate_hits(trace, CAPS, "min").mean(axis=1)
   assert (arc <= mn).all()
-  with pytest.raises(ValueError, match="host path"):
+  with pytest.raises(ValueError, match="exact paths only"):
     simulator.simulate_hits(trace, 8, "arc", sample=4)

@@ -31,6 +31,7 @@ from kvjax.policies.scoring import argmax
 from kvjax.policies.scoring import Deferred
 from kvjax.prefix.hashing import fmix32
 from kvjax.sim.arc import arc_hits
+from kvjax.sim.arc import arc_scan_hits
 from kvjax.sim.arc import HOST_POLICIES
 from kvjax.sim.exact import exact_hits
 from kvjax.sim.exact import EXACT_POLICIES
@@ -251,8 +252,9 @@ def simulate_hits(trace: Trace, capacities, policy="lru", params=None, *,
   Args:
     trace: the references to replay.
     capacities: an int or a sequence of V positive ints (blocks the cache holds).
-    policy: a registered name or ``Policy``, or ``"arc"`` (``kvjax.sim.arc``: an exact
-      host simulator, no parameters).
+    policy: a registered name or ``Policy``, or ``"arc"`` / ``"arc-bypass"``
+      (``kvjax.sim.arc``, no parameters: ``path="auto"`` runs the host lists,
+      ``path="exact"`` the jitted vmapped scan; the same hit flags).
     params: one params dict (``make_params``), or a sequence of V of them (one per
       capacity), or None for the defaults.
     path: ``"scoring"`` runs the policy's ``score`` at every miss (every policy);
@@ -281,9 +283,14 @@ def simulate_hits(trace: Trace, capacities, policy="lru", params=None, *,
   caps = _check_capacities(capacities)
   if isinstance(policy, str) and policy in HOST_POLICIES:
     if params or sample is not None or path not in ("auto", "exact"):
-      raise ValueError(f"policy {policy!r} runs on its exact host path only (no params, "
+      raise ValueError(f"policy {policy!r} runs on its exact paths only (no params, "
                        f"sample or path={path!r})")
-    hits = np.stack([arc_hits(trace.block, c) for c in caps])
+    partial = trace.filled < trace.block_size
+    bypass = policy == "arc-bypass"
+    if path == "exact":  # the jitted, vmapped scan (kvjax.sim.arc)
+      hits = arc_scan_hits(trace.block, caps, bypass, partial)
+    else:  # the host lists: faster on CPU
+      hits = np.stack([arc_hits(trace.block, c, partial if bypass else None) for c in caps])
     return hits[0] if single else hits
   policy = get_policy(policy) if isinstance(policy, str) else policy
   if path not in PATHS:
