@@ -24,6 +24,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any, Optional
@@ -66,13 +67,22 @@ def loss(logits: jax.Array, klass: jax.Array, censored: jax.Array,
   return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1e-9)
 
 
+@functools.lru_cache(maxsize=32)
 def _make_step(pred: Predictor, opt: optax.GradientTransformation):
+  """The jitted AdamW step (cached per predictor and optimizer: one compilation for the
+  chunks of ``finetune_stream``)."""
   @jax.jit
   def step(params, opt_state, x, k, c, w):
     val, grads = jax.value_and_grad(lambda p: loss(pred.predict(p, x), k, c, w))(params)
     updates, opt_state = opt.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, val
   return step
+
+
+@functools.lru_cache(maxsize=32)
+def _adamw(lr: float, steps: int, weight_decay: float) -> optax.GradientTransformation:
+  return optax.adamw(optax.cosine_decay_schedule(lr, steps, alpha=0.05),
+                     weight_decay=weight_decay)
 
 
 def fit(features: np.ndarray, klass: np.ndarray, censored: np.ndarray, *, kind: str = "mlp",
@@ -97,8 +107,7 @@ def fit(features: np.ndarray, klass: np.ndarray, censored: np.ndarray, *, kind: 
                      f"{censored.shape}")
   if pred is None or params is None:
     pred, params = predictor(make_model(kind, seed))
-  sched = optax.cosine_decay_schedule(lr, max(steps, 1), alpha=0.05)
-  opt = optax.adamw(sched, weight_decay=weight_decay)
+  opt = _adamw(lr, max(steps, 1), weight_decay)
   opt_state = opt.init(params)
   step = _make_step(pred, opt)
   rng = np.random.default_rng(seed)

@@ -21,6 +21,9 @@ next-use distance, kept for the page. Then:
   against the gap observed; a table row unseen for ``2^16`` references (checked one row
   per reference, and when a colliding key takes the row) is scored as "not reused".
   Only the past is used.
+* **a safety net** (``duel = 1``): two miniature caches (``Duel``) replay one key in
+  ``DUEL_RATE``, one with LRU and one with this policy; while LRU's miniature hits more
+  (by ``duel_margin``), the cache evicts by recency and admits every block, as LRU.
 * **prefetch ranking**: ``rank_blocks`` scores blocks by predicted reuse (the L3
   prefetcher reads ahead the highest first).
 
@@ -92,6 +95,69 @@ class LearnedState(NamedTuple):
                        #            and the deepest known block's count and gap
   horizon: jax.Array   # float32 []  H in references (horizon * capacity / miss rate)
   miss_rate: jax.Array  # float32 []  running share of references that miss
+  duel: "Duel"         # miniature caches: LRU against the learned policy
+
+
+class Duel(NamedTuple):
+  """Two miniature caches of ``capacity / DUEL_RATE`` entries replaying the references of
+  one key in ``DUEL_RATE`` (by hash): LRU and the learned policy. The cache follows LRU
+  while LRU's miniature hits more (decayed counts, by ``duel_margin``)."""
+
+  lru_key: jax.Array   # uint32 [m]  tags in the LRU miniature (0 = empty)
+  lru_last: jax.Array  # int32 [m]  their last references (-1 = empty)
+  ml_key: jax.Array    # uint32 [m]  tags in the learned miniature
+  ml_last: jax.Array   # int32 [m]
+  ml_probs: jax.Array  # float32 [m, B]  their predictions
+  hits: jax.Array      # float32 [2]  decayed hits of the LRU and learned miniatures
+
+
+DUEL_RATE = 8
+DUEL_DECAY = 1.0 - 1.0 / 2048.0   # per sampled reference
+
+
+def _duel_size(num_pages: int) -> int:
+  m = num_pages // DUEL_RATE + 1
+  return m if m != num_pages else m + 1   # never a per-page leaf (see ``_gather_rows``)
+
+
+def _duel_init(num_pages: int) -> Duel:
+  m = _duel_size(num_pages)
+  z = jnp.zeros((m,), jnp.uint32)
+  e = jnp.full((m,), -1, jnp.int32)
+  return Duel(z, e, z, e, jnp.full((m, NUM_CLASSES), 1.0 / NUM_CLASSES), jnp.zeros(2))
+
+
+def _duel_step(d: Duel, tag, clock, probs, capacity, horizon, admit, on) -> Duel:
+  """One sampled reference (``on``) through both miniatures."""
+  m = d.lru_key.shape[0]
+  live = jnp.arange(m) < jnp.maximum(capacity // DUEL_RATE, 1)
+  match = (d.lru_key == tag) & live
+  hit_l = jnp.any(match)
+  slot = jnp.where(hit_l, jnp.argmax(match),
+                   jnp.argmin(jnp.where(live, d.lru_last, jnp.iinfo(jnp.int32).max)))
+  slot = jnp.where(on, slot, m)
+  lru_key = d.lru_key.at[slot].set(tag, mode="drop")
+  lru_last = d.lru_last.at[slot].set(clock, mode="drop")
+  match = (d.ml_key == tag) & live
+  hit_m = jnp.any(match)
+  a = jnp.clip(clock - d.ml_last, 0, None).astype(jnp.float32)
+  r = _survival_ratio(d.ml_probs, a, horizon)
+  r = jnp.where(d.ml_key == 0, jnp.inf, jnp.where(live, r, -jnp.inf))
+  victim = jnp.argmax(r)
+  theirs = 1.0 - _survival_ratio(d.ml_probs[victim], a[victim], horizon)
+  take = hit_m | (d.ml_key[victim] == 0) | (class_cdf(probs, horizon) >= admit * theirs)
+  slot = jnp.where(on & take, jnp.where(hit_m, jnp.argmax(match), victim), m)
+  ml_key = d.ml_key.at[slot].set(tag, mode="drop")
+  ml_last = d.ml_last.at[slot].set(clock, mode="drop")
+  ml_probs = d.ml_probs.at[slot].set(probs, mode="drop")
+  got = jnp.stack([hit_l, hit_m]).astype(jnp.float32)
+  hits = jnp.where(on, d.hits * DUEL_DECAY + got, d.hits)
+  return Duel(lru_key, lru_last, ml_key, ml_last, ml_probs, hits)
+
+
+def _follow_lru(state, params) -> jax.Array:
+  h = state.duel.hits
+  return (params["duel"] > 0.5) & (h[0] > h[1] * (1.0 + params["duel_margin"]) + 1.0)
 
 
 class _Lookup(NamedTuple):
@@ -156,7 +222,7 @@ def learned_policy(pred: Predictor, params: Any, name: str = "learned",
   >>> from kvjax.learned.models import make_model, predictor
   >>> p = learned_policy(*predictor(make_model("linear")), name="doc-learned")
   >>> sorted(p.defaults)
-  ['admit', 'horizon', 'online_lr']
+  ['admit', 'duel', 'duel_margin', 'horizon', 'online_lr']
   """
   flat0, unravel = ravel_pytree(params)
   nparams = int(flat0.shape[0])
@@ -177,7 +243,8 @@ def learned_policy(pred: Predictor, params: Any, name: str = "learned",
         count=deferred(z, 1), gaps=deferred(jnp.zeros((g, GAPS), jnp.int32), 1),
         logits=deferred(jnp.zeros((g, NUM_CLASSES), jnp.float32), 1),
         pending=deferred(z, 2), prev=jnp.array([-2, 0, 0, 0, 0], jnp.int32),
-        horizon=jnp.float32(2.0 * num_pages), miss_rate=jnp.float32(1.0))
+        horizon=jnp.float32(2.0 * num_pages), miss_rate=jnp.float32(1.0),
+        duel=_duel_init(num_pages))
 
   def predict(state, lk):
     p, bias = split(state.model)
@@ -187,7 +254,8 @@ def learned_policy(pred: Predictor, params: Any, name: str = "learned",
   def score(state: LearnedState, meta, clock, params):
     a = age(meta, clock)
     r = _survival_ratio(view(state.probs), a, state.horizon)
-    return finalize(r + 1e-4 * jnp.log1p(a) / 20.0, meta)
+    return finalize(jnp.where(_follow_lru(state, params), a, r + 1e-4 * jnp.log1p(a) / 20.0),
+                    meta)
 
   def update(state: LearnedState, meta, access: Access, params):
     real = (access.key[0] != 0) | (access.key[1] != 0)
@@ -236,7 +304,10 @@ def learned_policy(pred: Predictor, params: Any, name: str = "learned",
         prev=jnp.where(real, jnp.stack([access.position, lk.count + 1, lk.run, lk.run_count,
                                                   lk.run_gap]), state.prev),
         horizon=params["horizon"] * capacity / jnp.maximum(miss_rate, MIN_MISS_RATE),
-        miss_rate=miss_rate)
+        miss_rate=miss_rate,
+        duel=_duel_step(state.duel, lk.tag, access.clock, probs, live_pages(meta),
+                        state.horizon, params["admit"],
+                        real & ((lk.tag >> 8) % jnp.uint32(DUEL_RATE) == 0)))
 
   def admit(state: LearnedState, meta, access: Access, victim, params):
     lk = _lookup(state, meta, access)
@@ -244,7 +315,8 @@ def learned_policy(pred: Predictor, params: Any, name: str = "learned",
     mine = class_cdf(probs, state.horizon)
     a = age(meta, access.clock)[victim]
     theirs = 1.0 - _survival_ratio(get(state.probs, victim), a, state.horizon)
-    return (meta.filled[victim] == 0) | (mine >= params["admit"] * theirs)
+    return ((meta.filled[victim] == 0) | (mine >= params["admit"] * theirs)
+            | _follow_lru(state, params))
 
   def rank(state: LearnedState, keys, position, filled, clock, page_size: int):
     p, bias = split(state.model)
@@ -332,7 +404,7 @@ def _lazy(field: str):
 def _shipped_defaults() -> dict:
   """The policy parameters tuned with the shipped predictor (``policy.json``), else fixed
   fallbacks."""
-  out = {"horizon": 1.0, "admit": 1.0, "online_lr": 0.0}
+  out = {"horizon": 1.0, "admit": 1.0, "online_lr": 0.0, "duel": 1.0, "duel_margin": 0.02}
   path = os.path.join(PRETRAINED, "policy.json")
   if os.path.exists(path):
     with open(path) as f:
@@ -341,7 +413,8 @@ def _shipped_defaults() -> dict:
 
 
 DEFAULTS = _shipped_defaults()
-BOUNDS = {"horizon": POSITIVE, "admit": WEIGHT, "online_lr": FRACTION}
+BOUNDS = {"horizon": POSITIVE, "admit": WEIGHT, "online_lr": FRACTION, "duel": FRACTION,
+          "duel_margin": Bound(0.0, 10.0)}
 
 # The registered policy restores the shipped predictor when first used, not on import.
 LEARNED = register(Policy(name="learned", init=_lazy("init"), score=_lazy("score"),
