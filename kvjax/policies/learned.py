@@ -393,7 +393,8 @@ def _built() -> Policy:
   path = os.path.join(PRETRAINED, "kind.json")
   if not os.path.exists(path):
     raise ValueError(f"the learned policy's shipped parameters are missing ({PRETRAINED})")
-  pred, params = restore(PRETRAINED)
+  with jax.ensure_compile_time_eval():   # first use may come inside a trace (vmap, jit)
+    pred, params = restore(PRETRAINED)
   return learned_policy(pred, params, name="learned")
 
 
