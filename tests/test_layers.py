@@ -21,6 +21,7 @@ LAYERS = {
     "kvjax.prefix": 1,
     "kvjax.quant": 2,
     "kvjax.store": 2,
+    "kvjax.learned": 2,
     "kvjax.kernels": 3,
     "kvjax.policies": 3,
     "kvjax.cache": 4,

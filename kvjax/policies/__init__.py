@@ -22,7 +22,8 @@ Modules: ``contract`` (``Policy``, ``Admission``, ``Bound``, the registry,
 ``make_params``, ``with_admission``, ``score_and_evict``), ``scoring`` (``Access`` and
 shared helpers), ``classic`` (LRU, FIFO, LRU-2, LFU, S3-FIFO, weighted, GreedyDual,
 LeCaR), ``frequency`` (TinyLFU, ``freqlru``, ``autofreq``, ``classfreq``,
-``autoclass``), ``oracle`` (MIN). Each module registers its own policies; importing
+``autoclass``), ``learned`` (a trained next-use predictor, ``kvjax.learned``), ``oracle``
+(MIN). Each module registers its own policies; importing
 them here, in this order, fixes the order of ``POLICIES``.
 
 >>> get_policy("lru").oracle, get_policy("min").oracle   # the cache takes online policies only
@@ -93,6 +94,12 @@ from kvjax.policies.frequency import TINYLFU_ADMISSION
 from kvjax.policies.frequency import TINYLFU_S3FIFO
 from kvjax.policies.frequency import TinyLfuState
 from kvjax.policies.frequency import with_tinylfu
+from kvjax.policies.learned import features_of
+from kvjax.policies.learned import LEARNED
+from kvjax.policies.learned import learned_policy
+from kvjax.policies.learned import LearnedState
+from kvjax.policies.learned import rank_blocks
+from kvjax.policies.learned import with_model
 from kvjax.policies.oracle import MIN
 from kvjax.policies.oracle import MIN_BYPASS
 from kvjax.policies.oracle import min_state
@@ -119,11 +126,13 @@ __all__ = [
     "GHOST_FACTOR",
     "GREEDYDUAL",
     "GreedyDualState",
+    "LEARNED",
     "LECAR",
     "LFU",
     "LRU",
     "LRU2",
     "LecarState",
+    "LearnedState",
     "LfuState",
     "Lru2State",
     "MIN",
@@ -148,15 +157,18 @@ __all__ = [
     "class_bonus",
     "classfreq_state",
     "first_seen_class",
+    "features_of",
     "freqlru_state",
     "get_policy",
     "greedydual_state",
+    "learned_policy",
     "lfu_state",
     "lru_score",
     "make_params",
     "min_state",
     "no_state",
     "no_update",
+    "rank_blocks",
     "recompute_cost",
     "register",
     "s3fifo_state",
@@ -164,5 +176,6 @@ __all__ = [
     "stateless",
     "weighted_score",
     "with_admission",
+    "with_model",
     "with_tinylfu",
 ]
