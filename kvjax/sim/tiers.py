@@ -29,7 +29,7 @@ into L1), then the rest computed into new L1 pages. The model keeps the same rul
 from __future__ import annotations
 
 import heapq
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -195,6 +195,13 @@ class _L1:
       par = x[2]
       if par >= 0 and not self.copy_ok(par):
         continue
+      parent_e = self.node[par][3] if par >= 0 else -1
+      same = self.l2.by_key.get((b, parent_e))
+      if same is not None:  # L2 holds it after this parent already: adopt that copy
+        self.l2.stamp(same, t)
+        written.add(same)
+        self.set_copy(b, same)
+        continue
       before = set(self.need)
       if not self.l2.room(written):
         continue
@@ -286,7 +293,7 @@ def two_tier(trace: Trace, *, l1_pages: int, l2_pages: Optional[int],
   h1, h2 = int(per[:, 0].sum()), int(per[:, 1].sum())
   q = max(lookups, 1)
   return {"lookups": lookups, "l1_hits": h1, "l2_hits": h2, "hit_ratio_l1": h1 / q,
-          "hit_ratio_l1_l2": (h1 + h2) / q, "per_request": per}
+          "hit_ratio_l1_l2": (h1 + h2) / q, "per_request": per, "pools": (l1s, l2s)}
 
 
 def block_tokens(blocks: np.ndarray, page_size: int) -> np.ndarray:
@@ -303,7 +310,8 @@ def block_tokens(blocks: np.ndarray, page_size: int) -> np.ndarray:
 def replay_cache(trace: Trace, *, l1_pages: int, l2_pages: Optional[int],
                  procs: Optional[Sequence[int]] = None, shared_l2: bool = True,
                  requests: Optional[int] = None, page_size: int = 4,
-                 l2_preset: str = "bf16") -> dict:
+                 l2_preset: str = "bf16", min_pages_per_seq: int = 256,
+                 prepare: Optional[Callable] = None) -> dict:
   """Replay ``trace`` through the REAL two-tier cache (``kvjax.tiers``); as ``two_tier``.
 
   Each request is one sequence: its prompt is one page of ``block_tokens`` per block and
@@ -313,6 +321,10 @@ def replay_cache(trace: Trace, *, l1_pages: int, l2_pages: Optional[int],
   (``procs``) each have their own L1 and, with ``shared_l2``, hand one L2 (``L2State``)
   to each other; one logical clock is shared (each process's L1 clock is set to it
   before a request). ``l2_pages`` ``None``/0: the L1 cache alone (``kvjax`` ops).
+  Sequences get ``max(min_pages_per_seq, longest request + 1)`` page-table columns (one
+  compiled shape for all replays). ``prepare(state, config, tiers)`` (optional) maps each
+  process's initial state (to fill pages, or place it on a mesh); the final states are
+  returned under ``"states"``.
   """
   import jax
   import jax.numpy as jnp
@@ -327,12 +339,14 @@ def replay_cache(trace: Trace, *, l1_pages: int, l2_pages: Optional[int],
   longest = int(np.max(np.diff(bounds))) if r_ else 1
   cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=8, page_size=page_size,
                           num_pages=int(l1_pages), max_seqs=1,
-                          max_pages_per_seq=longest + 1)
-  width = (longest + 1) * page_size
+                          max_pages_per_seq=max(min_pages_per_seq, longest + 1))
+  width = max(min_pages_per_seq, longest + 1) * page_size
   use_l2 = bool(l2_pages)
   tc = kt.TierConfig(l2_pages=int(l2_pages), l2_preset=l2_preset) if use_l2 else None
   if use_l2:
     states = [kt.init(cfg, tc) for _ in range(n_proc)]
+    if prepare is not None:
+      states = [prepare(st, cfg, tc) for st in states]
     shared = [states[0].l2] if shared_l2 else None
   else:
     attach = jax.jit(kvjax.attach_prefix, static_argnames="config")
@@ -376,6 +390,8 @@ def replay_cache(trace: Trace, *, l1_pages: int, l2_pages: Optional[int],
       st = release(st, one, config=cfg)
       clock = int(st.clock)
     states[p] = st
+  if use_l2 and shared_l2:
+    states = [st.replace(l2=shared[0]) for st in states]
   lookups = int(bounds[r_] - bounds[0])
   h1, h2 = int(per[:, 0].sum()), int(per[:, 1].sum())
   q = max(lookups, 1)

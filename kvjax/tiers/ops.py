@@ -54,6 +54,7 @@ from kvjax.tiers.move import move_pages
 from kvjax.tiers.move import pad_ids
 from kvjax.tiers.move import page_bytes
 from kvjax.tiers.state import TieredState
+from kvjax.tiers.state import TierStats
 
 # L1's operations, jitted once per config (eager calls would compile their conds each time)
 _plan_l1 = jax.jit(plan_l1, static_argnames="config")
@@ -63,6 +64,7 @@ _fork_l1 = jax.jit(fork_l1, static_argnames="config")
 _victims = jax.jit(victims, static_argnames=("k", "config"))
 _reclaim = jax.jit(reclaim, static_argnames="config")
 _index_lookup = jax.jit(index_lookup)
+PAD = 32  # page lists are padded to powers of two >= PAD: few compiled sizes
 _POS = 1 << 20  # L2 eviction order: (last_access, deepest position first) as one int64 key
 
 
@@ -76,10 +78,20 @@ def device_meta(m: dict) -> PageMeta:
   return PageMeta(**{n: jnp.asarray(a) for n, a in m.items()})
 
 
+@jax.jit
+def _add_counts(stats: TierStats, inc: jax.Array) -> TierStats:
+  """``stats`` with int32 [F] ``inc`` added, in ``TierStats`` field order."""
+  names = list(TierStats.__dataclass_fields__)
+  return stats.replace(**{n: getattr(stats, n) + inc[i] for i, n in enumerate(names)})
+
+
 def add_stats(ts: TieredState, **inc) -> TieredState:
-  """``ts`` with counters increased by ``inc`` ({name: int})."""
-  s = ts.stats
-  return ts.replace(stats=s.replace(**{n: getattr(s, n) + jnp.int32(v) for n, v in inc.items()}))
+  """``ts`` with counters increased by ``inc`` ({name: int}); one jitted add."""
+  names = list(TierStats.__dataclass_fields__)
+  vec = np.zeros((len(names),), np.int32)
+  for n, v in inc.items():
+    vec[names.index(n)] = v
+  return ts.replace(stats=_add_counts(ts.stats, jnp.asarray(vec)))
 
 
 def full_hashed(m: dict, page_size: int) -> np.ndarray:
@@ -149,8 +161,10 @@ def sync(ts: TieredState, *, config: CacheConfig, tiers: TierConfig) -> TieredSt
   A copy is valid while the L2 page records the same block and its parent is
   the copy of the L1 page's parent (checked in position order, so by induction
   the whole chain is). A page whose parent has no copy is not demoted (L2 could
-  not verify it). L2 takes free pages first, then its least recently used ones
-  (not those written in this call).
+  not verify it). A block L2 already holds after the same parent (another
+  process sharing L2 demoted it) is adopted as the copy, not written again.
+  Otherwise L2 takes free pages first, then its least recently used ones (by
+  last access, deepest block first; not those written in this call).
 
   >>> import jax.numpy as jnp
   >>> import kvjax
@@ -191,6 +205,13 @@ def sync(ts: TieredState, *, config: CacheConfig, tiers: TierConfig) -> TieredSt
     if want_parent < -1 or (par == -1) != (m1["position"][p] == 0) or (par >= 0 and
                                                                         want_parent < 0):
       continue
+    same = find_l2(m2, m1["tokens"][p], int(m1["position"][p]), want_parent,
+                   m1["namespace"][p], s)[0]
+    if same >= 0:  # L2 holds this block after this parent already (another process's copy)
+      m2["last_access"][same] = clock
+      written[same] = True
+      copy[p] = same
+      continue
     free = np.flatnonzero((m2["filled"] == 0) & ~written)
     if free.size:
       q = int(free[0])
@@ -217,8 +238,8 @@ def sync(ts: TieredState, *, config: CacheConfig, tiers: TierConfig) -> TieredSt
     dst.append(q)
   l2 = ts.l2.replace(meta=device_meta(m2))
   if src:
-    k, v = keep_placement(move_pages(ts.l1.k, ts.l1.v, l2.k, l2.v, pad_ids(src, 0),
-                                     pad_ids(dst, tiers.l2_pages)), (l2.k, l2.v))
+    k, v = keep_placement(move_pages(ts.l1.k, ts.l1.v, l2.k, l2.v, pad_ids(src, 0, PAD),
+                                     pad_ids(dst, tiers.l2_pages, PAD)), (l2.k, l2.v))
     l2 = l2.replace(k=k, v=v)
   ts = ts.replace(l2=l2, l1_copy=jnp.asarray(copy))
   nbytes = len(src) * (page_bytes(l2.k) + page_bytes(l2.v))
@@ -338,10 +359,12 @@ def promote(ts: TieredState, wanted, protect, m2: dict, *, config: CacheConfig,
   for p in protect:
     held[p] += 1
   probe = l1.replace(meta=l1.meta.replace(ref_count=jnp.asarray(held)))
-  pages, ok = _victims(probe, k=min(need, config.num_pages), clock=l1.clock, config=config)
-  take = np.asarray(pages)[np.asarray(ok)]
+  k = min(need, config.num_pages)
+  k_pad = min(config.num_pages, max(PAD, 1 << (k - 1).bit_length()))
+  pages, ok = _victims(probe, k=k_pad, clock=l1.clock, config=config)
+  take = np.asarray(pages)[:k][np.asarray(ok)[:k]]
   if take.size:
-    probe = _reclaim(probe, pad_ids(take, config.num_pages), clock=l1.clock,
+    probe = _reclaim(probe, pad_ids(take, config.num_pages, PAD), clock=l1.clock,
                      config=config).state
   m1 = host_meta(probe.meta)
   m1["ref_count"] = ref
@@ -388,8 +411,8 @@ def promote(ts: TieredState, wanted, protect, m2: dict, *, config: CacheConfig,
                             jnp.asarray(values, jnp.int32))
   k, v = l1.k, l1.v
   if src:
-    k, v = keep_placement(move_pages(ts.l2.k, ts.l2.v, k, v, pad_ids(src, 0),
-                                     pad_ids(dst, config.num_pages)), (k, v))
+    k, v = keep_placement(move_pages(ts.l2.k, ts.l2.v, k, v, pad_ids(src, 0, PAD),
+                                     pad_ids(dst, config.num_pages, PAD)), (k, v))
   l1 = probe.replace(meta=device_meta(m1), index=index, k=k, v=v)
   ts = ts.replace(l1=l1, l2=ts.l2.replace(meta=device_meta(m2)), l1_copy=jnp.asarray(copy))
   nbytes = len(src) * (page_bytes(k) + page_bytes(v))
@@ -397,8 +420,8 @@ def promote(ts: TieredState, wanted, protect, m2: dict, *, config: CacheConfig,
 
 
 def pad_hashes(h: np.ndarray) -> jax.Array:
-  """uint32 [N', 2]: ``h`` ([N, 2]) padded with zeros to the next power of two >= 8."""
-  n = max(8, 1 << max(0, int(len(h) - 1).bit_length()))
+  """uint32 [N', 2]: ``h`` ([N, 2]) padded with zeros to the next power of two >= PAD."""
+  n = max(PAD, 1 << max(0, int(len(h) - 1).bit_length()))
   out = np.zeros((n, 2), np.uint32)
   out[:len(h)] = h
   return jnp.asarray(out)
