@@ -31,9 +31,19 @@ from __future__ import annotations
 import heapq
 from typing import Callable, Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from kvjax.cache.attach import attach_prefix as attach_l1
+from kvjax.cache.config import CacheConfig
+from kvjax.cache.lifecycle import release as release_l1
+from kvjax.cache.plan import plan_step as plan_l1
+from kvjax.cache.state import init as init_l1
 from kvjax.sim.traces import Trace
+from kvjax.tiers import ops as tier_ops
+from kvjax.tiers.config import TierConfig
+from kvjax.tiers.state import init as init_tiers
 
 
 class _L2:
@@ -326,33 +336,27 @@ def replay_cache(trace: Trace, *, l1_pages: int, l2_pages: Optional[int],
   process's initial state (to fill pages, or place it on a mesh); the final states are
   returned under ``"states"``.
   """
-  import jax
-  import jax.numpy as jnp
-
-  import kvjax
-  from kvjax import tiers as kt
-
   r_ = trace.num_requests if requests is None else min(int(requests), trace.num_requests)
   procs = np.zeros(r_, np.int64) if procs is None else np.asarray(procs)[:r_]
   n_proc = int(procs.max()) + 1 if r_ else 1
   bounds = np.searchsorted(trace.request, np.arange(r_ + 1))
   longest = int(np.max(np.diff(bounds))) if r_ else 1
-  cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=8, page_size=page_size,
+  cfg = CacheConfig(num_layers=1, num_kv_heads=1, head_dim=8, page_size=page_size,
                           num_pages=int(l1_pages), max_seqs=1,
                           max_pages_per_seq=max(min_pages_per_seq, longest + 1))
   width = max(min_pages_per_seq, longest + 1) * page_size
   use_l2 = bool(l2_pages)
-  tc = kt.TierConfig(l2_pages=int(l2_pages), l2_preset=l2_preset) if use_l2 else None
+  tc = TierConfig(l2_pages=int(l2_pages), l2_preset=l2_preset) if use_l2 else None
   if use_l2:
-    states = [kt.init(cfg, tc) for _ in range(n_proc)]
+    states = [init_tiers(cfg, tc) for _ in range(n_proc)]
     if prepare is not None:
       states = [prepare(st, cfg, tc) for st in states]
     shared = [states[0].l2] if shared_l2 else None
   else:
-    attach = jax.jit(kvjax.attach_prefix, static_argnames="config")
-    plan = jax.jit(kvjax.plan_step, static_argnames="config")
-    release = jax.jit(kvjax.release, static_argnames="config")
-    states = [kvjax.init(cfg) for _ in range(n_proc)]
+    attach = jax.jit(attach_l1, static_argnames="config")
+    plan = jax.jit(plan_l1, static_argnames="config")
+    release = jax.jit(release_l1, static_argnames="config")
+    states = [init_l1(cfg) for _ in range(n_proc)]
   per = np.zeros((r_, 2), np.int64)
   clock = 0
   one = jnp.array([0])
@@ -370,7 +374,7 @@ def replay_cache(trace: Trace, *, l1_pages: int, l2_pages: Optional[int],
       if shared_l2:
         st = st.replace(l2=shared[0])
       before = (int(st.stats.l1_hit_pages), int(st.stats.l2_hit_pages))
-      cached, st = kt.attach_prefix(st, one, jnp.asarray(prompt), num, config=cfg, tiers=tc)
+      cached, st = tier_ops.attach_prefix(st, one, jnp.asarray(prompt), num, config=cfg, tiers=tc)
       per[r] = (int(st.stats.l1_hit_pages) - before[0], int(st.stats.l2_hit_pages) - before[1])
     else:
       st = st.replace(clock=jnp.int32(clock))
@@ -380,8 +384,8 @@ def replay_cache(trace: Trace, *, l1_pages: int, l2_pages: Optional[int],
     rest = np.zeros((1, width), np.int32)
     rest[0, :n * page_size - c] = toks[c:]
     if use_l2:
-      st = kt.plan_step(st, one, jnp.asarray(rest), num - c, config=cfg, tiers=tc)
-      st = kt.release(st, one, config=cfg)
+      st = tier_ops.plan_step(st, one, jnp.asarray(rest), num - c, config=cfg, tiers=tc)
+      st = tier_ops.release(st, one, config=cfg)
       clock = int(st.l1.clock)
       if shared_l2:
         shared[0] = st.l2
