@@ -77,3 +77,20 @@ def page_bytes(pool: Pages) -> int:
   """Bytes of one page of ``pool`` across layers (data, scale, zero)."""
   arrays = [a for a in (pool.data, pool.scale, pool.zero) if a is not None]
   return int(sum(a.nbytes // a.shape[1] for a in arrays))
+
+
+def keep_placement(new, old):
+  """``new`` (a pytree of arrays) placed like ``old`` (same structure) where they differ.
+
+  A jitted move returns the destination pool where the compiler put it; a pool placed
+  by ``kvjax.tiers.placement`` (sharded, or in pinned host memory) is put back there.
+
+  >>> import jax.numpy as jnp
+  >>> keep_placement(jnp.ones(2), jnp.zeros(2)).tolist()
+  [1.0, 1.0]
+  """
+  def put(n, o):
+    if n is None or o is None or getattr(o, "sharding", None) is None:
+      return n
+    return n if n.sharding == o.sharding else jax.device_put(n, o.sharding)
+  return jax.tree_util.tree_map(put, new, old)

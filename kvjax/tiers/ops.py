@@ -31,6 +31,7 @@ sequence's or tenant's page.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -48,10 +49,23 @@ from kvjax.prefix.index import index_insert
 from kvjax.prefix.index import index_lookup
 from kvjax.pressure import relieve as relieve_l1
 from kvjax.tiers.config import TierConfig
+from kvjax.tiers.move import keep_placement
 from kvjax.tiers.move import move_pages
 from kvjax.tiers.move import pad_ids
 from kvjax.tiers.move import page_bytes
 from kvjax.tiers.state import TieredState
+from kvjax.tiers.state import TierStats
+
+# L1's operations, jitted once per config (eager calls would compile their conds each time)
+_plan_l1 = jax.jit(plan_l1, static_argnames="config")
+_attach_l1 = jax.jit(attach_l1, static_argnames="config")
+_release_l1 = jax.jit(release_l1, static_argnames="config")
+_fork_l1 = jax.jit(fork_l1, static_argnames="config")
+_victims = jax.jit(victims, static_argnames=("k", "config"))
+_reclaim = jax.jit(reclaim, static_argnames="config")
+_index_lookup = jax.jit(index_lookup)
+PAD = 32  # page lists are padded to powers of two >= PAD: few compiled sizes
+_POS = 1 << 20  # L2 eviction order: (last_access, deepest position first) as one int64 key
 
 
 def host_meta(meta: PageMeta) -> dict:
@@ -64,10 +78,20 @@ def device_meta(m: dict) -> PageMeta:
   return PageMeta(**{n: jnp.asarray(a) for n, a in m.items()})
 
 
+@jax.jit
+def _add_counts(stats: TierStats, inc: jax.Array) -> TierStats:
+  """``stats`` with int32 [F] ``inc`` added, in ``TierStats`` field order."""
+  names = list(TierStats.__dataclass_fields__)
+  return stats.replace(**{n: getattr(stats, n) + inc[i] for i, n in enumerate(names)})
+
+
 def add_stats(ts: TieredState, **inc) -> TieredState:
-  """``ts`` with counters increased by ``inc`` ({name: int})."""
-  s = ts.stats
-  return ts.replace(stats=s.replace(**{n: getattr(s, n) + jnp.int32(v) for n, v in inc.items()}))
+  """``ts`` with counters increased by ``inc`` ({name: int}); one jitted add."""
+  names = list(TierStats.__dataclass_fields__)
+  vec = np.zeros((len(names),), np.int32)
+  for n, v in inc.items():
+    vec[names.index(n)] = v
+  return ts.replace(stats=_add_counts(ts.stats, jnp.asarray(vec)))
 
 
 def full_hashed(m: dict, page_size: int) -> np.ndarray:
@@ -93,26 +117,41 @@ def evict_l2(m2: dict, copy: np.ndarray, q: int) -> None:
   m2["parent"][q] = -1
 
 
+def chain_valid(m1: dict, m2: dict, copy: np.ndarray, hashed: np.ndarray) -> np.ndarray:
+  """bool [P1]: L1 pages whose L2 copy is valid, the whole chain down from its root.
+
+  A copy is valid when the L1 page is indexed and full, the L2 page records the same
+  block, and its L2 parent is the (valid) copy of the L1 parent (-1 at a start). The
+  local check is vectorized; validity then propagates down the parent chains by pointer
+  jumping (log2 of the longest chain rounds).
+  """
+  q = np.clip(copy, 0, None)
+  par = m1["parent"]
+  want = np.where(par == -1, -1, np.where(par >= 0, copy[np.clip(par, 0, None)], -3))
+  ok = (hashed & (copy >= 0) & (m2["filled"][q] == m1["filled"])
+        & (m2["position"][q] == m1["position"]) & (m2["parent"][q] == want)
+        & np.all(m2["tokens"][q] == m1["tokens"], axis=-1)
+        & np.all(m2["namespace"][q] == m1["namespace"], axis=-1)
+        & np.all(m2["block_hash"][q] == m1["block_hash"], axis=-1))
+  up = np.where(par >= 0, par, np.arange(par.shape[0]))  # roots point at themselves
+  while True:
+    nxt = ok & ok[up]
+    up2 = up[up]
+    if np.array_equal(nxt, ok) and np.array_equal(up2, up):
+      return ok
+    ok, up = nxt, up2
+
+
 def revalidate(ts: TieredState, *, config: CacheConfig) -> TieredState:
   """``ts`` with ``l1_copy`` reset for L1 pages whose L2 copy no longer records their block.
 
   Checked in position order: a copy is valid when the L2 page records the same
   block and its parent is the copy of the L1 page's parent (-1 at a start).
   """
-  s = config.page_size
   m1 = host_meta(ts.l1.meta)
   m2 = host_meta(ts.l2.meta)
   copy = np.array(ts.l1_copy)
-  hashed = full_hashed(m1, s)
-  for p in np.argsort(m1["position"], kind="stable"):
-    p = int(p)
-    q = int(copy[p])
-    if q < 0:
-      continue
-    par = int(m1["parent"][p])
-    want = -1 if par == -1 else int(copy[par]) if par >= 0 else -3
-    if not (hashed[p] and same_block(m1, p, m2, q) and int(m2["parent"][q]) == want):
-      copy[p] = -1
+  copy[~chain_valid(m1, m2, copy, full_hashed(m1, config.page_size))] = -1
   return ts.replace(l1_copy=jnp.asarray(copy))
 
 
@@ -122,8 +161,10 @@ def sync(ts: TieredState, *, config: CacheConfig, tiers: TierConfig) -> TieredSt
   A copy is valid while the L2 page records the same block and its parent is
   the copy of the L1 page's parent (checked in position order, so by induction
   the whole chain is). A page whose parent has no copy is not demoted (L2 could
-  not verify it). L2 takes free pages first, then its least recently used ones
-  (not those written in this call).
+  not verify it). A block L2 already holds after the same parent (another
+  process sharing L2 demoted it) is adopted as the copy, not written again.
+  Otherwise L2 takes free pages first, then its least recently used ones (by
+  last access, deepest block first; not those written in this call).
 
   >>> import jax.numpy as jnp
   >>> import kvjax
@@ -142,14 +183,18 @@ def sync(ts: TieredState, *, config: CacheConfig, tiers: TierConfig) -> TieredSt
   copy = np.array(ts.l1_copy)
   hashed = full_hashed(m1, s)
   order = np.argsort(m1["position"], kind="stable")
+  copy[~hashed] = -1
+  copy0 = copy.copy()
+  keep = chain_valid(m1, m2, copy, hashed)  # valid before this call; rechecked if touched
+  parent = m1["parent"]
   clock = int(ts.l1.clock)
   written = np.zeros((tiers.l2_pages,), bool)
   src, dst = [], []
   evicted = 0
-  for p in order:
+  for p in order[hashed[order]]:
     p = int(p)
-    if not hashed[p]:
-      copy[p] = -1
+    par = int(parent[p])
+    if keep[p] and copy[p] == copy0[p] and (par < 0 or copy[par] == copy0[par]):
       continue
     par = int(m1["parent"][p])
     want_parent = -1 if par == -1 else int(copy[par]) if par >= 0 else -3
@@ -157,13 +202,22 @@ def sync(ts: TieredState, *, config: CacheConfig, tiers: TierConfig) -> TieredSt
     if q >= 0 and same_block(m1, p, m2, q) and int(m2["parent"][q]) == want_parent:
       continue
     copy[p] = -1
-    if want_parent < -1 or (par == -1) != (m1["position"][p] == 0):
+    if want_parent < -1 or (par == -1) != (m1["position"][p] == 0) or (par >= 0 and
+                                                                        want_parent < 0):
+      continue
+    same = find_l2(m2, m1["tokens"][p], int(m1["position"][p]), want_parent,
+                   m1["namespace"][p], s)[0]
+    if same >= 0:  # L2 holds this block after this parent already (another process's copy)
+      m2["last_access"][same] = clock
+      written[same] = True
+      copy[p] = same
       continue
     free = np.flatnonzero((m2["filled"] == 0) & ~written)
     if free.size:
       q = int(free[0])
     else:
-      age = np.where(written, np.iinfo(np.int64).max, m2["last_access"].astype(np.int64))
+      age = np.where(written, np.iinfo(np.int64).max,
+                     m2["last_access"].astype(np.int64) * _POS - m2["position"])
       q = int(np.argmin(age))
       if written[q]:
         continue
@@ -184,8 +238,8 @@ def sync(ts: TieredState, *, config: CacheConfig, tiers: TierConfig) -> TieredSt
     dst.append(q)
   l2 = ts.l2.replace(meta=device_meta(m2))
   if src:
-    k, v = move_pages(ts.l1.k, ts.l1.v, l2.k, l2.v, pad_ids(src, 0),
-                      pad_ids(dst, tiers.l2_pages))
+    k, v = keep_placement(move_pages(ts.l1.k, ts.l1.v, l2.k, l2.v, pad_ids(src, 0, PAD),
+                                     pad_ids(dst, tiers.l2_pages, PAD)), (l2.k, l2.v))
     l2 = l2.replace(k=k, v=v)
   ts = ts.replace(l2=l2, l1_copy=jnp.asarray(copy))
   nbytes = len(src) * (page_bytes(l2.k) + page_bytes(l2.v))
@@ -270,8 +324,11 @@ def attach_prefix(ts: TieredState, seq_ids, tokens, num_tokens, seeds=None, *,
       wanted.append((r, j, q, prev1 if len(wanted) == 0 or wanted[-1][0] != r else None))
       prev2 = q
   ts = add_stats(ts, verify_failures=rejected)
+  hit_copies = copy[list(protect)] if protect else np.zeros(0, np.int64)
+  m2["last_access"][hit_copies[hit_copies >= 0]] = int(ts.l1.clock) + 1  # L2 recency: LRU
   ts = promote(ts, wanted, protect, m2, config=config, tiers=tiers)
-  cached, l1 = attach_l1(ts.l1, seq_ids, tokens, num_tokens, seeds, config=config)
+  ts = ts.replace(l2=ts.l2.replace(meta=device_meta(m2)))
+  cached, l1 = _attach_l1(ts.l1, seq_ids, tokens, num_tokens, seeds, config=config)
   served = np.asarray(cached) // s
   h1 = np.minimum(served, l1_match)
   h2 = served - h1
@@ -302,10 +359,13 @@ def promote(ts: TieredState, wanted, protect, m2: dict, *, config: CacheConfig,
   for p in protect:
     held[p] += 1
   probe = l1.replace(meta=l1.meta.replace(ref_count=jnp.asarray(held)))
-  pages, ok = victims(probe, min(need, config.num_pages), clock=l1.clock, config=config)
-  take = np.asarray(pages)[np.asarray(ok)]
+  k = min(need, config.num_pages)
+  k_pad = min(config.num_pages, max(PAD, 1 << (k - 1).bit_length()))
+  pages, ok = _victims(probe, k=k_pad, clock=l1.clock, config=config)
+  take = np.asarray(pages)[:k][np.asarray(ok)[:k]]
   if take.size:
-    probe = reclaim(probe, jnp.asarray(take, jnp.int32), clock=l1.clock, config=config).state
+    probe = _reclaim(probe, pad_ids(take, config.num_pages, PAD), clock=l1.clock,
+                     config=config).state
   m1 = host_meta(probe.meta)
   m1["ref_count"] = ref
   index = probe.index
@@ -316,7 +376,9 @@ def promote(ts: TieredState, wanted, protect, m2: dict, *, config: CacheConfig,
   hashes, values = [], []
   dead_rows = set()
   last = None
-  for r, j, q, par in wanted:
+  qs = [q for _, _, q, _ in wanted]
+  known_all = np.asarray(_index_lookup(index, pad_hashes(m2["block_hash"][qs])))
+  for i, (r, j, q, par) in enumerate(wanted):
     if r in dead_rows:
       continue
     if par is None:
@@ -325,7 +387,7 @@ def promote(ts: TieredState, wanted, protect, m2: dict, *, config: CacheConfig,
       last = done[q]
       continue
     h = m2["block_hash"][q]
-    known = int(np.asarray(index_lookup(index, jnp.asarray(h[None], jnp.uint32)))[0])
+    known = int(known_all[i])
     if not free or known >= 0 or any(np.array_equal(h, x) for x in hashes):
       dead_rows.add(r)
       continue
@@ -336,7 +398,7 @@ def promote(ts: TieredState, wanted, protect, m2: dict, *, config: CacheConfig,
     m1["parent"][p] = par
     m1["last_access"][p] = int(l1.clock)
     m1["access_count"][p] = 1
-    m2["last_access"][q] = int(l1.clock)
+    m2["last_access"][q] = int(l1.clock) + 1  # the attach's time, as for L1 hits' copies
     copy[p] = q
     done[q] = p
     last = p
@@ -349,11 +411,20 @@ def promote(ts: TieredState, wanted, protect, m2: dict, *, config: CacheConfig,
                             jnp.asarray(values, jnp.int32))
   k, v = l1.k, l1.v
   if src:
-    k, v = move_pages(ts.l2.k, ts.l2.v, k, v, pad_ids(src, 0), pad_ids(dst, config.num_pages))
+    k, v = keep_placement(move_pages(ts.l2.k, ts.l2.v, k, v, pad_ids(src, 0, PAD),
+                                     pad_ids(dst, config.num_pages, PAD)), (k, v))
   l1 = probe.replace(meta=device_meta(m1), index=index, k=k, v=v)
   ts = ts.replace(l1=l1, l2=ts.l2.replace(meta=device_meta(m2)), l1_copy=jnp.asarray(copy))
   nbytes = len(src) * (page_bytes(k) + page_bytes(v))
   return add_stats(ts, promotions=len(src), bytes_promoted=nbytes)
+
+
+def pad_hashes(h: np.ndarray) -> jax.Array:
+  """uint32 [N', 2]: ``h`` ([N, 2]) padded with zeros to the next power of two >= PAD."""
+  n = max(PAD, 1 << max(0, int(len(h) - 1).bit_length()))
+  out = np.zeros((n, 2), np.uint32)
+  out[:len(h)] = h
+  return jnp.asarray(out)
 
 
 def plan_step(ts: TieredState, seq_ids, tokens, num_tokens, seeds=None, *,
@@ -363,19 +434,19 @@ def plan_step(ts: TieredState, seq_ids, tokens, num_tokens, seeds=None, *,
   Returns the new state, or ``(plan, state)`` with ``return_plan``.
   """
   ts = sync(ts, config=config, tiers=tiers)
-  plan, l1 = plan_l1(ts.l1, seq_ids, tokens, num_tokens, seeds, config=config)
+  plan, l1 = _plan_l1(ts.l1, seq_ids, tokens, num_tokens, seeds, config=config)
   ts = revalidate(ts.replace(l1=l1), config=config)
   return (plan, ts) if return_plan else ts
 
 
 def release(ts: TieredState, seq_ids, *, config: CacheConfig) -> TieredState:
   """``kvjax.cache.release`` on L1 (its full pages stay cached, and copied at the next sync)."""
-  return ts.replace(l1=release_l1(ts.l1, seq_ids, config=config))
+  return ts.replace(l1=_release_l1(ts.l1, seq_ids, config=config))
 
 
 def fork(ts: TieredState, src_ids, dst_ids, *, config: CacheConfig) -> TieredState:
   """``kvjax.cache.fork`` on L1."""
-  return ts.replace(l1=fork_l1(ts.l1, src_ids, dst_ids, config=config))
+  return ts.replace(l1=_fork_l1(ts.l1, src_ids, dst_ids, config=config))
 
 
 def relieve(ts: TieredState, *, config: CacheConfig, tiers: TierConfig, **kwargs):
