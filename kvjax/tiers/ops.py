@@ -31,6 +31,7 @@ sequence's or tenant's page.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -52,6 +53,12 @@ from kvjax.tiers.move import move_pages
 from kvjax.tiers.move import pad_ids
 from kvjax.tiers.move import page_bytes
 from kvjax.tiers.state import TieredState
+
+# L1's step operations, jitted once per config: called eagerly, their lax.cond compiled
+# again at every call (about 1 s each on 2 CPU cores)
+jit_attach_l1 = jax.jit(attach_l1, static_argnames=("config",))
+jit_plan_l1 = jax.jit(plan_l1, static_argnames=("config",))
+jit_release_l1 = jax.jit(release_l1, static_argnames=("config",))
 
 
 def host_meta(meta: PageMeta) -> dict:
@@ -146,6 +153,7 @@ def sync(ts: TieredState, *, config: CacheConfig, tiers: TierConfig) -> TieredSt
   written = np.zeros((tiers.l2_pages,), bool)
   src, dst = [], []
   evicted = 0
+  gone = []  # L3 records of the L2 pages evicted here (kvjax.tiers.l3)
   for p in order:
     p = int(p)
     if not hashed[p]:
@@ -167,6 +175,8 @@ def sync(ts: TieredState, *, config: CacheConfig, tiers: TierConfig) -> TieredSt
       q = int(np.argmin(age))
       if written[q]:
         continue
+      if ts.l3 is not None:  # L3 hook: the evicted page goes down (its policy permitting)
+        gone.append(ts.l3.record(m2, q))
       evict_l2(m2, copy, q)
       evicted += 1
       if par >= 0 and copy[par] < 0:  # its own parent was just evicted
@@ -182,6 +192,9 @@ def sync(ts: TieredState, *, config: CacheConfig, tiers: TierConfig) -> TieredSt
     copy[p] = q
     src.append(p)
     dst.append(q)
+  if ts.l3 is not None:  # L3 hooks: evicted pages (still in ts.l2), then the new L2 pages
+    ts = ts.l3.demote(ts, gone)
+    ts = ts.l3.inserted(ts, m2, src, dst)
   l2 = ts.l2.replace(meta=device_meta(m2))
   if src:
     k, v = move_pages(ts.l1.k, ts.l1.v, l2.k, l2.v, pad_ids(src, 0),
@@ -240,6 +253,7 @@ def attach_prefix(ts: TieredState, seq_ids, tokens, num_tokens, seeds=None, *,
   hashed = full_hashed(m1, s)
   lens = np.asarray(ts.l1.seq_lens)
   l1_match = np.zeros((b,), np.int64)
+  l2_match = np.zeros((b,), np.int64)
   lookups = 0
   rejected = 0
   protect = set()
@@ -251,6 +265,7 @@ def attach_prefix(ts: TieredState, seq_ids, tokens, num_tokens, seeds=None, *,
     blocks = max(int(nt[r]) - 1, 0) // s
     lookups += blocks
     prev1, prev2, in_l1 = -1, -1, True
+    stop = blocks  # the first block neither L1 nor L2 serves
     for j in range(blocks):
       blk = toks[r, j * s:(j + 1) * s]
       if in_l1:
@@ -262,23 +277,34 @@ def attach_prefix(ts: TieredState, seq_ids, tokens, num_tokens, seeds=None, *,
           continue
         in_l1 = False
       if j > 0 and prev2 < 0:
+        stop = j
         break
       q, bad = find_l2(m2, blk, j, prev2 if j > 0 else -1, seed, s)
       rejected += bad
       if q < 0:
+        stop = j
         break
       wanted.append((r, j, q, prev1 if len(wanted) == 0 or wanted[-1][0] != r else None))
+      l2_match[r] += 1
       prev2 = q
+    if ts.l3 is not None and stop < blocks:  # L3 hook: continue the chain from L3 into L2
+      ts = ts.l3.continue_chain(ts, m2, copy, wanted, protect, row=r, tokens=toks[r], seed=seed,
+                                start=stop, blocks=blocks, prev1=prev1,
+                                prev2=prev2 if stop > 0 else -1)
   ts = add_stats(ts, verify_failures=rejected)
   ts = promote(ts, wanted, protect, m2, config=config, tiers=tiers)
-  cached, l1 = attach_l1(ts.l1, seq_ids, tokens, num_tokens, seeds, config=config)
+  cached, l1 = jit_attach_l1(ts.l1, seq_ids, tokens, num_tokens, seeds, config=config)
   served = np.asarray(cached) // s
   h1 = np.minimum(served, l1_match)
-  h2 = served - h1
+  h2 = np.minimum(served - h1, l2_match)
+  h3 = served - h1 - h2
   ts = ts.replace(l1=l1)
   ts = add_stats(ts, lookups_pages=lookups, lookups_tokens=lookups * s,
                  l1_hit_pages=int(h1.sum()), l2_hit_pages=int(h2.sum()),
-                 l1_hit_tokens=int(h1.sum()) * s, l2_hit_tokens=int(h2.sum()) * s)
+                 l1_hit_tokens=int(h1.sum()) * s, l2_hit_tokens=int(h2.sum()) * s,
+                 l3_hit_pages=int(h3.sum()), l3_hit_tokens=int(h3.sum()) * s)
+  if ts.l3 is not None:  # L3 hook: hit counts (selective write-through), exact L1 copies
+    ts = ts.l3.served(ts, ids, toks, served, seed_rows, default, config=config)
   return cached, ts
 
 
@@ -363,14 +389,14 @@ def plan_step(ts: TieredState, seq_ids, tokens, num_tokens, seeds=None, *,
   Returns the new state, or ``(plan, state)`` with ``return_plan``.
   """
   ts = sync(ts, config=config, tiers=tiers)
-  plan, l1 = plan_l1(ts.l1, seq_ids, tokens, num_tokens, seeds, config=config)
+  plan, l1 = jit_plan_l1(ts.l1, seq_ids, tokens, num_tokens, seeds, config=config)
   ts = revalidate(ts.replace(l1=l1), config=config)
   return (plan, ts) if return_plan else ts
 
 
 def release(ts: TieredState, seq_ids, *, config: CacheConfig) -> TieredState:
   """``kvjax.cache.release`` on L1 (its full pages stay cached, and copied at the next sync)."""
-  return ts.replace(l1=release_l1(ts.l1, seq_ids, config=config))
+  return ts.replace(l1=jit_release_l1(ts.l1, seq_ids, config=config))
 
 
 def fork(ts: TieredState, src_ids, dst_ids, *, config: CacheConfig) -> TieredState:
