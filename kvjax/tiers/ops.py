@@ -59,6 +59,8 @@ from kvjax.tiers.state import TieredState
 jit_attach_l1 = jax.jit(attach_l1, static_argnames=("config",))
 jit_plan_l1 = jax.jit(plan_l1, static_argnames=("config",))
 jit_release_l1 = jax.jit(release_l1, static_argnames=("config",))
+jit_victims = jax.jit(victims, static_argnames=("k", "config"))
+jit_reclaim = jax.jit(reclaim, static_argnames=("config",))
 
 
 def host_meta(meta: PageMeta) -> dict:
@@ -328,10 +330,13 @@ def promote(ts: TieredState, wanted, protect, m2: dict, *, config: CacheConfig,
   for p in protect:
     held[p] += 1
   probe = l1.replace(meta=l1.meta.replace(ref_count=jnp.asarray(held)))
-  pages, ok = victims(probe, min(need, config.num_pages), clock=l1.clock, config=config)
-  take = np.asarray(pages)[np.asarray(ok)]
+  k = min(need, config.num_pages)   # padded to a power of two: a few shapes compile
+  pages, ok = jit_victims(probe, min(int(pad_ids(np.arange(k), 0).shape[0]), config.num_pages),
+                          clock=l1.clock, config=config)
+  take = np.asarray(pages)[:k][np.asarray(ok)[:k]]
   if take.size:
-    probe = reclaim(probe, jnp.asarray(take, jnp.int32), clock=l1.clock, config=config).state
+    probe = jit_reclaim(probe, pad_ids(take, config.num_pages), clock=l1.clock,
+                        config=config).state
   m1 = host_meta(probe.meta)
   m1["ref_count"] = ref
   index = probe.index
@@ -371,8 +376,10 @@ def promote(ts: TieredState, wanted, protect, m2: dict, *, config: CacheConfig,
     hashes.append(h)
     values.append(p)
   if hashes:
-    index, _ = index_insert(index, jnp.asarray(np.stack(hashes), jnp.uint32),
-                            jnp.asarray(values, jnp.int32))
+    n = int(pad_ids(values, -1).shape[0])
+    h = np.zeros((n, 2), np.uint32)     # (0, 0) and -1 pad items are ignored
+    h[:len(hashes)] = np.stack(hashes)
+    index, _ = index_insert(index, jnp.asarray(h), pad_ids(values, -1))
   k, v = l1.k, l1.v
   if src:
     k, v = move_pages(ts.l2.k, ts.l2.v, k, v, pad_ids(src, 0), pad_ids(dst, config.num_pages))
