@@ -540,12 +540,25 @@ def main() -> None:
   ap.add_argument("--capacity", type=int, default=None, help="replay store pages")
   ap.add_argument("--tier-requests", type=int, default=None,
                   help="requests of the three-tier replay (default 300 quick, 1000 full)")
+  ap.add_argument("--only-tiers", action="store_true",
+                  help="run only the three-tier replay (with --tier-requests, --out)")
   ap.add_argument("--replay", choices=["first", "second", "both"], help=argparse.SUPPRESS)
   ap.add_argument("--blocks", help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.replay:
     return replay_child(args)
   base = args.dir or tempfile.gettempdir()
+  if args.only_tiers:   # the three-tier replay alone (e.g. the whole trace: slow)
+    three = three_tier_replay(base, args.tier_requests or (300 if args.quick else 1000))
+    common.write_json(args.out, {"benchmark": "store", "machine": common.machine(),
+                                 "quick": args.quick, "tier_hit_ratio": three["hit_ratio"],
+                                 "tier_predicted_hit_ratio": three["predicted_hit_ratio"],
+                                 "tier_prefill_tokens_saved": three["prefill_tokens_saved"],
+                                 "three_tier": three})
+    print(json.dumps({k: three[k] for k in ("requests", "hit_ratio", "predicted_hit_ratio",
+                                            "prefill_tokens_saved",
+                                            "predicted_prefill_tokens_saved")}))
+    return None
   n, reps = (512, 2) if args.quick else (2048, 3)
   requests = 1500 if args.quick else 1 << 30
   capacity = args.capacity or (2048 if args.quick else 8192)

@@ -162,6 +162,9 @@ def with_l3(ts: TieredState, tier: Optional["L3Tier"]) -> TieredState:
   """``ts`` with the L3 tier ``tier`` under its L2 (None: none)."""
   if tier is not None and not isinstance(tier, L3Tier):
     raise ValueError(f"with_l3: tier must be an L3Tier or None, got {type(tier).__name__}")
+  if tier is not None and tier.tiers.l2_pages != ts.l2.meta.filled.shape[0]:
+    raise ValueError(f"with_l3: the tier was built for {tier.tiers.l2_pages} L2 pages, the "
+                     f"state has {ts.l2.meta.filled.shape[0]}")
   return ts.replace(l3=tier)
 
 
@@ -198,7 +201,7 @@ class L3Tier:
     self.digest2 = np.zeros((p2, 2), np.uint32)   # uint32 [P2, 2]
     self.parent2 = np.zeros((p2, 2), np.uint32)   # uint32 [P2, 2]
     self.guard2 = np.zeros((p2, 2), np.uint32)    # uint32 [P2, 2]
-    self.hits: dict = {}                          # {block key: attaches that served it}
+    self.hits: dict = {}  # {block key: attaches that served it} (selective policy only)
     self.staged: list = []                        # [(k Pages, v Pages, {L2 page: row})]
     l2k, _ = PRESETS[tiers.l2_preset]
     self.exact_fixup = l2k.is_quantized and PRESETS[tiers.l2_preset] != PRESETS[l3.preset]

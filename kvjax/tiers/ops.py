@@ -330,9 +330,8 @@ def promote(ts: TieredState, wanted, protect, m2: dict, *, config: CacheConfig,
   for p in protect:
     held[p] += 1
   probe = l1.replace(meta=l1.meta.replace(ref_count=jnp.asarray(held)))
-  k = min(need, config.num_pages)   # padded to a power of two: a few shapes compile
-  pages, ok = jit_victims(probe, min(int(pad_ids(np.arange(k), 0).shape[0]), config.num_pages),
-                          clock=l1.clock, config=config)
+  k = min(need, config.num_pages)   # all pages ranked, the best k taken: one compile
+  pages, ok = jit_victims(probe, config.num_pages, clock=l1.clock, config=config)
   take = np.asarray(pages)[:k][np.asarray(ok)[:k]]
   if take.size:
     probe = jit_reclaim(probe, pad_ids(take, config.num_pages), clock=l1.clock,
