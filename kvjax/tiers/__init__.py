@@ -15,6 +15,9 @@ from __future__ import annotations
 from kvjax.tiers.config import TierConfig
 from kvjax.tiers.invariants import check_tiers
 from kvjax.tiers.invariants import tier_violations
+from kvjax.tiers.l3 import L3Config
+from kvjax.tiers.l3 import L3Tier
+from kvjax.tiers.l3 import with_l3
 from kvjax.tiers.ops import attach_prefix
 from kvjax.tiers.ops import fork
 from kvjax.tiers.ops import plan_step

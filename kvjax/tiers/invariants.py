@@ -23,7 +23,8 @@ def tier_violations(ts: TieredState, *, config: CacheConfig) -> list:
 
   L2: no two L1 pages share an L2 copy; the copy of an indexed full L1 page records its L1 page's block; an
   L2 parent is a full L2 page at the previous position; counters add up
-  (L1 + L2 hits <= lookups, tokens = pages * page_size).
+  (L1 + L2 + L3 hits <= lookups, tokens = pages * page_size, L3 hits <= L3
+  promotions).
   """
   out = list(invariant_violations(ts.l1, config))
   s = config.page_size
@@ -45,12 +46,15 @@ def tier_violations(ts: TieredState, *, config: CacheConfig) -> list:
     if par >= 0 and (m2["filled"][par] != s or m2["position"][par] != m2["position"][q] - 1):
       out.append(f"L2 page {q}: parent {par} is not its predecessor")
   st = ts.stats
-  hits = int(st.l1_hit_pages) + int(st.l2_hit_pages)
+  hits = int(st.l1_hit_pages) + int(st.l2_hit_pages) + int(st.l3_hit_pages)
   if hits > int(st.lookups_pages):
     out.append(f"hits {hits} > lookups {int(st.lookups_pages)}")
   if (int(st.l1_hit_tokens) != s * int(st.l1_hit_pages)
-      or int(st.l2_hit_tokens) != s * int(st.l2_hit_pages)):
+      or int(st.l2_hit_tokens) != s * int(st.l2_hit_pages)
+      or int(st.l3_hit_tokens) != s * int(st.l3_hit_pages)):
     out.append("hit tokens != hit pages * page_size")
+  if int(st.l3_hit_pages) > int(st.l3_promotions):
+    out.append(f"L3 hits {int(st.l3_hit_pages)} > L3 promotions {int(st.l3_promotions)}")
   return out
 
 

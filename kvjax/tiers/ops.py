@@ -67,7 +67,6 @@ _index_lookup = jax.jit(index_lookup)
 PAD = 32  # page lists are padded to powers of two >= PAD: few compiled sizes
 _POS = 1 << 20  # L2 eviction order: (last_access, deepest position first) as one int64 key
 
-
 def host_meta(meta: PageMeta) -> dict:
   """{field: writable numpy copy} of a ``PageMeta``."""
   return {n: np.array(getattr(meta, n)) for n in PageMeta.__dataclass_fields__}
@@ -191,6 +190,7 @@ def sync(ts: TieredState, *, config: CacheConfig, tiers: TierConfig) -> TieredSt
   written = np.zeros((tiers.l2_pages,), bool)
   src, dst = [], []
   evicted = 0
+  gone = []  # L3 records of the L2 pages evicted here (kvjax.tiers.l3)
   for p in order[hashed[order]]:
     p = int(p)
     par = int(parent[p])
@@ -221,6 +221,8 @@ def sync(ts: TieredState, *, config: CacheConfig, tiers: TierConfig) -> TieredSt
       q = int(np.argmin(age))
       if written[q]:
         continue
+      if ts.l3 is not None:  # L3 hook: the evicted page goes down (its policy permitting)
+        gone.append(ts.l3.record(m2, q))
       evict_l2(m2, copy, q)
       evicted += 1
       if par >= 0 and copy[par] < 0:  # its own parent was just evicted
@@ -236,6 +238,9 @@ def sync(ts: TieredState, *, config: CacheConfig, tiers: TierConfig) -> TieredSt
     copy[p] = q
     src.append(p)
     dst.append(q)
+  if ts.l3 is not None:  # L3 hooks: evicted pages (still in ts.l2), then the new L2 pages
+    ts = ts.l3.demote(ts, gone)
+    ts = ts.l3.inserted(ts, m2, src, dst)
   l2 = ts.l2.replace(meta=device_meta(m2))
   if src:
     k, v = keep_placement(move_pages(ts.l1.k, ts.l1.v, l2.k, l2.v, pad_ids(src, 0, PAD),
@@ -294,6 +299,7 @@ def attach_prefix(ts: TieredState, seq_ids, tokens, num_tokens, seeds=None, *,
   hashed = full_hashed(m1, s)
   lens = np.asarray(ts.l1.seq_lens)
   l1_match = np.zeros((b,), np.int64)
+  l2_match = np.zeros((b,), np.int64)
   lookups = 0
   rejected = 0
   protect = set()
@@ -305,6 +311,7 @@ def attach_prefix(ts: TieredState, seq_ids, tokens, num_tokens, seeds=None, *,
     blocks = max(int(nt[r]) - 1, 0) // s
     lookups += blocks
     prev1, prev2, in_l1 = -1, -1, True
+    stop = blocks  # the first block neither L1 nor L2 serves
     for j in range(blocks):
       blk = toks[r, j * s:(j + 1) * s]
       if in_l1:
@@ -316,13 +323,20 @@ def attach_prefix(ts: TieredState, seq_ids, tokens, num_tokens, seeds=None, *,
           continue
         in_l1 = False
       if j > 0 and prev2 < 0:
+        stop = j
         break
       q, bad = find_l2(m2, blk, j, prev2 if j > 0 else -1, seed, s)
       rejected += bad
       if q < 0:
+        stop = j
         break
       wanted.append((r, j, q, prev1 if len(wanted) == 0 or wanted[-1][0] != r else None))
+      l2_match[r] += 1
       prev2 = q
+    if ts.l3 is not None and stop < blocks:  # L3 hook: continue the chain from L3 into L2
+      ts = ts.l3.continue_chain(ts, m2, copy, wanted, protect, row=r, tokens=toks[r], seed=seed,
+                                start=stop, blocks=blocks, prev1=prev1,
+                                prev2=prev2 if stop > 0 else -1)
   ts = add_stats(ts, verify_failures=rejected)
   hit_copies = copy[list(protect)] if protect else np.zeros(0, np.int64)
   m2["last_access"][hit_copies[hit_copies >= 0]] = int(ts.l1.clock) + 1  # L2 recency: LRU
@@ -331,11 +345,15 @@ def attach_prefix(ts: TieredState, seq_ids, tokens, num_tokens, seeds=None, *,
   cached, l1 = _attach_l1(ts.l1, seq_ids, tokens, num_tokens, seeds, config=config)
   served = np.asarray(cached) // s
   h1 = np.minimum(served, l1_match)
-  h2 = served - h1
+  h2 = np.minimum(served - h1, l2_match)
+  h3 = served - h1 - h2
   ts = ts.replace(l1=l1)
   ts = add_stats(ts, lookups_pages=lookups, lookups_tokens=lookups * s,
                  l1_hit_pages=int(h1.sum()), l2_hit_pages=int(h2.sum()),
-                 l1_hit_tokens=int(h1.sum()) * s, l2_hit_tokens=int(h2.sum()) * s)
+                 l1_hit_tokens=int(h1.sum()) * s, l2_hit_tokens=int(h2.sum()) * s,
+                 l3_hit_pages=int(h3.sum()), l3_hit_tokens=int(h3.sum()) * s)
+  if ts.l3 is not None:  # L3 hook: hit counts (selective write-through), exact L1 copies
+    ts = ts.l3.served(ts, ids, toks, served, seed_rows, default, config=config)
   return cached, ts
 
 
@@ -407,8 +425,10 @@ def promote(ts: TieredState, wanted, protect, m2: dict, *, config: CacheConfig,
     hashes.append(h)
     values.append(p)
   if hashes:
-    index, _ = index_insert(index, jnp.asarray(np.stack(hashes), jnp.uint32),
-                            jnp.asarray(values, jnp.int32))
+    n = int(pad_ids(values, -1).shape[0])
+    h = np.zeros((n, 2), np.uint32)     # (0, 0) and -1 pad items are ignored
+    h[:len(hashes)] = np.stack(hashes)
+    index, _ = index_insert(index, jnp.asarray(h), pad_ids(values, -1))
   k, v = l1.k, l1.v
   if src:
     k, v = keep_placement(move_pages(ts.l2.k, ts.l2.v, k, v, pad_ids(src, 0, PAD),

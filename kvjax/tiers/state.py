@@ -12,6 +12,8 @@ Names in shapes: L = num_layers, P1 = L1 pages, P2 = ``TierConfig.l2_pages``, S 
 
 from __future__ import annotations
 
+from typing import Any
+
 from flax import struct
 import jax
 import jax.numpy as jnp
@@ -59,16 +61,31 @@ class TierStats:
   verify_failures: jax.Array  # int32 []  L2 candidates (same hash) rejected by verification
   swaps_out: jax.Array        # int32 []  live sequences swapped out to L2
   swaps_in: jax.Array         # int32 []  swapped sequences resumed
+  l3_lookups_pages: jax.Array  # int32 []  prompt pages looked up in L3 (after L1 and L2)
+  l3_hit_pages: jax.Array     # int32 []  served from L3 (promoted into L2 and L1)
+  l3_hit_tokens: jax.Array    # int32 []  tokens of l3_hit_pages
+  l3_demotions: jax.Array     # int32 []  pages written to L3 (write policy's events)
+  l3_promotions: jax.Array    # int32 []  pages read from L3 and verified into L2
+  l3_bytes_demoted: jax.Array  # int32 []  bytes written to L3 (its page format)
+  l3_bytes_promoted: jax.Array  # int32 []  bytes read from L3 and promoted
+  l3_checksum_failures: jax.Array  # int32 []  L3 reads that failed a checksum or lost a file
+  l3_verify_failures: jax.Array  # int32 []  L3 pages read intact but failing the structure check
+  l3_write_errors: jax.Array  # int32 []  L3 writes that failed (disk full: writing turns off)
 
 
 @struct.dataclass
 class TieredState:
-  """The two-tier cache. ``l1_copy[p]`` is the L2 page holding a copy of L1 page p."""
+  """The tiered cache. ``l1_copy[p]`` is the L2 page holding a copy of L1 page p.
+
+  ``l3`` is the host-side L3 tier under L2 (``kvjax.tiers.l3.L3Tier``, static: not a
+  pytree leaf) or None; ``kvjax.tiers.l3.with_l3`` sets it.
+  """
 
   l1: CacheState
   l2: L2State
   l1_copy: jax.Array  # int32 [P1]  L2 copy of each L1 page (-1 = none)
   stats: TierStats
+  l3: Any = struct.field(pytree_node=False, default=None)  # L3Tier (host object) or None
 
 
 def zero_stats() -> TierStats:
@@ -112,7 +129,7 @@ def init(config: CacheConfig, tiers: TierConfig) -> TieredState:
 
 
 def hit_ratios(stats: TierStats) -> dict:
-  """Host-side page hit ratios: ``l1``, ``l2`` and ``total`` (= l1 + l2 exactly)."""
+  """Host-side page hit ratios: ``l1``, ``l2``, ``l3`` and ``total`` (= l1 + l2 + l3 exactly)."""
   q = max(int(stats.lookups_pages), 1)
-  l1, l2 = int(stats.l1_hit_pages), int(stats.l2_hit_pages)
-  return {"l1": l1 / q, "l2": l2 / q, "total": (l1 + l2) / q}
+  l1, l2, l3 = int(stats.l1_hit_pages), int(stats.l2_hit_pages), int(stats.l3_hit_pages)
+  return {"l1": l1 / q, "l2": l2 / q, "l3": l3 / q, "total": (l1 + l2 + l3) / q}
