@@ -109,11 +109,23 @@ def compile_cache_dir() -> Optional[str]:
   ...   compile_cache_dir() is None
   True
   """
-  value = os.environ.get(COMPILE_CACHE_ENV)
+  return user_cache_dir(COMPILE_CACHE_ENV, "xla")
+
+
+def user_cache_dir(env: str, name: str) -> Optional[str]:
+  """``$env`` when set ("off" or empty: None), else ``$XDG_CACHE_HOME/kvjax/name``
+  (``~/.cache/kvjax/name``): the folder of one of kvjax's caches kept between runs.
+
+  >>> from unittest import mock
+  >>> with mock.patch.dict(os.environ, {"KVJAX_X": "/tmp/x"}):
+  ...   user_cache_dir("KVJAX_X", "x")
+  '/tmp/x'
+  """
+  value = os.environ.get(env)
   if value is not None:
     return None if value.strip().lower() in ("", "off") else value
   base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "kvjax", "xla")
+  return os.path.join(base, "kvjax", name)
 
 
 def enable_compile_cache(path: Optional[str] = None) -> Optional[str]:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.cliutil import user_cache_dir
 from kvjax.models.llama import check_params
 from kvjax.models.llama import compute_dtype
 from kvjax.models.llama import LayerParams
@@ -193,11 +194,7 @@ def weights_cache_dir() -> Optional[str]:
   ...   weights_cache_dir() is None
   True
   """
-  value = os.environ.get(WEIGHTS_CACHE_ENV)
-  if value is not None:
-    return None if value.strip().lower() in ("", "off") else value
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "kvjax", "weights")
+  return user_cache_dir(WEIGHTS_CACHE_ENV, "weights")
 
 
 def _cache_file(path: str, folder: str) -> str:
