@@ -122,9 +122,14 @@ class PageFormat:
     n = self.check(arrays)
     if n == 0:
       return np.zeros((0, self.page_bytes), np.uint8)
-    cols = [np.ascontiguousarray(np.asarray(arrays[f.name])).reshape(n, -1).view(np.uint8)
-            for f in self.fields]
-    return np.concatenate(cols, axis=1) if len(cols) > 1 else cols[0].copy()
+    rows = np.empty((n, self.page_bytes), np.uint8)
+    at = 0
+    for f in self.fields:   # one copy per field, straight into its columns
+      a = np.asarray(arrays[f.name]).reshape(n, -1)
+      rows[:, at:at + f.nbytes] = (a if a.strides[1] == a.itemsize
+                                   else np.ascontiguousarray(a)).view(np.uint8)
+      at += f.nbytes
+    return rows
 
   def unpack(self, rows: np.ndarray) -> dict:
     """{field: [n, *shape]} from packed rows uint8 ``[n, page_bytes]`` (``pack``'s inverse).

@@ -395,7 +395,8 @@ class BlockStore:
         except Exception as err:  # noqa: BLE001: the journal write of the evictions failed
           self._fail(err, n, listed=slots >= 0)
       t0 = time.perf_counter()
-      sub = {k: np.asarray(a)[todo] for k, a in arrays.items()}
+      whole = len(todo) == n    # every page is new: pack the arrays as they are (no copy)
+      sub = arrays if whole else {k: np.asarray(a)[todo] for k, a in arrays.items()}
       rows = self.format.pack(sub)
       crcs = [page_crc(keys[i], rows[j]) for j, i in enumerate(todo)]
       errors, ok = [], []
