@@ -139,16 +139,23 @@ def stats_dict(ts):
   return {n: int(getattr(ts.stats, n)) for n in tiers.TierStats.__dataclass_fields__}
 
 
+def mark(result, name):
+  result.setdefault("marks", {})[name] = round(time.time() - T0, 2)
+
+
 def main():
   result = {"process_id": jax.process_index(), "process_count": jax.process_count(),
             "devices": jax.device_count(), "local_devices": jax.local_device_count(),
             "collectives": jax.config.jax_cpu_collectives_implementation}
+  mark(result, 'start')
   ts = dist.place_tiers(tiers.init(CFG, TC), CFG, TC, MESH)
+  mark(result, 'placed')
   result["l2_page_owners"] = dist.page_owners(ts.l2.k).tolist()
 
   # 1. process 0's request A: computed, written from process 0's rows, released
   mine = [(A, "t0")] if PID == 0 else []
   cached1, ts = step(ts, mine)
+  mark(result, 'step1')
   result["cached_step1"] = cached1.tolist()
   slot_a = 0                                            # process 0's first row
   a_pages = np.asarray(ts.l1.page_table[slot_a])[:len(A) // S]
@@ -156,6 +163,7 @@ def main():
 
   # 2. demoted into L2 (write-through sync), then evicted from L1 by pressure relief
   ts = tiers.sync(ts, config=CFG, tiers=TC)
+  mark(result, 'synced')
   copies = np.asarray(ts.l1_copy)[a_pages]
   result["a_l2_pages"] = copies.tolist()
   result["a_l2_owners"] = dist.page_owners(ts.l2.k)[copies].tolist()
@@ -163,6 +171,7 @@ def main():
   result["l1_evicted"] = int(relief.evicted)
   result["l1_cached_after_relief"] = int(np.sum(np.any(np.asarray(ts.l1.meta.block_hash) != 0,
                                                        axis=-1)))
+  mark(result, 'relieved')
   # the L2 bytes on this process's own devices, before anyone reads them
   local_l2 = {}
   for shard in ts.l2.k.data.addressable_shards:
@@ -177,6 +186,7 @@ def main():
   mine = [(A, "t1")] if PID == 0 else [(b, "t0")]
   before = stats_dict(ts)
   cached3, ts = step(ts, mine)
+  mark(result, 'step3')
   after = stats_dict(ts)
   result["cached_step3"] = cached3.tolist()
   result["stats_step3"] = {n: after[n] - before[n] for n in after}
@@ -193,11 +203,16 @@ def main():
         and np.array_equal(served_v.view(np.uint16), ref_v.view(np.uint16)))
     result["served_max_abs_diff"] = float(np.max(np.abs(
         served_k.astype(np.float32) - ref_k.astype(np.float32))))
+    other = model_kv(seed_of("t1"), b)[:24]            # what tenant t1 would have computed
+    other_k = np.moveaxis(other[:, 0].reshape(6, S, *other.shape[2:]), 2, 0)
+    result["other_tenant_differs"] = not np.array_equal(served_k.view(np.uint16),
+                                                        other_k.view(np.uint16))
     blocks = {int(q): j for j, q in enumerate(copies)}
     result["local_l2_pages_checked"] = sorted(local_l2)
     result["local_l2_bit_identical"] = bool(all(
         np.array_equal(local_l2[q].view(np.uint16), ref_k[:, blocks[q]].view(np.uint16))
         for q in local_l2))
+  mark(result, 'checked')
   result["t1_cached"] = int(cached3[slot_t1])
   result["stats"] = after
   result["hit_ratios"] = tiers.hit_ratios(ts.stats)
