@@ -24,7 +24,7 @@ import os
 import sys
 import time
 
-T0 = time.time()
+T0 = time.perf_counter()
 PID, NPROC, COORD, OUT = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 
 
@@ -140,7 +140,9 @@ def stats_dict(ts):
 
 
 def mark(result, name):
-  result.setdefault("marks", {})[name] = round(time.time() - T0, 2)
+  """Seconds since start at ``name``: wall and this process's CPU."""
+  result.setdefault("marks", {})[name] = (round(time.perf_counter() - T0, 2),
+                                          round(time.process_time(), 2))
 
 
 def main():
@@ -174,11 +176,12 @@ def main():
   mark(result, 'relieved')
   # the L2 bytes on this process's own devices, before anyone reads them
   local_l2 = {}
-  for shard in ts.l2.k.data.addressable_shards:
-    pages = np.arange(TC.l2_pages)[shard.index[1]]
+  for shard_k, shard_v in zip(ts.l2.k.data.addressable_shards, ts.l2.v.data.addressable_shards):
+    assert shard_k.device == shard_v.device
+    pages = np.arange(TC.l2_pages)[shard_k.index[1]]
     for j, q in enumerate(pages):
       if q in copies:
-        local_l2[int(q)] = np.asarray(shard.data)[:, j]
+        local_l2[int(q)] = (np.asarray(shard_k.data)[:, j], np.asarray(shard_v.data)[:, j])
   dist.check_lockstep(ts)
 
   # 3. process 1: A's prefix, same tenant (an L2 hit); process 0: A, another tenant (no hit)
@@ -210,7 +213,8 @@ def main():
     blocks = {int(q): j for j, q in enumerate(copies)}
     result["local_l2_pages_checked"] = sorted(local_l2)
     result["local_l2_bit_identical"] = bool(all(
-        np.array_equal(local_l2[q].view(np.uint16), ref_k[:, blocks[q]].view(np.uint16))
+        np.array_equal(local_l2[q][0].view(np.uint16), ref_k[:, blocks[q]].view(np.uint16))
+        and np.array_equal(local_l2[q][1].view(np.uint16), ref_v[:, blocks[q]].view(np.uint16))
         for q in local_l2))
   mark(result, 'checked')
   result["t1_cached"] = int(cached3[slot_t1])
@@ -219,7 +223,8 @@ def main():
   tiers.check_tiers(ts, config=CFG)
   dist.check_lockstep(ts)
   result["digest"] = dist.state_digest(ts).tobytes().hex()
-  result["seconds"] = time.time() - T0
+  result["seconds"] = time.perf_counter() - T0
+  result["cpu_seconds"] = time.process_time()
   dump(result)
 
 

@@ -20,7 +20,7 @@ import pytest
 WORKER = pathlib.Path(__file__).resolve().parent / "dist_worker.py"
 ROOT = WORKER.parent.parent
 NPROC = 2
-TIMEOUT_S = 150   # both workers together; ~20-50 s on a shared 2-core machine
+TIMEOUT_S = 240   # both workers together: ~16 s of CPU each; 30-68 s wall on a loaded 2-core box
 
 
 def free_port() -> int:
@@ -74,6 +74,8 @@ def results(tmp_path_factory):
   out = tmp_path_factory.mktemp("dist")
   t0 = time.monotonic()
   codes, logs = run_workers(out)
+  if codes != [0] * NPROC and "ddress already in use" in logs:   # lost the free port: once more
+    codes, logs = run_workers(out)
   seconds = time.monotonic() - t0
   files = [out / f"worker{i}.json" for i in range(NPROC)]
   res = [json.loads(f.read_text()) if f.exists() else None for f in files]
@@ -81,7 +83,7 @@ def results(tmp_path_factory):
     pytest.skip(f"this jax has no CPU multi-process collectives: {res[0]['unsupported']}")
   assert codes == [0] * NPROC and all(r is not None for r in res), (
       f"workers failed (exit codes {codes}, {seconds:.0f} s):\n{logs}")
-  print(f"two workers: {seconds:.1f} s wall; worker marks {res[1]['marks']}")
+  print(f"two workers: {seconds:.1f} s wall; worker 1 (wall, cpu) s by phase: {res[1]['marks']}")
   return res
 
 
