@@ -16,6 +16,7 @@ not recompile the step. Names in shapes: F = features, K = gaps, B = classes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 from flax import nnx
@@ -136,7 +137,14 @@ def predictor(model: nnx.Module) -> tuple[Predictor, Any]:
   return Predictor(kind, graph), params
 
 
-_LOG_EDGES = [float(jnp.log2(e)) for e in EDGES]
+@functools.cache
+def log_edges() -> tuple:
+  """log2 of the class edges as XLA's float32 log2 computes them (12.999999 for 2^13).
+
+  Computed at the first call, not at import: importing kvjax must not start a JAX
+  backend (``jax.distributed.initialize`` has to come first in a multi-process job).
+  """
+  return tuple(float(jnp.log2(e)) for e in EDGES)
 
 
 def class_cdf(probs: jax.Array, x: jax.Array) -> jax.Array:
@@ -150,7 +158,7 @@ def class_cdf(probs: jax.Array, x: jax.Array) -> jax.Array:
   (0.1111, True)
   """
   lx = jnp.log2(jnp.maximum(jnp.asarray(x, jnp.float32), 1.0))[..., None]
-  lo = jnp.asarray([0.0] + _LOG_EDGES[:-1])
-  hi = jnp.asarray(_LOG_EDGES)
+  lo = jnp.asarray((0.0,) + log_edges()[:-1])
+  hi = jnp.asarray(log_edges())
   frac = jnp.clip((lx - lo) / (hi - lo), 0.0, 1.0)
   return jnp.sum(probs[..., :-1] * frac, axis=-1)

@@ -64,6 +64,8 @@ _fork_l1 = jax.jit(fork_l1, static_argnames="config")
 _victims = jax.jit(victims, static_argnames=("k", "config"))
 _reclaim = jax.jit(reclaim, static_argnames="config")
 _index_lookup = jax.jit(index_lookup)
+_index_insert = jax.jit(index_insert)
+_relieve_l1 = jax.jit(relieve_l1, static_argnames=("config", "pressure", "demote_to", "limit"))
 PAD = 32  # page lists are padded to powers of two >= PAD: few compiled sizes
 _POS = 1 << 20  # L2 eviction order: (last_access, deepest position first) as one int64 key
 
@@ -72,9 +74,24 @@ def host_meta(meta: PageMeta) -> dict:
   return {n: np.array(getattr(meta, n)) for n in PageMeta.__dataclass_fields__}
 
 
-def device_meta(m: dict) -> PageMeta:
-  """A ``PageMeta`` from ``host_meta``'s dict."""
-  return PageMeta(**{n: jnp.asarray(a) for n, a in m.items()})
+def put_like(a: np.ndarray, like) -> jax.Array:
+  """``a`` on the device(s), placed as ``like`` where that spans several devices.
+
+  A state placed on a mesh (``kvjax.tiers.placement``, ``kvjax.tiers.distributed``)
+  keeps its shardings, so L1's jitted operations see the same input types and do not
+  compile again; across processes each one fills its own shards (no collective).
+  """
+  sharding = getattr(like, "sharding", None)
+  if sharding is None or len(sharding.device_set) == 1:
+    return jnp.asarray(a)
+  return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+
+def device_meta(m: dict, like: PageMeta | None = None) -> PageMeta:
+  """A ``PageMeta`` from ``host_meta``'s dict, placed as ``like`` (see ``put_like``)."""
+  if like is None:
+    return PageMeta(**{n: jnp.asarray(a) for n, a in m.items()})
+  return PageMeta(**{n: put_like(a, getattr(like, n)) for n, a in m.items()})
 
 
 @jax.jit
@@ -151,7 +168,7 @@ def revalidate(ts: TieredState, *, config: CacheConfig) -> TieredState:
   m2 = host_meta(ts.l2.meta)
   copy = np.array(ts.l1_copy)
   copy[~chain_valid(m1, m2, copy, full_hashed(m1, config.page_size))] = -1
-  return ts.replace(l1_copy=jnp.asarray(copy))
+  return ts.replace(l1_copy=put_like(copy, ts.l1_copy))
 
 
 def sync(ts: TieredState, *, config: CacheConfig, tiers: TierConfig) -> TieredState:
@@ -241,12 +258,12 @@ def sync(ts: TieredState, *, config: CacheConfig, tiers: TierConfig) -> TieredSt
   if ts.l3 is not None:  # L3 hooks: evicted pages (still in ts.l2), then the new L2 pages
     ts = ts.l3.demote(ts, gone)
     ts = ts.l3.inserted(ts, m2, src, dst)
-  l2 = ts.l2.replace(meta=device_meta(m2))
+  l2 = ts.l2.replace(meta=device_meta(m2, ts.l2.meta))
   if src:
     k, v = keep_placement(move_pages(ts.l1.k, ts.l1.v, l2.k, l2.v, pad_ids(src, 0, PAD),
                                      pad_ids(dst, tiers.l2_pages, PAD)), (l2.k, l2.v))
     l2 = l2.replace(k=k, v=v)
-  ts = ts.replace(l2=l2, l1_copy=jnp.asarray(copy))
+  ts = ts.replace(l2=l2, l1_copy=put_like(copy, ts.l1_copy))
   nbytes = len(src) * (page_bytes(l2.k) + page_bytes(l2.v))
   return add_stats(ts, demotions=len(src), bytes_demoted=nbytes, l2_evictions=evicted)
 
@@ -341,7 +358,7 @@ def attach_prefix(ts: TieredState, seq_ids, tokens, num_tokens, seeds=None, *,
   hit_copies = copy[list(protect)] if protect else np.zeros(0, np.int64)
   m2["last_access"][hit_copies[hit_copies >= 0]] = int(ts.l1.clock) + 1  # L2 recency: LRU
   ts = promote(ts, wanted, protect, m2, config=config, tiers=tiers)
-  ts = ts.replace(l2=ts.l2.replace(meta=device_meta(m2)))
+  ts = ts.replace(l2=ts.l2.replace(meta=device_meta(m2, ts.l2.meta)))
   cached, l1 = _attach_l1(ts.l1, seq_ids, tokens, num_tokens, seeds, config=config)
   served = np.asarray(cached) // s
   h1 = np.minimum(served, l1_match)
@@ -428,13 +445,14 @@ def promote(ts: TieredState, wanted, protect, m2: dict, *, config: CacheConfig,
     n = int(pad_ids(values, -1).shape[0])
     h = np.zeros((n, 2), np.uint32)     # (0, 0) and -1 pad items are ignored
     h[:len(hashes)] = np.stack(hashes)
-    index, _ = index_insert(index, jnp.asarray(h), pad_ids(values, -1))
+    index, _ = _index_insert(index, jnp.asarray(h), pad_ids(values, -1))
   k, v = l1.k, l1.v
   if src:
     k, v = keep_placement(move_pages(ts.l2.k, ts.l2.v, k, v, pad_ids(src, 0, PAD),
                                      pad_ids(dst, config.num_pages, PAD)), (k, v))
-  l1 = probe.replace(meta=device_meta(m1), index=index, k=k, v=v)
-  ts = ts.replace(l1=l1, l2=ts.l2.replace(meta=device_meta(m2)), l1_copy=jnp.asarray(copy))
+  l1 = probe.replace(meta=device_meta(m1, probe.meta), index=index, k=k, v=v)
+  ts = ts.replace(l1=l1, l2=ts.l2.replace(meta=device_meta(m2, ts.l2.meta)),
+                  l1_copy=put_like(copy, ts.l1_copy))
   nbytes = len(src) * (page_bytes(k) + page_bytes(v))
   return add_stats(ts, promotions=len(src), bytes_promoted=nbytes)
 
@@ -475,7 +493,7 @@ def relieve(ts: TieredState, *, config: CacheConfig, tiers: TierConfig, **kwargs
   Returns ``(relief, state)``.
   """
   ts = sync(ts, config=config, tiers=tiers)
-  relief, l1 = relieve_l1(ts.l1, config=config, **kwargs)
+  relief, l1 = _relieve_l1(ts.l1, config=config, **kwargs)
   return relief, ts.replace(l1=l1)
 
 
