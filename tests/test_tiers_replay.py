@@ -9,7 +9,7 @@ import pytest
 
 from kvjax import tiers as kt
 from kvjax.sharding import page_mesh
-from kvjax.sim.tiers import replay_cache
+from kvjax.sim.replay import replay_cache
 from kvjax.sim.tiers import two_tier
 from kvjax.sim.traces import generate
 from kvjax.tiers.ops import revalidate
