@@ -5,12 +5,7 @@ Each request is one sequence: its prompt is one page of ``block_tokens`` per blo
 one more token (so every block is looked up); it is attached across tiers, its uncached
 tokens are planned (the model is not run: pages keep zeros) and it is released. A tiny
 layer/head configuration: the replay measures the cache, not a model.
-
->>> from kvjax.sim.traces import from_requests
->>> t = from_requests([[1, 2], [3, 4], [5, 6], [1, 2]], [1024] * 4)
->>> r = replay_cache(t, l1_pages=3, l2_pages=2, l3_pages=8, page_size=2, min_pages_per_seq=4)
->>> r["per_request"][-1].tolist()
-[0, 0, 2]
+``tests/test_sim_tiers3.py`` runs it (a doctest here would compile the cache).
 """
 
 from __future__ import annotations

@@ -114,6 +114,8 @@ class _L3:
       short -= 1
     for item in keep:
       heapq.heappush(self.heap, item)
+    if short > 0:   # as BlockStore.put: a batch the store cannot hold is an error
+      raise ValueError(f"an L3 write of {len(todo)} new pages does not fit {self.slots} slots")
     for b in todo:
       slot = self.free.pop()
       self.slot_of[b] = slot
