@@ -24,17 +24,20 @@ Reported (JSON, benchmarks/results/store.json):
     with prefetch) / (L3 wait without); accuracy = pages handed over / read
     ahead; wasted bytes at the modeled page size.
 
-  three_tier / tier_hit_ratio / tier_predicted_hit_ratio / tier_prefill_tokens_saved:
-    the conversation trace's first ``--tier-requests`` requests through
-    ``kvjax.tiers`` with L1 1,024 / L2 4,096 (int8) / L3 65,536 (int4, write_back)
-    pages, a tiny model config (1 layer, 1 kv head, head_dim 8), each 512-token
-    trace block one page of ``TIER_PAGE_SIZE`` synthetic tokens derived from its
-    hash id; per request: tiered attach, plan the rest, release. Hit ratios per
-    tier (pages served / blocks looked up), prefill tokens saved (the trace's tokens
-    of the blocks served), beside ``chain_model``'s prediction (exact LRU per tier,
-    chained the same way).
+  three_tier / tier_hit_ratio / tier_predicted_hit_ratio / tier_prefill_tokens_saved /
+  sim_vs_cache_max_diff:
+    the conversation trace's first ``--tier-requests`` requests through the real
+    ``kvjax.tiers`` cache (``kvjax.sim.replay.replay_cache``) with L1 1,024 / L2 4,096
+    (int8) / L3 65,536 (int4, write_back) pages, a tiny model config (1 layer, 1 kv head,
+    head_dim 8), each 512-token trace block one page of ``TIER_PAGE_SIZE`` synthetic
+    tokens derived from its id; per request: tiered attach, plan the rest, release. Hit
+    ratios per tier (pages served / blocks looked up), prefill tokens saved (the trace's
+    tokens of the blocks served), beside the exact model's (``kvjax.sim.tiers.three_tier``)
+    on the same requests; ``sim_vs_cache_max_diff`` is the largest absolute per-tier
+    hit-ratio difference; ``model_whole_trace``: the model alone on every request.
+    ``--only-tiers`` runs this section alone.
 
-  python benchmarks/store.py [--quick] [--out FILE] [--dir DIR] [--tier-requests N]
+  python benchmarks/store.py [--quick] [--out FILE] [--dir DIR] [--tier-requests N] [--only-tiers]
 """
 
 from __future__ import annotations

@@ -74,7 +74,8 @@ def replay_cache(trace: Trace, *, l1_pages: int, l2_pages: Optional[int],
     progress: called with (request index, state) after each request.
 
   Returns:
-    ``three_tier``'s counts and ratios, ``"per_request"`` int [R, 3] (hits per tier),
+    ``three_tier``'s counts and ratios, ``"per_request"`` int [R, 3] (hits per tier; [R, 2]
+    without L3, as ``two_tier``),
     ``"states"`` (each process's final state), ``"stats"`` (the first state's
     ``TierStats`` as ints) and ``"store"`` (the store's ``stats()``; {} without L3).
 
@@ -177,4 +178,5 @@ def replay_cache(trace: Trace, *, l1_pages: int, l2_pages: Optional[int],
   return {"lookups": lookups, "l1_hits": h1, "l2_hits": h2, "l3_hits": h3,
           "hit_ratio_l1": h1 / q, "hit_ratio_l2": h2 / q, "hit_ratio_l3": h3 / q,
           "hit_ratio_l1_l2": (h1 + h2) / q, "hit_ratio": (h1 + h2 + h3) / q,
-          "per_request": per, "states": states, "stats": stats, "store": store_stats}
+          "per_request": per if use_l3 else per[:, :2], "states": states, "stats": stats,
+          "store": store_stats}
