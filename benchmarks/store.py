@@ -24,17 +24,20 @@ Reported (JSON, benchmarks/results/store.json):
     with prefetch) / (L3 wait without); accuracy = pages handed over / read
     ahead; wasted bytes at the modeled page size.
 
-  three_tier / tier_hit_ratio / tier_predicted_hit_ratio / tier_prefill_tokens_saved:
-    the conversation trace's first ``--tier-requests`` requests through
-    ``kvjax.tiers`` with L1 1,024 / L2 4,096 (int8) / L3 65,536 (int4, write_back)
-    pages, a tiny model config (1 layer, 1 kv head, head_dim 8), each 512-token
-    trace block one page of ``TIER_PAGE_SIZE`` synthetic tokens derived from its
-    hash id; per request: tiered attach, plan the rest, release. Hit ratios per
-    tier (pages served / blocks looked up), prefill tokens saved (the trace's tokens
-    of the blocks served), beside ``chain_model``'s prediction (exact LRU per tier,
-    chained the same way).
+  three_tier / tier_hit_ratio / tier_predicted_hit_ratio / tier_prefill_tokens_saved /
+  sim_vs_cache_max_diff:
+    the conversation trace's first ``--tier-requests`` requests through the real
+    ``kvjax.tiers`` cache (``kvjax.sim.replay.replay_cache``) with L1 1,024 / L2 4,096
+    (int8) / L3 65,536 (int4, write_back) pages, a tiny model config (1 layer, 1 kv head,
+    head_dim 8), each 512-token trace block one page of ``TIER_PAGE_SIZE`` synthetic
+    tokens derived from its id; per request: tiered attach, plan the rest, release. Hit
+    ratios per tier (pages served / blocks looked up), prefill tokens saved (the trace's
+    tokens of the blocks served), beside the exact model's (``kvjax.sim.tiers.three_tier``)
+    on the same requests; ``sim_vs_cache_max_diff`` is the largest absolute per-tier
+    hit-ratio difference; ``model_whole_trace``: the model alone on every request.
+    ``--only-tiers`` runs this section alone.
 
-  python benchmarks/store.py [--quick] [--out FILE] [--dir DIR] [--tier-requests N]
+  python benchmarks/store.py [--quick] [--out FILE] [--dir DIR] [--tier-requests N] [--only-tiers]
 """
 
 from __future__ import annotations
@@ -54,7 +57,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import kvjax
-from kvjax import tiers
 from kvjax.layout import PRESETS
 from kvjax.layout import QuantSpec
 from kvjax.sim import traces
@@ -64,7 +66,8 @@ from kvjax.store import PageInfo
 from kvjax.store import Prefetcher
 from kvjax.store import PrefetchPolicy
 from kvjax.store import StoreConfig
-from kvjax.tiers import l3 as l3mod
+from kvjax.sim.replay import replay_cache
+from kvjax.sim.tiers import three_tier
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -384,148 +387,100 @@ def prefetch_effect(base: str, num_requests: int) -> dict:
 
 TIER_PAGES = {"l1": 1024, "l2": 4096, "l3": 65536}
 TIER_PAGE_SIZE = 4            # synthetic tokens per page (one 512-token trace block)
-TIER_DIMS = dict(num_layers=1, num_kv_heads=1, head_dim=8)
+TIER_DIMS = dict(num_layers=1, num_kv_heads=1, head_dim=8)   # kvjax.sim.replay's config
+TIER_L2_PRESET = "int8"       # the seed's L2
+TIER_L3_PRESET = "int4"
+TIER_WRITE = "write_back"
 
 
-def block_tokens(ids: np.ndarray) -> np.ndarray:
-  """int32 [n * S]: the synthetic tokens of trace blocks ``ids`` (distinct per block id)."""
-  ids = np.asarray(ids, np.int64)
-  return (ids[:, None] * TIER_PAGE_SIZE + np.arange(TIER_PAGE_SIZE) + 1).astype(
-      np.int32).reshape(-1)
-
-
-def chain_model(blocks: list, pages: dict = TIER_PAGES) -> dict:
-  """The host simulator: exact LRU per tier, chained as the tiered attach matches.
-
-  A request's blocks are matched in L1 while they are there, then in L2, then in L3,
-  stopping at the first block no tier holds (each tier's phase ends the one above, as
-  in ``kvjax.tiers.attach_prefix``). Then every block of the request is in L1 (most
-  recent); L2 takes every block entering L1 that it lacks (write-through demotion,
-  LRU; promotion from L2 refreshes it) and every block promoted from L3; an L2
-  eviction is put into L3 (write_back; an L3 hit refreshes it). L2's structure is
-  modelled too: a block in L2 serves only while its parent block's L2 entry it was
-  linked to is there (an L2 eviction orphans the children; a block entering L2 with
-  its parent absent is orphaned from the start), as L2's parent-pointer verification
-  does. Returns hits per tier, references and blocks served per request.
-  """
-  l1, l2, l3 = (collections.OrderedDict() for _ in range(3))   # l2: block -> linked
-  children = collections.defaultdict(set)                    # L2 block -> L2 children
-  hits = {"l1": 0, "l2": 0, "l3": 0}
-  saved = []
-  refs = 0
-
-  def put_l3(b):
-    l3[b] = True
-    l3.move_to_end(b)
-    if len(l3) > pages["l3"]:
-      l3.popitem(last=False)
-
-  def put_l2(b, parent):
-    if len(l2) >= pages["l2"]:
-      old, _ = l2.popitem(last=False)
-      for c in children.pop(old, ()):
-        if c in l2:
-          l2[c] = False
-      put_l3(old)
-    linked = parent is None or parent in l2
-    l2[b] = linked
-    if parent is not None and linked:
-      children[parent].add(b)
-
-  for ids in blocks:
-    ids = ids.tolist()
-    refs += len(ids)
-    phase = 0
-    n = 0
-    for i, b in enumerate(ids):
-      if phase == 0 and b not in l1:
-        phase = 1
-      if phase == 1 and not (b in l2 and l2[b] and (i == 0 or ids[i - 1] in l2)):
-        phase = 2
-      if phase == 2 and b not in l3:
-        break
-      hits[("l1", "l2", "l3")[phase]] += 1
-      if phase == 1:
-        l2.move_to_end(b)
-      elif phase == 2:
-        l3.move_to_end(b)
-        l2.pop(b, None)
-        put_l2(b, ids[i - 1] if i else None)
-      n += 1
-    saved.append(n)
-    for i, b in enumerate(ids):
-      l1[b] = True
-      l1.move_to_end(b)
-      if len(l1) > pages["l1"]:
-        l1.popitem(last=False)
-      if b not in l2:
-        put_l2(b, ids[i - 1] if i else None)
-  return {"hits": hits, "references": refs, "served_blocks": saved}
-
-
-def three_tier_replay(base: str, num_requests: int) -> dict:
-  """The conversation trace through L1 / L2 / L3 (``TIER_PAGES``) of ``kvjax.tiers``."""
-
-  source, flat, starts, unique = request_blocks(num_requests)
-  r_max = len(starts) - 1
-  blocks = [flat[a:b] for a, b in zip(starts[:-1], starts[1:])]
+def three_tier_replay(base: str, num_requests: int, model_all: bool = True) -> dict:
+  """The conversation trace through L1 / L2 / L3 (``TIER_PAGES``) of ``kvjax.tiers``
+  (``kvjax.sim.replay.replay_cache``), beside the exact model
+  (``kvjax.sim.tiers.three_tier``) on the same requests, and the model alone on the
+  whole trace (``model_all``)."""
   path = traces.default_trace_path()
-  filled = (traces.load_mooncake(path).filled[:len(flat)] if source == path
-            else np.full(len(flat), traces.MOONCAKE_BLOCK))
-  s = TIER_PAGE_SIZE
-  width = max(len(b) for b in blocks) + 1
-  cfg = kvjax.CacheConfig(**TIER_DIMS, page_size=s, num_pages=TIER_PAGES["l1"], max_seqs=1,
-                          max_pages_per_seq=width)
-  tc = tiers.TierConfig(l2_pages=TIER_PAGES["l2"])           # int8 (the seed's L2)
-  conf = l3mod.L3Config()                                     # int4, write_back
+  if os.path.exists(path):
+    trace, source = traces.load_mooncake(path), path
+  else:
+    trace, source = traces.generate(max(num_requests, 1), seed=0), "generated"
+  r_ = min(num_requests, trace.num_requests)
+  bounds = np.searchsorted(trace.request, np.arange(trace.num_requests + 1))
+  kw = dict(l1_pages=TIER_PAGES["l1"], l2_pages=TIER_PAGES["l2"], l3_pages=TIER_PAGES["l3"],
+            write=TIER_WRITE)
   d = tempfile.mkdtemp(dir=base)
-  t = width * s
-  served = []
+  t0 = time.perf_counter()
   try:
-    store = BlockStore(StoreConfig(path=d, capacity=TIER_PAGES["l3"], sync=False),
-                       l3mod.l3_format(cfg, conf.preset))
-    tier = l3mod.L3Tier(store, config=cfg, tiers=tc, l3=conf)
-    ts = l3mod.with_l3(tiers.init(cfg, tc), tier)
-    sid = jnp.array([0])
-    t0 = time.perf_counter()
-    for ids in blocks:
-      toks = np.zeros((1, t), np.int32)
-      n = len(ids) * s
-      toks[0, :n] = block_tokens(ids)
-      cached, ts = tiers.attach_prefix(ts, sid, jnp.asarray(toks), jnp.array([n + 1]),
-                                       config=cfg, tiers=tc)
-      c = int(cached[0])
-      served.append(c // s)
-      rest = np.zeros((1, t), np.int32)
-      rest[0, :n + 1 - c] = toks[0, c:n + 1]
-      ts = tiers.plan_step(ts, sid, jnp.asarray(rest), jnp.array([n + 1 - c]), config=cfg,
-                           tiers=tc)
-      ts = tiers.release(ts, sid, config=cfg)
-    seconds = time.perf_counter() - t0
-    st = {n: int(getattr(ts.stats, n)) for n in ts.stats.__dataclass_fields__}
-    sst = store.stats()
-    tier.close()
+    got = replay_cache(trace, requests=r_, l3_path=d, page_size=TIER_PAGE_SIZE,
+                 l2_preset=TIER_L2_PRESET, l3_preset=TIER_L3_PRESET, **kw)
   finally:
     shutil.rmtree(d, ignore_errors=True)
-  model = chain_model(blocks)
-  refs = len(flat)
-  saved_tokens = int(sum(filled[a:a + k].sum() for a, k in zip(starts[:-1], served)))
-  model_saved = int(sum(filled[a:a + k].sum()
-                        for a, k in zip(starts[:-1], model["served_blocks"])))
-  measured = {k: st[f"{k}_hit_pages"] / refs for k in ("l1", "l2", "l3")}
-  predicted = {k: v / refs for k, v in model["hits"].items()}
-  return {"trace": source, "requests": r_max, "references": refs, "unique_blocks": unique,
-          "pages": TIER_PAGES, "page_size_tokens": s, "dims": TIER_DIMS,
-          "l2_preset": tc.l2_preset, "l3_preset": conf.preset, "write": conf.write.mode,
-          "hit_ratio": {**measured, "total": sum(measured.values())},
-          "predicted_hit_ratio": {**predicted, "total": sum(predicted.values())},
-          "prefill_tokens_saved": saved_tokens,
-          "predicted_prefill_tokens_saved": model_saved,
-          "prompt_tokens": int(filled.sum()),
-          "prefill_saved_fraction": saved_tokens / max(int(filled.sum()), 1),
-          "counters": st, "store": {k: sst[k] for k in ("pages", "writes", "hits", "misses",
-                                                        "checksum_failures")},
-          "seconds": seconds, "seconds_per_request": seconds / max(r_max, 1)}
+  seconds = time.perf_counter() - t0
+  t1 = time.perf_counter()
+  want = three_tier(trace, requests=r_, **kw)
+  model_seconds = time.perf_counter() - t1
+  refs = got["lookups"]
+
+  def saved(per):   # the trace's tokens of the blocks served
+    return int(sum(trace.filled[bounds[r]:bounds[r] + int(per[r].sum())].sum()
+                   for r in range(len(per))))
+
+  def ratios(res):
+    q = max(res["lookups"], 1)
+    out = {k: res[f"{k}_hits"] / q for k in ("l1", "l2", "l3")}
+    return {**out, "total": sum(out.values())}
+
+  measured, predicted = ratios(got), ratios(want)
+  diff_rows = np.flatnonzero(np.any(got["per_request"] != want["per_request"], axis=1))
+  prompt = int(trace.filled[:bounds[r_]].sum())
+  out = {"trace": source, "requests": r_, "references": refs,
+         "unique_blocks": int(np.unique(trace.block[:bounds[r_]]).size),
+         "pages": TIER_PAGES, "page_size_tokens": TIER_PAGE_SIZE, "dims": TIER_DIMS,
+         "l2_preset": TIER_L2_PRESET, "l3_preset": TIER_L3_PRESET, "write": TIER_WRITE,
+         "hit_ratio": measured, "predicted_hit_ratio": predicted,
+         "sim_vs_cache_max_diff": max(abs(measured[k] - predicted[k]) for k in ("l1", "l2", "l3")),
+         "requests_differing": int(len(diff_rows)),
+         "first_request_differing": int(diff_rows[0]) if len(diff_rows) else None,
+         "prefill_tokens_saved": saved(got["per_request"]),
+         "predicted_prefill_tokens_saved": saved(want["per_request"]),
+         "prompt_tokens": prompt,
+         "prefill_saved_fraction": saved(got["per_request"]) / max(prompt, 1),
+         "l3_writes": got["store"].get("writes"), "predicted_l3_writes": want["l3_writes"],
+         "l3_evictions": got["store"].get("evictions"),
+         "predicted_l3_evictions": want["l3_evictions"],
+         "counters": got["stats"],
+         "store": {k: got["store"].get(k) for k in ("pages", "writes", "hits", "misses",
+                                                    "evictions", "checksum_failures")},
+         "seconds": seconds, "seconds_per_request": seconds / max(r_, 1),
+         "model_seconds": model_seconds}
+  if model_all:
+    t2 = time.perf_counter()
+    whole = three_tier(trace, **kw)
+    out["model_whole_trace"] = {
+        "requests": trace.num_requests, "references": whole["lookups"],
+        "hit_ratio": ratios(whole), "prefill_tokens_saved": saved(whole["per_request"]),
+        "prompt_tokens": int(trace.filled.sum()), "l3_writes": whole["l3_writes"],
+        "l3_evictions": whole["l3_evictions"], "seconds": time.perf_counter() - t2}
+  return out
+
+
+def print_three(three: dict) -> None:
+  """The three-tier table: measured and predicted per tier, prefill tokens saved."""
+  hr, pr = three["hit_ratio"], three["predicted_hit_ratio"]
+  print(f"three tiers: {three['requests']} requests, {three['references']} blocks, L1/L2/L3 "
+        f"{TIER_PAGES['l1']}/{TIER_PAGES['l2']}/{TIER_PAGES['l3']} pages, {three['write']}")
+  print(f"{'':<10}{'L1':>8}{'L2':>8}{'L3':>8}{'total':>8}{'tokens saved':>15}")
+  print(f"{'cache':<10}{hr['l1']:>8.4f}{hr['l2']:>8.4f}{hr['l3']:>8.4f}{hr['total']:>8.4f}"
+        f"{three['prefill_tokens_saved']:>15}")
+  print(f"{'model':<10}{pr['l1']:>8.4f}{pr['l2']:>8.4f}{pr['l3']:>8.4f}{pr['total']:>8.4f}"
+        f"{three['predicted_prefill_tokens_saved']:>15}")
+  print(f"sim_vs_cache_max_diff {three['sim_vs_cache_max_diff']:.4f}, requests differing "
+        f"{three['requests_differing']}, prompt tokens {three['prompt_tokens']}")
+  w = three.get("model_whole_trace")
+  if w:
+    h = w["hit_ratio"]
+    print(f"model, whole trace ({w['requests']} requests, {w['references']} blocks): "
+          f"{h['l1']:.4f} / {h['l2']:.4f} / {h['l3']:.4f} / {h['total']:.4f}, tokens saved "
+          f"{w['prefill_tokens_saved']} of {w['prompt_tokens']} ({w['seconds']:.0f} s)")
 
 
 # ----------------------------------------------------------------------------- main
@@ -553,11 +508,10 @@ def main() -> None:
     common.write_json(args.out, {"benchmark": "store", "machine": common.machine(),
                                  "quick": args.quick, "tier_hit_ratio": three["hit_ratio"],
                                  "tier_predicted_hit_ratio": three["predicted_hit_ratio"],
+                                 "sim_vs_cache_max_diff": three["sim_vs_cache_max_diff"],
                                  "tier_prefill_tokens_saved": three["prefill_tokens_saved"],
                                  "three_tier": three})
-    print(json.dumps({k: three[k] for k in ("requests", "hit_ratio", "predicted_hit_ratio",
-                                            "prefill_tokens_saved",
-                                            "predicted_prefill_tokens_saved")}))
+    print_three(three)
     return None
   n, reps = (512, 2) if args.quick else (2048, 3)
   requests = 1500 if args.quick else 1 << 30
@@ -598,14 +552,7 @@ def main() -> None:
         f"{pre['prefetch_accuracy']:.3f}, wasted {pre['prefetch_wasted_bytes'] / 1e6:.1f} MB, "
         f"found {pre['found_off']} / {pre['found_on']} of {pre['references']} blocks (off / on), "
         f"{pre['requests']} requests")
-  hr, pr = three["hit_ratio"], three["predicted_hit_ratio"]
-  print(f"three tiers ({three['requests']} requests, {three['references']} blocks, L1/L2/L3 "
-        f"{TIER_PAGES['l1']}/{TIER_PAGES['l2']}/{TIER_PAGES['l3']} pages): hit ratio "
-        f"L1 {hr['l1']:.4f} L2 {hr['l2']:.4f} L3 {hr['l3']:.4f} total {hr['total']:.4f}; "
-        f"model {pr['l1']:.4f} / {pr['l2']:.4f} / {pr['l3']:.4f} / {pr['total']:.4f}; "
-        f"prefill tokens saved {three['prefill_tokens_saved']} (model "
-        f"{three['predicted_prefill_tokens_saved']}) of {three['prompt_tokens']}")
-
+  print_three(three)
 
 if __name__ == "__main__":
   main()

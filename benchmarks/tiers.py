@@ -9,7 +9,7 @@ Reported (JSON, benchmarks/results/tiers.json; ``--quick``: tiers_quick.json):
     interleaved runs. With the destination pool donated (what a serving loop gets) and
     without (``*_functional``: the functional update writes a new destination pool).
   hit_ratio_l1 / hit_ratio_l1_l2: the Mooncake conversation trace replayed through the
-    REAL cache (``kvjax.sim.tiers.replay_cache``: one page of synthetic tokens per
+    REAL cache (``kvjax.sim.replay.replay_cache``: one page of synthetic tokens per
     512-token block, 1 layer x 1 head x 8, page 4), L1 = 1,024 pages alone and with
     L2 = 4,096 pages; page hits over pages looked up.
   sim_*: the same configurations in the simulator's two-tier model
@@ -39,7 +39,7 @@ import numpy as np
 import kvjax
 from kvjax import tiers as kt
 from kvjax.sim import traces
-from kvjax.sim.tiers import replay_cache
+from kvjax.sim.replay import replay_cache
 from kvjax.sim.tiers import two_tier
 from kvjax.tiers import move
 

@@ -276,3 +276,15 @@ def test_a_page_of_zeros_is_stored_and_read_back(tmp_path):
   assert store.put(hashes_of([1, 2]), zeros).all()
   r = open_store(tmp_path).get(hashes_of([1, 2]))
   assert r.found.all() and same_bytes(r.arrays, zeros)
+
+
+def test_lru_ties_go_to_the_lowest_slot(tmp_path):
+  # Pages 0..7 fill slots 0..7 in one put (one clock tick: equal last use); a get refreshes
+  # all but 2 and 5. Three new pages evict 2, 5 and, of the equally recent rest, slot 0's
+  # page (np.argpartition alone took slot 1's).
+  store = open_store(tmp_path, capacity=8)
+  store.put(hashes_of(range(8)), pages_of(range(8)))
+  store.get(hashes_of([0, 1, 3, 4, 6, 7]))
+  store.put(hashes_of([10, 11, 12]), pages_of([10, 11, 12]))
+  assert store.contains(hashes_of(range(8))).tolist() == [False, True, False, True, True, False,
+                                                          True, True]

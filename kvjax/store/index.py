@@ -191,7 +191,12 @@ class PersistentIndex:
     self.free.extend(int(s) for s in slots)
 
   def evict(self, n: int, protect=()) -> list:
-    """Remove the ``n`` listed pages of lowest ``score`` (not in ``protect``); their keys."""
+    """Remove the ``n`` listed pages of lowest ``score`` (not in ``protect``); their keys.
+
+    Ties go to the lowest slot, and the victims are removed in (score, slot) order, so
+    which pages leave and which slots are reused next is defined (``np.argpartition``
+    alone picked among equal scores by its selection algorithm's internals).
+    """
     cand = np.flatnonzero(self.used)
     if len(protect):
       cand = cand[~np.isin(cand, np.asarray(list(protect), np.int64))]
@@ -199,7 +204,14 @@ class PersistentIndex:
       return []
     n = min(n, len(cand))
     score = np.asarray(self.score(self.last_use[cand], self.hits[cand]))
-    victims = cand[np.argpartition(score, n - 1)[:n]] if n < len(cand) else cand
+    if n < len(cand):   # O(C): the n-th lowest score, then the lowest slots among its ties
+      kth = np.partition(score, n - 1)[n - 1]
+      below = np.flatnonzero(score < kth)
+      pick = np.concatenate([below, np.flatnonzero(score == kth)[:n - len(below)]])
+    else:
+      pick = np.arange(len(cand))
+    pick = pick[np.lexsort((cand[pick], score[pick]))]
+    victims = cand[pick]
     keys = [int(self.key[s]) for s in victims]
     for s in victims:
       self.remove(int(s))
