@@ -54,7 +54,9 @@ dist.initialize(COORD, NPROC, PID, cpu_devices=4, timeout_s=30)
 S, T, ROWS = 4, 32, 2   # page size, batch width, rows each process may contribute
 CFG = kvjax.CacheConfig(num_layers=2, num_kv_heads=2, head_dim=8, page_size=S, num_pages=8,
                         max_seqs=NPROC * ROWS, max_pages_per_seq=8, dtype="bfloat16")
-TC = tiers.TierConfig(l2_pages=8, l2_preset="bf16")
+# L2 pressure relief off (thresholds at 100 %): the test wants all 6 demoted pages to stay
+TC = tiers.TierConfig(l2_pages=8, l2_preset="bf16", thresholds=(0.98, 0.99, 1.0),
+                      targets=(0.98, 0.99, 1.0))
 EVICT_ALL = PressureConfig(thresholds=(0.05, 0.1, 0.15), targets=(0.0, 0.0, 0.0), batch=1)
 A = [int(x) for x in (np.arange(25) * 7 + 3) % 50 + 1]
 

@@ -47,6 +47,8 @@ from kvjax.cache.state import row_seeds
 from kvjax.layout.meta import PageMeta
 from kvjax.prefix.index import index_insert
 from kvjax.prefix.index import index_lookup
+from kvjax.pressure import evict_ahead
+from kvjax.pressure import level as pressure_level
 from kvjax.pressure import relieve as relieve_l1
 from kvjax.tiers.config import TierConfig
 from kvjax.tiers.move import keep_placement
@@ -488,13 +490,76 @@ def fork(ts: TieredState, src_ids, dst_ids, *, config: CacheConfig) -> TieredSta
 
 
 def relieve(ts: TieredState, *, config: CacheConfig, tiers: TierConfig, **kwargs):
-  """``kvjax.pressure.relieve`` on L1 after ``sync``: its evictions are demotions.
+  """Pressure across tiers: ``kvjax.pressure.relieve`` on L1 after ``sync`` (so its
+  evictions are demotions), then ``relieve_l2`` (L2's own levels, to L3 when attached).
 
-  Returns ``(relief, state)``.
+  ``kwargs`` go to L1's ``relieve`` (``pressure``, ``demote_to``, ...). Returns
+  ``(relief, state)``: L1's ``Relief``; L2's evictions are counted in ``stats``.
   """
   ts = sync(ts, config=config, tiers=tiers)
   relief, l1 = _relieve_l1(ts.l1, config=config, **kwargs)
-  return relief, ts.replace(l1=l1)
+  _, ts = relieve_l2(ts.replace(l1=l1), config=config, tiers=tiers)
+  return relief, ts
+
+
+def l2_victims(m2: dict, copy: np.ndarray, n: int) -> np.ndarray:
+  """int [<= n]: the L2 pages ``relieve_l2`` evicts, coldest first.
+
+  Orphans (pages whose L2 parent was evicted: they can never match again) go first,
+  then pages that are no L1 page's copy, then copies (an evicted copy would be written
+  again at the next ``sync``); each group by last access, deepest block first at equal
+  stamps (children before their parents), then by page id.
+  """
+  held = np.flatnonzero(m2["filled"] > 0)
+  group = np.where(m2["parent"][held] == -2, 0, 1 + np.isin(held, copy[copy >= 0]))
+  age = m2["last_access"][held].astype(np.int64) * _POS - m2["position"][held]
+  order = np.lexsort((held, age, group))
+  return held[order[:n]]
+
+
+def relieve_l2(ts: TieredState, *, config: CacheConfig, tiers: TierConfig):
+  """Evict L2 ahead of need by its pressure level (``tiers.l2_pressure``: 60 / 80 / 90 %).
+
+  At ``medium`` and above, the coldest L2 pages (``l2_victims``) are evicted in batches
+  until occupancy is back at the level's target; with an L3 tier attached they are
+  demoted to it (its write policy permitting), as ``sync``'s own evictions are. The
+  next ``sync`` then finds free L2 pages instead of evicting one page at a time.
+  L2 holds one spec, so no page is requantized here.
+
+  Returns ``(level, state)``: L2's level before the relief (0 low .. 3 critical).
+
+  >>> import jax.numpy as jnp
+  >>> import kvjax
+  >>> from kvjax.tiers.state import init
+  >>> cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2,
+  ...                         num_pages=8, max_seqs=1, max_pages_per_seq=4)
+  >>> tc = TierConfig(l2_pages=4, batch=1)
+  >>> ts = plan_step(init(cfg, tc), jnp.array([0]), jnp.array([[1, 2, 3, 4, 5, 6, 7]]),
+  ...                jnp.array([7]), config=cfg, tiers=tc)
+  >>> ts = sync(ts, config=cfg, tiers=tc)        # 3 of 4 L2 pages: 75 %, medium
+  >>> lv, ts = relieve_l2(ts, config=cfg, tiers=tc)
+  >>> int(lv), int((ts.l2.meta.filled > 0).sum())  # down to 55 %: 2 pages
+  (1, 2)
+  """
+  m2 = host_meta(ts.l2.meta)
+  occupied = int((m2["filled"] > 0).sum())
+  pc = tiers.l2_pressure
+  with jax.ensure_compile_time_eval():
+    lv = int(pressure_level(occupied, tiers.l2_pages, pc))
+    n = int(evict_ahead(occupied, tiers.l2_pages, pc))
+  if n == 0:
+    return lv, ts
+  copy = np.array(ts.l1_copy)
+  gone = []
+  for q in l2_victims(m2, copy, n):
+    if ts.l3 is not None:
+      gone.append(ts.l3.record(m2, int(q)))
+    evict_l2(m2, copy, int(q))
+  if ts.l3 is not None:   # the evicted pages' data is still in ts.l2
+    ts = ts.l3.demote(ts, gone)
+  ts = ts.replace(l2=ts.l2.replace(meta=device_meta(m2, ts.l2.meta)),
+                  l1_copy=put_like(copy, ts.l1_copy))
+  return lv, add_stats(ts, l2_evictions=n)
 
 
 def swap_out(ts: TieredState, seq_id: int, *, config: CacheConfig, tiers: TierConfig):
