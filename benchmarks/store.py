@@ -6,6 +6,9 @@ Reported (JSON, benchmarks/results/store.json):
     read of the same bytes to one file with plain Python file I/O (same fsync
     policy: the store fsyncs each file when ``sync``, the raw run fsyncs once
     at the end). Best of ``reps`` interleaved runs each; target >= 0.8.
+    ``raw_files_*``: the same bytes written and read one file per page (write,
+    [fsync], rename; the store's layout) with plain file I/O, to tell the layout's
+    cost from the store's (``l3_*_over_raw_files``).
   latency_ms: get and put of one page and of a 64-page batch, p50 / p99.
   restart_hit_retention: replay the first half of the conversation trace's
     block hashes through a store of ``--capacity`` pages (get; put the
@@ -106,6 +109,29 @@ def raw_read(path: str, n: int, page_bytes: int) -> float:
   return time.perf_counter() - t0
 
 
+def raw_files_write(path: str, rows: np.ndarray, sync: bool) -> float:
+  """One file per page (the store's layout) with plain file I/O: write, [fsync], rename."""
+  os.makedirs(path, exist_ok=True)
+  t0 = time.perf_counter()
+  for i, row in enumerate(rows):
+    tmp = os.path.join(path, f"{i}.tmp")
+    with open(tmp, "wb") as f:
+      f.write(row.tobytes())
+      if sync:
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(path, str(i)))
+  return time.perf_counter() - t0
+
+
+def raw_files_read(path: str, n: int) -> float:
+  t0 = time.perf_counter()
+  for i in range(n):
+    with open(os.path.join(path, str(i)), "rb") as f:
+      np.frombuffer(f.read(), np.uint8)
+  return time.perf_counter() - t0
+
+
 def store_write(store: BlockStore, hashes, arrays) -> float:
   t0 = time.perf_counter()
   for b in range(0, len(hashes), BATCH):
@@ -127,7 +153,8 @@ def throughput(base: str, n: int, reps: int, compression: str, sync: bool) -> di
   arrays = fmt.unpack(rows)
   hashes = hashes_of(np.arange(n))
   mb = n * fmt.page_bytes / 1e6
-  t = {"l3_write": [], "raw_write": [], "l3_read": [], "raw_read": []}
+  t = {"l3_write": [], "raw_write": [], "l3_read": [], "raw_read": [], "raw_files_write": [],
+       "raw_files_read": []}
   for rep in range(reps):
     d = tempfile.mkdtemp(dir=base)
     try:
@@ -137,6 +164,8 @@ def throughput(base: str, n: int, reps: int, compression: str, sync: bool) -> di
       t["raw_write"].append(raw_write(os.path.join(d, "raw.bin"), rows, sync))
       t["l3_read"].append(store_read(store, hashes))
       t["raw_read"].append(raw_read(os.path.join(d, "raw.bin"), n, fmt.page_bytes))
+      t["raw_files_write"].append(raw_files_write(os.path.join(d, "files"), rows, sync))
+      t["raw_files_read"].append(raw_files_read(os.path.join(d, "files"), n))
       if rep == 0:
         lat = latency(store, hashes, arrays, fmt)
       assert store.stats()["futures_outstanding"] == 0
@@ -147,6 +176,12 @@ def throughput(base: str, n: int, reps: int, compression: str, sync: bool) -> di
           "mb_per_s": {k: mb / v for k, v in best.items()},
           "l3_write_over_raw": best["raw_write"] / best["l3_write"],
           "l3_read_over_raw": best["raw_read"] / best["l3_read"],
+          # the same bytes one file per page (the store's layout) with plain file I/O:
+          # how much of the gap is the layout, how much the store
+          "raw_files_over_raw_write": best["raw_write"] / best["raw_files_write"],
+          "raw_files_over_raw_read": best["raw_read"] / best["raw_files_read"],
+          "l3_write_over_raw_files": best["raw_files_write"] / best["l3_write"],
+          "l3_read_over_raw_files": best["raw_files_read"] / best["l3_read"],
           "latency_ms": lat}
 
 
@@ -540,7 +575,9 @@ def main() -> None:
     m = c["mb_per_s"]
     print(f"{c['compression'] + (' sync' if c['sync'] else ''):<16}{m['l3_write']:>10.0f}"
           f"{m['raw_write']:>11.0f}{c['l3_write_over_raw']:>7.2f}{m['l3_read']:>10.0f}"
-          f"{m['raw_read']:>10.0f}{c['l3_read_over_raw']:>7.2f}")
+          f"{m['raw_read']:>10.0f}{c['l3_read_over_raw']:>7.2f}   one file a page: raw "
+          f"{m['raw_files_write']:.0f} / {m['raw_files_read']:.0f}, l3 over it "
+          f"{c['l3_write_over_raw_files']:.2f} / {c['l3_read_over_raw_files']:.2f}")
   for k, v in default["latency_ms"].items():
     print(f"latency {k:<8} p50 {v['p50']:7.2f} ms  p99 {v['p99']:7.2f} ms")
   print(f"restart_hit_retention {restart['restart_hit_retention']:.3f} "
