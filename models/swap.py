@@ -196,8 +196,9 @@ class SwapLoop:
   # --- one model step ------------------------------------------------------------------
 
   def step(self, mask: np.ndarray, num_new: np.ndarray, tokens: np.ndarray, prefill: bool):
-    """One ``decode_step`` for the rows in ``mask``; L2 kept valid around it. Returns
-    ``(logits, stopped int [B])``."""
+    """One ``decode_step`` for the rows in ``mask``; L2 kept valid around it. A prefill step
+    passes the rows' seeds (a sequence that starts takes its row's), a decode step none, as
+    the plain loop does. Returns ``(logits, stopped int [B])``."""
     ids = np.where(mask, self.ids, -1).astype(np.int32)
     n = np.where(mask, num_new, 0).astype(np.int32)
     free, undemoted = self.host[2], self.host[3]
@@ -331,7 +332,7 @@ class SwapLoop:
       tokens[r, :n[r]] = self.streams[r][self.offset[r]:self.offset[r] + n[r]]
     swapped, made = False, 0
     while np.any(mask):
-      logits, now = self.step(mask, n, tokens, width > 1)
+      logits, now = self.step(mask, n, tokens, bool(np.any(prefill)))
       made += self.advance(mask & (now == 0), n, logits)
       refused = mask & (now & OUT_OF_PAGES != 0) & (now & ~OUT_OF_PAGES == 0)
       for r in np.flatnonzero(mask & (now != 0) & ~refused):   # sequence full, non-finite
