@@ -299,12 +299,18 @@ class SwapLoop:
 
   def preempt(self, refused: np.ndarray) -> bool:
     """Make room for the highest-priority refused row: swap out the lowest-priority resident
-    row, or end the row if it is alone. Returns whether a row was swapped out."""
+    row, or end the row. Returns whether a row was swapped out.
+
+    Generating, a refused row that is itself the lowest waits (swapped out) while another
+    row runs, and ends only alone: the others finish and free pages. Prefilling, rows that
+    fed their prompt are candidates too (they keep their pages to the end, so nothing would
+    free pages for a row that waits): the refused row ends when it is the lowest.
+    """
     r = int(np.flatnonzero(refused)[0])
     running = np.flatnonzero(self.phase == RUNNING)
-    victim = int(running[-1])
+    victim = int(np.flatnonzero((self.phase == RUNNING) | (self.phase == PARKED))[-1])
     refused[victim] = False
-    if victim == r and running.size == 1:   # it does not fit even alone
+    if victim == r and (running.size == 1 or not self.generating):
       self.end(r, OUT_OF_PAGES)
       self.flush()
       return False
