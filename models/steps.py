@@ -35,6 +35,12 @@ def last_logits(logits: jax.Array, num_new: jax.Array) -> jax.Array:
 
 
 @jax.jit
+def last_argmax(logits: jax.Array, num_new: jax.Array) -> jax.Array:
+  """int32 [B]: the greedy next token of each row (argmax after its last real token)."""
+  return jnp.argmax(last_logits(logits, num_new), axis=-1).astype(jnp.int32)
+
+
+@jax.jit
 def greedy_next(logits: jax.Array) -> jax.Array:
   """int32 [B]: argmax of a decode step's logits [B, 1, V]."""
   return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)

@@ -78,6 +78,7 @@ from kvjax.models.llama import LlamaParams
 from kvjax.models.steps import check_batch
 from kvjax.models.steps import end_if_done
 from kvjax.models.steps import finish_reason
+from kvjax.models.steps import last_argmax
 from kvjax.models.steps import last_logits
 from kvjax.models.steps import refusal
 from kvjax.models.steps import Reply
@@ -97,8 +98,9 @@ ATTACH_MIN = 32   # the first attach pads prompts to a power of two >= this (few
 
 
 @jax.jit
-def _tier_rows(l1: CacheState, l1_copy: jax.Array):
-  """The step's host read: ``(seq_lens [B], seq_status [B], free, undemoted, evictions, unheld)``.
+def _tier_rows(l1: CacheState, l1_copy: jax.Array) -> jax.Array:
+  """int32 [2B + 4]: the step's host read, packed (one transfer): ``seq_lens``,
+  ``seq_status``, then ``free``, ``undemoted``, ``evictions``, ``unheld``.
 
   ``free``: pages with no reference and no hash (a step takes these before evicting);
   ``undemoted``: cached full pages without an L2 copy (what an eviction would lose);
@@ -108,13 +110,21 @@ def _tier_rows(l1: CacheState, l1_copy: jax.Array):
   unheld = meta.ref_count == 0
   hashed = jnp.any(meta.block_hash != 0, axis=-1)
   full = hashed & (meta.filled == meta.tokens.shape[-1]) & (meta.parent != -2)
-  return (l1.seq_lens, l1.seq_status, jnp.sum(unheld & ~hashed),
-          jnp.sum(unheld & full & (l1_copy < 0)), l1.stats.evictions, jnp.sum(unheld))
+  counts = jnp.stack([jnp.sum(unheld & ~hashed), jnp.sum(unheld & full & (l1_copy < 0)),
+                      l1.stats.evictions, jnp.sum(unheld)])
+  return jnp.concatenate([l1.seq_lens, l1.seq_status, counts]).astype(jnp.int32)
+
+
+def read_rows(l1: CacheState, l1_copy: jax.Array) -> tuple:
+  """``(seq_lens [B], seq_status [B], free, undemoted, evictions, unheld)`` on the host."""
+  v = np.asarray(_tier_rows(l1, l1_copy))
+  b = (v.shape[0] - 4) // 2
+  return (v[:b], v[b:2 * b]) + tuple(int(x) for x in v[2 * b:])
 
 
 def tier_rows(ts: TieredState) -> tuple:
-  """``_tier_rows`` of ``ts`` on the host, in one transfer."""
-  return jax.device_get(_tier_rows(ts.l1, ts.l1_copy))
+  """``read_rows`` of ``ts``'s L1."""
+  return read_rows(ts.l1, ts.l1_copy)
 
 
 def pages_needed(lens: np.ndarray, ids: np.ndarray, num_new: np.ndarray, page_size: int) -> int:
@@ -209,7 +219,7 @@ class SwapLoop:
       logits, l1, stopped, after = run_step(
           self.params, self.ts.l1, tokens, ids, n, self.config, self.cc,
           self.seeds if prefill else None, self.host,
-          read_rows=lambda c: jax.device_get(_tier_rows(c, l1_copy)))
+          read_rows=lambda c: read_rows(c, l1_copy))
     except CacheStatusError as e:   # checked mode: hand back the whole tiered state
       e.state = self.ts.replace(l1=e.state)
       raise
@@ -227,14 +237,16 @@ class SwapLoop:
     at_end = ok & (self.offset == np.array([len(x) for x in self.streams]))
     if not np.any(at_end):
       return 0
-    rows = np.asarray(last_logits(logits, jnp.asarray(np.where(ok, num_new, 1))))
+    n = np.where(ok, num_new, 1).astype(np.int32)
+    if not self.generating:   # prefill: the prompts' last logits
+      rows = np.asarray(last_logits(logits, n))
+      self.last[at_end] = rows[at_end]
+      self.phase[at_end] = PARKED
+      return 0
+    toks = np.asarray(last_argmax(logits, n))    # on the device: [B] ids come back, not logits
     made = 0
     for r in np.flatnonzero(at_end):
-      if not self.generating:
-        self.last[r] = rows[r]
-        self.phase[r] = PARKED
-        continue
-      tok = int(np.argmax(np.nan_to_num(rows[r])))
+      tok = int(toks[r])
       self.out[r].append(tok)
       self.streams[r].append(tok)
       made += 1
