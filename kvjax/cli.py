@@ -21,6 +21,7 @@ from kvjax.cache.lifecycle import release
 from kvjax.cache.state import init
 from kvjax.cache.status import CacheStatusError
 from kvjax.cache.status import check_status
+from kvjax.cache.status import OUT_OF_PAGES
 from kvjax.cliutil import ArgumentParser
 from kvjax.cliutil import check_memory
 from kvjax.cliutil import enable_compile_cache
@@ -33,6 +34,7 @@ from kvjax.models import load_smollm2
 from kvjax.models import prefill
 from kvjax.models.gguf_loader import WeightsNotInstalledError
 from kvjax.sim import cli as sim_cli
+from kvjax import tiers as kvtiers
 
 SYSTEM_PROMPT = ("You are a concise, helpful assistant. Answer in one or two sentences, "
                  "plainly and correctly.")
@@ -177,6 +179,10 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                       help="weights' dtype; auto: bfloat16 on GPU/TPU, float32 on CPU (where "
                            "XLA upcasts bfloat16 matmuls and they run slower)")
+  parser.add_argument("--l2-pages", type=positive_int, default=None,
+                      help="a tiered cache: an L2 of N pages (unquantized, as L1); a "
+                           "conversation the pool refuses swaps out the latest one instead of "
+                           "failing (default: no L2, the plain cache)")
 
 
 def _check_demo_args(args) -> None:
@@ -197,10 +203,15 @@ def demo_cache_config(config, args, max_seqs: int):
     raise UsageError(f"invalid cache: {e}") from None
 
 
-def _cache_bytes(cache_config) -> int:
-  """Bytes of ``kvjax.init(cache_config)``, from shapes only (nothing allocated)."""
-  shapes = jax.eval_shape(lambda: init(cache_config))
+def _cache_bytes(cache_config, tier_config=None) -> int:
+  """Bytes of ``kvjax.init(cache_config)`` (or the tiered cache), from shapes only (nothing
+  allocated)."""
+  shapes = jax.eval_shape(lambda: init(cache_config) if tier_config is None
+                          else kvtiers.init(cache_config, tier_config))
   return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+
+
+DEMO_L2_PRESET = "bf16"   # --l2-pages: L2 pages unquantized, in L1's dtype (a bit-exact swap)
 
 
 def demo(args) -> dict:
@@ -217,17 +228,22 @@ def demo(args) -> dict:
   convs = CONVERSATIONS
   turns = min(args.turns, min(len(c) for c in convs))
   cc = demo_cache_config(config, args, len(convs))
-  check_memory(_cache_bytes(cc), f"a cache of {cc.num_pages} pages of {cc.page_size} tokens",
-               "--num-pages")
-  cache = init(cc)
+  l2 = getattr(args, "l2_pages", None)
+  tc = None if l2 is None else kvtiers.TierConfig(l2_pages=l2, l2_preset=DEMO_L2_PRESET)
+  check_memory(_cache_bytes(cc, tc), f"a cache of {cc.num_pages} pages of {cc.page_size} tokens"
+               + ("" if tc is None else f" and an L2 of {l2}"),
+               "--num-pages" if tc is None else "--num-pages / --l2-pages")
+  cache = init(cc) if tc is None else kvtiers.init(cc, tc)
   seq_ids = list(range(len(convs)))
   b, chunk = len(convs), 64  # generate's default chunk_size: prefill steps are [B, 64]
   print(f"SmolLM2-135M-Instruct ({params.embed.dtype.name} weights) loaded in {load_s:.1f}s; "
         f"cache: {cc.num_pages} pages of "
-        f"{cc.page_size} tokens ({cc.dtype}), {len(convs)} conversations x {turns} turns, "
-        f"backend {jax.default_backend()}")
+        f"{cc.page_size} tokens ({cc.dtype})"
+        + ("" if tc is None else f" + L2 {l2} pages (swap instead of refusal)")
+        + f", {len(convs)} conversations x {turns} turns, backend {jax.default_backend()}")
   histories = [[{"role": "system", "content": SYSTEM_PROMPT}] for _ in convs]
   last_tokens = [None] * len(convs)
+  conv_ids = [[] for _ in convs]   # tiered: every token of each conversation so far
   prefilled = 0
   peak_pages = 0
   bar = tqdm(total=turns * b * args.max_new_tokens, unit="tok", desc="generating")
@@ -238,9 +254,10 @@ def demo(args) -> dict:
   system_ids = tokenizer.encode(chat_prompt(histories[0], add_generation_prompt=False),
                                 add_special_tokens=False).ids
   t = time.perf_counter()
-  _, cache = prefill(params, cache, [system_ids], [0], config=config, cache_config=cc)
+  _, cache = prefill(params, cache, [system_ids], [0], config=config, cache_config=cc, tiers=tc)
   meter.prefill(f"1x{chunk}", time.perf_counter() - t, len(system_ids))
-  cache = release(cache, np.array([0], np.int32), config=cc)
+  cache = (release(cache, np.array([0], np.int32), config=cc) if tc is None
+           else kvtiers.release(cache, np.array([0], np.int32), config=cc))
   prefix_stats = {}
   for turn in range(turns):
     prompts = []
@@ -251,6 +268,8 @@ def demo(args) -> dict:
       else:  # continue the cached sequence: the last reply token, then the new user turn
         text = chat_prompt(histories[i][-1:], default_system=None)
         ids = [last_tokens[i]] + tokenizer.encode("\n" + text, add_special_tokens=False).ids
+      if tc is not None:   # tiered generate released the sequence: the whole conversation
+        ids = conv_ids[i][:-1] + ids   # (its cached pages come back from L1 / L2)
       prompts.append(ids)
     prefilled += sum(len(p) for p in prompts)
     computed = prefix_stats.get("computed", 0)
@@ -259,7 +278,7 @@ def demo(args) -> dict:
     try:
       outs, cache = generate(params, cache, prompts, seq_ids, config=config, cache_config=cc,
                              max_new_tokens=args.max_new_tokens, on_step=meter.on_step,
-                             stats=prefix_stats)
+                             stats=prefix_stats, tiers=tc)
     except CacheStatusError as e:
       bar.close()
       raise UsageError(f"the cache ran out: {e}; give more --num-pages or fewer "
@@ -271,15 +290,22 @@ def demo(args) -> dict:
       raise UsageError(f"the cache could not finish conversations {cut}; give more --num-pages "
                        "or fewer --max-new-tokens")
     meter.end_call(sum(len(out) for out in outs), prefix_stats.get("computed", 0) - computed)
-    peak_pages = max(peak_pages, int(np.sum(np.asarray(cache.meta.ref_count) > 0)))
+    l1 = cache if tc is None else cache.l1   # tiered: rows released, pages cached
+    peak_pages = max(peak_pages, int(np.sum(np.asarray(l1.meta.ref_count if tc is None
+                                                       else l1.meta.filled) > 0)))
     for i, out in enumerate(outs):
       last_tokens[i] = out[-1]
+      conv_ids[i] = prompts[i] + list(out)
       reply = tokenizer.decode([t for t in out if t != IM_END_ID], skip_special_tokens=True)
       histories[i].append({"role": "assistant", "content": reply.strip()})
   bar.close()
   wall = time.perf_counter() - t_start
-  check_status(cache)
-  stats = cache.stats
+  l1 = cache if tc is None else cache.l1
+  if tc is None:
+    check_status(l1)
+  elif int(l1.status) & ~OUT_OF_PAGES:   # tiered: a refusal was answered with a swap
+    check_status(l1.replace(status=l1.status & ~OUT_OF_PAGES))
+  stats = l1.stats
   timing = meter.report()
   generated = meter.generated
   print()
@@ -298,6 +324,12 @@ def demo(args) -> dict:
       "prompt_tokens_reused": prefix_stats.get("reused", 0),
       "prompt_tokens_computed": prefix_stats.get("computed", 0),
   }
+  if tc is not None:
+    ts = cache.stats
+    result.update(l2_pages=l2, swaps_out=int(ts.swaps_out), swaps_in=int(ts.swaps_in),
+                  tokens_recomputed=prefix_stats.get("recomputed", 0),
+                  demotions=int(ts.demotions), promotions=int(ts.promotions),
+                  l2_hit_pages=int(ts.l2_hit_pages))
   print(f"\nfirst token {result['first_token_s']:.1f}s after the demo started (model load "
         f"{load_s:.1f}s)")
   print(f"{generated} tokens generated, {prefilled} prompt tokens in {wall:.1f}s, of which "
@@ -313,6 +345,11 @@ def demo(args) -> dict:
   print(f"pages used: peak {peak_pages} of {cc.num_pages} ({peak_pages * cc.page_size} token "
         f"slots, {cc.dtype}); {result['pages_allocated']} allocations over {result['steps']} "
         "steps")
+  if tc is not None:
+    print(f"swap: {result['swaps_out']} conversations swapped out to L2 and {result['swaps_in']} "
+          f"back in ({result['tokens_recomputed']} tokens recomputed); L2 ({l2} pages): "
+          f"{result['demotions']} pages demoted, {result['promotions']} promoted, "
+          f"{result['l2_hit_pages']} prompt pages served from L2")
   return result
 
 

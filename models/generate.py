@@ -23,126 +23,35 @@ import numpy as np
 from kvjax.cache.attach import attach_prefix
 from kvjax.cache.config import CacheConfig
 from kvjax.cache.state import CacheState
-from kvjax.cache.status import BAD_INPUT
-from kvjax.cache.status import CacheStatusError
-from kvjax.cache.status import NON_FINITE
-from kvjax.cache.status import OUT_OF_PAGES
-from kvjax.cache.status import SEQ_FULL
-from kvjax.cache.status import status_error
-from kvjax.cache.status import status_names
-from kvjax.models.llama import decode_step
 from kvjax.models.llama import LlamaConfig
 from kvjax.models.llama import LlamaParams
+from kvjax.models.steps import check_batch
+from kvjax.models.steps import context_bucket  # noqa: F401  (models.generate.context_bucket)
+from kvjax.models.steps import end_if_done
+from kvjax.models.steps import finish_reason
+from kvjax.models.steps import greedy_next
+from kvjax.models.steps import host_rows
+from kvjax.models.steps import last_logits
+from kvjax.models.steps import refusal
+from kvjax.models.steps import Reply
+from kvjax.models.steps import run_step
+from kvjax.models.swap import generate_tiered
+from kvjax.models.swap import prefill_tiered
 from kvjax.models.tokenizer import IM_END_ID
+from kvjax.tiers.config import TierConfig
+from kvjax.tiers.state import TieredState
 
 
-@jax.jit
-def _last_logits(logits: jax.Array, num_new: jax.Array) -> jax.Array:
-  """float32 [B, V]: the logits of each row's last real token (index num_new - 1)."""
-  idx = jnp.clip(num_new - 1, 0, logits.shape[1] - 1)
-  return jnp.take_along_axis(logits, idx[:, None, None], axis=1)[:, 0]
-
-
-def _check_batch(prompts: Sequence[Sequence[int]], seq_ids: Sequence[int],
-                 cache_config: CacheConfig) -> np.ndarray:
-  ids = np.asarray(seq_ids, np.int32)
-  if ids.ndim != 1 or len(ids) != len(prompts):
-    raise ValueError(f"seq_ids must be one id per prompt ({len(prompts)}), got {list(seq_ids)}")
-  if len(ids) == 0:
-    raise ValueError("prompts must not be empty")
-  if np.any(ids < 0) or np.any(ids >= cache_config.max_seqs) or len(set(ids.tolist())) != len(ids):
-    raise ValueError(f"seq_ids must be distinct slots in [0, {cache_config.max_seqs}), "
-                     f"got {ids.tolist()}")
-  for i, p in enumerate(prompts):
-    if len(p) == 0:
-      raise ValueError(f"prompts[{i}] is empty")
-  return ids
-
-
-class Reply(list):
-  """A generated reply: the token ids (a ``list``) and why generation stopped.
-
-  ``finish_reason`` is ``"stop"`` (a stop id, returned as the last token),
-  ``"length"`` (``max_new_tokens`` reached, or the sequence reached the cache's
-  ``max_seq_len``), ``"out_of_pages"`` (the pool had no page for it) or
-  ``"non_finite"`` (its K/V held a NaN or inf: the model diverged).
-
-  >>> r = Reply([5, 6], "length")
-  >>> list(r), r.finish_reason
-  ([5, 6], 'length')
-  """
-
-  def __init__(self, tokens=(), finish_reason: Optional[str] = None):
-    super().__init__(tokens)
-    self.finish_reason = finish_reason
-
-
-def _finish_reason(flags: int) -> str:
-  """The finish reason of a row whose step set sequence ``flags``."""
-  if flags & OUT_OF_PAGES:
-    return "out_of_pages"
-  if flags & SEQ_FULL:
-    return "length"
-  if flags & NON_FINITE:
-    return "non_finite"
-  return "error"
-
-
-_ROW_STOPS = OUT_OF_PAGES | SEQ_FULL | NON_FINITE | BAD_INPUT
-
-
-def _host_rows(cache) -> tuple[np.ndarray, np.ndarray]:
-  """``(seq_lens, seq_status)`` of every slot, on the host, in one transfer."""
-  return jax.device_get((cache.seq_lens, cache.seq_status))
-
-
-CONTEXT_BUCKET_PAGES = 16   # the narrowest attention width the loops compile; then x2 up to M
-
-
-def context_bucket(lengths: np.ndarray, page_size: int, max_pages_per_seq: int) -> int:
-  """Attention width in pages for a step whose longest row holds ``max(lengths)`` tokens after it.
-
-  The loops pass it as ``decode_step(..., context_pages=...)``: 16 pages, then
-  doubling (32, 64, ...), capped at ``max_pages_per_seq``, so a batch of short
-  rows does not attend over the page table's full width (at most 2x what
-  its longest row needs) while the number of compiled step shapes stays
-  small (1 + log2 of the table's width over 16).
-
-  >>> context_bucket(np.array([5, 300]), 16, 128), context_bucket(np.array([3000]), 16, 128)
-  (32, 128)
-  """
-  need = -(-int(np.max(lengths, initial=1)) // page_size)
-  width = CONTEXT_BUCKET_PAGES
-  while width < need:
-    width *= 2
-  return min(width, max_pages_per_seq)
-
-
-def _step(params, cache, tokens, ids, num_new, config, cache_config, seeds, before):
-  """One decode_step. Returns ``(logits, cache, stopped, after)``: ``stopped`` int [B] holds
-  the flags of each working row that was refused or flagged this step (0 = fine);
-  ``before`` / ``after`` are ``_host_rows`` of the cache before and after the step (the
-  loops pass one step's ``after`` as the next ``before``: one host read per step).
-
-  The new cache is kept whatever happened; only checked mode raises (with it).
-  """
-  rows = np.maximum(ids, 0)
-  width = context_bucket(np.where(ids >= 0, before[0][rows] + num_new, 0),
-                         cache_config.page_size, cache_config.max_pages_per_seq)
-  logits, cache = decode_step(params, cache, jnp.asarray(tokens), jnp.asarray(ids),
-                              jnp.asarray(num_new), None if seeds is None else jnp.asarray(seeds),
-                              config=config, cache_config=cache_config, context_pages=width)
-  after = _host_rows(cache)
-  new_flags = after[1][rows] & ~before[1][rows]
-  short = (ids >= 0) & (after[0][rows] != before[0][rows] + num_new)
-  stopped = np.where((ids >= 0) & (short | (new_flags & _ROW_STOPS != 0)),
-                     np.where(new_flags != 0, new_flags, OUT_OF_PAGES), 0)
-  return logits, cache, stopped.astype(np.int64), after
-
-
-def _refusal(cache, ids, stopped, what: str) -> CacheStatusError:
-  rows = {int(ids[r]): status_names(int(stopped[r])) for r in np.flatnonzero(stopped)}
-  return status_error(cache, f"{what}: cache refused sequences {list(rows)}", rows)
+def _tiered(cache, tiers) -> bool:
+  """Whether a loop runs tiered (``ValueError`` when the cache and ``tiers`` disagree)."""
+  if tiers is None:
+    if isinstance(cache, TieredState):
+      raise ValueError("a kvjax.tiers.TieredState cache needs tiers=TierConfig(...)")
+    return False
+  if not isinstance(tiers, TierConfig) or not isinstance(cache, TieredState):
+    raise ValueError(f"tiers= needs a TierConfig and a kvjax.tiers.TieredState cache, got "
+                     f"{type(tiers).__name__} and {type(cache).__name__}")
+  return True
 
 
 _attach = jax.jit(attach_prefix, static_argnames="config", donate_argnames="state")
@@ -171,7 +80,8 @@ def attach_cached_prefixes(cache: CacheState, prompts: Sequence[Sequence[int]],
 
 def prefill(params: LlamaParams, cache: CacheState, prompts: Sequence[Sequence[int]],
             seq_ids: Sequence[int], *, config: LlamaConfig, cache_config: CacheConfig,
-            chunk_size: int = 64, seeds=None, stats: Optional[dict] = None):
+            chunk_size: int = 64, seeds=None, stats: Optional[dict] = None,
+            tiers: Optional[TierConfig] = None):
   """Feed prompts of different lengths into the cache, ``chunk_size`` tokens per step.
 
   Each prompt is appended to whatever its sequence already holds (a new turn of
@@ -187,6 +97,10 @@ def prefill(params: LlamaParams, cache: CacheState, prompts: Sequence[Sequence[i
     chunk_size: tokens per row per step (the T of the prefill shape).
     seeds: optional uint32 [B, 2] hash-chain seeds (``kvjax.tenant_seed``).
     stats: optional dict; ``"computed"`` and ``"reused"`` prompt tokens are added to it.
+    tiers: with ``cache`` a ``kvjax.tiers.TieredState``, its ``TierConfig``: prefixes
+      are attached across L1 and L2, and a refused row swaps out the latest row of the
+      batch (``kvjax.models.swap``; every row must hold its prompt at the end, so a swap
+      picks which rows are refused, not how many). None (default): the plain loop.
 
   Returns:
     (last_logits float32 numpy [B, V], the logits after each prompt's last token; cache).
@@ -208,11 +122,15 @@ def prefill(params: LlamaParams, cache: CacheState, prompts: Sequence[Sequence[i
   >>> logits.shape  # doctest: +SKIP
   (2, 256)
   """
+  if _tiered(cache, tiers):
+    return prefill_tiered(params, cache, prompts, seq_ids, config=config,
+                          cache_config=cache_config, tiers=tiers, chunk_size=chunk_size,
+                          seeds=seeds, stats=stats)
   last, cache, stopped, _ = _prefill(params, cache, prompts, seq_ids, config=config,
                                   cache_config=cache_config, chunk_size=chunk_size, seeds=seeds,
                                   stats=stats)
   if np.any(stopped):
-    err = _refusal(cache, np.asarray(seq_ids), stopped, "prefill")
+    err = refusal(cache, np.asarray(seq_ids), stopped, "prefill")
     err.logits = last
     raise err
   return last, cache
@@ -224,7 +142,7 @@ def _prefill(params, cache, prompts, seq_ids, *, config, cache_config, chunk_siz
   host rows)``; a refused row stops (its logits NaN) and the others go on."""
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-  ids = _check_batch(prompts, seq_ids, cache_config)
+  ids = check_batch(prompts, seq_ids, cache_config)
   b = len(prompts)
   seeds = None if seeds is None else np.broadcast_to(np.asarray(seeds, np.uint32), (b, 2))
   lengths = np.array([len(p) for p in prompts])
@@ -234,19 +152,19 @@ def _prefill(params, cache, prompts, seq_ids, *, config, cache_config, chunk_siz
     stats["computed"] = stats.get("computed", 0) + int((lengths - done).sum())
   last = np.full((b, config.vocab_size), np.nan, np.float32)
   stopped = np.zeros(b, np.int64)
-  host = _host_rows(cache)
+  host = host_rows(cache)
   while np.any((done < lengths) & (stopped == 0)):
     n = np.where(stopped == 0, np.minimum(lengths - done, chunk_size), 0).astype(np.int32)
     tokens = np.zeros((b, chunk_size), np.int32)
     for r in range(b):
       tokens[r, : n[r]] = prompts[r][done[r]: done[r] + n[r]]
     step_ids = np.where(n > 0, ids, -1).astype(np.int32)
-    logits, cache, now, host = _step(params, cache, tokens, step_ids, n, config, cache_config,
-                                     seeds, host)
+    logits, cache, now, host = run_step(params, cache, tokens, step_ids, n, config,
+                                        cache_config, seeds, host)
     stopped = np.where(now != 0, now, stopped)
     finishing = (n > 0) & (done + n == lengths) & (now == 0)
     if np.any(finishing):
-      rows = np.asarray(_last_logits(logits, jnp.asarray(n)))
+      rows = np.asarray(last_logits(logits, jnp.asarray(n)))
       last[finishing] = rows[finishing]
     done += np.where(now == 0, n, 0)
   return last, cache, stopped, host
@@ -256,7 +174,7 @@ def generate(params: LlamaParams, cache: CacheState, prompts: Sequence[Sequence[
              seq_ids: Sequence[int], *, config: LlamaConfig, cache_config: CacheConfig,
              max_new_tokens: int, stop_ids: Sequence[int] = (IM_END_ID,), chunk_size: int = 64,
              on_step: Optional[Callable[[int], None]] = None, seeds=None,
-             stats: Optional[dict] = None):
+             stats: Optional[dict] = None, tiers: Optional[TierConfig] = None):
   """Greedy generation for a batch of prompts through the paged cache.
 
   Prefills the prompts (chunked), then decodes one token per live row per step
@@ -282,6 +200,14 @@ def generate(params: LlamaParams, cache: CacheState, prompts: Sequence[Sequence[
     chunk_size: prefill tokens per row per step.
     on_step: called with the number of tokens generated in each step (progress).
     seeds, stats: passed to ``prefill``.
+    tiers: with ``cache`` a ``kvjax.tiers.TieredState``, its ``TierConfig``: swap
+      instead of refusal (``kvjax.models.swap``). A row refused for want of pages swaps
+      out the latest row of the batch (its full pages to L2) and retries; the swapped
+      row resumes when pages are free, its cached prefix re-attached from L1 / L2 and
+      its tail recomputed. Only a row that does not fit the pool alone ends with
+      ``"out_of_pages"``. Every row is released when it ends (that is what frees pages):
+      a next turn passes the whole conversation as its prompt. None (default): the
+      plain loop, unchanged.
 
   Returns:
     (B ``Reply`` lists of generated ids, each with its ``finish_reason``; cache).
@@ -289,21 +215,26 @@ def generate(params: LlamaParams, cache: CacheState, prompts: Sequence[Sequence[
   >>> out, cache = generate(params, cache, [ids], [0], config=cfg, cache_config=cc,
   ...                       max_new_tokens=32)  # doctest: +SKIP
   """
+  if _tiered(cache, tiers):
+    return generate_tiered(params, cache, prompts, seq_ids, config=config,
+                           cache_config=cache_config, tiers=tiers,
+                           max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                           chunk_size=chunk_size, on_step=on_step, seeds=seeds, stats=stats)
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-  ids = _check_batch(prompts, seq_ids, cache_config)
+  ids = check_batch(prompts, seq_ids, cache_config)
   stop = set(int(s) for s in stop_ids)
   logits, cache, stopped, host = _prefill(params, cache, prompts, ids, config=config,
                                     cache_config=cache_config, chunk_size=chunk_size,
                                     seeds=seeds, stats=stats)
   out = [Reply() for _ in prompts]
   for r in np.flatnonzero(stopped):
-    out[r].finish_reason = _finish_reason(int(stopped[r]))
+    out[r].finish_reason = finish_reason(int(stopped[r]))
   nxt = np.argmax(np.nan_to_num(logits), axis=-1).astype(np.int32)
   live = stopped == 0
   for r in np.flatnonzero(live):
     out[r].append(int(nxt[r]))
-    _end_if_done(out[r], stop, max_new_tokens)
+    end_if_done(out[r], stop, max_new_tokens)
     live[r] = out[r].finish_reason is None
   if on_step is not None:
     on_step(int(np.sum(stopped == 0)))
@@ -311,29 +242,16 @@ def generate(params: LlamaParams, cache: CacheState, prompts: Sequence[Sequence[
     step_ids = np.where(live, ids, -1).astype(np.int32)
     n = live.astype(np.int32)
     tokens = np.where(live, nxt, 0).astype(np.int32)[:, None]
-    logits, cache, now, host = _step(params, cache, tokens, step_ids, n, config, cache_config,
-                                     None, host)
-    nxt = np.asarray(_greedy_next(logits))
+    logits, cache, now, host = run_step(params, cache, tokens, step_ids, n, config,
+                                        cache_config, None, host)
+    nxt = np.asarray(greedy_next(logits))
     for r in np.flatnonzero(live):
       if now[r]:   # refused or flagged: this step's token was not computed from a clean cache
-        out[r].finish_reason = _finish_reason(int(now[r]))
+        out[r].finish_reason = finish_reason(int(now[r]))
       else:
         out[r].append(int(nxt[r]))
-        _end_if_done(out[r], stop, max_new_tokens)
+        end_if_done(out[r], stop, max_new_tokens)
       live[r] = out[r].finish_reason is None
     if on_step is not None:
       on_step(int(np.sum(n.astype(bool) & (now == 0))))
   return out, cache
-
-
-def _end_if_done(reply: Reply, stop: set, max_new_tokens: int) -> None:
-  if reply[-1] in stop:
-    reply.finish_reason = "stop"
-  elif len(reply) >= max_new_tokens:
-    reply.finish_reason = "length"
-
-
-@jax.jit
-def _greedy_next(logits: jax.Array) -> jax.Array:
-  """int32 [B]: argmax of a decode step's logits [B, 1, V]."""
-  return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)

@@ -584,9 +584,14 @@ def swap_in(ts: TieredState, seq_id: int, handle, *, config: CacheConfig, tiers:
 
   Returns ``(cached, state)``: its first ``cached`` tokens are attached again;
   the caller recomputes the rest (``plan_step`` + the model) as for a prompt.
+  The tokens are padded to a power of two >= ``PAD`` (L1's jitted attach compiles
+  once per width, not once per sequence length).
   """
   toks, seed = handle
   seeds = None if not np.any(seed) else jnp.asarray(seed[None], jnp.uint32)
-  cached, ts = attach_prefix(ts, jnp.array([seq_id]), jnp.asarray(toks[None]),
+  width = max(PAD, 1 << max(0, len(toks) - 1).bit_length())
+  padded = np.zeros((1, width), np.int32)
+  padded[0, :len(toks)] = toks
+  cached, ts = attach_prefix(ts, jnp.array([seq_id]), jnp.asarray(padded),
                              jnp.array([len(toks)]), seeds, config=config, tiers=tiers)
   return int(cached[0]), add_stats(ts, swaps_in=1)
