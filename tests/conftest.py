@@ -1,5 +1,4 @@
-"""Test set-up: 8 host devices (set before jax is imported) so sharding runs on CPU, and
-XLA:CPU's backend optimizations off (compile time).
+"""Test set-up: 8 host devices (set before jax is imported) so sharding runs on CPU.
 
 XLA compilation is most of the suite's time, and modules compile the same
 programs again (each module drops its executables, below; many tests build a
@@ -19,12 +18,6 @@ import tempfile
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   _flags += " --xla_force_host_platform_device_count=8"
-# LLVM's optimizations of XLA:CPU code, off (XLA's own HLO passes still run, and without
-# fast-math LLVM may not reorder float arithmetic, so results do not change): they cost
-# about a fifth of the suite's time (165 s vs 192 s for test_drop + test_paging on 2 loaded
-# cores). Set the flag yourself to test the optimized code.
-if "xla_backend_optimization_level" not in _flags:
-  _flags += " --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("KVJAX_COMPILE_CACHE", "off")   # CLI runs in tests write no XLA cache

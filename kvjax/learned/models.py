@@ -144,7 +144,8 @@ def log_edges() -> tuple:
   Computed at the first call, not at import: importing kvjax must not start a JAX
   backend (``jax.distributed.initialize`` has to come first in a multi-process job).
   """
-  return tuple(float(jnp.log2(e)) for e in EDGES)
+  with jax.ensure_compile_time_eval():   # concrete even when first called under a trace
+    return tuple(float(jnp.log2(e)) for e in EDGES)
 
 
 def class_cdf(probs: jax.Array, x: jax.Array) -> jax.Array:
