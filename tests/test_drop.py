@@ -197,7 +197,7 @@ def test_drop_pages_keeps_refcounts_tables_and_prefix_index_consistent():
   attach_jit = jax.jit(kvjax.attach_prefix, static_argnames="config")
   rng = np.random.default_rng(1)
   prompt = rng.integers(0, 50, 16).astype(np.int32)
-  for case in range(6):
+  for case in range(4):   # each mode once, h2o again with a sink page (each case compiles anew)
     st = drop.enable(kvjax.init(cfg))
     hist = [dict(logical=0, pos=[], first_drop=None) for _ in range(cfg.max_seqs)]
     mode = ("h2o", "streaming", "h2o_mean")[case % 3]

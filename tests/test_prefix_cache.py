@@ -21,6 +21,11 @@ def params():
   return init_params(CFG, jax.random.key(3))
 
 
+# jitted once per config (an eager call compiles each of their ops on its own: ~10 s a test)
+plan = jax.jit(kvjax.plan_step, static_argnames="config")
+attach = jax.jit(kvjax.attach_prefix, static_argnames="config")
+
+
 def cache_config(**kw):
   base = dict(page_size=S, num_pages=24, max_seqs=4, max_pages_per_seq=12)
   return CFG.cache_config(**{**base, **kw})
@@ -158,15 +163,15 @@ def test_released_pages_stay_cached_and_eviction_takes_tails_first(params):
 def test_attach_prefix_bad_rows_are_flagged():
   cc = cache_config()
   cache = kvjax.init(cc)
-  _, cache = kvjax.plan_step(cache, jnp.array([0]), jnp.ones((1, 5), jnp.int32), jnp.array([5]),
+  _, cache = plan(cache, jnp.array([0]), jnp.ones((1, 5), jnp.int32), jnp.array([5]),
                              config=cc)
-  cached, cache = kvjax.attach_prefix(cache, jnp.array([0, 1, 1]), jnp.ones((3, 8), jnp.int32),
+  cached, cache = attach(cache, jnp.array([0, 1, 1]), jnp.ones((3, 8), jnp.int32),
                                       jnp.array([8, 8, 8]), config=cc)
   # Row 0: sequence not empty; rows 1 and 2: the same id twice.
   np.testing.assert_array_equal(cached, [0, 0, 0])
   assert int(cache.status) == kvjax.BAD_INPUT
   with pytest.raises(ValueError, match="must share the batch size"):
-    kvjax.attach_prefix(cache, jnp.array([0]), jnp.ones((2, 8), jnp.int32), jnp.array([8]),
+    attach(cache, jnp.array([0]), jnp.ones((2, 8), jnp.int32), jnp.array([8]),
                         config=cc)
 
 
@@ -209,16 +214,16 @@ def test_page_chained_onto_a_lost_insert_is_not_indexed():
   cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=2,
                           num_pages=8, max_seqs=2, max_pages_per_seq=4)
   st = kvjax.init(cfg)
-  _, st = kvjax.plan_step(st, jnp.array([0]), jnp.array([[1, 2, 1]]), jnp.array([3]),
+  _, st = plan(st, jnp.array([0]), jnp.array([[1, 2, 1]]), jnp.array([3]),
                           config=cfg)
-  _, st = kvjax.plan_step(st, jnp.array([1]), jnp.array([[1, 2, 3, 1, 1]]), jnp.array([5]),
+  _, st = plan(st, jnp.array([1]), jnp.array([[1, 2, 3, 1, 1]]), jnp.array([5]),
                           config=cfg)
   kvjax.check_invariants(st, cfg)
   hashed = np.flatnonzero(np.asarray(st.meta.block_hash).any(axis=1))
   assert hashed.tolist() == [int(st.page_table[0, 0])]     # only seq 0's first page
   assert int(jnp.sum(st.index.values >= 0)) == 1
   # The same prompt in one sequence is still indexed block by block.
-  _, st = kvjax.plan_step(st, jnp.array([0]), jnp.array([[3, 1, 1, 1]]), jnp.array([3]),
+  _, st = plan(st, jnp.array([0]), jnp.array([[3, 1, 1, 1]]), jnp.array([3]),
                           config=cfg)
   kvjax.check_invariants(st, cfg)
   assert int(jnp.sum(st.index.values >= 0)) == 3
