@@ -148,6 +148,10 @@ def test_sigkill_in_the_middle_of_writes_restarts_warm_and_consistent(tmp_path):
     time.sleep(float(rng.uniform(0, 0.004)))
     os.kill(proc.pid, signal.SIGKILL)   # most likely inside the next put
     proc.wait()
+    # the writer may have committed more batches than we had read when it was killed
+    # (a loaded machine): the pipe still holds their lines
+    for line in proc.stdout.read().split():
+      committed = int(line)
     proc.stdout.close()
     assert committed >= target, f"the writer stopped early (round {round_})"
     store = open_store(tmp_path, capacity=capacity)
