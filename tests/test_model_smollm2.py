@@ -105,8 +105,9 @@ def test_paged_decode_matches_forward(smollm2):
   want = np.asarray(llama.forward(params, jnp.asarray(batch), config))
   for r in range(3):
     # float32 through 30 layers, logits up to ~40: the paged and dense paths sum in
-    # different orders (measured max |diff| 5.5e-4, i.e. 1.4e-5 relative).
-    np.testing.assert_allclose(np.stack(got[r]), want[r, :lengths[r]], atol=1e-3, rtol=1e-5,
+    # different orders (measured max |diff| 5.5e-4, i.e. 1.4e-5 relative; 1.3e-3 with the
+    # suite's XLA:CPU optimization level 0, tests/conftest.py).
+    np.testing.assert_allclose(np.stack(got[r]), want[r, :lengths[r]], atol=2e-3, rtol=1e-5,
                                err_msg=f"row {r}")
 
 
