@@ -23,6 +23,7 @@ from kvjax.cache.config import CacheConfig
 from kvjax.cache.lifecycle import release as release_l1
 from kvjax.cache.plan import plan_step as plan_l1
 from kvjax.cache.state import init as init_l1
+from kvjax.sim.tiers import hit_summary
 from kvjax.sim.traces import Trace
 from kvjax.store import BlockStore
 from kvjax.store import StoreConfig
@@ -172,11 +173,6 @@ def replay_cache(trace: Trace, *, l1_pages: int, l2_pages: Optional[int],
     states = [st.replace(l2=shared[0]) for st in states]
   stats = ({n: int(getattr(states[0].stats, n)) for n in states[0].stats.__dataclass_fields__}
            if use_l2 else {})
-  lookups = int(bounds[r_] - bounds[0])
-  h1, h2, h3 = (int(x) for x in per.sum(axis=0))
-  q = max(lookups, 1)
-  return {"lookups": lookups, "l1_hits": h1, "l2_hits": h2, "l3_hits": h3,
-          "hit_ratio_l1": h1 / q, "hit_ratio_l2": h2 / q, "hit_ratio_l3": h3 / q,
-          "hit_ratio_l1_l2": (h1 + h2) / q, "hit_ratio": (h1 + h2 + h3) / q,
+  return {**hit_summary(per, int(bounds[r_] - bounds[0])),
           "per_request": per if use_l3 else per[:, :2], "states": states, "stats": stats,
           "store": store_stats}

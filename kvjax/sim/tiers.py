@@ -391,6 +391,19 @@ class _L1:
     l2.inserted(new)
 
 
+def hit_summary(per: np.ndarray, lookups: int) -> dict:
+  """Totals and ratios of per-request hits ``per`` (int [R, 3]: L1, L2, L3) over ``lookups``.
+
+  >>> hit_summary(np.array([[1, 0, 2], [0, 1, 0]]), 8)["hit_ratio"]
+  0.5
+  """
+  h1, h2, h3 = (int(x) for x in per.sum(axis=0))
+  q = max(lookups, 1)
+  return {"lookups": lookups, "l1_hits": h1, "l2_hits": h2, "l3_hits": h3,
+          "hit_ratio_l1": h1 / q, "hit_ratio_l2": h2 / q, "hit_ratio_l3": h3 / q,
+          "hit_ratio_l1_l2": (h1 + h2) / q, "hit_ratio": (h1 + h2 + h3) / q}
+
+
 def three_tier(trace: Trace, *, l1_pages: int, l2_pages: Optional[int],
                l3_pages: Optional[int] = None, write: str = "write_back", l3_hits: int = 1,
                procs: Optional[Sequence[int]] = None, shared_l2: bool = True,
@@ -501,12 +514,7 @@ def three_tier(trace: Trace, *, l1_pages: int, l2_pages: Optional[int],
     if use_l2:
       l1.revalidate()
     l1.held = set()
-  lookups = int(bounds[r_] - bounds[0])
-  h1, h2, h3 = (int(x) for x in per.sum(axis=0))
-  q = max(lookups, 1)
-  return {"lookups": lookups, "l1_hits": h1, "l2_hits": h2, "l3_hits": h3,
-          "hit_ratio_l1": h1 / q, "hit_ratio_l2": h2 / q, "hit_ratio_l3": h3 / q,
-          "hit_ratio_l1_l2": (h1 + h2) / q, "hit_ratio": (h1 + h2 + h3) / q,
+  return {**hit_summary(per, int(bounds[r_] - bounds[0])),
           "per_request": per, "l3_writes": l3.writes if l3 else 0,
           "l3_evictions": l3.evictions if l3 else 0, "pools": (l1s, l2s, l3)}
 
