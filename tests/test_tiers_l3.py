@@ -77,7 +77,8 @@ def run_prompt(ts, sid, prompt, tc, cfg=CFG, seeds=SEED):
   row = np.asarray(ts.l1.page_table[sid])
   k = np.array(ts.l1.k.data)
   for j in range(c // S, len(prompt) // S):
-    k[:, row[j]] = content(seed, prompt[:(j + 1) * S])
+    if row[j] >= 0:   # a refused row holds no page there (row[j] = -1 is not page -1)
+      k[:, row[j]] = content(seed, prompt[:(j + 1) * S])
   return c, ts.replace(l1=ts.l1.replace(k=ts.l1.k.replace(data=jnp.asarray(k))))
 
 
