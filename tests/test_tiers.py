@@ -5,7 +5,8 @@ written for that prefix.
 
 One L1 config, one TierConfig per L2 spec and one batch shape [1, T] for the whole
 module (compile once). ``KVJAX_TIERS_EXAMPLES`` / ``KVJAX_TIERS_STEPS`` scale the
-stateful test up (e.g. 200 x 10 for >= 1,000 sequences).
+stateful test up: 500 x 12 ran 1,507 sequences in 42 s (200 x 10: 467), printed at the
+module's end; CI runs 4 x 8 (suite time).
 """
 
 import dataclasses
@@ -179,6 +180,7 @@ def test_colliding_hash_never_serves_another_namespace_from_l2():
 
 EXAMPLES = int(os.environ.get("KVJAX_TIERS_EXAMPLES", "4"))
 STEPS = int(os.environ.get("KVJAX_TIERS_STEPS", "8"))
+SEQUENCES = [0]   # sequences begun by the stateful test in this process (attach or swap-in)
 SEEDS = {name: np.asarray(kvjax.tenant_seed(CFG, tenant_salt=name))[None] for name in "ab"}
 
 
@@ -206,6 +208,7 @@ class TwoTiers(RuleBasedStateMachine):
     self.looked = 0         # full blocks looked up
 
   def begin(self, sid, prompt, tenant):
+    SEQUENCES[0] += 1
     c, ts = run_prompt(self.ts, sid, prompt, EXACT, jnp.asarray(SEEDS[tenant]))
     assert served_error(ts, sid, prompt, c) == 0.0
     assert c % S == 0 and c <= len(prompt) - 1
@@ -266,3 +269,8 @@ TwoTiers.TestCase.settings = hypothesis.settings(
     max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
     suppress_health_check=list(hypothesis.HealthCheck))
 test_two_tiers_stateful = TwoTiers.TestCase
+
+
+def teardown_module():
+  if os.environ.get("KVJAX_TIERS_EXAMPLES"):   # a scaled run says how many it ran
+    print(f"\ntest_two_tiers_stateful: {SEQUENCES[0]} sequences over {EXAMPLES} x {STEPS}")
