@@ -84,6 +84,7 @@ from kvjax.models.steps import refusal
 from kvjax.models.steps import Reply
 from kvjax.models.steps import run_step
 from kvjax.tiers.config import TierConfig
+from kvjax.tiers.move import pow2_at_least
 from kvjax.tiers.ops import attach_prefix
 from kvjax.tiers.ops import release
 from kvjax.tiers.ops import revalidate
@@ -181,7 +182,7 @@ class SwapLoop:
     self.offset = lens.copy()
     empty = lens == 0
     if np.any(empty) and cache_config.prefix_caching:
-      width = max(ATTACH_MIN, 1 << (max(len(p) for p in prompts) - 1).bit_length())
+      width = pow2_at_least(max(len(p) for p in prompts), ATTACH_MIN)
       tokens = np.zeros((b, width), np.int32)
       for r, p in enumerate(prompts):
         tokens[r, :len(p)] = p

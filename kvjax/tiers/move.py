@@ -20,10 +20,19 @@ from kvjax.quant.pages import dequantize_pages
 from kvjax.quant.pages import quantize_pages
 
 
+def pow2_at_least(n: int, minimum: int) -> int:
+  """The next power of two >= ``n``, at least ``minimum``: padded sizes, few compiles.
+
+  >>> pow2_at_least(33, 8), pow2_at_least(3, 8)
+  (64, 8)
+  """
+  return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
 def pad_ids(ids, fill: int, minimum: int = 8) -> jax.Array:
   """int32 [N']: ``ids`` padded with ``fill`` to the next power of two >= ``minimum``."""
   ids = np.asarray(ids, np.int32).reshape(-1)
-  n = max(minimum, 1 << max(0, int(len(ids) - 1).bit_length()))
+  n = pow2_at_least(len(ids), minimum)
   out = np.full((n,), fill, np.int32)
   out[:len(ids)] = ids
   return jnp.asarray(out)

@@ -55,6 +55,7 @@ from kvjax.tiers.move import keep_placement
 from kvjax.tiers.move import move_pages
 from kvjax.tiers.move import pad_ids
 from kvjax.tiers.move import page_bytes
+from kvjax.tiers.move import pow2_at_least
 from kvjax.tiers.state import TieredState
 from kvjax.tiers.state import TierStats
 
@@ -397,7 +398,7 @@ def promote(ts: TieredState, wanted, protect, m2: dict, *, config: CacheConfig,
     held[p] += 1
   probe = l1.replace(meta=l1.meta.replace(ref_count=jnp.asarray(held)))
   k = min(need, config.num_pages)
-  k_pad = min(config.num_pages, max(PAD, 1 << (k - 1).bit_length()))
+  k_pad = min(config.num_pages, pow2_at_least(k, PAD))
   pages, ok = _victims(probe, k=k_pad, clock=l1.clock, config=config)
   take = np.asarray(pages)[:k][np.asarray(ok)[:k]]
   if take.size:
@@ -461,7 +462,7 @@ def promote(ts: TieredState, wanted, protect, m2: dict, *, config: CacheConfig,
 
 def pad_hashes(h: np.ndarray) -> jax.Array:
   """uint32 [N', 2]: ``h`` ([N, 2]) padded with zeros to the next power of two >= PAD."""
-  n = max(PAD, 1 << max(0, int(len(h) - 1).bit_length()))
+  n = pow2_at_least(len(h), PAD)
   out = np.zeros((n, 2), np.uint32)
   out[:len(h)] = h
   return jnp.asarray(out)
@@ -589,7 +590,7 @@ def swap_in(ts: TieredState, seq_id: int, handle, *, config: CacheConfig, tiers:
   """
   toks, seed = handle
   seeds = None if not np.any(seed) else jnp.asarray(seed[None], jnp.uint32)
-  width = max(PAD, 1 << max(0, len(toks) - 1).bit_length())
+  width = pow2_at_least(len(toks), PAD)
   padded = np.zeros((1, width), np.int32)
   padded[0, :len(toks)] = toks
   cached, ts = attach_prefix(ts, jnp.array([seq_id]), jnp.asarray(padded),
