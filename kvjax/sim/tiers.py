@@ -522,15 +522,7 @@ def three_tier(trace: Trace, *, l1_pages: int, l2_pages: Optional[int],
 def two_tier(trace: Trace, *, l1_pages: int, l2_pages: Optional[int],
              procs: Optional[Sequence[int]] = None, shared_l2: bool = True,
              requests: Optional[int] = None) -> dict:
-  """Replay ``trace`` through the two-tier model (``three_tier`` without L3).
-
-  Args:
-    trace: block references (one page per block).
-    l1_pages: pages of each process's L1 (> the longest request).
-    l2_pages: pages of the (each) L2; ``None`` or 0: L1 alone.
-    procs: int [R] process of each request (default all 0).
-    shared_l2: one L2 for all processes (else one each of ``l2_pages``).
-    requests: replay only the first ``requests`` requests.
+  """Replay ``trace`` through the two-tier model: ``three_tier`` without L3 (same arguments).
 
   Returns:
     ``{"lookups", "l1_hits", "l2_hits", "hit_ratio_l1", "hit_ratio_l1_l2"}`` (pages;
