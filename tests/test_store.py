@@ -1,10 +1,12 @@
 """BlockStore: round trips against the arrays put, LRU capacity against an OrderedDict
-model, warm restart (snapshot and journal replay), the write policies, and every
-tensorstore future awaited (counted by a proxy around the store's arrays)."""
+model, warm restart (snapshot and journal replay), the write policies, every
+tensorstore future awaited (counted by a proxy around the store's arrays), and the
+segments layout's compaction (disk bounded, pages intact, against the index)."""
 
 import collections
 import functools
 import os
+import pathlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +23,7 @@ from kvjax.store import PageFormat
 from kvjax.store import PageInfo
 from kvjax.store import StoreConfig
 from kvjax.store import WritePolicy
+from kvjax.store.segments import segment_name
 
 FMT = PageFormat.for_specs(*PRESETS["int4-kivi"], num_layers=2, page_size=4, num_kv_heads=1,
                            head_dim=32)
@@ -54,6 +57,18 @@ def info_of(ids, fmt=FMT):
 
 def open_store(path, capacity=16, **kw):
   return BlockStore(StoreConfig(path=str(path), capacity=capacity, sync=False, **kw), FMT)
+
+
+def page_span(store, root, page_id):
+  """(file, first byte, end byte) of page ``page_id``'s bytes on disk in either layout."""
+  slot = store.index.slot_of[int(hash_keys(hashes_of([page_id]))[0])]
+  root = pathlib.Path(root)
+  if store.config.layout == "chunks":
+    path = root / "pages" / "c" / str(slot) / "0"
+    return path, 0, path.stat().st_size
+  seg, off = int(store.index.seg[slot]), int(store.index.off[slot])
+  pb = store.format.page_bytes
+  return root / "segments" / segment_name(seg, store.seg_pages[seg]), off * pb, (off + 1) * pb
 
 
 def same_bytes(a, b):
@@ -102,9 +117,11 @@ def test_put_get_round_trip_and_misses(tmp_path):
   assert store.get(hashes_of([3])).found.tolist() == [False]
 
 
-@pytest.mark.parametrize("compression", ["zstd", "blosc", "none"])
-def test_warm_restart_snapshot_and_journal(tmp_path, compression):
-  store = open_store(tmp_path, compression=compression, snapshot_every=3)
+@pytest.mark.parametrize("layout,compression", [("segments", None), ("chunks", "zstd"),
+                                                ("chunks", "blosc"), ("chunks", "none")])
+def test_warm_restart_snapshot_and_journal(tmp_path, layout, compression):
+  cfg = dict(layout=layout, compression=compression)
+  store = open_store(tmp_path, snapshot_every=3, **cfg)
   for b in range(5):   # 5 journal records: a snapshot after 3, 2 replayed
     store.put(hashes_of([2 * b, 2 * b + 1]), pages_of([2 * b, 2 * b + 1]),
               info_of([2 * b, 2 * b + 1]))
@@ -113,7 +130,7 @@ def test_warm_restart_snapshot_and_journal(tmp_path, compression):
   assert any(n.startswith("snapshot-") for n in names)
   assert any(n.startswith("journal-") for n in names)
   del store   # no close: the journal after the snapshot is replayed
-  again = open_store(tmp_path, compression=compression)
+  again = open_store(tmp_path, **cfg)
   assert again.warm_pages == 9
   r = again.get(hashes_of(range(10)))
   assert r.found.tolist() == [i != 4 for i in range(10)]
@@ -122,7 +139,7 @@ def test_warm_restart_snapshot_and_journal(tmp_path, compression):
   np.testing.assert_array_equal(r.info.tokens[r.found], info_of(live).tokens)
   again.close()
   assert [n for n in os.listdir(tmp_path / "index") if n.startswith("journal-")] == []
-  assert open_store(tmp_path, compression=compression).warm_pages == 9
+  assert open_store(tmp_path, **cfg).warm_pages == 9
 
 
 def test_lru_capacity_matches_an_ordered_dict_model_across_a_restart(tmp_path):
@@ -169,6 +186,8 @@ def test_reopen_checks_format_and_config(tmp_path):
     BlockStore(StoreConfig(path=str(tmp_path), capacity=16), other)
   with pytest.raises(ValueError, match="capacity"):
     open_store(tmp_path, capacity=32)
+  with pytest.raises(ValueError, match="layout='chunks' differs from the store's 'segments'"):
+    open_store(tmp_path, layout="chunks")
   assert BlockStore(StoreConfig(path=str(tmp_path), capacity=16)).format == FMT
   with pytest.raises(ValueError, match="fmt"):
     BlockStore(StoreConfig(path=str(tmp_path / "new"), capacity=16))
@@ -181,6 +200,13 @@ def test_argument_errors(tmp_path):
     StoreConfig(path="x", compression="gzip")
   with pytest.raises(ValueError, match="eviction"):
     StoreConfig(path="x", eviction="mru")
+  with pytest.raises(ValueError, match="layout must be one of"):
+    StoreConfig(path="x", layout="log")
+  with pytest.raises(ValueError, match="compression='zstd' needs layout='chunks'"):
+    StoreConfig(path="x", compression="zstd")
+  with pytest.raises(ValueError, match="compact_slack"):
+    StoreConfig(path="x", compact_slack=-1)
+  assert StoreConfig(path="x", layout="chunks").compression == "zstd"
   store = open_store(tmp_path, capacity=2)
   with pytest.raises(ValueError, match="uint32"):
     store.get(np.zeros((2, 2), np.int64))
@@ -231,10 +257,16 @@ class CountingArray:
     return self._keep(self.inner.list(*a, **kw))
 
 
-def test_every_future_is_awaited(tmp_path):
-  store = open_store(tmp_path, capacity=8, snapshot_every=2)
+@pytest.mark.parametrize("layout", ["chunks", "segments"])
+def test_every_future_is_awaited(tmp_path, layout):
+  # segments through tensorstore's file kvstore (a kvstore config), not the local fast path
+  store = BlockStore(StoreConfig(kvstore={"driver": "file", "path": str(tmp_path)}, capacity=8,
+                                 snapshot_every=2, sync=False, layout=layout), FMT)
   futures = []
-  store.array = CountingArray(store.array, futures)
+  if layout == "chunks":
+    store.array = CountingArray(store.array, futures)
+  else:
+    store.segments.kvstore = CountingArray(store.segments.kvstore, futures)
   store.index.kvstore = CountingArray(store.index.kvstore, futures)
   ids = list(range(20))
   for b in range(0, 20, 4):          # 20 pages through 8 slots: evictions, slot reuse, snapshots
@@ -243,22 +275,27 @@ def test_every_future_is_awaited(tmp_path):
     assert store.ledger.outstanding > 0 or b == 0
     pending.result()
     assert store.ledger.outstanding == 0
-  slot = store.index.slot_of[int(hash_keys(hashes_of([19]))[0])]
-  os.remove(tmp_path / "pages" / "c" / str(slot) / "0")
+  gone = page_span(store, tmp_path, 19)[0]   # a segment: the put's four pages
+  lost = {i for i in ids[12:] if page_span(store, tmp_path, i)[0] == gone}
+  os.remove(gone)
   store.get(hashes_of(ids))          # a failed read is awaited too
   store.evict(hashes_of(ids[-2:]))
   store.close()
   assert len(futures) > 40
   assert all(f.done() for f in futures)
-  writes = [f for f in futures if isinstance(f, ts.WriteFutures)]
-  assert len(writes) == 5 and all(f.commit.done() and f.exception() is None for f in writes)  # one per put
+  if layout == "chunks":   # one array write per put
+    writes = [f for f in futures if isinstance(f, ts.WriteFutures)]
+    assert len(writes) == 5 and all(f.commit.done() and f.exception() is None for f in writes)
   s = store.stats()
   assert s["futures_outstanding"] == 0 and s["futures_issued"] == s["futures_awaited"] >= len(
       futures)
   # and what was committed is there: a fresh process-like reopen reads the last 6 intact
-  again = open_store(tmp_path, capacity=8)
+  again = BlockStore(StoreConfig(kvstore={"driver": "file", "path": str(tmp_path)}, capacity=8,
+                                 layout=layout), FMT)
   r = again.get(hashes_of(ids[12:18]))
-  assert r.found.all() and same_bytes(r.arrays, pages_of(ids[12:18]))
+  assert r.found.tolist() == [i not in lost for i in ids[12:18]]
+  assert same_bytes({k: a[r.found] for k, a in r.arrays.items()},
+                    pages_of([i for i in ids[12:18] if i not in lost]))
 
 
 def test_any_kvstore_by_configuration():
@@ -288,3 +325,50 @@ def test_lru_ties_go_to_the_lowest_slot(tmp_path):
   store.put(hashes_of([10, 11, 12]), pages_of([10, 11, 12]))
   assert store.contains(hashes_of(range(8))).tolist() == [False, True, False, True, True, False,
                                                           True, True]
+
+
+@pytest.mark.parametrize("via", ["path", "kvstore"])
+def test_compaction_bounds_the_disk_and_keeps_every_page(tmp_path, via):
+  # ~250 pages through 24 slots in batches of 1-6 with gets in between: LRU kept (no page
+  # left listed that was used less recently than one evicted: compaction moves pages, it
+  # does not refresh them), the disk within capacity * (1 + slack) after every put, the
+  # segment files on disk exactly the ones the store keeps, every listed page intact,
+  # across a reopen without close
+  capacity, slack = 24, 0.25
+  where = dict(path=str(tmp_path)) if via == "path" else dict(
+      kvstore={"driver": "file", "path": str(tmp_path)})
+
+  def open_():
+    return BlockStore(StoreConfig(capacity=capacity, compact_slack=slack, sync=False, **where),
+                      FMT)
+
+  store, rng, nxt = open_(), np.random.default_rng(3), 0
+  last = {}   # page -> the call that last put or hit it
+  for call in range(120):
+    listed = [i for i in last if store.contains(hashes_of([i]))[0]]
+    if rng.random() < 0.4 and listed:
+      ids = rng.choice(listed, min(len(listed), int(rng.integers(1, 6))), replace=False)
+      r = store.get(hashes_of(ids))
+      assert r.found.all() and same_bytes(r.arrays, pages_of(ids))
+    else:
+      ids = list(range(nxt, nxt + int(rng.integers(1, 7))))
+      nxt += len(ids)
+      assert store.put(hashes_of(ids), pages_of(ids), info_of(ids)).all()
+      assert store.disk_pages() <= capacity * (1 + slack), call
+    last.update(dict.fromkeys((int(i) for i in ids), call))
+    inside = store.contains(hashes_of(list(last)))
+    assert inside.sum() == min(capacity, len(last))
+    used = np.array(list(last.values()))
+    assert used[~inside].max(initial=-1) <= used[inside].min(), call
+    on_disk = {int(n.split(".")[0]) for n in os.listdir(tmp_path / "segments")}
+    assert on_disk == set(store.seg_pages) == set(store.index.seg_live)
+    if call == 60:   # a flush (the hits since the last put durable), no snapshot: the journal
+      store.flush()  # is replayed, compaction goes on from there
+      store = open_()
+  s = store.stats()
+  assert s["compactions"] > 5 and s["compacted_pages"] > 0, s
+  assert s["futures_outstanding"] == 0
+  live = [i for i in last if store.contains(hashes_of([i]))[0]]
+  r = open_().get(hashes_of(live))
+  assert r.found.all() and same_bytes(r.arrays, pages_of(live))
+  np.testing.assert_array_equal(r.info.tokens, info_of(live).tokens)

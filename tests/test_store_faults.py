@@ -1,6 +1,7 @@
-"""Faults that must lose nothing: flipped bytes in chunk files (every one caught), a chunk
-holding another page, a deleted file, a corrupt journal record, SIGKILL of a writing child
-process, and a full disk (a file-size limit in a child process)."""
+"""Faults that must lose nothing, in both layouts where the files differ: flipped bytes in
+page files (every one caught), a file holding another page, a deleted file, a corrupt journal
+record, SIGKILL of a writing child process, and a full disk (a file-size limit in a child
+process)."""
 
 import json
 import os
@@ -19,15 +20,12 @@ from kvjax.store import hash_keys
 from test_store import hashes_of
 from test_store import info_of
 from test_store import open_store
+from test_store import page_span
 from test_store import pages_of
 from test_store import same_bytes
 
 TESTS = str(pathlib.Path(__file__).resolve().parent)
-
-
-def chunk_file(store, root, page_id) -> pathlib.Path:
-  slot = store.index.slot_of[int(hash_keys(hashes_of([page_id]))[0])]
-  return pathlib.Path(root) / "pages" / "c" / str(slot) / "0"
+LAYOUTS = pytest.mark.parametrize("layout", ["segments", "chunks"])
 
 
 def check_found(store, ids, want_found):
@@ -53,21 +51,25 @@ def fast_dir(tmp_path):
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_every_flipped_byte_is_caught(fast_dir):
+@LAYOUTS
+def test_every_flipped_byte_is_caught(fast_dir, layout):
   tmp_path = fast_dir
-  store = open_store(tmp_path, capacity=8)
+  store = open_store(tmp_path, capacity=8, layout=layout)
   ids = list(range(8))
-  store.put(hashes_of(ids), pages_of(ids), info_of(ids))
+  for i in ids:   # a put each: eight segment files, or eight chunks
+    store.put(hashes_of([i]), pages_of([i]), info_of([i]))
   rng = np.random.default_rng(0)
-  size0 = chunk_file(store, tmp_path, 0).stat().st_size
-  assert size0 > store.format.page_bytes // 2
-  # every byte of one chunk file (header, compressed body, crc trailer), then random chunks
-  trials = [(0, off) for off in range(size0)]
+  _, lo, hi = page_span(store, tmp_path, 0)
+  assert hi - lo > store.format.page_bytes // 2
+  # every byte of one page (a chunk's header, compressed body and crc trailer; a segment's
+  # row), then random bytes of random pages
+  trials = [(0, off) for off in range(lo, hi)]
   for _ in range(60):
     pid = int(rng.integers(0, 8))
-    trials.append((pid, int(rng.integers(0, chunk_file(store, tmp_path, pid).stat().st_size))))
+    _, lo, hi = page_span(store, tmp_path, pid)
+    trials.append((pid, int(rng.integers(lo, hi))))
   for pid, off in trials:
-    path = chunk_file(store, tmp_path, pid)
+    path = page_span(store, tmp_path, pid)[0]
     data = path.read_bytes()
     flipped = bytearray(data)
     flipped[off] ^= int(rng.integers(1, 256))
@@ -80,19 +82,27 @@ def test_every_flipped_byte_is_caught(fast_dir):
   assert s["checksum_failures"] == len(trials) and s["futures_outstanding"] == 0
 
 
-def test_a_chunk_holding_another_page_is_caught_by_the_page_checksum(tmp_path):
-  store = open_store(tmp_path, capacity=4)
+@LAYOUTS
+def test_a_file_holding_another_page_is_caught_by_the_page_checksum(tmp_path, layout):
+  store = open_store(tmp_path, capacity=4, layout=layout)
   store.put(hashes_of([0, 1]), pages_of([0, 1]), info_of([0, 1]))
-  # a valid chunk (its codec checksum holds) in the wrong slot: only the page crc sees it
-  chunk_file(store, tmp_path, 0).write_bytes(chunk_file(store, tmp_path, 1).read_bytes())
+  # another page's valid bytes (a chunk's codec checksum holds) where page 0's belong:
+  # only the page crc sees it
+  p0, lo0, hi0 = page_span(store, tmp_path, 0)
+  p1, lo1, hi1 = page_span(store, tmp_path, 1)
+  data = bytearray(p0.read_bytes())
+  data[lo0:hi0] = p1.read_bytes()[lo1:hi1]
+  p0.write_bytes(bytes(data))
   check_found(store, [0, 1], [False, True])
   assert store.stats()["checksum_failures"] == 1
 
 
-def test_a_deleted_file_is_a_miss(tmp_path):
-  store = open_store(tmp_path, capacity=4)
-  store.put(hashes_of([0, 1]), pages_of([0, 1]), info_of([0, 1]))
-  os.remove(chunk_file(store, tmp_path, 1))
+@LAYOUTS
+def test_a_deleted_file_is_a_miss(tmp_path, layout):
+  store = open_store(tmp_path, capacity=4, layout=layout)
+  for i in (0, 1):
+    store.put(hashes_of([i]), pages_of([i]), info_of([i]))
+  os.remove(page_span(store, tmp_path, 1)[0])
   check_found(store, [0, 1], [True, False])
   s = store.stats()
   assert (s["missing_files"], s["checksum_failures"], s["misses"]) == (1, 0, 1)
@@ -166,6 +176,9 @@ def test_sigkill_in_the_middle_of_writes_restarts_warm_and_consistent(tmp_path):
     assert s["checksum_failures"] == s["missing_files"] == s["read_errors"] == 0
     assert listed[committed - batch:committed].all()   # the last committed batch survived
     assert store.warm_pages >= capacity - batch        # warm: at most one batch of evictions
+    # what the killed put left is gone: no temporary file, no segment that no record lists
+    files = os.listdir(tmp_path / "segments")
+    assert {int(n.split(".")[0]) for n in files} == set(store.index.seg_live), files
     start = committed + batch
     del store
 

@@ -1,7 +1,7 @@
 """The L3 tier under L2 (kvjax.tiers.l3) against an independent content model: a page's
 content is a function of (namespace, token prefix), so every page a sequence is served,
 from any tier, must hold exactly (bf16 L3) or within the L3 spec's error bound (int4) the
-content written for that prefix; a corrupted L3 chunk or another tenant's page is a miss.
+content written for that prefix; a corrupted L3 page or another tenant's page is a miss.
 
 One L1 config (5 pages), L2 of 4 pages (so L2 evicts into L3), batch shape [1, T].
 """
@@ -183,18 +183,19 @@ def test_colliding_hash_across_tenants_never_served_from_l3():
   assert max(float(e.max()) for e in errors(ts, 1, A, c)) == 0.0
 
 
-def test_corrupted_chunk_is_a_miss_and_recomputed(tmp_path):
+def test_a_corrupted_page_is_a_miss_and_recomputed(tmp_path):
   tier = make_tier(str(tmp_path / "l3"))
   ts = down_to_l3(new_state(tier))
-  files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "l3" / "pages") for f in fs
-           if f != "zarr.json"]
-  assert len(files) >= 3
+  seg_dir = tmp_path / "l3" / "segments"
+  files = [seg_dir / f for f in os.listdir(seg_dir)]
+  pb = tier.store.format.page_bytes
+  assert sum(p.stat().st_size for p in files) >= 3 * pb
   rng = np.random.default_rng(0)
-  for path in files:                   # a flipped byte in every chunk
-    data = bytearray(open(path, "rb").read())
-    i = int(rng.integers(len(data)))
-    data[i] ^= 0xFF
-    open(path, "wb").write(bytes(data))
+  for path in files:                   # a flipped byte in every page of every segment
+    data = bytearray(path.read_bytes())
+    for at in range(0, len(data), pb):
+      data[at + int(rng.integers(pb))] ^= 0xFF
+    path.write_bytes(bytes(data))
   c, ts = run_prompt(ts, 1, A, L2_EXACT)
   st = ts.stats
   assert int(st.l3_hit_pages) == 0 and int(st.l3_checksum_failures) >= 1

@@ -44,6 +44,8 @@ import numpy as np
 SNAPSHOT = "snapshot-"
 JOURNAL = "journal-"
 _SEQ_DIGITS = 16
+# the per-slot fields of a snapshot (all) and of a journal record's inserted slots (all but used)
+LOADED = ("used", "key", "crc", "tokens", "parent", "namespace", "last_use", "hits", "seg", "off")
 
 
 class FutureLedger:
@@ -147,6 +149,8 @@ class PersistentIndex:
     self.namespace = np.zeros((c, 2), np.uint32)  # uint32 [C, 2]  chain seed
     self.last_use = np.zeros(c, np.int64)       # int64 [C]  clock of the last put or hit
     self.hits = np.zeros(c, np.int64)           # int64 [C]  reads that found the page
+    self.seg = np.full(c, -1, np.int64)         # int64 [C]  segment of the page (-1: chunks layout)
+    self.off = np.zeros(c, np.int32)            # int32 [C]  the page's row in its segment
     self.clock = 0                              # int  logical clock (one tick per call)
     self.slot_of: dict = {}                     # {key: slot} of listed pages
     self.free: list = list(range(c - 1, -1, -1))  # slots reusable now (pop from the end)
@@ -156,6 +160,9 @@ class PersistentIndex:
     self._inserted: set = set()
     self._removed: set = set()
     self._touched: set = set()
+    self.seg_live: dict = {}                    # {segment: listed pages in it}
+    self._emptied: set = set()                  # segments emptied since the last durable record
+    self.dead_segments: list = []               # emptied, and durably so: the store deletes them
 
   # --------------------------------------------------------------------- table
 
@@ -217,9 +224,12 @@ class PersistentIndex:
       self.remove(int(s))
     return keys
 
-  def insert(self, slot: int, key: int, *, crc: int, tokens, parent, namespace) -> None:
-    """List page ``key`` in ``slot`` (its data committed). Durable at the next ``commit``."""
+  def insert(self, slot: int, key: int, *, crc: int, tokens, parent, namespace,
+             seg: int = -1, off: int = 0) -> None:
+    """List page ``key`` in ``slot`` (its data committed, in row ``off`` of segment ``seg``
+    for the segments layout). Durable at the next ``commit``."""
     self.used[slot] = True
+    self._place(slot, seg, off)
     self.key[slot] = key
     self.crc[slot] = crc
     self.tokens[slot] = tokens
@@ -230,10 +240,32 @@ class PersistentIndex:
     self.slot_of[key] = slot
     self._inserted.add(slot)
 
+  def _place(self, slot: int, seg: int, off: int) -> None:
+    self.seg[slot], self.off[slot] = seg, off
+    if seg >= 0:
+      self.seg_live[seg] = self.seg_live.get(seg, 0) + 1
+      self._emptied.discard(seg)
+
+  def _unplace(self, slot: int) -> None:
+    seg = int(self.seg[slot])
+    if seg >= 0:
+      self.seg_live[seg] -= 1
+      if self.seg_live[seg] == 0:
+        del self.seg_live[seg]
+        self._emptied.add(seg)
+
+  def relocate(self, slot: int, seg: int, off: int) -> None:
+    """The page in ``slot`` now lives in row ``off`` of segment ``seg`` (compaction rewrote
+    it; its record is otherwise unchanged). Durable at the next ``commit``."""
+    self._unplace(slot)
+    self._place(slot, seg, off)
+    self._inserted.add(slot)
+
   def remove(self, slot: int) -> None:
     """Unlist the page in ``slot``; the slot is reusable after the next durable record."""
     if not self.used[slot]:
       return
+    self._unplace(slot)
     self.used[slot] = False
     self.slot_of.pop(int(self.key[slot]), None)
     self._inserted.discard(slot)
@@ -262,8 +294,7 @@ class PersistentIndex:
     pending, and the freed slots unusable, until a later commit succeeds.
     """
     if not self.dirty:
-      self.free.extend(self.pending_free)
-      self.pending_free = []
+      self._durable()
       return
     ins = np.array(sorted(self._inserted), np.int64)
     rem = np.array(sorted(self._removed), np.int64)
@@ -271,14 +302,20 @@ class PersistentIndex:
     record = _record(seq=np.int64(self.next_seq), clock=np.int64(self.clock), removed=rem,
                   slot=ins, key=self.key[ins], crc=self.crc[ins], tokens=self.tokens[ins],
                   parent=self.parent[ins], namespace=self.namespace[ins],
-                  last_use=self.last_use[ins], hits=self.hits[ins],
-                  touched=tch, touched_last=self.last_use[tch], touched_hits=self.hits[tch])
+                  last_use=self.last_use[ins], hits=self.hits[ins], seg=self.seg[ins],
+                  off=self.off[ins], touched=tch, touched_last=self.last_use[tch], touched_hits=self.hits[tch])
     self._write(f"{JOURNAL}{self.next_seq:0{_SEQ_DIGITS}d}", record)
     self.next_seq += 1
     self.journal_since_snapshot += 1
     self._inserted, self._removed, self._touched = set(), set(), set()
+    self._durable()
+
+  def _durable(self) -> None:
+    """What the last durable record freed: its slots reusable, its emptied segments deletable."""
     self.free.extend(self.pending_free)
     self.pending_free = []
+    self.dead_segments.extend(sorted(self._emptied))
+    self._emptied = set()
 
   def snapshot(self) -> None:
     """Commit, then write the whole table and delete the records it covers."""
@@ -286,7 +323,8 @@ class PersistentIndex:
     seq = self.next_seq - 1
     value = _record(seq=np.int64(seq), clock=np.int64(self.clock), used=self.used, key=self.key,
                  crc=self.crc, tokens=self.tokens, parent=self.parent,
-                 namespace=self.namespace, last_use=self.last_use, hits=self.hits)
+                 namespace=self.namespace, last_use=self.last_use, hits=self.hits,
+                 seg=self.seg, off=self.off)
     self._write(f"{SNAPSHOT}{seq:0{_SEQ_DIGITS}d}", value)
     self.journal_since_snapshot = 0
     for name in self._keys():
@@ -318,8 +356,9 @@ class PersistentIndex:
           d["tokens"].shape != (self.capacity, self.page_size):
         self.corrupt_records += 1
         continue
-      for f in ("used", "key", "crc", "tokens", "parent", "namespace", "last_use", "hits"):
-        getattr(self, f)[...] = d[f]
+      for f in LOADED:
+        if f in d:   # seg / off: absent in stores written before the segments layout
+          getattr(self, f)[...] = d[f]
       self.clock = int(d["clock"])
       base = s
       break
@@ -340,14 +379,19 @@ class PersistentIndex:
     self.slot_of = {int(self.key[s]): int(s) for s in np.flatnonzero(self.used)}
     self.free = [int(s) for s in np.flatnonzero(~self.used)[::-1]]
     self.pending_free = []
+    live = self.seg[self.used]
+    self.seg_live = {int(g): int(c) for g, c in zip(*np.unique(live[live >= 0],
+                                                                return_counts=True))}
+    self._emptied, self.dead_segments = set(), []
     return len(self.slot_of)
 
   def _apply(self, d: dict) -> None:
     self.used[d["removed"]] = False
     ins = d["slot"]
     self.used[ins] = True
-    for f in ("key", "crc", "tokens", "parent", "namespace", "last_use", "hits"):
-      getattr(self, f)[ins] = d[f]
+    for f in LOADED[1:]:
+      if f in d:
+        getattr(self, f)[ins] = d[f]
     t = d["touched"]
     live = self.used[t]
     self.last_use[t[live]] = d["touched_last"][live]

@@ -1,22 +1,31 @@
-"""``BlockStore``: the persistent page store (L3) on tensorstore, keyed by block hash.
+"""``BlockStore``: the persistent page store (L3) on local disk or any tensorstore kvstore,
+keyed by block hash.
 
 Layout under the store's root (a local directory by default, any tensorstore
-kvstore by configuration):
+kvstore by configuration), ``StoreConfig.layout``:
 
-* ``pages/``: a zarr3 array uint8 ``[C, page_bytes]``, one chunk per slot
-  (one page), compressed (zstd, blosc or none) and followed by tensorstore's
-  ``crc32c`` codec: a flipped byte anywhere in a chunk file fails its read;
-* ``index/``: ``format.json`` (the ``PageFormat``, capacity, codec) and the
-  ``PersistentIndex`` records (``kvjax.store.index``).
+* ``"segments"`` (default): ``segments/``, one file per ``put`` batch holding
+  its pages' packed rows back to back (``kvjax.store.segments``): one write
+  and one fsync a batch, one contiguous read for pages written together. A
+  local directory is read and written with plain positioned I/O, any other
+  kvstore through tensorstore. Segments whose pages were mostly evicted are
+  compacted, so the disk holds at most ``capacity * (1 + compact_slack)`` pages.
+* ``"chunks"``: ``pages/``, a zarr3 array uint8 ``[C, page_bytes]`` with one
+  chunk per slot (one page), compressed (zstd, blosc or none) and followed by
+  tensorstore's ``crc32c`` codec. One file per page: slower (measured in
+  ``benchmarks/store.py``), but compressed;
+
+and in both ``index/``: ``format.json`` (the ``PageFormat``, capacity, layout,
+codecs) and the ``PersistentIndex`` records (``kvjax.store.index``).
 
 Each listed page also carries a crc32c of its block hash and decoded bytes,
 checked on every read: it catches what the codec cannot (a slot holding
 another page's data). A page whose read fails, whose file is gone or whose
 checksum is wrong is a miss, counted, and unlisted; it is never returned.
 
-Every tensorstore future goes through ``self.ledger`` (``FutureLedger``) and
-is awaited before the call that issued it returns (``get_async``: before its
-``result`` returns): ``stats()["futures_outstanding"]`` is 0 between calls.
+Every future (tensorstore's, and the store's own reader threads') goes
+through ``self.ledger`` (``FutureLedger``) and is awaited before the call that
+issued it returns (``get_async``: before its ``result`` returns): ``stats()["futures_outstanding"]`` is 0 between calls.
 
 Writes that fail (a full disk, a file-size limit) raise ``StoreWriteError``
 once and turn writing off (``writes_enabled``); later ``put`` calls are
@@ -38,8 +47,10 @@ Names in shapes: n = pages in a batch, S = page_size.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
+import os
 import threading
 import time
 from typing import Callable, Mapping, NamedTuple, Optional, Union
@@ -53,8 +64,13 @@ from kvjax.store.index import FutureLedger
 from kvjax.store.index import lfu_score
 from kvjax.store.index import lru_score
 from kvjax.store.index import PersistentIndex
+from kvjax.store.segments import KvSegments
+from kvjax.store.segments import PosixSegments
 
 COMPRESSIONS = ("zstd", "blosc", "none")
+LAYOUTS = ("segments", "chunks")
+READ_THREADS = 4          # reader threads of a segments store (a batch's segments in parallel)
+COMPACT_ROUNDS = 8        # segments compacted at most per put (bounds a put's latency)
 EVICTIONS = {"lru": lru_score, "lfu": lfu_score}
 FORMAT_KEY = "format.json"
 
@@ -68,22 +84,32 @@ class StoreConfig:
     kvstore: any tensorstore kvstore spec (JSON) of the store's root, e.g.
       ``{"driver": "memory"}``; exactly one of ``path`` / ``kvstore``.
     capacity: pages (slots) the store holds; fixed when it is created.
-    compression: ``"zstd"``, ``"blosc"`` (lz4) or ``"none"``; ``level``: its level.
+    layout: ``"segments"`` (one file per put batch; default) or ``"chunks"``
+      (a zarr3 chunk per page); fixed when the store is created.
+    compression: ``"zstd"``, ``"blosc"`` (lz4) or ``"none"`` (``chunks`` only;
+      ``segments`` is ``"none"``); default: ``"none"`` for segments, ``"zstd"``
+      for chunks. ``level``: its level.
     sync: fsync each file written (tensorstore's ``file_io_sync``): without
       it a write survives a killed process but not a power loss.
     snapshot_every: journal records between snapshots of the index.
     eviction: ``"lru"``, ``"lfu"`` or a function ``(last_use int64 [k],
       hits int64 [k]) -> scores [k]`` (lowest evicted first).
+    compact_slack: segments: the disk may hold ``capacity * (1 +
+      compact_slack)`` pages (evicted pages of segments not yet compacted)
+      before a put compacts the emptiest segments. Lower: less disk, more
+      rewriting (``stats()["compacted_pages"]``).
   """
 
   path: Optional[str] = None
   kvstore: Optional[Mapping] = None
   capacity: int = 65536
-  compression: str = "zstd"
+  layout: str = "segments"
+  compression: Optional[str] = None
   level: int = 1
   sync: bool = True
   snapshot_every: int = 64
   eviction: Union[str, Callable] = "lru"
+  compact_slack: float = 0.5
 
   def __post_init__(self):
     if (self.path is None) == (self.kvstore is None):
@@ -91,9 +117,19 @@ class StoreConfig:
                        f"{self.path!r}, kvstore={self.kvstore!r}")
     if not isinstance(self.capacity, int) or self.capacity < 1:
       raise ValueError(f"StoreConfig.capacity must be an int >= 1, got {self.capacity!r}")
+    if self.layout not in LAYOUTS:
+      raise ValueError(f"StoreConfig.layout must be one of {LAYOUTS}, got {self.layout!r}")
+    if self.compression is None:
+      object.__setattr__(self, "compression", "none" if self.layout == "segments" else "zstd")
     if self.compression not in COMPRESSIONS:
       raise ValueError(f"StoreConfig.compression must be one of {COMPRESSIONS}, "
                        f"got {self.compression!r}")
+    if self.layout == "segments" and self.compression != "none":
+      raise ValueError(f"StoreConfig.compression={self.compression!r} needs layout='chunks' "
+                       "(segments are not compressed)")
+    if not isinstance(self.compact_slack, (int, float)) or not self.compact_slack >= 0:
+      raise ValueError(f"StoreConfig.compact_slack must be a number >= 0, "
+                       f"got {self.compact_slack!r}")
     if not isinstance(self.snapshot_every, int) or self.snapshot_every < 1:
       raise ValueError(f"StoreConfig.snapshot_every must be an int >= 1, "
                        f"got {self.snapshot_every!r}")
@@ -110,7 +146,9 @@ class StoreConfig:
     return spec
 
   def codecs(self) -> list:
-    """The zarr3 codec chain of a page chunk."""
+    """The zarr3 codec chain of a page chunk (``chunks``; none for ``segments``)."""
+    if self.layout == "segments":
+      return []
     chain = [{"name": "bytes"}]
     if self.compression == "zstd":
       chain.append({"name": "zstd", "configuration": {"level": self.level}})
@@ -155,7 +193,8 @@ class StoreWriteError(OSError):
 
 COUNTERS = ("reads", "read_bytes", "writes", "write_bytes", "hits", "misses",
             "checksum_failures", "missing_files", "read_errors", "raced", "already_stored",
-            "evictions", "write_errors", "writes_refused", "read_seconds", "write_seconds")
+            "evictions", "write_errors", "writes_refused", "read_seconds", "write_seconds",
+            "orphans_removed", "compactions", "compacted_pages")
 
 
 def hash_keys(hashes: np.ndarray, name: str = "hashes") -> np.ndarray:
@@ -193,9 +232,11 @@ def _classify(err: BaseException) -> str:
 class PendingRead:
   """A batch of page reads in flight (``BlockStore.get_async``); ``result()`` awaits them all."""
 
-  def __init__(self, store: "BlockStore", keys, slots, crcs, listed, batch, started):
+  def __init__(self, store: "BlockStore", keys, slots, crcs, listed, batch, started,
+               segs=None, rows=None):
     self._store, self._keys, self._slots, self._crcs = store, keys, slots, crcs
     self._listed, self._batch, self._started, self._result = listed, batch, started, None
+    self._segs, self._rows = segs, rows   # segments layout: [(seg, off)] per key, the buffer
 
   def result(self) -> StoreRead:
     if self._result is None:
@@ -212,6 +253,8 @@ class BlockStore:
       the format it was created with (else ValueError).
 
   After opening, ``warm_pages`` is the number of pages the index listed.
+  One process writes a store at a time (opening deletes what a killed
+  writer left: temporary files, segments no record lists).
   """
 
   def __init__(self, config: StoreConfig, fmt: Optional[PageFormat] = None):
@@ -223,15 +266,22 @@ class BlockStore:
                                               context=self.context))
     self.format = self._open_format(fmt)
     cap, pb = config.capacity, self.format.page_bytes
-    spec = {"driver": "zarr3", "fill_missing_data_reads": False,
-            # a page of zeros is data too: without this its chunk is never written
-            "store_data_equal_to_fill_value": True,
-            "kvstore": {**root, "path": root["path"] + "pages/"},
-            "metadata": {"shape": [cap, pb], "data_type": "uint8",
-                         "chunk_grid": {"name": "regular",
-                                        "configuration": {"chunk_shape": [1, pb]}},
-                         "codecs": config.codecs()}}
-    self.array = self._wait(ts.open(spec, create=True, open=True, context=self.context))
+    self.array = self.segments = None
+    if config.layout == "chunks":
+      spec = {"driver": "zarr3", "fill_missing_data_reads": False,
+              # a page of zeros is data too: without this its chunk is never written
+              "store_data_equal_to_fill_value": True,
+              "kvstore": {**root, "path": root["path"] + "pages/"},
+              "metadata": {"shape": [cap, pb], "data_type": "uint8",
+                           "chunk_grid": {"name": "regular",
+                                          "configuration": {"chunk_shape": [1, pb]}},
+                           "codecs": config.codecs()}}
+      self.array = self._wait(ts.open(spec, create=True, open=True, context=self.context))
+    elif config.path is not None:
+      self.segments = PosixSegments(os.path.join(config.path, "segments"), pb, config.sync)
+    else:
+      self.segments = KvSegments(self._wait(ts.KvStore.open(
+          {**root, "path": root["path"] + "segments/"}, context=self.context)), pb, self.ledger)
     score = EVICTIONS.get(config.eviction) if isinstance(config.eviction, str) else \
         config.eviction
     self.index = PersistentIndex(self.kvstore, cap, self.format.page_size, self.ledger, score)
@@ -240,15 +290,36 @@ class BlockStore:
     self._lock = threading.RLock()
     self._write_lock = threading.Lock()
     self._stats = dict.fromkeys(COUNTERS, 0)
+    self.seg_pages: dict = {}   # {segment: pages written in it} of the segments on disk
+    self._next_seg = 0
+    self._readers = None
+    if self.segments is not None:
+      self._open_segments()
+
+  def _open_segments(self) -> None:
+    """Delete what no record lists (a killed writer's files); find the next segment id."""
+    self._stats["orphans_removed"] += self.segments.remove_temporaries()
+    present = self.segments.list()
+    for seg, pages in present.items():
+      if seg in self.index.seg_live:
+        self.seg_pages[seg] = pages
+      else:
+        self.segments.delete(seg, pages)
+        self._stats["orphans_removed"] += 1
+    self._next_seg = 1 + max([*present, *self.index.seg_live, -1])
+    self._readers = concurrent.futures.ThreadPoolExecutor(READ_THREADS,
+                                                          thread_name_prefix="kvjax-l3-read")
 
   def _wait(self, future):
     return self.ledger.wait(self.ledger.track(future))
 
   def _open_format(self, fmt: Optional[PageFormat]) -> PageFormat:
     r = self._wait(self.kvstore.read(FORMAT_KEY))
-    want = {"capacity": self.config.capacity, "codecs": self.config.codecs()}
+    want = {"capacity": self.config.capacity, "layout": self.config.layout,
+            "codecs": self.config.codecs()}
     if r.state == "value":
       d = json.loads(r.value)
+      d.setdefault("layout", "chunks")   # stores made before the segments layout
       stored = PageFormat.from_json(d["format"])
       if fmt is not None and fmt != stored:
         raise ValueError(f"fmt {fmt} differs from the format the store at "
@@ -271,10 +342,28 @@ class BlockStore:
     with self._lock:
       self.index.clock += 1
       slots = self.index.lookup(keys)
-      crcs = self.index.crc[np.maximum(slots, 0)].copy()
+      at = np.maximum(slots, 0)
+      crcs = self.index.crc[at].copy()
+      segs = np.stack([self.index.seg[at], self.index.off[at]], 1)
     listed = np.flatnonzero(slots >= 0)
-    batch = self.ledger.track(self.array[slots[listed]].read()) if len(listed) else None
-    return PendingRead(self, keys, slots, crcs, listed, batch, time.perf_counter())
+    started = time.perf_counter()
+    if self.segments is None:
+      batch = self.ledger.track(self.array[slots[listed]].read()) if len(listed) else None
+      return PendingRead(self, keys, slots, crcs, listed, batch, started)
+    rows = np.zeros((len(keys), self.format.page_bytes), np.uint8)
+    groups = {}
+    for i in listed:
+      groups.setdefault(int(segs[i, 0]), []).append(int(i))
+    batch = []
+    for seg, idx in groups.items():
+      idx.sort(key=lambda i: segs[i, 1])
+      pages = self.seg_pages.get(seg)
+      if pages is None:   # listed, but its file was gone when the store opened
+        batch.append((idx, None))
+        continue
+      batch.append((idx, self.ledger.track(self._readers.submit(
+          self.segments.read, seg, pages, [int(segs[i, 1]) for i in idx], rows, idx))))
+    return PendingRead(self, keys, slots, crcs, listed, batch, started, segs, rows)
 
   def get(self, hashes: np.ndarray) -> StoreRead:
     """Read pages by block hash; a page missing, unreadable or failing its checksum is a miss.
@@ -287,13 +376,8 @@ class BlockStore:
     """
     return self.get_async(hashes).result()
 
-  def _finish_read(self, pending: PendingRead) -> StoreRead:
-    n = len(pending._keys)
-    rows = np.zeros((n, self.format.page_bytes), np.uint8)
-    found = np.zeros(n, bool)
-    failed = {}
-    listed = pending._listed
-    got = None
+  def _read_chunks(self, pending: PendingRead, rows, found, failed) -> None:
+    listed, got = pending._listed, None
     if pending._batch is not None:
       try:
         got = self.ledger.wait(pending._batch)
@@ -311,18 +395,43 @@ class BlockStore:
           found[i] = True
         except Exception as err:  # noqa: BLE001: any failed read is a miss, classified
           failed[i] = _classify(err)
+
+  def _read_segments(self, pending: PendingRead, found, failed) -> None:
+    for idx, fut in pending._batch:   # every future awaited before any result is used
+      if fut is None:
+        failed.update(dict.fromkeys(idx, "missing_files"))
+        continue
+      try:
+        failed.update(self.ledger.wait(fut))
+      except Exception:  # noqa: BLE001: the reader itself failed: its pages are misses
+        failed.update(dict.fromkeys(idx, "read_errors"))
+    found[pending._listed] = True
+    found[list(failed)] = False
+
+  def _finish_read(self, pending: PendingRead) -> StoreRead:
+    n = len(pending._keys)
+    found = np.zeros(n, bool)
+    failed = {}
+    if self.segments is None:
+      rows = np.zeros((n, self.format.page_bytes), np.uint8)
+      self._read_chunks(pending, rows, found, failed)
+    else:
+      rows = pending._rows
+      self._read_segments(pending, found, failed)
     for i in np.flatnonzero(found):
       if page_crc(pending._keys[i], rows[i]) != int(pending._crcs[i]):
         failed[int(i)] = "checksum_failures"
         found[i] = False
-        rows[i] = 0
+    rows[list(failed)] = 0
     info = PageInfo.empty(n, self.format.page_size)
     with self._lock:
       ix = self.index
       for i, why in failed.items():
         slot, key = int(pending._slots[i]), int(pending._keys[i])
-        if ix.slot_of.get(key) != slot or int(ix.crc[slot]) != int(pending._crcs[i]):
-          why = "raced"        # the slot was reused after the lookup: not a fault
+        moved = pending._segs is not None and (int(ix.seg[slot]), int(ix.off[slot])) != tuple(
+            pending._segs[i])
+        if ix.slot_of.get(key) != slot or int(ix.crc[slot]) != int(pending._crcs[i]) or moved:
+          why = "raced"        # the slot was reused or the page moved after the lookup
         else:
           ix.remove(slot)
         self._stats[why] += 1
@@ -332,7 +441,7 @@ class BlockStore:
         info.tokens[i], info.parent[i] = ix.tokens[slot], ix.parent[slot]
         info.namespace[i] = ix.namespace[slot]
       st = self._stats
-      st["reads"] += len(listed)
+      st["reads"] += len(pending._listed)
       st["read_bytes"] += int(found.sum()) * self.format.page_bytes
       st["hits"] += int(found.sum())
       st["misses"] += n - int(found.sum())
@@ -399,14 +508,12 @@ class BlockStore:
       sub = arrays if whole else {k: np.asarray(a)[todo] for k, a in arrays.items()}
       rows = self.format.pack(sub)
       crcs = [page_crc(keys[i], rows[j]) for j, i in enumerate(todo)]
-      errors, ok = [], []
+      errors, ok, seg = [], [], -1
       if len(new):
-        # one write for the batch: tensorstore writes its chunks concurrently; a batch
-        # whose write fails lists none of its pages (some chunks may hold new bytes, but
-        # an unlisted slot is never read)
+        # one write for the batch (a segment, or the chunks tensorstore writes concurrently);
+        # a batch whose write fails lists none of its pages (an unlisted slot is never read)
         try:
-          self.ledger.wait(self.ledger.track(
-              self.array[np.asarray(new, np.int64)].write(rows)).commit)
+          seg = self._write_rows(new, rows)
           ok = list(range(len(new)))
         except Exception as err:  # noqa: BLE001: reported as one StoreWriteError below
           errors.append(err)
@@ -415,7 +522,7 @@ class BlockStore:
         for j in ok:
           i = todo[j]
           ix.insert(new[j], int(keys[i]), crc=crcs[j], tokens=info.tokens[i],
-                    parent=info.parent[i], namespace=info.namespace[i])
+                    parent=info.parent[i], namespace=info.namespace[i], seg=seg, off=j)
         ix.release([] if ok else list(new))
         self._stats["writes"] += len(ok)
         self._stats["write_bytes"] += len(ok) * self.format.page_bytes
@@ -429,7 +536,80 @@ class BlockStore:
         listed = ix.lookup(keys) >= 0
         if errors:
           self._fail(errors[0], 0, listed, extra=len(errors) - 1)
+      self._drop_dead()
+      try:
+        self._compact()
+      except Exception as err:  # noqa: BLE001: the pages of this put are listed anyway
+        with self._lock:
+          self._fail(err, 0, self.index.lookup(keys) >= 0)
       return listed
+
+  def _write_rows(self, slots, rows: np.ndarray) -> int:
+    """Write packed ``rows`` for ``slots``: a new segment (its id returned), or the chunks (-1)."""
+    if self.segments is None:
+      self.ledger.wait(self.ledger.track(
+          self.array[np.asarray(slots, np.int64)].write(rows)).commit)
+      return -1
+    seg = self._next_seg
+    self._next_seg += 1
+    self.segments.write(seg, rows)
+    self.seg_pages[seg] = len(rows)
+    return seg
+
+  def _drop_dead(self) -> None:
+    """Delete the segments whose last page's removal is durable (under the write lock)."""
+    with self._lock:
+      dead, self.index.dead_segments = self.index.dead_segments, []
+      pages = [self.seg_pages.pop(g, None) for g in dead]
+    for g, p in zip(dead, pages):
+      if p is not None:
+        try:
+          self.segments.delete(g, p)
+        except Exception:  # noqa: BLE001: an undeleted segment is an orphan, removed on open
+          pass
+
+  def disk_pages(self) -> int:
+    """Pages the segments on disk hold, listed or not (``capacity`` for the chunks layout)."""
+    with self._lock:
+      return sum(self.seg_pages.values()) if self.segments is not None else \
+          self.config.capacity
+
+  def _compact(self) -> None:
+    """Rewrite the live pages of the emptiest segments while the disk holds more than
+    ``capacity * (1 + compact_slack)`` pages (at most ``COMPACT_ROUNDS`` segments a put)."""
+    if self.segments is None:
+      return
+    budget = self.config.capacity * (1 + self.config.compact_slack)
+    for _ in range(COMPACT_ROUNDS):
+      with self._lock:
+        ix = self.index
+        if sum(self.seg_pages.values()) <= budget:
+          return
+        live = [(ix.seg_live.get(g, 0) / p, g) for g, p in self.seg_pages.items() if p]
+        ratio, victim = min(live)
+        if ratio >= 1:
+          return
+        slots = np.flatnonzero(ix.used & (ix.seg == victim))
+        slots = slots[np.argsort(ix.off[slots], kind="stable")]
+        offs, keys = ix.off[slots].tolist(), ix.key[slots].copy()
+        crcs, pages = ix.crc[slots].copy(), self.seg_pages[victim]
+      rows = np.zeros((len(slots), self.format.page_bytes), np.uint8)
+      failed = self.segments.read(victim, pages, offs, rows, list(range(len(slots))))
+      good = [j for j in range(len(slots)) if j not in failed and
+              page_crc(keys[j], rows[j]) == int(crcs[j])]
+      seg = self._write_rows(None, rows[good]) if good else -1
+      row_of = {j: r for r, j in enumerate(good)}
+      with self._lock:
+        for j in range(len(slots)):
+          if j in row_of:
+            ix.relocate(int(slots[j]), seg, row_of[j])
+          else:   # unreadable now: a miss, as a read would have found it
+            ix.remove(int(slots[j]))
+            self._stats[failed.get(j, "checksum_failures")] += 1
+        self._stats["compactions"] += 1
+        self._stats["compacted_pages"] += len(good)
+        ix.commit()
+      self._drop_dead()
 
   def _fail(self, err: BaseException, refused: int, listed: np.ndarray, extra: int = 0):
     self.writes_enabled = False
@@ -451,17 +631,23 @@ class BlockStore:
         self.index.remove(int(slot))
       self._stats["evictions"] += int((slots >= 0).sum())
       self.index.commit()
+      if self.segments is not None:
+        self._drop_dead()
       return slots >= 0
 
   def flush(self) -> None:
     """Make every change durable (hits and evictions included)."""
     with self._write_lock, self._lock:
       self.index.commit()
+      if self.segments is not None:
+        self._drop_dead()
 
   def close(self) -> None:
     """Flush and snapshot the index (a restart then replays nothing)."""
     with self._write_lock, self._lock:
       self.index.snapshot()
+      if self.segments is not None:
+        self._drop_dead()
 
   def __enter__(self):
     return self
@@ -480,5 +666,7 @@ class BlockStore:
                futures_issued=self.ledger.issued, futures_awaited=self.ledger.awaited,
                futures_outstanding=self.ledger.outstanding,
                corrupt_index_records=self.index.corrupt_records,
-               warm_pages=self.warm_pages, writes_enabled=self.writes_enabled)
+               warm_pages=self.warm_pages, writes_enabled=self.writes_enabled,
+               layout=self.config.layout, disk_pages=self.disk_pages(),
+               segments=len(self.seg_pages))
     return out
