@@ -2,13 +2,19 @@
 
 Reported (JSON, benchmarks/results/store.json):
   l3_write_over_raw / l3_read_over_raw: batched put / get throughput (64-page
-    batches of SmolLM2 int4 pages, 105 KB each) over a raw sequential write /
-    read of the same bytes to one file with plain Python file I/O (same fsync
-    policy: the store fsyncs each file when ``sync``, the raw run fsyncs once
-    at the end). Best of ``reps`` interleaved runs each; target >= 0.8.
-    ``raw_files_*``: the same bytes written and read one file per page (write,
-    [fsync], rename; the store's layout) with plain file I/O, to tell the layout's
-    cost from the store's (``l3_*_over_raw_files``).
+    batches of SmolLM2 int4 pages, 105 KB each, in the order written) over a raw
+    sequential write / read of the same bytes to one file with plain Python file
+    I/O (same fsync policy: the store fsyncs each segment and its index record
+    when ``sync``, the raw run fsyncs once at the end). Reads are cold: every
+    file's pages are dropped from the OS page cache first (fsync +
+    POSIX_FADV_DONTNEED), so both read the disk, as an L3 does;
+    ``*_warm``: from the page cache, where the store's checksum pass alone
+    costs about what the raw read does. ``l3_random_read_over_raw``: 64 random
+    pages a batch against one positioned read per page of the raw file. Best
+    of ``reps`` interleaved runs each; target >= 0.8. One config per layout:
+    the default (segments, sync) is the headline; ``chunks`` (a zarr3 chunk per
+    page) beside it, and ``raw_files_*``: the same bytes one file per page with
+    plain file I/O (that layout's floor).
   latency_ms: get and put of one page and of a 64-page batch, p50 / p99.
   restart_hit_retention: replay the first half of the conversation trace's
     block hashes through a store of ``--capacity`` pages (get; put the
@@ -109,8 +115,38 @@ def raw_read(path: str, n: int, page_bytes: int) -> float:
   return time.perf_counter() - t0
 
 
+def raw_random_read(path: str, batches: list, page_bytes: int) -> float:
+  """The pages of each batch (random page numbers) with one positioned read each."""
+  buf = np.empty((BATCH, page_bytes), np.uint8)
+  t0 = time.perf_counter()
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    for idx in batches:
+      for j, i in enumerate(idx):
+        os.preadv(fd, [buf[j]], int(i) * page_bytes)
+  finally:
+    os.close(fd)
+  return time.perf_counter() - t0
+
+
+def drop_cache(path: str) -> None:
+  """Evict a file's (or a tree's) pages from the OS page cache, so the next read hits the disk.
+
+  fsync first (dirty pages cannot be dropped), then POSIX_FADV_DONTNEED; no root needed.
+  """
+  files = [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, fs in os.walk(path)
+                                               for f in fs]
+  for f in files:
+    fd = os.open(f, os.O_RDONLY)
+    try:
+      os.fsync(fd)
+      os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+      os.close(fd)
+
+
 def raw_files_write(path: str, rows: np.ndarray, sync: bool) -> float:
-  """One file per page (the store's layout) with plain file I/O: write, [fsync], rename."""
+  """One file per page (the chunks layout) with plain file I/O: write, [fsync], rename."""
   os.makedirs(path, exist_ok=True)
   t0 = time.perf_counter()
   for i, row in enumerate(rows):
@@ -147,41 +183,69 @@ def store_read(store: BlockStore, hashes) -> float:
   return time.perf_counter() - t0
 
 
-def throughput(base: str, n: int, reps: int, compression: str, sync: bool) -> dict:
+def store_random_read(store: BlockStore, hashes, batches: list) -> float:
+  t0 = time.perf_counter()
+  for idx in batches:
+    assert store.get(hashes[idx]).found.all()
+  return time.perf_counter() - t0
+
+
+def throughput(base: str, n: int, reps: int, layout: str, compression: str, sync: bool) -> dict:
+  """Write, then read back cold (page cache dropped: the disk) and warm (the page cache), the
+  store against plain file I/O of the same bytes, interleaved, best of ``reps``."""
   fmt = PageFormat.for_specs(*PRESETS["int4"], **SMOLLM2)
   rows = np.random.default_rng(0).integers(0, 256, (n, fmt.page_bytes), np.uint8)
   arrays = fmt.unpack(rows)
   hashes = hashes_of(np.arange(n))
+  rng = np.random.default_rng(2)
+  batches = [rng.choice(n, BATCH, replace=False) for _ in range(n // BATCH)]
   mb = n * fmt.page_bytes / 1e6
-  t = {"l3_write": [], "raw_write": [], "l3_read": [], "raw_read": [], "raw_files_write": [],
-       "raw_files_read": []}
+  t = collections.defaultdict(list)
   for rep in range(reps):
     d = tempfile.mkdtemp(dir=base)
     try:
-      store = BlockStore(StoreConfig(path=d, capacity=n, compression=compression, sync=sync),
-                         fmt)
-      t["l3_write"].append(store_write(store, hashes, arrays))
-      t["raw_write"].append(raw_write(os.path.join(d, "raw.bin"), rows, sync))
-      t["l3_read"].append(store_read(store, hashes))
-      t["raw_read"].append(raw_read(os.path.join(d, "raw.bin"), n, fmt.page_bytes))
-      t["raw_files_write"].append(raw_files_write(os.path.join(d, "files"), rows, sync))
-      t["raw_files_read"].append(raw_files_read(os.path.join(d, "files"), n))
+      store = BlockStore(StoreConfig(path=d, capacity=n, layout=layout, compression=compression,
+                                     sync=sync), fmt)
+      raw, files = os.path.join(d, "raw.bin"), os.path.join(d, "files")
+      # each write starts with nothing dirty in the page cache (os.sync, untimed), and the
+      # order alternates: neither pays for the other's writeback
+      for name in (("l3_write", "raw_write") if rep % 2 == 0 else ("raw_write", "l3_write")):
+        os.sync()
+        t[name].append(store_write(store, hashes, arrays) if name == "l3_write" else
+                       raw_write(raw, rows, sync))
+      for when in ("cold", "warm"):
+        for name, fn in (("l3_read", lambda: store_read(store, hashes)),
+                         ("raw_read", lambda: raw_read(raw, n, fmt.page_bytes)),
+                         ("l3_random_read", lambda: store_random_read(store, hashes, batches)),
+                         ("raw_random_read", lambda: raw_random_read(raw, batches,
+                                                                     fmt.page_bytes))):
+          if when == "cold":
+            drop_cache(d)
+          elif rep == 0 and name == "l3_read":
+            fn()   # warm: every file in the page cache
+          t[f"{name}_{when}"].append(fn())
+      t["raw_files_write"].append(raw_files_write(files, rows, sync))
+      drop_cache(files)
+      t["raw_files_read_cold"].append(raw_files_read(files, n))
       if rep == 0:
         lat = latency(store, hashes, arrays, fmt)
       assert store.stats()["futures_outstanding"] == 0
     finally:
       shutil.rmtree(d, ignore_errors=True)
   best = {k: min(v) for k, v in t.items()}
-  return {"compression": compression, "sync": sync, "pages": n, "page_bytes": fmt.page_bytes,
-          "mb_per_s": {k: mb / v for k, v in best.items()},
+  return {"layout": layout, "compression": compression, "sync": sync, "pages": n,
+          "page_bytes": fmt.page_bytes, "mb_per_s": {k: mb / v for k, v in best.items()},
           "l3_write_over_raw": best["raw_write"] / best["l3_write"],
-          "l3_read_over_raw": best["raw_read"] / best["l3_read"],
-          # the same bytes one file per page (the store's layout) with plain file I/O:
-          # how much of the gap is the layout, how much the store
+          # cold: read from the disk (the L3 case); warm: from the page cache (memory speed,
+          # where the checksum pass alone costs as much as the raw read)
+          "l3_read_over_raw": best["raw_read_cold"] / best["l3_read_cold"],
+          "l3_read_over_raw_warm": best["raw_read_warm"] / best["l3_read_warm"],
+          "l3_random_read_over_raw": best["raw_random_read_cold"] / best["l3_random_read_cold"],
+          "l3_random_read_over_raw_warm": (best["raw_random_read_warm"]
+                                           / best["l3_random_read_warm"]),
+          # the same bytes one file per page (the chunks layout) with plain file I/O
           "raw_files_over_raw_write": best["raw_write"] / best["raw_files_write"],
-          "raw_files_over_raw_read": best["raw_read"] / best["raw_files_read"],
-          "l3_write_over_raw_files": best["raw_files_write"] / best["l3_write"],
-          "l3_read_over_raw_files": best["raw_files_read"] / best["l3_read"],
+          "raw_files_over_raw_read": best["raw_read_cold"] / best["raw_files_read_cold"],
           "latency_ms": lat}
 
 
@@ -518,6 +582,30 @@ def print_three(three: dict) -> None:
           f"{w['prefill_tokens_saved']} of {w['prompt_tokens']} ({w['seconds']:.0f} s)")
 
 
+def headline(configs: list) -> dict:
+  """The JSON keys of the default config (segments, sync: the first) and all configs."""
+  d = configs[0]
+  return {"l3_write_over_raw": d["l3_write_over_raw"], "l3_read_over_raw": d["l3_read_over_raw"],
+          "l3_random_read_over_raw": d["l3_random_read_over_raw"],
+          "latency_ms": d["latency_ms"], "configs": configs}
+
+
+def print_configs(configs: list) -> None:
+  default = configs[0]
+  print(f"{'config':<22}{'l3 write':>10}{'raw write':>11}{'ratio':>7}{'l3 read':>10}"
+        f"{'raw read':>10}{'ratio':>7}{'random':>8}{'warm':>7}   MB/s, reads cold")
+  for c in configs:
+    m = c["mb_per_s"]
+    name = f"{c['layout']} {c['compression']}{' sync' if c['sync'] else ''}"
+    print(f"{name:<22}{m['l3_write']:>10.0f}{m['raw_write']:>11.0f}{c['l3_write_over_raw']:>7.2f}"
+          f"{m['l3_read_cold']:>10.0f}{m['raw_read_cold']:>10.0f}{c['l3_read_over_raw']:>7.2f}"
+          f"{c['l3_random_read_over_raw']:>8.2f}{c['l3_read_over_raw_warm']:>7.2f}"
+          f"   one file a page (plain I/O): {m['raw_files_write']:.0f} / "
+          f"{m['raw_files_read_cold']:.0f}")
+  for k, v in default["latency_ms"].items():
+    print(f"latency {k:<8} p50 {v['p50']:7.2f} ms  p99 {v['p99']:7.2f} ms")
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -530,6 +618,8 @@ def main() -> None:
   ap.add_argument("--capacity", type=int, default=None, help="replay store pages")
   ap.add_argument("--tier-requests", type=int, default=None,
                   help="requests of the three-tier replay (default 300 quick, 1000 full)")
+  ap.add_argument("--only-throughput", action="store_true",
+                  help="run only the throughput configs (with --out)")
   ap.add_argument("--only-tiers", action="store_true",
                   help="run only the three-tier replay (with --tier-requests, --out)")
   ap.add_argument("--replay", choices=["first", "second", "both"], help=argparse.SUPPRESS)
@@ -551,16 +641,20 @@ def main() -> None:
   n, reps = (512, 2) if args.quick else (2048, 3)
   requests = 1500 if args.quick else 1 << 30
   capacity = args.capacity or (2048 if args.quick else 8192)
-  configs = [throughput(base, n, reps, c, s) for c, s in
-             (("zstd", True), ("zstd", False), ("none", False))]
+  configs = [throughput(base, n, reps, *c) for c in
+             (("segments", "none", True), ("segments", "none", False),
+              ("chunks", "zstd", True), ("chunks", "none", False))]
+  if args.only_throughput:
+    common.write_json(args.out, {"benchmark": "store", "machine": common.machine(),
+                                 "quick": args.quick, **headline(configs)})
+    print_configs(configs)
+    return None
   restart = restart_retention(base, capacity, requests)
   pre = prefetch_effect(base, 300 if args.quick else 2000)
   three = three_tier_replay(base, args.tier_requests or (300 if args.quick else 1000))
   default = configs[0]
   result = {"benchmark": "store", "machine": common.machine(), "quick": args.quick,
-            "dir": base, "l3_write_over_raw": default["l3_write_over_raw"],
-            "l3_read_over_raw": default["l3_read_over_raw"],
-            "latency_ms": default["latency_ms"], "configs": configs,
+            "dir": base, **headline(configs),
             "restart_hit_retention": restart["restart_hit_retention"], "restart": restart,
             "prefetch_hidden": pre["prefetch_hidden"],
             "prefetch_accuracy": pre["prefetch_accuracy"],
@@ -569,17 +663,7 @@ def main() -> None:
             "tier_predicted_hit_ratio": three["predicted_hit_ratio"],
             "tier_prefill_tokens_saved": three["prefill_tokens_saved"], "three_tier": three}
   common.write_json(args.out, result)
-  print(f"{'config':<16}{'l3 write':>10}{'raw write':>11}{'ratio':>7}{'l3 read':>10}"
-        f"{'raw read':>10}{'ratio':>7}   MB/s")
-  for c in configs:
-    m = c["mb_per_s"]
-    print(f"{c['compression'] + (' sync' if c['sync'] else ''):<16}{m['l3_write']:>10.0f}"
-          f"{m['raw_write']:>11.0f}{c['l3_write_over_raw']:>7.2f}{m['l3_read']:>10.0f}"
-          f"{m['raw_read']:>10.0f}{c['l3_read_over_raw']:>7.2f}   one file a page: raw "
-          f"{m['raw_files_write']:.0f} / {m['raw_files_read']:.0f}, l3 over it "
-          f"{c['l3_write_over_raw_files']:.2f} / {c['l3_read_over_raw_files']:.2f}")
-  for k, v in default["latency_ms"].items():
-    print(f"latency {k:<8} p50 {v['p50']:7.2f} ms  p99 {v['p99']:7.2f} ms")
+  print_configs(configs)
   print(f"restart_hit_retention {restart['restart_hit_retention']:.3f} "
         f"({restart['restarted_second_half_hits']} / "
         f"{restart['uninterrupted_second_half_hits']} hits, capacity {capacity}, "

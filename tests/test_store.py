@@ -68,7 +68,8 @@ def page_span(store, root, page_id):
     return path, 0, path.stat().st_size
   seg, off = int(store.index.seg[slot]), int(store.index.off[slot])
   pb = store.format.page_bytes
-  return root / "segments" / segment_name(seg, store.seg_pages[seg]), off * pb, (off + 1) * pb
+  name = segment_name(seg, store.seg_pages[seg]) if store.config.kvstore else f"{seg:016d}"
+  return root / "segments" / name, off * pb, (off + 1) * pb
 
 
 def same_bytes(a, b):
@@ -206,6 +207,8 @@ def test_argument_errors(tmp_path):
     StoreConfig(path="x", compression="zstd")
   with pytest.raises(ValueError, match="compact_slack"):
     StoreConfig(path="x", compact_slack=-1)
+  with pytest.raises(ValueError, match="segment_bytes"):
+    StoreConfig(path="x", segment_bytes=0)
   assert StoreConfig(path="x", layout="chunks").compression == "zstd"
   store = open_store(tmp_path, capacity=2)
   with pytest.raises(ValueError, match="uint32"):
@@ -338,9 +341,9 @@ def test_compaction_bounds_the_disk_and_keeps_every_page(tmp_path, via):
   where = dict(path=str(tmp_path)) if via == "path" else dict(
       kvstore={"driver": "file", "path": str(tmp_path)})
 
-  def open_():
-    return BlockStore(StoreConfig(capacity=capacity, compact_slack=slack, sync=False, **where),
-                      FMT)
+  def open_():   # segments of at most 8 pages (appended to on a path)
+    return BlockStore(StoreConfig(capacity=capacity, compact_slack=slack, sync=False,
+                                  segment_bytes=8 * FMT.page_bytes, **where), FMT)
 
   store, rng, nxt = open_(), np.random.default_rng(3), 0
   last = {}   # page -> the call that last put or hit it

@@ -131,6 +131,22 @@ class PageFormat:
       at += f.nbytes
     return rows
 
+  def parts(self, arrays: Mapping[str, np.ndarray]) -> list:
+    """Each page's bytes as ``pack`` lays them out, without packing: ``[n][fields]`` uint8
+    views (a copy only of a page whose field is not contiguous within the page).
+
+    >>> fmt = PageFormat.for_specs(QuantSpec(), QuantSpec(), num_layers=1, page_size=1,
+    ...                            num_kv_heads=1, head_dim=2)
+    >>> a = {f.name: np.ones((3, *f.shape), f.dtype) for f in fmt.fields}
+    >>> b"".join(bytes(p) for p in fmt.parts(a)[1]) == fmt.pack(a)[1].tobytes()
+    True
+    """
+    n = self.check(arrays)
+    if n == 0:
+      return []
+    cols = [np.asarray(arrays[f.name]).reshape(n, -1) for f in self.fields]
+    return [[np.ascontiguousarray(c[i]).view(np.uint8) for c in cols] for i in range(n)]
+
   def unpack(self, rows: np.ndarray) -> dict:
     """{field: [n, *shape]} from packed rows uint8 ``[n, page_bytes]`` (``pack``'s inverse).
 

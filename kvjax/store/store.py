@@ -69,7 +69,8 @@ from kvjax.store.segments import PosixSegments
 
 COMPRESSIONS = ("zstd", "blosc", "none")
 LAYOUTS = ("segments", "chunks")
-READ_THREADS = 4          # reader threads of a segments store (a batch's segments in parallel)
+READ_THREADS = 4          # reader threads of a segments store (a batch's pieces in parallel)
+READ_PIECE = 16           # pages one reader task reads and checks (a long run split in pieces)
 COMPACT_ROUNDS = 8        # segments compacted at most per put (bounds a put's latency)
 EVICTIONS = {"lru": lru_score, "lfu": lfu_score}
 FORMAT_KEY = "format.json"
@@ -98,6 +99,9 @@ class StoreConfig:
       compact_slack)`` pages (evicted pages of segments not yet compacted)
       before a put compacts the emptiest segments. Lower: less disk, more
       rewriting (``stats()["compacted_pages"]``).
+    segment_bytes: segments on a local directory grow by appends up to this
+      size (a put larger than it gets a segment of its own); on a kvstore a
+      segment is one put.
   """
 
   path: Optional[str] = None
@@ -110,6 +114,7 @@ class StoreConfig:
   snapshot_every: int = 64
   eviction: Union[str, Callable] = "lru"
   compact_slack: float = 0.5
+  segment_bytes: int = 64 << 20
 
   def __post_init__(self):
     if (self.path is None) == (self.kvstore is None):
@@ -127,6 +132,9 @@ class StoreConfig:
     if self.layout == "segments" and self.compression != "none":
       raise ValueError(f"StoreConfig.compression={self.compression!r} needs layout='chunks' "
                        "(segments are not compressed)")
+    if not isinstance(self.segment_bytes, int) or self.segment_bytes < 1:
+      raise ValueError(f"StoreConfig.segment_bytes must be an int >= 1, "
+                       f"got {self.segment_bytes!r}")
     if not isinstance(self.compact_slack, (int, float)) or not self.compact_slack >= 0:
       raise ValueError(f"StoreConfig.compact_slack must be a number >= 0, "
                        f"got {self.compact_slack!r}")
@@ -213,11 +221,15 @@ def hash_keys(hashes: np.ndarray, name: str = "hashes") -> np.ndarray:
   return keys
 
 
-def page_crc(key: int, row: np.ndarray) -> int:
-  """crc32c of a page's block hash (8 bytes, little-endian) and its packed bytes ``row``."""
-  row = row.view()
-  row.setflags(write=False)
-  return int(google_crc32c.extend(google_crc32c.value(int(key).to_bytes(8, "little")), row))
+def page_crc(key: int, *parts: np.ndarray) -> int:
+  """crc32c of a page's block hash (8 bytes, little-endian) and its packed bytes: one ``row``
+  or its ``parts`` in order (``PageFormat.parts``; the same value)."""
+  crc = google_crc32c.value(int(key).to_bytes(8, "little"))
+  for part in parts:
+    part = part.view()
+    part.setflags(write=False)
+    crc = google_crc32c.extend(crc, part)
+  return int(crc)
 
 
 def _classify(err: BaseException) -> str:
@@ -292,13 +304,14 @@ class BlockStore:
     self._stats = dict.fromkeys(COUNTERS, 0)
     self.seg_pages: dict = {}   # {segment: pages written in it} of the segments on disk
     self._next_seg = 0
+    self._open_seg = None       # the segment this process appends to (PosixSegments)
+    self._seg_rows = max(1, config.segment_bytes // self.format.page_bytes)
     self._readers = None
     if self.segments is not None:
       self._open_segments()
 
   def _open_segments(self) -> None:
     """Delete what no record lists (a killed writer's files); find the next segment id."""
-    self._stats["orphans_removed"] += self.segments.remove_temporaries()
     present = self.segments.list()
     for seg, pages in present.items():
       if seg in self.index.seg_live:
@@ -350,7 +363,7 @@ class BlockStore:
     if self.segments is None:
       batch = self.ledger.track(self.array[slots[listed]].read()) if len(listed) else None
       return PendingRead(self, keys, slots, crcs, listed, batch, started)
-    rows = np.zeros((len(keys), self.format.page_bytes), np.uint8)
+    rows = np.empty((len(keys), self.format.page_bytes), np.uint8)   # misses zeroed at the end
     groups = {}
     for i in listed:
       groups.setdefault(int(segs[i, 0]), []).append(int(i))
@@ -358,12 +371,24 @@ class BlockStore:
     for seg, idx in groups.items():
       idx.sort(key=lambda i: segs[i, 1])
       pages = self.seg_pages.get(seg)
-      if pages is None:   # listed, but its file was gone when the store opened
-        batch.append((idx, None))
-        continue
-      batch.append((idx, self.ledger.track(self._readers.submit(
-          self.segments.read, seg, pages, [int(segs[i, 1]) for i in idx], rows, idx))))
+      for p in range(0, len(idx), READ_PIECE):   # pieces read and checked in parallel
+        piece = idx[p:p + READ_PIECE]
+        if pages is None:   # listed, but its file was gone when the store opened
+          batch.append((piece, None))
+          continue
+        batch.append((piece, self.ledger.track(self._readers.submit(
+            self._read_piece, seg, pages, [int(segs[i, 1]) for i in piece], rows, piece,
+            keys, crcs))))
     return PendingRead(self, keys, slots, crcs, listed, batch, started, segs, rows)
+
+  def _read_piece(self, seg, pages, offs, rows, idx, keys, crcs) -> dict:
+    """A reader task: rows ``offs`` of a segment into ``rows[idx]``, each checked against
+    its page crc; ``{row: why}`` of the rows that are misses."""
+    failed = self.segments.read(seg, pages, offs, rows, idx)
+    for i in idx:
+      if i not in failed and page_crc(keys[i], rows[i]) != int(crcs[i]):
+        failed[i] = "checksum_failures"
+    return failed
 
   def get(self, hashes: np.ndarray) -> StoreRead:
     """Read pages by block hash; a page missing, unreadable or failing its checksum is a miss.
@@ -415,14 +440,14 @@ class BlockStore:
     if self.segments is None:
       rows = np.zeros((n, self.format.page_bytes), np.uint8)
       self._read_chunks(pending, rows, found, failed)
-    else:
+      for i in np.flatnonzero(found):
+        if page_crc(pending._keys[i], rows[i]) != int(pending._crcs[i]):
+          failed[int(i)] = "checksum_failures"
+          found[i] = False
+    else:   # the reader tasks checked the crcs
       rows = pending._rows
       self._read_segments(pending, found, failed)
-    for i in np.flatnonzero(found):
-      if page_crc(pending._keys[i], rows[i]) != int(pending._crcs[i]):
-        failed[int(i)] = "checksum_failures"
-        found[i] = False
-    rows[list(failed)] = 0
+    rows[~found] = 0
     info = PageInfo.empty(n, self.format.page_size)
     with self._lock:
       ix = self.index
@@ -506,14 +531,20 @@ class BlockStore:
       t0 = time.perf_counter()
       whole = len(todo) == n    # every page is new: pack the arrays as they are (no copy)
       sub = arrays if whole else {k: np.asarray(a)[todo] for k, a in arrays.items()}
-      rows = self.format.pack(sub)
-      crcs = [page_crc(keys[i], rows[j]) for j, i in enumerate(todo)]
-      errors, ok, seg = [], [], -1
+      if self.segments is not None and self.segments.appendable:
+        # written straight from the arrays (one gathered write), no packed copy
+        pages = self.format.parts(sub)
+        crcs = [page_crc(keys[i], *pages[j]) for j, i in enumerate(todo)]
+        rows = [p for page in pages for p in page]
+      else:
+        rows = self.format.pack(sub)
+        crcs = [page_crc(keys[i], rows[j]) for j, i in enumerate(todo)]
+      errors, ok, seg, first = [], [], -1, 0
       if len(new):
         # one write for the batch (a segment, or the chunks tensorstore writes concurrently);
         # a batch whose write fails lists none of its pages (an unlisted slot is never read)
         try:
-          seg = self._write_rows(new, rows)
+          seg, first = self._write_rows(new, rows)
           ok = list(range(len(new)))
         except Exception as err:  # noqa: BLE001: reported as one StoreWriteError below
           errors.append(err)
@@ -522,7 +553,7 @@ class BlockStore:
         for j in ok:
           i = todo[j]
           ix.insert(new[j], int(keys[i]), crc=crcs[j], tokens=info.tokens[i],
-                    parent=info.parent[i], namespace=info.namespace[i], seg=seg, off=j)
+                    parent=info.parent[i], namespace=info.namespace[i], seg=seg, off=first + j)
         ix.release([] if ok else list(new))
         self._stats["writes"] += len(ok)
         self._stats["write_bytes"] += len(ok) * self.format.page_bytes
@@ -544,23 +575,39 @@ class BlockStore:
           self._fail(err, 0, self.index.lookup(keys) >= 0)
       return listed
 
-  def _write_rows(self, slots, rows: np.ndarray) -> int:
-    """Write packed ``rows`` for ``slots``: a new segment (its id returned), or the chunks (-1)."""
+  def _write_rows(self, slots, rows) -> tuple:
+    """Write pages for ``slots``: packed ``rows`` (uint8 ``[n, page_bytes]``) or, to a local
+    segment, their bytes as a list of buffers in order (``PageFormat.parts``, flattened).
+    Returns ``(segment, first row)`` they went to (appended to this process's open segment
+    while it has room, else a new one), or ``(-1, 0)`` (chunks).
+
+    A segment from before this process (a restart) is never appended to: its
+    end may hold the rows of an append that was cut off.
+    """
     if self.segments is None:
       self.ledger.wait(self.ledger.track(
           self.array[np.asarray(slots, np.int64)].write(rows)).commit)
-      return -1
-    seg = self._next_seg
-    self._next_seg += 1
-    self.segments.write(seg, rows)
-    self.seg_pages[seg] = len(rows)
-    return seg
+      return -1, 0
+    n = len(rows) if isinstance(rows, np.ndarray) else sum(
+        p.nbytes for p in rows) // self.format.page_bytes
+    seg = self._open_seg
+    if seg is None or self.seg_pages[seg] + n > self._seg_rows:
+      seg, self._open_seg = self._next_seg, None
+      self._next_seg += 1
+    first = self.seg_pages.get(seg, 0)
+    self.segments.write(seg, first, rows)
+    self.seg_pages[seg] = first + n
+    if self.segments.appendable:
+      self._open_seg = seg
+    return seg, first
 
   def _drop_dead(self) -> None:
     """Delete the segments whose last page's removal is durable (under the write lock)."""
     with self._lock:
       dead, self.index.dead_segments = self.index.dead_segments, []
       pages = [self.seg_pages.pop(g, None) for g in dead]
+      if self._open_seg in dead:
+        self._open_seg = None
     for g, p in zip(dead, pages):
       if p is not None:
         try:
@@ -589,6 +636,8 @@ class BlockStore:
         ratio, victim = min(live)
         if ratio >= 1:
           return
+        if victim == self._open_seg:   # its live rows move out: append no more to it
+          self._open_seg = None
         slots = np.flatnonzero(ix.used & (ix.seg == victim))
         slots = slots[np.argsort(ix.off[slots], kind="stable")]
         offs, keys = ix.off[slots].tolist(), ix.key[slots].copy()
@@ -597,8 +646,8 @@ class BlockStore:
       failed = self.segments.read(victim, pages, offs, rows, list(range(len(slots))))
       good = [j for j in range(len(slots)) if j not in failed and
               page_crc(keys[j], rows[j]) == int(crcs[j])]
-      seg = self._write_rows(None, rows[good]) if good else -1
-      row_of = {j: r for r, j in enumerate(good)}
+      seg, first = self._write_rows(None, rows[good]) if good else (-1, 0)
+      row_of = {j: first + r for r, j in enumerate(good)}
       with self._lock:
         for j in range(len(slots)):
           if j in row_of:
