@@ -7,7 +7,11 @@ One L1 config (5 pages), L2 of 4 pages (so L2 evicts into L3), batch shape [1, T
 """
 
 import hashlib
+import json
 import os
+import pathlib
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +35,7 @@ CFG = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, page_size=S, n
                         max_seqs=2, max_pages_per_seq=4)
 L2_EXACT = tiers.TierConfig(l2_pages=4, l2_preset="bf16")
 L2_INT8 = tiers.TierConfig(l2_pages=4)
+TESTS = str(pathlib.Path(__file__).resolve().parent)
 A = [1, 2, 3, 4, 5, 6, 7]
 B = [9, 8, 7, 6, 5, 4, 3, 2]
 
@@ -253,3 +258,55 @@ def test_prefetch_from_the_tiered_attach():
   assert pst["used"] == issued and pst["wasted"] == 0
   assert max(float(e.max()) for e in errors(ts, 1, A, c)) == 0.0
   tier.close()
+
+
+FULL_DISK = r"""
+import json, resource, signal, sys
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+from test_tiers_l3 import A, B, L2_EXACT, down_to_l3, errors, make_tier, new_state, release, run_prompt
+tier = make_tier(sys.argv[2])
+ts = new_state(tier)
+if sys.argv[3] == "full":
+  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)            # EFBIG instead of a signal
+  resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))      # no page file fits: the disk is full
+ts = down_to_l3(ts)                                        # L2 evicts A's pages into L3
+out = {}
+for sid, name, prompt in ((1, "B", B), (0, "A", A)):
+  c, ts = run_prompt(ts, sid, prompt, L2_EXACT)
+  out[name] = [c, max([float(e.max()) for e in errors(ts, sid, prompt, c)] + [0.0])]
+st = ts.stats
+out.update(l3_write_errors=int(st.l3_write_errors), l3_demotions=int(st.l3_demotions),
+           l3_hits=int(st.l3_hit_pages), l1_l2_hits=int(st.l1_hit_pages) + int(st.l2_hit_pages),
+           store=tier.store.stats())
+print(json.dumps(out, default=str))
+"""
+
+
+def test_a_full_disk_under_l3_is_one_error_and_l1_l2_keep_serving(tmp_path):
+  # the same conversation with room on the disk and with a disk on which no L3 page fits
+  # (a file-size limit in a child process): one write error, L3 off, every page L1/L2
+  # serve is still right, and what L3 would have served is recomputed, not lost or wrong
+  procs = {mode: subprocess.Popen([sys.executable, "-c", FULL_DISK, TESTS, str(tmp_path / mode),
+                                    mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True) for mode in ("room", "full")}   # side by side
+  runs = {}
+  for mode, proc in procs.items():
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    runs[mode] = json.loads(stdout.strip().splitlines()[-1])
+    runs[mode]["said"] = [line for line in stderr.splitlines() if "L3 store write failed" in line]
+  room, full = runs["room"], runs["full"]
+  assert room["l3_write_errors"] == 0 and room["l3_hits"] >= 1 and room["l3_demotions"] >= 3
+  assert full["l3_write_errors"] == 1 and full["l3_demotions"] == 0 and full["l3_hits"] == 0
+  s = full["store"]
+  assert s["write_errors"] == 1 and s["writes_enabled"] is False and s["pages"] == 0
+  assert len(full["said"]) == 1 and "too large" in full["said"][0].lower(), full["said"]
+  assert room["said"] == []
+  assert full["B"] == room["B"]                      # L1 / L2 serve B the same
+  assert full["A"][0] <= room["A"][0] - 2            # A's L3 page recomputed
+  assert full["l1_l2_hits"] >= room["l1_l2_hits"] - room["l3_hits"]
+  for run in (room, full):
+    assert run["A"][1] == 0.0 and run["B"][1] == 0.0   # whatever was served is right
+  store = BlockStore(StoreConfig(path=str(tmp_path / "full"), capacity=64, sync=False))
+  assert len(store) == 0 and store.stats()["checksum_failures"] == 0   # nothing half-listed

@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import logging
 from typing import Optional
 
 import jax
@@ -71,6 +72,8 @@ from kvjax.tiers.move import take_pages
 from kvjax.tiers.ops import add_stats
 from kvjax.tiers.ops import evict_l2
 from kvjax.tiers.state import TieredState
+
+log = logging.getLogger(__name__)
 
 STRUCTURE = "structure"   # the page field holding (position, digest lane 0, lane 1, 0)
 
@@ -243,8 +246,9 @@ class L3Tier:
     errors = 0
     try:
       self.store.put(hashes, arrays, info)
-    except StoreWriteError:   # reported once by the store; L1 and L2 keep serving
-      errors = 1
+    except StoreWriteError as err:   # raised once by the store (writes are off after it):
+      errors = 1                     # said once here; L1 and L2 keep serving
+      log.error("%s; L1 and L2 keep serving, L3 serves what it holds", err)
     written = self.store.stats()["writes"] - before
     return add_stats(ts, l3_demotions=written, l3_write_errors=errors,
                      l3_bytes_demoted=written * self.store.format.page_bytes)
