@@ -31,7 +31,9 @@ Reported (JSON, benchmarks/results/store.json):
     queued requests while the current one computes (and again after it
     stores its new blocks), handed over with ``wait_complete``. Hidden = 1 - (L3 wait
     with prefetch) / (L3 wait without); accuracy = pages handed over / read
-    ahead; wasted bytes at the modeled page size.
+    ahead; wasted bytes at the modeled page size. ``prefetch_ranking``: the same
+    with no queue: the ``RANK_DEPTH`` pages the store's eviction policy ranks
+    best (``BlockStore.ranked``, LRU: the most recent) read ahead instead.
 
   three_tier / tier_hit_ratio / tier_predicted_hit_ratio / tier_prefill_tokens_saved /
   sim_vs_cache_max_diff:
@@ -61,6 +63,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import jax.numpy as jnp
 import numpy as np
@@ -387,6 +390,7 @@ SMOLLM2_PAGE_BYTES = 105120   # 30 layers x 16 tokens x 3 kv heads x 64, int4 K 
 COMPUTE_BASE_S = 4e-3         # per request (its decode share and scheduling)
 COMPUTE_BLOCK_S = 2e-3        # per 512-token block computed (not found in L3)
 QUEUE_DEPTH = 4               # queued requests whose prefixes are known ahead
+RANK_DEPTH = 64               # pages the ranking prefetch reads ahead per request
 
 
 class ModeledStore:
@@ -411,10 +415,19 @@ def issue_queue(pf: Prefetcher, store: BlockStore, queued: list) -> None:
       pf.issue(ahead)
 
 
-def serve(store: BlockStore, blocks: list, prefetch: bool) -> dict:
-  """Serve requests in order: read the listed blocks, compute (sleep) the rest, store them."""
+def serve(store: BlockStore, blocks: list, prefetch: Optional[str]) -> dict:
+  """Serve requests in order: read the listed blocks, compute (sleep) the rest, store them;
+  ``prefetch``: None, ``"queue"`` (the next requests' listed blocks) or ``"ranking"``
+  (the store's ``RANK_DEPTH`` best-ranked pages)."""
   modeled = ModeledStore(store)
   pf = Prefetcher(modeled, workers=2, capacity=1024, batch=16) if prefetch else None
+
+  def ahead(i):
+    if prefetch == "queue":
+      issue_queue(pf, store, blocks[i + 1: i + 1 + QUEUE_DEPTH])
+    elif prefetch == "ranking":
+      pf.issue(store.ranked(RANK_DEPTH))
+
   wait = 0.0
   found = refs = 0
   s = REPLAY_FMT.page_size
@@ -434,7 +447,7 @@ def serve(store: BlockStore, blocks: list, prefetch: bool) -> dict:
         have[rest] = modeled.get(h[rest]).found
       wait += time.perf_counter() - t0
       if pf is not None:
-        issue_queue(pf, store, blocks[i + 1: i + 1 + QUEUE_DEPTH])
+        ahead(i)
       found += int(have.sum())
       refs += len(ids)
       miss = ~have
@@ -446,7 +459,7 @@ def serve(store: BlockStore, blocks: list, prefetch: bool) -> dict:
         info = PageInfo(want, np.zeros((m, 2), np.uint32), np.zeros((m, 2), np.uint32))
         store.put(h[miss], REPLAY_FMT.unpack(rows), info)
         if pf is not None:   # the queue's blocks this request just stored
-          issue_queue(pf, store, blocks[i + 1: i + 1 + QUEUE_DEPTH])
+          ahead(i)
   finally:
     stats = {}
     if pf is not None:
@@ -461,14 +474,14 @@ def prefetch_effect(base: str, num_requests: int) -> dict:
   r_max = len(starts) - 1
   blocks = [flat[a:b] for a, b in zip(starts[:-1], starts[1:])]
   runs = {}
-  for name, on in (("off", False), ("on", True)):
+  for name, mode in (("off", None), ("on", "queue"), ("ranking", "ranking")):
     d = tempfile.mkdtemp(dir=base)
     try:
       store = BlockStore(StoreConfig(path=d, capacity=1 << 16, sync=False), REPLAY_FMT)
-      runs[name] = serve(store, blocks, on)
+      runs[name] = serve(store, blocks, mode)
     finally:
       shutil.rmtree(d, ignore_errors=True)
-  on, off = runs["on"], runs["off"]
+  on, off, rk = runs["on"], runs["off"], runs["ranking"]
   pst = on["prefetcher"]
   return {"trace": source, "requests": r_max,
           "model": {"l3_latency_s": L3_LATENCY_S, "l3_bytes_per_s": L3_BYTES_PER_S,
@@ -479,7 +492,13 @@ def prefetch_effect(base: str, num_requests: int) -> dict:
           "prefetch_wasted_bytes": pst["wasted"] * SMOLLM2_PAGE_BYTES,
           "found_off": off["found"], "found_on": on["found"], "references": off["references"],
           "l3_wait_s_off": off["l3_wait_s"], "l3_wait_s_on": on["l3_wait_s"],
-          "wall_s_off": off["wall_s"], "wall_s_on": on["wall_s"], "prefetcher": pst}
+          "wall_s_off": off["wall_s"], "wall_s_on": on["wall_s"], "prefetcher": pst,
+          "prefetch_ranking": {
+              "rank_depth": RANK_DEPTH,
+              "hidden": 1.0 - rk["l3_wait_s"] / max(off["l3_wait_s"], 1e-12),
+              "accuracy": rk["prefetcher"]["accuracy"],
+              "wasted_bytes": rk["prefetcher"]["wasted"] * SMOLLM2_PAGE_BYTES,
+              "l3_wait_s": rk["l3_wait_s"], "prefetcher": rk["prefetcher"]}}
 
 
 # ----------------------------------------------------------------------------- three tiers
@@ -673,6 +692,9 @@ def main() -> None:
         f"{pre['prefetch_accuracy']:.3f}, wasted {pre['prefetch_wasted_bytes'] / 1e6:.1f} MB, "
         f"found {pre['found_off']} / {pre['found_on']} of {pre['references']} blocks (off / on), "
         f"{pre['requests']} requests")
+  rk = pre["prefetch_ranking"]
+  print(f"prefetch by the store's ranking (top {rk['rank_depth']}): hidden {rk['hidden']:.3f}, "
+        f"accuracy {rk['accuracy']:.3f}, wasted {rk['wasted_bytes'] / 1e6:.1f} MB")
   print_three(three)
 
 if __name__ == "__main__":

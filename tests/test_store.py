@@ -375,3 +375,31 @@ def test_compaction_bounds_the_disk_and_keeps_every_page(tmp_path, via):
   r = open_().get(hashes_of(live))
   assert r.found.all() and same_bytes(r.arrays, pages_of(live))
   np.testing.assert_array_equal(r.info.tokens, info_of(live).tokens)
+
+
+@pytest.mark.parametrize("eviction", ["lru", "lfu"])
+def test_ranked_is_the_reverse_of_the_eviction_order(tmp_path, eviction):
+  # the pages ranked best are the ones evicted last: put a full store's worth, read some
+  # more than others, then check ranked(n) against a plain sort of (score, slot) and against
+  # which pages survive when new pages evict the rest one by one
+  store = open_store(tmp_path, capacity=10, eviction=eviction)
+  rng = np.random.default_rng(5)
+  for b in range(5):
+    store.put(hashes_of([2 * b, 2 * b + 1]), pages_of([2 * b, 2 * b + 1]))
+  for _ in range(12):
+    store.get(hashes_of(rng.choice(10, int(rng.integers(1, 4)), replace=False)))
+  ix = store.index
+  slots = np.flatnonzero(ix.used)
+  score = ix.score(ix.last_use[slots], ix.hits[slots])
+  order = sorted(range(len(slots)), key=lambda j: (-float(score[j]), -int(slots[j])))
+  want = [int(ix.key[slots[j]]) for j in order]
+  got = hash_keys(store.ranked(10)).tolist()
+  assert got == want and hash_keys(store.ranked(3)).tolist() == want[:3]
+  assert store.ranked(0).shape == (0, 2)
+  survivors = want[:4]
+  store.put(hashes_of(range(100, 106)), pages_of(range(100, 106)))   # evicts the 6 worst
+  left = [int(k) for k in hash_keys(hashes_of(range(10)))
+          if store.contains(np.array([[k >> 32, k & 0xFFFFFFFF]], np.uint32))[0]]
+  assert sorted(left) == sorted(survivors)
+  with pytest.raises(ValueError, match="n must be"):
+    store.ranked(-1)

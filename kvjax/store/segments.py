@@ -90,14 +90,14 @@ class SegmentReadError(OSError):
 def _pwrite_all(fd: int, bufs: list, at: int) -> None:
   """Write ``bufs`` (contiguous uint8 arrays) back to back from offset ``at``; a short write
   (a signal, a quota) goes on where it stopped."""
-  views = [memoryview(b).cast("B") for b in bufs if b.nbytes]
+  views = [b for b in bufs if b.nbytes]   # numpy arrays are buffers: no memoryview needed
   i = 0
   while i < len(views):
     done = os.pwritev(fd, views[i:i + _IOV_MAX], at)
     at += done
     while done and i < len(views):
-      if done >= len(views[i]):
-        done -= len(views[i])
+      if done >= views[i].nbytes:
+        done -= views[i].nbytes
         i += 1
       else:
         views[i], done = views[i][done:], 0
@@ -123,24 +123,33 @@ class PosixSegments:
   def __init__(self, path: str, page_bytes: int, sync: bool):
     self.path, self.page_bytes, self.sync = path, page_bytes, sync
     os.makedirs(path, exist_ok=True)
+    self._fd, self._fd_seg = None, None   # the segment being appended to stays open
 
   def _file(self, seg: int) -> str:
     return os.path.join(self.path, f"{int(seg):016d}")
 
+  def close(self) -> None:
+    """Close the file being appended to (it is reopened by the next write to it)."""
+    if self._fd is not None:
+      os.close(self._fd)
+      self._fd, self._fd_seg = None, None
+
   def write(self, seg: int, first: int, rows) -> None:
     """Write rows ``first..first+n-1`` of ``seg``: ``rows`` uint8 ``[n, page_bytes]``, or
-    the rows' bytes as a list of uint8 buffers in order (one gathered ``pwritev``)."""
+    the rows' bytes as a list of uint8 buffers in order (one gathered ``pwritev``).
+    The caller serializes writes (the store's write lock)."""
     path = self._file(seg)
     bufs = [np.ascontiguousarray(rows).reshape(-1)] if isinstance(rows, np.ndarray) else rows
     try:
-      fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-      try:
-        _pwrite_all(fd, bufs, first * self.page_bytes)
-        if self.sync:
-          os.fsync(fd)
-      finally:
-        os.close(fd)
+      if self._fd_seg != seg:
+        self.close()
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        self._fd_seg = seg
+      _pwrite_all(self._fd, bufs, first * self.page_bytes)
+      if self.sync:
+        os.fsync(self._fd)
     except BaseException:
+      self.close()
       if first == 0:   # a new file that holds nothing listed: a full disk must not keep it
         try:
           os.remove(path)
@@ -188,6 +197,8 @@ class PosixSegments:
 
   def delete(self, seg: int, pages: int) -> None:
     del pages
+    if seg == self._fd_seg:
+      self.close()
     try:
       os.remove(self._file(seg))
     except FileNotFoundError:
@@ -248,6 +259,9 @@ class KvSegments:
         rows[d] = got[j * pb:(j + 1) * pb]
       failed.update(dict.fromkeys(ds[whole:], "read_errors"))
     return failed
+
+  def close(self) -> None:
+    pass
 
   def delete(self, seg: int, pages: int) -> None:
     self.ledger.wait(self.ledger.track(self.kvstore.write(segment_name(seg, pages), None)))

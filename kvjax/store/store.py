@@ -473,6 +473,34 @@ class BlockStore:
       st["read_seconds"] += time.perf_counter() - pending._started
     return StoreRead(found, self.format.unpack(rows), info)
 
+  def ranked(self, n: int) -> np.ndarray:
+    """The block hashes (uint32 ``[k, 2]``, k = min(n, pages)) of the ``n`` listed pages the
+    eviction policy keeps longest, best first: the reverse of the eviction order (highest
+    score, ties to the highest slot, as eviction takes the lowest first); the policy's guess
+    at what is read next, for a prefetcher to read ahead.
+
+    >>> from kvjax.layout import QuantSpec
+    >>> fmt = PageFormat.for_specs(QuantSpec(bits=8), QuantSpec(bits=8), num_layers=1,
+    ...                            page_size=2, num_kv_heads=1, head_dim=4)
+    >>> store = BlockStore(StoreConfig(kvstore={"driver": "memory"}, capacity=8), fmt)
+    >>> pages = {f.name: np.ones((1, *f.shape), f.dtype) for f in fmt.fields}
+    >>> for h in ([0, 1], [0, 2], [0, 3]):
+    ...   _ = store.put(np.array([h], np.uint32), pages)
+    >>> _ = store.get(np.array([[0, 1]], np.uint32))
+    >>> store.ranked(2).tolist()     # (0, 1) was read last, (0, 3) written last
+    [[0, 1], [0, 3]]
+    """
+    if not isinstance(n, (int, np.integer)) or n < 0:
+      raise ValueError(f"n must be an int >= 0, got {n!r}")
+    with self._lock:
+      ix = self.index
+      cand = np.flatnonzero(ix.used)
+      score = np.asarray(ix.score(ix.last_use[cand], ix.hits[cand]), np.float64)
+      best = cand[np.lexsort((-cand, -score))[:n]]
+      keys = ix.key[best]
+    return np.stack([(keys >> np.uint64(32)).astype(np.uint32),
+                     (keys & np.uint64(0xFFFFFFFF)).astype(np.uint32)], 1)
+
   def contains(self, hashes: np.ndarray) -> np.ndarray:
     """bool ``[n]``: which pages are listed (no read, no checksum: ``get`` may still miss)."""
     keys = hash_keys(hashes)
@@ -697,6 +725,7 @@ class BlockStore:
       self.index.snapshot()
       if self.segments is not None:
         self._drop_dead()
+        self.segments.close()
 
   def __enter__(self):
     return self
