@@ -312,7 +312,8 @@ def replay_child(args) -> None:
   blocks = [flat[a:b] for a, b in zip(starts[:-1], starts[1:])]
   half = len(blocks) // 2
   part = {"first": blocks[:half], "second": blocks[half:], "both": blocks}[args.replay]
-  store = BlockStore(StoreConfig(path=args.dir, capacity=args.capacity), REPLAY_FMT)
+  store = BlockStore(StoreConfig(path=args.dir, capacity=args.capacity, layout=args.layout),
+                     REPLAY_FMT)
   warm = store.warm_pages
   if args.replay == "both":
     replay(store, blocks[:half])
@@ -344,7 +345,8 @@ def request_blocks(num_requests: int) -> tuple:
   return source, flat, starts, int(np.unique(flat).size)
 
 
-def restart_retention(base: str, capacity: int, num_requests: int) -> dict:
+def restart_retention(base: str, capacity: int, num_requests: int,
+                      layout: str = "segments") -> dict:
   source, flat, starts, unique = request_blocks(num_requests)
   r_max = len(starts) - 1
   d = tempfile.mkdtemp(dir=base)
@@ -353,7 +355,7 @@ def restart_retention(base: str, capacity: int, num_requests: int) -> dict:
 
   def child(phase, directory):
     cmd = [sys.executable, os.path.abspath(__file__), "--replay", phase, "--blocks", blocks,
-           "--dir", directory, "--capacity", str(capacity)]
+           "--dir", directory, "--capacity", str(capacity), "--layout", layout]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if phase != "first" and out.returncode != 0:
       raise RuntimeError(out.stderr[-3000:])
@@ -377,6 +379,10 @@ def restart_retention(base: str, capacity: int, num_requests: int) -> dict:
               second["warm_pages"],
           "wrong_pages_served": whole["wrong"] + first["wrong"] + second["wrong"],
           "checksum_failures": second["stats"]["checksum_failures"],
+          # pages written by compaction on top of the pages put (uninterrupted run)
+          "write_amplification": (whole["stats"]["writes"] + whole["stats"].get(
+              "compacted_pages", 0)) / max(whole["stats"]["writes"], 1),
+          "read_errors": whole["stats"]["read_errors"] + second["stats"]["read_errors"],
           "restart_hit_retention": second["hits"] / max(whole["hits"], 1),
           "second_half_hit_ratio_uninterrupted": whole["hits"] / max(whole["refs"], 1),
           "second_half_hit_ratio_restarted": second["hits"] / max(second["refs"], 1)}
@@ -643,6 +649,7 @@ def main() -> None:
                   help="run only the three-tier replay (with --tier-requests, --out)")
   ap.add_argument("--replay", choices=["first", "second", "both"], help=argparse.SUPPRESS)
   ap.add_argument("--blocks", help=argparse.SUPPRESS)
+  ap.add_argument("--layout", default="segments", help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.replay:
     return replay_child(args)

@@ -23,6 +23,7 @@ from kvjax.store import PageFormat
 from kvjax.store import PageInfo
 from kvjax.store import StoreConfig
 from kvjax.store import WritePolicy
+from kvjax.store.segments import PosixSegments
 from kvjax.store.segments import segment_name
 
 FMT = PageFormat.for_specs(*PRESETS["int4-kivi"], num_layers=2, page_size=4, num_kv_heads=1,
@@ -403,3 +404,16 @@ def test_ranked_is_the_reverse_of_the_eviction_order(tmp_path, eviction):
   assert sorted(left) == sorted(survivors)
   with pytest.raises(ValueError, match="n must be"):
     store.ranked(-1)
+
+
+def test_a_segment_run_longer_than_iov_max_reads_back(tmp_path):
+  # compaction reads a whole segment: one run of thousands of rows (a single preadv of
+  # them failed with EINVAL, and compaction dropped every page as unreadable)
+  segs = PosixSegments(str(tmp_path), page_bytes=8, sync=False)
+  rows = np.random.default_rng(0).integers(0, 256, (3000, 8), np.uint8)
+  segs.write(0, 0, rows[:1000])
+  segs.write(0, 1000, [r for r in rows[1000:]])     # appended, as a gathered write
+  got = np.zeros_like(rows)
+  assert segs.read(0, 3000, list(range(3000)), got, list(range(3000))) == {}
+  np.testing.assert_array_equal(got, rows)
+  assert segs.list() == {0: 3000}

@@ -79,6 +79,16 @@ def runs(offsets: Sequence[int]) -> List[tuple]:
   return out
 
 
+def _split(spans: List[tuple], most: int) -> List[tuple]:
+  """``spans`` (first, length) cut into spans of at most ``most`` (a preadv takes at most
+  IOV_MAX buffers: a longer one fails with EINVAL).
+
+  >>> _split([(0, 5), (9, 2)], 2)
+  [(0, 2), (2, 2), (4, 1), (9, 2)]
+  """
+  return [(f + a, min(most, n - a)) for f, n in spans for a in range(0, n, most)]
+
+
 class SegmentReadError(OSError):
   """A segment's bytes could not be read (``why``: ``missing_files`` or ``read_errors``)."""
 
@@ -181,7 +191,7 @@ class PosixSegments:
       return dict.fromkeys((int(d) for d in dest), "read_errors")
     failed, at = {}, 0
     try:
-      for first, length in runs(offsets):
+      for first, length in _split(runs(offsets), _IOV_MAX):
         ds = [int(d) for d in dest[at:at + length]]
         at += length
         try:
