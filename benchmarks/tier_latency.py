@@ -41,7 +41,7 @@ import common  # noqa: E402
 SMOLLM2 = dict(num_layers=30, page_size=16, num_kv_heads=3, head_dim=64)
 SIZES = (1, 64)
 FILL = 72             # pages of a filler prompt
-L1_PAGES, L2_PAGES, L3_PAGES = 160, 320, 4096
+L1_PAGES, L2_PAGES, L3_PAGES = 96, 320, 4096
 COLS = 80             # page-table columns (a filler and the largest prefix fit)
 
 
@@ -50,7 +50,7 @@ class Bench:
 
   def __init__(self, path: str):
     self.cfg = kvjax.CacheConfig(**SMOLLM2, num_pages=L1_PAGES, max_seqs=1,
-                                 max_pages_per_seq=COLS, dtype=jnp.bfloat16)
+                                 max_pages_per_seq=COLS, dtype="bfloat16")
     self.tc = kt.TierConfig(l2_pages=L2_PAGES, l2_preset="int8")
     conf = l3mod.L3Config(preset="int4", write=WritePolicy("write_back"))
     store = BlockStore(StoreConfig(path=path, capacity=L3_PAGES, sync=False),
