@@ -23,6 +23,7 @@ import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine
 from hypothesis.stateful import invariant
@@ -284,6 +285,7 @@ class TenantMachine(RuleBasedStateMachine):
     np.testing.assert_array_equal(np.asarray(self.state.meta.ref_count), expect_ref)
 
 
+@pytest.mark.slow
 def test_tenants_never_share_and_never_poison_each_other():
   COUNTS.update(sequences=0, attached_pages=0, refused=0, poisoned=0, checks=0)
   run_state_machine_as_test(TenantMachine, settings=settings(
