@@ -60,3 +60,22 @@ def _fresh_compilation_caches():
   """
   yield
   jax.clear_caches()
+
+
+def pytest_collection_modifyitems(config, items):
+  """Under xdist, run the modules with a ``slow`` test first, then the rest by test count.
+
+  ``--dist loadfile`` hands whole modules out in collection order (pyproject.toml turns off
+  xdist's own reordering, which sorts modules by test count alone and so put the long
+  modules with few tests, e.g. the SmolLM2 perplexity, last: one worker finished them
+  while the other sat idle). Long modules first leaves short ones to even out the end.
+  Plain (``-n 0``) runs keep the file order.
+  """
+  if not hasattr(config, "workerinput"):
+    return
+  modules = {}
+  for item in items:
+    modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+  slow = {m for m, its in modules.items() if any(i.get_closest_marker("slow") for i in its)}
+  order = sorted(modules, key=lambda m: (m not in slow, -len(modules[m])))
+  items[:] = [item for m in order for item in modules[m]]

@@ -36,9 +36,10 @@ def _layer(p):
 
 
 def _alone(params, prompt, n):
-  """Reference: the prompt generated alone in a roomy cache."""
+  """Reference: the prompt generated alone in a roomy cache (prefill chunk 64, prefill's
+  default: the [1, 64] step test_prefill_refusal_raises_with_the_usable_state runs too)."""
   out, _ = generate(params, kvjax.init(BIG), [prompt], [0], config=CFG, cache_config=BIG,
-                    max_new_tokens=n, stop_ids=(), chunk_size=8)
+                    max_new_tokens=n, stop_ids=(), chunk_size=64)
   return list(out[0])
 
 

@@ -17,6 +17,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow   # two worker processes: ~30 s, scheduled first (conftest.py)
+
 WORKER = pathlib.Path(__file__).resolve().parent / "dist_worker.py"
 ROOT = WORKER.parent.parent
 NPROC = 2
