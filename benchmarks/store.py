@@ -11,10 +11,15 @@ Reported (JSON, benchmarks/results/store.json):
     ``*_warm``: from the page cache, where the store's checksum pass alone
     costs about what the raw read does. ``l3_random_read_over_raw``: 64 random
     pages a batch against one positioned read per page of the raw file. Best
-    of ``reps`` interleaved runs each; target >= 0.8. One config per layout:
-    the default (segments, sync) is the headline; ``chunks`` (a zarr3 chunk per
-    page) beside it, and ``raw_files_*``: the same bytes one file per page with
-    plain file I/O (that layout's floor).
+    of ``reps`` interleaved runs each; target >= 0.8. The stores hold the
+    issue's L3 (65,536 pages: 64 MiB segments, so the pages written lie in a few
+    files); the default (segments, sync) is the headline, then without fsync,
+    then a store of only the pages written (capacity n: segments of at most
+    max(n / 16, one put batch) pages, more and smaller files), then ``chunks`` (a zarr3 chunk per page);
+    ``segment_files_read``: the store's own segment files read whole with plain
+    file I/O (``l3_read_over_segment_files``: the store's cost on its layout);
+    ``raw_files_*``: the same bytes one file per page with plain file I/O (the
+    chunks layout's floor).
   latency_ms: get and put of one page and of a 64-page batch, p50 / p99.
   restart_hit_retention: replay the first half of the conversation trace's
     block hashes through a store of ``--capacity`` pages (get; put the
@@ -85,6 +90,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 BATCH = 64
+L3_PAGES = 65_536   # the issue's L3 (the three-tier replay's too): 64 MiB segments of these pages
 SMOLLM2 = dict(num_layers=30, page_size=16, num_kv_heads=3, head_dim=64)
 # the replay's pages: small (the replay measures the index across a restart, not bandwidth)
 REPLAY_FMT = PageFormat.for_specs(QuantSpec(), QuantSpec(), num_layers=1, page_size=16,
@@ -193,9 +199,26 @@ def store_random_read(store: BlockStore, hashes, batches: list) -> float:
   return time.perf_counter() - t0
 
 
-def throughput(base: str, n: int, reps: int, layout: str, compression: str, sync: bool) -> dict:
+def segment_files_read(store: BlockStore) -> float:
+  """The store's own segment files read whole in order with plain file I/O (the layout's floor:
+  what reading these files costs without the store's index, checksums and scatter)."""
+  d = store.segments.path
+  t0 = time.perf_counter()
+  for name in sorted(os.listdir(d)):
+    with open(os.path.join(d, name), "rb") as f:
+      while f.read(BATCH * store.format.page_bytes):
+        pass
+  return time.perf_counter() - t0
+
+
+def throughput(base: str, n: int, reps: int, layout: str, compression: str, sync: bool,
+               capacity: int = L3_PAGES) -> dict:
   """Write, then read back cold (page cache dropped: the disk) and warm (the page cache), the
-  store against plain file I/O of the same bytes, interleaved, best of ``reps``."""
+  store against plain file I/O of the same bytes, interleaved, best of ``reps``.
+
+  ``capacity``: the store's pages (``n`` of them written); it sets the segment size (at most
+  ``capacity / 16`` pages, ``StoreConfig.segment_bytes``), so the number of files ``n`` pages
+  are spread over."""
   fmt = PageFormat.for_specs(*PRESETS["int4"], **SMOLLM2)
   rows = np.random.default_rng(0).integers(0, 256, (n, fmt.page_bytes), np.uint8)
   arrays = fmt.unpack(rows)
@@ -207,8 +230,8 @@ def throughput(base: str, n: int, reps: int, layout: str, compression: str, sync
   for rep in range(reps):
     d = tempfile.mkdtemp(dir=base)
     try:
-      store = BlockStore(StoreConfig(path=d, capacity=n, layout=layout, compression=compression,
-                                     sync=sync), fmt)
+      store = BlockStore(StoreConfig(path=d, capacity=capacity, layout=layout,
+                                     compression=compression, sync=sync), fmt)
       raw, files = os.path.join(d, "raw.bin"), os.path.join(d, "files")
       # each write starts with nothing dirty in the page cache (os.sync, untimed), and the
       # order alternates: neither pays for the other's writeback
@@ -227,6 +250,10 @@ def throughput(base: str, n: int, reps: int, layout: str, compression: str, sync
           elif rep == 0 and name == "l3_read":
             fn()   # warm: every file in the page cache
           t[f"{name}_{when}"].append(fn())
+      if layout == "segments":
+        drop_cache(d)
+        t["segment_files_read_cold"].append(segment_files_read(store))
+        files_written = len(os.listdir(store.segments.path))
       t["raw_files_write"].append(raw_files_write(files, rows, sync))
       drop_cache(files)
       t["raw_files_read_cold"].append(raw_files_read(files, n))
@@ -236,7 +263,12 @@ def throughput(base: str, n: int, reps: int, layout: str, compression: str, sync
     finally:
       shutil.rmtree(d, ignore_errors=True)
   best = {k: min(v) for k, v in t.items()}
+  seg = {} if layout != "segments" else {
+      "segment_files": files_written,
+      # the store's read over plain reads of its own files: what the store itself costs
+      "l3_read_over_segment_files": best["segment_files_read_cold"] / best["l3_read_cold"]}
   return {"layout": layout, "compression": compression, "sync": sync, "pages": n,
+          "capacity": capacity, **seg,
           "page_bytes": fmt.page_bytes, "mb_per_s": {k: mb / v for k, v in best.items()},
           "l3_write_over_raw": best["raw_write"] / best["l3_write"],
           # cold: read from the disk (the L3 case); warm: from the page cache (memory speed,
@@ -621,12 +653,16 @@ def print_configs(configs: list) -> None:
         f"{'raw read':>10}{'ratio':>7}{'random':>8}{'warm':>7}   MB/s, reads cold")
   for c in configs:
     m = c["mb_per_s"]
-    name = f"{c['layout']} {c['compression']}{' sync' if c['sync'] else ''}"
+    name = (f"{c['layout']} {c['compression']}{' sync' if c['sync'] else ''}"
+            f"{'' if c['capacity'] == L3_PAGES else ' cap ' + str(c['capacity'])}")
     print(f"{name:<22}{m['l3_write']:>10.0f}{m['raw_write']:>11.0f}{c['l3_write_over_raw']:>7.2f}"
           f"{m['l3_read_cold']:>10.0f}{m['raw_read_cold']:>10.0f}{c['l3_read_over_raw']:>7.2f}"
           f"{c['l3_random_read_over_raw']:>8.2f}{c['l3_read_over_raw_warm']:>7.2f}"
           f"   one file a page (plain I/O): {m['raw_files_write']:.0f} / "
-          f"{m['raw_files_read_cold']:.0f}")
+          f"{m['raw_files_read_cold']:.0f}"
+          + (f"; its {c['segment_files']} segment files (plain I/O) read "
+             f"{m['segment_files_read_cold']:.0f}: store over them "
+             f"{c['l3_read_over_segment_files']:.2f}" if "segment_files" in c else ""))
   for k, v in default["latency_ms"].items():
     print(f"latency {k:<8} p50 {v['p50']:7.2f} ms  p99 {v['p99']:7.2f} ms")
 
@@ -669,6 +705,7 @@ def main() -> None:
   capacity = args.capacity or (2048 if args.quick else 8192)
   configs = [throughput(base, n, reps, *c) for c in
              (("segments", "none", True), ("segments", "none", False),
+              ("segments", "none", True, n),   # a store of n pages: smaller segments, more files
               ("chunks", "zstd", True), ("chunks", "none", False))]
   if args.only_throughput:
     common.write_json(args.out, {"benchmark": "store", "machine": common.machine(),
