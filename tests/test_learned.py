@@ -28,9 +28,12 @@ def small():
 
 @pytest.fixture(scope="module")
 def linear_policy():
+  from kvjax.policies.contract import POLICIES
+
   pred, params = train.fit(*_toy_set(), kind="linear", steps=5, seed=0)[:2]
-  return pred, params, register(learned_policy(pred, params, name="test-learned-linear",
-                                               table_size=TABLE))
+  yield pred, params, register(learned_policy(pred, params, name="test-learned-linear",
+                                              table_size=TABLE))
+  del POLICIES["test-learned-linear"]   # the registry is global: later modules must not see it
 
 
 def _toy_set(n=256):
