@@ -12,13 +12,15 @@ import kvjax
 from kvjax import cli
 from kvjax.models import LlamaConfig
 from kvjax.models import init_params
+from kvjax.models.llama import compute_dtype
 from kvjax.models import prefill
 
 CFG = LlamaConfig.small()
 
 
 def demo_args(**kw):
-  base = dict(max_new_tokens=5, page_size=16, num_pages=64, turns=2, kv_dtype="auto")
+  base = dict(max_new_tokens=5, page_size=16, num_pages=64, turns=2, kv_dtype="auto",
+              dtype="auto")
   return argparse.Namespace(**{**base, **kw})
 
 
@@ -60,8 +62,10 @@ def test_timing_report_without_steady_steps():
   assert r["warmup_s"] == 3.0 and r["prefill_per_s"] is None and r["decode_per_s"] is None
 
 
-def test_demo_pages_default_to_the_model_dtype():
-  assert cli.demo_cache_config(CFG, demo_args(), 4).dtype == cli.SMOLLM2_DTYPE == "bfloat16"
+def test_demo_pages_default_to_the_weights_dtype():
+  # auto: the dtype the model runs in (float32 on the CPU, where bfloat16 scatters are slow)
+  assert cli.demo_cache_config(CFG, demo_args(), 4).dtype == compute_dtype("auto").name
+  assert cli.demo_cache_config(CFG, demo_args(dtype="bfloat16"), 4).dtype == "bfloat16"
   assert cli.demo_cache_config(CFG, demo_args(kv_dtype="float32"), 4).dtype == "float32"
   assert cli.demo_cache_config(CFG, demo_args(kv_dtype="float16"), 4).dtype == "float16"
 

@@ -21,6 +21,7 @@ import pytest
 import kvjax
 from kvjax import layout
 from kvjax.cache.plan import layer_plan
+from kvjax.layout.pages import scatter_rows
 from kvjax.layout.spec import QuantSpec
 
 S, H, HQ, D = 4, 2, 4, 32        # page size, kv heads, query heads, head_dim (int4-g32: D >= 32)
@@ -203,3 +204,35 @@ def test_flat_layer_view_and_layer_plan_checks():
   k_all = layout.with_flat_layer(st.k, 2, k_view)
   touched = np.argwhere(np.asarray(k_all.data).any(axis=(2, 3, 4)))
   assert touched.tolist() == [[2, int(plan.page_table[0, 0])]]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "float8_e4m3fn"])
+@pytest.mark.parametrize("idx", [[2], [0, 5, 2], [9, 1, 6]])   # one update; several; past the end
+def test_scatter_rows_sets_bits_and_drops_out_of_range(dtype, idx):
+  # against numpy assignment, bit for bit (NaN and inf included), jitted as the step uses it
+  rng = np.random.default_rng(len(idx))
+  a = rng.normal(size=(6, 3)).astype(np.float32)
+  values = rng.normal(size=(len(idx), 3)).astype(np.float32)
+  values[0, 0], values[-1, 1] = np.nan, -np.inf
+  dt = jnp.dtype(dtype)
+  a_dt, v_dt = np.asarray(jnp.asarray(a, dt)), np.asarray(jnp.asarray(values, dt))
+  want = a_dt.copy()
+  for i, v in zip(idx, v_dt):
+    if 0 <= i < len(a):
+      want[i] = v
+  got = np.asarray(jax.jit(scatter_rows)(jnp.asarray(a_dt), jnp.asarray(idx), v_dt))
+  assert got.dtype == dt
+  np.testing.assert_array_equal(got.view(f"u{dt.itemsize}"), want.view(f"u{dt.itemsize}"))
+
+
+def test_bfloat16_scatter_does_not_upcast_the_pool_on_cpu():
+  # XLA:CPU has no bfloat16 scatter: a plain one is rewritten as a float32 scatter over the
+  # whole array and back (a pool: every layer and step). scatter_rows moves bits instead.
+  a = jnp.zeros((4096, 3, 64), jnp.bfloat16)
+  hlo = jax.jit(scatter_rows).lower(a, jnp.array([5, 77]),
+                                           jnp.ones((2, 3, 64))).compile().as_text()
+  assert "f32[4096,3,64]" not in hlo
+  if jax.default_backend() == "cpu":   # the guard is real: the plain scatter does upcast
+    plain = jax.jit(lambda a, i, v: a.at[i].set(v.astype(a.dtype), mode="drop"))
+    assert "f32[4096,3,64]" in plain.lower(a, jnp.array([5, 77]),
+                                           jnp.ones((2, 3, 64))).compile().as_text()

@@ -148,7 +148,26 @@ def scatter_rows(a: jax.Array, idx: jax.Array, values: jax.Array) -> jax.Array:
   if idx.shape[0] == 1:
     idx = jnp.concatenate([idx, jnp.full((1,), a.shape[0], idx.dtype)])
     values = jnp.concatenate([values, values])
-  return a.at[idx].set(values, mode="drop")
+  plain = lambda a, idx, values: a.at[idx].set(values, mode="drop")  # noqa: E731
+  if not jnp.issubdtype(a.dtype, jnp.floating) or a.dtype.itemsize not in _BITS:
+    return plain(a, idx, values)
+  return jax.lax.platform_dependent(a, idx, values, cpu=_scatter_bits, default=plain)
+
+
+def _scatter_bits(a, idx, values):
+  """``scatter_rows`` of a bfloat16 / float16 / fp8 ``a`` as the unsigned ints of its bits.
+
+  XLA:CPU has no scatter in those dtypes: it upcasts the scatter to float32 through the
+  whole of ``a`` and back (a pool: every layer, every step; measured, SmolLM2, batch 4, 256
+  bfloat16 pages: 2.1 s per decode step, against 0.07 s with float32 pages, and growing with
+  the pool). A set only moves bits, so scattering them is exact; it still copies ``a`` into
+  and out of its bits (0.67 s there), which is why float32 pages stay the CPU default.
+  """
+  cast, bits = jax.lax.bitcast_convert_type, _BITS[a.dtype.itemsize]
+  return cast(cast(a, bits).at[idx].set(cast(values, bits), mode="drop"), a.dtype)
+
+
+_BITS = {1: jnp.uint8, 2: jnp.uint16}   # itemsize -> the unsigned int a narrow float's bits fit
 
 
 _POOL_FIELDS = ("data", "scale", "zero")   # page-axis arrays
