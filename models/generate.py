@@ -81,7 +81,7 @@ def attach_cached_prefixes(cache: CacheState, prompts: Sequence[Sequence[int]],
 def prefill(params: LlamaParams, cache: CacheState, prompts: Sequence[Sequence[int]],
             seq_ids: Sequence[int], *, config: LlamaConfig, cache_config: CacheConfig,
             chunk_size: int = 64, seeds=None, stats: Optional[dict] = None,
-            tiers: Optional[TierConfig] = None):
+            tiers: Optional[TierConfig] = None, pad_rows: Optional[int] = None):
   """Feed prompts of different lengths into the cache, ``chunk_size`` tokens per step.
 
   Each prompt is appended to whatever its sequence already holds (a new turn of
@@ -101,6 +101,10 @@ def prefill(params: LlamaParams, cache: CacheState, prompts: Sequence[Sequence[i
       are attached across L1 and L2, and a refused row swaps out the latest row of the
       batch (``kvjax.models.swap``; every row must hold its prompt at the end, so a swap
       picks which rows are refused, not how many). None (default): the plain loop.
+    pad_rows: optional int >= B (plain loop only): steps of ``[pad_rows, chunk_size]``,
+      the rows past B padding (seq id -1: nothing written, nothing kept), so a small
+      prefill runs the compiled step of a larger batch instead of compiling its own
+      (the demo's one-row system prompt takes its four-row turns' shape).
 
   Returns:
     (last_logits float32 numpy [B, V], the logits after each prompt's last token; cache).
@@ -122,13 +126,17 @@ def prefill(params: LlamaParams, cache: CacheState, prompts: Sequence[Sequence[i
   >>> logits.shape  # doctest: +SKIP
   (2, 256)
   """
+  if pad_rows is not None and (not isinstance(pad_rows, int) or pad_rows < len(prompts)
+                               or _tiered(cache, tiers)):
+    raise ValueError(f"pad_rows must be an int >= the {len(prompts)} prompts, with the plain "
+                     f"loop (no tiers), got {pad_rows!r}" + (" with tiers" if tiers else ""))
   if _tiered(cache, tiers):
     return prefill_tiered(params, cache, prompts, seq_ids, config=config,
                           cache_config=cache_config, tiers=tiers, chunk_size=chunk_size,
                           seeds=seeds, stats=stats)
   last, cache, stopped, _ = _prefill(params, cache, prompts, seq_ids, config=config,
                                   cache_config=cache_config, chunk_size=chunk_size, seeds=seeds,
-                                  stats=stats)
+                                  stats=stats, pad_rows=pad_rows)
   if np.any(stopped):
     err = refusal(cache, np.asarray(seq_ids), stopped, "prefill")
     err.logits = last
@@ -137,7 +145,7 @@ def prefill(params: LlamaParams, cache: CacheState, prompts: Sequence[Sequence[i
 
 
 def _prefill(params, cache, prompts, seq_ids, *, config, cache_config, chunk_size, seeds,
-             stats):
+             stats, pad_rows=None):
   """``prefill`` without raising on a refusal: ``(last_logits, cache, stopped int [B],
   host rows)``; a refused row stops (its logits NaN) and the others go on."""
   if not isinstance(chunk_size, int) or chunk_size < 1:
@@ -153,19 +161,26 @@ def _prefill(params, cache, prompts, seq_ids, *, config, cache_config, chunk_siz
   last = np.full((b, config.vocab_size), np.nan, np.float32)
   stopped = np.zeros(b, np.int64)
   host = host_rows(cache)
+  rows = b if pad_rows is None else pad_rows   # step rows; those past b are padding
+  step_seeds = None if seeds is None else np.concatenate(
+      [seeds, np.zeros((rows - b, 2), np.uint32)])
   while np.any((done < lengths) & (stopped == 0)):
     n = np.where(stopped == 0, np.minimum(lengths - done, chunk_size), 0).astype(np.int32)
-    tokens = np.zeros((b, chunk_size), np.int32)
+    tokens = np.zeros((rows, chunk_size), np.int32)
     for r in range(b):
       tokens[r, : n[r]] = prompts[r][done[r]: done[r] + n[r]]
-    step_ids = np.where(n > 0, ids, -1).astype(np.int32)
-    logits, cache, now, host = run_step(params, cache, tokens, step_ids, n, config,
-                                        cache_config, seeds, host)
+    step_ids = np.full(rows, -1, np.int32)
+    step_ids[:b] = np.where(n > 0, ids, -1)
+    step_n = np.zeros(rows, np.int32)
+    step_n[:b] = n
+    logits, cache, now, host = run_step(params, cache, tokens, step_ids, step_n, config,
+                                        cache_config, step_seeds, host)
+    now = now[:b]
     stopped = np.where(now != 0, now, stopped)
     finishing = (n > 0) & (done + n == lengths) & (now == 0)
     if np.any(finishing):
-      rows = np.asarray(last_logits(logits, jnp.asarray(n)))
-      last[finishing] = rows[finishing]
+      out = np.asarray(last_logits(logits, jnp.asarray(step_n)))[:b]
+      last[finishing] = out[finishing]
     done += np.where(now == 0, n, 0)
   return last, cache, stopped, host
 

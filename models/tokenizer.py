@@ -66,14 +66,28 @@ def tokenizer_from_gguf(reader) -> Tokenizer:
   >>> tok.token_to_id("<|im_end|>")  # doctest: +SKIP
   2
   """
+  return build_tokenizer(*tokenizer_fields(reader))
+
+
+def tokenizer_fields(reader) -> tuple[list[str], list[str], list[str]]:
+  """``(tokens, merges, special)`` of a ``gguf.GGUFReader``: ``build_tokenizer``'s arguments.
+
+  Plain lists of strings, so the weights cache can keep them and a later run builds the
+  tokenizer without parsing the GGUF again.
+
+  >>> import gguf  # doctest: +SKIP
+  >>> tokens, merges, special = tokenizer_fields(gguf.GGUFReader(smollm2_path()))  # doctest: +SKIP
+  >>> len(tokens), special[:2]  # doctest: +SKIP
+  (49152, ['<|endoftext|>', '<|im_start|>'])
+  """
   model = reader.fields["tokenizer.ggml.model"].contents()
   if model != "gpt2":
     raise ValueError(f"tokenizer.ggml.model must be 'gpt2' (byte-level BPE), got {model!r}")
-  tokens = reader.fields["tokenizer.ggml.tokens"].contents()
-  merges = reader.fields["tokenizer.ggml.merges"].contents()
+  tokens = list(reader.fields["tokenizer.ggml.tokens"].contents())
+  merges = list(reader.fields["tokenizer.ggml.merges"].contents())
   types = reader.fields["tokenizer.ggml.token_type"].contents()
   special = [t for t, ty in zip(tokens, types) if ty == _CONTROL]
-  return build_tokenizer(tokens, merges, special)
+  return tokens, merges, special
 
 
 def chat_prompt(messages: Sequence[dict], add_generation_prompt: bool = True,

@@ -391,6 +391,25 @@ def test_generate_matches_greedy_forward_and_prefill_matches_last_logits(params)
   assert np.asarray(cache.seq_lens)[:BATCH].tolist() == [9 + 5, 3 + 5, 14 + 5, 1 + 5]
 
 
+def test_prefill_padded_to_a_larger_batch_is_the_unpadded_prefill(params):
+  # pad_rows runs the steps of a 4-row batch for 2 prompts: the padding rows write nothing,
+  # so the logits and every array of the cache are those of the unpadded run, bit for bit
+  import kvjax
+  from kvjax.models.generate import prefill
+
+  rng = np.random.default_rng(11)
+  prompts = [rng.integers(0, CFG.vocab_size, n).tolist() for n in (9, 3)]
+  kw = dict(config=CFG, cache_config=CACHE, chunk_size=5)
+  want, ref = prefill(params, kvjax.init(CACHE), prompts, [4, 1], **kw)
+  got, padded = prefill(params, kvjax.init(CACHE), prompts, [4, 1], pad_rows=BATCH, **kw)
+  assert got.shape == want.shape
+  np.testing.assert_array_equal(got, want)
+  for a, b in zip(jax.tree.leaves(padded), jax.tree.leaves(ref)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match="pad_rows"):
+    prefill(params, kvjax.init(CACHE), prompts, [4, 1], pad_rows=1, **kw)
+
+
 # A page table wider than the loops' narrowest attention bucket (16 pages): generate and
 # prefill attend over 16 columns of it, not 20.
 WIDE = CFG.cache_config(page_size=4, num_pages=48, max_seqs=6, max_pages_per_seq=20)

@@ -185,7 +185,7 @@ def test_smollm2_swapped_batch_equals_the_unswapped_run():
                "What does a CPU do?"]
   prompts = [encode_chat(tok, [{"role": "user", "content": q}]) for q in questions]
   cc = config.cache_config(page_size=16, num_pages=24, max_seqs=6, max_pages_per_seq=8,
-                           model_dtype="bfloat16")        # pages in bf16, as the demo's
+                           model_dtype="bfloat16")        # pages in bf16, the GPU/TPU default
   # prefill in page-sized chunks (a resumed prompt tail comes from another chunk offset)
   kw = dict(config=config, cache_config=cc, max_new_tokens=8, chunk_size=16)
   ref, _ = generate(params, kvjax.init(cc), prompts, [0, 1, 2], **kw)

@@ -69,3 +69,29 @@ def test_a_changed_gguf_gets_a_new_cache_file_and_off_disables(tmp_path, monkeyp
   gguf_loader.cached_params(path, CFG, None, jnp.float32)
   gguf_loader.cached_params(path, CFG, None, jnp.float32)
   assert len(calls) == 4
+
+
+def test_load_gguf_second_run_reads_config_and_tokenizer_from_the_cache(tmp_path, monkeypatch):
+  # the GGUF reader (3.5 s for SmolLM2's vocabulary) runs once; later loads take the cache
+  import gguf
+
+  path, ref, calls = _fake_gguf(tmp_path, monkeypatch)
+  opened = []
+  monkeypatch.setattr(gguf, "GGUFReader", lambda p: opened.append(p) or "reader")
+  monkeypatch.setattr(gguf_loader, "read_config", lambda reader: CFG)
+  fields = (["a", "b", "ab", "<|im_end|>"], ["a b"], ["<|im_end|>"])
+  monkeypatch.setattr(gguf_loader, "tokenizer_fields", lambda reader: fields)
+  monkeypatch.setattr(gguf_loader, "build_tokenizer", lambda *f: f)
+  # a cache file from before (weights, no metadata) is rewritten with the metadata
+  gguf_loader.cached_params(path, CFG, None, jnp.float32)
+  first = gguf_loader.load_gguf(path)
+  assert len(opened) == 1 and len(calls) == 1       # parsed, not dequantized again
+  second = gguf_loader.load_gguf(path, jnp.bfloat16)
+  assert len(opened) == 1 and len(calls) == 1
+  assert first[0] == second[0] == CFG and first[2] == second[2] == fields
+  assert _equal(first[1], ref) and second[1].embed.dtype == jnp.bfloat16
+  # a damaged file: parsed and dequantized again, never served
+  (file,) = [os.path.join(tmp_path / "cache", f) for f in os.listdir(tmp_path / "cache")]
+  with open(file, "r+b") as f:
+    f.truncate(200)
+  assert _equal(gguf_loader.load_gguf(path)[1], ref) and len(opened) == 2 and len(calls) == 2
