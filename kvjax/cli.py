@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from typing import Callable, Sequence
@@ -181,6 +182,8 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                       help="weights' dtype; auto: bfloat16 on GPU/TPU, float32 on CPU (where "
                            "XLA upcasts bfloat16 matmuls and they run slower)")
+  parser.add_argument("--json", default=None, metavar="FILE",
+                      help="also write the run's figures (times, tokens/s, pages) to FILE")
   parser.add_argument("--l2-pages", type=positive_int, default=None,
                       help="a tiered cache: an L2 of N pages (unquantized, as L1); a "
                            "conversation the pool refuses swaps out the latest one instead of "
@@ -328,6 +331,9 @@ def demo(args) -> dict:
       "kv_dtype": cc.dtype, "warmup_s": timing["warmup_s"], "warmup": timing["warmup"],
       "ttft_s": timing["ttft_s"], "decode_tokens_per_s": timing["decode_per_s"],
       "first_token_s": meter.first_token_at - t0,
+      # wall-clock time of the first token, for a caller timing from the process's launch
+      "first_token_unix": time.time() - (time.perf_counter() - meter.first_token_at),
+      "load_s": load_s,
       "prefill_tokens_per_s": timing["prefill_per_s"],
       "peak_pages_used": peak_pages, "num_pages": cc.num_pages,
       "pages_allocated": int(stats.pages_allocated), "steps": int(stats.steps),
@@ -360,6 +366,13 @@ def demo(args) -> dict:
           f"back in ({result['tokens_recomputed']} tokens recomputed); L2 ({l2} pages): "
           f"{result['demotions']} pages demoted, {result['promotions']} promoted, "
           f"{result['l2_hit_pages']} prompt pages served from L2")
+  path = getattr(args, "json", None)
+  if path:
+    try:
+      with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=float)
+    except OSError as e:
+      raise UsageError(f"--json: cannot write {path!r}: {e.strerror or e}") from None
   return result
 
 
