@@ -228,6 +228,9 @@ def demo(args) -> dict:
   from tqdm import tqdm
 
   _check_demo_args(args)
+  json_path = getattr(args, "json", None)
+  if json_path:   # a path that cannot be written fails now, not after the run
+    _write_json(json_path, {})
   t0 = time.perf_counter()
   try:
     config, params, tokenizer = load_smollm2(args.dtype)
@@ -366,14 +369,17 @@ def demo(args) -> dict:
           f"back in ({result['tokens_recomputed']} tokens recomputed); L2 ({l2} pages): "
           f"{result['demotions']} pages demoted, {result['promotions']} promoted, "
           f"{result['l2_hit_pages']} prompt pages served from L2")
-  path = getattr(args, "json", None)
-  if path:
-    try:
-      with open(path, "w") as f:
-        json.dump(result, f, indent=1, default=float)
-    except OSError as e:
-      raise UsageError(f"--json: cannot write {path!r}: {e.strerror or e}") from None
+  if json_path:
+    _write_json(json_path, result)
   return result
+
+
+def _write_json(path: str, obj) -> None:
+  try:
+    with open(path, "w") as f:
+      json.dump(obj, f, indent=1, default=float)
+  except OSError as e:
+    raise UsageError(f"--json: cannot write {path!r}: {e.strerror or e}") from None
 
 
 # --- entry point ---------------------------------------------------------------------------

