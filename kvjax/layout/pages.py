@@ -137,7 +137,8 @@ def scatter_rows(a: jax.Array, idx: jax.Array, values: jax.Array) -> jax.Array:
   second update that is always dropped keeps it a scatter.
 
   Args:
-    a: ``[N, ...]``; idx: int ``[K]`` rows (out of range: dropped);
+    a: ``[N, ...]``; idx: int ``[K]`` rows (``>= N``: dropped; a negative id wraps as
+      in NumPy, so callers write "none" as ``N``);
     values: ``[K, ...]`` (cast to ``a``'s dtype).
 
   >>> scatter_rows(jnp.zeros((3, 2)), jnp.array([1]), jnp.ones((1, 2))).tolist()
