@@ -29,12 +29,12 @@ from kvjax.cliutil import enable_compile_cache
 from kvjax.cliutil import positive_int
 from kvjax.cliutil import UsageError
 from kvjax.models import chat_prompt
-from kvjax.models.llama import compute_dtype
 from kvjax.models import generate
 from kvjax.models import IM_END_ID
 from kvjax.models import load_smollm2
 from kvjax.models import prefill
 from kvjax.models.gguf_loader import WeightsNotInstalledError
+from kvjax.models.llama import compute_dtype
 from kvjax.sim import cli as sim_cli
 from kvjax import tiers as kvtiers
 
