@@ -126,11 +126,12 @@ def prefill(params: LlamaParams, cache: CacheState, prompts: Sequence[Sequence[i
   >>> logits.shape  # doctest: +SKIP
   (2, 256)
   """
+  tiered = _tiered(cache, tiers)
   if pad_rows is not None and (not isinstance(pad_rows, int) or pad_rows < len(prompts)
-                               or _tiered(cache, tiers)):
+                               or tiered):
     raise ValueError(f"pad_rows must be an int >= the {len(prompts)} prompts, with the plain "
-                     f"loop (no tiers), got {pad_rows!r}" + (" with tiers" if tiers else ""))
-  if _tiered(cache, tiers):
+                     f"loop (no tiers), got {pad_rows!r}" + (" with tiers" if tiered else ""))
+  if tiered:
     return prefill_tiered(params, cache, prompts, seq_ids, config=config,
                           cache_config=cache_config, tiers=tiers, chunk_size=chunk_size,
                           seeds=seeds, stats=stats)

@@ -232,7 +232,7 @@ def cached_params(path: str, config: LlamaConfig, reader, dtype,
   if params is None:
     params = read_params(reader, config, jnp.float32)
   elif meta is None or _cached_meta(file) is not None:
-    return jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+    return _in_dtype(params, dtype)
   try:
     os.makedirs(folder, exist_ok=True)
     tmp = f"{file}.{os.getpid()}.tmp.npz"
@@ -242,10 +242,15 @@ def cached_params(path: str, config: LlamaConfig, reader, dtype,
     os.replace(tmp, file)    # atomic: a reader sees the whole file or none
   except OSError:
     pass
-  return jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+  return _in_dtype(params, dtype)
 
 
 _BAD_FILE = (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile)   # torn or foreign
+
+
+def _in_dtype(params, dtype) -> LlamaParams:
+  """The float32 (numpy or jax) weights pytree as jax arrays of ``dtype``."""
+  return jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
 
 
 def _cached_arrays(file: str, config: LlamaConfig):
@@ -292,7 +297,7 @@ def load_gguf(path: str, dtype=jnp.float32):
     hit = _cached_meta(file)
     params = None if hit is None else _cached_arrays(file, hit[0])
     if params is not None:
-      return (hit[0], jax.tree.map(lambda a: jnp.asarray(a, dtype), params),
+      return (hit[0], _in_dtype(params, dtype),
               build_tokenizer(*hit[1]))
   import gguf
 

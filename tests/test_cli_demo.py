@@ -2,6 +2,8 @@
 
 import argparse
 import io
+import json
+import time
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +14,8 @@ import kvjax
 from kvjax import cli
 from kvjax.models import LlamaConfig
 from kvjax.models import init_params
-from kvjax.models.llama import compute_dtype
 from kvjax.models import prefill
+from kvjax.models.llama import compute_dtype
 
 CFG = LlamaConfig.small()
 
@@ -141,15 +143,15 @@ def test_demo_json_holds_the_run_and_a_bad_path_is_one_line(monkeypatch, capsys,
   params = init_params(CFG, jax.random.key(0))
   monkeypatch.setattr(cli, "load_smollm2", lambda dtype="auto": (CFG, params, _ByteTokenizer()))
   out = tmp_path / "demo.json"
-  t0 = __import__("time").time()
+  t0 = time.time()
   assert cli.main(["demo", "--max-new-tokens", "3", "--num-pages", "160", "--turns", "1",
                    "--json", str(out)]) == 0
   printed = capsys.readouterr().out
-  r = __import__("json").loads(out.read_text())
+  r = json.loads(out.read_text())
   assert 0 < r["generated_tokens"] <= 4 * 3
   assert f"{r['generated_tokens']} tokens generated" in printed
   assert f"first token {r['first_token_s']:.1f}s" in printed
-  assert t0 < r["first_token_unix"] < __import__("time").time()
+  assert t0 < r["first_token_unix"] < time.time()
   assert r["kv_dtype"] == compute_dtype("auto").name and r["prompt_tokens_reused"] > 0
   bad = str(tmp_path / "missing" / "demo.json")
   assert cli.main(["demo", "--max-new-tokens", "1", "--num-pages", "160", "--json", bad]) == 2
