@@ -61,6 +61,7 @@ from kvjax.cache.pool import unref_pages
 from kvjax.cache.state import CacheState
 from kvjax.cache.state import DropState
 from kvjax.cache.status import enforce_checked
+from kvjax.cache.status import jit_when_eager
 
 
 MODES = ("h2o", "h2o_mean", "streaming")
@@ -234,6 +235,7 @@ def select_drops(mass: jax.Array, num_pages: jax.Array, *, budget: int, sink_pag
   return cand & (rank < n_drop)
 
 
+@jit_when_eager("budget", "sink_pages", "recent_pages", "mode", "config")
 def drop_pages(state: CacheState, *, budget: int, sink_pages: int, recent_pages: int,
                mode: str = "h2o", config: CacheConfig) -> CacheState:
   """Release each over-budget sequence's least useful pages and compact its page table.

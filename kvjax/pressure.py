@@ -22,6 +22,7 @@ from kvjax.cache.checks import check_state
 from kvjax.cache.pool import reclaim
 from kvjax.cache.pool import victims
 from kvjax.cache.status import enforce_checked
+from kvjax.cache.status import jit_when_eager
 from kvjax.layout.pages import Pages
 from kvjax.layout.pages import pool_only
 from kvjax.quant.pages import requantize
@@ -167,6 +168,7 @@ def occupancy(state) -> jax.Array:
   return jnp.sum((meta.ref_count > 0) | cached).astype(jnp.int32)
 
 
+@jit_when_eager("config", "pressure", "demote_to", "limit")
 def relieve(state, *, config, pressure: PressureConfig = DEVICE, demote_to=None,
             limit: Optional[int] = None):
   """Evict cached pages ahead of need, in batches, when the pool is under pressure.

@@ -696,3 +696,29 @@ def test_toy_plan_step_inside_jit_with_donation():
   assert matched.tolist() == [3, 2] and not bool(overflow)
   matched, _, cache = step(cache, seed, toks.at[0, S + 1].add(1), num_full)
   assert matched.tolist() == [1, 2]  # sequence 0 diverges in its second block (one trace)
+
+
+def test_shared_placement_mix_gives_the_same_tables_and_answers():
+  """Index ops given ``placement_mix`` (as plan_step shares it) equal those that hash again."""
+  from kvjax.prefix.index import placement_mix
+  rng = np.random.default_rng(7)
+  plain = shared = index_init(64, max_probes=2, key=KEY)
+  for step in range(6):
+    h = jnp.asarray(rng.integers(1, 40, (24, 2)), jnp.uint32)   # repeats within and across
+    vals = jnp.asarray(rng.integers(-1, 50, (24,)), jnp.int32)
+    ok = jnp.asarray(rng.random(24) < 0.8)
+    mixed = placement_mix(shared, h)
+    m0, m1 = homes_py((int(h[0, 0]), int(h[0, 1])), 1 << 30, KEY)   # the documented hash
+    assert (int(mixed[0][0]) & ((1 << 30) - 1), int(mixed[1][0]) & ((1 << 30) - 1)) == (m0, m1)
+    plain, over_p = index_insert(plain, h, vals, ok)
+    shared, over_s = index_insert(shared, h, vals, ok, mixed=mixed)
+    np.testing.assert_array_equal(over_p, over_s)
+    np.testing.assert_array_equal(index_lookup(plain, h, ok), index_lookup(shared, h, ok,
+                                                                          mixed=mixed))
+    gone = jnp.asarray(rng.random(24) < 0.3)
+    plain = index_delete(plain, h, gone, expected=vals if step % 2 else None)
+    shared = index_delete(shared, h, gone, expected=vals if step % 2 else None, mixed=mixed)
+    chex.assert_trees_all_equal(plain, shared)
+  check_table_invariants(shared)
+  with pytest.raises(ValueError, match="mixed"):
+    index_lookup(shared, h, mixed=(mixed[0][:3], mixed[1][:3]))

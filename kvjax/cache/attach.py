@@ -28,6 +28,7 @@ from kvjax.cache.state import default_seed
 from kvjax.cache.state import row_seeds
 from kvjax.cache.status import BAD_INPUT
 from kvjax.cache.status import enforce_checked
+from kvjax.cache.status import jit_when_eager
 from kvjax.layout.meta import PageMeta
 from kvjax.layout.pages import Pages
 from kvjax.layout.shapes import first_staged_page
@@ -39,6 +40,7 @@ from kvjax.prefix.hashing import remap_no_hash
 from kvjax.prefix.index import index_delete
 from kvjax.prefix.index import index_insert
 from kvjax.prefix.index import index_lookup
+from kvjax.prefix.index import placement_mix
 from kvjax.prefix.index import match_prefix
 from kvjax.prefix.index import PrefixIndex
 from kvjax.quant.pages import dequantize_pages
@@ -132,16 +134,17 @@ def register_full_pages(meta: PageMeta, index: PrefixIndex, table: jax.Array,
 
   def insert(args):
     meta, index = args
-    present = index_lookup(index, hashes, ok) >= 0
-    index, overflow = index_insert(index, hashes, pages, ok & ~present)
-    winner = ok & (index_lookup(index, hashes, ok) == pages)
+    mixed = placement_mix(index, hashes)   # computed once for the four calls below
+    present = index_lookup(index, hashes, ok, mixed=mixed) >= 0
+    index, overflow = index_insert(index, hashes, pages, ok & ~present, mixed=mixed)
+    winner = ok & (index_lookup(index, hashes, ok, mixed=mixed) == pages)
     # A page registers only if every page before it in its row's run did: one that chains
     # onto a page that lost (its block was indexed already, or another row won it) could
     # never be matched (verification wants the indexed parent), so it leaves the index.
     won = winner.reshape(per_row, -1)
     chained = jnp.cumprod(jnp.where(ok.reshape(per_row, -1), won, True), axis=0).astype(bool)
     stray = (won & ~chained).reshape(-1)
-    index = index_delete(index, hashes, stray, expected=pages)
+    index = index_delete(index, hashes, stray, expected=pages, mixed=mixed)
     registered = jnp.where(winner & ~stray, pages, p_)
     meta = meta.replace(block_hash=meta.block_hash.at[registered].set(hashes, mode="drop"))
     return meta, index, jnp.any(overflow), registered
@@ -151,6 +154,7 @@ def register_full_pages(meta: PageMeta, index: PrefixIndex, table: jax.Array,
   return (*out, declined, hashes)
 
 
+@jit_when_eager("config")
 def attach_prefix(state: CacheState, seq_ids: jax.Array, tokens: jax.Array,
                   num_tokens: jax.Array, seeds: jax.Array | None = None, *,
                   config: CacheConfig) -> tuple[jax.Array, CacheState]:

@@ -21,6 +21,7 @@ from kvjax.cache.state import CacheState
 from kvjax.cache.state import DropState
 from kvjax.cache.status import BAD_INPUT
 from kvjax.cache.status import enforce_checked
+from kvjax.cache.status import jit_when_eager
 from kvjax.cache.status import NON_FINITE
 from kvjax.cache.status import OUT_OF_RANGE
 
@@ -43,6 +44,7 @@ def _copy_drop(drop: DropState, src: jax.Array, rows: jax.Array) -> DropState:
       dropped=drop.dropped.at[rows].set(drop.dropped[src], mode="drop"))
 
 
+@jit_when_eager("config")
 def release(state: CacheState, seq_ids: jax.Array, *, config: CacheConfig) -> CacheState:
   """End sequences: their pages lose a reference; the slots become empty.
 
@@ -96,6 +98,7 @@ def release(state: CacheState, seq_ids: jax.Array, *, config: CacheConfig) -> Ca
   return enforce_checked(new_state, config)
 
 
+@jit_when_eager("config")
 def fork(state: CacheState, src_ids: jax.Array, dst_ids: jax.Array, *,
          config: CacheConfig) -> CacheState:
   """Start sequences ``dst_ids`` as copies of ``src_ids`` that share their pages.

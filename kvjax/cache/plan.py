@@ -30,6 +30,7 @@ from kvjax.cache.state import default_seed
 from kvjax.cache.state import row_seeds
 from kvjax.cache.status import BAD_INPUT
 from kvjax.cache.status import enforce_checked
+from kvjax.cache.status import jit_when_eager
 from kvjax.cache.status import INDEX_OVERFLOW
 from kvjax.cache.status import NON_FINITE
 from kvjax.cache.status import OUT_OF_PAGES
@@ -102,6 +103,7 @@ class StepPlan:
   #                                         prefix), never folded again; None without staging
 
 
+@jit_when_eager("config")
 def plan_step(state: CacheState, seq_ids: jax.Array, tokens: jax.Array, num_new: jax.Array,
               seeds: jax.Array | None = None, *,
               config: CacheConfig) -> tuple[StepPlan, CacheState]:

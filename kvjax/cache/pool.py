@@ -27,6 +27,7 @@ from kvjax.policies.adapter import events
 from kvjax.policies.adapter import report
 from kvjax.policies.adapter import scores
 from kvjax.prefix.index import index_delete
+from kvjax.prefix.index import placement_mix
 from kvjax.prefix.index import PrefixIndex
 ORPHAN = -2  # parent of a page whose parent page was reused: never matched again
 
@@ -206,11 +207,14 @@ def forget_pages(meta: PageMeta, index: PrefixIndex, pages: jax.Array) -> tuple[
   p_ = meta.ref_count.shape[0]
   ok = pages < p_
   safe = jnp.clip(pages, 0, p_ - 1)
-  index = index_delete(index, meta.block_hash[safe], ok, expected=safe)
+  mixed = placement_mix(index, meta.block_hash)   # every page's, once for both deletes
+  index = index_delete(index, meta.block_hash[safe], ok, expected=safe,
+                       mixed=tuple(w[safe] for w in mixed))
   reused = jnp.zeros((p_ + 1,), bool).at[pages].set(True, mode="drop")[:p_]
   child = (meta.parent >= 0) & reused[jnp.clip(meta.parent, 0, p_ - 1)] & ~reused
   hashed_child = child & jnp.any(meta.block_hash != 0, axis=-1)
-  index = index_delete(index, meta.block_hash, hashed_child, expected=jnp.arange(p_))
+  index = index_delete(index, meta.block_hash, hashed_child, expected=jnp.arange(p_),
+                       mixed=mixed)
   unheld = child & (meta.ref_count == 0)  # an orphan nobody holds is free
   meta = meta.replace(
       block_hash=jnp.where(child[:, None], jnp.uint32(0), meta.block_hash),

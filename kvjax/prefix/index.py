@@ -281,14 +281,37 @@ def _bucket_slots(index: PrefixIndex, bucket: jax.Array) -> jax.Array:
   return bucket[..., None] * index.bucket_size + jnp.arange(index.bucket_size, dtype=jnp.int32)
 
 
-def _find(index: PrefixIndex, hashes: jax.Array, valid: jax.Array) -> jax.Array:
+def placement_mix(index: PrefixIndex, hashes: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``halfsiphash64(hashes, index.placement_key)``: what places ``hashes`` (uint32 [N, 2]) in
+  ``index``, a pair of uint32 [N].
+
+  The keyed hash is most of the index operations' code (XLA compile time): a
+  caller that looks up, inserts and deletes the same hashes computes it once
+  and passes it to each (their ``mixed`` argument).
+  """
+  return halfsiphash64(jnp.asarray(hashes, jnp.uint32), index.placement_key)
+
+
+def _check_mixed(mixed, n: int):
+  if mixed is None:
+    return None
+  if len(mixed) != 2 or any(jnp.shape(w) != (n,) for w in mixed):
+    raise ValueError(f"mixed must be placement_mix(index, hashes), a pair of uint32 [N]=({n},), "
+                     f"got shapes {[jnp.shape(w) for w in mixed]}")
+  return tuple(jnp.asarray(w, jnp.uint32) for w in mixed)
+
+
+def _find(index: PrefixIndex, hashes: jax.Array, valid: jax.Array, mixed=None) -> jax.Array:
   """int32 [N]: the slot holding each valid hash, or -1.
 
   Reads bucket ``home + d`` of both paths per step, d = 0, 1, ...; a path ends at
   a bucket holding an EMPTY slot (tombstones are passed) or at the budget.
+  ``mixed``: ``placement_mix(index, hashes)``, or None to compute it.
   """
   nb = index.num_buckets
-  homes = home_buckets(hashes, index.placement_key, nb)   # the two paths, int32 [N] each
+  if mixed is None:
+    mixed = placement_mix(index, hashes)
+  homes = tuple((w & np.uint32(nb - 1)).astype(jnp.int32) for w in mixed)  # the two paths
   n = hashes.shape[0]
 
   def probe(carry):
@@ -316,13 +339,15 @@ def _find(index: PrefixIndex, hashes: jax.Array, valid: jax.Array) -> jax.Array:
 
 @jax.jit
 def index_lookup(index: PrefixIndex, hashes: jax.Array,
-                 valid: Optional[jax.Array] = None) -> jax.Array:
+                 valid: Optional[jax.Array] = None, *, mixed=None) -> jax.Array:
   """Page id stored under each hash.
 
   Args:
     index: the table.
     hashes: uint32 [N, 2].
     valid: bool [N] (default all True); invalid items and ``(0, 0)`` miss.
+    mixed: ``placement_mix(index, hashes)`` when the caller has it (it must be that
+      value), else None.
 
   Returns:
     int32 [N]: page id, or -1 on a miss.
@@ -333,8 +358,8 @@ def index_lookup(index: PrefixIndex, hashes: jax.Array,
   >>> index_lookup(index, h).tolist()
   [5, -1]
   """
-  hashes, valid, _ = _prepare("index_lookup", hashes, valid)
-  slot = _find(index, hashes, valid)
+  hashes, valid, n = _prepare("index_lookup", hashes, valid)
+  slot = _find(index, hashes, valid, _check_mixed(mixed, n))
   return jnp.where(slot >= 0, index.values[jnp.maximum(slot, 0)], -1)
 
 
@@ -376,7 +401,8 @@ def _kth_true(mask: jax.Array, k: jax.Array) -> jax.Array:
 
 @jax.jit
 def index_insert(index: PrefixIndex, hashes: jax.Array, values: jax.Array,
-                 valid: Optional[jax.Array] = None) -> tuple[PrefixIndex, jax.Array]:
+                 valid: Optional[jax.Array] = None, *,
+                 mixed=None) -> tuple[PrefixIndex, jax.Array]:
   """Insert (or overwrite) a batch of hash -> page entries.
 
   Args:
@@ -384,6 +410,8 @@ def index_insert(index: PrefixIndex, hashes: jax.Array, values: jax.Array,
     hashes: uint32 [N, 2]  keys; ``(0, 0)`` items are ignored.
     values: int32 [N]  page ids, ``>= 0`` (items with a negative value are ignored).
     valid: bool [N] (default all True)  items to insert.
+    mixed: ``placement_mix(index, hashes)`` when the caller has it (it must be that
+      value), else None.
 
   Returns:
     ``(index, overflow)``: the new table and bool [N], True for each valid item
@@ -405,10 +433,12 @@ def index_insert(index: PrefixIndex, hashes: jax.Array, values: jax.Array,
   winner_of = _last_occurrence(hashes, valid, index.placement_key)
   winner = valid & (winner_of == idx)
 
-  existing = _find(index, hashes, winner)
+  mixed = _check_mixed(mixed, n)
+  if mixed is None:
+    mixed = placement_mix(index, hashes)
+  existing = _find(index, hashes, winner, mixed)
   table_values = index.values.at[jnp.where(existing >= 0, existing, capacity)].set(
       values, mode="drop")
-  mixed = halfsiphash64(hashes, index.placement_key)
   homes = tuple((w & np.uint32(nb - 1)).astype(jnp.int32) for w in mixed)  # int32 [N] each
   coin = mixed[0] >> np.uint32(31) == 1  # keyed tie-break between the choices
   budget = index.max_probes
@@ -457,7 +487,7 @@ def index_insert(index: PrefixIndex, hashes: jax.Array, values: jax.Array,
 
 @jax.jit
 def index_delete(index: PrefixIndex, hashes: jax.Array, valid: Optional[jax.Array] = None,
-                 expected: Optional[jax.Array] = None) -> PrefixIndex:
+                 expected: Optional[jax.Array] = None, *, mixed=None) -> PrefixIndex:
   """Remove a batch of keys (absent keys are ignored).
 
   Args:
@@ -467,6 +497,8 @@ def index_delete(index: PrefixIndex, hashes: jax.Array, valid: Optional[jax.Arra
     expected: int32 [N] or None. If given, an entry is removed only when its
       stored page id equals ``expected`` (so evicting page p never removes the
       entry of another page q that holds the same block).
+    mixed: ``placement_mix(index, hashes)`` when the caller has it (it must be that
+      value), else None.
 
   Returns:
     The table without those keys: a slot becomes ``EMPTY`` when its bucket
@@ -481,9 +513,9 @@ def index_delete(index: PrefixIndex, hashes: jax.Array, valid: Optional[jax.Arra
   """
   if expected is not None:
     expected = jnp.asarray(expected, jnp.int32)
-  hashes, valid, _ = _prepare("index_delete", hashes, valid, expected=expected)
+  hashes, valid, n = _prepare("index_delete", hashes, valid, expected=expected)
   capacity = index.capacity
-  slot = _find(index, hashes, valid)
+  slot = _find(index, hashes, valid, _check_mixed(mixed, n))
   if expected is not None:
     slot = jnp.where(index.values[jnp.maximum(slot, 0)] == expected, slot, -1)
   bucket = jnp.maximum(slot, 0) // index.bucket_size
