@@ -18,6 +18,10 @@ Names in shapes: N = references in the window, B = ``NUM_CLASSES``.
 
 from __future__ import annotations
 
+import functools
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 EDGES = tuple(2 ** e for e in range(9, 17))
@@ -83,3 +87,31 @@ def reuse_within(block: np.ndarray, horizon: int, start: int = 0,
   left = n - 1 - np.arange(n)  # references after each one inside the window
   reused = (d > 0) & (d <= horizon)
   return reused, reused | (left >= horizon)
+
+
+@functools.cache
+def log_edges() -> tuple:
+  """log2 of the class edges as XLA's float32 log2 computes them (12.999999 for 2^13).
+
+  Computed at the first call, not at import: importing kvjax must not start a JAX
+  backend (``jax.distributed.initialize`` has to come first in a multi-process job).
+  """
+  with jax.ensure_compile_time_eval():   # concrete even when first called under a trace
+    return tuple(float(jnp.log2(e)) for e in EDGES)
+
+
+def class_cdf(probs: jax.Array, x: jax.Array) -> jax.Array:
+  """float32 [...]: P(next-use distance <= x) under class probabilities float32 [..., B].
+
+  Within a class the mass is spread uniformly in log2 distance (class 0 over [1, 512));
+  the last class (``>= 2^16`` or never) is never reached.
+
+  >>> p = jnp.full(NUM_CLASSES, 1.0 / NUM_CLASSES)
+  >>> round(float(class_cdf(p, 512.0)), 4), float(class_cdf(p, 1e9)) < 1.0
+  (0.1111, True)
+  """
+  lx = jnp.log2(jnp.maximum(jnp.asarray(x, jnp.float32), 1.0))[..., None]
+  lo = jnp.asarray((0.0,) + log_edges()[:-1])
+  hi = jnp.asarray(log_edges())
+  frac = jnp.clip((lx - lo) / (hi - lo), 0.0, 1.0)
+  return jnp.sum(probs[..., :-1] * frac, axis=-1)

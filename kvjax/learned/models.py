@@ -27,7 +27,9 @@ from kvjax.learned.features import GAPS
 from kvjax.learned.features import gap_sequence
 from kvjax.learned.features import NUM_FEATURES
 from kvjax.learned.features import STATIC
+from kvjax.learned.labels import class_cdf  # noqa: F401: models.class_cdf, as before
 from kvjax.learned.labels import EDGES
+from kvjax.learned.labels import log_edges  # noqa: F401
 from kvjax.learned.labels import NUM_CLASSES
 
 KINDS = ("linear", "mlp", "lstm", "transformer")
@@ -137,29 +139,3 @@ def predictor(model: nnx.Module) -> tuple[Predictor, Any]:
   return Predictor(kind, graph), params
 
 
-@functools.cache
-def log_edges() -> tuple:
-  """log2 of the class edges as XLA's float32 log2 computes them (12.999999 for 2^13).
-
-  Computed at the first call, not at import: importing kvjax must not start a JAX
-  backend (``jax.distributed.initialize`` has to come first in a multi-process job).
-  """
-  with jax.ensure_compile_time_eval():   # concrete even when first called under a trace
-    return tuple(float(jnp.log2(e)) for e in EDGES)
-
-
-def class_cdf(probs: jax.Array, x: jax.Array) -> jax.Array:
-  """float32 [...]: P(next-use distance <= x) under class probabilities float32 [..., B].
-
-  Within a class the mass is spread uniformly in log2 distance (class 0 over [1, 512));
-  the last class (``>= 2^16`` or never) is never reached.
-
-  >>> p = jnp.full(NUM_CLASSES, 1.0 / NUM_CLASSES)
-  >>> round(float(class_cdf(p, 512.0)), 4), float(class_cdf(p, 1e9)) < 1.0
-  (0.1111, True)
-  """
-  lx = jnp.log2(jnp.maximum(jnp.asarray(x, jnp.float32), 1.0))[..., None]
-  lo = jnp.asarray((0.0,) + log_edges()[:-1])
-  hi = jnp.asarray(log_edges())
-  frac = jnp.clip((lx - lo) / (hi - lo), 0.0, 1.0)
-  return jnp.sum(probs[..., :-1] * frac, axis=-1)

@@ -40,7 +40,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TYPE_CHECKING
 
 import jax
 from jax.flatten_util import ravel_pytree
@@ -52,9 +52,7 @@ from kvjax.learned.features import key_bucket
 from kvjax.learned.features import TABLE_SIZE
 from kvjax.learned.labels import EDGES
 from kvjax.learned.labels import NUM_CLASSES
-from kvjax.learned.models import class_cdf
-from kvjax.learned.models import Predictor
-from kvjax.learned.train import restore
+from kvjax.learned.labels import class_cdf
 from kvjax.policies.contract import Bound
 from kvjax.policies.contract import FRACTION
 from kvjax.policies.contract import Policy
@@ -71,6 +69,9 @@ from kvjax.policies.scoring import live_pages
 from kvjax.policies.scoring import page_size_of
 from kvjax.policies.scoring import put
 from kvjax.policies.scoring import view
+
+if TYPE_CHECKING:   # flax, optax and orbax load when a predictor is first restored
+  from kvjax.learned.models import Predictor
 
 PRETRAINED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           "learned", "pretrained")
@@ -393,6 +394,7 @@ def _built() -> Policy:
   path = os.path.join(PRETRAINED, "kind.json")
   if not os.path.exists(path):
     raise ValueError(f"the learned policy's shipped parameters are missing ({PRETRAINED})")
+  from kvjax.learned.train import restore   # flax, optax, orbax: not on kvjax's import path
   with jax.ensure_compile_time_eval():   # first use may come inside a trace (vmap, jit)
     pred, params = restore(PRETRAINED)
   return learned_policy(pred, params, name="learned")
