@@ -272,7 +272,7 @@ def test_class_cdf_first_called_under_jit_equals_eager():
   # trace must still give concrete values (it once raised ConcretizationTypeError)
   probs = jax.nn.softmax(jnp.linspace(-1.0, 1.0, labels.NUM_CLASSES))[None]
   x = jnp.array([1.0, 300.0, 5e4])
-  models.log_edges.cache_clear()
-  jitted = jax.jit(models.class_cdf)(probs, x)
-  np.testing.assert_allclose(jitted, models.class_cdf(probs, x), rtol=1e-5, atol=1e-7)
-  assert models.log_edges()[0] == float(jnp.log2(labels.EDGES[0]))
+  labels.log_edges.cache_clear()
+  jitted = jax.jit(labels.class_cdf)(probs, x)
+  np.testing.assert_allclose(jitted, labels.class_cdf(probs, x), rtol=1e-5, atol=1e-7)
+  assert labels.log_edges()[0] == float(jnp.log2(labels.EDGES[0]))

@@ -40,8 +40,8 @@ from kvjax.prefix.hashing import remap_no_hash
 from kvjax.prefix.index import index_delete
 from kvjax.prefix.index import index_insert
 from kvjax.prefix.index import index_lookup
-from kvjax.prefix.index import placement_mix
 from kvjax.prefix.index import match_prefix
+from kvjax.prefix.index import placement_mix
 from kvjax.prefix.index import PrefixIndex
 from kvjax.quant.pages import dequantize_pages
 

@@ -30,8 +30,8 @@ from kvjax.cache.state import default_seed
 from kvjax.cache.state import row_seeds
 from kvjax.cache.status import BAD_INPUT
 from kvjax.cache.status import enforce_checked
-from kvjax.cache.status import jit_when_eager
 from kvjax.cache.status import INDEX_OVERFLOW
+from kvjax.cache.status import jit_when_eager
 from kvjax.cache.status import NON_FINITE
 from kvjax.cache.status import OUT_OF_PAGES
 from kvjax.cache.status import OUT_OF_RANGE

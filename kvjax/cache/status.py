@@ -182,6 +182,12 @@ def jit_when_eager(*static_argnames: str):
   call 7.3 s against 2.2 s). Checked mode stays the eager one: a ``CacheState``
   the op returns is checked against ``config`` after the call (``enforce_checked``).
   Static arguments that cannot be hashed fall back to the op-by-op call.
+
+  >>> @jit_when_eager("n")
+  ... def shift(x, *, n):
+  ...   return x + n
+  >>> shift(jax.numpy.arange(3), n=2).tolist(), shift.jitted._cache_size()
+  ([2, 3, 4], 1)
   """
   def wrap(fn):
     jitted = jax.jit(fn, static_argnames=static_argnames)

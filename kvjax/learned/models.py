@@ -16,7 +16,6 @@ not recompile the step. Names in shapes: F = features, K = gaps, B = classes.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 from flax import nnx
@@ -27,9 +26,6 @@ from kvjax.learned.features import GAPS
 from kvjax.learned.features import gap_sequence
 from kvjax.learned.features import NUM_FEATURES
 from kvjax.learned.features import STATIC
-from kvjax.learned.labels import class_cdf  # noqa: F401: models.class_cdf, as before
-from kvjax.learned.labels import EDGES
-from kvjax.learned.labels import log_edges  # noqa: F401
 from kvjax.learned.labels import NUM_CLASSES
 
 KINDS = ("linear", "mlp", "lstm", "transformer")

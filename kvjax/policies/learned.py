@@ -8,7 +8,7 @@ next-use distance, kept for the page. Then:
 * **eviction**: a page of age ``a`` (references since its last access) is evicted first
   when it is least likely to be used within the next ``H`` references given that it
   has not been used for ``a``: the highest ``S(a + H) / S(a)``, ``S`` the predicted
-  survival (``models.class_cdf``). The horizon is tied to the
+  survival (``labels.class_cdf``). The horizon is tied to the
   cache: a block stays about ``capacity / miss rate`` references in a cache that
   inserts on every miss, so ``H = horizon * capacity / miss rate`` (the miss rate a
   running average over ``MISS_WINDOW`` references). It scores every page, or the

@@ -288,6 +288,13 @@ def placement_mix(index: PrefixIndex, hashes: jax.Array) -> tuple[jax.Array, jax
   The keyed hash is most of the index operations' code (XLA compile time): a
   caller that looks up, inserts and deletes the same hashes computes it once
   and passes it to each (their ``mixed`` argument).
+
+  >>> index = index_init(8)
+  >>> h = jnp.array([[1, 2]], jnp.uint32)
+  >>> mixed = placement_mix(index, h)
+  >>> index, _ = index_insert(index, h, jnp.array([5], jnp.int32), mixed=mixed)
+  >>> index_lookup(index, h, mixed=mixed).tolist(), index_lookup(index, h).tolist()
+  ([5], [5])
   """
   return halfsiphash64(jnp.asarray(hashes, jnp.uint32), index.placement_key)
 
