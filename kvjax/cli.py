@@ -216,10 +216,6 @@ def _cache_bytes(cache_config, tier_config=None) -> int:
   return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(shapes))
 
 
-# Jitted, as a serving loop would: an eager release dispatches its ops one by one, each
-# compiled on first use (1.6 s before the demo's first token; jitted: 0.3 s).
-_release = jax.jit(release, static_argnames=("config",), donate_argnums=0)
-
 DEMO_L2_PRESET = "bf16"   # --l2-pages: L2 pages unquantized, in L1's dtype (a bit-exact swap)
 
 
@@ -272,7 +268,7 @@ def demo(args) -> dict:
   _, cache = prefill(params, cache, [system_ids], [0], config=config, cache_config=cc, tiers=tc,
                      pad_rows=pad)
   meter.prefill(f"{pad or 1}x{chunk}", time.perf_counter() - t, len(system_ids))
-  cache = (_release(cache, np.array([0], np.int32), config=cc) if tc is None
+  cache = (release(cache, np.array([0], np.int32), config=cc) if tc is None
            else kvtiers.release(cache, np.array([0], np.int32), config=cc))
   prefix_stats = {}
   for turn in range(turns):

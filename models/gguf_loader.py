@@ -228,10 +228,10 @@ def cached_params(path: str, config: LlamaConfig, reader, dtype,
   if folder is None:
     return read_params(reader, config, dtype)
   file = _cache_file(path, folder)
-  params = _cached_arrays(file, config)
+  kept, params = _read_cache(file, config)
   if params is None:
     params = read_params(reader, config, jnp.float32)
-  elif meta is None or _cached_meta(file) is not None:
+  elif meta is None or kept is not None:
     return _in_dtype(params, dtype)
   try:
     os.makedirs(folder, exist_ok=True)
@@ -253,29 +253,35 @@ def _in_dtype(params, dtype) -> LlamaParams:
   return jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
 
 
-def _cached_arrays(file: str, config: LlamaConfig):
-  """The float32 weights in the cache ``file`` as a numpy pytree, or None when the file is
-  missing, torn, or holds weights of other shapes."""
-  leaves, treedef = jax.tree_util.tree_flatten(param_shapes(config),
-                                               is_leaf=lambda x: isinstance(x, tuple))
+def _read_cache(file: str, config: Optional[LlamaConfig] = None):
+  """``(meta, params)`` of the cache ``file``, opened once.
+
+  ``meta``: ``(config, tokenizer_fields)`` as ``load_gguf`` keeps them, or None (absent or
+  unreadable). ``params``: the float32 weights of ``config`` (default: meta's) as a numpy
+  pytree, or None when the file is missing, torn, or holds weights of other shapes.
+  """
   try:
     with np.load(file) as z:
+      meta = _parse_meta(z["meta"]) if "meta" in z.files else None
+      config = config if config is not None else (meta[0] if meta else None)
+      if config is None:
+        return meta, None
+      leaves, treedef = jax.tree_util.tree_flatten(param_shapes(config),
+                                                   is_leaf=lambda x: isinstance(x, tuple))
       arrays = [z[f"a{i}"] for i in range(len(leaves))]
   except _BAD_FILE:
-    return None
+    return None, None
   if [a.shape for a in arrays] != [tuple(s) for s in leaves]:
-    return None
-  return jax.tree_util.tree_unflatten(treedef, arrays)
+    return meta, None
+  return meta, jax.tree_util.tree_unflatten(treedef, arrays)
 
 
-def _cached_meta(file: str):
-  """``(config, tokenizer_fields)`` kept in the cache ``file`` by ``load_gguf``, or None."""
+def _parse_meta(raw):
   try:
-    with np.load(file) as z:
-      meta = json.loads(str(z["meta"]))
+    meta = json.loads(str(raw))
     tokens, merges, special = meta["tokenizer"]
     return LlamaConfig(**meta["config"]), (tokens, merges, special)
-  except (*_BAD_FILE, TypeError):
+  except (KeyError, ValueError, TypeError):
     return None
 
 
@@ -293,12 +299,9 @@ def load_gguf(path: str, dtype=jnp.float32):
   """
   folder = weights_cache_dir()
   if folder is not None:
-    file = _cache_file(path, folder)
-    hit = _cached_meta(file)
-    params = None if hit is None else _cached_arrays(file, hit[0])
-    if params is not None:
-      return (hit[0], _in_dtype(params, dtype),
-              build_tokenizer(*hit[1]))
+    kept, params = _read_cache(_cache_file(path, folder))
+    if kept is not None and params is not None:
+      return kept[0], _in_dtype(params, dtype), build_tokenizer(*kept[1])
   import gguf
 
   reader = gguf.GGUFReader(path)

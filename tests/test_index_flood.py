@@ -10,7 +10,6 @@ crafted set is the same here; what it no longer knows is the placement key.
 
 import inspect
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -80,19 +79,16 @@ def test_crafted_flood_through_the_cache_keeps_the_victim_cacheable():
   seed = np.asarray(kvjax.cache.default_seed(cc))
   blocks, _, _ = craft_flood(seed, capacity, FLOOD + 1)
   attack, victim = blocks[:FLOOD], blocks[FLOOD]
-  # jitted, as a serving loop calls them (eager: every op dispatched and compiled alone)
-  plan_step = jax.jit(kvjax.plan_step, static_argnames="config")
-  release = jax.jit(kvjax.release, static_argnames="config")
   for start in range(0, FLOOD, cc.max_seqs):
     rows = attack[start:start + cc.max_seqs]
     sids = np.arange(len(rows), dtype=np.int32)
-    _, cache = plan_step(cache, jnp.asarray(sids), jnp.asarray(rows),
-                         jnp.full((len(rows),), S, jnp.int32), config=cc)
-    cache = release(cache, jnp.asarray(sids), config=cc)
-  _, cache = plan_step(cache, jnp.array([0]), jnp.asarray(victim[None]),
-                       jnp.array([S], jnp.int32), config=cc)
+    _, cache = kvjax.plan_step(cache, jnp.asarray(sids), jnp.asarray(rows),
+                               jnp.full((len(rows),), S, jnp.int32), config=cc)
+    cache = kvjax.release(cache, jnp.asarray(sids), config=cc)
+  _, cache = kvjax.plan_step(cache, jnp.array([0]), jnp.asarray(victim[None]),
+                             jnp.array([S], jnp.int32), config=cc)
   assert int(cache.status) & kvjax.INDEX_OVERFLOW == 0, "victim's page kept out of the index"
-  cache = release(cache, jnp.array([0]), config=cc)
+  cache = kvjax.release(cache, jnp.array([0]), config=cc)
   prompt = np.concatenate([victim, [5]]).astype(np.int32)[None]
   matched, cache = kvjax.attach_prefix(cache, jnp.array([1]), jnp.asarray(prompt),
                                        jnp.array([S + 1], jnp.int32), config=cc)

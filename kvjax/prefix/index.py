@@ -251,8 +251,12 @@ def home_buckets(hashes: jax.Array, key: jax.Array,
   >>> a[0].shape, bool((a[0] != b[0]) | (a[1] != b[1]))
   ((1,), True)
   """
-  return tuple((w & np.uint32(num_buckets - 1)).astype(jnp.int32)
-               for w in halfsiphash64(hashes, key))
+  return _homes(halfsiphash64(hashes, key), num_buckets)
+
+
+def _homes(mixed, num_buckets: int) -> tuple[jax.Array, jax.Array]:
+  """The two home buckets, int32 each, from the keyed hash's words ``mixed``."""
+  return tuple((w & np.uint32(num_buckets - 1)).astype(jnp.int32) for w in mixed)
 
 
 def _check_batch(fn: str, hashes, **columns) -> int:
@@ -318,7 +322,7 @@ def _find(index: PrefixIndex, hashes: jax.Array, valid: jax.Array, mixed=None) -
   nb = index.num_buckets
   if mixed is None:
     mixed = placement_mix(index, hashes)
-  homes = tuple((w & np.uint32(nb - 1)).astype(jnp.int32) for w in mixed)  # the two paths
+  homes = _homes(mixed, nb)   # the two paths, int32 [N] each
   n = hashes.shape[0]
 
   def probe(carry):
@@ -446,7 +450,7 @@ def index_insert(index: PrefixIndex, hashes: jax.Array, values: jax.Array,
   existing = _find(index, hashes, winner, mixed)
   table_values = index.values.at[jnp.where(existing >= 0, existing, capacity)].set(
       values, mode="drop")
-  homes = tuple((w & np.uint32(nb - 1)).astype(jnp.int32) for w in mixed)  # int32 [N] each
+  homes = _homes(mixed, nb)   # int32 [N] each
   coin = mixed[0] >> np.uint32(31) == 1  # keyed tie-break between the choices
   budget = index.max_probes
 
