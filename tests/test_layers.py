@@ -17,6 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Lower number = lower layer. Each key is a package or module of kvjax.
 LAYERS = {
     "kvjax.rope": 0,
+    "kvjax.xla_cpu": 0,
     "kvjax.layout": 1,
     "kvjax.prefix": 1,
     "kvjax.quant": 2,

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from kvjax.layout.meta import PageMeta
 from kvjax.prefix.hashing import fmix32
+from kvjax.xla_cpu import loop_kernels_on
 
 
 NEVER = 2**30          # next-use time of a block that is never referenced again
@@ -173,9 +174,13 @@ def settle(d: Deferred) -> Deferred:
   """Apply the pending writes (in order) and clear them."""
   n = d.array.shape[0]
   k = d.index.shape[0]
-  if k == 1:
-    arr = d.array.at[d.index[0]].set(d.value[0], mode="drop")
-  else:  # one scatter; of writes to the same row only the last one counts
+  if k == 1 or loop_kernels_on():
+    # one write per row, in order (of writes to one row the last one counts): XLA makes
+    # each an in-place dynamic-update-slice, which a loop kernel can hold (kvjax.xla_cpu)
+    arr = d.array
+    for j in range(k):
+      arr = arr.at[d.index[j]].set(d.value[j], mode="drop")
+  else:  # one scatter (one task in XLA:CPU's graph instead of k)
     later = jnp.triu(d.index[:, None] == d.index[None, :], 1).any(axis=1)
     arr = d.array.at[jnp.where(later, n, d.index)].set(d.value, mode="drop")
   return Deferred(arr, jnp.full_like(d.index, n), d.value)
