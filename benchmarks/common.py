@@ -12,6 +12,14 @@ import platform
 
 import jax
 
+from kvjax.xla_cpu import enable_loop_kernels
+from kvjax.xla_cpu import loop_kernels_on
+
+# As the kvjax commands do: XLA:CPU compiles scans into one kernel (kvjax.xla_cpu). This
+# must run before JAX's backend starts, so benchmarks import this module before their
+# first array; machine() records whether it took.
+enable_loop_kernels()
+
 
 def machine() -> dict:
   """The machine a result was measured on (one dict for every benchmark's JSON).
@@ -29,6 +37,7 @@ def machine() -> dict:
       "backend": jax.default_backend(),
       "device": str(jax.devices()[0]),
       "devices": [str(d) for d in jax.devices()][:2],
+      "xla_loop_kernels": loop_kernels_on(),
   }
 
 

@@ -21,6 +21,11 @@
   the default policy, 16 configurations in one kvjax call against 16 libCacheSim runs
   (``speed_libcachesim``). kvjax policies without a libCacheSim twin are compared with
   libCacheSim's policy of the closest design (``LIBCACHESIM_TWIN``).
+* **The sampled path** (``sampled_at_6144``, ``sampled_over_libcachesim``): every scoring
+  policy again with ``sample=64`` candidates scored per miss (whole trace, 6,144
+  blocks), its time and warm hit ratio beside the exact path's, and the default's
+  16-configuration sweep on it. Both paths run with XLA:CPU's loop kernels on
+  (``kvjax.xla_cpu``; ``machine.xla_loop_kernels``), as the ``kvjax`` commands do.
 * **Held-out choice of the default** (``heldout``): traces no parameter was tuned on,
   with other reuse patterns than the conversation trace (generated: shared documents,
   agent loops, scans through one-off documents, many tenants; and the conversation
@@ -54,6 +59,7 @@ from kvjax.policies import make_params
 from kvjax.policies.scoring import NEVER
 from kvjax.sim import simulator, traces
 from kvjax.sim.arc import HOST_POLICIES
+from kvjax.sim.exact import EXACT_POLICIES
 import common  # benchmarks/common.py: machine description, results writer
 
 CAPACITIES = (1024, 4096, 6144, 16384)
@@ -93,6 +99,7 @@ LIBCACHESIM_TWIN = {"lru": "LRU", "fifo": "FIFO", "lru2": "LRUK", "lfu": "LFU",
                     "arc-bypass": "ARC", "min": "Belady", "greedydual": "GDSF",
                     "freqlru": "MQ", "autofreq": "MQ", "autoclass": "MQ"}
 SWEEP_CONFIGS = 16
+SAMPLE = 64  # candidates per miss of the sampled path reported beside the exact one
 SWEEP_REFS = 20_000  # references of a scoring policy's sweep (see speed_libcachesim)
 GAP_TARGET = 0.25
 LRU_SLACK = 0.02
@@ -193,6 +200,29 @@ def evaluate(trace, capacities, names, params, cut, speed_cap, log):
       log(f"  {name:<14s} cap {c:>6d}: last30 {last[name][c]:.4f} full {full[name][c]:.4f} "
           f"({dt:.1f} s)")
   return last, full, seconds
+
+
+def sampled_speed(trace, names, params, capacity, cut, exact_last, log,
+                  sample: int = SAMPLE) -> dict:
+  """The sampled path (``sample`` candidates scored per miss) of every scoring policy at
+  ``capacity``: its compiled time (a second call) and warm hit ratio next to the exact
+  scoring path's (``exact_last``)."""
+  out = {}
+  for name in names:
+    if name in HOST_POLICIES or name in EXACT_POLICIES:
+      continue
+    run = lambda: simulator.simulate_hits(trace, [capacity], name,  # noqa: E731
+                                          _params(name, params.get(name) or {}),
+                                          sample=sample)[0]
+    run()
+    t, h = _best_time(run, 1)
+    r = float(h[cut:].mean())
+    out[name] = {"sample": sample, "seconds": t, "hit_ratio": r,
+                 "exact_hit_ratio": exact_last[name][capacity],
+                 "points_vs_exact": r - exact_last[name][capacity]}
+    log(f"  sampled {name:<12s} K={sample}: {t:.2f} s, last30 {r:.4f} "
+        f"(exact {exact_last[name][capacity]:.4f})")
+  return out
 
 
 def _best_time(fn, repeat: int) -> tuple[float, object]:
@@ -303,7 +333,8 @@ def sweep_grid(name: str, k: int = SWEEP_CONFIGS) -> list[dict]:
   return [{key: v * 2.0 ** (-2 + 4 * i / (k - 1))} for i in range(k)]
 
 
-def speed_libcachesim(lc_factory, trace, seconds, capacity, default, params, log) -> dict:
+def speed_libcachesim(lc_factory, trace, seconds, capacity, default, params, log,
+                      sampled=None) -> dict:
   """``sim_over_libcachesim`` per policy, and the 16-configuration sweep of the default.
 
   The sweep: for ARC (no parameters), 16 capacities log-spaced over the benchmark's range,
@@ -321,6 +352,9 @@ def speed_libcachesim(lc_factory, trace, seconds, capacity, default, params, log
     lt = lc.seconds(twin, capacity)
     out[name] = {"libcachesim_policy": twin, "kvjax_s": t, "libcachesim_s": lt,
                  "sim_over_libcachesim": lt / t}
+    if sampled and name in sampled:
+      ts = sampled[name]["seconds"]
+      out[name].update(sampled_s=ts, sampled_over_libcachesim=lt / ts)
     log(f"  speed {name:<12s} kvjax {t:.3f} s, libCacheSim {twin} {lt:.3f} s: "
         f"{lt / t:.3f}")
   twin = LIBCACHESIM_TWIN.get(default, "LRU")
@@ -345,6 +379,11 @@ def speed_libcachesim(lc_factory, trace, seconds, capacity, default, params, log
   sweep = {"policy": default, "configurations": configs, "references": sub.num_refs,
            "kvjax_s": t_kv, "libcachesim_policy": twin, "libcachesim_s": t_lc,
            "sim_over_libcachesim": t_lc / t_kv}
+  if default not in HOST_POLICIES:  # the same sweep on the sampled path
+    fs = lambda: simulator.sweep(sub, [capacity], default, configs, sample=SAMPLE)  # noqa: E731
+    fs()
+    t_s, _ = _best_time(fs, 1)
+    sweep.update(sample=SAMPLE, sampled_s=t_s, sampled_over_libcachesim=t_lc / t_s)
   if default in HOST_POLICIES:  # the jitted, vmapped scan too (same hit flags)
     scan_fn = lambda: simulator.simulate_hits(sub, caps, default, path="exact")  # noqa: E731
     scan_fn()
@@ -509,6 +548,7 @@ def main(argv=None) -> int:
   speed_cap = caps[2]
   log("replaying the whole trace, counting the last 30 %")
   last, full, seconds = evaluate(trace, caps, report, params, cut, speed_cap, log)
+  sampled = sampled_speed(trace, report, params, speed_cap, cut, last, log)
   gaps = {p: {c: gap(last[p][c], last["lru"][c], last["min"][c]) for c in caps} for p in last}
 
   log("held-out traces")
@@ -531,7 +571,8 @@ def main(argv=None) -> int:
                                       for p, row in lib_full.items()},
              "gap_closed": {p: {str(c): gap(row[c], last["lru"][c], last["min"][c])
                                 for c in caps} for p, row in lib_last.items()}}
-      lib["speed"] = speed_libcachesim(factory, trace, seconds, speed_cap, d_name, d_over, log)
+      lib["speed"] = speed_libcachesim(factory, trace, seconds, speed_cap, d_name, d_over, log,
+                                       sampled)
       held_lib = {}
       for name, row in hold["traces"].items():
         t = next(x for x in heldout_traces(trace if real else None, args.quick)
@@ -555,11 +596,17 @@ def main(argv=None) -> int:
       "gap_closed": {p: {str(c): g for c, g in row.items()} for p, row in gaps.items()},
       "hit_ratio_full_trace": {p: {str(c): r for c, r in row.items()} for p, row in full.items()},
       "seconds_at_%d" % speed_cap: seconds,
+      "sampled_at_%d" % speed_cap: sampled,
       "default_policy": d, "default_params": d_over, "default_choice": choice,
       "gap_closed_heldout": d_gap,
       "sim_over_libcachesim": None if lib is None else
       {**{p: v["sim_over_libcachesim"] for p, v in lib["speed"]["per_policy"].items()},
        "default_sweep_%d" % SWEEP_CONFIGS: lib["speed"]["default_sweep"]["sim_over_libcachesim"]},
+      "sampled_over_libcachesim": None if lib is None else
+      {**{p: v["sampled_over_libcachesim"] for p, v in lib["speed"]["per_policy"].items()
+          if "sampled_over_libcachesim" in v},
+       "default_sweep_%d" % SWEEP_CONFIGS:
+       lib["speed"]["default_sweep"].get("sampled_over_libcachesim")},
       "libcachesim": lib if lib is not None else "skipped: libcachesim not installed",
       "heldout": hold, "sim_over_python": timing["sim_over_python"], "timing": timing,
       "fit": fit_report, "wall_s": time.perf_counter() - t_start,

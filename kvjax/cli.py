@@ -37,6 +37,7 @@ from kvjax.models.gguf_loader import WeightsNotInstalledError
 from kvjax.models.llama import compute_dtype
 from kvjax.sim import cli as sim_cli
 from kvjax import tiers as kvtiers
+from kvjax.xla_cpu import enable_loop_kernels
 
 SYSTEM_PROMPT = ("You are a concise, helpful assistant. Answer in one or two sentences, "
                  "plainly and correctly.")
@@ -402,6 +403,7 @@ def main(argv=None) -> int:
   _demo_args(sub.add_parser("demo", help="SmolLM2 multi-turn chat through the paged cache"))
   sub.add_parser("replay", help="replay a request trace through the cache simulator",
                  add_help=False)
+  enable_loop_kernels()    # before JAX starts: scans compile to one kernel (kvjax.xla_cpu)
   enable_compile_cache()   # compiled step shapes are reused by the next run
   try:
     if argv[:1] == ["replay"]:
