@@ -17,7 +17,7 @@ from kvjax.xla_cpu import loop_kernels_on
 
 # As the kvjax commands do: XLA:CPU compiles scans into one kernel (kvjax.xla_cpu). This
 # must run before JAX's backend starts, so benchmarks import this module before their
-# first array; machine() records whether it took.
+# first array; machine() records whether $XLA_FLAGS asks for it.
 enable_loop_kernels()
 
 

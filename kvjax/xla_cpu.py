@@ -12,10 +12,12 @@ XLA has a pass that compiles such a loop, body and all, into a single kernel
 its threshold, 1 kB by default, which keeps it off for any loop carrying a block
 table. ``enable_loop_kernels`` raises the threshold through ``$XLA_FLAGS``; it takes
 effect only when set before JAX's CPU backend starts (the first array or compile of
-the process), so the ``kvjax`` commands, the benchmarks and the tests set it at
-start-up, and a program of yours can do the same. Measured (``benchmarks/policies.py``
-and the note in docs/ARCHITECTURE.md): the sampled simulator's step 1.8 -> 0.3 us for
-``lru`` and 22.8 -> 3.2 us for ``classfreq``; a SmolLM2 decode step was no slower.
+the process), so the ``kvjax`` commands and the benchmarks set it at start-up (the
+tests do not yet: one int2 write/attend bit-equality test differs under it), and a
+program of yours can do the same. Measured on the 2-core machine (20,066 references,
+6,144 pages, ``sample=16``, min of 3): the sampled simulator's step 1.8 -> 0.3 us for
+``lru`` and 22.8 -> 3.2 us for ``classfreq``, the same hit flags; a SmolLM2 decode step
+was no slower (``benchmarks/policies.py`` reports the sampled path beside the exact one).
 
 Ops the pass cannot put in a kernel (scatter, sort, custom calls) keep the whole loop
 in the task graph, so the simulator's hot loops avoid them when the kernels are on
