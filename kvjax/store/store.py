@@ -313,6 +313,8 @@ class BlockStore:
     self._seg_rows = max(1, min(config.segment_bytes // self.format.page_bytes,
                                 cap // SEGMENTS_AT_LEAST))
     self._readers = None
+    self._checksummer = concurrent.futures.ThreadPoolExecutor(
+        1, thread_name_prefix="kvjax-l3-crc")   # a put's checksums, beside its write
     if self.segments is not None:
       self._open_segments()
 
@@ -568,13 +570,17 @@ class BlockStore:
       if self.segments is not None and self.segments.appendable:
         # written straight from the arrays (one gathered write), no packed copy
         pages = self.format.parts(sub)
-        crcs = [page_crc(keys[i], *pages[j]) for j, i in enumerate(todo)]
         rows = [p for page in pages for p in page]
       else:
         rows = self.format.pack(sub)
-        crcs = [page_crc(keys[i], rows[j]) for j, i in enumerate(todo)]
-      errors, ok, seg, first = [], [], -1, 0
+        pages = rows[:, None]
+      errors, ok, seg, first, crcs = [], [], -1, 0, []
       if len(new):
+        # the checksums are computed on a helper thread while this one writes (the write
+        # releases the GIL): 2,048 pages of 105 KB spent 0.066 s of 0.26 s in crc32c
+        # before their write began
+        checksums = self.ledger.track(self._checksummer.submit(
+            lambda: [page_crc(keys[i], *pages[j]) for j, i in enumerate(todo)]))
         # one write for the batch (a segment, or the chunks tensorstore writes concurrently);
         # a batch whose write fails lists none of its pages (an unlisted slot is never read)
         try:
@@ -582,6 +588,8 @@ class BlockStore:
           ok = list(range(len(new)))
         except Exception as err:  # noqa: BLE001: reported as one StoreWriteError below
           errors.append(err)
+        finally:
+          crcs = self.ledger.wait(checksums)
       with self._lock:
         ix = self.index
         for j in ok:
