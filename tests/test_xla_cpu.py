@@ -45,3 +45,24 @@ def test_settle_applies_pending_writes_in_order(monkeypatch, kernels):
       if cond and i < 6:   # row 6 is out of range: no write
         model[i] = v
     assert np.asarray(settle(d).array).tolist() == model
+
+
+@pytest.mark.parametrize("policy,sample", [("autoclass", 4), ("freqlru", None), ("lfu", 4)])
+def test_runs_in_turn_give_the_vmapped_runs_hits(monkeypatch, policy, sample):
+  """With loop kernels on, a multi-run simulation runs its scans one after another
+  (``lax.map``); each run's hits must be those of the vmapped program and of that run
+  alone."""
+  from kvjax.policies.contract import make_params
+  from kvjax.sim import simulator, traces
+  trace = traces.generate(60, seed=3)
+  caps = [8, 24, 40]
+  params = [make_params(policy) for _ in caps]
+  kw = dict(path="scoring") if sample is None else dict(sample=sample)
+  got = {}
+  for kernels in (False, True):
+    monkeypatch.setenv("XLA_FLAGS", xla_cpu.loop_kernel_flag() if kernels else "")
+    got[kernels] = simulator.simulate_hits(trace, caps, policy, params, **kw)
+  np.testing.assert_array_equal(got[True], got[False])
+  for i in (0, len(caps) - 1):   # [c, c]: two runs, so in turn; padded to c, not 40
+    alone = simulator.simulate_hits(trace, [caps[i]] * 2, policy, [params[i]] * 2, **kw)[0]
+    np.testing.assert_array_equal(got[True][i], alone)

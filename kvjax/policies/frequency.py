@@ -147,13 +147,18 @@ def _freqlru_init(num_pages: int) -> FreqLruState:
   return freqlru_state(jnp.zeros((num_pages,), jnp.int32))
 
 
+def _log2_count(count: jax.Array) -> jax.Array:
+  """float32: log2 of int reference counts, 0 counted as 1 (the same bits vectorized or not: XLA's
+  log2 is one function, so a stored value equals one computed at score time)."""
+  return jnp.log2(jnp.maximum(count, 1).astype(jnp.float32))
+
+
 def _freqlru_score(state: FreqLruState, meta, clock, params):
   """LRU with a frequency credit: a block referenced ``c`` times is treated as if used
   ``credit * log2(c)`` steps later than it was. Counts survive eviction in a ghost table
   (``GHOST_FACTOR * num_pages`` hashed entries), so a block coming back keeps its history. Partial
   pages go first."""
-  c = jnp.maximum(view(state.count), 1).astype(jnp.float32)
-  raw = age(meta, clock) - params["credit"] * jnp.log2(c)
+  raw = age(meta, clock) - params["credit"] * _log2_count(view(state.count))
   partial = meta.filled < page_size_of(meta)
   return finalize(jnp.where(partial, raw + CLASS_STEP, raw), meta)
 
@@ -199,6 +204,8 @@ class AutoFreqLruState(NamedTuple):
   mini_key: Deferred      # uint32 [K * m, 2]  miniature caches' blocks (m = P // 8 each)
   mini_last: Deferred     # int32 [K * m]  their last access clocks
   mini_count: Deferred    # int32 [K * m]  their reference counts (0 = empty)
+  mini_lcount: Deferred   # float32 [K * m]  log2(max(count, 1)), written with the count (a
+                          #   log2 of every cell per replay was half the sampled step)
   mini_gkey: Deferred     # uint32 [K * 16m, 2]  miniature ghost tables (keys)
   mini_gcount: Deferred   # int32 [K * 16m]  miniature ghost tables (counts)
   mini_hits: jax.Array    # float32 [K]  exponentially decayed hits of each miniature
@@ -215,6 +222,7 @@ def _auto_init(num_pages: int, k: int = len(MINI_CREDITS)) -> AutoFreqLruState:
       mini_key=deferred(jnp.zeros((k * m, 2), jnp.uint32), k),
       mini_last=deferred(jnp.zeros((k * m,), jnp.int32), k),
       mini_count=deferred(jnp.zeros((k * m,), jnp.int32), k),
+      mini_lcount=deferred(jnp.zeros((k * m,), jnp.float32), k),
       mini_gkey=deferred(jnp.zeros((k * GHOST_FACTOR * m, 2), jnp.uint32), k),
       mini_gcount=deferred(jnp.zeros((k * GHOST_FACTOR * m,), jnp.int32), k),
       mini_hits=jnp.zeros((k,), jnp.float32))
@@ -252,13 +260,14 @@ def _auto_update(state: AutoFreqLruState, meta, access: Access, params,
     keys = view(state.mini_key)[rows]                                     # [K, m, 2]
     last = view(state.mini_last)[rows]
     count = view(state.mini_count)[rows]
+    lcount = view(state.mini_lcount)[rows]
     usable = jnp.arange(m)[None, :] < m_eff
     match = same_key(keys, access.key[None, None, :]) & usable
     hit = match.any(axis=1)                                               # [K]
     pos = jnp.argmax(match, axis=1)
     credit = jnp.asarray(credits, jnp.float32)[:, None]
     score = (jnp.clip(access.clock - last, 0, AGE_CAP).astype(jnp.float32)
-             - credit * jnp.log2(jnp.maximum(count, 1).astype(jnp.float32)))
+             - credit * lcount)
     score = jnp.where(count == 0, jnp.inf, score)
     score = jnp.where(usable, score, -jnp.inf)
     victim = jnp.argmax(score, axis=1)
@@ -274,17 +283,19 @@ def _auto_update(state: AutoFreqLruState, meta, access: Access, params,
     evicting = insert & ~empty
     ekey = keys[jnp.arange(k), victim]
     eb = jnp.arange(k) * g + bucket(ekey, GHOST_FACTOR * m_eff)
-    mk, ml, mc, gk, gc = (state.mini_key, state.mini_last, state.mini_count, state.mini_gkey,
-                          state.mini_gcount)
+    new_lcount = _log2_count(new_count)
+    mk, ml, mc, mlc, gk, gc = (state.mini_key, state.mini_last, state.mini_count,
+                               state.mini_lcount, state.mini_gkey, state.mini_gcount)
     for j in range(k):
       mk = put(mk, cell[j], access.key, write[j])
       ml = put(ml, cell[j], access.clock, write[j])
       mc = put(mc, cell[j], new_count[j], write[j])
+      mlc = put(mlc, cell[j], new_lcount[j], write[j])
       gk = put(gk, eb[j], ekey[j], evicting[j])
       gc = put(gc, eb[j], count[j, victim[j]], evicting[j])
     decay = jnp.exp2(-1.0 / (params["window"] * jnp.maximum(m_eff, 1).astype(jnp.float32)))
     hits = jnp.where(sampled, state.mini_hits * decay + hit.astype(jnp.float32), state.mini_hits)
-    return AutoFreqLruState(main, mk, ml, mc, gk, gc, hits)
+    return AutoFreqLruState(main, mk, ml, mc, mlc, gk, gc, hits)
 
   # one reference in MINI_RATE is sampled; the key alone decides, so this stays a branch
   # (not a select) when runs are vmapped over capacities or parameters

@@ -37,6 +37,7 @@ from kvjax.sim.exact import exact_hits
 from kvjax.sim.exact import EXACT_POLICIES
 from kvjax.sim import traces
 from kvjax.sim.traces import Trace
+from kvjax.xla_cpu import loop_kernels_on
 
 ACCOUNTING = ("block", "prefix")
 PATHS = ("auto", "scoring", "exact", "sampled")
@@ -225,16 +226,25 @@ def _simulate_sampled(refs: dict, capacity, params, key, *, policy_name: str,
 
 
 @functools.partial(jax.jit, static_argnames=("policy_name", "num_pages", "num_blocks",
-                                              "page_size", "sample"))
-def _simulate_batch(refs: dict, capacities, params, seed, *, sample=None, **static):
+                                              "page_size", "sample", "in_turn"))
+def _simulate_batch(refs: dict, capacities, params, seed, *, sample=None, in_turn=False,
+                    **static):
   """bool [V, N] hit flags of V runs (capacities int32 [V], params dict of float32 [V]);
-  ``sample`` (static) picks the sampled path, keyed by int32 [] ``seed``."""
+  ``sample`` (static) picks the sampled path, keyed by int32 [] ``seed``. ``in_turn``
+  (static) runs the V scans one after another (``lax.map``) instead of one vmapped scan:
+  under vmap a write at a per-run index is a scatter, which keeps the scan out of an
+  XLA:CPU loop kernel (``kvjax.xla_cpu``): sampled LRU at 6,144 pages took 0.21 us a
+  reference alone and 2.0 us vmapped with a second run (1,000 conversation requests)."""
   if sample is None:
     run = functools.partial(_simulate, **static)
-    return jax.vmap(run, in_axes=(None, 0, 0))(refs, capacities, params)
-  key = fmix32(jnp.asarray(seed).astype(jnp.uint32) + jnp.uint32(0x9E3779B9))
-  run = functools.partial(_simulate_sampled, sample=sample, **static)
-  return jax.vmap(run, in_axes=(None, 0, 0, None))(refs, capacities, params, key)
+    one = lambda cp: run(refs, *cp)  # noqa: E731
+  else:
+    key = fmix32(jnp.asarray(seed).astype(jnp.uint32) + jnp.uint32(0x9E3779B9))
+    run = functools.partial(_simulate_sampled, sample=sample, **static)
+    one = lambda cp: run(refs, *cp, key)  # noqa: E731
+  if in_turn:
+    return jax.lax.map(one, (capacities, params))
+  return jax.vmap(one)((capacities, params))
 
 
 def _refs(trace: Trace) -> dict:
@@ -322,7 +332,8 @@ def simulate_hits(trace: Trace, capacities, policy="lru", params=None, *,
   hits = _simulate_batch(_refs(trace), jnp.asarray(caps, jnp.int32), stacked,
                          jnp.int32(seed), policy_name=policy.name, num_pages=num_pages,
                          num_blocks=max(trace.num_blocks, 1), page_size=trace.block_size,
-                         sample=None if path != "sampled" else min(sample, num_pages))
+                         sample=None if path != "sampled" else min(sample, num_pages),
+                         in_turn=len(caps) > 1 and loop_kernels_on())
   hits = np.asarray(hits)
   return hits[0] if single else hits
 
