@@ -66,3 +66,41 @@ def test_runs_in_turn_give_the_vmapped_runs_hits(monkeypatch, policy, sample):
   for i in (0, len(caps) - 1):   # [c, c]: two runs, so in turn; padded to c, not 40
     alone = simulator.simulate_hits(trace, [caps[i]] * 2, policy, [params[i]] * 2, **kw)[0]
     np.testing.assert_array_equal(got[True][i], alone)
+
+
+_CHILD = """
+import sys, numpy as np
+from kvjax import xla_cpu
+assert xla_cpu.enable_loop_kernels() and xla_cpu.loop_kernels_on()
+from kvjax.sim import simulator, traces
+trace = traces.generate(80, seed=5)
+out = {f"{p}-{k}": simulator.simulate_hits(trace, [16, 48], p, **kw)
+       for p in ("autoclass", "lfu", "s3fifo", "arc")
+       for k, kw in (("scoring", {"path": "exact" if p == "arc" else "scoring"}),
+                     ("sampled", {"sample": 8}))
+       if not (p == "arc" and k == "sampled")}
+np.savez(sys.argv[1], **out)
+"""
+
+
+def test_loop_kernels_compiled_for_real_give_the_same_hits(tmp_path):
+  """The CLI and benchmarks run the simulator with loop kernels on; the tests do not.
+  A child process with the flag set before JAX starts (so the kernels are really
+  compiled) must get the hit flags this process gets without it."""
+  import os
+  import subprocess
+  import sys
+  from kvjax.sim import simulator, traces
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = tmp_path / "hits.npz"
+  r = subprocess.run([sys.executable, "-c", _CHILD, str(out)], env=env, capture_output=True,
+                     text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  got = np.load(out)
+  trace = traces.generate(80, seed=5)
+  assert len(got.files) == 7
+  for name in got.files:
+    p, k = name.split("-")
+    kw = {"path": "exact" if p == "arc" else "scoring"} if k == "scoring" else {"sample": 8}
+    np.testing.assert_array_equal(got[name], simulator.simulate_hits(trace, [16, 48], p, **kw),
+                                  err_msg=name)
