@@ -22,10 +22,11 @@ was no slower (``benchmarks/policies.py`` reports the sampled path beside the ex
 Ops the pass cannot put in a kernel (scatter, sort, custom calls) keep the whole loop
 in the task graph, so the simulator's hot loops avoid them when the kernels are on
 (``loop_kernels_on``; e.g. ``kvjax.policies.scoring.settle``). ``vmap`` turns a write at
-a per-run index into a scatter, so with the kernels on the simulator runs several
-capacities or parameter sets one scan after another (``lax.map``) instead of one vmapped
-scan: a 16-configuration ``autoclass`` sweep (20,000 references, 6,144 pages,
-``sample=64``) 7.1 -> 4.3 s, the same hit flags.
+a per-run index into a scatter, so with the kernels on the sampled simulator runs
+several capacities or parameter sets one scan after another (``lax.map``) instead of one
+vmapped scan: a 16-configuration ``autoclass`` sweep (20,000 references, 6,144 pages,
+``sample=64``) 7.1 -> 4.3 s, the same hit flags (the scoring path stays vmapped: its
+O(P) score per miss batches well).
 """
 
 from __future__ import annotations
