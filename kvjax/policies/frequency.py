@@ -148,8 +148,9 @@ def _freqlru_init(num_pages: int) -> FreqLruState:
 
 
 def _log2_count(count: jax.Array) -> jax.Array:
-  """float32: log2 of int reference counts, 0 counted as 1 (the same bits vectorized or not: XLA's
-  log2 is one function, so a stored value equals one computed at score time)."""
+  """float32: log2 of int reference counts, 0 counted as 1. XLA's log2 gives the same bits
+  vectorized or not, so a log stored when a count is written equals one taken at score
+  time."""
   return jnp.log2(jnp.maximum(count, 1).astype(jnp.float32))
 
 
