@@ -2,6 +2,7 @@
 
 import collections
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -54,6 +55,33 @@ def test_sampled_vmapped_sweep_equals_single_runs(trace):
   for p, h in zip(ps, both):
     assert (simulator.simulate_hits(trace, 90, "lfu", p, sample=8) == h).all()
   assert (both[0] != both[1]).any()
+
+
+def test_sampled_scores_are_told_the_runs_pool_size(trace):
+  """On the sampled path a score sees K candidate pages; ``pool_pages`` must still be the
+  run's capacity. A probe policy scores like LRU when it is (its ``cap`` parameter) and
+  like MRU otherwise: its hits must be sampled LRU's, run by run, in a vmapped pair."""
+  from kvjax import policies as pol
+  from kvjax.policies.scoring import age, finalize, pool_pages
+
+  def score(state, meta, clock, params):
+    a = age(meta, clock)
+    told = pool_pages(meta, params) == params["cap"].astype(jnp.int32)
+    return finalize(jnp.where(told, a, -a), meta)
+
+  probe = pol.register(pol.Policy(name="test-pool-probe", init=pol.no_state, score=score,
+                                  update=pol.no_update, defaults={"cap": 0.0},
+                                  bounds={"cap": pol.Bound(0.0, 1e6)}))
+  try:
+    ps = [make_params(probe, cap=float(c)) for c in CAPS]
+    got = simulator.simulate_hits(trace, CAPS, probe.name, ps, sample=8)
+    want = simulator.simulate_hits(trace, CAPS, "lru", sample=8)
+    np.testing.assert_array_equal(got, want)
+    wrong = simulator.simulate_hits(trace, CAPS, probe.name,
+                                    [make_params(probe, cap=8.0)] * 2, sample=8)
+    assert (wrong != want).any()   # told the sample's size, it would score as MRU
+  finally:
+    pol.POLICIES.pop(probe.name)
 
 
 def test_sweep_grid_equals_single_runs(trace):

@@ -31,6 +31,7 @@ from kvjax.policies.scoring import get
 from kvjax.policies.scoring import key_hash
 from kvjax.policies.scoring import live_pages
 from kvjax.policies.scoring import page_size_of
+from kvjax.policies.scoring import pool_pages
 from kvjax.policies.scoring import put
 from kvjax.policies.scoring import same_key
 from kvjax.policies.scoring import view
@@ -416,7 +417,7 @@ def _classfreq_score(state: ClassFreqState, meta, clock, params):
   eff = jnp.maximum(c, 1).astype(jnp.float32) + jnp.where(first, bonus, 0.0)
   raw = age(meta, clock) - params["credit"] * jnp.log2(eff)
   gap = view(state.gap)
-  neutral = jnp.log2(params["interval_scale"] * live_pages(meta).astype(jnp.float32))
+  neutral = jnp.log2(params["interval_scale"] * pool_pages(meta, params).astype(jnp.float32))
   slow = jnp.log2(jnp.maximum(gap, 1).astype(jnp.float32)) - neutral
   raw = raw + jnp.where((c >= 2) & (gap > 0), params["interval_weight"] * slow, 0.0)
   partial = meta.filled < page_size_of(meta)

@@ -137,6 +137,22 @@ def live_pages(meta: PageMeta) -> jax.Array:
   return jnp.sum((meta.filled > 0) | (meta.ref_count == 0)).astype(jnp.int32)
 
 
+POOL_PAGES = "pool_pages"  # params key: the pool's live pages, set by a caller scoring a sample
+
+
+def pool_pages(meta: PageMeta, params) -> jax.Array:
+  """int32 []: the whole pool's ``live_pages``, for a score: ``params[POOL_PAGES]`` where
+  the caller scores a sample of the pages (the sampled simulator), else
+  ``live_pages(meta)``.
+
+  >>> from kvjax.layout.meta import init_meta
+  >>> int(pool_pages(init_meta(4, 16), {})), int(pool_pages(init_meta(4, 16), {POOL_PAGES: 9}))
+  (4, 9)
+  """
+  n = params.get(POOL_PAGES)
+  return live_pages(meta) if n is None else jnp.asarray(n, jnp.int32)
+
+
 def same_key(a: jax.Array, b: jax.Array) -> jax.Array:
   """bool [...]: uint32 [..., 2] keys equal and not the empty key (0, 0)."""
   nonzero = (b[..., 0] != 0) | (b[..., 1] != 0)

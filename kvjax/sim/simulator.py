@@ -29,6 +29,7 @@ from kvjax.policies.contract import POLICIES
 from kvjax.policies.scoring import Access
 from kvjax.policies.scoring import argmax
 from kvjax.policies.scoring import Deferred
+from kvjax.policies.scoring import POOL_PAGES
 from kvjax.prefix.hashing import fmix32
 from kvjax.sim.arc import arc_hits
 from kvjax.sim.arc import arc_scan_hits
@@ -203,8 +204,9 @@ def _simulate_sampled(refs: dict, capacity, params, key, *, policy_name: str,
     s = jnp.maximum(p, 0)
     idx = candidates(clock, used)
     sub = {k: v[idx] for k, v in fields.items()}
+    # a score's pool-wide size is the run's (every page beyond it is pinned), not the sample's
     scores = policy.score(_gather_rows(pstate, idx, num_pages), _as_meta(sub, page_size),
-                          clock, params)
+                          clock, {**params, POOL_PAGES: capacity})
     victim = idx[argmax(scores)]
     access, count = _decide(policy, pstate, meta, fields, params, x, key_b, clock, hit, s,
                             victim)
@@ -277,9 +279,10 @@ def simulate_hits(trace: Trace, capacities, policy="lru", params=None, *,
     sample: K, the candidates scored per miss on the sampled path (a static int >= 1: one
       compilation per K). ``K >= max(capacities)`` scores every page in order and gives
       the scoring path's hit flags exactly; smaller K samples pages uniformly (with
-      replacement) from the run's capacity, as LRB and Redis do. Policies whose score
-      reads pool-wide totals (``s3fifo``'s probation share, ``live_pages`` in
-      ``classfreq``/``autoclass``, ``weighted``'s child counts) see them over the sample.
+      replacement) from the run's capacity, as LRB and Redis do. A score is told the
+      run's pool size (``params[POOL_PAGES]``, read by ``pool_pages``: the interval scale
+      of ``classfreq``/``autoclass``); other pool-wide totals (``s3fifo``'s probation
+      share, ``weighted``'s child counts) are seen over the sample.
     seed: the sampled path's PRNG key (a keyed counter hash of the clock and candidate:
       the same seed gives the same hit flags; every run of a sweep sees the same samples).
 
