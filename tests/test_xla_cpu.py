@@ -1,12 +1,20 @@
-"""kvjax.xla_cpu's flag helpers, and ``settle``'s two forms (one scatter, or one write per
-row when loop kernels are on) against a plain-Python model of in-order writes."""
+"""kvjax.xla_cpu's flag helpers; ``settle``'s two forms (one scatter, or one write per row
+when loop kernels are on) against a plain-Python model of in-order writes; the sampled
+simulator's runs in turn against vmapped ones; and the simulator's hits with loop kernels
+compiled for real (a child process) against this process's."""
+
+import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from kvjax import xla_cpu
+from kvjax.policies.contract import make_params
 from kvjax.policies.scoring import deferred, put, settle
+from kvjax.sim import simulator, traces
 
 
 def test_enable_adds_the_flag_once_and_keeps_other_flags():
@@ -52,8 +60,6 @@ def test_runs_in_turn_give_the_vmapped_runs_hits(monkeypatch, policy):
   """With loop kernels on, a multi-run simulation on the sampled path runs its scans one
   after another (``lax.map``); each run's hits must be those of the vmapped program and
   of that run alone."""
-  from kvjax.policies.contract import make_params
-  from kvjax.sim import simulator, traces
   trace = traces.generate(60, seed=3)
   caps = [8, 24, 40]
   params = [make_params(policy) for _ in caps]
@@ -87,10 +93,6 @@ def test_loop_kernels_compiled_for_real_give_the_same_hits(tmp_path):
   """The CLI and benchmarks run the simulator with loop kernels on; the tests do not.
   A child process with the flag set before JAX starts (so the kernels are really
   compiled) must get the hit flags this process gets without it."""
-  import os
-  import subprocess
-  import sys
-  from kvjax.sim import simulator, traces
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   out = tmp_path / "hits.npz"
   r = subprocess.run([sys.executable, "-c", _CHILD, str(out)], env=env, capture_output=True,

@@ -418,7 +418,7 @@ def _classfreq_score(state: ClassFreqState, meta, clock, params):
   raw = age(meta, clock) - params["credit"] * jnp.log2(eff)
   gap = view(state.gap)
   neutral = jnp.log2(params["interval_scale"] * pool_pages(meta, params).astype(jnp.float32))
-  slow = jnp.log2(jnp.maximum(gap, 1).astype(jnp.float32)) - neutral
+  slow = _log2_count(gap) - neutral
   raw = raw + jnp.where((c >= 2) & (gap > 0), params["interval_weight"] * slow, 0.0)
   partial = meta.filled < page_size_of(meta)
   return finalize(jnp.where(partial, raw + CLASS_STEP, raw), meta)

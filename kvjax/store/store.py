@@ -573,7 +573,7 @@ class BlockStore:
         rows = [p for page in pages for p in page]
       else:
         rows = self.format.pack(sub)
-        pages = rows[:, None]
+        pages = rows[:, None]   # a page's parts: its one packed row (page_crc(key, *parts))
       errors, ok, seg, first, crcs = [], [], -1, 0, []
       if len(new):
         # the checksums are computed on a helper thread while this one writes (the write
