@@ -70,7 +70,10 @@ from kvjax.store.segments import PosixSegments
 COMPRESSIONS = ("zstd", "blosc", "none")
 LAYOUTS = ("segments", "chunks")
 READ_THREADS = 4          # reader threads of a segments store (a batch's pieces in parallel)
-READ_PIECE = 16           # pages one reader task reads and checks (a long run split in pieces)
+READ_PIECE = 4            # pages one reader task reads and checks (a long run split in pieces):
+                          # small, so one piece's crc (which holds the GIL) runs while the next
+                          # pieces are read; 2,048 cold pages in gets of 64: 16 -> 0.78, 4 -> 0.87
+                          # of a raw sequential read (benchmarks/store.py)
 SEGMENTS_AT_LEAST = 16    # a segment holds at most capacity / 16 pages
 COMPACT_ROUNDS = 8        # segments compacted at most per put (bounds a put's latency)
 EVICTIONS = {"lru": lru_score, "lfu": lfu_score}
