@@ -163,6 +163,13 @@ class PersistentIndex:
     self.seg_live: dict = {}                    # {segment: listed pages in it}
     self._emptied: set = set()                  # segments emptied since the last durable record
     self.dead_segments: list = []               # emptied, and durably so: the store deletes them
+    # the segments layout with grouped commits (StoreConfig.commit_every > 1): a page's bytes
+    # live in its segment row, never in its slot, so a freed slot is reusable at once (a
+    # durable record naming its old page still points at intact rows: segments are deleted
+    # only once their removal is durable); and commit first calls before_commit (the
+    # store's fsync of the data its pending records list)
+    self.reuse_at_once = False
+    self.before_commit: Optional[Callable[[], None]] = None
 
   # --------------------------------------------------------------------- table
 
@@ -187,7 +194,8 @@ class PersistentIndex:
       short = n - len(self.free) - len(self.pending_free)
       if short > 0:
         self.evict(short, protect)
-      self.commit()
+      if len(self.free) < n:   # (reuse_at_once: the evicted slots are free already)
+        self.commit()
     if len(self.free) < n:
       raise ValueError(f"cannot free {n} slots (capacity {self.capacity}, "
                        f"{len(self.free)} free)")
@@ -271,7 +279,7 @@ class PersistentIndex:
     self._inserted.discard(slot)
     self._touched.discard(slot)
     self._removed.add(slot)
-    self.pending_free.append(slot)
+    (self.free if self.reuse_at_once else self.pending_free).append(slot)
 
   def touch(self, slot: int, hit: bool = True) -> None:
     self.last_use[slot] = self.clock
@@ -296,6 +304,8 @@ class PersistentIndex:
     if not self.dirty:
       self._durable()
       return
+    if self.before_commit is not None:
+      self.before_commit()
     ins = np.array(sorted(self._inserted), np.int64)
     rem = np.array(sorted(self._removed), np.int64)
     tch = np.array(sorted(self._touched - self._inserted), np.int64)

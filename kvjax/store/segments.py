@@ -126,14 +126,17 @@ class PosixSegments:
     path: the directory (created if missing).
     page_bytes: bytes of one packed page row.
     sync: fsync each append (and the directory when a file is created).
+    defer: with ``sync``, leave the fsyncs to ``sync()`` (the store's group commit).
   """
 
   appendable = True
 
-  def __init__(self, path: str, page_bytes: int, sync: bool):
-    self.path, self.page_bytes, self.sync = path, page_bytes, sync
+  def __init__(self, path: str, page_bytes: int, sync: bool, defer: bool = False):
+    self.path, self.page_bytes, self.sync, self.defer = path, page_bytes, sync, defer
     os.makedirs(path, exist_ok=True)
     self._fd, self._fd_seg = None, None   # the segment being appended to stays open
+    self._dirty: set = set()              # defer: segments written since the last sync()
+    self._new_file = False                # defer: a file was created since the last sync()
 
   def _file(self, seg: int) -> str:
     return os.path.join(self.path, f"{int(seg):016d}")
@@ -155,23 +158,51 @@ class PosixSegments:
         self.close()
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
         self._fd_seg = seg
+      if self.sync and self.defer:
+        self._dirty.add(seg)
+        self._new_file |= first == 0
       _pwrite_all(self._fd, bufs, first * self.page_bytes)
-      if self.sync:
+      if self.sync and not self.defer:
         os.fsync(self._fd)
     except BaseException:
       self.close()
       if first == 0:   # a new file that holds nothing listed: a full disk must not keep it
+        self._dirty.discard(seg)
         try:
           os.remove(path)
         except OSError:
           pass
       raise
-    if self.sync and first == 0:
-      dfd = os.open(self.path, os.O_RDONLY)
+    if self.sync and first == 0 and not self.defer:
+      self._sync_dir()
+
+  def _sync_dir(self) -> None:
+    dfd = os.open(self.path, os.O_RDONLY)
+    try:
+      os.fsync(dfd)
+    finally:
+      os.close(dfd)
+
+  def sync_deferred(self) -> None:
+    """``defer``: fsync the segments written since the last call (and the directory if a
+    file was created). A failure is not retried: after a failed fsync the kernel may have
+    dropped the dirty pages, so a second fsync proves nothing; the caller must treat
+    everything written since the last sync as lost."""
+    dirty, new, self._dirty, self._new_file = sorted(self._dirty), self._new_file, set(), False
+    for seg in dirty:
+      if seg == self._fd_seg:
+        os.fsync(self._fd)
+        continue
       try:
-        os.fsync(dfd)
+        fd = os.open(self._file(seg), os.O_RDONLY)
+      except FileNotFoundError:   # deleted since: nothing in it is listed
+        continue
+      try:
+        os.fsync(fd)
       finally:
-        os.close(dfd)
+        os.close(fd)
+    if new:
+      self._sync_dir()
 
   def read(self, seg: int, pages: int, offsets: Sequence[int], rows: np.ndarray,
            dest: Sequence[int]) -> Dict[int, str]:
@@ -209,6 +240,7 @@ class PosixSegments:
     del pages
     if seg == self._fd_seg:
       self.close()
+    self._dirty.discard(seg)
     try:
       os.remove(self._file(seg))
     except FileNotFoundError:
