@@ -15,7 +15,10 @@ is replayed on top of a new one). Two rules make a restart safe:
   committed is never listed;
 * a slot freed by ``remove`` is reused only after the record of its removal
   is durable (``pending_free`` until then): a durable record never names a
-  slot whose data has been overwritten since.
+  slot whose data has been overwritten since (with ``reuse_at_once``, for the
+  segments layout's group commit, a freed slot is reused at once: a page's
+  bytes live in its segment row, never in its slot, and segments are deleted
+  only after their pages' removal is durable).
 
 Names in shapes: C = capacity (slots), S = page_size, k = keys.
 
