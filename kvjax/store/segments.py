@@ -126,7 +126,7 @@ class PosixSegments:
     path: the directory (created if missing).
     page_bytes: bytes of one packed page row.
     sync: fsync each append (and the directory when a file is created).
-    defer: with ``sync``, leave the fsyncs to ``sync()`` (the store's group commit).
+    defer: with ``sync``, leave the fsyncs to ``sync_deferred()`` (the store's group commit).
   """
 
   appendable = True
@@ -135,8 +135,8 @@ class PosixSegments:
     self.path, self.page_bytes, self.sync, self.defer = path, page_bytes, sync, defer
     os.makedirs(path, exist_ok=True)
     self._fd, self._fd_seg = None, None   # the segment being appended to stays open
-    self._dirty: set = set()              # defer: segments written since the last sync()
-    self._new_file = False                # defer: a file was created since the last sync()
+    self._dirty: set = set()              # defer: segments written since the last sync_deferred()
+    self._new_file = False                # defer: a file was created since the last sync_deferred()
 
   def _file(self, seg: int) -> str:
     return os.path.join(self.path, f"{int(seg):016d}")
