@@ -144,6 +144,16 @@ def test_warm_restart_snapshot_and_journal(tmp_path, layout, compression):
   assert open_store(tmp_path, **cfg).warm_pages == 9
 
 
+def lru_put(model: collections.OrderedDict, k: int, capacity: int) -> None:
+  """The LRU model's put of page k: to the end if held, else in (evicting the oldest)."""
+  if k in model:
+    model.move_to_end(k)
+  else:
+    if len(model) == capacity:
+      model.popitem(last=False)
+    model[k] = True
+
+
 def test_lru_capacity_matches_an_ordered_dict_model_across_a_restart(tmp_path):
   capacity = 6
   store = open_store(tmp_path, capacity=capacity)
@@ -160,12 +170,7 @@ def test_lru_capacity_matches_an_ordered_dict_model_across_a_restart(tmp_path):
         model.move_to_end(k)
     else:
       store.put(hashes_of([k]), pages_of([k]))
-      if k in model:
-        model.move_to_end(k)
-      else:
-        if len(model) == capacity:
-          model.popitem(last=False)
-        model[k] = True
+      lru_put(model, k, capacity)
     assert sorted(i for i in range(14) if store.contains(hashes_of([i]))[0]) == sorted(model)
   assert store.stats()["evictions"] > 0
 

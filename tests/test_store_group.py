@@ -13,6 +13,7 @@ from kvjax.store import StoreWriteError
 from kvjax.store.segments import PosixSegments
 from test_store import FMT
 from test_store import hashes_of
+from test_store import lru_put
 from test_store import pages_of
 from test_store import same_bytes
 
@@ -41,6 +42,21 @@ def test_a_group_is_durable_at_its_last_put_and_readable_at_once(tmp_path):
   assert grouped(tmp_path / "copy").warm_pages == 0   # (another directory stays untouched)
   crashed = BlockStore(StoreConfig(path=str(tmp_path), capacity=64, commit_every=4), FMT)
   assert crashed.warm_pages == 0 and not crashed.get(hashes_of(range(12))).found.any()
+
+
+def test_flush_fsyncs_the_data_before_its_record(tmp_path):
+  store = grouped(tmp_path)
+  order = []
+  real_sync, real_commit = PosixSegments.sync_deferred, store.index._write
+  store.segments.sync_deferred = lambda: (order.append("data"), real_sync(store.segments))
+  store.index._write = lambda key, value: (order.append(key.split("-")[0]),
+                                           real_commit(key, value))
+  store.put(hashes_of([1, 2]), pages_of([1, 2]))
+  assert order == []
+  store.flush()
+  assert order == ["data", "journal"]
+  again = BlockStore(StoreConfig(path=str(tmp_path), capacity=64, commit_every=4), FMT)
+  assert again.get(hashes_of([1, 2])).found.all()
 
 
 def test_the_nth_put_commits_the_group_and_a_restart_reads_it_back(tmp_path):
@@ -77,13 +93,7 @@ def test_a_full_store_matches_the_lru_model_and_survives_close(tmp_path, every):
     else:
       store.put(hashes_of(ks), pages_of(ks))
       puts += 1
-      for k in ks:
-        if k in model:
-          model.move_to_end(k)
-        else:
-          if len(model) == capacity:
-            model.popitem(last=False)
-          model[k] = True
+      lru_put(model, ks[0], capacity)
     listed = [k for k in range(20) if store.contains(hashes_of([k]))[0]]
     assert listed == sorted(model), step
   assert store.stats()["evictions"] > 0
