@@ -660,8 +660,8 @@ def headline(configs: list) -> dict:
           "l3_write_over_raw_batch_fsync": d.get("l3_write_over_raw_batch_fsync"),
           "l3_read_over_raw": d["l3_read_over_raw"],
           "l3_random_read_over_raw": d["l3_random_read_over_raw"],
-          # group commit (one fsync and one index record per 8 puts): the same durability
-          # order, a crash loses at most the last 7 puts
+          # group commit (one fsync and one index record per N puts): the same durability
+          # order, a crash loses at most the last N - 1 puts
           **{f"l3_write_over_raw_group_commit_{c['commit_every']}": c["l3_write_over_raw"]
              for c in configs if c.get("commit_every", 1) > 1},
           "latency_ms": d["latency_ms"], "configs": configs}

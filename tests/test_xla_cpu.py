@@ -63,14 +63,14 @@ def test_runs_in_turn_give_the_vmapped_runs_hits(monkeypatch, policy):
   trace = traces.generate(60, seed=3)
   caps = [8, 24, 40]
   params = [make_params(policy) for _ in caps]
-  kw = dict(sample=4)
   got = {}
   for kernels in (False, True):
     monkeypatch.setenv("XLA_FLAGS", xla_cpu.loop_kernel_flag() if kernels else "")
-    got[kernels] = simulator.simulate_hits(trace, caps, policy, params, **kw)
+    got[kernels] = simulator.simulate_hits(trace, caps, policy, params, sample=4)
   np.testing.assert_array_equal(got[True], got[False])
   for i in (0, len(caps) - 1):   # [c, c]: two runs, so in turn; padded to c, not 40
-    alone = simulator.simulate_hits(trace, [caps[i]] * 2, policy, [params[i]] * 2, **kw)[0]
+    alone = simulator.simulate_hits(trace, [caps[i]] * 2, policy, [params[i]] * 2,
+                                    sample=4)[0]
     np.testing.assert_array_equal(got[True][i], alone)
 
 

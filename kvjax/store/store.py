@@ -6,7 +6,8 @@ kvstore by configuration), ``StoreConfig.layout``:
 
 * ``"segments"`` (default): ``segments/``, one file per ``put`` batch holding
   its pages' packed rows back to back (``kvjax.store.segments``): one write
-  and one fsync a batch, one contiguous read for pages written together. A
+  and one fsync a batch (or a group of ``commit_every`` puts), one contiguous
+  read for pages written together. A
   local directory is read and written with plain positioned I/O, any other
   kvstore through tensorstore. Segments whose pages were mostly evicted are
   compacted, so the disk holds at most ``capacity * (1 + compact_slack)`` pages.
@@ -609,8 +610,7 @@ class BlockStore:
         # a batch whose write fails lists none of its pages (an unlisted slot is never read)
         try:
           seg, first = self._write_rows(new, rows)
-          if self.segments is not None and getattr(self.segments, "defer", False) and (
-              self._puts_pending + 1 >= self.config.commit_every):
+          if 1 < self.config.commit_every <= self._puts_pending + 1:
             self._sync_group()   # the group's fsync outside the index lock (reads go on)
           ok = list(range(len(new)))
         except Exception as err:  # noqa: BLE001: reported as one StoreWriteError below
@@ -719,7 +719,8 @@ class BlockStore:
         # a segment with no live page is deleted once its pages' removal is durable (at the
         # next commit: at once by default, at the group's end with commit_every), so it is
         # not compacted, and not counted
-        live = [(ix.seg_live[g] / p, g) for g, p in self.seg_pages.items() if g in ix.seg_live]
+        live = [(ix.seg_live[g] / p, g) for g, p in self.seg_pages.items()
+                if p and g in ix.seg_live]
         if sum(self.seg_pages[g] for _, g in live) <= budget:
           return
         ratio, victim = min(live)
