@@ -56,8 +56,8 @@ def info_of(ids, fmt=FMT):
                                                           (len(ids), 1)))
 
 
-def open_store(path, capacity=16, **kw):
-  return BlockStore(StoreConfig(path=str(path), capacity=capacity, sync=False, **kw), FMT)
+def open_store(path, capacity=16, sync=False, **kw):
+  return BlockStore(StoreConfig(path=str(path), capacity=capacity, sync=sync, **kw), FMT)
 
 
 def page_span(store, root, page_id):

@@ -137,38 +137,43 @@ WRITER = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
 from test_store import hashes_of, info_of, open_store, pages_of
-store = open_store(sys.argv[2], capacity=int(sys.argv[3]))
-i = int(sys.argv[4])
+every = int(sys.argv[5])   # StoreConfig.commit_every: a group's puts are committed together
+store = open_store(sys.argv[2], capacity=int(sys.argv[3]), commit_every=every,
+                   sync=every > 1)   # grouped: the deferred fsync path runs
+i, puts = int(sys.argv[4]), 0
 while True:
   ids = list(range(i, i + 4))
   store.put(hashes_of(ids), pages_of(ids), info_of(ids))
-  i += 4
-  print(i, flush=True)   # every id below i is committed
+  i, puts = i + 4, puts + 1
+  if puts % every == 0:
+    print(i, flush=True)   # every id below i is committed
 """
 
 
-def test_sigkill_in_the_middle_of_writes_restarts_warm_and_consistent(tmp_path):
+@pytest.mark.parametrize("every", [1, 4], ids=["per-put", "grouped"])
+def test_sigkill_in_the_middle_of_writes_restarts_warm_and_consistent(tmp_path, every):
   capacity, batch, start = 24, 4, 0
+  group = batch * every   # ids a commit makes durable
   rng = np.random.default_rng(1)
   for round_ in range(2):
     proc = subprocess.Popen([sys.executable, "-c", WRITER, TESTS, str(tmp_path), str(capacity),
-                             str(start)], stdout=subprocess.PIPE, text=True)
-    committed, target = start, start + 36 + 4 * int(rng.integers(0, 4))
+                             str(start), str(every)], stdout=subprocess.PIPE, text=True)
+    committed, target = start, start + 36 + group * int(rng.integers(0, 4))
     for line in proc.stdout:
       committed = int(line)
       if committed >= target:
         break
-    time.sleep(float(rng.uniform(0, 0.004)))
-    os.kill(proc.pid, signal.SIGKILL)   # most likely inside the next put
+    time.sleep(float(rng.uniform(0, 0.004 * every)))
+    os.kill(proc.pid, signal.SIGKILL)   # most likely inside the next put (or group)
     proc.wait()
-    # the writer may have committed more batches than we had read when it was killed
-    # (a loaded machine): the pipe still holds their lines
+    # the writer may have committed more than we had read when it was killed (a loaded
+    # machine): the pipe still holds their lines
     for line in proc.stdout.read().split():
       committed = int(line)
     proc.stdout.close()
     assert committed >= target, f"the writer stopped early (round {round_})"
     store = open_store(tmp_path, capacity=capacity)
-    ids = list(range(committed + batch))   # the batch in flight may or may not be listed
+    ids = list(range(committed + group))   # the put or group in flight may or may not be listed
     listed = store.contains(hashes_of(ids))
     r = store.get(hashes_of(ids))
     assert r.found.tolist() == listed.tolist()     # every listed page reads back intact
@@ -177,13 +182,19 @@ def test_sigkill_in_the_middle_of_writes_restarts_warm_and_consistent(tmp_path):
     np.testing.assert_array_equal(r.info.tokens[r.found], info_of(live).tokens)
     s = store.stats()
     assert s["checksum_failures"] == s["missing_files"] == s["read_errors"] == 0
-    assert listed[committed - batch:committed].all()   # the last committed batch survived
-    assert store.warm_pages >= capacity - batch        # warm: at most one batch of evictions
+    assert listed[committed - group:committed].all()   # the last commit survived
+    if every == 1:
+      assert store.warm_pages >= capacity - batch      # warm: at most one batch of evictions
+    else:
+      # a group's evictions and pages share one record: the store is the LRU window of the
+      # last commit, the one we read or the one in flight, never a state between puts
+      end = max(live) + 1
+      assert end in (committed, committed + group) and live == list(range(end - capacity, end))
     # what the killed put left is gone: no segment file that no record lists (a cut-off
     # append to a listed segment leaves unlisted rows at its end, never read)
     files = os.listdir(tmp_path / "segments")
     assert {int(n.split(".")[0]) for n in files} == set(store.index.seg_live), files
-    start = committed + batch
+    start = committed + group
     del store
 
 

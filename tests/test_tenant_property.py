@@ -295,7 +295,9 @@ def test_tenants_never_share_and_never_poison_each_other():
   COUNTS.update(sequences=0, attached_pages=0, refused=0, poisoned=0, checks=0)
   run_state_machine_as_test(TenantMachine, settings=settings(
       max_examples=100, stateful_step_count=50, deadline=None, database=None))
-  # the run exercised what it claims to (hypothesis draws differ per run; these are floors)
-  assert COUNTS["sequences"] >= 1000, COUNTS
-  assert COUNTS["attached_pages"] >= 100 and COUNTS["refused"] >= 50, COUNTS
-  assert COUNTS["poisoned"] >= 50, COUNTS
+  # the run exercised what it claims to. Hypothesis draws differ per run: over 30 runs the
+  # counts were sequences 1,042-2,031, attached pages 107-877, refused 405-915, poisoned
+  # 180-475, so these floors sit near a third of the lowest (the old floors, sequences 1,000
+  # and attached pages 100, were within a few per cent of the lowest and failed a CI run)
+  assert COUNTS["sequences"] >= 400 and COUNTS["attached_pages"] >= 30, COUNTS
+  assert COUNTS["refused"] >= 100 and COUNTS["poisoned"] >= 60, COUNTS
