@@ -298,6 +298,6 @@ def test_tenants_never_share_and_never_poison_each_other():
   # the run exercised what it claims to. Hypothesis draws differ per run: over 30 runs the
   # counts were sequences 1,042-2,031, attached pages 107-877, refused 405-915, poisoned
   # 180-475, so these floors sit near a third of the lowest (the old floors, sequences 1,000
-  # and attached pages 100, were within a few per cent of the lowest and failed a CI run)
+  # and attached pages 100, were within a few per cent of the lowest; a full-suite run failed)
   assert COUNTS["sequences"] >= 400 and COUNTS["attached_pages"] >= 30, COUNTS
   assert COUNTS["refused"] >= 100 and COUNTS["poisoned"] >= 60, COUNTS
