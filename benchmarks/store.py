@@ -22,6 +22,10 @@ Reported (JSON, benchmarks/results/store.json):
     file I/O (``l3_read_over_segment_files``: the store's cost on its layout);
     ``raw_files_*``: the same bytes one file per page with plain file I/O (the
     chunks layout's floor).
+  commit_ab: writes alone (2,048 pages in puts of 64, a fresh store each, best and
+    median of 10 interleaved): the default (a group commit of 8 puts) and
+    ``commit_every=1`` (``l3_write_over_raw_per_put`` above) over the raw file
+    fsynced once and after every batch.
   latency_ms: get and put of one page and of a 64-page batch, p50 / p99.
   restart_hit_retention: replay the first half of the conversation trace's
     block hashes through a store of ``--capacity`` pages (get; put the
@@ -188,6 +192,7 @@ def store_write(store: BlockStore, hashes, arrays) -> float:
   t0 = time.perf_counter()
   for b in range(0, len(hashes), BATCH):
     store.put(hashes[b:b + BATCH], {k: a[b:b + BATCH] for k, a in arrays.items()})
+  store.flush()   # all of it durable, a group that did not fill included
   return time.perf_counter() - t0
 
 
@@ -219,13 +224,14 @@ def segment_files_read(store: BlockStore) -> float:
 
 
 def throughput(base: str, n: int, reps: int, layout: str, compression: str, sync: bool,
-               capacity: int = L3_PAGES, commit_every: int = 1) -> dict:
+               capacity: int = L3_PAGES, commit_every: Optional[int] = None) -> dict:
   """Write, then read back cold (page cache dropped: the disk) and warm (the page cache), the
   store against plain file I/O of the same bytes, interleaved, best of ``reps``.
 
   ``capacity``: the store's pages (``n`` of them written); it sets the segment size (at most
   ``capacity / 16`` pages, ``StoreConfig.segment_bytes``), so the number of files ``n`` pages
-  are spread over. ``commit_every``: puts made durable together (``StoreConfig``)."""
+  are spread over. ``commit_every``: puts made durable together (``StoreConfig``; None:
+  its default, 8 for segments on a path, else 1)."""
   fmt = PageFormat.for_specs(*PRESETS["int4"], **SMOLLM2)
   rows = np.random.default_rng(0).integers(0, 256, (n, fmt.page_bytes), np.uint8)
   arrays = fmt.unpack(rows)
@@ -279,7 +285,7 @@ def throughput(base: str, n: int, reps: int, layout: str, compression: str, sync
       # the store's read over plain reads of its own files: what the store itself costs
       "l3_read_over_segment_files": best["segment_files_read_cold"] / best["l3_read_cold"]}
   return {"layout": layout, "compression": compression, "sync": sync, "pages": n,
-          "capacity": capacity, "commit_every": commit_every, **seg,
+          "capacity": capacity, "commit_every": store.config.commit_every, **seg,
           "page_bytes": fmt.page_bytes, "mb_per_s": {k: mb / v for k, v in best.items()},
           "l3_write_over_raw": best["raw_write"] / best["l3_write"],
           # against a raw write that is durable batch by batch, as each put is
@@ -296,6 +302,38 @@ def throughput(base: str, n: int, reps: int, layout: str, compression: str, sync
           "raw_files_over_raw_write": best["raw_write"] / best["raw_files_write"],
           "raw_files_over_raw_read": best["raw_read_cold"] / best["raw_files_read_cold"],
           "latency_ms": lat}
+
+
+def commit_ab(base: str, n: int, reps: int) -> dict:
+  """Writes alone, a fresh store each, interleaved, best and median of ``reps``: the default
+  (group commit of 8 puts) and a commit every put, against the raw file fsynced once and
+  after every batch. The write figures of ``throughput`` are best of 3 and noisier."""
+  fmt = PageFormat.for_specs(*PRESETS["int4"], **SMOLLM2)
+  rows = np.random.default_rng(0).integers(0, 256, (n, fmt.page_bytes), np.uint8)
+  arrays, hashes = fmt.unpack(rows), hashes_of(np.arange(n))
+  t = {"default": [], "per_put": [], "raw_once": [], "raw_batch": []}
+  for rep in range(reps):
+    for name in list(t)[::1 if rep % 2 == 0 else -1]:
+      d = tempfile.mkdtemp(dir=base)
+      try:
+        os.sync()
+        if name.startswith("raw"):
+          t[name].append(raw_write(os.path.join(d, "raw.bin"), rows, True,
+                                   each=name == "raw_batch"))
+        else:
+          store = BlockStore(StoreConfig(path=d, capacity=L3_PAGES,
+                                         commit_every=1 if name == "per_put" else None), fmt)
+          t[name].append(store_write(store, hashes, arrays))
+          store.close()
+      finally:
+        shutil.rmtree(d, ignore_errors=True)
+  best = {k: min(v) for k, v in t.items()}
+  med = {k: float(np.median(v)) for k, v in t.items()}
+  return {"pages": n, "reps": reps, "best_s": best, "median_s": med,
+          **{f"{s}_over_raw": best["raw_once"] / best[s] for s in ("default", "per_put")},
+          **{f"{s}_over_raw_median": med["raw_once"] / med[s] for s in ("default", "per_put")},
+          **{f"{s}_over_raw_batch_fsync": best["raw_batch"] / best[s]
+             for s in ("default", "per_put")}}
 
 
 def latency(store: BlockStore, hashes, arrays, fmt) -> dict:
@@ -660,25 +698,33 @@ def headline(configs: list) -> dict:
           "l3_write_over_raw_batch_fsync": d.get("l3_write_over_raw_batch_fsync"),
           "l3_read_over_raw": d["l3_read_over_raw"],
           "l3_random_read_over_raw": d["l3_random_read_over_raw"],
-          # group commit (one fsync and one index record per N puts): the same durability
-          # order, a crash loses at most the last N - 1 puts
-          **{f"l3_write_over_raw_group_commit_{c['commit_every']}": c["l3_write_over_raw"]
-             for c in configs if c.get("commit_every", 1) > 1},
+          # the default groups 8 puts a commit (one fsync and one index record); committing
+          # every put (commit_every=1) is the durability of a batch-fsynced raw file
+          **{"l3_write_over_raw_per_put": c["l3_write_over_raw"] for c in configs
+             if c["layout"] == "segments" and c["sync"] and c["commit_every"] == 1},
           "latency_ms": d["latency_ms"], "configs": configs}
+
+
+def print_ab(ab: dict) -> None:
+  print(f"writes alone, best of {ab['reps']} (median): default (group of 8) "
+        f"{ab['default_over_raw']:.2f} ({ab['default_over_raw_median']:.2f}), a commit per put "
+        f"{ab['per_put_over_raw']:.2f} ({ab['per_put_over_raw_median']:.2f}) of the raw file "
+        f"fsynced once; of the raw file fsynced per batch {ab['default_over_raw_batch_fsync']:.2f}"
+        f" / {ab['per_put_over_raw_batch_fsync']:.2f}")
 
 
 def print_configs(configs: list) -> None:
   default = configs[0]
-  print(f"{'config':<22}{'l3 write':>10}{'raw write':>11}{'ratio':>7}{'l3 read':>10}"
+  print(f"{'config':<32}{'l3 write':>10}{'raw write':>11}{'ratio':>7}{'l3 read':>10}"
         f"{'raw read':>10}{'ratio':>7}{'random':>8}{'warm':>7}   MB/s, reads cold")
   for c in configs:
     m = c["mb_per_s"]
     name = (f"{c['layout']} {c['compression']}{' sync' if c['sync'] else ''}"
             f"{'' if c['capacity'] == L3_PAGES else ' cap ' + str(c['capacity'])}"
-            f"{' group ' + str(c['commit_every']) if c.get('commit_every', 1) > 1 else ''}")
+            f"{' group ' + str(c['commit_every']) if c['commit_every'] > 1 else ''}")
     each = (f"; raw fsync a batch {m['raw_write_batch_fsync']:.0f}: "
             f"{c['l3_write_over_raw_batch_fsync']:.2f}" if c["sync"] else "")
-    print(f"{name:<22}{m['l3_write']:>10.0f}{m['raw_write']:>11.0f}{c['l3_write_over_raw']:>7.2f}"
+    print(f"{name:<32}{m['l3_write']:>10.0f}{m['raw_write']:>11.0f}{c['l3_write_over_raw']:>7.2f}"
           f"{m['l3_read_cold']:>10.0f}{m['raw_read_cold']:>10.0f}{c['l3_read_over_raw']:>7.2f}"
           f"{c['l3_random_read_over_raw']:>8.2f}{c['l3_read_over_raw_warm']:>7.2f}"
           f"   one file a page (plain I/O): {m['raw_files_write']:.0f} / "
@@ -728,20 +774,22 @@ def main() -> None:
   capacity = args.capacity or (2048 if args.quick else 8192)
   configs = [throughput(base, n, reps, *c) for c in
              (("segments", "none", True), ("segments", "none", False),
-              ("segments", "none", True, L3_PAGES, 8),   # group commit
+              ("segments", "none", True, L3_PAGES, 1),   # a commit every put
               ("segments", "none", True, n),   # a store of n pages: smaller segments, more files
               ("chunks", "zstd", True), ("chunks", "none", False))]
+  ab = commit_ab(base, n, 4 if args.quick else 10)
   if args.only_throughput:
     common.write_json(args.out, {"benchmark": "store", "machine": common.machine(),
-                                 "quick": args.quick, **headline(configs)})
+                                 "quick": args.quick, **headline(configs), "commit_ab": ab})
     print_configs(configs)
+    print_ab(ab)
     return None
   restart = restart_retention(base, capacity, requests)
   pre = prefetch_effect(base, 300 if args.quick else 2000)
   three = three_tier_replay(base, args.tier_requests or (300 if args.quick else 1000))
   default = configs[0]
   result = {"benchmark": "store", "machine": common.machine(), "quick": args.quick,
-            "dir": base, **headline(configs),
+            "dir": base, **headline(configs), "commit_ab": ab,
             "restart_hit_retention": restart["restart_hit_retention"], "restart": restart,
             "prefetch_hidden": pre["prefetch_hidden"],
             "prefetch_accuracy": pre["prefetch_accuracy"],
@@ -751,6 +799,7 @@ def main() -> None:
             "tier_prefill_tokens_saved": three["prefill_tokens_saved"], "three_tier": three}
   common.write_json(args.out, result)
   print_configs(configs)
+  print_ab(ab)
   print(f"restart_hit_retention {restart['restart_hit_retention']:.3f} "
         f"({restart['restarted_second_half_hits']} / "
         f"{restart['uninterrupted_second_half_hits']} hits, capacity {capacity}, "

@@ -138,8 +138,9 @@ import sys
 sys.path.insert(0, sys.argv[1])
 from test_store import hashes_of, info_of, open_store, pages_of
 every = int(sys.argv[5])   # StoreConfig.commit_every: a group's puts are committed together
+# grouped: the deferred fsync path runs; no timed commit inside a group (killed anyway)
 store = open_store(sys.argv[2], capacity=int(sys.argv[3]), commit_every=every,
-                   sync=every > 1)   # grouped: the deferred fsync path runs
+                   sync=every > 1, commit_seconds=600.0)
 i, puts = int(sys.argv[4]), 0
 while True:
   ids = list(range(i, i + 4))

@@ -3,11 +3,18 @@ never lists a page whose bytes were not made durable; a full store behaves page 
 the default store (an OrderedDict LRU model); a failed group fsync unlists the whole group."""
 
 import collections
+import os
+import pathlib
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
 from kvjax.store import BlockStore
+from kvjax.store import store as store_module
+from kvjax.store.store import GROUP_COMMIT
 from kvjax.store import StoreConfig
 from kvjax.store import StoreWriteError
 from kvjax.store.segments import PosixSegments
@@ -18,9 +25,27 @@ from test_store import pages_of
 from test_store import same_bytes
 
 
-def grouped(path, capacity=64, every=4, sync=True):
-  return BlockStore(StoreConfig(path=str(path), capacity=capacity, sync=sync,
-                                commit_every=every), FMT)
+OPENED = []   # the stores a test opened (their timers are cancelled when it ends)
+
+
+def grouped(path, capacity=64, every=4, sync=True, commit_seconds=600.0, **kw):
+  """A grouped store. The timer waits ``commit_seconds`` (long here: a test that abandons a
+  store as a crash must not see its timer commit first on a slow machine)."""
+  store = BlockStore(StoreConfig(path=str(path), capacity=capacity, sync=sync,
+                                 commit_every=every, commit_seconds=commit_seconds, **kw), FMT)
+  OPENED.append(store)
+  return store
+
+
+@pytest.fixture(autouse=True)
+def _no_timer_outlives_its_test():
+  """An abandoned store stands for a crashed process: its pending timer never fires."""
+  yield
+  while OPENED:
+    store = OPENED.pop()
+    if store._timer is not None:
+      store._timer.cancel()
+    store_module._PENDING.discard(store)   # nor is it committed at exit
 
 
 def records(store):
@@ -139,3 +164,79 @@ def test_commit_every_errors(tmp_path):
     StoreConfig(path=str(tmp_path), layout="chunks", commit_every=2)
   with pytest.raises(ValueError, match="needs layout='segments' on a local path"):
     StoreConfig(kvstore={"driver": "memory"}, commit_every=2)
+  with pytest.raises(ValueError, match="commit_seconds must be a number > 0"):
+    StoreConfig(path=str(tmp_path), commit_seconds=0)
+
+
+def test_the_default_groups_on_a_local_path_only(tmp_path):
+  assert StoreConfig(path=str(tmp_path)).commit_every == GROUP_COMMIT > 1
+  assert StoreConfig(path=str(tmp_path), layout="chunks").commit_every == 1
+  assert StoreConfig(kvstore={"driver": "memory"}).commit_every == 1
+
+
+def wait_for(cond, seconds=10.0):
+  end = time.monotonic() + seconds
+  while not cond() and time.monotonic() < end:
+    time.sleep(0.01)
+  return cond()
+
+
+def test_a_group_that_does_not_fill_commits_after_commit_seconds(tmp_path):
+  store = grouped(tmp_path, every=100, commit_seconds=0.2)
+  store.put(hashes_of([1, 2]), pages_of([1, 2]))
+  assert records(store) == 0
+  assert wait_for(lambda: records(store) == 1)   # the timer committed the pair
+  store.put(hashes_of([3]), pages_of([3]))       # a new group arms a new timer
+  assert wait_for(lambda: records(store) == 2)
+  time.sleep(0.3)
+  assert records(store) == 2                     # nothing pending: no empty record
+  crashed = grouped(tmp_path, every=100)         # the object abandoned: a crash
+  got = crashed.get(hashes_of([1, 2, 3]))
+  assert got.found.all() and same_bytes(got.arrays, pages_of([1, 2, 3]))
+
+
+def test_flush_and_close_disarm_the_timer(tmp_path):
+  store = grouped(tmp_path, every=100, commit_seconds=0.2)
+  store.put(hashes_of([1]), pages_of([1]))
+  store.flush()
+  assert records(store) == 1 and store._timer is None
+  store.put(hashes_of([2]), pages_of([2]))
+  assert store._timer is not None
+  store.close()   # commits (a snapshot) and disarms: no write after close
+  assert store._timer is None
+  files = sorted(os.listdir(tmp_path / "index"))
+  time.sleep(0.4)
+  assert sorted(os.listdir(tmp_path / "index")) == files
+  assert grouped(tmp_path, every=100).contains(hashes_of([1, 2])).all()
+
+
+def test_a_failed_timed_commit_unlists_its_group_and_refuses_later_puts(tmp_path):
+  store = grouped(tmp_path, every=100, commit_seconds=0.1)
+  store.put(hashes_of([0, 1]), pages_of([0, 1]))
+  store.flush()                                  # 0 and 1 durable
+  def broken():
+    raise OSError(5, "Input/output error")
+  store.segments.sync_deferred = broken
+  store.put(hashes_of([2, 3]), pages_of([2, 3]))
+  assert wait_for(lambda: store.stats()["write_errors"] == 1)
+  assert store.contains(hashes_of([0, 1, 2, 3])).tolist() == [True, True, False, False]
+  assert not store.put(hashes_of([4]), pages_of([4])).any()   # writing is off
+  again = grouped(tmp_path, every=100)
+  assert again.contains(hashes_of([0, 1, 2, 3])).tolist() == [True, True, False, False]
+
+
+EXIT_WITHOUT_CLOSE = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from test_store import hashes_of, pages_of
+from test_store_group import grouped
+grouped(sys.argv[2], every=100, commit_seconds=0.2).put(hashes_of([5, 6]), pages_of([5, 6]))
+"""
+
+
+def test_a_process_that_exits_without_close_keeps_its_group(tmp_path):
+  tests = str(pathlib.Path(__file__).resolve().parent)
+  subprocess.run([sys.executable, "-c", EXIT_WITHOUT_CLOSE, tests, str(tmp_path)], check=True,
+                 timeout=120)
+  got = grouped(tmp_path, every=100).get(hashes_of([5, 6]))
+  assert got.found.all() and same_bytes(got.arrays, pages_of([5, 6]))

@@ -6,7 +6,8 @@ kvstore by configuration), ``StoreConfig.layout``:
 
 * ``"segments"`` (default): ``segments/``, one file per ``put`` batch holding
   its pages' packed rows back to back (``kvjax.store.segments``): one write
-  and one fsync a batch (or a group of ``commit_every`` puts), one contiguous
+  and one fsync a group of ``commit_every`` puts (8 by default on a local
+  path, each put on a kvstore), one contiguous
   read for pages written together. A
   local directory is read and written with plain positioned I/O, any other
   kvstore through tensorstore. Segments whose pages were mostly evicted are
@@ -48,12 +49,15 @@ Names in shapes: n = pages in a batch, S = page_size.
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import dataclasses
 import json
+import logging
 import os
 import threading
 import time
+import weakref
 from typing import Callable, Mapping, NamedTuple, Optional, Union
 
 import google_crc32c
@@ -67,6 +71,21 @@ from kvjax.store.index import lru_score
 from kvjax.store.index import PersistentIndex
 from kvjax.store.segments import KvSegments
 from kvjax.store.segments import PosixSegments
+
+log = logging.getLogger(__name__)
+
+# stores holding a group not yet committed (commit_every > 1): a process that exits without
+# close() commits them first, so only a crash loses a group
+_PENDING: "weakref.WeakSet[BlockStore]" = weakref.WeakSet()
+
+
+@atexit.register
+def _commit_at_exit() -> None:
+  for store in list(_PENDING):
+    try:
+      store.flush()
+    except Exception as err:  # noqa: BLE001: at exit there is no caller; the group is a miss
+      log.error("L3 store group commit at exit failed at %s (%s)", store.config.root(), err)
 
 COMPRESSIONS = ("zstd", "blosc", "none")
 LAYOUTS = ("segments", "chunks")
@@ -103,19 +122,26 @@ class StoreConfig:
     compact_slack: segments: the disk may hold ``capacity * (1 +
       compact_slack)`` pages (evicted pages of segments not yet compacted)
       before a put compacts the emptiest segments. Lower: less disk, more
-      rewriting (``stats()["compacted_pages"]``).
+      rewriting (``stats()["compacted_pages"]``). With grouped commits the
+      bound holds at each commit (a segment emptied inside a group is
+      deleted at the group's commit).
     segment_bytes: segments on a local directory grow by appends up to this
       size or ``capacity / 16`` pages, whichever is less (a put larger than
       that gets a segment of its own); on a kvstore a segment is one put.
     commit_every: puts made durable together (group commit; segments on a
-      local ``path`` only). 1 (default): each put fsyncs its data and writes
-      one index record before it returns. N > 1: a put's pages are listed
-      and readable at once, and every N-th put (and ``flush``, ``evict``,
-      ``close``) fsyncs the data of the puts since the last commit, then
-      writes one record for them all: a crash loses at most the last N - 1
-      puts (misses, never wrong pages), and fewer fsyncs make writing faster
-      (2,048 pages in puts of 64, ``benchmarks/store.py``). A failed group
-      fsync unlists the whole group.
+      local ``path`` only). 1: each put fsyncs its data and writes one index
+      record before it returns. N > 1: a put's pages are listed and readable
+      at once, and every N-th put (and ``flush``, ``evict``, ``close``, or
+      ``commit_seconds`` after the group's first put) fsyncs the data of the
+      puts since the last commit, then writes one record for them all: a
+      crash loses at most the last N - 1 puts of the last ``commit_seconds``
+      (misses, never wrong pages: L3 is a cache), and fewer fsyncs make
+      writing faster (2,048 pages in puts of 64, ``benchmarks/store.py``). A
+      failed group fsync unlists the whole group. Default (None): 8 for
+      segments on a local path, else 1.
+    commit_seconds: with ``commit_every`` > 1, the longest a put waits for its
+      commit (a timer thread commits a group that has not filled; a process
+      exiting without ``close()`` commits pending groups at exit).
   """
 
   path: Optional[str] = None
@@ -129,7 +155,8 @@ class StoreConfig:
   eviction: Union[str, Callable] = "lru"
   compact_slack: float = 0.5
   segment_bytes: int = 64 << 20
-  commit_every: int = 1
+  commit_every: Optional[int] = None
+  commit_seconds: float = 1.0
 
   def __post_init__(self):
     if (self.path is None) == (self.kvstore is None):
@@ -153,12 +180,18 @@ class StoreConfig:
     if not isinstance(self.compact_slack, (int, float)) or not self.compact_slack >= 0:
       raise ValueError(f"StoreConfig.compact_slack must be a number >= 0, "
                        f"got {self.compact_slack!r}")
+    if self.commit_every is None:
+      local = self.layout == "segments" and self.path is not None
+      object.__setattr__(self, "commit_every", GROUP_COMMIT if local else 1)
     if not isinstance(self.commit_every, int) or self.commit_every < 1:
       raise ValueError(f"StoreConfig.commit_every must be an int >= 1, "
                        f"got {self.commit_every!r}")
     if self.commit_every > 1 and (self.layout != "segments" or self.path is None):
       raise ValueError(f"StoreConfig.commit_every={self.commit_every} needs layout='segments' "
                        f"on a local path, got layout={self.layout!r}, path={self.path!r}")
+    if not isinstance(self.commit_seconds, (int, float)) or not self.commit_seconds > 0:
+      raise ValueError(f"StoreConfig.commit_seconds must be a number > 0, "
+                       f"got {self.commit_seconds!r}")
     if not isinstance(self.snapshot_every, int) or self.snapshot_every < 1:
       raise ValueError(f"StoreConfig.snapshot_every must be an int >= 1, "
                        f"got {self.snapshot_every!r}")
@@ -219,6 +252,11 @@ class StoreWriteError(OSError):
     super().__init__(message)
     self.listed = listed
 
+
+# StoreConfig.commit_every's default on a local path: 2,048 pages in puts of 64 write at
+# 0.76-0.94 of a plain file fsynced once in groups of 8 puts, 0.65-0.80 a put at a time
+# (benchmarks/store.py; docs/tiers.md)
+GROUP_COMMIT = 8
 
 COUNTERS = ("reads", "read_bytes", "writes", "write_bytes", "hits", "misses",
             "checksum_failures", "missing_files", "read_errors", "raced", "already_stored",
@@ -324,6 +362,8 @@ class BlockStore:
       self.index.reuse_at_once = True
       self.index.before_commit = self._sync_group
     self._puts_pending = 0      # puts since the last commit (commit_every)
+    self._timer = None          # commits a group commit_seconds after its first put
+    self._closed = False
     self.writes_enabled = True
     self._lock = threading.RLock()
     self._write_lock = threading.Lock()
@@ -631,9 +671,14 @@ class BlockStore:
         try:
           if self._puts_pending >= self.config.commit_every:
             ix.commit()
-            self._puts_pending = 0
+            self._committed()
             if ix.journal_since_snapshot >= self.config.snapshot_every:
               ix.snapshot()
+          elif self._timer is None:
+            self._timer = threading.Timer(self.config.commit_seconds, self._timed_commit)
+            self._timer.daemon = True   # a normal exit commits the group (_commit_at_exit)
+            self._timer.start()
+            _PENDING.add(self)
         except Exception as err:  # noqa: BLE001
           errors.append(err)
         listed = ix.lookup(keys) >= 0
@@ -646,6 +691,37 @@ class BlockStore:
         with self._lock:
           self._fail(err, 0, self.index.lookup(keys) >= 0)
       return listed
+
+  def _committed(self) -> None:
+    """Everything put so far is durable: no group pending, no timer (under the lock)."""
+    self._puts_pending = 0
+    if self._timer is not None:
+      self._timer.cancel()   # if it already fired it finds nothing pending
+      self._timer = None
+    _PENDING.discard(self)
+
+  def _timed_commit(self) -> None:
+    """The timer thread: commit a group ``commit_seconds`` after its first put (the fsync
+    outside the index lock, as a put does). A failure turns writing off, as in a put."""
+    with self._write_lock:
+      with self._lock:
+        if self._timer is not threading.current_thread() or self._closed:
+          return
+        self._timer = None
+        if not self._puts_pending:
+          return
+      try:
+        self._sync_group()
+        with self._lock:
+          self.index.commit()
+          self._committed()
+        self._drop_dead()
+      except Exception as err:  # noqa: BLE001: no caller to raise to; the next put is refused
+        with self._lock:
+          self.writes_enabled = False
+          self._stats["write_errors"] += 1
+        log.error("L3 store group commit failed at %s (%s); writing is off (reads go on) "
+                  "until enable_writes()", self.config.root(), err)
 
   def _sync_group(self) -> None:
     """Group commit (``commit_every`` > 1): fsync the data written since the last commit;
@@ -748,6 +824,7 @@ class BlockStore:
         self._stats["compactions"] += 1
         self._stats["compacted_pages"] += len(good)
         ix.commit()
+        self._committed()
       self._drop_dead()
 
   def _fail(self, err: BaseException, refused: int, listed: np.ndarray, extra: int = 0):
@@ -770,6 +847,7 @@ class BlockStore:
         self.index.remove(int(slot))
       self._stats["evictions"] += int((slots >= 0).sum())
       self.index.commit()
+      self._committed()
       if self.segments is not None:
         self._drop_dead()
       return slots >= 0
@@ -778,6 +856,7 @@ class BlockStore:
     """Make every change durable (hits and evictions included)."""
     with self._write_lock, self._lock:
       self.index.commit()
+      self._committed()
       if self.segments is not None:
         self._drop_dead()
 
@@ -785,6 +864,8 @@ class BlockStore:
     """Flush and snapshot the index (a restart then replays nothing)."""
     with self._write_lock, self._lock:
       self.index.snapshot()
+      self._committed()
+      self._closed = True
       if self.segments is not None:
         self._drop_dead()
         self.segments.close()
