@@ -182,31 +182,40 @@ def wait_for(cond, seconds=10.0):
 
 
 def test_a_group_that_does_not_fill_commits_after_commit_seconds(tmp_path):
-  store = grouped(tmp_path, every=100, commit_seconds=0.2)
+  store = grouped(tmp_path, every=100, commit_seconds=2.0)
   store.put(hashes_of([1, 2]), pages_of([1, 2]))
   assert records(store) == 0
   assert wait_for(lambda: records(store) == 1)   # the timer committed the pair
   store.put(hashes_of([3]), pages_of([3]))       # a new group arms a new timer
   assert wait_for(lambda: records(store) == 2)
-  time.sleep(0.3)
-  assert records(store) == 2                     # nothing pending: no empty record
+  assert store._timer is None and not store._puts_pending   # nothing armed for no group
   crashed = grouped(tmp_path, every=100)         # the object abandoned: a crash
   got = crashed.get(hashes_of([1, 2, 3]))
   assert got.found.all() and same_bytes(got.arrays, pages_of([1, 2, 3]))
 
 
+def test_timed_commits_snapshot_the_index(tmp_path):
+  # puts that never fill a group: every commit is the timer's, and the journal is still
+  # folded into snapshots every snapshot_every records (not only at close)
+  store = grouped(tmp_path, every=100, commit_seconds=0.05, snapshot_every=2)
+  for i in range(3):
+    store.put(hashes_of([i]), pages_of([i]))
+    assert wait_for(lambda: not store._puts_pending)
+  assert store.index.journal_since_snapshot < 2
+  assert any(n.startswith("snapshot-") for n in os.listdir(tmp_path / "index"))
+  assert grouped(tmp_path, every=100).contains(hashes_of(range(3))).all()
+
+
 def test_flush_and_close_disarm_the_timer(tmp_path):
-  store = grouped(tmp_path, every=100, commit_seconds=0.2)
+  store = grouped(tmp_path, every=100)
   store.put(hashes_of([1]), pages_of([1]))
+  timer = store._timer
   store.flush()
-  assert records(store) == 1 and store._timer is None
+  assert records(store) == 1 and store._timer is None and timer.finished.is_set()
   store.put(hashes_of([2]), pages_of([2]))
-  assert store._timer is not None
-  store.close()   # commits (a snapshot) and disarms: no write after close
-  assert store._timer is None
-  files = sorted(os.listdir(tmp_path / "index"))
-  time.sleep(0.4)
-  assert sorted(os.listdir(tmp_path / "index")) == files
+  timer = store._timer
+  store.close()   # commits (a snapshot) and disarms: the timer never runs
+  assert store._timer is None and timer.finished.is_set()
   assert grouped(tmp_path, every=100).contains(hashes_of([1, 2])).all()
 
 
@@ -230,7 +239,8 @@ import sys
 sys.path.insert(0, sys.argv[1])
 from test_store import hashes_of, pages_of
 from test_store_group import grouped
-grouped(sys.argv[2], every=100, commit_seconds=0.2).put(hashes_of([5, 6]), pages_of([5, 6]))
+# no timer fires before the exit: the atexit hook commits the group
+grouped(sys.argv[2], every=100, commit_seconds=600).put(hashes_of([5, 6]), pages_of([5, 6]))
 """
 
 

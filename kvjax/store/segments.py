@@ -1,7 +1,8 @@
 """Segments: the store's page data in a few large files (the default layout).
 
 A segment holds the packed rows (``PageFormat.pack``) of the pages that puts
-wrote, back to back: a batch costs one write and one fsync, and reading
+wrote, back to back: a batch costs one write (and one fsync, or one a group of
+puts with the store's group commit), and reading
 pages that were written together (a prefix chain demoted together) is one
 contiguous read. The index records each page's
 segment and row (``PersistentIndex.seg`` / ``off``); segment ids only grow, so
@@ -125,7 +126,8 @@ class PosixSegments:
   Args:
     path: the directory (created if missing).
     page_bytes: bytes of one packed page row.
-    sync: fsync each append (and the directory when a file is created).
+    sync: fsync each append (and the directory when a file is created), or with
+      ``defer`` at ``sync_deferred()``.
     defer: with ``sync``, leave the fsyncs to ``sync_deferred()`` (the store's group commit).
   """
 

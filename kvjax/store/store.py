@@ -31,7 +31,12 @@ issued it returns (``get_async``: before its ``result`` returns): ``stats()["fut
 
 Writes that fail (a full disk, a file-size limit) raise ``StoreWriteError``
 once and turn writing off (``writes_enabled``); later ``put`` calls are
-refused and counted, and reads go on. ``enable_writes()`` turns them on.
+refused and counted, and reads go on. ``enable_writes()`` turns them on. (A
+group commit that fails on its timer thread has no caller to raise to: it is
+logged and counted, and writing turns off the same way.)
+
+One live ``BlockStore`` per directory: two writing the same directory (an
+object left open while another opens it) overwrite each other's records.
 
 Names in shapes: n = pages in a batch, S = page_size.
 
@@ -75,8 +80,11 @@ from kvjax.store.segments import PosixSegments
 log = logging.getLogger(__name__)
 
 # stores holding a group not yet committed (commit_every > 1): a process that exits without
-# close() commits them first, so only a crash loses a group
+# close() (a normal exit: not SIGKILL, a default SIGTERM or os._exit) commits them first
 _PENDING: "weakref.WeakSet[BlockStore]" = weakref.WeakSet()
+
+
+os.register_at_fork(after_in_child=_PENDING.clear)   # a forked child's exit: not its stores
 
 
 @atexit.register
@@ -131,8 +139,8 @@ class StoreConfig:
     commit_every: puts made durable together (group commit; segments on a
       local ``path`` only). 1: each put fsyncs its data and writes one index
       record before it returns. N > 1: a put's pages are listed and readable
-      at once, and every N-th put (and ``flush``, ``evict``, ``close``, or
-      ``commit_seconds`` after the group's first put) fsyncs the data of the
+      at once, and every N-th put (and ``flush``, ``evict``, ``close``, a
+      compaction, or ``commit_seconds`` after the group's first put) fsyncs the data of the
       puts since the last commit, then writes one record for them all: a
       crash loses at most the last N - 1 puts of the last ``commit_seconds``
       (misses, never wrong pages: L3 is a cache), and fewer fsyncs make
@@ -254,8 +262,8 @@ class StoreWriteError(OSError):
 
 
 # StoreConfig.commit_every's default on a local path: 2,048 pages in puts of 64 write at
-# 0.76-0.94 of a plain file fsynced once in groups of 8 puts, 0.65-0.80 a put at a time
-# (benchmarks/store.py; docs/tiers.md)
+# 0.79-0.82 of a plain file fsynced once in groups of 8 puts, 0.64-0.72 a put at a time
+# (writes alone, best of 10: benchmarks/store.py commit_ab; docs/tiers.md)
 GROUP_COMMIT = 8
 
 COUNTERS = ("reads", "read_bytes", "writes", "write_bytes", "hits", "misses",
@@ -363,7 +371,6 @@ class BlockStore:
       self.index.before_commit = self._sync_group
     self._puts_pending = 0      # puts since the last commit (commit_every)
     self._timer = None          # commits a group commit_seconds after its first put
-    self._closed = False
     self.writes_enabled = True
     self._lock = threading.RLock()
     self._write_lock = threading.Lock()
@@ -584,7 +591,9 @@ class BlockStore:
 
   def put(self, hashes: np.ndarray, arrays: Mapping[str, np.ndarray],
           info: Optional[PageInfo] = None) -> np.ndarray:
-    """Write pages and list them once their data is committed; pages already held are kept.
+    """Write pages and list them; pages already held are kept. With ``commit_every`` = 1
+    they are listed once their data and record are durable; grouped, at once (readable
+    now, durable at the group's commit).
 
     Args:
       hashes: uint32 ``[n, 2]`` block hashes (distinct pages; a repeat is written once).
@@ -596,7 +605,9 @@ class BlockStore:
       False for every page when writing is off.
 
     Raises:
-      StoreWriteError: a write failed (the first time; writing is then off).
+      StoreWriteError: a write failed (the first time; writing is then off). A group
+        commit that fails on the timer thread or at exit has no caller: it is logged and
+        counted (``write_errors``), writing turns off, and later puts return all False.
     """
     keys = hash_keys(hashes)
     n = len(keys)
@@ -670,10 +681,7 @@ class BlockStore:
         self._puts_pending += 1
         try:
           if self._puts_pending >= self.config.commit_every:
-            ix.commit()
-            self._committed()
-            if ix.journal_since_snapshot >= self.config.snapshot_every:
-              ix.snapshot()
+            self._commit()
           elif self._timer is None:
             self._timer = threading.Timer(self.config.commit_seconds, self._timed_commit)
             self._timer.daemon = True   # a normal exit commits the group (_commit_at_exit)
@@ -692,6 +700,14 @@ class BlockStore:
           self._fail(err, 0, self.index.lookup(keys) >= 0)
       return listed
 
+  def _commit(self) -> None:
+    """Commit the pending changes (one record), then snapshot the index when
+    ``snapshot_every`` records have piled up (under the lock)."""
+    self.index.commit()
+    self._committed()
+    if self.index.journal_since_snapshot >= self.config.snapshot_every:
+      self.index.snapshot()
+
   def _committed(self) -> None:
     """Everything put so far is durable: no group pending, no timer (under the lock)."""
     self._puts_pending = 0
@@ -705,16 +721,15 @@ class BlockStore:
     outside the index lock, as a put does). A failure turns writing off, as in a put."""
     with self._write_lock:
       with self._lock:
-        if self._timer is not threading.current_thread() or self._closed:
-          return
+        if self._timer is not threading.current_thread():
+          return   # disarmed (a commit came first), or a later group's timer
         self._timer = None
         if not self._puts_pending:
           return
       try:
         self._sync_group()
         with self._lock:
-          self.index.commit()
-          self._committed()
+          self._commit()
         self._drop_dead()
       except Exception as err:  # noqa: BLE001: no caller to raise to; the next put is refused
         with self._lock:
@@ -823,8 +838,7 @@ class BlockStore:
             self._stats[failed.get(j, "checksum_failures")] += 1
         self._stats["compactions"] += 1
         self._stats["compacted_pages"] += len(good)
-        ix.commit()
-        self._committed()
+        self._commit()
       self._drop_dead()
 
   def _fail(self, err: BaseException, refused: int, listed: np.ndarray, extra: int = 0):
@@ -846,8 +860,7 @@ class BlockStore:
       for slot in slots[slots >= 0]:
         self.index.remove(int(slot))
       self._stats["evictions"] += int((slots >= 0).sum())
-      self.index.commit()
-      self._committed()
+      self._commit()
       if self.segments is not None:
         self._drop_dead()
       return slots >= 0
@@ -855,8 +868,7 @@ class BlockStore:
   def flush(self) -> None:
     """Make every change durable (hits and evictions included)."""
     with self._write_lock, self._lock:
-      self.index.commit()
-      self._committed()
+      self._commit()
       if self.segments is not None:
         self._drop_dead()
 
@@ -865,7 +877,6 @@ class BlockStore:
     with self._write_lock, self._lock:
       self.index.snapshot()
       self._committed()
-      self._closed = True
       if self.segments is not None:
         self._drop_dead()
         self.segments.close()
