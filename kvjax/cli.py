@@ -189,10 +189,18 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
                       help="a tiered cache: an L2 of N pages (unquantized, as L1); a "
                            "conversation the pool refuses swaps out the latest one instead of "
                            "failing (default: no L2, the plain cache)")
+  parser.add_argument("--l3-dir", default=None, metavar="DIR",
+                      help="with --l2-pages: a persistent L3 in DIR under L2 (pages written "
+                           "through, unquantized, and kept across runs: a later run serves "
+                           "its prompts' cached prefixes from DIR)")
+  parser.add_argument("--l3-pages", type=positive_int, default=DEMO_L3_PAGES,
+                      help=f"L3 capacity in pages (default {DEMO_L3_PAGES})")
 
 
 def _check_demo_args(args) -> None:
   """UsageError for demo arguments that no model can serve (checked before loading one)."""
+  if getattr(args, "l3_dir", None) is not None and getattr(args, "l2_pages", None) is None:
+    raise UsageError("needs --l2-pages (L3 lies under L2)", argument="--l3-dir")
   if args.page_size > DEMO_MAX_LEN:
     raise UsageError(f"must be at most {DEMO_MAX_LEN} (the demo's sequence length), got "
                      f"{args.page_size}", argument="--page-size")
@@ -218,6 +226,29 @@ def _cache_bytes(cache_config, tier_config=None) -> int:
 
 
 DEMO_L2_PRESET = "bf16"   # --l2-pages: L2 pages unquantized, in L1's dtype (a bit-exact swap)
+DEMO_L3_PAGES = 4096      # --l3-pages' default
+
+
+def demo_l3(cache, cc, tc, path: str, pages: int):
+  """``cache`` with a persistent L3 in ``path`` under its L2: pages unquantized (the L2
+  preset: a page read back is the page written) and written through as they enter L2.
+  Returns ``(cache, tier)``; a directory holding another model's or size's store is a
+  ``UsageError``."""
+  from kvjax.store import BlockStore
+  from kvjax.store import StoreConfig
+  from kvjax.store import WritePolicy
+  from kvjax.tiers import l3 as l3mod
+  try:
+    store = BlockStore(StoreConfig(path=path, capacity=pages),
+                       l3mod.l3_format(cc, DEMO_L2_PRESET))
+  except ValueError as e:   # the directory holds a store of another format or capacity
+    raise UsageError(f"cannot use {path!r}: {e}", argument="--l3-dir") from None
+  except OSError as e:
+    raise UsageError(f"cannot use {path!r}: {e.strerror or e}", argument="--l3-dir") from None
+  tier = l3mod.L3Tier(store, config=cc, tiers=tc,
+                      l3=l3mod.L3Config(preset=DEMO_L2_PRESET,
+                                        write=WritePolicy("write_through")))
+  return l3mod.with_l3(cache, tier), tier
 
 
 def demo(args) -> dict:
@@ -243,12 +274,17 @@ def demo(args) -> dict:
                + ("" if tc is None else f" and an L2 of {l2}"),
                "--num-pages" if tc is None else "--num-pages / --l2-pages")
   cache = init(cc) if tc is None else kvtiers.init(cc, tc)
+  l3_dir, tier = getattr(args, "l3_dir", None), None
+  if l3_dir is not None:
+    cache, tier = demo_l3(cache, cc, tc, l3_dir, args.l3_pages)
   seq_ids = list(range(len(convs)))
   b, chunk = len(convs), 64  # generate's default chunk_size: prefill steps are [B, 64]
   print(f"SmolLM2-135M-Instruct ({params.embed.dtype.name} weights) loaded in {load_s:.1f}s; "
         f"cache: {cc.num_pages} pages of "
         f"{cc.page_size} tokens ({cc.dtype})"
         + ("" if tc is None else f" + L2 {l2} pages (swap instead of refusal)")
+        + ("" if tier is None else f" + L3 {args.l3_pages} pages in {l3_dir} "
+           f"({tier.store.warm_pages} from earlier runs)")
         + f", {len(convs)} conversations x {turns} turns, backend {jax.default_backend()}")
   histories = [[{"role": "system", "content": SYSTEM_PROMPT}] for _ in convs]
   last_tokens = [None] * len(convs)
@@ -313,6 +349,11 @@ def demo(args) -> dict:
       histories[i].append({"role": "assistant", "content": reply.strip()})
   bar.close()
   wall = time.perf_counter() - t_start
+  l3_warm = None
+  if tier is not None:   # what L1 caches goes down through L2 into L3 (written through)
+    l3_warm = tier.store.warm_pages
+    cache = kvtiers.sync(cache, config=cc, tiers=tc)
+    tier.close()
   l1 = cache if tc is None else cache.l1
   if tc is None:
     check_status(l1)
@@ -346,6 +387,10 @@ def demo(args) -> dict:
                   tokens_recomputed=prefix_stats.get("recomputed", 0),
                   demotions=int(ts.demotions), promotions=int(ts.promotions),
                   l2_hit_pages=int(ts.l2_hit_pages))
+  if tier is not None:
+    result.update(l3_dir=l3_dir, l3_pages=args.l3_pages, l3_warm_pages=l3_warm,
+                  l3_hit_pages=int(cache.stats.l3_hit_pages),
+                  l3_pages_stored=len(tier.store), l3_write_errors=int(cache.stats.l3_write_errors))
   print(f"\nfirst token {result['first_token_s']:.1f}s after the demo started (model load "
         f"{load_s:.1f}s)")
   print(f"{generated} tokens generated, {prefilled} prompt tokens in {wall:.1f}s, of which "
@@ -366,6 +411,10 @@ def demo(args) -> dict:
           f"back in ({result['tokens_recomputed']} tokens recomputed); L2 ({l2} pages): "
           f"{result['demotions']} pages demoted, {result['promotions']} promoted, "
           f"{result['l2_hit_pages']} prompt pages served from L2")
+  if tier is not None:
+    print(f"L3 ({l3_dir}): {result['l3_hit_pages']} prompt pages served from it "
+          f"({l3_warm} pages there from earlier runs), {result['l3_pages_stored']} stored now "
+          "for the next run")
   if json_path:
     _write_json(json_path, result)
   return result

@@ -157,3 +157,42 @@ def test_demo_json_holds_the_run_and_a_bad_path_is_one_line(monkeypatch, capsys,
   assert cli.main(["demo", "--max-new-tokens", "1", "--num-pages", "160", "--json", bad]) == 2
   err = capsys.readouterr().err
   assert err.startswith("kvjax: error: --json: cannot write") and err.count("\n") == 1  # before
+
+
+def _conversations(printed: str) -> str:
+  """The replies the demo printed (from the first conversation header on)."""
+  text = printed[printed.index("--- conversation 0"):]
+  return text[:text.index("\nfirst token")]
+
+
+def test_demo_l3_dir_serves_the_next_run_and_changes_no_reply(monkeypatch, capsys, tmp_path):
+  # the same chats twice over one L3 directory on the small random model: the second run
+  # starts warm (what the first stored), serves prompt pages from L3 instead of computing
+  # them, and every reply is the first run's (L3 pages are unquantized: a page read back
+  # is the page written); a third start asking for another capacity is one clear line
+  params = init_params(CFG, jax.random.key(0))
+  monkeypatch.setattr(cli, "load_smollm2", lambda dtype="auto": (CFG, params, _ByteTokenizer()))
+  base = ["demo", "--max-new-tokens", "3", "--num-pages", "160", "--turns", "1",
+          "--l2-pages", "64", "--l3-dir", str(tmp_path / "l3"), "--l3-pages", "256"]
+  runs = []
+  for _ in range(2):
+    out = tmp_path / f"run{len(runs)}.json"
+    assert cli.main(base + ["--json", str(out)]) == 0
+    runs.append((json.loads(out.read_text()), _conversations(capsys.readouterr().out)))
+  (first, said1), (second, said2) = runs
+  assert said2 == said1
+  assert first["l3_warm_pages"] == 0 and first["l3_hit_pages"] == 0
+  assert first["l3_pages_stored"] > 0 and first["l3_write_errors"] == 0
+  assert second["l3_warm_pages"] == first["l3_pages_stored"]
+  assert second["l3_hit_pages"] > 0
+  assert second["prompt_tokens_computed"] < first["prompt_tokens_computed"]
+  assert cli.main(base + ["--l3-pages", "512"]) == 2   # the directory holds 256 pages
+  err = capsys.readouterr().err
+  assert err.startswith("kvjax: error: argument --l3-dir: cannot use") and "capacity" in err
+  assert err.count("\n") == 1
+
+
+def test_demo_l3_dir_needs_l2_pages(capsys, tmp_path):
+  assert cli.main(["demo", "--l3-dir", str(tmp_path)]) == 2   # before any model is loaded
+  err = capsys.readouterr().err
+  assert "--l3-dir" in err and "--l2-pages" in err and err.count("\n") == 1
