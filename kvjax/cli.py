@@ -36,7 +36,11 @@ from kvjax.models import prefill
 from kvjax.models.gguf_loader import WeightsNotInstalledError
 from kvjax.models.llama import compute_dtype
 from kvjax.sim import cli as sim_cli
+from kvjax.store import BlockStore
+from kvjax.store import StoreConfig
+from kvjax.store import WritePolicy
 from kvjax import tiers as kvtiers
+from kvjax.tiers import l3 as l3mod
 from kvjax.xla_cpu import enable_loop_kernels
 
 SYSTEM_PROMPT = ("You are a concise, helpful assistant. Answer in one or two sentences, "
@@ -234,10 +238,6 @@ def demo_l3(cache, cc, tc, path: str, pages: int):
   preset: a page read back is the page written) and written through as they enter L2.
   Returns ``(cache, tier)``; a directory holding another model's or size's store is a
   ``UsageError``."""
-  from kvjax.store import BlockStore
-  from kvjax.store import StoreConfig
-  from kvjax.store import WritePolicy
-  from kvjax.tiers import l3 as l3mod
   try:
     store = BlockStore(StoreConfig(path=path, capacity=pages),
                        l3mod.l3_format(cc, DEMO_L2_PRESET))
