@@ -132,8 +132,12 @@ def enable_compile_cache(path: Optional[str] = None) -> Optional[str]:
   """Turn on JAX's persistent compilation cache in ``path`` (default ``compile_cache_dir()``).
 
   A step shape compiled once is loaded from disk by later runs instead of
-  compiled again. Programs that compile in under 0.5 s are not stored (unless
-  ``$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` says otherwise). Returns the
+  compiled again. Every program is stored, however quickly it compiles (unless
+  ``$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` says otherwise): with a floor
+  of 0.5 s, the tiered demo over a warm L3 compiled its small programs again
+  in every run and its first token came 8.7-9.8 s after start, against
+  6.2-7.0 s with every program stored (the plain demo: no change, 3.5-4.5 s;
+  the folder 880 KB against 776 KB). Returns the
   folder, or None when off or when it cannot be created (the run goes on
   without a cache).
   """
@@ -146,6 +150,6 @@ def enable_compile_cache(path: Optional[str] = None) -> Optional[str]:
     return None
   jax.config.update("jax_compilation_cache_dir", path)
   if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return path

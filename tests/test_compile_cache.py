@@ -8,8 +8,8 @@ from kvjax import cliutil
 
 
 def _replay(cache_dir, tmp_path):
-  env = dict(os.environ, KVJAX_COMPILE_CACHE=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")   # store even quick programs
+  env = dict(os.environ, KVJAX_COMPILE_CACHE=str(cache_dir))
+  env.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)   # the CLI's default: store all
   env.pop("XLA_FLAGS", None)
   r = subprocess.run([sys.executable, "-m", "kvjax", "replay", "generated:200:1", "--capacity",
                       "64", "--policy", "lru"], env=env, cwd=tmp_path, capture_output=True,
