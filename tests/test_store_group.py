@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from kvjax.store import BlockStore
-from kvjax.store.store import GROUP_COMMIT
 from kvjax.store import StoreConfig
 from kvjax.store import StoreWriteError
 from kvjax.store.segments import PosixSegments
+from kvjax.store.store import GROUP_COMMIT
 from test_store import FMT
 from test_store import hashes_of
 from test_store import lru_put
