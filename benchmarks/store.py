@@ -223,6 +223,14 @@ def segment_files_read(store: BlockStore) -> float:
   return time.perf_counter() - t0
 
 
+def page_set(n: int) -> tuple:
+  """``n`` random SmolLM2 int4 pages: (format, packed rows uint8 [n, page_bytes], their
+  arrays, hashes uint32 [n, 2])."""
+  fmt = PageFormat.for_specs(*PRESETS["int4"], **SMOLLM2)
+  rows = np.random.default_rng(0).integers(0, 256, (n, fmt.page_bytes), np.uint8)
+  return fmt, rows, fmt.unpack(rows), hashes_of(np.arange(n))
+
+
 def throughput(base: str, n: int, reps: int, layout: str, compression: str, sync: bool,
                capacity: int = L3_PAGES, commit_every: Optional[int] = None) -> dict:
   """Write, then read back cold (page cache dropped: the disk) and warm (the page cache), the
@@ -232,10 +240,7 @@ def throughput(base: str, n: int, reps: int, layout: str, compression: str, sync
   ``capacity / 16`` pages, ``StoreConfig.segment_bytes``), so the number of files ``n`` pages
   are spread over. ``commit_every``: puts made durable together (``StoreConfig``; None:
   its default, 8 for segments on a path, else 1)."""
-  fmt = PageFormat.for_specs(*PRESETS["int4"], **SMOLLM2)
-  rows = np.random.default_rng(0).integers(0, 256, (n, fmt.page_bytes), np.uint8)
-  arrays = fmt.unpack(rows)
-  hashes = hashes_of(np.arange(n))
+  fmt, rows, arrays, hashes = page_set(n)
   rng = np.random.default_rng(2)
   batches = [rng.choice(n, BATCH, replace=False) for _ in range(n // BATCH)]
   mb = n * fmt.page_bytes / 1e6
@@ -309,9 +314,7 @@ def commit_ab(base: str, n: int, reps: int) -> dict:
   """Writes alone, a fresh store each, interleaved, best and median of ``reps``: the default
   (group commit of 8 puts) and a commit every put, against the raw file fsynced once and
   after every batch. The write figures of ``throughput`` are best of 3 and noisier."""
-  fmt = PageFormat.for_specs(*PRESETS["int4"], **SMOLLM2)
-  rows = np.random.default_rng(0).integers(0, 256, (n, fmt.page_bytes), np.uint8)
-  arrays, hashes = fmt.unpack(rows), hashes_of(np.arange(n))
+  fmt, rows, arrays, hashes = page_set(n)
   t = {"default": [], "per_put": [], "raw_once": [], "raw_batch": []}
   for rep in range(reps):
     for name in list(t)[::1 if rep % 2 == 0 else -1]:

@@ -349,9 +349,7 @@ def demo(args) -> dict:
       histories[i].append({"role": "assistant", "content": reply.strip()})
   bar.close()
   wall = time.perf_counter() - t_start
-  l3_warm = None
   if tier is not None:   # what L1 caches goes down through L2 into L3 (written through)
-    l3_warm = tier.store.warm_pages
     cache = kvtiers.sync(cache, config=cc, tiers=tc)
     tier.close()
   l1 = cache if tc is None else cache.l1
@@ -388,7 +386,7 @@ def demo(args) -> dict:
                   demotions=int(ts.demotions), promotions=int(ts.promotions),
                   l2_hit_pages=int(ts.l2_hit_pages))
   if tier is not None:
-    result.update(l3_dir=l3_dir, l3_pages=args.l3_pages, l3_warm_pages=l3_warm,
+    result.update(l3_dir=l3_dir, l3_pages=args.l3_pages, l3_warm_pages=tier.store.warm_pages,
                   l3_hit_pages=int(cache.stats.l3_hit_pages),
                   l3_pages_stored=len(tier.store), l3_write_errors=int(cache.stats.l3_write_errors))
   print(f"\nfirst token {result['first_token_s']:.1f}s after the demo started (model load "
@@ -413,7 +411,8 @@ def demo(args) -> dict:
           f"{result['l2_hit_pages']} prompt pages served from L2")
   if tier is not None:
     print(f"L3 ({l3_dir}): {result['l3_hit_pages']} prompt pages served from it "
-          f"({l3_warm} pages there from earlier runs), {result['l3_pages_stored']} stored now "
+          f"({result['l3_warm_pages']} pages there from earlier runs), "
+          f"{result['l3_pages_stored']} stored now "
           "for the next run")
   if json_path:
     _write_json(json_path, result)

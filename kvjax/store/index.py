@@ -284,6 +284,11 @@ class PersistentIndex:
     self._removed.add(slot)
     (self.free if self.reuse_at_once else self.pending_free).append(slot)
 
+  def remove_uncommitted(self) -> None:
+    """Unlist every page inserted since the last commit (their bytes may be lost)."""
+    for slot in sorted(self._inserted):
+      self.remove(slot)
+
   def touch(self, slot: int, hit: bool = True) -> None:
     self.last_use[slot] = self.clock
     self.hits[slot] += int(hit)

@@ -114,6 +114,15 @@ def _pwrite_all(fd: int, bufs: list, at: int) -> None:
         views[i], done = views[i][done:], 0
 
 
+def _fsync_path(path: str) -> None:
+  """fsync the file or directory at ``path`` (FileNotFoundError when it is gone)."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
 class PosixSegments:
   """Segments as files in a local directory, appended to and read with positioned I/O.
 
@@ -176,14 +185,7 @@ class PosixSegments:
           pass
       raise
     if self.sync and first == 0 and not self.defer:
-      self._sync_dir()
-
-  def _sync_dir(self) -> None:
-    dfd = os.open(self.path, os.O_RDONLY)
-    try:
-      os.fsync(dfd)
-    finally:
-      os.close(dfd)
+      _fsync_path(self.path)
 
   def sync_deferred(self) -> None:
     """``defer``: fsync the segments written since the last call (and the directory if a
@@ -196,15 +198,11 @@ class PosixSegments:
         os.fsync(self._fd)
         continue
       try:
-        fd = os.open(self._file(seg), os.O_RDONLY)
+        _fsync_path(self._file(seg))
       except FileNotFoundError:   # deleted since: nothing in it is listed
         continue
-      try:
-        os.fsync(fd)
-      finally:
-        os.close(fd)
     if new:
-      self._sync_dir()
+      _fsync_path(self.path)
 
   def read(self, seg: int, pages: int, offsets: Sequence[int], rows: np.ndarray,
            dest: Sequence[int]) -> Dict[int, str]:

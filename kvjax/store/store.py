@@ -733,10 +733,7 @@ class BlockStore:
         self._drop_dead()
       except Exception as err:  # noqa: BLE001: no caller to raise to; the next put is refused
         with self._lock:
-          self.writes_enabled = False
-          self._stats["write_errors"] += 1
-        log.error("L3 store group commit failed at %s (%s); writing is off (reads go on) "
-                  "until enable_writes()", self.config.root(), err)
+          log.error("%s", self._writes_off(err))
 
   def _sync_group(self) -> None:
     """Group commit (``commit_every`` > 1): fsync the data written since the last commit;
@@ -748,8 +745,7 @@ class BlockStore:
     except BaseException:
       with self._lock:
         self.writes_enabled = False
-        for slot in sorted(self.index._inserted):
-          self.index.remove(slot)
+        self.index.remove_uncommitted()
       raise
 
   def _write_rows(self, slots, rows) -> tuple:
@@ -808,7 +804,7 @@ class BlockStore:
       with self._lock:
         ix = self.index
         # a segment with no live page is deleted once its pages' removal is durable (at the
-        # next commit: at once by default, at the group's end with commit_every), so it is
+        # next commit: at once with commit_every=1, at the group's end when grouped), so it is
         # not compacted, and not counted
         live = [(ix.seg_live[g] / p, g) for g, p in self.seg_pages.items()
                 if p and g in ix.seg_live]
@@ -841,12 +837,16 @@ class BlockStore:
         self._commit()
       self._drop_dead()
 
-  def _fail(self, err: BaseException, refused: int, listed: np.ndarray, extra: int = 0):
+  def _writes_off(self, err: BaseException, refused: int = 0, extra: int = 0) -> str:
+    """Turn writing off after ``err`` (counted); returns the message that says so."""
     self.writes_enabled = False
     self._stats["write_errors"] += 1 + extra
     self._stats["writes_refused"] += refused
-    raise StoreWriteError(f"L3 store write failed at {self.config.root()} ({err}); writing is "
-                          "off (reads go on) until enable_writes()", listed) from err
+    return (f"L3 store write failed at {self.config.root()} ({err}); writing is off (reads go "
+            "on) until enable_writes()")
+
+  def _fail(self, err: BaseException, refused: int, listed: np.ndarray, extra: int = 0):
+    raise StoreWriteError(self._writes_off(err, refused, extra), listed) from err
 
   def enable_writes(self) -> None:
     """Turn writing back on after a ``StoreWriteError`` (e.g. once space is freed)."""
