@@ -123,6 +123,28 @@ def test_put_get_round_trip_and_misses(tmp_path):
   assert store.get(hashes_of([3])).found.tolist() == [False]
 
 
+def test_scattered_reads_are_advised_together(tmp_path, monkeypatch):
+  """A get's scattered pages (runs shorter than a reader's piece) are asked of the kernel
+  up front, each run once; a long run is not (its preadv asks for it); the bytes are
+  what was put either way, and a segment gone since is still a miss."""
+  from kvjax.store import store as store_mod
+  store = open_store(tmp_path, capacity=64)
+  ids = list(range(40))
+  store.put(hashes_of(ids), pages_of(ids))   # one segment, rows 0..39 in order
+  calls = []
+  real = os.posix_fadvise
+  monkeypatch.setattr(os, "posix_fadvise", lambda fd, at, n, how: (calls.append(
+      (at // FMT.page_bytes, n // FMT.page_bytes, how)), real(fd, at, n, how))[1])
+  want = [30, 3, 4, 17, 9, 10, 11, 12, 13, 14, 15, 16]   # runs 3-4, 9-17 (long), 30
+  r = store.get(hashes_of(want))
+  assert r.found.all() and same_bytes(r.arrays, pages_of(want))
+  assert store_mod.READ_PIECE <= 9
+  assert calls == [(3, 2, os.POSIX_FADV_WILLNEED), (30, 1, os.POSIX_FADV_WILLNEED)]
+  for f in os.listdir(tmp_path / "segments"):
+    os.remove(tmp_path / "segments" / f)
+  assert not store.get(hashes_of([3, 30])).found.any()
+
+
 @pytest.mark.parametrize("layout,compression", [("segments", None), ("chunks", "zstd"),
                                                 ("chunks", "blosc"), ("chunks", "none")])
 def test_warm_restart_snapshot_and_journal(tmp_path, layout, compression):

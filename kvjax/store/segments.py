@@ -204,6 +204,34 @@ class PosixSegments:
     if new:
       _fsync_path(self.path)
 
+  def advise(self, seg: int, offsets: Sequence[int], shorter_than: int) -> None:
+    """Start the kernel reading the short runs of rows ``offsets`` (sorted) of segment
+    ``seg`` now (``POSIX_FADV_WILLNEED`` per run shorter than ``shorter_than`` rows).
+
+    Scattered pages are otherwise read a run at a time by each reader task, a few in
+    flight at once; asked for together, the disk gets them all queued. Long runs are left
+    alone: one preadv each already asks for the whole piece, and advising them up front
+    blocks the caller while the kernel queues them (measured: slower). A hint: any error is
+    ignored (the reads report it).
+
+    >>> import tempfile, numpy as np
+    >>> segs = PosixSegments(tempfile.mkdtemp(), page_bytes=4, sync=False)
+    >>> segs.write(3, 0, np.zeros((4, 4), np.uint8)); segs.advise(3, [0, 2, 3], 2)
+    """
+    try:
+      fd = os.open(self._file(seg), os.O_RDONLY)
+    except OSError:
+      return
+    try:
+      for first, length in runs(offsets):
+        if length < shorter_than:
+          os.posix_fadvise(fd, first * self.page_bytes, length * self.page_bytes,
+                           os.POSIX_FADV_WILLNEED)
+    except OSError:
+      pass
+    finally:
+      os.close(fd)
+
   def read(self, seg: int, pages: int, offsets: Sequence[int], rows: np.ndarray,
            dest: Sequence[int]) -> Dict[int, str]:
     """Read rows ``offsets`` of segment ``seg`` into ``rows[dest]`` (in place).
@@ -275,6 +303,9 @@ class KvSegments:
       raise ValueError(f"a kvstore segment is written whole: first must be 0, got {first}")
     self.ledger.wait(self.ledger.track(self.kvstore.write(segment_name(seg, len(rows)),
                                                           np.ascontiguousarray(rows).tobytes())))
+
+  def advise(self, seg: int, offsets: Sequence[int], shorter_than: int) -> None:
+    """No hint to give: a kvstore's byte-range reads are issued together already."""
 
   def read(self, seg: int, pages: int, offsets: Sequence[int], rows: np.ndarray,
            dest: Sequence[int]) -> Dict[int, str]:

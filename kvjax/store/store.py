@@ -451,13 +451,16 @@ class BlockStore:
     for seg, idx in groups.items():
       idx.sort(key=lambda i: segs[i, 1])
       pages = self.seg_pages.get(seg)
+      offs = [int(segs[i, 1]) for i in idx]
+      if pages is not None:   # scattered pages: all queued at once
+        self.segments.advise(seg, offs, READ_PIECE)
       for p in range(0, len(idx), READ_PIECE):   # pieces read and checked in parallel
         piece = idx[p:p + READ_PIECE]
         if pages is None:   # listed, but its file was gone when the store opened
           batch.append((piece, None))
           continue
         batch.append((piece, self.ledger.track(self._readers.submit(
-            self._read_piece, seg, pages, [int(segs[i, 1]) for i in piece], rows, piece,
+            self._read_piece, seg, pages, offs[p:p + READ_PIECE], rows, piece,
             keys, crcs))))
     return PendingRead(self, keys, slots, crcs, listed, batch, started, segs, rows)
 
