@@ -335,6 +335,34 @@ def test_reference_and_grouped_attention_select_masked_values():
   assert grouped_attention(jnp.ones((1, 1, 1, 4)), kk, vv, vis).tolist() == [[[[3.0] * 4]]]
 
 
+@pytest.mark.parametrize("what", ["k", "v"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_decode_nonfinite_stays_in_its_kv_head(what, bad):
+  """Decode (one query per row): a non-finite key or value that a row sees spoils only
+  the query heads of its kv head in that row; the row's other heads and the other rows
+  equal a float64 reference without it."""
+  b, kn, h, g, d = 3, 7, 3, 2, 4
+  rng = np.random.default_rng(1)
+  q, k, v = (rng.normal(size=s).astype(np.float32) for s in
+             ((b, 1, h * g, d), (b, kn, h, d), (b, kn, h, d)))
+  lens = np.array([5, 7, 2])
+  vis = np.arange(kn)[None, None, :] < lens[:, None, None]
+  ref = np.zeros((b, 1, h * g, d))
+  for r in range(b):
+    for y in range(h * g):
+      s = k[r, :lens[r], y // g].astype(np.float64) @ q[r, 0, y] / np.sqrt(d)
+      w = np.exp(s - s.max())
+      ref[r, 0, y] = (w / w.sum()) @ v[r, :lens[r], y // g]
+  bad_kv = {"k": k.copy(), "v": v.copy()}
+  bad_kv[what][0, 3, 1] = bad                                  # row 0, key 3, kv head 1
+  got = np.asarray(grouped_attention(jnp.asarray(q), jnp.asarray(bad_kv["k"]),
+                                     jnp.asarray(bad_kv["v"]), jnp.asarray(vis)))
+  spoiled = np.zeros((b, 1, h * g), bool)
+  spoiled[0, 0, g:2 * g] = True
+  assert not np.isfinite(got[spoiled]).all()
+  np.testing.assert_allclose(got[~spoiled], ref[~spoiled], rtol=1e-5, atol=1e-5)
+
+
 def test_own_nonfinite_value_stays_in_its_row():
   """A query that attends a non-finite value of its own sequence may be non-finite; the
   other rows are not."""
