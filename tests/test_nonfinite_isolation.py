@@ -337,15 +337,17 @@ def test_reference_and_grouped_attention_select_masked_values():
 
 @pytest.mark.parametrize("what", ["k", "v"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_decode_nonfinite_stays_in_its_kv_head(what, bad):
+@pytest.mark.parametrize("b", [1, 3])
+def test_decode_nonfinite_stays_in_its_kv_head(what, bad, b):
   """Decode (one query per row): a non-finite key or value that a row sees spoils only
   the query heads of its kv head in that row; the row's other heads and the other rows
-  equal a float64 reference without it."""
-  b, kn, h, g, d = 3, 7, 3, 2, 4
+  equal a float64 reference without it (batch 1 too: XLA:CPU miscompiled a reduction
+  at batch 1, docs/ARCHITECTURE.md)."""
+  kn, h, g, d = 7, 3, 2, 4
   rng = np.random.default_rng(1)
   q, k, v = (rng.normal(size=s).astype(np.float32) for s in
              ((b, 1, h * g, d), (b, kn, h, d), (b, kn, h, d)))
-  lens = np.array([5, 7, 2])
+  lens = np.array([5, 7, 2])[:b]
   vis = np.arange(kn)[None, None, :] < lens[:, None, None]
   ref = np.zeros((b, 1, h * g, d))
   for r in range(b):
