@@ -11,7 +11,11 @@ Reports for batch 1 / 4 / 8 x context 128 / 512 / 2,048 (``--quick``: 4 layers,
 batch 8, context 512): ``paged_over_dense`` (paged step time / dense step
 time), ``plan_share`` (``plan_step`` alone / paged step), ``over_bound`` (paged
 step / the bandwidth bound: weights plus live K/V over the bandwidth measured
-in the same run, the faster of a copy and a GEMV), ``pool_scaling`` (the paged
+in the same run, the faster of a copy and a GEMV), ``over_roofline`` (paged
+step / the weights at the rate a float32 matmul of that batch streams them,
+``matmul_gbs``, measured for XLA and torch, plus the K/V at the bound: on a
+2-core CPU a batch-8 matmul is FLOP-bound at about half the GEMV rate, so
+``over_bound`` there cannot reach 1), ``pool_scaling`` (the paged
 step with a pool 16x what the batch needs over the step at 2x),
 ``table_scaling`` (the paged step with a page table 4x wider than the context,
 as the demo sizes it for its longest chat, over the step with a table sized
@@ -108,15 +112,52 @@ def bandwidth_gbs(reps: int = 5) -> dict:
   return {"copy_gbs": copy_gbs, "gemv_gbs": gemv_gbs, "bound_gbs": max(copy_gbs, gemv_gbs)}
 
 
-def step_bytes(config, batch: int, context: int, dtype_bytes: int = 4) -> int:
-  """Bytes a decode step must read at least: every weight once plus the live K/V."""
+def matmul_gbs(batches, reps: int = 5) -> dict:
+  """Weight bytes streamed per second by a ``[B, 8192] x [8192, 8192]`` float32 matmul for
+  each batch ``B``, XLA's (``jax``) and torch's (None without torch), measured now.
+
+  At batch 1 this is the GEMV of ``bandwidth_gbs``; at batch 8 a 2-core CPU runs out of
+  FLOPs before bandwidth (both libraries stream about half the GEMV rate), so a step's
+  weights cannot be read at the GEMV bound there. ``over_roofline`` uses it.
+  """
+  w = np.random.default_rng(0).normal(size=(8192, 8192)).astype(np.float32)   # 256 MiB
+  wj = jnp.asarray(w)
+  mm = jax.jit(lambda x, w: x @ w)
+  try:
+    import torch  # optional (the bench extra)
+    wt = torch.from_numpy(w)
+  except ImportError:
+    torch = None
+  out = {}
+  for b in batches:
+    x = np.ones((b, 8192), np.float32)
+    xj = jnp.asarray(x)
+    mm(xj, wj).block_until_ready()
+    r = {"jax": w.nbytes / _time(lambda: mm(xj, wj).block_until_ready(), reps) / 1e9,
+         "torch": None}
+    if torch is not None:
+      xt = torch.from_numpy(x)
+      xt @ wt
+      r["torch"] = w.nbytes / _time(lambda: xt @ wt, reps) / 1e9
+    out[str(b)] = r
+  return out
+
+
+def weight_kv_bytes(config, batch: int, context: int, dtype_bytes: int = 4) -> tuple:
+  """(weight bytes, live K/V bytes) a decode step must read at least: every weight once
+  plus the batch's K/V."""
   e, f, l_ = config.d_model, config.ffn_dim, config.num_layers
   per_layer = (e * config.num_heads * config.head_dim * 2            # q, o
                + e * config.num_kv_heads * config.head_dim * 2       # k, v
                + 3 * e * f + 2 * e)                                   # mlp, norms
   weights = l_ * per_layer + config.vocab_size * e + e               # tied embedding / head
   kv = 2 * l_ * batch * context * config.num_kv_heads * config.head_dim
-  return (weights + kv) * dtype_bytes
+  return weights * dtype_bytes, kv * dtype_bytes
+
+
+def step_bytes(config, batch: int, context: int, dtype_bytes: int = 4) -> int:
+  """Bytes a decode step must read at least: every weight once plus the live K/V."""
+  return sum(weight_kv_bytes(config, batch, context, dtype_bytes))
 
 
 def _paged_cache(config, batch: int, context: int, page_size: int, fill: int, k_fill, v_fill,
@@ -342,6 +383,10 @@ def main(argv=None):
   params = llama.init_params(config, jax.random.key(0))
   bw = bandwidth_gbs()
   print(f"bandwidth: copy {bw['copy_gbs']:.1f} GB/s, gemv {bw['gemv_gbs']:.1f} GB/s", flush=True)
+  mm = matmul_gbs(batches)
+  print("matmul weight streaming, GB/s: " + ", ".join(
+      f"batch {b}: jax {r['jax']:.1f}" + (f" torch {r['torch']:.1f}" if r["torch"] else "")
+      for b, r in mm.items()), flush=True)
   hf, hf_note = (None, "--no-hf") if args.no_hf else hf_model(config, use_gguf=not args.quick)
   print(f"HF transformers: {hf_note}", flush=True)
   results = {}
@@ -350,6 +395,10 @@ def main(argv=None):
       r = run_context(config, params, b, ctx, args.page_size, steps, rounds)
       r["bound_s"] = step_bytes(config, b, ctx) / (bw["bound_gbs"] * 1e9)   # the faster one
       r["over_bound"] = r["paged_step_s"] / r["bound_s"]
+      # the weights at the rate XLA's matmul streams them at this batch, the K/V at the bound
+      wb, kvb = weight_kv_bytes(config, b, ctx)
+      r["roofline_s"] = wb / (mm[str(b)]["jax"] * 1e9) + kvb / (bw["bound_gbs"] * 1e9)
+      r["over_roofline"] = r["paged_step_s"] / r["roofline_s"]
       if hf is not None:   # tokens/s over HF's = HF's step time over ours (same batch)
         r["hf_step_s"] = hf_step_s(hf, config, b, ctx, steps, rounds)
         r["over_hf"] = r["hf_step_s"] / r["paged_step_s"]
@@ -393,6 +442,10 @@ def main(argv=None):
       "table_scaling": table_scaling,
       "over_bound": results[key]["over_bound"],
       "over_bound_at": key,
+      # paged step over the weights at XLA's measured matmul rate for the batch plus the K/V
+      # at the bound: what is left once the CPU's FLOP limit at batch > 1 is counted
+      "matmul_gbs": mm,
+      "over_roofline": {c: r["over_roofline"] for c, r in results.items()},
       "paged_over_dense": {c: r["paged_over_dense"] for c, r in results.items()},
       "plan_share": {c: r["plan_share"] for c, r in results.items()},
       "compile_s": {c: r["compile_s"] for c, r in results.items()},
@@ -416,6 +469,7 @@ def main(argv=None):
     print(f"{c:>10} {r['paged_step_s']*1e3:9.2f} {r['dense_step_s']*1e3:9.2f} "
           f"{r['bound_s']*1e3:9.2f} {hf_ms} {r['paged_over_dense']:12.3f} "
           f"{r['over_bound']:11.2f} {over} {r['plan_share']:11.4f}")
+  print("over_roofline: " + ", ".join(f"{c} {r['over_roofline']:.2f}" for c, r in results.items()))
   print(f"pool_scaling {pool_scaling:.3f}")
   print(f"wrote {args.out}")
   return out
