@@ -14,8 +14,8 @@ step / the bandwidth bound: weights plus live K/V over the bandwidth measured
 in the same run, the faster of a copy and a GEMV), ``over_roofline`` (paged
 step / the weights at the rate a float32 matmul of that batch streams them,
 ``matmul_gbs``, measured for XLA and torch, plus the K/V at the bound: on a
-2-core CPU a batch-8 matmul is FLOP-bound at about half the GEMV rate, so
-``over_bound`` there cannot reach 1), ``pool_scaling`` (the paged
+2-core CPU a batch-8 matmul streams its weights at a third (XLA) to a half
+(torch) of the GEMV rate, so ``over_bound`` there cannot reach 1), ``pool_scaling`` (the paged
 step with a pool 16x what the batch needs over the step at 2x),
 ``table_scaling`` (the paged step with a page table 4x wider than the context,
 as the demo sizes it for its longest chat, over the step with a table sized
@@ -116,9 +116,10 @@ def matmul_gbs(batches, reps: int = 5) -> dict:
   """Weight bytes streamed per second by a ``[B, 8192] x [8192, 8192]`` float32 matmul for
   each batch ``B``, XLA's (``jax``) and torch's (None without torch), measured now.
 
-  At batch 1 this is the GEMV of ``bandwidth_gbs``; at batch 8 a 2-core CPU runs out of
-  FLOPs before bandwidth (both libraries stream about half the GEMV rate), so a step's
-  weights cannot be read at the GEMV bound there. ``over_roofline`` uses it.
+  At batch 1 this is the GEMV of ``bandwidth_gbs``; at batch 8 on the 2-core CPU the
+  matmul runs out of compute before bandwidth (measured: XLA 6.7 GB/s, torch 11.3, the
+  GEMV 18-22), so a step's weights cannot be read at the GEMV bound there.
+  ``over_roofline`` uses XLA's rate.
   """
   w = np.random.default_rng(0).normal(size=(8192, 8192)).astype(np.float32)   # 256 MiB
   wj = jnp.asarray(w)
