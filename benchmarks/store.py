@@ -14,7 +14,7 @@ Reported (JSON, benchmarks/results/store.json):
     costs about what the raw read does. ``l3_random_read_over_raw``: 64 random
     pages a batch against one positioned read per page of the raw file. Best
     of ``reps`` interleaved runs each; target >= 0.8. The stores hold the
-    issue's L3 (65,536 pages: 64 MiB segments, so the pages written lie in a few
+    issue's L3 (65,536 pages: 256 MiB segments, so the pages written lie in a few
     files); the default (segments, sync) is the headline, then without fsync,
     then a store of only the pages written (capacity n: segments of at most
     max(n / 16, one put batch) pages, more and smaller files), then ``chunks`` (a zarr3 chunk per page);
@@ -96,7 +96,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 BATCH = 64
-L3_PAGES = 65_536   # the L3 (the three-tier replay's too): 64 MiB segments of these pages
+L3_PAGES = 65_536   # the L3 (the three-tier replay's too): 256 MiB segments of these pages
 SMOLLM2 = dict(num_layers=30, page_size=16, num_kv_heads=3, head_dim=64)
 # the replay's pages: small (the replay measures the index across a restart, not bandwidth)
 REPLAY_FMT = PageFormat.for_specs(QuantSpec(), QuantSpec(), num_layers=1, page_size=16,

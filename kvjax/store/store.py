@@ -162,7 +162,7 @@ class StoreConfig:
   snapshot_every: int = 64
   eviction: Union[str, Callable] = "lru"
   compact_slack: float = 0.5
-  segment_bytes: int = 64 << 20
+  segment_bytes: int = 256 << 20
   commit_every: Optional[int] = None
   commit_seconds: float = 1.0
 
