@@ -133,8 +133,12 @@ def test_scattered_reads_are_advised_together(tmp_path, monkeypatch):
   store.put(hashes_of(ids), pages_of(ids))   # one segment, rows 0..39 in order
   calls = []
   real = os.posix_fadvise
-  monkeypatch.setattr(os, "posix_fadvise", lambda fd, at, n, how: (calls.append(
-      (at // FMT.page_bytes, n // FMT.page_bytes, how)), real(fd, at, n, how))[1])
+
+  def recorded(fd, at, n, how):
+    calls.append((at // FMT.page_bytes, n // FMT.page_bytes, how))
+    return real(fd, at, n, how)
+
+  monkeypatch.setattr(os, "posix_fadvise", recorded)
   want = [30, 3, 4, 17, 9, 10, 11, 12, 13, 14, 15, 16]   # runs 3-4, 9-17 (long), 30
   r = store.get(hashes_of(want))
   assert r.found.all() and same_bytes(r.arrays, pages_of(want))

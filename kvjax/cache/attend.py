@@ -424,7 +424,7 @@ def _grouped_decode(q, k, v, visible, *, with_mass: bool = False):
   weights = _masked_softmax(logits, visible[:, :, None, :])               # [B, H, G, K]
   vf = _select_read(v.astype(jnp.float32), visible).reshape(b, kn, h_ * d_)
   out = jnp.einsum("byk,bkx->byx", weights.reshape(b, h_ * g, kn), vf).reshape(b, h_, g, h_, d_)
-  out = jnp.diagonal(out, axis1=1, axis2=3)
+  out = jnp.diagonal(out, axis1=1, axis2=3)                             # [B, G, D, H]
   out = out.transpose(0, 3, 1, 2).reshape(b, 1, hq, d_).astype(q.dtype)
   if with_mass:
     return out, jnp.sum(weights, axis=(1, 2))[:, None]

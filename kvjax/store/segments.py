@@ -218,15 +218,17 @@ class PosixSegments:
     >>> segs = PosixSegments(tempfile.mkdtemp(), page_bytes=4, sync=False)
     >>> segs.write(3, 0, np.zeros((4, 4), np.uint8)); segs.advise(3, [0, 2, 3], 2)
     """
+    short = [(first, length) for first, length in runs(offsets) if length < shorter_than]
+    if not short:   # a get of long runs (a chain read in order) opens nothing here
+      return
     try:
       fd = os.open(self._file(seg), os.O_RDONLY)
     except OSError:
       return
     try:
-      for first, length in runs(offsets):
-        if length < shorter_than:
-          os.posix_fadvise(fd, first * self.page_bytes, length * self.page_bytes,
-                           os.POSIX_FADV_WILLNEED)
+      for first, length in short:
+        os.posix_fadvise(fd, first * self.page_bytes, length * self.page_bytes,
+                         os.POSIX_FADV_WILLNEED)
     except OSError:
       pass
     finally:
