@@ -15,8 +15,11 @@ in the same run, the faster of a copy and a GEMV), ``over_roofline`` (paged
 step / the weights at the rate a float32 matmul of that batch streams them,
 ``matmul_gbs``, measured for XLA and torch, plus the K/V at the bound: on a
 2-core CPU a batch-8 matmul streams its weights at a third (XLA) to a half
-(torch) of the GEMV rate, so ``over_bound`` there cannot reach 1), ``pool_scaling`` (the paged
-step with a pool 16x what the batch needs over the step at 2x),
+(torch) of the GEMV rate, so ``over_bound`` there cannot reach 1),
+``over_weights`` (paged step / the same step without its cache, ``weights_forward``,
+timed in the same rounds: what the cache's writes, gather and attention add),
+``cache_share`` and ``cache_kv_gbs`` (the live K/V over the time the cache adds),
+``pool_scaling`` (the paged step with a pool 16x what the batch needs over the step at 2x),
 ``table_scaling`` (the paged step with a page table 4x wider than the context,
 as the demo sizes it for its longest chat, over the step with a table sized
 to the context: attention over the full width, and with the host loops'
@@ -249,19 +252,25 @@ def run_context(config, params, batch: int, context: int, page_size: int, steps:
       out = plan_fn(c, seq_ids, tokens, ones)
     jax.block_until_ready(out)
 
+  def weights_steps():
+    for _ in range(steps):
+      out = weights_forward(params, tokens, config=config)
+    out.block_until_ready()
+
   # Warm up (the first call compiles), then alternate so all see the same machine load.
   first = {}
   for name in caches:
     t0 = time.perf_counter()
     paged_steps(name)
     first[name] = time.perf_counter() - t0
-  dense_steps(), plan_steps()
-  times = {name: [] for name in [*caches, "dense", "plan"]}
+  dense_steps(), plan_steps(), weights_steps()
+  times = {name: [] for name in [*caches, "dense", "plan", "weights"]}
   for _ in range(rounds):
     for name in caches:
       times[name].append(_time(functools.partial(paged_steps, name), 1) / steps)
     times["dense"].append(_time(dense_steps, 1) / steps)
     times["plan"].append(_time(plan_steps, 1) / steps)
+    times["weights"].append(_time(weights_steps, 1) / steps)
   med = {name: statistics.median(t) for name, t in times.items()}
   for name, entry in caches.items():
     assert int(entry["cache"].status) == 0, kvjax.status_names(int(entry["cache"].status))
@@ -272,6 +281,9 @@ def run_context(config, params, batch: int, context: int, page_size: int, steps:
           "compile_s": first["paged"] - steps * paged, "paged_step_s": paged,
           "dense_step_s": dense_s, "plan_step_s": plan, "paged_over_dense": paged / dense_s,
           "plan_share": plan / paged, "paged_rounds_s": times["paged"],
+          # the step without its cache (``weights_forward``), and what the cache adds to it
+          "weights_step_s": med["weights"], "over_weights": paged / med["weights"],
+          "cache_s": paged - med["weights"],
           "dense_rounds_s": times["dense"],
           "variants": {name: {"paged_step_s": med[name], "rounds_s": times[name],
                               "num_pages": caches[name]["cc"].num_pages,
@@ -280,28 +292,38 @@ def run_context(config, params, batch: int, context: int, page_size: int, steps:
                        for name in caches if name != "paged"}}
 
 
+@functools.partial(jax.jit, static_argnames=("config",))
+def weights_forward(params, tokens, *, config):
+  """The decode step without its cache, logits ``[B, 1, V]`` for ``tokens [B, 1]``: every
+  layer's projections, MLP and norms and the head, attention replaced by its query plus
+  the keys' and values' means (so their projections are not dropped as dead code). What
+  streaming the weights costs this backend at batch ``B``, measured rather than assumed."""
+  pos = jnp.zeros(tokens.shape, jnp.int32)
+
+  def stand_in(q, k, v):
+    return q + jnp.mean(k, axis=(-2, -1), keepdims=True) + jnp.mean(v, axis=(-2, -1),
+                                                                     keepdims=True), None
+
+  def body(x, lp):
+    return llama.decoder_layer(lp, x, pos, stand_in, config)[0], None
+
+  return llama.lm_logits(params, jax.lax.scan(body, params.embed[tokens], params.layers)[0],
+                         config)
+
+
 def weights_dtype_ratio(config, batch: int, rounds: int) -> dict:
-  """Step time of the layers and head (no attention) with bfloat16 weights over float32, on
-  this backend, timed interleaved: what ``llama.compute_dtype("auto")`` is chosen by."""
+  """``weights_forward`` with bfloat16 weights over float32, on this backend, timed
+  interleaved: what ``llama.compute_dtype("auto")`` is chosen by."""
   tokens = jnp.zeros((batch, 1), jnp.int32)
-
-  @jax.jit
-  def forward(p, tokens):
-    pos = jnp.zeros(tokens.shape, jnp.int32)
-
-    def body(x, lp):
-      return llama.decoder_layer(lp, x, pos, lambda q, k, v: (q, None), config)[0], None
-
-    return llama.lm_logits(p, jax.lax.scan(body, p.embed[tokens], p.layers)[0], config)
-
   ps = {d: llama.init_params(config, jax.random.key(0), dtype=jnp.dtype(d))
         for d in ("float32", "bfloat16")}
   times = {d: [] for d in ps}
   for p in ps.values():
-    forward(p, tokens).block_until_ready()
+    weights_forward(p, tokens, config=config).block_until_ready()
   for _ in range(rounds):
     for d, p in ps.items():
-      times[d].append(_time(lambda: forward(p, tokens).block_until_ready(), 3))
+      times[d].append(_time(lambda: weights_forward(p, tokens, config=config)
+                            .block_until_ready(), 3))
   med = {d: statistics.median(t) for d, t in times.items()}
   return {"batch": batch, "float32_s": med["float32"], "bfloat16_s": med["bfloat16"],
           "bf16_over_f32": med["bfloat16"] / med["float32"],
@@ -400,6 +422,10 @@ def main(argv=None):
       wb, kvb = weight_kv_bytes(config, b, ctx)
       r["roofline_s"] = wb / (mm[str(b)]["jax"] * 1e9) + kvb / (bw["bound_gbs"] * 1e9)
       r["over_roofline"] = r["paged_step_s"] / r["roofline_s"]
+      # the live K/V over the time the cache adds to the weights-only step: the rate the
+      # cache's part of the step (writes, gather, attention) reads the K/V at
+      # (None where the weights-only step timed no faster than the paged one: noise)
+      r["cache_kv_gbs"] = kvb / r["cache_s"] / 1e9 if r["cache_s"] > 0 else None
       if hf is not None:   # tokens/s over HF's = HF's step time over ours (same batch)
         r["hf_step_s"] = hf_step_s(hf, config, b, ctx, steps, rounds)
         r["over_hf"] = r["hf_step_s"] / r["paged_step_s"]
@@ -447,6 +473,11 @@ def main(argv=None):
       # at the bound: what is left once the CPU's FLOP limit at batch > 1 is counted
       "matmul_gbs": mm,
       "over_roofline": {c: r["over_roofline"] for c, r in results.items()},
+      # paged step over the same step without its cache (``weights_forward``, timed in the
+      # same rounds), and the share of the step the cache's part takes
+      "over_weights": {c: r["over_weights"] for c, r in results.items()},
+      "cache_share": {c: r["cache_s"] / r["paged_step_s"] for c, r in results.items()},
+      "cache_kv_gbs": {c: r["cache_kv_gbs"] for c, r in results.items()},
       "paged_over_dense": {c: r["paged_over_dense"] for c, r in results.items()},
       "plan_share": {c: r["plan_share"] for c, r in results.items()},
       "compile_s": {c: r["compile_s"] for c, r in results.items()},
@@ -471,6 +502,11 @@ def main(argv=None):
           f"{r['bound_s']*1e3:9.2f} {hf_ms} {r['paged_over_dense']:12.3f} "
           f"{r['over_bound']:11.2f} {over} {r['plan_share']:11.4f}")
   print("over_roofline: " + ", ".join(f"{c} {r['over_roofline']:.2f}" for c, r in results.items()))
+  print("weights-only step, ms (its share of the paged step; the K/V rate of the rest, GB/s): "
+        + ", ".join(f"{c} {r['weights_step_s']*1e3:.1f} "
+                    f"({1 - r['cache_s'] / r['paged_step_s']:.2f}; "
+                    + (f"{r['cache_kv_gbs']:.1f})" if r["cache_kv_gbs"] else "-)")
+                    for c, r in results.items()))
   print(f"pool_scaling {pool_scaling:.3f}")
   print(f"wrote {args.out}")
   return out
