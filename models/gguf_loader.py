@@ -164,7 +164,8 @@ def read_params(reader, config: LlamaConfig, dtype=jnp.float32) -> LlamaParams:
       w = unpermute_rows(w, permute_heads)
     return w.T
 
-  per_layer = {f: [] for f in LayerParams.__dataclass_fields__}
+  per_layer = {f: [] for f in ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate",
+                                "w_up", "w_down")}
   for i in range(config.num_layers):
     p = f"blk.{i}."
     per_layer["attn_norm"].append(get(p + "attn_norm.weight"))
@@ -176,7 +177,8 @@ def read_params(reader, config: LlamaConfig, dtype=jnp.float32) -> LlamaParams:
     per_layer["w_gate"].append(matrix(p + "ffn_gate.weight"))
     per_layer["w_up"].append(matrix(p + "ffn_up.weight"))
     per_layer["w_down"].append(matrix(p + "ffn_down.weight"))
-  layers = LayerParams(**{k: jnp.asarray(np.stack(v), dtype) for k, v in per_layer.items()})
+  layers = LayerParams.from_separate(**{k: np.stack(v) for k, v in per_layer.items()})
+  layers = jax.tree.map(lambda a: jnp.asarray(a, dtype), layers)
   params = LlamaParams(embed=jnp.asarray(get("token_embd.weight"), dtype), layers=layers,
                        final_norm=jnp.asarray(get("output_norm.weight"), dtype))
   check_params(params, config)

@@ -24,6 +24,7 @@ import math
 from flax import struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kvjax import drop
 from kvjax.cache.attend import grouped_attention
@@ -152,17 +153,77 @@ class LlamaConfig:
 
 @struct.dataclass
 class LayerParams:
-  """Weights of all decoder layers, stacked on a leading layer axis."""
+  """Weights of all decoder layers, stacked on a leading layer axis.
 
-  attn_norm: jax.Array  # [L, E]        RMSNorm scale before attention
-  wq: jax.Array         # [L, E, N*D]   query projection (rotate-half head layout)
-  wk: jax.Array         # [L, E, K*D]   key projection (rotate-half head layout)
-  wv: jax.Array         # [L, E, K*D]   value projection
-  wo: jax.Array         # [L, N*D, E]   attention output projection
-  mlp_norm: jax.Array   # [L, E]        RMSNorm scale before the MLP
-  w_gate: jax.Array     # [L, E, F]     SwiGLU gate
-  w_up: jax.Array       # [L, E, F]     SwiGLU up
-  w_down: jax.Array     # [L, F, E]     SwiGLU down
+  The projections that read the same input are stored side by side, as vLLM's
+  ``QKVParallelLinear`` and ``MergedColumnParallelLinear`` do: one ``[E, (N+2K)*D]``
+  matmul for q, k and v and one ``[E, 2F]`` for the SwiGLU gate and up, where
+  separate weights took five. On the 2-core CPU a decode step's small matmuls then run at
+  a better rate: the SmolLM2-135M paged decode step (30 layers, float32) took 0.968 of its
+  time with separate weights at batch 1 context 128, 0.945 at b1 c512, 0.952 at b8 c512
+  and 0.953 at b4 c2048 (median of 9 interleaved pairs, one process). ``wq``, ``wk``,
+  ``wv``, ``w_gate`` and ``w_up`` are views of the stacked blocks; ``from_separate``
+  builds one from separate weights.
+
+  >>> lp = LayerParams.from_separate(
+  ...     attn_norm=jnp.ones((1, 4)), wq=jnp.ones((1, 4, 4)), wk=jnp.zeros((1, 4, 2)),
+  ...     wv=2 * jnp.ones((1, 4, 2)), wo=jnp.ones((1, 4, 4)), mlp_norm=jnp.ones((1, 4)),
+  ...     w_gate=jnp.ones((1, 4, 6)), w_up=3 * jnp.ones((1, 4, 6)), w_down=jnp.ones((1, 6, 4)))
+  >>> lp.wqkv.shape, lp.wv.shape, float(lp.wv[0, 0, 0]), lp.w_gate_up.shape, float(lp.w_up[0, 0, 0])
+  ((1, 4, 8), (1, 4, 2), 2.0, (1, 4, 12), 3.0)
+  """
+
+  attn_norm: jax.Array  # [L, E]            RMSNorm scale before attention
+  wqkv: jax.Array       # [L, E, (N+2K)*D]  q | k | v projections (q, k in rotate-half head layout)
+  wo: jax.Array         # [L, N*D, E]       attention output projection
+  mlp_norm: jax.Array   # [L, E]            RMSNorm scale before the MLP
+  w_gate_up: jax.Array  # [L, E, 2F]        SwiGLU gate | up
+  w_down: jax.Array     # [L, F, E]         SwiGLU down
+
+  @classmethod
+  def from_separate(cls, *, attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up,
+                    w_down) -> "LayerParams":
+    """The stacked layout from separate ``wq [L, E, N*D]``, ``wk``/``wv [L, E, K*D]``,
+    ``w_gate``/``w_up [L, E, F]`` (the other weights as in the fields)."""
+    if wk.shape != wv.shape or w_gate.shape != w_up.shape:
+      raise ValueError(f"wk {tuple(wk.shape)} and wv {tuple(wv.shape)}, w_gate "
+                       f"{tuple(w_gate.shape)} and w_up {tuple(w_up.shape)} must pair up")
+    cat = jnp.concatenate if isinstance(wq, jax.Array) else np.concatenate
+    return cls(attn_norm=attn_norm, wqkv=cat([wq, wk, wv], axis=-1), wo=wo,
+               mlp_norm=mlp_norm, w_gate_up=cat([w_gate, w_up], axis=-1), w_down=w_down)
+
+  @property
+  def _q_width(self) -> int:
+    return self.wo.shape[-2]                       # N*D
+
+  @property
+  def _kv_width(self) -> int:
+    return (self.wqkv.shape[-1] - self._q_width) // 2
+
+  @property
+  def wq(self) -> jax.Array:
+    """``[L, E, N*D]`` query projection."""
+    return self.wqkv[..., :self._q_width]
+
+  @property
+  def wk(self) -> jax.Array:
+    """``[L, E, K*D]`` key projection."""
+    return self.wqkv[..., self._q_width:self._q_width + self._kv_width]
+
+  @property
+  def wv(self) -> jax.Array:
+    """``[L, E, K*D]`` value projection."""
+    return self.wqkv[..., self._q_width + self._kv_width:]
+
+  @property
+  def w_gate(self) -> jax.Array:
+    """``[L, E, F]`` SwiGLU gate."""
+    return self.w_gate_up[..., :self.w_down.shape[-2]]
+
+  @property
+  def w_up(self) -> jax.Array:
+    """``[L, E, F]`` SwiGLU up."""
+    return self.w_gate_up[..., self.w_down.shape[-2]:]
 
 
 @struct.dataclass
@@ -181,10 +242,9 @@ def param_shapes(config: LlamaConfig) -> LlamaParams:
   return LlamaParams(
       embed=(c.vocab_size, E),
       layers=LayerParams(
-          attn_norm=(L, E), wq=(L, E, c.num_heads * c.head_dim),
-          wk=(L, E, c.num_kv_heads * c.head_dim), wv=(L, E, c.num_kv_heads * c.head_dim),
+          attn_norm=(L, E), wqkv=(L, E, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim),
           wo=(L, c.num_heads * c.head_dim, E), mlp_norm=(L, E),
-          w_gate=(L, E, F), w_up=(L, E, F), w_down=(L, F, E)),
+          w_gate_up=(L, E, 2 * F), w_down=(L, F, E)),
       final_norm=(E,),
   )
 
@@ -220,18 +280,23 @@ def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Llama
     # RMSNorm scales: near one, varied so that a misplaced norm shows in tests.
     return (1.0 + 0.1 * jax.random.normal(k, shape)).astype(dtype)
 
-  names = [f.name for f in dataclasses.fields(LayerParams)]
-  layer_keys = dict(zip(names, jax.random.split(k_layers, len(names))))
+  # one key per separate weight, drawn as before the q|k|v and gate|up stacking
+  c = config
+  L, E, F = c.num_layers, c.d_model, c.ffn_dim
+  separate = {"attn_norm": (L, E), "wq": (L, E, c.num_heads * c.head_dim),
+              "wk": (L, E, c.num_kv_heads * c.head_dim), "wv": (L, E, c.num_kv_heads * c.head_dim),
+              "wo": shapes.layers.wo, "mlp_norm": (L, E), "w_gate": (L, E, F), "w_up": (L, E, F),
+              "w_down": shapes.layers.w_down}
+  layer_keys = dict(zip(separate, jax.random.split(k_layers, len(separate))))
   layers = {}
-  for name in names:
-    shape = getattr(shapes.layers, name)
+  for name, shape in separate.items():
     if name.endswith("norm"):
       layers[name] = near_one(layer_keys[name], shape)
     else:
       layers[name] = normal(layer_keys[name], shape, 1.0 / math.sqrt(shape[-2]))
   return LlamaParams(
       embed=normal(k_embed, shapes.embed, 1.0 / math.sqrt(config.d_model)),
-      layers=LayerParams(**layers),
+      layers=LayerParams.from_separate(**layers),
       final_norm=near_one(k_norm, shapes.final_norm),
   )
 
@@ -299,16 +364,19 @@ def decoder_layer(lp: LayerParams, x: jax.Array, positions: jax.Array, attention
   b, t, _ = x.shape
   c = config
   h = rms_norm(x, lp.attn_norm, c.rms_eps)
-  q = (h @ lp.wq).reshape(b, t, c.num_heads, c.head_dim)
-  k = (h @ lp.wk).reshape(b, t, c.num_kv_heads, c.head_dim)
-  v = (h @ lp.wv).reshape(b, t, c.num_kv_heads, c.head_dim)
+  nq, nk = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+  qkv = h @ lp.wqkv                                   # one matmul: [B, T, (N+2K)*D]
+  q = qkv[..., :nq].reshape(b, t, c.num_heads, c.head_dim)
+  k = qkv[..., nq:nq + nk].reshape(b, t, c.num_kv_heads, c.head_dim)
+  v = qkv[..., nq + nk:].reshape(b, t, c.num_kv_heads, c.head_dim)
   q = rope(q, positions, c.rope_base)
   if rope_keys:
     k = rope(k, positions, c.rope_base)
   attn, aux = attention(q, k, v)
   x = x + attn.reshape(b, t, c.num_heads * c.head_dim) @ lp.wo
   h = rms_norm(x, lp.mlp_norm, c.rms_eps)
-  x = x + (jax.nn.silu(h @ lp.w_gate) * (h @ lp.w_up)) @ lp.w_down
+  gate_up = h @ lp.w_gate_up                          # one matmul: [B, T, 2F]
+  x = x + (jax.nn.silu(gate_up[..., :c.ffn_dim]) * gate_up[..., c.ffn_dim:]) @ lp.w_down
   return x, aux
 
 
