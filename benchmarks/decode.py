@@ -296,7 +296,12 @@ def weights_forward(params, tokens, *, config):
 
   Not a lower bound at batch 1 on XLA:CPU (jax 0.10.2, 2 cores): it took 73-76 ms there
   against 51.5 ms at batch 2 and 48-57 ms for the whole paged step at batch 1, so its
-  batch-1 program is compiled worse than the step's; ``cache_kv_gbs`` is then None."""
+  batch-1 program is compiled worse than the step's; ``cache_kv_gbs`` is then None. The
+  loop-kernel flag the benchmarks set (``kvjax.xla_cpu.enable_loop_kernels``) is part of
+  it: on a faster host, batch 1 took 30-45 ms with it and 19-29 ms without (3 process
+  pairs; batch 2 and 8 within noise either way); with a scatter added to the loop (which
+  should keep a loop out of a kernel) still 39-40 against 24-30 (2 pairs). Why is not
+  found."""
   pos = jnp.zeros(tokens.shape, jnp.int32)
 
   def stand_in(q, k, v):
