@@ -298,13 +298,12 @@ def demo(args) -> dict:
   # release, and every conversation attaches them instead of recomputing.
   system_ids = tokenizer.encode(chat_prompt(histories[0], add_generation_prompt=False),
                                 add_special_tokens=False).ids
-  # Plain cache: in the turns' [B, 64] step shape (padding rows), so that the first token
-  # waits for one prefill shape to be traced and loaded, not two.
-  pad = None if tc is not None else b
+  # In the turns' [B, 64] step shape (padding rows), so that the first token waits for one
+  # prefill shape to be traced and loaded, not two.
   t = time.perf_counter()
   _, cache = prefill(params, cache, [system_ids], [0], config=config, cache_config=cc, tiers=tc,
-                     pad_rows=pad)
-  meter.prefill(f"{pad or 1}x{chunk}", time.perf_counter() - t, len(system_ids))
+                     pad_rows=b)
+  meter.prefill(f"{b}x{chunk}", time.perf_counter() - t, len(system_ids))
   cache = (release(cache, np.array([0], np.int32), config=cc) if tc is None
            else kvtiers.release(cache, np.array([0], np.int32), config=cc))
   prefix_stats = {}

@@ -101,10 +101,10 @@ def prefill(params: LlamaParams, cache: CacheState, prompts: Sequence[Sequence[i
       are attached across L1 and L2, and a refused row swaps out the latest row of the
       batch (``kvjax.models.swap``; every row must hold its prompt at the end, so a swap
       picks which rows are refused, not how many). None (default): the plain loop.
-    pad_rows: optional int >= B (plain loop only): steps of ``[pad_rows, chunk_size]``,
-      the rows past B padding (seq id -1: nothing written, nothing kept), so a small
-      prefill runs the compiled step of a larger batch instead of compiling its own
-      (the demo's one-row system prompt takes its four-row turns' shape).
+    pad_rows: optional int >= B: steps of ``[pad_rows, chunk_size]``, the rows past B
+      padding (seq id -1: nothing written, nothing kept), so a small prefill runs the
+      compiled step of a larger batch instead of compiling its own (the demo's one-row
+      system prompt takes its four-row turns' shape); with ``tiers`` its prefix attach too.
 
   Returns:
     (last_logits float32 numpy [B, V], the logits after each prompt's last token; cache).
@@ -127,14 +127,13 @@ def prefill(params: LlamaParams, cache: CacheState, prompts: Sequence[Sequence[i
   (2, 256)
   """
   tiered = _tiered(cache, tiers)
-  if pad_rows is not None and (not isinstance(pad_rows, int) or pad_rows < len(prompts)
-                               or tiered):
-    raise ValueError(f"pad_rows must be an int >= the {len(prompts)} prompts, with the plain "
-                     f"loop (no tiers), got {pad_rows!r}" + (" with tiers" if tiered else ""))
+  if pad_rows is not None and (not isinstance(pad_rows, int) or isinstance(pad_rows, bool)
+                               or pad_rows < len(prompts)):
+    raise ValueError(f"pad_rows must be an int >= the {len(prompts)} prompts, got {pad_rows!r}")
   if tiered:
     return prefill_tiered(params, cache, prompts, seq_ids, config=config,
                           cache_config=cache_config, tiers=tiers, chunk_size=chunk_size,
-                          seeds=seeds, stats=stats)
+                          seeds=seeds, stats=stats, pad_rows=pad_rows)
   last, cache, stopped, _ = _prefill(params, cache, prompts, seq_ids, config=config,
                                   cache_config=cache_config, chunk_size=chunk_size, seeds=seeds,
                                   stats=stats, pad_rows=pad_rows)

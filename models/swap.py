@@ -161,7 +161,8 @@ class SwapLoop:
   """
 
   def __init__(self, params, ts, prompts, ids, *, config, cache_config, tiers, chunk_size,
-               seeds, stats, generating: bool, max_new_tokens=0, stop=(), on_step=None):
+               seeds, stats, generating: bool, max_new_tokens=0, stop=(), on_step=None,
+               pad_rows=None):
     if not isinstance(chunk_size, int) or chunk_size < 1:
       raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if not isinstance(ts, TieredState):
@@ -171,6 +172,7 @@ class SwapLoop:
     self.max_new, self.stop, self.on_step = max_new_tokens, stop, on_step
     self.ids = ids
     b = self.b = len(prompts)
+    self.rows = b if pad_rows is None else pad_rows   # step rows; those past b are padding
     self.seeds = None if seeds is None else np.broadcast_to(np.asarray(seeds, np.uint32), (b, 2))
     self.ts = ts
     self.host = tier_rows(ts)
@@ -183,15 +185,16 @@ class SwapLoop:
     empty = lens == 0
     if np.any(empty) and cache_config.prefix_caching:
       width = pow2_at_least(max(len(p) for p in prompts), ATTACH_MIN)
-      tokens = np.zeros((b, width), np.int32)
+      tokens = np.zeros((self.rows, width), np.int32)
       for r, p in enumerate(prompts):
         tokens[r, :len(p)] = p
       cached, self.ts = attach_prefix(
-          self.ts, jnp.asarray(np.where(empty, ids, -1).astype(np.int32)), jnp.asarray(tokens),
-          jnp.asarray(np.where(empty, self.pre, 0).astype(np.int32)),
-          None if self.seeds is None else jnp.asarray(self.seeds), config=cache_config,
-          tiers=tiers)
-      self.offset = np.where(empty, np.asarray(cached), lens).astype(np.int64)
+          self.ts, jnp.asarray(self._pad(np.where(empty, ids, -1), -1).astype(np.int32)),
+          jnp.asarray(tokens), jnp.asarray(self._pad(np.where(empty, self.pre, 0), 0)
+                                           .astype(np.int32)),
+          None if self.seeds is None else jnp.asarray(self._pad(self.seeds, 0)),
+          config=cache_config, tiers=tiers)
+      self.offset = np.where(empty, np.asarray(cached)[:b], lens).astype(np.int64)
       self.host = tier_rows(self.ts)
     if stats is not None:
       stats["reused"] = stats.get("reused", 0) + int(np.sum(self.offset - lens))
@@ -204,14 +207,22 @@ class SwapLoop:
     self.out = [Reply() for _ in range(b)]
     self.to_release = []
 
+  def _pad(self, x: np.ndarray, fill) -> np.ndarray:
+    """Per-row ``x`` ([B, ...]) with ``fill`` rows up to the step's ``rows``."""
+    x = np.asarray(x)
+    if self.rows == self.b:
+      return x
+    return np.concatenate([x, np.full((self.rows - self.b,) + x.shape[1:], fill, x.dtype)])
+
   # --- one model step ------------------------------------------------------------------
 
   def step(self, mask: np.ndarray, num_new: np.ndarray, tokens: np.ndarray, prefill: bool):
     """One ``decode_step`` for the rows in ``mask``; L2 kept valid around it. A prefill step
     passes the rows' seeds (a sequence that starts takes its row's), a decode step none, as
     the plain loop does. Returns ``(logits, stopped int [B])``."""
-    ids = np.where(mask, self.ids, -1).astype(np.int32)
-    n = np.where(mask, num_new, 0).astype(np.int32)
+    ids = self._pad(np.where(mask, self.ids, -1).astype(np.int32), -1)
+    n = self._pad(np.where(mask, num_new, 0).astype(np.int32), 0)
+    tokens = self._pad(tokens, 0)
     free, undemoted = self.host[2], self.host[3]
     if undemoted and pages_needed(self.host[0], ids, n, self.cc.page_size) > free:
       self.ts = sync(self.ts, config=self.cc, tiers=self.tiers)   # evictions become demotions
@@ -219,7 +230,7 @@ class SwapLoop:
     try:
       logits, l1, stopped, after = run_step(
           self.params, self.ts.l1, tokens, ids, n, self.config, self.cc,
-          self.seeds if prefill else None, self.host,
+          self._pad(self.seeds, 0) if prefill and self.seeds is not None else None, self.host,
           read_rows=lambda c: read_rows(c, l1_copy))
     except CacheStatusError as e:   # checked mode: hand back the whole tiered state
       e.state = self.ts.replace(l1=e.state)
@@ -229,7 +240,7 @@ class SwapLoop:
       self.ts = revalidate(self.ts, config=self.cc)
       after = tier_rows(self.ts)
     self.host = after
-    return logits, stopped
+    return logits[:self.b], stopped[:self.b]
 
   def advance(self, ok: np.ndarray, num_new: np.ndarray, logits) -> int:
     """Rows in ``ok`` fed ``num_new`` tokens; those that fed their last known token get their
@@ -389,7 +400,7 @@ class SwapLoop:
 def prefill_tiered(params: LlamaParams, cache: TieredState, prompts: Sequence[Sequence[int]],
                    seq_ids: Sequence[int], *, config: LlamaConfig, cache_config: CacheConfig,
                    tiers: TierConfig, chunk_size: int = 64, seeds=None,
-                   stats: Optional[dict] = None):
+                   stats: Optional[dict] = None, pad_rows: Optional[int] = None):
   """``kvjax.models.prefill`` over a tiered cache (``prefill(..., tiers=...)`` calls it).
 
   As the plain ``prefill`` (rows stay resident; a refused row raises
@@ -403,7 +414,7 @@ def prefill_tiered(params: LlamaParams, cache: TieredState, prompts: Sequence[Se
   ids = check_batch(prompts, seq_ids, cache_config)
   loop = SwapLoop(params, cache, prompts, ids, config=config, cache_config=cache_config,
                   tiers=tiers, chunk_size=chunk_size, seeds=seeds, stats=stats,
-                  generating=False)
+                  generating=False, pad_rows=pad_rows)
   loop.run()
   if np.any(loop.flags):
     err = refusal(loop.ts.l1, ids, loop.flags, "prefill")

@@ -166,6 +166,28 @@ def test_prefill_swaps_out_the_latest_row_and_keeps_the_others(params):
   tiers.check_tiers(ts, config=CC)
 
 
+def test_tiered_prefill_padded_to_a_larger_batch_is_the_unpadded_prefill(params):
+  # pad_rows: the steps (and the prefix attach) run 6 rows for 4 prompts; the padding rows
+  # write nothing, so the same row is swapped out, the logits and every array of the tiered
+  # state are those of the unpadded run, bit for bit
+  rng = np.random.default_rng(5)
+  prompts = [rng.integers(1, 255, n).tolist() for n in (14, 10, 12, 9)]   # 4+3+3+3 pages
+  got = {}
+  for pad in (None, 6):
+    with pytest.raises(kvjax.CacheStatusError) as e:   # 12 free pages: one row cannot stay
+      prefill(params, ballast(params, tiers.init(CC, TC)), prompts, BATCH, cache_config=CC,
+              tiers=TC, pad_rows=pad, **RUN_PREFILL)
+    got[pad] = e.value
+  assert list(got[6].rows) == list(got[None].rows) == [3]
+  np.testing.assert_array_equal(got[6].logits, got[None].logits)
+  assert int(got[6].state.stats.swaps_out) >= 1
+  for a, b in zip(jax.tree.leaves(got[6].state), jax.tree.leaves(got[None].state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match="pad_rows"):
+    prefill(params, tiers.init(CC, TC), prompts, BATCH, cache_config=CC, tiers=TC,
+            pad_rows=3, **RUN_PREFILL)
+
+
 # --- SmolLM2 (slow: loads the model) -------------------------------------------------------
 
 
