@@ -26,8 +26,9 @@ to the context: attention over the full width, and with the host loops'
 ``context_pages`` bucket) and ``compile_s`` per shape (first call less a
 steady step), and ``over_hf``: HF transformers' step time over ours at each
 point (= our tokens/s over HF's; ``LlamaForCausalLM`` in float32 with SmolLM2's
-GGUF weights, a ``DynamicCache`` filled alike; an optional dependency, skipped
-with a note when torch/transformers are absent).
+GGUF weights, a ``DynamicCache`` filled alike, timed in the same rounds as ours so
+both see the same machine load; an optional dependency, skipped with a note when
+torch/transformers are absent).
 
   python benchmarks/decode.py [--quick] [--out FILE] [--batches 1,4,8] [--contexts 128,512]
 """
@@ -179,7 +180,7 @@ def _paged_cache(config, batch: int, context: int, page_size: int, fill: int, k_
 
 
 def run_context(config, params, batch: int, context: int, page_size: int, steps: int,
-                rounds: int, variants: dict | None = None) -> dict:
+                rounds: int, variants: dict | None = None, hf=None) -> dict:
   """Fill both caches to ``context - 2*steps*rounds - 1`` tokens, then time decode steps.
 
   The paged pool holds twice the pages the batch needs (a cache holds more
@@ -190,7 +191,9 @@ def run_context(config, params, batch: int, context: int, page_size: int, steps:
   pages needed, a page table ``table_factor`` times the context's pages
   (``bucketed``: attention over the host loops' bucket,
   ``generate.context_bucket``, instead of the table's width). Their step
-  times are in ``result["variants"]``.
+  times are in ``result["variants"]``. ``hf``: an HF transformers model (``hf_model``)
+  whose decode step (``hf_steps``) is timed in the same rounds too: ``hf_step_s``,
+  ``over_hf``.
   """
   fill = context - steps * rounds * 2 - 1
   rng = np.random.default_rng(0)
@@ -252,6 +255,7 @@ def run_context(config, params, batch: int, context: int, page_size: int, steps:
       out = weights_forward(params, tokens, config=config)
     out.block_until_ready()
 
+  hf_fn = None if hf is None else hf_steps(hf, config, batch, context, steps, rounds)
   # Warm up (the first call compiles), then alternate so all see the same machine load.
   first = {}
   for name in caches:
@@ -260,12 +264,16 @@ def run_context(config, params, batch: int, context: int, page_size: int, steps:
     first[name] = time.perf_counter() - t0
   dense_steps(), plan_steps(), weights_steps()
   times = {name: [] for name in [*caches, "dense", "plan", "weights"]}
+  if hf_fn is not None:
+    times["hf"] = []
   for _ in range(rounds):
     for name in caches:
       times[name].append(_time(functools.partial(paged_steps, name), 1) / steps)
     times["dense"].append(_time(dense_steps, 1) / steps)
     times["plan"].append(_time(plan_steps, 1) / steps)
     times["weights"].append(_time(weights_steps, 1) / steps)
+    if hf_fn is not None:
+      times["hf"].append(_time(hf_fn, 1) / steps)
   med = {name: statistics.median(t) for name, t in times.items()}
   for name, entry in caches.items():
     assert int(entry["cache"].status) == 0, kvjax.status_names(int(entry["cache"].status))
@@ -280,6 +288,9 @@ def run_context(config, params, batch: int, context: int, page_size: int, steps:
           "weights_step_s": med["weights"], "over_weights": paged / med["weights"],
           "cache_s": paged - med["weights"],
           "dense_rounds_s": times["dense"],
+          # tokens/s over HF's = HF's step time over ours (same batch, same rounds)
+          **({} if hf_fn is None else {"hf_step_s": med["hf"], "hf_rounds_s": times["hf"],
+                                       "over_hf": med["hf"] / paged}),
           "variants": {name: {"paged_step_s": med[name], "rounds_s": times[name],
                               "num_pages": caches[name]["cc"].num_pages,
                               "max_pages_per_seq": caches[name]["cc"].max_pages_per_seq,
@@ -366,9 +377,10 @@ def hf_model(config, use_gguf: bool):
   return transformers.LlamaForCausalLM(hf_config).eval(), note
 
 
-def hf_step_s(model, config, batch: int, context: int, steps: int, rounds: int) -> float:
-  """Median seconds of one HF decode step (``DynamicCache`` filled as ``run_context`` fills
-  ours, one token per row, logits over the vocabulary), alternating rounds as ours do."""
+def hf_steps(model, config, batch: int, context: int, steps: int, rounds: int):
+  """A warmed-up function that runs ``steps`` HF decode steps (``DynamicCache`` filled as
+  ``run_context`` fills ours, one token per row, logits over the vocabulary), for
+  ``run_context`` to time in its rounds."""
   import torch
   import transformers
 
@@ -386,7 +398,7 @@ def hf_step_s(model, config, batch: int, context: int, steps: int, rounds: int) 
         model(input_ids=tokens, past_key_values=cache, use_cache=True)
 
   steps_fn()   # warm-up
-  return statistics.median(_time(steps_fn, 1) / steps for _ in range(rounds))
+  return steps_fn
 
 
 def main(argv=None):
@@ -419,7 +431,7 @@ def main(argv=None):
   results = {}
   for b in batches:
     for ctx in contexts:
-      r = run_context(config, params, b, ctx, args.page_size, steps, rounds)
+      r = run_context(config, params, b, ctx, args.page_size, steps, rounds, hf=hf)
       wb, kvb = weight_kv_bytes(config, b, ctx)
       r["bound_s"] = (wb + kvb) / (bw["bound_gbs"] * 1e9)   # the faster one
       r["over_bound"] = r["paged_step_s"] / r["bound_s"]
@@ -430,9 +442,6 @@ def main(argv=None):
       # cache's part of the step (writes, gather, attention) reads the K/V at
       # (None where the weights-only step timed no faster than the paged one: noise)
       r["cache_kv_gbs"] = kvb / r["cache_s"] / 1e9 if r["cache_s"] > 0 else None
-      if hf is not None:   # tokens/s over HF's = HF's step time over ours (same batch)
-        r["hf_step_s"] = hf_step_s(hf, config, b, ctx, steps, rounds)
-        r["over_hf"] = r["hf_step_s"] / r["paged_step_s"]
       results[f"b{b}_c{ctx}"] = r
       print(f"batch {b} context {ctx}: paged {r['paged_step_s']*1e3:.2f} ms, dense "
             f"{r['dense_step_s']*1e3:.2f} ms, bound {r['bound_s']*1e3:.2f} ms, "
