@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from kvjax.cache.attach import attach_prefix
@@ -73,8 +72,9 @@ def attach_cached_prefixes(cache: CacheState, prompts: Sequence[Sequence[int]],
     tokens[r, :len(p)] = p
   rows = np.where(empty, ids, -1).astype(np.int32)
   n = np.where(empty, [len(p) for p in prompts], 0).astype(np.int32)
-  cached, cache = _attach(cache, jnp.asarray(rows), jnp.asarray(tokens), jnp.asarray(n),
-                          None if seeds is None else jnp.asarray(seeds), config=cache_config)
+  cached, cache = _attach(cache, jax.device_put(rows), jax.device_put(tokens),
+                          jax.device_put(n), None if seeds is None else jax.device_put(seeds),
+                          config=cache_config)
   return np.asarray(cached).astype(np.int64), cache
 
 
@@ -179,7 +179,7 @@ def _prefill(params, cache, prompts, seq_ids, *, config, cache_config, chunk_siz
     stopped = np.where(now != 0, now, stopped)
     finishing = (n > 0) & (done + n == lengths) & (now == 0)
     if np.any(finishing):
-      out = np.asarray(last_logits(logits, jnp.asarray(step_n)))[:b]
+      out = np.asarray(last_logits(logits, jax.device_put(step_n)))[:b]
       last[finishing] = out[finishing]
     done += np.where(now == 0, n, 0)
   return last, cache, stopped, host

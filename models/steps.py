@@ -143,8 +143,10 @@ def run_step(params, cache, tokens, ids, num_new, config, cache_config, seeds, b
   rows = np.maximum(ids, 0)
   width = context_bucket(np.where(ids >= 0, before[0][rows] + num_new, 0),
                          cache_config.page_size, cache_config.max_pages_per_seq)
-  logits, cache = decode_step(params, cache, jnp.asarray(tokens), jnp.asarray(ids),
-                              jnp.asarray(num_new), None if seeds is None else jnp.asarray(seeds),
+  # numpy rows go to the device as they are (jnp.asarray would compile a copy per shape)
+  logits, cache = decode_step(params, cache, jax.device_put(tokens), jax.device_put(ids),
+                              jax.device_put(num_new),
+                              None if seeds is None else jax.device_put(seeds),
                               config=config, cache_config=cache_config, context_pages=width)
   after = read_rows(cache)
   new_flags = after[1][rows] & ~before[1][rows]

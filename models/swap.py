@@ -189,10 +189,10 @@ class SwapLoop:
       for r, p in enumerate(prompts):
         tokens[r, :len(p)] = p
       cached, self.ts = attach_prefix(
-          self.ts, jnp.asarray(self._pad(np.where(empty, ids, -1), -1).astype(np.int32)),
-          jnp.asarray(tokens), jnp.asarray(self._pad(np.where(empty, self.pre, 0), 0)
+          self.ts, jax.device_put(self._pad(np.where(empty, ids, -1), -1).astype(np.int32)),
+          jax.device_put(tokens), jax.device_put(self._pad(np.where(empty, self.pre, 0), 0)
                                            .astype(np.int32)),
-          None if self.seeds is None else jnp.asarray(self._pad(self.seeds, 0)),
+          None if self.seeds is None else jax.device_put(self._pad(self.seeds, 0)),
           config=cache_config, tiers=tiers)
       self.offset = np.where(empty, np.asarray(cached)[:b], lens).astype(np.int64)
       self.host = tier_rows(self.ts)
@@ -284,7 +284,7 @@ class SwapLoop:
       return False
     ids = np.full(self.b, -1, np.int32)
     ids[:len(self.to_release)] = self.to_release
-    self.ts = release(self.ts, jnp.asarray(ids), config=self.cc)
+    self.ts = release(self.ts, jax.device_put(ids), config=self.cc)
     self.to_release = []
     self.host = tier_rows(self.ts)
     return True
