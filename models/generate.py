@@ -31,6 +31,7 @@ from kvjax.models.steps import finish_reason
 from kvjax.models.steps import greedy_next
 from kvjax.models.steps import host_rows
 from kvjax.models.steps import last_logits
+from kvjax.models.steps import pad_to_rows
 from kvjax.models.steps import refusal
 from kvjax.models.steps import Reply
 from kvjax.models.steps import run_step
@@ -162,17 +163,14 @@ def _prefill(params, cache, prompts, seq_ids, *, config, cache_config, chunk_siz
   stopped = np.zeros(b, np.int64)
   host = host_rows(cache)
   rows = b if pad_rows is None else pad_rows   # step rows; those past b are padding
-  step_seeds = None if seeds is None else np.concatenate(
-      [seeds, np.zeros((rows - b, 2), np.uint32)])
+  step_seeds = None if seeds is None else pad_to_rows(seeds, rows, 0)
   while np.any((done < lengths) & (stopped == 0)):
     n = np.where(stopped == 0, np.minimum(lengths - done, chunk_size), 0).astype(np.int32)
     tokens = np.zeros((rows, chunk_size), np.int32)
     for r in range(b):
       tokens[r, : n[r]] = prompts[r][done[r]: done[r] + n[r]]
-    step_ids = np.full(rows, -1, np.int32)
-    step_ids[:b] = np.where(n > 0, ids, -1)
-    step_n = np.zeros(rows, np.int32)
-    step_n[:b] = n
+    step_ids = pad_to_rows(np.where(n > 0, ids, -1).astype(np.int32), rows, -1)
+    step_n = pad_to_rows(n, rows, 0)
     logits, cache, now, host = run_step(params, cache, tokens, step_ids, step_n, config,
                                         cache_config, step_seeds, host)
     now = now[:b]

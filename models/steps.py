@@ -103,6 +103,19 @@ def end_if_done(reply: Reply, stop: set, max_new_tokens: int) -> None:
     reply.finish_reason = "length"
 
 
+def pad_to_rows(x, rows: int, fill) -> np.ndarray:
+  """Per-row ``x`` (``[B, ...]``) with rows of ``fill`` appended up to ``rows`` (a padded
+  step's seq ids -1, counts 0, seeds 0); ``x`` itself when it has ``rows`` already.
+
+  >>> pad_to_rows(np.array([3, 4], np.int32), 4, -1).tolist()
+  [3, 4, -1, -1]
+  """
+  x = np.asarray(x)
+  if x.shape[0] == rows:
+    return x
+  return np.concatenate([x, np.full((rows - x.shape[0],) + x.shape[1:], fill, x.dtype)])
+
+
 def host_rows(cache) -> tuple[np.ndarray, np.ndarray]:
   """``(seq_lens, seq_status)`` of every slot, on the host, in one transfer."""
   return jax.device_get((cache.seq_lens, cache.seq_status))

@@ -80,6 +80,7 @@ from kvjax.models.steps import end_if_done
 from kvjax.models.steps import finish_reason
 from kvjax.models.steps import last_argmax
 from kvjax.models.steps import last_logits
+from kvjax.models.steps import pad_to_rows
 from kvjax.models.steps import refusal
 from kvjax.models.steps import Reply
 from kvjax.models.steps import run_step
@@ -207,19 +208,17 @@ class SwapLoop:
     self.out = [Reply() for _ in range(b)]
     self.to_release = []
 
-  def _pad(self, x: np.ndarray, fill) -> np.ndarray:
-    """Per-row ``x`` ([B, ...]) with ``fill`` rows up to the step's ``rows``."""
-    x = np.asarray(x)
-    if self.rows == self.b:
-      return x
-    return np.concatenate([x, np.full((self.rows - self.b,) + x.shape[1:], fill, x.dtype)])
+  def _pad(self, x, fill) -> np.ndarray:
+    """Per-row ``x`` ([B, ...]) padded to the step's ``rows`` (``steps.pad_to_rows``)."""
+    return pad_to_rows(x, self.rows, fill)
 
   # --- one model step ------------------------------------------------------------------
 
   def step(self, mask: np.ndarray, num_new: np.ndarray, tokens: np.ndarray, prefill: bool):
     """One ``decode_step`` for the rows in ``mask``; L2 kept valid around it. A prefill step
     passes the rows' seeds (a sequence that starts takes its row's), a decode step none, as
-    the plain loop does. Returns ``(logits, stopped int [B])``."""
+    the plain loop does. Returns ``(logits [rows, ...]``, padding rows included, ``stopped
+    int [B])``."""
     ids = self._pad(np.where(mask, self.ids, -1).astype(np.int32), -1)
     n = self._pad(np.where(mask, num_new, 0).astype(np.int32), 0)
     tokens = self._pad(tokens, 0)
@@ -240,7 +239,7 @@ class SwapLoop:
       self.ts = revalidate(self.ts, config=self.cc)
       after = tier_rows(self.ts)
     self.host = after
-    return logits[:self.b], stopped[:self.b]
+    return logits, stopped[:self.b]
 
   def advance(self, ok: np.ndarray, num_new: np.ndarray, logits) -> int:
     """Rows in ``ok`` fed ``num_new`` tokens; those that fed their last known token get their
@@ -249,13 +248,14 @@ class SwapLoop:
     at_end = ok & (self.offset == np.array([len(x) for x in self.streams]))
     if not np.any(at_end):
       return 0
-    n = np.where(ok, num_new, 1).astype(np.int32)
+    # per step row (padding rows read token 0; their results are dropped on the host)
+    n = self._pad(np.where(ok, num_new, 1).astype(np.int32), 1)
     if not self.generating:   # prefill: the prompts' last logits
-      rows = np.asarray(last_logits(logits, n))
+      rows = np.asarray(last_logits(logits, n))[:self.b]
       self.last[at_end] = rows[at_end]
       self.phase[at_end] = PARKED
       return 0
-    toks = np.asarray(last_argmax(logits, n))    # on the device: [B] ids come back, not logits
+    toks = np.asarray(last_argmax(logits, n))[:self.b]   # on the device: ids come back
     made = 0
     for r in np.flatnonzero(at_end):
       tok = int(toks[r])
