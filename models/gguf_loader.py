@@ -28,6 +28,7 @@ from kvjax.models.llama import LayerParams
 from kvjax.models.llama import LlamaConfig
 from kvjax.models.llama import LlamaParams
 from kvjax.models.llama import param_shapes
+from kvjax.models.llama import separate_shapes
 from kvjax.models.tokenizer import build_tokenizer
 from kvjax.models.tokenizer import tokenizer_fields
 
@@ -164,8 +165,7 @@ def read_params(reader, config: LlamaConfig, dtype=jnp.float32) -> LlamaParams:
       w = unpermute_rows(w, permute_heads)
     return w.T
 
-  per_layer = {f: [] for f in ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate",
-                                "w_up", "w_down")}
+  per_layer = {f: [] for f in separate_shapes(config)}
   for i in range(config.num_layers):
     p = f"blk.{i}."
     per_layer["attn_norm"].append(get(p + "attn_norm.weight"))

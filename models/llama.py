@@ -249,6 +249,21 @@ def param_shapes(config: LlamaConfig) -> LlamaParams:
   )
 
 
+def separate_shapes(config: LlamaConfig) -> dict:
+  """``{name: shape}`` of each layer weight before the q|k|v and gate|up stacking, in
+  ``LayerParams.from_separate``'s names (how checkpoints store them).
+
+  >>> separate_shapes(LlamaConfig.small())["wk"]
+  (2, 64, 32)
+  """
+  c = config
+  L, E, F = c.num_layers, c.d_model, c.ffn_dim
+  return {"attn_norm": (L, E), "wq": (L, E, c.num_heads * c.head_dim),
+          "wk": (L, E, c.num_kv_heads * c.head_dim), "wv": (L, E, c.num_kv_heads * c.head_dim),
+          "wo": (L, c.num_heads * c.head_dim, E), "mlp_norm": (L, E), "w_gate": (L, E, F),
+          "w_up": (L, E, F), "w_down": (L, F, E)}
+
+
 def check_params(params: LlamaParams, config: LlamaConfig) -> None:
   """Raise ``ValueError`` naming the first parameter whose shape does not fit ``config``."""
   want = param_shapes(config)
@@ -281,12 +296,7 @@ def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Llama
     return (1.0 + 0.1 * jax.random.normal(k, shape)).astype(dtype)
 
   # one key per separate weight, drawn as before the q|k|v and gate|up stacking
-  c = config
-  L, E, F = c.num_layers, c.d_model, c.ffn_dim
-  separate = {"attn_norm": (L, E), "wq": (L, E, c.num_heads * c.head_dim),
-              "wk": (L, E, c.num_kv_heads * c.head_dim), "wv": (L, E, c.num_kv_heads * c.head_dim),
-              "wo": shapes.layers.wo, "mlp_norm": (L, E), "w_gate": (L, E, F), "w_up": (L, E, F),
-              "w_down": shapes.layers.w_down}
+  separate = separate_shapes(config)
   layer_keys = dict(zip(separate, jax.random.split(k_layers, len(separate))))
   layers = {}
   for name, shape in separate.items():
