@@ -191,7 +191,8 @@ def test_lru_capacity_matches_an_ordered_dict_model_across_a_restart(tmp_path):
   rng = np.random.default_rng(1)
   for step in range(160):
     if step == 80:
-      store = open_store(tmp_path, capacity=capacity)   # restart: recency must survive
+      store.abandon()   # a crash, then a restart: recency must survive
+      store = open_store(tmp_path, capacity=capacity)
     k = int(rng.integers(0, 14))
     if rng.random() < 0.5:
       hit = store.get(hashes_of([k])).found[0]
@@ -350,6 +351,7 @@ def test_a_page_of_zeros_is_stored_and_read_back(tmp_path):
   store = open_store(tmp_path)
   zeros = FMT.unpack(np.zeros((2, FMT.page_bytes), np.uint8))
   assert store.put(hashes_of([1, 2]), zeros).all()
+  store.abandon()
   r = open_store(tmp_path).get(hashes_of([1, 2]))
   assert r.found.all() and same_bytes(r.arrays, zeros)
 
@@ -410,12 +412,14 @@ def test_compaction_bounds_the_disk_and_keeps_every_page(tmp_path, via):
         set(store.index.seg_live) == on_disk
     if call == 60:   # a flush (the hits since the last put durable), no snapshot: the journal
       store.flush()  # is replayed, compaction goes on from there
+      store.abandon()
       store = open_()
   s = store.stats()
   assert s["compactions"] > 5 and s["compacted_pages"] > 0, s
   assert s["futures_outstanding"] == 0
   live = [i for i in last if store.contains(hashes_of([i]))[0]]
   store.flush()   # grouped: a reopen without close sees what was committed
+  store.abandon()
   r = open_().get(hashes_of(live))
   assert r.found.all() and same_bytes(r.arrays, pages_of(live))
   np.testing.assert_array_equal(r.info.tokens, info_of(live).tokens)

@@ -239,3 +239,49 @@ def test_a_full_disk_gives_one_clear_error_and_reads_go_on(tmp_path):
   check_found(store, list(range(4)) + [10, 14], [True] * 4 + [False, False])
   store.put(hashes_of([10]), pages_of([10]), info_of([10]))
   check_found(store, [10], [True])
+
+
+HOLDER = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from test_store import open_store
+from kvjax.store import StoreBusyError
+try:
+  store = open_store(sys.argv[2], capacity=16)
+except StoreBusyError as err:
+  print("busy", err, flush=True)
+  sys.exit(3)
+print("open", flush=True)
+sys.stdin.read()   # hold the directory until killed
+"""
+
+
+def test_one_store_opens_a_directory_at_a_time(tmp_path):
+  # A second open would delete the first's uncommitted segment (no record lists it yet) and
+  # overwrite its records: it is refused, in this process and in another, and the first
+  # store loses nothing; close, or the kill of the process holding it, lets it go.
+  from kvjax.store import StoreBusyError
+  first = open_store(tmp_path, capacity=16, commit_every=4, commit_seconds=600.0)
+  first.put(hashes_of(range(4)), pages_of(range(4)), info_of(range(4)))   # not committed yet
+  with pytest.raises(StoreBusyError, match="open in another BlockStore"):
+    open_store(tmp_path, capacity=16)
+  child = subprocess.run([sys.executable, "-c", HOLDER, TESTS, str(tmp_path)],
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL)
+  assert child.returncode == 3 and child.stdout.startswith("busy"), child.stderr
+  check_found(first, list(range(4)), [True] * 4)   # its pending segment is still there
+  first.close()
+  again = open_store(tmp_path, capacity=16)
+  check_found(again, list(range(4)), [True] * 4)
+  again.close()
+  holder = subprocess.Popen([sys.executable, "-c", HOLDER, TESTS, str(tmp_path)],
+                            stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "open"
+    with pytest.raises(StoreBusyError):
+      open_store(tmp_path, capacity=16)
+  finally:
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    holder.stdout.close()
+    holder.stdin.close()
+  check_found(open_store(tmp_path, capacity=16), list(range(4)), [True] * 4)

@@ -62,6 +62,7 @@ def test_a_group_is_durable_at_its_last_put_and_readable_at_once(tmp_path):
     assert got.found.all() and same_bytes(got.arrays, pages_of(ids))
   assert records(store) == 0 and not fsyncs
   # a crash now (the object abandoned, nothing flushed): a restart lists none of the group
+  store.abandon()
   crashed = grouped(tmp_path)
   assert crashed.warm_pages == 0 and not crashed.get(hashes_of(range(12))).found.any()
 
@@ -77,6 +78,7 @@ def test_flush_fsyncs_the_data_before_its_record(tmp_path):
   assert order == []
   store.flush()
   assert order == ["data", "journal"]
+  store.abandon()   # a crash after the flush
   again = grouped(tmp_path)
   assert again.get(hashes_of([1, 2])).found.all()
 
@@ -87,6 +89,7 @@ def test_the_nth_put_commits_the_group_and_a_restart_reads_it_back(tmp_path):
     ids = list(range(4 * b, 4 * b + 4))
     store.put(hashes_of(ids), pages_of(ids))
   assert records(store) == 1   # puts 1-4; puts 5 and 6 are pending
+  store.abandon()   # a crash now
   again = grouped(tmp_path)
   assert again.warm_pages == 16
   got = again.get(hashes_of(range(24)))
@@ -149,6 +152,7 @@ def test_a_failed_group_fsync_unlists_the_group_and_keeps_what_was_durable(tmp_p
   assert store.stats()["writes_refused"] == 1
   del store.segments.sync_deferred   # the disk works again (nothing is left to sync)
   store.flush()   # the unlisting is durable; no record ever listed pages 6-11
+  store.abandon()
   again = grouped(tmp_path, every=3)
   got = again.get(hashes_of(range(12)))
   assert got.found.tolist() == [True] * 6 + [False] * 6
@@ -187,7 +191,8 @@ def test_a_group_that_does_not_fill_commits_after_commit_seconds(tmp_path):
   store.put(hashes_of([3]), pages_of([3]))       # a new group arms a new timer
   assert wait_for(lambda: records(store) == 2)
   assert store._timer is None and not store._puts_pending   # nothing armed for no group
-  crashed = grouped(tmp_path, every=100)         # the object abandoned: a crash
+  store.abandon()                                # a crash
+  crashed = grouped(tmp_path, every=100)
   got = crashed.get(hashes_of([1, 2, 3]))
   assert got.found.all() and same_bytes(got.arrays, pages_of([1, 2, 3]))
 
@@ -201,6 +206,7 @@ def test_timed_commits_snapshot_the_index(tmp_path):
     assert wait_for(lambda: not store._puts_pending)
   assert store.index.journal_since_snapshot < 2
   assert any(n.startswith("snapshot-") for n in os.listdir(tmp_path / "index"))
+  store.abandon()   # a crash: the timed commits are what a restart has
   assert grouped(tmp_path, every=100).contains(hashes_of(range(3))).all()
 
 
@@ -228,6 +234,7 @@ def test_a_failed_timed_commit_unlists_its_group_and_refuses_later_puts(tmp_path
   assert wait_for(lambda: store.stats()["write_errors"] == 1)
   assert store.contains(hashes_of([0, 1, 2, 3])).tolist() == [True, True, False, False]
   assert not store.put(hashes_of([4]), pages_of([4])).any()   # writing is off
+  store.abandon()
   again = grouped(tmp_path, every=100)
   assert again.contains(hashes_of([0, 1, 2, 3])).tolist() == [True, True, False, False]
 

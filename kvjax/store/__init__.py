@@ -26,4 +26,5 @@ from kvjax.store.store import PageInfo
 from kvjax.store.store import PendingRead
 from kvjax.store.store import StoreConfig
 from kvjax.store.store import StoreRead
+from kvjax.store.store import StoreBusyError
 from kvjax.store.store import StoreWriteError

@@ -35,8 +35,12 @@ refused and counted, and reads go on. ``enable_writes()`` turns them on. (A
 group commit that fails on its timer thread has no caller to raise to: it is
 logged and counted, and writing turns off the same way.)
 
-One live ``BlockStore`` per directory: two writing the same directory (an
-object left open while another opens it) overwrite each other's records.
+One live ``BlockStore`` per local directory: opening takes the directory's lock
+(``flock`` on its ``lock`` file, released by ``close``, by the object's
+collection, or by the kernel when the process dies), and a second open while it
+is held, in this process or another, raises ``StoreBusyError``: two writers
+would overwrite each other's records. (A store on another kvstore has no lock:
+one writer at a time is the caller's to keep.)
 
 Names in shapes: n = pages in a batch, S = page_size.
 
@@ -57,6 +61,7 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -250,6 +255,16 @@ class StoreRead(NamedTuple):
   info: PageInfo      # the pages' records (empty where not found)
 
 
+class StoreBusyError(OSError):
+  """Another live ``BlockStore`` (in this process or another) has the directory open.
+
+  Two writers of one directory would overwrite each other's records, and opening deletes
+  the segment files no record lists (another writer's newest), so a second open is refused.
+  The lock is the kernel's (``flock`` on ``LOCK_FILE``): a process killed with SIGKILL
+  holds it no longer, and ``close`` (or the object's collection) releases it.
+  """
+
+
 class StoreWriteError(OSError):
   """Writing to the store failed (disk full, file-size limit, I/O error); writes are now off.
 
@@ -270,6 +285,26 @@ COUNTERS = ("reads", "read_bytes", "writes", "write_bytes", "hits", "misses",
             "checksum_failures", "missing_files", "read_errors", "raced", "already_stored",
             "evictions", "write_errors", "writes_refused", "read_seconds", "write_seconds",
             "orphans_removed", "compactions", "compacted_pages")
+
+
+LOCK_FILE = "lock"   # in a local store's directory: held (flock) while a BlockStore has it open
+
+
+def _lock_dir(path: str) -> int:
+  """Take the store directory's lock (creating the directory): the open file holding it.
+
+  StoreBusyError when another open file holds it (another process, or another
+  ``BlockStore`` of this one).
+  """
+  os.makedirs(path, exist_ok=True)
+  fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    os.close(fd)
+    raise StoreBusyError(f"the L3 store at {path!r} is open in another BlockStore (this "
+                         "process or another); one writes a directory at a time") from None
+  return fd
 
 
 def hash_keys(hashes: np.ndarray, name: str = "hashes") -> np.ndarray:
@@ -332,12 +367,25 @@ class BlockStore:
       the format it was created with (else ValueError).
 
   After opening, ``warm_pages`` is the number of pages the index listed.
-  One process writes a store at a time (opening deletes what a killed
-  writer left: temporary files, segments no record lists).
+  One ``BlockStore`` has a local directory open at a time (``StoreBusyError``
+  for another, until ``close``); opening deletes what a killed writer left
+  (temporary files, segments no record lists).
   """
 
   def __init__(self, config: StoreConfig, fmt: Optional[PageFormat] = None):
     self.config = config
+    self._dir_lock = None   # a local directory's lock: a finalizer closing the file holding it
+    if config.path is not None:
+      self._dir_lock = weakref.finalize(self, os.close, _lock_dir(config.path))
+    try:
+      self._open(fmt)
+    except BaseException:
+      if self._dir_lock is not None:
+        self._dir_lock()
+      raise
+
+  def _open(self, fmt: Optional[PageFormat]) -> None:
+    config = self.config
     self.ledger = FutureLedger()
     self.context = ts.Context({"file_io_sync": config.sync})
     root = config.root()
@@ -876,13 +924,49 @@ class BlockStore:
         self._drop_dead()
 
   def close(self) -> None:
-    """Flush and snapshot the index (a restart then replays nothing)."""
+    """Flush and snapshot the index (a restart then replays nothing); release the
+    directory (another ``BlockStore`` may open it now)."""
     with self._write_lock, self._lock:
       self.index.snapshot()
       self._committed()
       if self.segments is not None:
         self._drop_dead()
         self.segments.close()
+      if self._dir_lock is not None:
+        self._dir_lock()   # closes the lock's file (once; later calls do nothing)
+
+  def abandon(self) -> None:
+    """Let go of the directory as a killed process would: nothing more is committed (the
+    puts of a group not yet committed are not listed at the next open) and the lock is
+    released, so another ``BlockStore`` may open the directory at once. The object is not
+    to be used afterwards. The tests model a crash with it; a caller can hand the
+    directory on after a failure without a commit that could fail again.
+
+    >>> import tempfile
+    >>> from kvjax.layout import QuantSpec
+    >>> fmt = PageFormat.for_specs(QuantSpec(bits=8), QuantSpec(bits=8), num_layers=1,
+    ...                            page_size=2, num_kv_heads=1, head_dim=4)
+    >>> d = tempfile.mkdtemp()
+    >>> first = BlockStore(StoreConfig(path=d, capacity=8), fmt)
+    >>> try:
+    ...   BlockStore(StoreConfig(path=d, capacity=8))
+    ... except StoreBusyError:
+    ...   print("busy")
+    busy
+    >>> first.abandon()
+    >>> BlockStore(StoreConfig(path=d, capacity=8)).warm_pages
+    0
+    """
+    with self._write_lock, self._lock:
+      if self._timer is not None:
+        self._timer.cancel()
+        self._timer = None
+      _PENDING.discard(self)
+      self.writes_enabled = False
+      if self.segments is not None:
+        self.segments.close()
+      if self._dir_lock is not None:
+        self._dir_lock()
 
   def __enter__(self):
     return self
