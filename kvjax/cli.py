@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from typing import Callable, Sequence
@@ -26,8 +27,10 @@ from kvjax.cache.status import OUT_OF_PAGES
 from kvjax.cliutil import ArgumentParser
 from kvjax.cliutil import check_memory
 from kvjax.cliutil import enable_compile_cache
+from kvjax.cliutil import nonnegative_int
 from kvjax.cliutil import positive_int
 from kvjax.cliutil import UsageError
+from kvjax.cliutil import user_cache_dir
 from kvjax.models import chat_prompt
 from kvjax.models import generate
 from kvjax.models import IM_END_ID
@@ -37,6 +40,7 @@ from kvjax.models.gguf_loader import WeightsNotInstalledError
 from kvjax.models.llama import compute_dtype
 from kvjax.sim import cli as sim_cli
 from kvjax.store import BlockStore
+from kvjax.store import StoreBusyError
 from kvjax.store import StoreConfig
 from kvjax.store import WritePolicy
 from kvjax import tiers as kvtiers
@@ -60,6 +64,9 @@ CONVERSATIONS = [
 # against 0.07 s; it grows with the pool). The GGUF shipped here is Q4_1, dequantized.
 KV_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEMO_MAX_LEN = 1024  # tokens per sequence the demo's page table allows
+DEMO_L2_PAGES = 256  # --l2-pages' default: the demo runs the tier hierarchy, L1 / L2 / L3
+DEMO_L3_PAGES = 4096  # --l3-pages' default
+L3_DIR_ENV = "KVJAX_L3_DIR"  # the default L3's parent folder, or "off"
 
 
 # --- kvjax demo: accounting --------------------------------------------------------------
@@ -189,25 +196,63 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
                            "XLA upcasts bfloat16 matmuls and they run slower)")
   parser.add_argument("--json", default=None, metavar="FILE",
                       help="also write the run's figures (times, tokens/s, pages) to FILE")
-  parser.add_argument("--l2-pages", type=positive_int, default=None,
-                      help="a tiered cache: an L2 of N pages (unquantized, as L1); a "
-                           "conversation the pool refuses swaps out the latest one instead of "
-                           "failing (default: no L2, the plain cache)")
+  parser.add_argument("--l2-pages", type=nonnegative_int, default=DEMO_L2_PAGES,
+                      help=f"the tiered cache's L2: N pages (unquantized, as L1) under the "
+                           f"pool; a conversation the pool refuses swaps out the latest one "
+                           f"instead of failing (default {DEMO_L2_PAGES}; 0: no tiers, the "
+                           "plain cache, and no L3)")
   parser.add_argument("--l3-dir", default=None, metavar="DIR",
-                      help="with --l2-pages: a persistent L3 in DIR under L2 (pages written "
-                           "through, unquantized, and kept across runs: a later run serves "
-                           "its prompts' cached prefixes from DIR)")
+                      help="the persistent L3 under L2: pages written through, unquantized, "
+                           "kept across runs, so a later run serves its prompts' cached "
+                           "prefixes from DIR (default: a folder per cache format under "
+                           f"${L3_DIR_ENV}, else ~/.cache/kvjax/l3; 'off': no L3)")
   parser.add_argument("--l3-pages", type=positive_int, default=DEMO_L3_PAGES,
                       help=f"L3 capacity in pages (default {DEMO_L3_PAGES})")
 
 
+def _l3_off(value) -> bool:
+  return value is not None and value.strip().lower() in ("", "off")
+
+
 def _check_demo_args(args) -> None:
   """UsageError for demo arguments that no model can serve (checked before loading one)."""
-  if getattr(args, "l3_dir", None) is not None and getattr(args, "l2_pages", None) is None:
+  l3_dir = getattr(args, "l3_dir", None)
+  if l3_dir is not None and not _l3_off(l3_dir) and not getattr(args, "l2_pages", 0):
     raise UsageError("needs --l2-pages (L3 lies under L2)", argument="--l3-dir")
   if args.page_size > DEMO_MAX_LEN:
     raise UsageError(f"must be at most {DEMO_MAX_LEN} (the demo's sequence length), got "
                      f"{args.page_size}", argument="--page-size")
+
+
+def demo_l3_dir(args, cc) -> tuple:
+  """``(folder of the demo's L3 or None, whether it is the default one)``.
+
+  ``--l3-dir DIR`` as given; ``off``, or no L2, none; by default a folder named by the
+  cache format (dtype, page size, capacity: one ``BlockStore`` format each, so a run
+  with other page arguments starts its own store instead of failing on the last one's)
+  under ``$KVJAX_L3_DIR`` (``off``: none) or ``~/.cache/kvjax/l3``.
+
+  >>> import argparse, os
+  >>> from unittest import mock
+  >>> from kvjax.models.llama import LlamaConfig
+  >>> cc = LlamaConfig.small().cache_config(page_size=16, num_pages=8, max_seqs=1,
+  ...                                       max_pages_per_seq=2)
+  >>> a = argparse.Namespace(l2_pages=256, l3_dir=None, l3_pages=4096)
+  >>> with mock.patch.dict(os.environ, {"KVJAX_L3_DIR": "/tmp/l3"}):
+  ...   demo_l3_dir(a, cc)
+  ('/tmp/l3/float32-page16-4096', True)
+  >>> demo_l3_dir(argparse.Namespace(l2_pages=0, l3_dir=None, l3_pages=4096), cc)
+  (None, False)
+  """
+  l3_dir = getattr(args, "l3_dir", None)
+  if not getattr(args, "l2_pages", 0) or _l3_off(l3_dir):
+    return None, False
+  if l3_dir is not None:
+    return l3_dir, False
+  root = user_cache_dir(L3_DIR_ENV, "l3")
+  if root is None:
+    return None, False
+  return os.path.join(root, f"{cc.dtype}-page{cc.page_size}-{args.l3_pages}"), True
 
 
 def demo_cache_config(config, args, max_seqs: int):
@@ -230,17 +275,23 @@ def _cache_bytes(cache_config, tier_config=None) -> int:
 
 
 DEMO_L2_PRESET = "bf16"   # --l2-pages: L2 pages unquantized, in L1's dtype (a bit-exact swap)
-DEMO_L3_PAGES = 4096      # --l3-pages' default
 
 
-def demo_l3(cache, cc, tc, path: str, pages: int):
+def demo_l3(cache, cc, tc, path: str, pages: int, default: bool = False):
   """``cache`` with a persistent L3 in ``path`` under its L2: pages unquantized (the L2
   preset: a page read back is the page written) and written through as they enter L2.
   Returns ``(cache, tier)``; a directory holding another model's or size's store is a
-  ``UsageError``."""
+  ``UsageError``, as is one another run has open (``StoreBusyError``), except for the
+  ``default`` folder: the run then goes on without L3 (``tier`` None) and says so."""
   try:
     store = BlockStore(StoreConfig(path=path, capacity=pages),
                        l3mod.l3_format(cc, DEMO_L2_PRESET))
+  except StoreBusyError:
+    if not default:
+      raise UsageError(f"cannot use {path!r}: another run has it open; give another "
+                       "--l3-dir or --l3-dir off", argument="--l3-dir") from None
+    print(f"L3: {path} is open in another run; this one goes without L3")
+    return cache, None
   except ValueError as e:   # the directory holds a store of another format or capacity
     raise UsageError(f"cannot use {path!r}: {e}", argument="--l3-dir") from None
   except OSError as e:
@@ -268,15 +319,15 @@ def demo(args) -> dict:
   convs = CONVERSATIONS
   turns = min(args.turns, min(len(c) for c in convs))
   cc = demo_cache_config(config, args, len(convs))
-  l2 = getattr(args, "l2_pages", None)
+  l2 = getattr(args, "l2_pages", 0) or None   # 0: the plain cache
   tc = None if l2 is None else kvtiers.TierConfig(l2_pages=l2, l2_preset=DEMO_L2_PRESET)
   check_memory(_cache_bytes(cc, tc), f"a cache of {cc.num_pages} pages of {cc.page_size} tokens"
                + ("" if tc is None else f" and an L2 of {l2}"),
                "--num-pages" if tc is None else "--num-pages / --l2-pages")
   cache = init(cc) if tc is None else kvtiers.init(cc, tc)
-  l3_dir, tier = getattr(args, "l3_dir", None), None
+  (l3_dir, default_l3), tier = demo_l3_dir(args, cc), None
   if l3_dir is not None:
-    cache, tier = demo_l3(cache, cc, tc, l3_dir, args.l3_pages)
+    cache, tier = demo_l3(cache, cc, tc, l3_dir, args.l3_pages, default_l3)
   seq_ids = list(range(len(convs)))
   b, chunk = len(convs), 64  # generate's default chunk_size: prefill steps are [B, 64]
   print(f"SmolLM2-135M-Instruct ({params.embed.dtype.name} weights) loaded in {load_s:.1f}s; "

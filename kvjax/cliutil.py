@@ -46,6 +46,21 @@ def positive_int(text: str) -> int:
   return value
 
 
+def nonnegative_int(text: str) -> int:
+  """argparse type: an integer >= 0.
+
+  >>> nonnegative_int("0")
+  0
+  """
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+  return value
+
+
 def available_memory() -> Optional[int]:
   """Bytes of memory available now (Linux ``MemAvailable``, else free pages); None if unknown."""
   try:

@@ -96,7 +96,8 @@ from kvjax.tiers.state import TieredState
 
 RUNNING, WAITING, PARKED, ENDED = 0, 1, 2, 3   # a row: resident / swapped out / prompt fed
 #                                                (prefill, resident) / finished or refused
-ATTACH_MIN = 32   # the first attach pads prompts to a power of two >= this (few compiles)
+ATTACH_MIN = 256  # the first attach pads prompts to a power of two >= this (few compiles; as
+#                   the plain loop's _ATTACH_BUCKET: the demo's system prompt and turns share one)
 
 
 @jax.jit

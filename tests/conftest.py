@@ -42,6 +42,7 @@ if "xla_cpu_parallel_codegen_split_count" not in _flags:
 os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("KVJAX_COMPILE_CACHE", "off")   # CLI runs in tests write no XLA cache
+os.environ.setdefault("KVJAX_L3_DIR", "off")   # nor a default L3 (a test names its folder)
 
 _CACHE_ENV = "KVJAX_TEST_XLA_CACHE"
 if _CACHE_ENV not in os.environ:

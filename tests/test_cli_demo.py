@@ -8,6 +8,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from tqdm import tqdm
 
 import kvjax
@@ -94,21 +95,25 @@ def test_bfloat16_pages_serve_the_model():
   np.testing.assert_allclose(logits["bfloat16"], logits["float32"], atol=2e-2, rtol=2e-2)
 
 
-def test_demo_too_many_pages_fails_before_allocating(monkeypatch, capsys):
-  # the names the demo calls (kvjax.cli imports them)
+@pytest.mark.parametrize("tiered", [False, True], ids=["plain", "tiered"])
+def test_demo_too_many_pages_fails_before_allocating(monkeypatch, capsys, tiered):
+  # the names the demo calls (kvjax.cli imports them); the default is tiered (an L2)
   monkeypatch.setattr(cli, "load_smollm2", lambda dtype="auto": (CFG, None, None))
-
-  real_init = cli.init
+  owner = cli.kvtiers if tiered else cli
+  real_init = owner.init
 
   def init_under_eval_shape_only(*args, **kwargs):   # sizing traces init; allocating does not
     if not isinstance(jnp.zeros(()), jax.core.Tracer):
       raise AssertionError("the cache was allocated before its size was checked")
     return real_init(*args, **kwargs)
 
-  monkeypatch.setattr(cli, "init", init_under_eval_shape_only)
-  assert cli.main(["demo", "--num-pages", "1000000000"]) == 2
+  monkeypatch.setattr(owner, "init", init_under_eval_shape_only)
+  assert cli.main(["demo", "--num-pages", "1000000000", *([] if tiered else ["--l2-pages", "0"])]
+                  ) == 2
   err = capsys.readouterr().err
-  assert err.startswith("kvjax: error: argument --num-pages: a cache of 1000000000 pages")
+  assert err.startswith("kvjax: error: argument --num-pages"
+                        + (" / --l2-pages" if tiered else "") + ": a cache of 1000000000 pages")
+  assert ("and an L2 of 256" in err) == tiered
   assert "GiB of memory (estimate), over the limit of" in err and err.count("\n") == 1
 
 
@@ -193,6 +198,45 @@ def test_demo_l3_dir_serves_the_next_run_and_changes_no_reply(monkeypatch, capsy
 
 
 def test_demo_l3_dir_needs_l2_pages(capsys, tmp_path):
-  assert cli.main(["demo", "--l3-dir", str(tmp_path)]) == 2   # before any model is loaded
+  # before any model is loaded
+  assert cli.main(["demo", "--l2-pages", "0", "--l3-dir", str(tmp_path)]) == 2
   err = capsys.readouterr().err
   assert "--l3-dir" in err and "--l2-pages" in err and err.count("\n") == 1
+
+
+def test_demo_runs_the_tiers_by_default_with_l3_in_a_folder_per_format(monkeypatch, capsys,
+                                                                       tmp_path):
+  # No tier flags: L1 + L2 + an L3 in the default folder (here under $KVJAX_L3_DIR), named by
+  # the cache format; the second run starts warm from it and says the same; a run while
+  # another store holds that folder goes on without L3 and says so; --l2-pages 0 is the
+  # plain cache, with no L2 and no L3
+  from kvjax.store import BlockStore
+  from kvjax.store import StoreConfig
+
+  params = init_params(CFG, jax.random.key(0))
+  monkeypatch.setattr(cli, "load_smollm2", lambda dtype="auto": (CFG, params, _ByteTokenizer()))
+  monkeypatch.setenv("KVJAX_L3_DIR", str(tmp_path / "l3root"))
+  base = ["demo", "--max-new-tokens", "3", "--num-pages", "160", "--turns", "1"]
+  folder = str(tmp_path / "l3root" / f"{compute_dtype('auto').name}-page16-{cli.DEMO_L3_PAGES}")
+
+  def run(*extra):
+    out = tmp_path / "run.json"
+    assert cli.main(base + [*extra, "--json", str(out)]) == 0
+    return json.loads(out.read_text()), capsys.readouterr().out
+
+  (first, said1), (second, said2) = run(), run()
+  assert first["l2_pages"] == cli.DEMO_L2_PAGES and first["l3_dir"] == folder
+  assert first["l3_warm_pages"] == 0 and first["l3_pages_stored"] > 0
+  assert second["l3_warm_pages"] == first["l3_pages_stored"] and second["l3_hit_pages"] > 0
+  assert _conversations(said2) == _conversations(said1)
+  held = BlockStore(StoreConfig(path=folder, capacity=cli.DEMO_L3_PAGES))
+  try:
+    busy, said = run()
+  finally:
+    held.close()
+  assert "l3_dir" not in busy and f"L3: {folder} is open in another run" in said
+  assert _conversations(said) == _conversations(said1)
+  plain, _ = run("--l2-pages", "0")
+  assert "l2_pages" not in plain and "l3_dir" not in plain
+  off, _ = run("--l3-dir", "off")
+  assert off["l2_pages"] == cli.DEMO_L2_PAGES and "l3_dir" not in off

@@ -157,7 +157,7 @@ def batch_pages(arrays: dict, spec, side: str, n_pad: int) -> Pages:
     if a is None:
       return None
     pad = np.zeros((n_pad - a.shape[0],) + a.shape[1:], a.dtype)
-    return jnp.asarray(np.moveaxis(np.concatenate([a, pad]), 0, 1))
+    return jax.device_put(np.ascontiguousarray(np.moveaxis(np.concatenate([a, pad]), 0, 1)))
   return Pages(data=field("data"), scale=field("scale"), zero=field("zero"), spec=spec)
 
 
@@ -291,7 +291,7 @@ class L3Tier:
     s = self.config.page_size
     t = np.zeros((-(-len(tokens) // s) * s,), np.int32)
     t[:len(tokens)] = tokens
-    h = chain_hashes(jnp.asarray(seed, jnp.uint32), jnp.asarray(t), page_size=s,
+    h = chain_hashes(jax.device_put(np.asarray(seed, np.uint32)), jax.device_put(t), page_size=s,
                      hash_fn=self.config.block_hash_fn)
     return np.asarray(h)[:blocks].astype(np.uint32)
 
@@ -379,7 +379,7 @@ class L3Tier:
       ts = self.demote(ts, gone)
       for q in victims:
         evict_l2(m2, copy, q)
-      ts = add_stats(ts.replace(l1_copy=jnp.asarray(copy)), l2_evictions=len(victims))
+      ts = add_stats(ts.replace(l1_copy=jax.device_put(copy)), l2_evictions=len(victims))
       pages += victims
     clock = int(ts.l1.clock)
     par2 = prev2 if start > 0 else -1
@@ -490,7 +490,7 @@ class L3Tier:
         continue
       seed = seeds[r] if np.any(seeds[r] != 0) else default
       h = self.row_hashes(seed, toks[r], blocks)
-      in_l1 = np.asarray(index_lookup(ts.l1.index, jnp.asarray(h))) >= 0
+      in_l1 = np.asarray(index_lookup(ts.l1.index, jax.device_put(h))) >= 0
       keys = (h[:, 0].astype(np.uint64) << np.uint64(32)) | h[:, 1].astype(np.uint64)
       above = in_l1 | np.array([k in l2_keys for k in keys.tolist()])
       start = int(np.argmin(above)) if not above.all() else blocks

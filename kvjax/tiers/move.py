@@ -35,7 +35,7 @@ def pad_ids(ids, fill: int, minimum: int = 8) -> jax.Array:
   n = pow2_at_least(len(ids), minimum)
   out = np.full((n,), fill, np.int32)
   out[:len(ids)] = ids
-  return jnp.asarray(out)
+  return jax.device_put(out)
 
 
 def take_pages(pool: Pages, ids: jax.Array) -> Pages:

@@ -86,14 +86,14 @@ def put_like(a: np.ndarray, like) -> jax.Array:
   """
   sharding = getattr(like, "sharding", None)
   if sharding is None or len(sharding.device_set) == 1:
-    return jnp.asarray(a)
+    return jax.device_put(np.asarray(a))
   return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
 
 
 def device_meta(m: dict, like: PageMeta | None = None) -> PageMeta:
   """A ``PageMeta`` from ``host_meta``'s dict, placed as ``like`` (see ``put_like``)."""
   if like is None:
-    return PageMeta(**{n: jnp.asarray(a) for n, a in m.items()})
+    return PageMeta(**{n: jax.device_put(np.asarray(a)) for n, a in m.items()})
   return PageMeta(**{n: put_like(a, getattr(like, n)) for n, a in m.items()})
 
 
@@ -110,7 +110,7 @@ def add_stats(ts: TieredState, **inc) -> TieredState:
   vec = np.zeros((len(names),), np.int32)
   for n, v in inc.items():
     vec[names.index(n)] = v
-  return ts.replace(stats=_add_counts(ts.stats, jnp.asarray(vec)))
+  return ts.replace(stats=_add_counts(ts.stats, jax.device_put(vec)))
 
 
 def full_hashed(m: dict, page_size: int) -> np.ndarray:
@@ -396,7 +396,7 @@ def promote(ts: TieredState, wanted, protect, m2: dict, *, config: CacheConfig,
   held = ref.copy()
   for p in protect:
     held[p] += 1
-  probe = l1.replace(meta=l1.meta.replace(ref_count=jnp.asarray(held)))
+  probe = l1.replace(meta=l1.meta.replace(ref_count=jax.device_put(np.asarray(held))))
   k = min(need, config.num_pages)
   k_pad = min(config.num_pages, pow2_at_least(k, PAD))
   pages, ok = _victims(probe, k=k_pad, clock=l1.clock, config=config)
@@ -448,7 +448,7 @@ def promote(ts: TieredState, wanted, protect, m2: dict, *, config: CacheConfig,
     n = int(pad_ids(values, -1).shape[0])
     h = np.zeros((n, 2), np.uint32)     # (0, 0) and -1 pad items are ignored
     h[:len(hashes)] = np.stack(hashes)
-    index, _ = _index_insert(index, jnp.asarray(h), pad_ids(values, -1))
+    index, _ = _index_insert(index, jax.device_put(h), pad_ids(values, -1))
   k, v = l1.k, l1.v
   if src:
     k, v = keep_placement(move_pages(ts.l2.k, ts.l2.v, k, v, pad_ids(src, 0, PAD),
@@ -465,7 +465,7 @@ def pad_hashes(h: np.ndarray) -> jax.Array:
   n = pow2_at_least(len(h), PAD)
   out = np.zeros((n, 2), np.uint32)
   out[:len(h)] = h
-  return jnp.asarray(out)
+  return jax.device_put(out)
 
 
 def plan_step(ts: TieredState, seq_ids, tokens, num_tokens, seeds=None, *,
@@ -576,7 +576,7 @@ def swap_out(ts: TieredState, seq_id: int, *, config: CacheConfig, tiers: TierCo
   s = config.page_size
   toks = np.concatenate([meta_tokens[row[j]] for j in range(-(-n // s))]) if n else np.zeros(0)
   handle = (toks[:n].astype(np.int32), np.asarray(ts.l1.seq_seed[seq_id]))
-  ts = release(ts, jnp.array([seq_id]), config=config)
+  ts = release(ts, jax.device_put(np.array([seq_id], np.int32)), config=config)
   return handle, add_stats(ts, swaps_out=1)
 
 
@@ -589,10 +589,11 @@ def swap_in(ts: TieredState, seq_id: int, handle, *, config: CacheConfig, tiers:
   once per width, not once per sequence length).
   """
   toks, seed = handle
-  seeds = None if not np.any(seed) else jnp.asarray(seed[None], jnp.uint32)
+  seeds = None if not np.any(seed) else jax.device_put(np.asarray(seed[None], np.uint32))
   width = pow2_at_least(len(toks), PAD)
   padded = np.zeros((1, width), np.int32)
   padded[0, :len(toks)] = toks
-  cached, ts = attach_prefix(ts, jnp.array([seq_id]), jnp.asarray(padded),
-                             jnp.array([len(toks)]), seeds, config=config, tiers=tiers)
+  cached, ts = attach_prefix(ts, jax.device_put(np.array([seq_id], np.int32)),
+                             jax.device_put(padded), jax.device_put(np.array([len(toks)], np.int32)),
+                             seeds, config=config, tiers=tiers)
   return int(cached[0]), add_stats(ts, swaps_in=1)
