@@ -195,7 +195,7 @@ class SwapLoop:
           jax.device_put(tokens), jax.device_put(self._pad(np.where(empty, self.pre, 0), 0)
                                            .astype(np.int32)),
           None if self.seeds is None else jax.device_put(self._pad(self.seeds, 0)),
-          config=cache_config, tiers=tiers)
+          config=cache_config, tiers=tiers, donate=True)   # the loop owns its state
       self.offset = np.where(empty, np.asarray(cached)[:b], lens).astype(np.int64)
       self.host = tier_rows(self.ts)
     if stats is not None:
@@ -225,7 +225,8 @@ class SwapLoop:
     tokens = self._pad(tokens, 0)
     free, undemoted = self.host[2], self.host[3]
     if undemoted and pages_needed(self.host[0], ids, n, self.cc.page_size) > free:
-      self.ts = sync(self.ts, config=self.cc, tiers=self.tiers)   # evictions become demotions
+      self.ts = sync(self.ts, config=self.cc, tiers=self.tiers,   # evictions become demotions
+                     donate=True)
     l1_copy = self.ts.l1_copy
     try:
       logits, l1, stopped, after = run_step(

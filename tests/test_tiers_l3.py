@@ -13,6 +13,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -310,3 +311,31 @@ def test_a_full_disk_under_l3_is_one_error_and_l1_l2_keep_serving(tmp_path):
     assert run["A"][1] == 0.0 and run["B"][1] == 0.0   # whatever was served is right
   store = BlockStore(StoreConfig(path=str(tmp_path / "full"), capacity=64, sync=False))
   assert len(store) == 0 and store.stats()["checksum_failures"] == 0   # nothing half-listed
+
+
+@pytest.mark.parametrize("tc,preset", [(L2_EXACT, "bf16"), (L2_INT8, "int4")],
+                         ids=["bf16", "int8-l2-int4-l3"])
+def test_a_donated_attach_is_the_attach_and_an_undonated_one_keeps_its_input(tc, preset):
+  # attach_prefix(donate=True) (the host loops') updates the pools in place: the same state
+  # bit for bit as the undonated call, whose input stays readable; the donated one's input
+  # pools are gone (they were reused, not copied). Two identical set-ups: an attach changes
+  # the store (hits, recency), so each call gets its own.
+  runs = {}
+  for donate in (False, True):
+    tier = make_tier(tc=tc, preset=preset)
+    ts = down_to_l3(new_state(tier, tc=tc), tc=tc)
+    toks = np.zeros((1, T), np.int32)
+    toks[0, :len(A)] = A
+    before = ts
+    cached, ts = tiers.attach_prefix(ts, jnp.array([1]), jnp.asarray(toks), jnp.array([len(A)]),
+                                     jnp.asarray(SEED, jnp.uint32), config=CFG, tiers=tc,
+                                     donate=donate)
+    assert int(cached[0]) == 6 and int(ts.stats.l3_hit_pages) >= 1
+    runs[donate] = (before, ts)
+  (kept, plain), (gone, donated) = runs[False], runs[True]
+  leaves = lambda t: jax.tree.leaves(t.replace(l3=None))   # noqa: E731
+  for a, b in zip(leaves(plain), leaves(donated), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not any(x.is_deleted() for x in leaves(kept))
+  assert gone.l1.k.data.is_deleted() and gone.l2.k.data.is_deleted()
+  tiers.check_tiers(donated, config=CFG)

@@ -65,7 +65,7 @@ from kvjax.store import PrefetchPolicy
 from kvjax.store import StoreWriteError
 from kvjax.store import WritePolicy
 from kvjax.tiers.config import TierConfig
-from kvjax.tiers.move import move_pages
+from kvjax.tiers.move import move_into
 from kvjax.tiers.move import pad_ids
 from kvjax.tiers.move import recode
 from kvjax.tiers.move import take_pages
@@ -313,14 +313,15 @@ class L3Tier:
   def continue_chain(self, ts: TieredState, m2: dict, copy: np.ndarray, wanted: list,
                      protect: set, *, row: int,
                      tokens: np.ndarray, seed, start: int, blocks: int, prev1: int,
-                     prev2: int) -> TieredState:
+                     prev2: int, donate: bool = False) -> TieredState:
     """Continue row ``row``'s chain in L3 from block ``start`` (L1 and L2 ran out there).
 
     Reads the blocks the store lists (one batch), verifies each in order (checksums,
     tokens, position, namespace, parent hash, digest), puts the verified run into L2
     pages (``m2`` and the attach's ``copy``, int [P1], updated in place; data into
     ``ts.l2``) and appends them to ``wanted`` for L1's promotion. ``prev1``/``prev2``:
-    the L1/L2 page of block ``start - 1`` (-1 if none).
+    the L1/L2 page of block ``start - 1`` (-1 if none). ``donate``: L2's pools are
+    updated in place (``tiers.attach_prefix``'s ``donate``).
     """
     s = self.config.page_size
     seed = np.asarray(seed, np.uint32)
@@ -409,18 +410,18 @@ class L3Tier:
     arrays = {f: a[:m] for f, a in got.arrays.items() if f != STRUCTURE}
     k3 = batch_pages(arrays, self.kspec, "k", n_pad)
     v3 = batch_pages(arrays, self.vspec, "v", n_pad)
-    k, v = move_pages(k3, v3, ts.l2.k, ts.l2.v, pad_ids(np.arange(m), 0),
-                      pad_ids(pages, self.tiers.l2_pages))
+    k, v = move_into(k3, v3, ts.l2.k, ts.l2.v, pad_ids(np.arange(m), 0),
+                     pad_ids(pages, self.tiers.l2_pages), donate=donate)
     if self.exact_fixup:
       self.staged.append((k3, v3, rows))
     ts = ts.replace(l2=ts.l2.replace(k=k, v=v))
     return add_stats(ts, l3_promotions=m, l3_bytes_promoted=m * self.store.format.page_bytes)
 
   def served(self, ts: TieredState, ids, toks, served, seed_rows, default, *,
-             config: CacheConfig) -> TieredState:
+             config: CacheConfig, donate: bool = False) -> TieredState:
     """After an attach: L1 pages promoted from L3 get L3's own decode (``exact_fixup``);
     served blocks' hit counts advance, and ``write_through_selective`` writes those that
-    reach its count (from L1, exact)."""
+    reach its count (from L1, exact). ``donate``: L1's pools are updated in place."""
     l1 = ts.l1
     if self.staged:
       copy = np.asarray(ts.l1_copy)
@@ -432,7 +433,8 @@ class L3Tier:
             src.append(rows[int(copy[p])])
             dst.append(int(p))
         if src:
-          k, v = move_pages(k3, v3, k, v, pad_ids(src, 0), pad_ids(dst, config.num_pages))
+          k, v = move_into(k3, v3, k, v, pad_ids(src, 0), pad_ids(dst, config.num_pages),
+                           donate=donate)
       self.staged = []
       ts = ts.replace(l1=l1.replace(k=k, v=v))
     pol = self.l3.write

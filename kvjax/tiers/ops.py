@@ -52,7 +52,7 @@ from kvjax.pressure import level as pressure_level
 from kvjax.pressure import relieve as relieve_l1
 from kvjax.tiers.config import TierConfig
 from kvjax.tiers.move import keep_placement
-from kvjax.tiers.move import move_pages
+from kvjax.tiers.move import move_into
 from kvjax.tiers.move import pad_ids
 from kvjax.tiers.move import page_bytes
 from kvjax.tiers.move import pow2_at_least
@@ -62,10 +62,12 @@ from kvjax.tiers.state import TierStats
 # L1's operations, jitted once per config (eager calls would compile their conds each time)
 _plan_l1 = jax.jit(plan_l1, static_argnames="config")
 _attach_l1 = jax.jit(attach_l1, static_argnames="config")
+_attach_l1_donated = jax.jit(attach_l1, static_argnames="config", donate_argnames="state")
 _release_l1 = jax.jit(release_l1, static_argnames="config")
 _fork_l1 = jax.jit(fork_l1, static_argnames="config")
 _victims = jax.jit(victims, static_argnames=("k", "config"))
 _reclaim = jax.jit(reclaim, static_argnames="config")
+_reclaim_donated = jax.jit(reclaim, static_argnames="config", donate_argnames="state")
 _index_lookup = jax.jit(index_lookup)
 _index_insert = jax.jit(index_insert)
 _relieve_l1 = jax.jit(relieve_l1, static_argnames=("config", "pressure", "demote_to", "limit"))
@@ -174,7 +176,8 @@ def revalidate(ts: TieredState, *, config: CacheConfig) -> TieredState:
   return ts.replace(l1_copy=put_like(copy, ts.l1_copy))
 
 
-def sync(ts: TieredState, *, config: CacheConfig, tiers: TierConfig) -> TieredState:
+def sync(ts: TieredState, *, config: CacheConfig, tiers: TierConfig,
+         donate: bool = False) -> TieredState:
   """Write-through demotion: every indexed full L1 page gets a valid L2 copy where it can.
 
   A copy is valid while the L2 page records the same block and its parent is
@@ -184,6 +187,9 @@ def sync(ts: TieredState, *, config: CacheConfig, tiers: TierConfig) -> TieredSt
   process sharing L2 demoted it) is adopted as the copy, not written again.
   Otherwise L2 takes free pages first, then its least recently used ones (by
   last access, deepest block first; not those written in this call).
+
+  ``donate``: L2's pools are updated in place (``ts`` is invalid afterwards; the tiered
+  host loops, which thread their state as the plain loop's donated steps do).
 
   >>> import jax.numpy as jnp
   >>> import kvjax
@@ -263,8 +269,9 @@ def sync(ts: TieredState, *, config: CacheConfig, tiers: TierConfig) -> TieredSt
     ts = ts.l3.inserted(ts, m2, src, dst)
   l2 = ts.l2.replace(meta=device_meta(m2, ts.l2.meta))
   if src:
-    k, v = keep_placement(move_pages(ts.l1.k, ts.l1.v, l2.k, l2.v, pad_ids(src, 0, PAD),
-                                     pad_ids(dst, tiers.l2_pages, PAD)), (l2.k, l2.v))
+    k, v = keep_placement(move_into(ts.l1.k, ts.l1.v, l2.k, l2.v, pad_ids(src, 0, PAD),
+                                    pad_ids(dst, tiers.l2_pages, PAD), donate=donate),
+                          (l2.k, l2.v))
     l2 = l2.replace(k=k, v=v)
   ts = ts.replace(l2=l2, l1_copy=put_like(copy, ts.l1_copy))
   nbytes = len(src) * (page_bytes(l2.k) + page_bytes(l2.v))
@@ -292,7 +299,7 @@ def find_l2(m2: dict, blk, j: int, parent: int, seed, s: int) -> tuple[int, int]
 
 
 def attach_prefix(ts: TieredState, seq_ids, tokens, num_tokens, seeds=None, *,
-                  config: CacheConfig, tiers: TierConfig):
+                  config: CacheConfig, tiers: TierConfig, donate: bool = False):
   """Start empty sequences on the longest verified prefix across L1 and L2.
 
   Arguments as ``kvjax.cache.attach_prefix`` (``seq_ids`` int [B], ``tokens`` int
@@ -300,12 +307,13 @@ def attach_prefix(ts: TieredState, seq_ids, tokens, num_tokens, seeds=None, *,
   found in L2 are promoted into L1 pages (taken through L1's pool: free pages
   first, then evictions, whose pages ``sync`` has already demoted), then L1's
   ``attach_prefix`` serves the run. Counters: ``l1_hit_*`` + ``l2_hit_*`` equal
-  the pages/tokens served.
+  the pages/tokens served. ``donate``: the pools are updated in place, not copied per
+  page move (``ts`` is invalid afterwards: the tiered host loops).
 
   Returns:
     ``(cached int32 [B], state)``.
   """
-  ts = sync(ts, config=config, tiers=tiers)
+  ts = sync(ts, config=config, tiers=tiers, donate=donate)
   s = config.page_size
   ids = np.asarray(seq_ids).reshape(-1)
   toks = np.asarray(tokens)
@@ -356,13 +364,14 @@ def attach_prefix(ts: TieredState, seq_ids, tokens, num_tokens, seeds=None, *,
     if ts.l3 is not None and stop < blocks:  # L3 hook: continue the chain from L3 into L2
       ts = ts.l3.continue_chain(ts, m2, copy, wanted, protect, row=r, tokens=toks[r], seed=seed,
                                 start=stop, blocks=blocks, prev1=prev1,
-                                prev2=prev2 if stop > 0 else -1)
+                                prev2=prev2 if stop > 0 else -1, donate=donate)
   ts = add_stats(ts, verify_failures=rejected)
   hit_copies = copy[list(protect)] if protect else np.zeros(0, np.int64)
   m2["last_access"][hit_copies[hit_copies >= 0]] = int(ts.l1.clock) + 1  # L2 recency: LRU
-  ts = promote(ts, wanted, protect, m2, config=config, tiers=tiers)
+  ts = promote(ts, wanted, protect, m2, config=config, tiers=tiers, donate=donate)
   ts = ts.replace(l2=ts.l2.replace(meta=device_meta(m2, ts.l2.meta)))
-  cached, l1 = _attach_l1(ts.l1, seq_ids, tokens, num_tokens, seeds, config=config)
+  cached, l1 = (_attach_l1_donated if donate else _attach_l1)(ts.l1, seq_ids, tokens, num_tokens,
+                                                               seeds, config=config)
   served = np.asarray(cached) // s
   h1 = np.minimum(served, l1_match)
   h2 = np.minimum(served - h1, l2_match)
@@ -373,12 +382,12 @@ def attach_prefix(ts: TieredState, seq_ids, tokens, num_tokens, seeds=None, *,
                  l1_hit_tokens=int(h1.sum()) * s, l2_hit_tokens=int(h2.sum()) * s,
                  l3_hit_pages=int(h3.sum()), l3_hit_tokens=int(h3.sum()) * s)
   if ts.l3 is not None:  # L3 hook: hit counts (selective write-through), exact L1 copies
-    ts = ts.l3.served(ts, ids, toks, served, seed_rows, default, config=config)
+    ts = ts.l3.served(ts, ids, toks, served, seed_rows, default, config=config, donate=donate)
   return cached, ts
 
 
 def promote(ts: TieredState, wanted, protect, m2: dict, *, config: CacheConfig,
-            tiers: TierConfig) -> TieredState:
+            tiers: TierConfig, donate: bool = False) -> TieredState:
   """Copy the L2 pages of ``wanted`` into L1 pages taken through L1's pool; index them.
 
   ``wanted``: (row, block, L2 page, L1 parent page or None = the previous entry's
@@ -393,6 +402,7 @@ def promote(ts: TieredState, wanted, protect, m2: dict, *, config: CacheConfig,
   done = {}  # L2 page -> L1 page (a block two rows share is promoted once)
   need = len({q for _, _, q, _ in wanted})
   ref = np.array(l1.meta.ref_count)
+  clock = int(l1.clock)   # on the host: a donated reclaim takes l1's arrays
   held = ref.copy()
   for p in protect:
     held[p] += 1
@@ -402,8 +412,10 @@ def promote(ts: TieredState, wanted, protect, m2: dict, *, config: CacheConfig,
   pages, ok = _victims(probe, k=k_pad, clock=l1.clock, config=config)
   take = np.asarray(pages)[:k][np.asarray(ok)[:k]]
   if take.size:
-    probe = _reclaim(probe, pad_ids(take, config.num_pages, PAD), clock=l1.clock,
-                     config=config).state
+    # donated: reclaim touches no page data, and its copy of both pools is what it cost
+    probe = (_reclaim_donated if donate else _reclaim)(
+        probe, pad_ids(take, config.num_pages, PAD), clock=jax.device_put(np.int32(clock)),
+        config=config).state
   m1 = host_meta(probe.meta)
   m1["ref_count"] = ref
   index = probe.index
@@ -434,9 +446,9 @@ def promote(ts: TieredState, wanted, protect, m2: dict, *, config: CacheConfig,
       m1[n][p] = m2[n][q]
     m1["filled"][p] = s
     m1["parent"][p] = par
-    m1["last_access"][p] = int(l1.clock)
+    m1["last_access"][p] = clock
     m1["access_count"][p] = 1
-    m2["last_access"][q] = int(l1.clock) + 1  # the attach's time, as for L1 hits' copies
+    m2["last_access"][q] = clock + 1  # the attach's time, as for L1 hits' copies
     copy[p] = q
     done[q] = p
     last = p
@@ -449,10 +461,10 @@ def promote(ts: TieredState, wanted, protect, m2: dict, *, config: CacheConfig,
     h = np.zeros((n, 2), np.uint32)     # (0, 0) and -1 pad items are ignored
     h[:len(hashes)] = np.stack(hashes)
     index, _ = _index_insert(index, jax.device_put(h), pad_ids(values, -1))
-  k, v = l1.k, l1.v
+  k, v = probe.k, probe.v   # l1's pools (reclaim's copies, or the same buffers donated)
   if src:
-    k, v = keep_placement(move_pages(ts.l2.k, ts.l2.v, k, v, pad_ids(src, 0, PAD),
-                                     pad_ids(dst, config.num_pages, PAD)), (k, v))
+    k, v = keep_placement(move_into(ts.l2.k, ts.l2.v, k, v, pad_ids(src, 0, PAD),
+                                    pad_ids(dst, config.num_pages, PAD), donate=donate), (k, v))
   l1 = probe.replace(meta=device_meta(m1, probe.meta), index=index, k=k, v=v)
   ts = ts.replace(l1=l1, l2=ts.l2.replace(meta=device_meta(m2, ts.l2.meta)),
                   l1_copy=put_like(copy, ts.l1_copy))
