@@ -274,3 +274,44 @@ test_two_tiers_stateful = TwoTiers.TestCase
 def teardown_module():
   if os.environ.get("KVJAX_TIERS_EXAMPLES"):   # a scaled run says how many it ran
     print(f"\ntest_two_tiers_stateful: {SEQUENCES[0]} sequences over {EXAMPLES} x {STEPS}")
+
+
+def test_precompile_leaves_the_promotion_nothing_to_compile(caplog):
+  # tiers.precompile compiles the promotion's programs (victims, reclaim, index lookup
+  # and insert) from the state's shapes in a thread; an attach that then promotes pages
+  # from L2 compiles none of them again: its calls' programs are the ones precompiled.
+  # Shapes of its own (head_dim 6, 6 pages), so no earlier test compiled them.
+  import logging
+  import jax
+  cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=6, page_size=S, num_pages=6,
+                          max_seqs=2, max_pages_per_seq=4)
+  tc = tiers.TierConfig(l2_pages=8, l2_preset="bf16")
+  names = ("jit(victims)", "jit(reclaim)", "jit(index_lookup)", "jit(index_insert)")
+
+  def compiled(records):
+    return [n for r in records for n in names if f"XLA compilation of {n}" in r.getMessage()]
+
+  def prompt(ts, sid, toks):
+    row = np.zeros((1, T), np.int32)
+    row[0, :len(toks)] = toks
+    ts = tiers.plan_step(ts, jnp.array([sid]), jnp.asarray(row), jnp.array([len(toks)]),
+                         config=cfg, tiers=tc)
+    return tiers.sync(tiers.release(ts, jnp.array([sid]), config=cfg), config=cfg, tiers=tc)
+
+  ts = prompt(prompt(tiers.init(cfg, tc), 0, [1, 2, 3, 4, 5, 6, 7]), 0, [9, 8, 7, 6, 5, 4, 3, 2])
+  jax.config.update("jax_log_compiles", True)
+  try:
+    with caplog.at_level(logging.WARNING):
+      tiers.precompile(ts, config=cfg).join()
+      warmed = compiled(caplog.records)
+      caplog.clear()
+      row = np.zeros((1, T), np.int32)
+      row[0, :7] = [1, 2, 3, 4, 5, 6, 7]
+      cached, ts = tiers.attach_prefix(ts, jnp.array([1]), jnp.asarray(row), jnp.array([7]),
+                                       config=cfg, tiers=tc)
+      again = compiled(caplog.records)
+  finally:
+    jax.config.update("jax_log_compiles", False)
+  assert int(ts.stats.promotions) > 0 and int(ts.l1.stats.evictions) > 0   # reclaim ran
+  assert set(warmed) == set(names) and again == [], (warmed, again)
+  assert int(cached[0]) == 6

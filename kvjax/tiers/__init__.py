@@ -21,6 +21,7 @@ from kvjax.tiers.l3 import with_l3
 from kvjax.tiers.ops import attach_prefix
 from kvjax.tiers.ops import fork
 from kvjax.tiers.ops import plan_step
+from kvjax.tiers.ops import precompile
 from kvjax.tiers.ops import release
 from kvjax.tiers.ops import relieve
 from kvjax.tiers.ops import swap_in
