@@ -228,7 +228,7 @@ def demo_l3_dir(args, cc) -> tuple:
   """``(folder of the demo's L3 or None, whether it is the default one)``.
 
   ``--l3-dir DIR`` as given; ``off``, or no L2, none; by default a folder named by the
-  cache format (dtype, page size, capacity: one ``BlockStore`` format each, so a run
+  cache format (model dims, dtype, page size, capacity: one ``BlockStore`` format each, so a run
   with other page arguments starts its own store instead of failing on the last one's)
   under ``$KVJAX_L3_DIR`` (``off``: none) or ``~/.cache/kvjax/l3``.
 
@@ -240,7 +240,7 @@ def demo_l3_dir(args, cc) -> tuple:
   >>> a = argparse.Namespace(l2_pages=256, l3_dir=None, l3_pages=4096)
   >>> with mock.patch.dict(os.environ, {"KVJAX_L3_DIR": "/tmp/l3"}):
   ...   demo_l3_dir(a, cc)
-  ('/tmp/l3/float32-page16-4096', True)
+  ('/tmp/l3/2x2x16-float32-page16-4096', True)
   >>> demo_l3_dir(argparse.Namespace(l2_pages=0, l3_dir=None, l3_pages=4096), cc)
   (None, False)
   """
@@ -252,7 +252,8 @@ def demo_l3_dir(args, cc) -> tuple:
   root = user_cache_dir(L3_DIR_ENV, "l3")
   if root is None:
     return None, False
-  return os.path.join(root, f"{cc.dtype}-page{cc.page_size}-{args.l3_pages}"), True
+  dims = f"{cc.num_layers}x{cc.num_kv_heads}x{cc.head_dim}"   # layers x kv heads x head dim
+  return os.path.join(root, f"{dims}-{cc.dtype}-page{cc.page_size}-{args.l3_pages}"), True
 
 
 def demo_cache_config(config, args, max_seqs: int):

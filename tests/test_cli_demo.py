@@ -217,7 +217,8 @@ def test_demo_runs_the_tiers_by_default_with_l3_in_a_folder_per_format(monkeypat
   monkeypatch.setattr(cli, "load_smollm2", lambda dtype="auto": (CFG, params, _ByteTokenizer()))
   monkeypatch.setenv("KVJAX_L3_DIR", str(tmp_path / "l3root"))
   base = ["demo", "--max-new-tokens", "3", "--num-pages", "160", "--turns", "1"]
-  folder = str(tmp_path / "l3root" / f"{compute_dtype('auto').name}-page16-{cli.DEMO_L3_PAGES}")
+  folder = str(tmp_path / "l3root" / f"{CFG.num_layers}x{CFG.num_kv_heads}x{CFG.head_dim}-"
+                f"{compute_dtype('auto').name}-page16-{cli.DEMO_L3_PAGES}")
 
   def run(*extra):
     out = tmp_path / "run.json"

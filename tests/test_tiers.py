@@ -280,7 +280,6 @@ def test_precompile_leaves_the_promotion_nothing_to_compile(caplog):
   # tiers.precompile compiles the promotion's programs (victims, reclaim, index lookup
   # and insert) from the state's shapes in a thread; an attach that then promotes pages
   # from L2 compiles none of them again: its calls' programs are the ones precompiled.
-  # Shapes of its own (head_dim 6, 6 pages), so no earlier test compiled them.
   import logging
   import jax
   cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=6, page_size=S, num_pages=6,
@@ -299,6 +298,7 @@ def test_precompile_leaves_the_promotion_nothing_to_compile(caplog):
     return tiers.sync(tiers.release(ts, jnp.array([sid]), config=cfg), config=cfg, tiers=tc)
 
   ts = prompt(prompt(tiers.init(cfg, tc), 0, [1, 2, 3, 4, 5, 6, 7]), 0, [9, 8, 7, 6, 5, 4, 3, 2])
+  jax.clear_caches()   # an earlier test may have compiled a program of the same shapes
   jax.config.update("jax_log_compiles", True)
   try:
     with caplog.at_level(logging.WARNING):
