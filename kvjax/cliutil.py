@@ -31,19 +31,24 @@ class ArgumentParser(argparse.ArgumentParser):
     raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
+def _int_at_least(text: str, low: int, what: str) -> int:
+  """``int(text)`` if it is >= ``low``, else ``argparse.ArgumentTypeError`` "must be ``what``"."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+  if value < low:
+    raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+  return value
+
+
 def positive_int(text: str) -> int:
   """argparse type: an integer >= 1.
 
   >>> positive_int("16")
   16
   """
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-  return value
+  return _int_at_least(text, 1, "a positive integer")
 
 
 def nonnegative_int(text: str) -> int:
@@ -52,13 +57,7 @@ def nonnegative_int(text: str) -> int:
   >>> nonnegative_int("0")
   0
   """
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-  if value < 0:
-    raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-  return value
+  return _int_at_least(text, 0, "an integer >= 0")
 
 
 def available_memory() -> Optional[int]:

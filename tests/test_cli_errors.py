@@ -182,6 +182,8 @@ def test_json_without_hash_ids_says_what_replay_needs(tmp_path, capsys):
     (["demo", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["demo", "--kv-dtype", "int8"], "--kv-dtype"),
     (["demo", "--page-size", "4096"], "--page-size"),
+    (["demo", "--l2-pages", "-1"], "--l2-pages"),
+    (["demo", "--l2-pages", "x"], "--l2-pages"),
     (["frobnicate"], "command"),
 ])
 def test_bad_arguments_are_one_line(capsys, no_simulation, argv, names):
