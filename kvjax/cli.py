@@ -38,6 +38,7 @@ from kvjax.models import load_smollm2
 from kvjax.models import prefill
 from kvjax.models.gguf_loader import WeightsNotInstalledError
 from kvjax.models.llama import compute_dtype
+from kvjax.models.swap import ATTACH_MIN
 from kvjax.sim import cli as sim_cli
 from kvjax.store import BlockStore
 from kvjax.store import StoreBusyError
@@ -328,7 +329,8 @@ def demo(args) -> dict:
   cache = init(cc) if tc is None else kvtiers.init(cc, tc)
   # tiered: the promotion's programs compile beside the load and the first prefill (a run
   # whose L3 is empty never calls them, and the next one paid for them before its first token)
-  warming = None if tc is None else kvtiers.precompile(cache, config=cc, donate=True)
+  warming = None if tc is None else kvtiers.precompile(
+      cache, config=cc, donate=True, attach=(len(convs), ATTACH_MIN))
   (l3_dir, default_l3), tier = demo_l3_dir(args, cc), None
   if l3_dir is not None:
     cache, tier = demo_l3(cache, cc, tc, l3_dir, args.l3_pages, default_l3)

@@ -479,7 +479,8 @@ def promote(ts: TieredState, wanted, protect, m2: dict, *, config: CacheConfig,
 PRECOMPILED_INSERTS = (8, 16, 32)   # promote's index inserts: the padded sizes warmed
 
 
-def precompile(ts: TieredState, *, config: CacheConfig, donate: bool = False) -> threading.Thread:
+def precompile(ts: TieredState, *, config: CacheConfig, donate: bool = False,
+               attach: tuple[int, int] | None = None) -> threading.Thread:
   """Start compiling, in a thread, the programs an attach that promotes pages into L1
   calls (L1's victims and reclaim, its index lookup and inserts), at the padded sizes
   the host loops use; the thread is returned started (``join`` it before exiting, so a
@@ -492,6 +493,8 @@ def precompile(ts: TieredState, *, config: CacheConfig, donate: bool = False) ->
   ``victims`` 0.07 s on the 2-core CPU); warm, their first calls still trace and load
   them. Compiled here, beside the model's load and the first prefill, a later call finds
   them lowered and compiled. A size the loops do not use would only be wasted work.
+  ``attach``: ``(rows, width)``, also L1's attach of ``rows`` prompts padded to ``width``
+  tokens without seeds (the host loops' first call of a batch).
 
   >>> import kvjax
   >>> from kvjax.tiers.state import init
@@ -515,6 +518,11 @@ def precompile(ts: TieredState, *, config: CacheConfig, donate: bool = False) ->
           lambda: _index_lookup.lower(st.index, u32(PAD, 2))]
   jobs += [lambda n=n: _index_insert.lower(st.index, u32(n, 2), i32(n))
            for n in PRECOMPILED_INSERTS]
+  if attach is not None:
+    rows, width = attach
+    attach_ = _attach_l1_donated if donate else _attach_l1
+    jobs.append(lambda: attach_.lower(st, i32(rows), i32(rows, width), i32(rows), None,
+                                      config=config))
 
   def run():
     for job in jobs:
