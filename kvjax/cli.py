@@ -283,8 +283,9 @@ def demo_l3(cache, cc, tc, path: str, pages: int, default: bool = False):
   """``cache`` with a persistent L3 in ``path`` under its L2: pages unquantized (the L2
   preset: a page read back is the page written) and written through as they enter L2.
   Returns ``(cache, tier)``; a directory holding another model's or size's store is a
-  ``UsageError``, as is one another run has open (``StoreBusyError``), except for the
-  ``default`` folder: the run then goes on without L3 (``tier`` None) and says so."""
+  ``UsageError``, as is one another run has open (``StoreBusyError``) or one that cannot
+  be made or written, except for the ``default`` folder: the run then goes on without L3
+  (``tier`` None) and says so."""
   try:
     store = BlockStore(StoreConfig(path=path, capacity=pages),
                        l3mod.l3_format(cc, DEMO_L2_PRESET))
@@ -297,6 +298,9 @@ def demo_l3(cache, cc, tc, path: str, pages: int, default: bool = False):
   except ValueError as e:   # the directory holds a store of another format or capacity
     raise UsageError(f"cannot use {path!r}: {e}", argument="--l3-dir") from None
   except OSError as e:
+    if default:   # the default folder cannot be made or written: the run goes on without
+      print(f"L3: cannot use {path} ({e.strerror or e}); this run goes without L3")
+      return cache, None
     raise UsageError(f"cannot use {path!r}: {e.strerror or e}", argument="--l3-dir") from None
   tier = l3mod.L3Tier(store, config=cc, tiers=tc,
                       l3=l3mod.L3Config(preset=DEMO_L2_PRESET,

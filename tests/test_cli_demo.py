@@ -241,3 +241,11 @@ def test_demo_runs_the_tiers_by_default_with_l3_in_a_folder_per_format(monkeypat
   assert "l2_pages" not in plain and "l3_dir" not in plain
   off, _ = run("--l3-dir", "off")
   assert off["l2_pages"] == cli.DEMO_L2_PAGES and "l3_dir" not in off
+  blocked = tmp_path / "a-file"   # a default folder that cannot be made: no L3, said
+  blocked.write_text("")
+  monkeypatch.setenv("KVJAX_L3_DIR", str(blocked / "l3"))
+  unmade, said = run()
+  assert "l3_dir" not in unmade and "this run goes without L3" in said
+  assert _conversations(said) == _conversations(said1)
+  assert cli.main(base + ["--l3-dir", str(blocked / "l3")]) == 2   # named: an error line
+  assert capsys.readouterr().err.startswith("kvjax: error: argument --l3-dir: cannot use")
