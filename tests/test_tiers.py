@@ -282,8 +282,11 @@ def test_precompile_leaves_the_promotion_nothing_to_compile(caplog):
   # from L2 compiles none of them again: its calls' programs are the ones precompiled.
   import logging
   import jax
+  # shapes of its own (head_dim 6, 6 pages, an 8,192-slot index): no earlier test in the
+  # process compiled these programs (clearing JAX's caches instead slowed the rest of the
+  # worker's tests)
   cfg = kvjax.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=6, page_size=S, num_pages=6,
-                          max_seqs=2, max_pages_per_seq=4)
+                          max_seqs=2, max_pages_per_seq=4, index_capacity=8192)
   tc = tiers.TierConfig(l2_pages=8, l2_preset="bf16")
   names = ("jit(victims)", "jit(reclaim)", "jit(index_lookup)", "jit(index_insert)")
 
@@ -298,7 +301,6 @@ def test_precompile_leaves_the_promotion_nothing_to_compile(caplog):
     return tiers.sync(tiers.release(ts, jnp.array([sid]), config=cfg), config=cfg, tiers=tc)
 
   ts = prompt(prompt(tiers.init(cfg, tc), 0, [1, 2, 3, 4, 5, 6, 7]), 0, [9, 8, 7, 6, 5, 4, 3, 2])
-  jax.clear_caches()   # an earlier test may have compiled a program of the same shapes
   jax.config.update("jax_log_compiles", True)
   try:
     with caplog.at_level(logging.WARNING):
