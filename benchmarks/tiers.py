@@ -6,8 +6,9 @@ Reported (JSON, benchmarks/results/tiers.json; ``--quick``: tiers_quick.json):
     a SmolLM2-shaped page (30 layers, 3 KV heads, head_dim 64, page 16; bf16 L1; L2
     int8 and bf16), over a jitted plain device-to-device copy of the same bytes (the
     moved L1-format bytes, one contiguous array) in the same run; best of ``reps``
-    interleaved runs. With the destination pool donated (what a serving loop gets) and
-    without (``*_functional``: the functional update writes a new destination pool).
+    interleaved runs. With the destination pool donated (``move_into(donate=True)``, what
+    the host loops run) and without (``*_functional``: the functional update writes a new
+    destination pool).
   hit_ratio_l1 / hit_ratio_l1_l2: the Mooncake conversation trace replayed through the
     REAL cache (``kvjax.sim.replay.replay_cache``: one page of synthetic tokens per
     512-token block, 1 layer x 1 head x 8, page 4), L1 = 1,024 pages alone and with
@@ -73,7 +74,6 @@ def throughput(layers: int, pages: int, reps: int) -> dict:
   src_ids = move.pad_ids(rng.permutation(p1)[:pages], 0, minimum=pages)
   dst_ids = move.pad_ids(rng.permutation(p2)[:pages], p2, minimum=pages)
   copy = jax.jit(lambda a: a + jnp.zeros((), a.dtype))
-  donated = jax.jit(move.move_pages.__wrapped__, donate_argnums=(2, 3))
   out = {}
   for preset in ("int8", "bf16"):
     tc = kt.TierConfig(l2_pages=p2, l2_preset=preset)
@@ -95,10 +95,12 @@ def throughput(layers: int, pages: int, reps: int) -> dict:
                                            reps=3))
       for _ in range(3):
         t0 = time.perf_counter()
-        k2, v2 = jax.block_until_ready(donated(k1, v1, k2, v2, src_ids, dst_ids))
+        k2, v2 = jax.block_until_ready(move.move_into(k1, v1, k2, v2, src_ids, dst_ids,
+                                                      donate=True))
         t["demote"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        k1, v1 = jax.block_until_ready(donated(k2, v2, k1, v1, dst_ids, src_ids))
+        k1, v1 = jax.block_until_ready(move.move_into(k2, v2, k1, v1, dst_ids, src_ids,
+                                                      donate=True))
         t["promote"].append(time.perf_counter() - t0)
     best = {k: min(v) for k, v in t.items()}
     gbs = {k: moved / v / 1e9 for k, v in best.items()}

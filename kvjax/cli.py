@@ -27,6 +27,7 @@ from kvjax.cache.status import OUT_OF_PAGES
 from kvjax.cliutil import ArgumentParser
 from kvjax.cliutil import check_memory
 from kvjax.cliutil import enable_compile_cache
+from kvjax.cliutil import is_off
 from kvjax.cliutil import nonnegative_int
 from kvjax.cliutil import positive_int
 from kvjax.cliutil import UsageError
@@ -211,14 +212,10 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
                       help=f"L3 capacity in pages (default {DEMO_L3_PAGES})")
 
 
-def _l3_off(value) -> bool:
-  return value is not None and value.strip().lower() in ("", "off")
-
-
 def _check_demo_args(args) -> None:
   """UsageError for demo arguments that no model can serve (checked before loading one)."""
   l3_dir = getattr(args, "l3_dir", None)
-  if l3_dir is not None and not _l3_off(l3_dir) and not getattr(args, "l2_pages", 0):
+  if l3_dir is not None and not is_off(l3_dir) and not getattr(args, "l2_pages", 0):
     raise UsageError("needs --l2-pages (L3 lies under L2)", argument="--l3-dir")
   if args.page_size > DEMO_MAX_LEN:
     raise UsageError(f"must be at most {DEMO_MAX_LEN} (the demo's sequence length), got "
@@ -246,7 +243,7 @@ def demo_l3_dir(args, cc) -> tuple:
   (None, False)
   """
   l3_dir = getattr(args, "l3_dir", None)
-  if not getattr(args, "l2_pages", 0) or _l3_off(l3_dir):
+  if not getattr(args, "l2_pages", 0) or is_off(l3_dir):
     return None, False
   if l3_dir is not None:
     return l3_dir, False

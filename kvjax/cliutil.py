@@ -126,6 +126,16 @@ def compile_cache_dir() -> Optional[str]:
   return user_cache_dir(COMPILE_CACHE_ENV, "xla")
 
 
+def is_off(value: Optional[str]) -> bool:
+  """Whether a folder setting (an environment variable, ``--l3-dir``) says none: "off" or
+  empty, in any case.
+
+  >>> is_off("OFF"), is_off(" "), is_off("/tmp/x"), is_off(None)
+  (True, True, False, False)
+  """
+  return value is not None and value.strip().lower() in ("", "off")
+
+
 def user_cache_dir(env: str, name: str) -> Optional[str]:
   """``$env`` when set ("off" or empty: None), else ``$XDG_CACHE_HOME/kvjax/name``
   (``~/.cache/kvjax/name``): the folder of one of kvjax's caches kept between runs.
@@ -137,7 +147,7 @@ def user_cache_dir(env: str, name: str) -> Optional[str]:
   """
   value = os.environ.get(env)
   if value is not None:
-    return None if value.strip().lower() in ("", "off") else value
+    return None if is_off(value) else value
   base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
   return os.path.join(base, "kvjax", name)
 

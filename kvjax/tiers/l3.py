@@ -157,7 +157,7 @@ def batch_pages(arrays: dict, spec, side: str, n_pad: int) -> Pages:
     if a is None:
       return None
     pad = np.zeros((n_pad - a.shape[0],) + a.shape[1:], a.dtype)
-    return jax.device_put(np.ascontiguousarray(np.moveaxis(np.concatenate([a, pad]), 0, 1)))
+    return jax.device_put(np.moveaxis(np.concatenate([a, pad]), 0, 1))
   return Pages(data=field("data"), scale=field("scale"), zero=field("zero"), spec=spec)
 
 

@@ -511,10 +511,9 @@ def precompile(ts: TieredState, *, config: CacheConfig, donate: bool = False,
   i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)    # noqa: E731
   u32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.uint32)   # noqa: E731
   # promote's victims for <= PAD pages, and their ids padded to PAD (pad_ids)
-  k_pad = min(config.num_pages, pow2_at_least(1, PAD))
   reclaim_ = _reclaim_donated if donate else _reclaim
-  jobs = [lambda: _victims.lower(st, k=k_pad, clock=i32(), config=config),
-          lambda: reclaim_.lower(st, i32(pow2_at_least(1, PAD)), clock=i32(), config=config),
+  jobs = [lambda: _victims.lower(st, k=min(config.num_pages, PAD), clock=i32(), config=config),
+          lambda: reclaim_.lower(st, i32(PAD), clock=i32(), config=config),
           lambda: _index_lookup.lower(st.index, u32(PAD, 2))]
   jobs += [lambda n=n: _index_insert.lower(st.index, u32(n, 2), i32(n))
            for n in PRECOMPILED_INSERTS]
